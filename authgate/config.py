@@ -1,0 +1,418 @@
+"""TOML configuration -> frozen, validated settings.
+
+Every error names the file, the key path and the bad value, e.g.
+``authgate.toml: listeners[1].policy.exempt_networks[0]: '10.0.0.0/33' is not
+a network``, and unknown keys are errors (a typo must not silently weaken
+the policy). Relative paths are resolved against the file's folder.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from authgate.policy import ExemptNetworks, ListenerPolicy, Protocol, Security
+from authgate.sasl import DEFAULT_ORDER, MECHANISMS
+
+E = TypeVar("E", bound=enum.Enum)
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A user-caused configuration problem; the CLI prints it and exits 2."""
+
+
+class TLSMode(enum.Enum):
+    NONE = "none"
+    STARTTLS = "starttls"
+    IMPLICIT = "implicit"
+
+
+class BackendMode(enum.Enum):
+    # authgate verifies against its own store, then logs in to the backend as
+    # the user with a master credential (or XCLIENT) and splices.
+    TERMINATE = "terminate"
+    # authgate enforces the policy and relays the SASL exchange; the backend verifies.
+    RELAY = "relay"
+
+
+class ClientAddressForwarding(enum.Enum):
+    NONE = "none"
+    PROXY_V2 = "proxy-v2"  # HAProxy PROXY protocol v2 header before anything else
+    XCLIENT = "xclient"  # SMTP XCLIENT ADDR= (Postfix)
+    ID = "id"  # IMAP ID ("x-originating-ip" ...) (Dovecot login_trusted_networks)
+
+
+class PasswordStorage(enum.Enum):
+    """How a relay-mode backend keeps passwords: one-way hashes cannot serve
+    challenge-response mechanisms, so those are not offered."""
+
+    UNKNOWN = "unknown"
+    PLAINTEXT_EQUIVALENT = "plaintext-equivalent"
+    ONE_WAY = "one-way"
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    cert: Path | None = None
+    key: Path | None = None
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    address: Address
+    mode: BackendMode = BackendMode.TERMINATE
+    tls: TLSMode = TLSMode.NONE
+    ca_file: Path | None = None  # None: the system trust store
+    verify: bool = True
+    server_name: str | None = None  # SNI and certificate name; defaults to the host
+    master_user: str | None = None
+    master_password: str | None = field(default=None, repr=False)
+    client_address: ClientAddressForwarding = ClientAddressForwarding.NONE
+    mechanisms: tuple[str, ...] = ("PLAIN",)  # our preference when logging in to it
+    password_storage: PasswordStorage = PasswordStorage.UNKNOWN
+
+
+@dataclass(frozen=True)
+class Listener:
+    name: str
+    protocol: Protocol
+    listen: Address
+    tls: TLSMode
+    backend: BackendSettings
+    policy: ListenerPolicy
+    # SMTP submission refuses MAIL FROM before AUTH; a server-to-server
+    # listener (port 25) passes unauthenticated mail through instead.
+    submission: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    hostname: str
+    tls: TLSSettings
+    users_file: Path | None
+    listeners: tuple[Listener, ...]
+
+    def listener(self, name: str) -> Listener:
+        for listener in self.listeners:
+            if listener.name == name:
+                return listener
+        names = ", ".join(x.name for x in self.listeners) or "none"
+        raise ConfigError(f"{self.path}: no listener named {name!r} (have: {names})")
+
+
+# ----------------------------------------------------------------- reading
+
+
+class _Table:
+    """A TOML table with its key path, for precise error messages."""
+
+    def __init__(self, data: Mapping[str, Any], path: str, source: Path) -> None:
+        self.data = data
+        self.path = path
+        self.source = source
+        self.used: set[str] = set()
+
+    def where(self, key: str | int) -> str:
+        if isinstance(key, int):
+            return f"{self.path}[{key}]"
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str | int, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {self.where(key)}: {message}")
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def get(self, key: str, kind: type[T], default: T) -> T:
+        self.used.add(key)
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        # bool is an int subclass; a port of `true` is a mistake.
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.error(key, f"{value!r} is not a {_kind_name(kind)}")
+        return value
+
+    def require(self, key: str, kind: type[T]) -> T:
+        if key not in self.data:
+            raise self.error(key, "is required")
+        value = self.get(key, kind, None)
+        assert value is not None
+        return value
+
+    def choice(self, key: str, enum_type: type[E], default: E) -> E:
+        raw = self.get(key, str, default.value)
+        try:
+            return enum_type(raw)
+        except ValueError:
+            allowed = " | ".join(str(m.value) for m in enum_type)
+            raise self.error(key, f"{raw!r} is not one of {allowed}") from None
+
+    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        values = self.get(key, list, list(default))
+        for i, item in enumerate(values):
+            if not isinstance(item, str):
+                where = f"{self.where(key)}[{i}]"
+                raise ConfigError(f"{self.source}: {where}: {item!r} is not a string")
+        return tuple(values)
+
+    def table(self, key: str) -> _Table | None:
+        value = self.get(key, dict, None)
+        return None if value is None else _Table(value, self.where(key), self.source)
+
+    def path_value(self, key: str) -> Path | None:
+        raw = self.get(key, str, "")
+        if not raw:
+            return None
+        p = Path(raw).expanduser()
+        return p if p.is_absolute() else (self.source.parent / p)
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise self.error(unknown[0], "unknown key")
+
+
+def _kind_name(kind: type) -> str:
+    return {str: "string", int: "integer", bool: "boolean", list: "list", dict: "table"}.get(
+        kind, kind.__name__
+    )
+
+
+def parse_address(text: str, *, default_host: str | None = None) -> Address:
+    """'127.0.0.1:143', '[::1]:143', 'localhost:143' -> Address; ValueError otherwise."""
+    host: str
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{text!r} is not host:port ([v6]:port for IPv6)")
+        ipaddress.IPv6Address(host.split("%", 1)[0])
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            if default_host is None:
+                raise ValueError(f"{text!r} is not host:port")
+            host, port_text = default_host, text
+        if ":" in host:
+            raise ValueError(f"{text!r}: write IPv6 addresses as [addr]:port")
+    if not host:
+        raise ValueError(f"{text!r} has no host")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{text!r} has no valid port (1-65535)")
+    return Address(host, int(port_text))
+
+
+def _mechanisms(table: _Table, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    names = table.strings(key, default)
+    seen: list[str] = []
+    for i, name in enumerate(names):
+        upper = name.upper()
+        if upper not in MECHANISMS:
+            known = ", ".join(MECHANISMS)
+            raise ConfigError(
+                f"{table.source}: {table.where(key)}[{i}]: {name!r} is not a mechanism ({known})"
+            )
+        if upper in seen:
+            raise ConfigError(f"{table.source}: {table.where(key)}[{i}]: {name!r} is listed twice")
+        seen.append(upper)
+    return tuple(seen)
+
+
+def _policy(table: _Table | None, base: ListenerPolicy) -> ListenerPolicy:
+    if table is None:
+        return base
+    security = table.choice("security", Security, base.security)
+    mechanisms = _mechanisms(table, "mechanisms", base.mechanisms)
+    exempt = base.exempt
+    if table.has("exempt_networks"):
+        entries = table.strings("exempt_networks", ())
+        nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for i, entry in enumerate(entries):
+            try:
+                nets.extend(ExemptNetworks.parse([entry]).networks)
+            except ValueError:
+                raise ConfigError(
+                    f"{table.source}: {table.where('exempt_networks')}[{i}]: "
+                    f"{entry!r} is not a network (CIDR such as 192.168.0.0/16 or fd00::/8)"
+                ) from None
+        exempt = ExemptNetworks(tuple(nets))
+    table.finish()
+    return ListenerPolicy(
+        protocol=base.protocol,
+        security=security,
+        mechanisms=mechanisms,
+        exempt=exempt,
+        server_to_server=base.server_to_server,
+    )
+
+
+def _address(table: _Table, key: str) -> Address:
+    raw = table.require(key, str)
+    try:
+        return parse_address(raw)
+    except ValueError as exc:
+        raise table.error(key, str(exc)) from None
+
+
+def _backend(listener: _Table, protocol: Protocol) -> BackendSettings:
+    if not listener.has("backend"):
+        raise listener.error("backend", "is required")
+    if isinstance(listener.data["backend"], str):
+        return BackendSettings(address=_address(listener, "backend"))
+    table = listener.table("backend")
+    assert table is not None
+    master_user = table.get("master_user", str, "") or None
+    master_password = table.get("master_password", str, "") or None
+    password_file = table.path_value("master_password_file")
+    if password_file is not None:
+        if master_password is not None:
+            raise table.error("master_password_file", "give master_password or the file, not both")
+        try:
+            master_password = password_file.read_text().rstrip("\r\n")
+        except OSError as exc:
+            message = f"cannot read {password_file}: {exc.strerror}"
+            raise table.error("master_password_file", message) from None
+    mode = table.choice("mode", BackendMode, BackendMode.TERMINATE)
+    forwarding = table.choice(
+        "client_address", ClientAddressForwarding, ClientAddressForwarding.NONE
+    )
+    if forwarding is ClientAddressForwarding.XCLIENT and protocol is not Protocol.SMTP:
+        raise table.error("client_address", "'xclient' is an SMTP extension")
+    if forwarding is ClientAddressForwarding.ID and protocol is not Protocol.IMAP:
+        raise table.error("client_address", "'id' is an IMAP extension")
+    settings = BackendSettings(
+        address=_address(table, "address"),
+        mode=mode,
+        tls=table.choice("tls", TLSMode, TLSMode.NONE),
+        ca_file=table.path_value("ca_file"),
+        verify=table.get("verify", bool, True),
+        server_name=table.get("server_name", str, "") or None,
+        master_user=master_user,
+        master_password=master_password,
+        client_address=forwarding,
+        mechanisms=_mechanisms(table, "mechanisms", ("PLAIN",)),
+        password_storage=table.choice("password_storage", PasswordStorage, PasswordStorage.UNKNOWN),
+    )
+    table.finish()
+    if mode is BackendMode.TERMINATE and master_user is None and protocol is not Protocol.SMTP:
+        raise table.error(
+            "master_user",
+            "terminate mode logs in to the backend as the user with a master credential: "
+            "set master_user and master_password (or use mode = 'relay')",
+        )
+    return settings
+
+
+def _listener(table: _Table, base: ListenerPolicy) -> Listener:
+    name = table.require("name", str)
+    if not table.has("protocol"):
+        raise table.error("protocol", "is required (smtp | imap | pop3)")
+    protocol = table.choice("protocol", Protocol, Protocol.IMAP)
+    submission = table.get("submission", bool, protocol is Protocol.SMTP)
+    defaults = ListenerPolicy(
+        protocol=protocol,
+        security=base.security,
+        mechanisms=base.mechanisms,
+        exempt=base.exempt,
+        server_to_server=protocol is Protocol.SMTP and not submission,
+    )
+    listener = Listener(
+        name=name,
+        protocol=protocol,
+        listen=_address(table, "listen"),
+        tls=table.choice("tls", TLSMode, TLSMode.NONE),
+        backend=_backend(table, protocol),
+        policy=_policy(table.table("policy"), defaults),
+        submission=submission,
+    )
+    table.finish()
+    return listener
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a config file; ConfigError on any problem."""
+    source = Path(path)
+    try:
+        data = tomllib.loads(source.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    return from_dict(data, source)
+
+
+def from_dict(data: Mapping[str, Any], source: Path) -> Config:
+    root = _Table(data, "", source)
+    base = _policy(
+        root.table("policy"),
+        ListenerPolicy(protocol=Protocol.IMAP, mechanisms=DEFAULT_ORDER),
+    )
+    tls_table = root.table("tls")
+    tls = TLSSettings()
+    if tls_table is not None:
+        tls = TLSSettings(cert=tls_table.path_value("cert"), key=tls_table.path_value("key"))
+        tls_table.finish()
+    users_table = root.table("users")
+    users_file = None
+    if users_table is not None:
+        users_file = users_table.path_value("file")
+        users_table.finish()
+    raw_listeners = root.get("listeners", list, [])
+    listeners: list[Listener] = []
+    for i, item in enumerate(raw_listeners):
+        where = f"listeners[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{source}: {where}: is not a table (use [[listeners]])")
+        listeners.append(_listener(_Table(item, where, source), base))
+    hostname = root.get("hostname", str, "localhost")
+    root.finish()
+    _check_unique(listeners, source, "name", lambda x: x.name)
+    _check_unique(listeners, source, "listen", lambda x: str(x.listen))
+    for i, listener in enumerate(listeners):
+        if listener.backend.mode is BackendMode.TERMINATE and users_file is None:
+            raise ConfigError(
+                f"{source}: listeners[{i}].backend.mode: terminate mode verifies users "
+                "itself: set [users] file (or use mode = 'relay')"
+            )
+        if listener.tls is not TLSMode.NONE and (tls.cert is None or tls.key is None):
+            raise ConfigError(
+                f"{source}: listeners[{i}].tls: {listener.tls.value!r} needs [tls] cert and key"
+            )
+    return Config(
+        path=source,
+        hostname=hostname,
+        tls=tls,
+        users_file=users_file,
+        listeners=tuple(listeners),
+    )
+
+
+def _check_unique(
+    listeners: list[Listener], source: Path, key: str, value: Callable[[Listener], str]
+) -> None:
+    seen: dict[str, int] = {}
+    for i, listener in enumerate(listeners):
+        v = value(listener)
+        if v in seen:
+            raise ConfigError(
+                f"{source}: listeners[{i}].{key}: {v!r} is already used by listeners[{seen[v]}]"
+            )
+        seen[v] = i

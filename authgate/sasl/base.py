@@ -1,0 +1,276 @@
+"""The step interface every SASL mechanism shares (RFC 4422), with no I/O.
+
+A *server* mechanism is driven by the protocol layer:
+
+    outcome = mech.start(initial_response)      # NO_RESPONSE, b"" or bytes
+    while True:
+        match outcome:
+            case Challenge(data):    send data, read reply -> outcome = mech.step(reply)
+            case Lookup(request):    answer = store.resolve(request) (off the loop)
+                                     outcome = mech.resume(answer)
+            case Success() | Failure(): stop
+
+The mechanism never blocks and never touches a socket or a clock: when it
+needs the user's stored secret, or needs a password checked against a slow
+hash, it returns a `Lookup` and waits to be resumed with the answer. That
+keeps the event loop free of hashing and makes every mechanism testable
+with plain function calls (see `run_exchange`).
+
+A *client* mechanism produces the initial response and answers challenges;
+it raises `ClientAuthError` when the server's data is malformed or fails
+mutual authentication.
+
+Base64 belongs to the protocol layer: mechanisms see raw bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+
+class _NoResponse(enum.Enum):
+    """Marker for "the client sent no initial response", which RFC 4422
+    section 5 distinguishes from an empty one (SMTP "=" / IMAP "=")."""
+
+    NO_RESPONSE = "NO_RESPONSE"
+
+
+NO_RESPONSE: Final = _NoResponse.NO_RESPONSE
+InitialResponse = bytes | _NoResponse
+
+
+class FailureReason(enum.Enum):
+    """Why an exchange failed, in terms the protocol layer maps to replies."""
+
+    MALFORMED = "malformed"  # syntax error in the client's message (SMTP 501 5.5.2)
+    CANCELLED = "cancelled"  # client sent "*" (SMTP 501 5.7.0, IMAP BAD)
+    INVALID_CREDENTIALS = "invalid-credentials"  # wrong user or password (535 5.7.8)
+    AUTHZ_DENIED = "authz-denied"  # may not act as the requested authzid (535 5.7.8)
+    TEMPORARY = "temporary"  # store unavailable etc. (454 4.7.0)
+    TOO_WEAK = "too-weak"  # mechanism not allowed for this client (534 5.7.9)
+    ENCRYPTION_REQUIRED = "encryption-required"  # needs TLS first (538 5.7.11)
+    EXPIRED = "expired"  # password expired (IMAP [EXPIRED])
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """Send `data` to the client and feed its reply to `step()`."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Success:
+    """Authenticated. `additional` is data the server sends with its success
+    (SCRAM server-final, DIGEST-MD5 rspauth); protocols without "additional
+    data with success" send it as one more challenge instead."""
+
+    authcid: str
+    authzid: str | None = None
+    additional: bytes | None = None
+
+    @property
+    def identity(self) -> str:
+        """The identity the session acts as (authzid when one was given)."""
+        return self.authzid or self.authcid
+
+
+@dataclass(frozen=True)
+class Failure:
+    reason: FailureReason
+    # Safe to log: never contains a password, hash or client response.
+    detail: str = ""
+
+
+# ---------------------------------------------------------------- lookups
+
+
+class SecretForm(enum.Enum):
+    """Stored-secret forms a challenge-response mechanism can verify with."""
+
+    PLAINTEXT = "plaintext"  # the password itself (any mechanism)
+    CRAM_MD5 = "cram-md5"  # HMAC-MD5 inner/outer pad states (Dovecot {CRAM-MD5})
+    DIGEST_MD5 = "digest-md5"  # HA1 = MD5(user:realm:password), realm-bound
+    NT_HASH = "nt-hash"  # MD4(UTF-16LE(password))
+    SCRAM_SHA_1 = "scram-sha-1"
+    SCRAM_SHA_256 = "scram-sha-256"
+
+
+@dataclass(frozen=True)
+class PasswordCheck:
+    """Ask the store whether `password` is the user's password (PLAIN, LOGIN).
+    Answer: `bool`."""
+
+    authcid: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class SecretLookup:
+    """Ask the store for one form of the user's secret.
+
+    Answer: the secret in that form, or None when the user is unknown or has
+    no secret the form can be derived from:
+      CRAM_MD5      -> bytes (32: MD5 state after the inner pad, then outer)
+      DIGEST_MD5    -> bytes (16: HA1 for `realm`)
+      NT_HASH       -> bytes (16)
+      SCRAM_SHA_*   -> ScramVerifier
+      PLAINTEXT     -> str
+    Mechanisms that can use several forms ask for one and let the store
+    derive it from plaintext when that is what it holds.
+    """
+
+    authcid: str
+    form: SecretForm
+    realm: str = ""
+
+
+@dataclass(frozen=True)
+class ScramVerifier:
+    """What a SCRAM server stores (RFC 5802 section 3)."""
+
+    salt: bytes
+    iterations: int
+    stored_key: bytes = field(repr=False)
+    server_key: bytes = field(repr=False)
+
+
+LookupRequest = PasswordCheck | SecretLookup
+LookupAnswer = bool | bytes | str | ScramVerifier | None
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """Resolve `request` against the credential store (off the event loop),
+    then call `resume(answer)`."""
+
+    request: LookupRequest
+
+
+ServerOutcome = Challenge | Lookup | Success | Failure
+
+
+class ServerMechanism(Protocol):
+    name: str
+
+    def start(self, initial: InitialResponse) -> ServerOutcome: ...
+
+    def step(self, response: bytes) -> ServerOutcome: ...
+
+    def resume(self, answer: LookupAnswer) -> ServerOutcome: ...
+
+
+class ClientAuthError(Exception):
+    """The server's data was malformed or failed mutual authentication."""
+
+
+class ClientMechanism(Protocol):
+    name: str
+
+    def start(self) -> bytes | None:
+        """The initial response, or None if the mechanism has none."""
+        ...
+
+    def step(self, challenge: bytes) -> bytes:
+        """Answer a server challenge."""
+        ...
+
+    def finish(self, additional: bytes | None) -> None:
+        """The server reported success; check its additional data (if any)
+        and that mutual authentication, where the mechanism has it, happened.
+        Raises ClientAuthError otherwise."""
+        ...
+
+
+@dataclass(frozen=True)
+class ClientCredentials:
+    """What a client mechanism authenticates with."""
+
+    username: str
+    password: str = field(repr=False)
+    authzid: str = ""
+
+
+@dataclass(frozen=True)
+class ClientContext:
+    """Facts about the connection a client mechanism may need."""
+
+    service: str = "imap"  # DIGEST-MD5 digest-uri service
+    hostname: str = "localhost"  # server host name (DIGEST-MD5 digest-uri)
+    channel_binding: tuple[str, bytes] | None = None  # for SCRAM-*-PLUS
+    random: Callable[[int], bytes] | None = None  # nonce source; os.urandom by default
+
+
+@dataclass(frozen=True)
+class ServerContext:
+    """Facts about the connection a server mechanism may need."""
+
+    service: str = "imap"  # GSSAPI service name for DIGEST-MD5 digest-uri
+    hostname: str = "localhost"  # our host name (DIGEST-MD5 realm and digest-uri)
+    realm: str = ""  # DIGEST-MD5 realm; defaults to hostname
+    channel_binding: tuple[str, bytes] | None = None  # ("tls-server-end-point", data)
+    allow_ntlm_legacy: bool = False  # NTLMv1 / NTLM2 session response
+    random: Callable[[int], bytes] | None = None  # nonce source; os.urandom by default
+
+
+class MechanismState(enum.Enum):
+    """Shared stage bookkeeping: calling out of order is an error."""
+
+    INITIAL = "initial"
+    RUNNING = "running"
+    DONE = "done"
+
+
+class SaslProtocolError(RuntimeError):
+    """The *driver* called a mechanism out of order: a bug in our code."""
+
+
+def malformed(detail: str) -> Failure:
+    return Failure(FailureReason.MALFORMED, detail)
+
+
+def invalid(detail: str = "invalid credentials") -> Failure:
+    return Failure(FailureReason.INVALID_CREDENTIALS, detail)
+
+
+def check_authzid(outcome: ServerOutcome) -> ServerOutcome:
+    """Refuse acting as another identity: we have no proxy-authorization
+    rules, so an authzid is accepted only when it names the authcid itself."""
+    if isinstance(outcome, Success) and outcome.authzid not in (None, "", outcome.authcid):
+        return Failure(FailureReason.AUTHZ_DENIED, "authorization identity differs")
+    return outcome
+
+
+def run_exchange(
+    client: ClientMechanism,
+    server: ServerMechanism,
+    resolve: Callable[[LookupRequest], LookupAnswer],
+    *,
+    max_steps: int = 16,
+    initial_response: bool = True,
+) -> ServerOutcome:
+    """Drive a client against a server synchronously (tests and the
+    `negotiate` command). Returns the server's final outcome; when it is a
+    success, the client has checked the server's additional data."""
+    first = client.start()
+    pending = None  # an initial response held back for the first challenge
+    if first is not None and not initial_response:
+        first, pending = None, first
+    outcome = server.start(NO_RESPONSE if first is None else first)
+    for _ in range(max_steps):
+        if isinstance(outcome, Lookup):
+            outcome = server.resume(resolve(outcome.request))
+        elif isinstance(outcome, Challenge):
+            # RFC 4422 section 4: without an initial-response slot the client
+            # sends its initial response in reply to the first (empty) challenge.
+            reply = pending if pending is not None else client.step(outcome.data)
+            pending = None
+            outcome = server.step(reply)
+        else:
+            if isinstance(outcome, Success):
+                client.finish(outcome.additional)
+            return outcome
+    raise SaslProtocolError(f"exchange did not finish in {max_steps} steps")

@@ -1,0 +1,176 @@
+"""Config loading: typed settings, and errors that name file, key path and value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from authgate.config import (
+    BackendMode,
+    ClientAddressForwarding,
+    ConfigError,
+    PasswordStorage,
+    TLSMode,
+    load,
+    parse_address,
+)
+from authgate.policy import Protocol, Security
+
+GOOD = """
+hostname = "mail.example.org"
+[policy]
+security = "require-secure-auth"
+mechanisms = ["CRAM-MD5", "DIGEST-MD5", "NTLM", "LOGIN", "PLAIN"]
+exempt_networks = ["192.168.0.0/16", "fd00::/8"]
+[tls]
+cert = "certs/server.pem"
+key = "certs/server.key"
+[users]
+file = "users.toml"
+
+[[listeners]]
+name = "imap"
+protocol = "imap"
+listen = "127.0.0.1:1143"
+tls = "starttls"
+[listeners.backend]
+address = "127.0.0.1:143"
+master_user = "proxy"
+master_password = "s3cret"
+
+[[listeners]]
+name = "smtp"
+protocol = "smtp"
+listen = "[::1]:1025"
+submission = false
+backend = "127.0.0.1:25"
+[listeners.policy]
+security = "require-encrypted"
+mechanisms = ["plain"]
+exempt_networks = []
+
+[[listeners]]
+name = "pop3"
+protocol = "pop3"
+listen = "127.0.0.1:1110"
+[listeners.backend]
+address = "localhost:110"
+mode = "relay"
+password_storage = "one-way"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "authgate.toml"
+    path.write_text(text)
+    return path
+
+
+def test_good_config(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, GOOD))
+    assert cfg.hostname == "mail.example.org"
+    assert cfg.users_file == tmp_path / "users.toml"  # relative to the file
+    assert cfg.tls.cert == tmp_path / "certs/server.pem"
+    imap, smtp, pop3 = cfg.listeners
+    assert imap.protocol is Protocol.IMAP and imap.tls is TLSMode.STARTTLS
+    assert imap.policy.security is Security.REQUIRE_SECURE_AUTH
+    assert imap.policy.mechanisms == ("CRAM-MD5", "DIGEST-MD5", "NTLM", "LOGIN", "PLAIN")
+    assert "192.168.3.4" in imap.policy.exempt
+    assert imap.backend.master_password == "s3cret"
+    assert "s3cret" not in repr(imap.backend)
+    # the per-listener policy table overrides the defaults key by key
+    assert smtp.listen.host == "::1" and smtp.listen.port == 1025
+    assert smtp.policy.security is Security.REQUIRE_ENCRYPTED
+    assert smtp.policy.mechanisms == ("PLAIN",)
+    assert not smtp.policy.exempt
+    assert smtp.policy.server_to_server and not smtp.submission
+    assert smtp.backend.mode is BackendMode.TERMINATE
+    assert pop3.backend.mode is BackendMode.RELAY
+    assert pop3.backend.password_storage is PasswordStorage.ONE_WAY
+    assert pop3.policy.exempt == imap.policy.exempt
+    assert cfg.listener("smtp") is smtp
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            ('exempt_networks = ["192.168.0.0/16", "fd00::/8"]', 'exempt_networks = ["10.0.0.0/33"]'),
+            "policy.exempt_networks[0]: '10.0.0.0/33' is not a network",
+        ),
+        (
+            ('security = "require-secure-auth"', 'security = "paranoid"'),
+            "policy.security: 'paranoid' is not one of none | require-secure-auth | require-encrypted",
+        ),
+        (('"NTLM", "LOGIN"', '"NTLM", "GSSAPI"'), "policy.mechanisms[3]: 'GSSAPI' is not a mechanism"),
+        (('"NTLM", "LOGIN"', '"NTLM", "ntlm"'), "policy.mechanisms[3]: 'ntlm' is listed twice"),
+        (('listen = "127.0.0.1:1143"', 'listen = "127.0.0.1:99999"'), "listeners[0].listen"),
+        (('listen = "127.0.0.1:1143"', 'listen = "::1:143"'), "listeners[0].listen"),
+        (('protocol = "imap"', 'protocol = "nntp"'), "listeners[0].protocol: 'nntp'"),
+        (('name = "smtp"', 'name = "imap"'), "listeners[1].name: 'imap' is already used"),
+        (('tls = "starttls"', 'tls = "starttls"\ntimeout = 3'), "listeners[0].timeout: unknown key"),
+        (('master_user = "proxy"\n', ""), "listeners[0].backend.master_user"),
+        (('address = "localhost:110"\nmode', 'address = "localhost:110"\nclient_address = "xclient"\nmode'),
+         "listeners[2].backend.client_address: 'xclient' is an SMTP extension"),
+        (("[users]\nfile = \"users.toml\"\n", ""), "listeners[0].backend.mode: terminate mode"),
+        (("submission = false", "submission = 1"), "listeners[1].submission: 1 is not a boolean"),
+    ],
+)
+def test_errors_name_file_key_path_and_value(
+    tmp_path: Path, change: tuple[str, str], message: str
+) -> None:
+    old, new = change
+    assert old in GOOD
+    path = write(tmp_path, GOOD.replace(old, new, 1))
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert str(err.value).startswith(f"{path}: ")
+    assert message in str(err.value)
+
+
+def test_secret_not_in_errors(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace('master_password = "s3cret"', 'master_password = 42'))
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert "listeners[0].backend.master_password: 42 is not a string" in str(err.value)
+
+
+def test_tls_listener_needs_certificate(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace('[tls]\ncert = "certs/server.pem"\nkey = "certs/server.key"\n', ""))
+    with pytest.raises(ConfigError, match=r"listeners\[0\].tls: 'starttls' needs \[tls\] cert and key"):
+        load(path)
+
+
+def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(write(tmp_path, "[policy\n"))
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes(b'hostname = "\xe9"\n')
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load(bad)
+
+
+def test_master_password_file(tmp_path: Path) -> None:
+    (tmp_path / "master.secret").write_text("from-file\n")
+    text = GOOD.replace('master_password = "s3cret"', 'master_password_file = "master.secret"')
+    cfg = load(write(tmp_path, text))
+    assert cfg.listeners[0].backend.master_password == "from-file"
+    assert cfg.listeners[0].backend.client_address is ClientAddressForwarding.NONE
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port"),
+    [("127.0.0.1:25", "127.0.0.1", 25), ("[::1]:143", "::1", 143), ("localhost:110", "localhost", 110)],
+)
+def test_parse_address(text: str, host: str, port: int) -> None:
+    addr = parse_address(text)
+    assert (addr.host, addr.port) == (host, port)
+
+
+@pytest.mark.parametrize("text", ["127.0.0.1", "::1:25", "[::1]", "[nope]:25", ":25", "h:0", "h:x"])
+def test_parse_address_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_address(text)
