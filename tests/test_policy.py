@@ -26,8 +26,8 @@ LAN = ExemptNetworks.parse(["192.168.0.0/16", "fd00::/8"])
 OUTSIDER = "198.51.100.7"
 
 
-def listener(security: Security, protocol: Protocol = Protocol.IMAP, **kw: object) -> ListenerPolicy:
-    return ListenerPolicy(protocol=protocol, security=security, mechanisms=ALL, exempt=LAN, **kw)  # type: ignore[arg-type]
+def listener(security: Security, protocol: Protocol = Protocol.IMAP) -> ListenerPolicy:
+    return ListenerPolicy(protocol=protocol, security=security, mechanisms=ALL, exempt=LAN)
 
 
 @pytest.mark.parametrize("tls", [False, True])
