@@ -92,7 +92,7 @@ class SecretForm(enum.Enum):
     """Stored-secret forms a challenge-response mechanism can verify with."""
 
     PLAINTEXT = "plaintext"  # the password itself (any mechanism)
-    CRAM_MD5 = "cram-md5"  # HMAC-MD5 inner/outer pad states (Dovecot {CRAM-MD5})
+    CRAM_MD5 = "cram-md5"  # HMAC-MD5 outer/inner pad states (Dovecot {CRAM-MD5})
     DIGEST_MD5 = "digest-md5"  # HA1 = MD5(user:realm:password), realm-bound
     NT_HASH = "nt-hash"  # MD4(UTF-16LE(password))
     SCRAM_SHA_1 = "scram-sha-1"
@@ -114,7 +114,8 @@ class SecretLookup:
 
     Answer: the secret in that form, or None when the user is unknown or has
     no secret the form can be derived from:
-      CRAM_MD5      -> bytes (32: MD5 state after the inner pad, then outer)
+      CRAM_MD5      -> bytes (32: Dovecot order: MD5 state (A,B,C,D little-endian)
+                       after the outer pad, then after the inner pad)
       DIGEST_MD5    -> bytes (16: HA1 for `realm`)
       NT_HASH       -> bytes (16)
       SCRAM_SHA_*   -> ScramVerifier

@@ -1,0 +1,145 @@
+"""LOGIN (draft-murchison-sasl-login-00): user name and password in two
+prompts, "Username:" then "Password:".
+
+Obsolete but still what many clients (Outlook, old phones, scripts) send.
+If the client gives an initial response, it is the user name and the first
+prompt is skipped (draft section 2). LOGIN has no authorization identity.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from authgate.sasl.base import (
+    NO_RESPONSE,
+    Challenge,
+    ClientAuthError,
+    ClientContext,
+    ClientCredentials,
+    InitialResponse,
+    Lookup,
+    LookupAnswer,
+    PasswordCheck,
+    SaslProtocolError,
+    ServerContext,
+    ServerOutcome,
+    Success,
+    invalid,
+    malformed,
+)
+
+__all__ = ["PASSWORD_PROMPT", "USERNAME_PROMPT", "LoginClient", "LoginServer"]
+
+USERNAME_PROMPT = b"Username:"
+PASSWORD_PROMPT = b"Password:"
+
+
+def _decode(raw: bytes) -> str | None:
+    """Non-empty UTF-8 text without NUL, or None (the caller's failure
+    detail then names the field and never echoes the client's bytes)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    # NUL has no business in a name or password and would corrupt a PLAIN
+    # message if we relay these credentials to a backend.
+    if not text or "\x00" in text:
+        return None
+    return text
+
+
+class _ServerStage(enum.Enum):
+    INITIAL = enum.auto()
+    AWAIT_USERNAME = enum.auto()
+    AWAIT_PASSWORD = enum.auto()
+    AWAIT_CHECK = enum.auto()
+    DONE = enum.auto()
+
+
+class LoginServer:
+    name = "LOGIN"
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self._ctx = ctx
+        self._stage = _ServerStage.INITIAL
+        self._authcid = ""
+
+    def _expect(self, stages: tuple[_ServerStage, ...], call: str) -> None:
+        if self._stage not in stages:
+            raise SaslProtocolError(f"LOGIN server: {call}() called in stage {self._stage.name}")
+
+    def start(self, initial: InitialResponse) -> ServerOutcome:
+        self._expect((_ServerStage.INITIAL,), "start")
+        self._stage = _ServerStage.AWAIT_USERNAME
+        if initial is NO_RESPONSE:
+            return Challenge(USERNAME_PROMPT)
+        # An initial response is the user name; an empty one is an empty user
+        # name, which is malformed (not a request to be prompted).
+        return self.step(initial)
+
+    def step(self, response: bytes) -> ServerOutcome:
+        self._expect((_ServerStage.AWAIT_USERNAME, _ServerStage.AWAIT_PASSWORD), "step")
+        if self._stage is _ServerStage.AWAIT_USERNAME:
+            authcid = _decode(response)
+            if authcid is None:
+                self._stage = _ServerStage.DONE
+                return malformed("LOGIN user name is empty, not UTF-8 or contains NUL")
+            self._authcid = authcid
+            self._stage = _ServerStage.AWAIT_PASSWORD
+            return Challenge(PASSWORD_PROMPT)
+        password = _decode(response)
+        if password is None:
+            self._stage = _ServerStage.DONE
+            return malformed("LOGIN password is empty, not UTF-8 or contains NUL")
+        self._stage = _ServerStage.AWAIT_CHECK
+        return Lookup(PasswordCheck(self._authcid, password))
+
+    def resume(self, answer: LookupAnswer) -> ServerOutcome:
+        self._expect((_ServerStage.AWAIT_CHECK,), "resume")
+        self._stage = _ServerStage.DONE
+        if answer is True:
+            return Success(self._authcid)
+        if answer is False or answer is None:
+            return invalid()
+        raise SaslProtocolError("LOGIN needs a bool answer to its password check")
+
+
+class LoginClient:
+    name = "LOGIN"
+
+    def __init__(self, creds: ClientCredentials, ctx: ClientContext) -> None:
+        if creds.authzid and creds.authzid != creds.username:
+            # LOGIN cannot say "act as X": dropping the authzid silently would
+            # log in as the authcid (e.g. a master user) instead.
+            raise ValueError("LOGIN cannot carry an authorization identity")
+        for value in (creds.username, creds.password):
+            if not value or "\x00" in value:
+                raise ValueError("LOGIN needs a non-empty user name and password without NUL")
+        self._answers = (creds.username.encode("utf-8"), creds.password.encode("utf-8"))
+        self._started = False
+        self._sent = 0
+        self._finished = False
+
+    def start(self) -> bytes | None:
+        if self._started:
+            raise SaslProtocolError("LOGIN client: start() called twice")
+        self._started = True
+        return None
+
+    def step(self, challenge: bytes) -> bytes:
+        if not self._started or self._finished:
+            raise SaslProtocolError("LOGIN client: step() called out of order")
+        # Servers word the prompts differently ("User Name", localised text,
+        # even empty), so answer by position rather than by prompt text.
+        if self._sent >= len(self._answers):
+            raise ClientAuthError("LOGIN server sent more than two challenges")
+        answer = self._answers[self._sent]
+        self._sent += 1
+        return answer
+
+    def finish(self, additional: bytes | None) -> None:
+        if not self._started or self._finished:
+            raise SaslProtocolError("LOGIN client: finish() called out of order")
+        self._finished = True
+        if additional:
+            raise ClientAuthError("LOGIN server sent unexpected data with success")

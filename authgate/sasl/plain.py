@@ -1,0 +1,150 @@
+"""PLAIN (RFC 4616): the password itself, in one message.
+
+    message = [authzid] NUL authcid NUL passwd      (UTF-8)
+
+The server cannot verify anything by itself: it hands the password to the
+store as a `PasswordCheck`, which may run a slow hash off the event loop.
+Policy decides elsewhere whether PLAIN may be offered without TLS.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from authgate.sasl.base import (
+    NO_RESPONSE,
+    Challenge,
+    ClientAuthError,
+    ClientContext,
+    ClientCredentials,
+    Failure,
+    InitialResponse,
+    Lookup,
+    LookupAnswer,
+    PasswordCheck,
+    SaslProtocolError,
+    ServerContext,
+    ServerOutcome,
+    Success,
+    check_authzid,
+    invalid,
+    malformed,
+)
+
+__all__ = ["PlainClient", "PlainServer"]
+
+
+def _parse(message: bytes) -> tuple[str, str, str] | Failure:
+    """Split a PLAIN message into (authzid, authcid, passwd) or a Failure
+    whose detail never repeats the message (it holds the password)."""
+    # RFC 4616 section 2: UTF8SAFE excludes NUL, so exactly two NULs separate
+    # exactly three fields; anything else is not a PLAIN message.
+    fields = message.split(b"\x00")
+    if len(fields) != 3:
+        return malformed("PLAIN message must have three NUL-separated fields")
+    try:
+        authzid, authcid, passwd = (f.decode("utf-8") for f in fields)
+    except UnicodeDecodeError:
+        return malformed("PLAIN message is not valid UTF-8")
+    # authcid and passwd are 1*SAFE; only the authzid may be empty.
+    if not authcid:
+        return malformed("PLAIN authentication identity is empty")
+    if not passwd:
+        return malformed("PLAIN password is empty")
+    return authzid, authcid, passwd
+
+
+class _ServerStage(enum.Enum):
+    INITIAL = enum.auto()
+    AWAIT_MESSAGE = enum.auto()
+    AWAIT_CHECK = enum.auto()
+    DONE = enum.auto()
+
+
+class PlainServer:
+    name = "PLAIN"
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self._ctx = ctx
+        self._stage = _ServerStage.INITIAL
+        self._authcid = ""
+        self._authzid: str | None = None
+
+    def _expect(self, stage: _ServerStage, call: str) -> None:
+        if self._stage is not stage:
+            raise SaslProtocolError(f"PLAIN server: {call}() called in stage {self._stage.name}")
+
+    def start(self, initial: InitialResponse) -> ServerOutcome:
+        self._expect(_ServerStage.INITIAL, "start")
+        if initial is NO_RESPONSE:
+            # RFC 4422 section 5: no initial response, so send an empty
+            # challenge and the message comes back as the reply. An *empty*
+            # initial response (b"") is different: it is a malformed message.
+            self._stage = _ServerStage.AWAIT_MESSAGE
+            return Challenge(b"")
+        self._stage = _ServerStage.AWAIT_MESSAGE
+        return self.step(initial)
+
+    def step(self, response: bytes) -> ServerOutcome:
+        self._expect(_ServerStage.AWAIT_MESSAGE, "step")
+        parsed = _parse(response)
+        if isinstance(parsed, Failure):
+            self._stage = _ServerStage.DONE
+            return parsed
+        authzid, authcid, passwd = parsed
+        self._authcid = authcid
+        self._authzid = authzid or None
+        self._stage = _ServerStage.AWAIT_CHECK
+        return Lookup(PasswordCheck(authcid, passwd))
+
+    def resume(self, answer: LookupAnswer) -> ServerOutcome:
+        self._expect(_ServerStage.AWAIT_CHECK, "resume")
+        self._stage = _ServerStage.DONE
+        if answer is True:
+            return check_authzid(Success(self._authcid, self._authzid))
+        if answer is False or answer is None:
+            return invalid()
+        # A PasswordCheck is answered with a bool; anything else is our bug.
+        raise SaslProtocolError("PLAIN needs a bool answer to its password check")
+
+
+class PlainClient:
+    name = "PLAIN"
+
+    def __init__(self, creds: ClientCredentials, ctx: ClientContext) -> None:
+        # Our own configuration, not the peer's data: fail loudly at set-up
+        # rather than send a message the server must reject.
+        for value in (creds.authzid, creds.username, creds.password):
+            if "\x00" in value:
+                raise ValueError("PLAIN credentials must not contain NUL")
+        if not creds.username or not creds.password:
+            raise ValueError("PLAIN needs a non-empty user name and password")
+        self._message = b"\x00".join(
+            v.encode("utf-8") for v in (creds.authzid, creds.username, creds.password)
+        )
+        self._started = False
+        self._answered = False
+        self._finished = False
+
+    def start(self) -> bytes | None:
+        if self._started:
+            raise SaslProtocolError("PLAIN client: start() called twice")
+        self._started = True
+        return self._message
+
+    def step(self, challenge: bytes) -> bytes:
+        if not self._started or self._finished:
+            raise SaslProtocolError("PLAIN client: step() called out of order")
+        # The only challenge PLAIN knows is the empty one a server sends when
+        # the initial response could not be sent with the command.
+        if challenge or self._answered:
+            raise ClientAuthError("PLAIN server sent an unexpected challenge")
+        self._answered = True
+        return self._message
+
+    def finish(self, additional: bytes | None) -> None:
+        if not self._started or self._finished:
+            raise SaslProtocolError("PLAIN client: finish() called out of order")
+        self._finished = True
+        if additional:
+            raise ClientAuthError("PLAIN server sent unexpected data with success")
