@@ -213,8 +213,9 @@ def parse_address(text: str, *, default_host: str | None = None) -> Address:
             raise ValueError(f"{text!r}: write IPv6 addresses as [addr]:port")
     if not host:
         raise ValueError(f"{text!r} has no host")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"{text!r} has no valid port (1-65535)")
+    # Port 0 (an ephemeral port chosen at bind time) is for tests and tools.
+    if not port_text.isdigit() or not 0 <= int(port_text) < 65536:
+        raise ValueError(f"{text!r} has no valid port (0-65535)")
     return Address(host, int(port_text))
 
 
@@ -385,7 +386,7 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
     hostname = root.get("hostname", str, "localhost")
     root.finish()
     _check_unique(listeners, source, "name", lambda x: x.name)
-    _check_unique(listeners, source, "listen", lambda x: str(x.listen))
+    _check_unique(listeners, source, "listen", lambda x: str(x.listen) if x.listen.port else None)
     for i, listener in enumerate(listeners):
         if listener.backend.mode is BackendMode.TERMINATE and users_file is None:
             raise ConfigError(
@@ -406,11 +407,13 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
 
 
 def _check_unique(
-    listeners: list[Listener], source: Path, key: str, value: Callable[[Listener], str]
+    listeners: list[Listener], source: Path, key: str, value: Callable[[Listener], str | None]
 ) -> None:
     seen: dict[str, int] = {}
     for i, listener in enumerate(listeners):
         v = value(listener)
+        if v is None:
+            continue
         if v in seen:
             raise ConfigError(
                 f"{source}: listeners[{i}].{key}: {v!r} is already used by listeners[{seen[v]}]"

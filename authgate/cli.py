@@ -1,0 +1,326 @@
+"""The `authgate` command.
+
+User-caused problems (bad config, unknown listener, bad address) print one
+clear line to stderr and exit 2; nothing a user can do prints a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import ipaddress
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from authgate import config as config_mod
+from authgate.config import Config, ConfigError, Listener
+from authgate.credentials.schemes import SchemeError
+from authgate.credentials.store import StoreError, UserStore, generate_secrets
+from authgate.offers import ListenerOffer, listener_offer, load_store
+from authgate.policy import Decision, Security
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """Printed as one line, exit status 2."""
+
+
+# ------------------------------------------------------------------ check
+
+
+def _describe_decision(label: str, decision: Decision) -> str:
+    offered = ", ".join(decision.offered) or "nothing"
+    login = "allowed" if decision.cleartext_login else "refused"
+    extra = "; must STARTTLS before authenticating" if decision.tls_required else ""
+    return f"    {label:<24} offers {offered}; cleartext login {login}{extra}"
+
+
+def _check_listener(offer: ListenerOffer, out: TextIO) -> None:
+    listener = offer.listener
+    policy = listener.policy
+    backend = listener.backend
+    print(
+        f"listener {listener.name}: {listener.protocol.value} on {listener.listen} "
+        f"(tls {listener.tls.value}) -> backend {backend.address} "
+        f"({backend.mode.value}, tls {backend.tls.value})",
+        file=out,
+    )
+    exempt = ", ".join(str(n) for n in policy.exempt.networks) or "none"
+    print(f"  security {policy.security.value}; exempt networks: {exempt}", file=out)
+    print(f"  configured mechanisms: {', '.join(policy.mechanisms)}", file=out)
+    if offer.store is not None:
+        for name, users in offer.store.dropped.items():
+            reason = offer.store.reasons.get(name, "the store cannot verify it")
+            who = f" (users: {', '.join(users)})" if users else ""
+            print(f"  dropped {name}: {reason}{who}", file=out)
+    # A non-exempt client in each TLS state, then an exempt one.
+    outsider = _outsider_address(listener)
+    states = [("inside TLS", True)]
+    if listener.tls.value != "implicit":
+        states.insert(0, ("without TLS", False))
+    for label, tls in states:
+        print(_describe_decision(label + ":", offer.decide(outsider, tls=tls)), file=out)
+    if policy.exempt and listener.tls.value != "implicit":
+        sample = policy.exempt.networks[0].network_address
+        print(_describe_decision("exempt, without TLS:", offer.decide(sample, tls=False)), file=out)
+    if listener.tls.value == "none" and policy.security is Security.REQUIRE_ENCRYPTED:
+        print("  warning: require-encrypted on a listener without TLS: only exempt clients can "
+              "authenticate", file=out)
+
+
+def _outsider_address(listener: Listener) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address that is in no exempt network, to show the strict case."""
+    for candidate in ("198.51.100.7", "2001:db8::7", "203.0.113.9"):
+        address = ipaddress.ip_address(candidate)
+        if address not in listener.policy.exempt:
+            return address
+    return ipaddress.ip_address("192.0.2.1")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load_config(args.config)
+    store = _load_store(config)
+    print(f"{config.path}: OK, {len(config.listeners)} listener(s)")
+    if config.tls.cert is not None and config.tls.key is not None:
+        from authgate.proxy.tls import TLSConfigError, server_context
+
+        try:
+            server_context(config.tls.cert, config.tls.key)
+        except TLSConfigError as exc:
+            # A warning, not an error: certificates are often installed
+            # after the config is written (`authgate certs` makes dev ones).
+            print(f"warning: {exc}; `authgate run` will refuse to start")
+    if store is not None:
+        print(f"users: {config.users_file} ({len(store)} user(s))")
+    for listener in config.listeners:
+        _check_listener(listener_offer(listener, store, config.hostname), sys.stdout)
+    return 0
+
+
+# -------------------------------------------------------------- negotiate
+
+
+def cmd_negotiate(args: argparse.Namespace) -> int:
+    config = _load_config(args.config)
+    listener = _find_listener(config, args.listener)
+    try:
+        client = ipaddress.ip_address(args.client_ip)
+    except ValueError:
+        raise UserError(f"--client-ip: {args.client_ip!r} is not an IP address") from None
+    offer = listener_offer(listener, _load_store(config), config.hostname)
+    decision = offer.decide(client, tls=args.tls)
+    client_mechs = [m.strip().upper() for m in args.client_mechs.split(",") if m.strip()] if (
+        args.client_mechs
+    ) else []
+    chosen = decision.choose(client_mechs) if client_mechs else None
+    result: dict[str, Any] = {
+        "listener": listener.name,
+        "protocol": listener.protocol.value,
+        "client_ip": str(client),
+        "tls": args.tls,
+        "exempt": decision.exempt,
+        "security": decision.effective.value,
+        "offered": list(decision.offered),
+        "cleartext_login": decision.cleartext_login,
+        "tls_required": decision.tls_required,
+        "session_tls_required": decision.session_tls_required,
+        "chosen": chosen,
+        "withheld": {name: reason.value for name, reason in decision.withheld.items()},
+    }
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        print()
+        return 0
+    print(f"listener {listener.name} ({listener.protocol.value}), client {client}, "
+          f"{'inside TLS' if args.tls else 'without TLS'}"
+          f"{', exempt' if decision.exempt else ''}: policy {decision.effective.value}")
+    print(f"  offered: {', '.join(decision.offered) or 'nothing'}")
+    print(f"  cleartext login: {'allowed' if decision.cleartext_login else 'refused'}")
+    if decision.tls_required:
+        print("  nothing may authenticate until TLS is started")
+    for name, reason in decision.withheld.items():
+        print(f"  not offered {name}: {reason.value}")
+    if client_mechs:
+        print(f"  chosen: {chosen or 'none in common'}")
+    return 0
+
+
+# ----------------------------------------------------------------- passwd
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        line = sys.stdin.readline()
+        password = line.rstrip("\r\n")
+    else:
+        if not sys.stdin.isatty():
+            raise UserError("no terminal to ask for the password: use --password-stdin")
+        password = getpass.getpass("New password: ")
+        if getpass.getpass("Repeat password: ") != password:
+            raise UserError("the passwords do not match")
+    if not password:
+        raise UserError("the password is empty")
+    return password
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    users_file: Path | None = args.users
+    realm = args.realm
+    if users_file is None:
+        if args.config is None:
+            raise UserError("give -c CONFIG or --users FILE")
+        config = _load_config(args.config)
+        if config.users_file is None:
+            raise UserError(f"{config.path}: no [users] file is configured")
+        users_file = config.users_file
+        realm = realm or config.hostname
+    store = _wrap(lambda: UserStore.load(users_file)) if users_file.exists() else UserStore()
+    realm = realm or store.realm or "localhost"
+    password = _read_password(args)
+    secrets = generate_secrets(args.user, password, realm)
+    _wrap(lambda: store.set_user_secrets(args.user, secrets, realm=realm))
+    _wrap(lambda: store.save(users_file))
+    print(f"{users_file}: password set for {args.user} ({len(secrets)} stored forms)")
+    return 0
+
+
+# ------------------------------------------------------------- run, demo
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from authgate.proxy.tls import TLSConfigError
+    from authgate.runner import serve, setup_logging
+
+    config = _load_config(args.config)
+    store = _load_store(config)
+    setup_logging()
+    try:
+        asyncio.run(serve(config, store, drain=args.drain))
+    except TLSConfigError as exc:
+        raise UserError(str(exc)) from None
+    except OSError as exc:  # e.g. address already in use
+        raise UserError(f"cannot listen: {exc.strerror or exc}") from None
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from authgate import demo
+    from authgate.runner import setup_logging
+
+    setup_logging()
+    try:
+        demo.main(args.certs)
+    except OSError as exc:
+        raise UserError(
+            f"cannot start the demo: {exc.strerror or exc} (is another demo running?)"
+        ) from None
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from authgate.certs import ensure_dev_certificates
+
+    ca = ensure_dev_certificates(args.dir, force=args.force)
+    print(f"{args.dir}: server.pem, server.key (localhost, 127.0.0.1, ::1); trust {ca}")
+    return 0
+
+
+# ------------------------------------------------------------------ shared
+
+
+def _wrap(action: Callable[[], Any]) -> Any:
+    try:
+        return action()
+    except (ConfigError, StoreError, SchemeError) as exc:
+        raise UserError(str(exc)) from None
+
+
+def _load_config(path: Path) -> Config:
+    result: Config = _wrap(lambda: config_mod.load(path))
+    return result
+
+
+def _load_store(config: Config) -> UserStore | None:
+    result: UserStore | None = _wrap(lambda: load_store(config))
+    return result
+
+
+def _find_listener(config: Config, name: str) -> Listener:
+    result: Listener = _wrap(lambda: config.listener(name))
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="authgate",
+        description="Authentication gateway for SMTP, IMAP and POP3.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the proxy in the foreground (logs to stderr)")
+    p.add_argument("-c", "--config", type=Path, required=True)
+    p.add_argument(
+        "--drain", type=float, default=10.0, help="seconds sessions get to finish on SIGTERM"
+    )
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="run the demo: the proxy in front of embedded backends")
+    p.add_argument("--certs", type=Path, default=Path("certs"), help="dev certificate folder")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("certs", help="make a development CA and server certificate")
+    p.add_argument("--dir", type=Path, default=Path("certs"))
+    p.add_argument("--force", action="store_true", help="replace existing files")
+    p.set_defaults(func=cmd_certs)
+
+    p = sub.add_parser("check", help="validate a config and show each listener's effective policy")
+    p.add_argument("-c", "--config", type=Path, required=True)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("negotiate", help="show what a client would be offered on a listener")
+    p.add_argument("-c", "--config", type=Path, required=True)
+    p.add_argument("--listener", required=True, help="listener name")
+    p.add_argument("--client-ip", required=True, help="the client's address")
+    p.add_argument("--tls", action="store_true", help="the connection is inside TLS")
+    p.add_argument("--client-mechs", default="", help="mechanisms the client supports, A,B,...")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_negotiate)
+
+    p = sub.add_parser("passwd", help="set a user's password in the users file")
+    p.add_argument("user")
+    p.add_argument("-c", "--config", type=Path, help="config whose [users] file to change")
+    p.add_argument("--users", type=Path, help="the users file (instead of -c)")
+    p.add_argument("--realm", help="DIGEST-MD5 realm (default: the config's hostname)")
+    p.add_argument(
+        "--password-stdin", action="store_true", help="read the password from standard input"
+    )
+    p.set_defaults(func=cmd_passwd)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        status: int = args.func(args)
+    except UserError as exc:
+        print(f"authgate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `authgate check ... | head`: the reader left; not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""What each listener can verify, from its config and its credential store.
+
+Glue between config, the credential store and the pure policy function:
+the CLI (`check`, `negotiate`) and the proxy ask the same questions here,
+so what `negotiate` prints is what a live listener does.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from authgate.config import BackendMode, Config, Listener, PasswordStorage
+from authgate.credentials.store import StoreOffer, UserStore
+from authgate.policy import Decision, decide
+
+
+@dataclass(frozen=True)
+class ListenerOffer:
+    """The store-side limit on a listener's mechanisms."""
+
+    listener: Listener
+    # None: no limit from a store (relay mode to a backend whose storage is
+    # not declared: the backend itself decides what it can verify).
+    store: StoreOffer | None
+
+    @property
+    def verifiable(self) -> tuple[str, ...] | None:
+        return None if self.store is None else self.store.mechanisms
+
+    def decide(
+        self, client: str | ipaddress.IPv4Address | ipaddress.IPv6Address, *, tls: bool
+    ) -> Decision:
+        return decide(self.listener.policy, client, tls=tls, verifiable=self.verifiable)
+
+
+def listener_offer(listener: Listener, store: UserStore | None, realm: str) -> ListenerOffer:
+    """`realm` is the DIGEST-MD5 realm the listener announces (our hostname):
+    stored {DIGEST-MD5} hashes serve only that realm."""
+    order = listener.policy.mechanisms
+    if listener.backend.mode is BackendMode.RELAY:
+        storage = listener.backend.password_storage
+        if storage is PasswordStorage.ONE_WAY:
+            return ListenerOffer(listener, StoreOffer.password_only(order, ONE_WAY_REASON))
+        return ListenerOffer(listener, None)
+    if store is None:
+        raise ValueError(f"listener {listener.name!r} verifies users but has no store")
+    return ListenerOffer(listener, store.offerable(order, realm=realm))
+
+
+ONE_WAY_REASON = "the backend keeps passwords as one-way hashes"
+
+
+def load_store(config: Config) -> UserStore | None:
+    return None if config.users_file is None else UserStore.load(config.users_file)

@@ -1,0 +1,212 @@
+"""A byte channel over an asyncio transport, with a buffer we own.
+
+asyncio's StreamReader keeps bytes it has buffered across
+`StreamWriter.start_tls()`, so plaintext pipelined behind STARTTLS could be
+read back as if it had arrived inside TLS (CVE-2011-0411). Owning the buffer
+lets `start_tls()` drop those bytes at the exact moment the handshake
+starts. The channel also gives the splice back-pressure in both directions:
+reading pauses while the buffer is over its high-water mark, and `drain()`
+waits while the transport's write buffer is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import cast
+
+HIGH_WATER = 256 * 1024  # pause reading from the peer above this many buffered bytes
+
+
+class ChannelClosed(ConnectionError):
+    """The peer closed or reset the connection."""
+
+
+class Channel(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._eof = False
+        self._lost = False
+        self._paused_reading = False
+        self._data_waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # -------------------------------------------------- asyncio.Protocol side
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        if len(self._buf) > HIGH_WATER and not self._paused_reading and self.transport:
+            self._paused_reading = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        # Keep a plain TCP transport open for writing: a half-closed client may
+        # still be waiting for the rest of the backend's answer. (TLS has no
+        # half-close in asyncio; returning True there only draws a warning.)
+        return self.tls is None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._eof = True
+        self._wake()
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
+
+    def _wake(self) -> None:
+        if self._data_waiter is not None and not self._data_waiter.done():
+            self._data_waiter.set_result(None)
+
+    # ----------------------------------------------------------- our side
+
+    @property
+    def at_eof(self) -> bool:
+        return self._eof and not self._buf
+
+    async def read(self) -> bytes:
+        """Everything buffered (at least one byte), or b"" at end of stream."""
+        while not self._buf:
+            if self._eof:
+                return b""
+            self._data_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._data_waiter
+            finally:
+                self._data_waiter = None
+        data = bytes(self._buf)
+        self._buf.clear()
+        if self._paused_reading and self.transport is not None and not self._lost:
+            self._paused_reading = False
+            self.transport.resume_reading()
+        return data
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None or self._lost or self.transport.is_closing():
+            raise ChannelClosed("connection closed")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self._lost:
+            raise ChannelClosed("connection closed")
+        if self._write_paused:
+            waiter = asyncio.get_running_loop().create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
+            if self._lost:
+                raise ChannelClosed("connection closed")
+
+    def can_write_eof(self) -> bool:
+        return (
+            self.transport is not None
+            and not self._lost
+            and not self.transport.is_closing()
+            and self.transport.can_write_eof()
+        )
+
+    def write_eof(self) -> None:
+        if self.can_write_eof():
+            assert self.transport is not None
+            self.transport.write_eof()
+
+    async def start_tls(
+        self,
+        context: ssl.SSLContext,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+        timeout: float = 30.0,
+    ) -> int:
+        """Run the TLS handshake on this connection. Returns how many
+        plaintext bytes were buffered and thrown away (they arrived before
+        the handshake and must never be executed)."""
+        if self.transport is None or self._lost:
+            raise ChannelClosed("connection closed")
+        await self.drain()
+        discarded = len(self._buf)
+        self._buf.clear()
+        loop = asyncio.get_running_loop()
+        new_transport = await loop.start_tls(
+            self.transport,
+            self,
+            context,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            ssl_handshake_timeout=timeout,
+        )
+        if new_transport is None:
+            raise ChannelClosed("connection closed during the TLS handshake")
+        self.transport = new_transport
+        return discarded
+
+    @property
+    def tls(self) -> ssl.SSLObject | None:
+        if self.transport is None:
+            return None
+        obj = self.transport.get_extra_info("ssl_object")
+        return cast(ssl.SSLObject | None, obj)
+
+    def peername(self) -> tuple[str, int]:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        if not peer:
+            return ("0.0.0.0", 0)  # noqa: S104 - a placeholder address, not a bind
+        return (str(peer[0]), int(peer[1]))
+
+    def sockname(self) -> tuple[str, int]:
+        sock = self.transport.get_extra_info("sockname") if self.transport else None
+        if not sock:
+            return ("0.0.0.0", 0)  # noqa: S104
+        return (str(sock[0]), int(sock[1]))
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+async def open_channel(
+    host: str,
+    port: int,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    timeout: float = 10.0,
+) -> Channel:
+    """Connect to host:port (optionally implicit TLS) within `timeout`."""
+    loop = asyncio.get_running_loop()
+    _, protocol = await asyncio.wait_for(
+        loop.create_connection(
+            Channel,
+            host,
+            port,
+            ssl=ssl_context,
+            server_hostname=server_hostname if ssl_context else None,
+            ssl_handshake_timeout=timeout if ssl_context else None,
+        ),
+        timeout,
+    )
+    return protocol

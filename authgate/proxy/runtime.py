@@ -1,0 +1,96 @@
+"""Everything a listener needs at connection time, prepared once at start-up
+(TLS contexts, channel-binding data, the store's offer), so that accepting a
+connection does no file I/O and no expensive set-up."""
+
+from __future__ import annotations
+
+import importlib
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from authgate.config import BackendMode, Config, Listener, TLSMode
+from authgate.credentials.store import UserStore
+from authgate.offers import ListenerOffer, listener_offer
+from authgate.policy import Protocol
+from authgate.proxy import tls as tls_mod
+
+
+@dataclass(frozen=True)
+class Limits:
+    connect_timeout: float = 10.0  # backend connect (and implicit TLS handshake)
+    backend_timeout: float = 30.0  # backend login exchange
+    idle_timeout: float = 60.0  # client silence before authentication
+    handshake_timeout: float = 30.0  # client TLS handshake
+
+
+@dataclass(frozen=True)
+class ProtocolParts:
+    server: Callable[..., Any]
+    client: Callable[..., Any]
+    sasl_service: str  # GSSAPI service name (DIGEST-MD5 digest-uri), RFC 2831
+
+
+def protocol_parts(protocol: Protocol) -> ProtocolParts:
+    module_name, prefix, service = {
+        Protocol.SMTP: ("smtp", "Smtp", "smtp"),
+        Protocol.IMAP: ("imap", "Imap", "imap"),
+        Protocol.POP3: ("pop3", "Pop3", "pop"),
+    }[protocol]
+    module = importlib.import_module(f"authgate.protocols.{module_name}")
+    return ProtocolParts(
+        server=getattr(module, f"{prefix}Server"),
+        client=getattr(module, f"{prefix}Client"),
+        sasl_service=service,
+    )
+
+
+@dataclass(frozen=True)
+class ListenerRuntime:
+    listener: Listener
+    hostname: str
+    offer: ListenerOffer
+    store: UserStore | None
+    parts: ProtocolParts
+    server_tls: ssl.SSLContext | None  # for STARTTLS and implicit TLS
+    channel_binding: bytes | None  # RFC 5929 tls-server-end-point of our certificate
+    backend_tls: ssl.SSLContext | None
+    limits: Limits
+
+    @property
+    def relay(self) -> bool:
+        return self.listener.backend.mode is BackendMode.RELAY
+
+
+def build_runtime(
+    config: Config, store: UserStore | None, limits: Limits | None = None
+) -> list[ListenerRuntime]:
+    """Prepare every listener; raises TLSConfigError for unusable certificates."""
+    from authgate.sasl.scram import tls_server_end_point
+
+    server_tls: ssl.SSLContext | None = None
+    binding: bytes | None = None
+    if config.tls.cert is not None and config.tls.key is not None:
+        server_tls = tls_mod.server_context(config.tls.cert, config.tls.key)
+        binding = tls_server_end_point(tls_mod.leaf_certificate_der(config.tls.cert))
+    runtimes = []
+    for listener in config.listeners:
+        backend = listener.backend
+        backend_tls = None
+        if backend.tls is not TLSMode.NONE:
+            backend_tls = tls_mod.client_context(ca_file=backend.ca_file, verify=backend.verify)
+        runtimes.append(
+            ListenerRuntime(
+                listener=listener,
+                hostname=config.hostname,
+                offer=listener_offer(listener, store, config.hostname),
+                store=store,
+                parts=protocol_parts(listener.protocol),
+                server_tls=server_tls if listener.tls is not TLSMode.NONE else None,
+                channel_binding=binding,
+                backend_tls=backend_tls,
+                limits=limits or Limits(),
+            )
+        )
+    return runtimes

@@ -1,0 +1,293 @@
+"""One client connection: drive the protocol machine, then splice.
+
+The machine decides every byte of protocol text; this driver only acts on
+its events: send, start TLS, resolve a credential lookup off the event loop,
+log in to the backend, and finally splice the two connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections import deque
+from typing import Any
+
+from authgate.config import TLSMode
+from authgate.protocols.base import (
+    Authenticated,
+    AuthFailed,
+    BackendFailure,
+    ClientSettings,
+    Close,
+    Event,
+    LoggedIn,
+    LoginFailed,
+    RelayAuth,
+    RelayChallenge,
+    RelayResponse,
+    Send,
+    SessionSettings,
+    Splice,
+    StartTLS,
+)
+from authgate.proxy.channel import Channel, ChannelClosed
+from authgate.proxy.runtime import ListenerRuntime
+from authgate.proxy.splice import splice
+from authgate.proxy.upstream import LoginStep, Upstream, connect
+from authgate.sasl import MECHANISMS
+from authgate.sasl.base import ClientContext, ClientCredentials, Lookup, ServerContext
+
+log = logging.getLogger("authgate.session")
+
+
+class _SessionOver(Exception):
+    """Internal: the machine said Close, or the session was spliced."""
+
+
+class ClientSession:
+    def __init__(self, runtime: ListenerRuntime, channel: Channel) -> None:
+        self.runtime = runtime
+        self.client = channel
+        self.peer = channel.peername()
+        self.local = channel.sockname()
+        self.upstream: Upstream | None = None
+        listener = runtime.listener
+        self.tag = f"{listener.name} {self.peer[0]}:{self.peer[1]}"
+        self.machine: Any = runtime.parts.server(
+            SessionSettings(
+                hostname=runtime.hostname,
+                decide=lambda tls: runtime.offer.decide(self.peer[0], tls=tls),
+                sasl_context=self._sasl_context,
+                starttls_available=listener.tls is TLSMode.STARTTLS,
+                tls_active=listener.tls is TLSMode.IMPLICIT,
+                relay=runtime.relay,
+                submission=listener.submission,
+            )
+        )
+
+    def _sasl_context(self, tls: bool) -> ServerContext:
+        binding = self.runtime.channel_binding
+        # RFC 5802 section 6: a SCRAM server that has channel binding data
+        # treats a client's "y" flag as a downgrade, so give it the data only
+        # when a -PLUS mechanism is really advertised on this connection.
+        offered = self.runtime.offer.decide(self.peer[0], tls=tls).offered
+        advertised = tls and binding and any(MECHANISMS[m].channel_binding for m in offered)
+        return ServerContext(
+            service=self.runtime.parts.sasl_service,
+            hostname=self.runtime.hostname,
+            channel_binding=("tls-server-end-point", binding) if advertised and binding else None,
+        )
+
+    # ------------------------------------------------------------ main loop
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        except _SessionOver:
+            pass
+        except TimeoutError:
+            log.info("%s: idle timeout before authentication", self.tag)
+        except (ChannelClosed, ConnectionError, ssl.SSLError) as exc:
+            log.info("%s: connection ended: %s", self.tag, exc.__class__.__name__)
+        except Exception:
+            # Our bug, not the client's: log it for us, close for them.
+            log.exception("%s: internal error", self.tag)
+        finally:
+            self.client.close()
+            if self.upstream is not None:
+                self.upstream.close()
+
+    async def _run(self) -> None:
+        queue: deque[Event] = deque(self.machine.start())
+        while True:
+            while queue:
+                queue.extend(await self._handle(queue.popleft()))
+            await self.client.drain()
+            data = await asyncio.wait_for(self.client.read(), self.runtime.limits.idle_timeout)
+            if not data:
+                log.info("%s: client closed before authenticating", self.tag)
+                return
+            queue.extend(self.machine.receive_data(data))
+
+    async def _handle(self, event: Event) -> list[Event]:
+        if isinstance(event, Send):
+            self.client.write(event.data)
+            return []
+        if isinstance(event, StartTLS):
+            return await self._start_tls()
+        if isinstance(event, Lookup):
+            store = self.runtime.store
+            if store is None:  # relay mode never verifies locally
+                raise RuntimeError("credential lookup on a listener without a store")
+            answer = await store.aresolve(event.request)
+            events: list[Event] = self.machine.resume(answer)
+            return events
+        if isinstance(event, Authenticated):
+            return await self._login_as(event)
+        if isinstance(event, RelayAuth):
+            return await self._relay_start(event)
+        if isinstance(event, RelayResponse):
+            assert self.upstream is not None
+            return self._relay_step(
+                await self.upstream.advance(self.upstream.machine.respond(event.data))
+            )
+        if isinstance(event, AuthFailed):
+            who = f" as {event.authcid!r}" if event.authcid else ""
+            log.info(
+                "%s: %s authentication failed%s: %s", self.tag, event.mechanism, who, event.reason
+            )
+            return []
+        if isinstance(event, Splice):
+            await self._splice(event)
+            raise _SessionOver
+        if isinstance(event, Close):
+            await self.client.drain()
+            raise _SessionOver
+        raise RuntimeError(f"unhandled event {event!r}")
+
+    async def _start_tls(self) -> list[Event]:
+        context = self.runtime.server_tls
+        if context is None:
+            raise RuntimeError("machine asked for STARTTLS on a listener without TLS")
+        dropped = await self.client.start_tls(
+            context, server_side=True, timeout=self.runtime.limits.handshake_timeout
+        )
+        if dropped:
+            log.warning(
+                "%s: dropped %d bytes sent before the TLS handshake (STARTTLS injection?)",
+                self.tag,
+                dropped,
+            )
+        events: list[Event] = self.machine.tls_started(self.runtime.channel_binding)
+        return events
+
+    # -------------------------------------------------------------- backend
+
+    async def _open_upstream(self, settings: ClientSettings) -> Upstream | LoginFailed:
+        runtime = self.runtime
+        backend = runtime.listener.backend
+        try:
+            channel = await connect(
+                backend,
+                runtime.backend_tls,
+                client=self.peer,
+                local=self.local,
+                timeout=runtime.limits.connect_timeout,
+            )
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            log.warning("%s: backend %s unreachable: %s", self.tag, backend.address, exc)
+            return LoginFailed(BackendFailure.UNAVAILABLE, str(exc))
+        return Upstream(
+            channel,
+            runtime.parts.client(settings),
+            tls_context=runtime.backend_tls,
+            server_name=backend.server_name or backend.address.host,
+            timeout=runtime.limits.backend_timeout,
+        )
+
+    def _client_settings(self, identity: str | None) -> ClientSettings:
+        backend = self.runtime.listener.backend
+        credentials = None
+        xclient_login = None
+        if identity is not None:
+            if backend.master_user is not None:
+                credentials = ClientCredentials(
+                    backend.master_user, backend.master_password or "", authzid=identity
+                )
+            else:
+                xclient_login = identity  # SMTP: XCLIENT LOGIN= (Postfix)
+        forwarding = backend.client_address.value
+        return ClientSettings(
+            hostname=self.runtime.hostname,
+            starttls=backend.tls is TLSMode.STARTTLS,
+            mechanisms=backend.mechanisms,
+            credentials=credentials,
+            sasl_context=ClientContext(
+                service=self.runtime.parts.sasl_service,
+                hostname=backend.server_name or backend.address.host,
+            ),
+            relay=identity is None,
+            client_address=self.peer[0],
+            client_port=self.peer[1],
+            xclient_login=xclient_login,
+            use_id=forwarding == "id",
+            use_xclient=forwarding == "xclient",
+        )
+
+    async def _login_as(self, event: Authenticated) -> list[Event]:
+        log.info("%s: authenticated %r via %s", self.tag, event.identity, event.mechanism)
+        upstream = await self._open_upstream(self._client_settings(event.identity))
+        if isinstance(upstream, LoginFailed):
+            return self._backend_failed(upstream)
+        result = await upstream.advance()
+        if isinstance(result, LoggedIn):
+            self.upstream = upstream
+            self._pending_down = result.pending
+            events: list[Event] = self.machine.backend_ready(result.capabilities)
+            return events
+        upstream.close()
+        if isinstance(result, RelayChallenge):  # cannot happen in terminate mode
+            result = LoginFailed(BackendFailure.REJECTED, "unexpected challenge")
+        return self._backend_failed(result)
+
+    def _backend_failed(self, failure: LoginFailed) -> list[Event]:
+        log.warning(
+            "%s: backend login failed (%s): %s", self.tag, failure.failure.value, failure.detail
+        )
+        events: list[Event] = self.machine.backend_failed(failure.failure)
+        return events
+
+    async def _relay_start(self, event: RelayAuth) -> list[Event]:
+        if self.upstream is None:
+            upstream = await self._open_upstream(self._client_settings(None))
+            if isinstance(upstream, LoginFailed):
+                return self._relay_step(upstream)
+            self.upstream = upstream
+        machine = self.upstream.machine
+        return self._relay_step(
+            await self.upstream.advance(machine.authenticate(event.mechanism, event.initial))
+        )
+
+    def _relay_step(self, step: LoginStep) -> list[Event]:
+        events: list[Event]
+        if isinstance(step, RelayChallenge):
+            events = self.machine.relay_challenge(step.data)
+        elif isinstance(step, LoggedIn):
+            self._pending_down = step.pending
+            events = self.machine.relay_result(True)
+        else:
+            if step.failure is BackendFailure.UNAVAILABLE and self.upstream is not None:
+                self.upstream.close()
+                self.upstream = None
+            events = self.machine.relay_result(False, step.failure)
+        return events
+
+    _pending_down = b""
+
+    async def _splice(self, event: Splice) -> None:
+        if self.upstream is None:
+            # SMTP server-to-server pass-through: no login, replay EHLO.
+            upstream = await self._open_upstream(self._client_settings(None))
+            if isinstance(upstream, LoginFailed):
+                self.client.write(b"421 4.3.0 Service temporarily unavailable\r\n")
+                return
+            self.upstream = upstream
+            from authgate.proxy.passthrough import swallow_smtp_replies
+
+            if not await swallow_smtp_replies(
+                upstream.channel, event.replay, self.runtime.limits.backend_timeout
+            ):
+                self.client.write(b"421 4.3.0 Service temporarily unavailable\r\n")
+                return
+        backend = self.upstream.channel
+        if self._pending_down:
+            self.client.write(self._pending_down)
+        if event.pending:
+            backend.write(event.pending)
+        with contextlib.suppress(ChannelClosed):
+            await self.client.drain()
+        up, down = await splice(self.client, backend)
+        log.info("%s: session ended (%d bytes up, %d down)", self.tag, up, down)
+        self.upstream = None

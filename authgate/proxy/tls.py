@@ -1,0 +1,51 @@
+"""TLS contexts, made once per listener (making one per connection is slow)."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+
+class TLSConfigError(Exception):
+    """Certificate or key cannot be used; a user-caused problem."""
+
+
+def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """TLS 1.2 or newer, the ssl module's secure defaults, our certificate."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # Session tickets make resumed handshakes cheap for mail clients that poll.
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSConfigError(f"cannot load certificate {cert} / key {key}: {exc}") from None
+    return ctx
+
+
+def client_context(*, ca_file: Path | None, verify: bool) -> ssl.SSLContext:
+    """For connections to backends: verified against `ca_file` (or the system
+    store) unless the admin turned verification off."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca_file is not None:
+        try:
+            ctx.load_verify_locations(cafile=str(ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise TLSConfigError(f"cannot load CA file {ca_file}: {exc}") from None
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def leaf_certificate_der(cert: Path) -> bytes:
+    """The first certificate of a PEM chain, DER-encoded (for channel binding)."""
+    try:
+        certs = x509.load_pem_x509_certificates(cert.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise TLSConfigError(f"cannot read certificate {cert}: {exc}") from None
+    return certs[0].public_bytes(Encoding.DER)

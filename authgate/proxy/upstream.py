@@ -1,0 +1,125 @@
+"""The backend side: connect, tell it the client's address, log in.
+
+The protocol text lives in the client machines (authgate.protocols); this
+module only moves their bytes and runs TLS handshakes they ask for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import Iterable
+from typing import Protocol as TypingProtocol
+
+from authgate.config import BackendSettings, ClientAddressForwarding, TLSMode
+from authgate.protocols.base import (
+    BackendFailure,
+    ClientEvent,
+    LoggedIn,
+    LoginFailed,
+    RelayChallenge,
+    Send,
+    StartTLS,
+)
+from authgate.proxy.channel import Channel, ChannelClosed, open_channel
+from authgate.proxy.proxy_protocol import build_v2
+from authgate.sasl.base import InitialResponse
+
+LoginStep = LoggedIn | LoginFailed | RelayChallenge
+
+
+class ClientMachine(TypingProtocol):
+    """What authgate.protocols' *Client classes provide."""
+
+    def receive_data(self, data: bytes) -> list[ClientEvent]: ...
+
+    def tls_started(self) -> list[ClientEvent]: ...
+
+    def authenticate(self, mechanism: str, initial: InitialResponse) -> list[ClientEvent]: ...
+
+    def respond(self, data: bytes | None) -> list[ClientEvent]: ...
+
+
+async def connect(
+    settings: BackendSettings,
+    tls_context: ssl.SSLContext | None,
+    *,
+    client: tuple[str, int],
+    local: tuple[str, int],
+    timeout: float,
+) -> Channel:
+    """Open the backend connection (implicit TLS if configured) and send the
+    PROXY v2 header first when the backend expects one."""
+    implicit = settings.tls is TLSMode.IMPLICIT
+    channel = await open_channel(
+        settings.address.host,
+        settings.address.port,
+        ssl_context=tls_context if implicit else None,
+        server_hostname=settings.server_name or settings.address.host,
+        timeout=timeout,
+    )
+    if settings.client_address is ClientAddressForwarding.PROXY_V2:
+        channel.write(build_v2(client, local))
+    return channel
+
+
+class Upstream:
+    """A backend connection driven by a client machine."""
+
+    def __init__(
+        self,
+        channel: Channel,
+        machine: ClientMachine,
+        *,
+        tls_context: ssl.SSLContext | None,
+        server_name: str,
+        timeout: float,
+    ) -> None:
+        self.channel = channel
+        self.machine = machine
+        self._tls_context = tls_context
+        self._server_name = server_name
+        self._timeout = timeout
+
+    async def advance(self, events: Iterable[ClientEvent] = ()) -> LoginStep:
+        """Act on the machine's events and feed it the backend's bytes until it
+        has a result: logged in, failed, or (relay mode) a challenge."""
+        queue: deque[ClientEvent] = deque(events)
+        try:
+            async with asyncio.timeout(self._timeout):
+                while True:
+                    while queue:
+                        event = queue.popleft()
+                        if isinstance(event, Send):
+                            self.channel.write(event.data)
+                        elif isinstance(event, StartTLS):
+                            await self._start_tls()
+                            queue.extend(self.machine.tls_started())
+                        else:
+                            return event
+                    data = await self.channel.read()
+                    if not data:
+                        return LoginFailed(
+                            BackendFailure.UNAVAILABLE, "backend closed the connection"
+                        )
+                    queue.extend(self.machine.receive_data(data))
+        except TimeoutError:
+            return LoginFailed(BackendFailure.UNAVAILABLE, "backend did not answer in time")
+        except (ChannelClosed, ConnectionError, ssl.SSLError) as exc:
+            return LoginFailed(BackendFailure.UNAVAILABLE, f"backend connection failed: {exc}")
+
+    async def _start_tls(self) -> None:
+        if self._tls_context is None:
+            raise ChannelClosed("backend STARTTLS without a TLS context")
+        # Anything the backend sent before the handshake is dropped by the
+        # channel (response injection, the mirror image of CVE-2011-0411).
+        await self.channel.start_tls(
+            self._tls_context,
+            server_side=False,
+            server_hostname=self._server_name,
+            timeout=self._timeout,
+        )
+
+    def close(self) -> None:
+        self.channel.close()

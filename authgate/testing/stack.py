@@ -1,0 +1,183 @@
+"""authgate in front of the embedded backends, in-process.
+
+One piece with two users: `authgate demo` (fixed ports, the dev CA in
+certs/) and the pytest plugin (ephemeral ports, a throw-away CA). The
+gateway is configured through a real TOML file and users file, so what runs
+here is what an operator's files would run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import ssl
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from authgate import config as config_mod
+from authgate.certs import ensure_dev_certificates
+from authgate.credentials.store import UserStore, generate_secrets
+from authgate.proxy.server import Gateway
+from authgate.runner import start_gateway
+from authgate.testing.backends import seed_mailbox, start_backends
+
+MASTER_USER = "authgate"
+ALL_MECHANISMS = ("SCRAM-SHA-256", "CRAM-MD5", "DIGEST-MD5", "NTLM", "LOGIN", "PLAIN")
+
+
+@dataclass(frozen=True)
+class ListenerSpec:
+    name: str
+    protocol: str  # smtp | imap | pop3
+    tls: str  # none | starttls | implicit
+    port: int = 0  # 0: ephemeral
+
+
+# One STARTTLS and one implicit-TLS listener per protocol.
+STANDARD_LAYOUT = (
+    ListenerSpec("imap", "imap", "starttls"),
+    ListenerSpec("imaps", "imap", "implicit"),
+    ListenerSpec("pop3", "pop3", "starttls"),
+    ListenerSpec("pop3s", "pop3", "implicit"),
+    ListenerSpec("submission", "smtp", "starttls"),
+    ListenerSpec("smtps", "smtp", "implicit"),
+)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    protocol: str
+    tls: str
+    host: str
+    port: int
+
+
+@dataclass
+class Stack:
+    """A running gateway and its backends."""
+
+    gateway: Gateway
+    endpoints: dict[str, Endpoint]
+    ca_file: Path
+    config_file: Path
+    users: dict[str, str]
+    mail_root: Path
+
+    def __getitem__(self, name: str) -> Endpoint:
+        return self.endpoints[name]
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A client context that trusts the stack's CA."""
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
+
+def config_text(
+    *,
+    host: str,
+    layout: Sequence[ListenerSpec],
+    certs: Path,
+    users_file: Path,
+    backend_ports: Mapping[str, int],
+    master_password: str,
+    security: str,
+    mechanisms: Sequence[str],
+    exempt: Sequence[str],
+) -> str:
+    """The TOML an operator would write for this layout."""
+
+    def q(value: object) -> str:
+        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    def qlist(values: Sequence[str]) -> str:
+        return "[" + ", ".join(q(v) for v in values) + "]"
+
+    lines = [
+        'hostname = "localhost"',
+        "[policy]",
+        f"security = {q(security)}",
+        f"mechanisms = {qlist(mechanisms)}",
+        f"exempt_networks = {qlist(exempt)}",
+        "[tls]",
+        f"cert = {q(certs / 'server.pem')}",
+        f"key = {q(certs / 'server.key')}",
+        "[users]",
+        f"file = {q(users_file)}",
+    ]
+    for spec in layout:
+        lines += [
+            "[[listeners]]",
+            f"name = {q(spec.name)}",
+            f"protocol = {q(spec.protocol)}",
+            f"listen = {q(f'{host}:{spec.port}')}",
+            f"tls = {q(spec.tls)}",
+            "[listeners.backend]",
+            f"address = {q(f'{host}:{backend_ports[spec.protocol]}')}",
+            f"master_user = {q(MASTER_USER)}",
+            f"master_password = {q(master_password)}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+@contextlib.asynccontextmanager
+async def embedded_stack(
+    workdir: Path,
+    *,
+    users: Mapping[str, str],
+    security: str = "require-secure-auth",
+    mechanisms: Sequence[str] = ALL_MECHANISMS,
+    exempt: Sequence[str] = (),
+    layout: Sequence[ListenerSpec] = STANDARD_LAYOUT,
+    host: str = "127.0.0.1",
+    certs_dir: Path | None = None,
+    messages: Mapping[str, Sequence[bytes]] | None = None,
+) -> AsyncIterator[Stack]:
+    """Start backends and authgate; stop both on exit."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    certs = certs_dir or workdir / "certs"
+    ca_file = ensure_dev_certificates(certs)
+    mail_root = workdir / "mail"
+    for user in users:
+        seed_mailbox(mail_root, user, list((messages or {}).get(user, ())))
+    master_password = secrets.token_urlsafe(18)
+    backends = await start_backends(
+        mail_root, dict(users), master=(MASTER_USER, master_password), host=host
+    )
+    try:
+        store = UserStore(realm="localhost")
+        for user, password in users.items():
+            store.set_user_secrets(user, generate_secrets(user, password, "localhost"))
+        users_file = workdir / "users.toml"
+        store.save(users_file)
+        config_file = workdir / "authgate.toml"
+        config_file.write_text(
+            config_text(
+                host=host,
+                layout=layout,
+                certs=certs,
+                users_file=users_file,
+                backend_ports={
+                    "imap": backends.imap.port,
+                    "pop3": backends.pop3.port,
+                    "smtp": backends.smtp.port,
+                },
+                master_password=master_password,
+                security=security,
+                mechanisms=mechanisms,
+                exempt=exempt,
+            )
+        )
+        config = config_mod.load(config_file)
+        gateway = await start_gateway(config, UserStore.load(users_file))
+        try:
+            bound = gateway.addresses()
+            endpoints = {
+                spec.name: Endpoint(spec.name, spec.protocol, spec.tls, *bound[spec.name])
+                for spec in layout
+            }
+            yield Stack(gateway, endpoints, ca_file, config_file, dict(users), mail_root)
+        finally:
+            await gateway.stop(drain=1.0)
+    finally:
+        await backends.close()

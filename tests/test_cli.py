@@ -1,0 +1,127 @@
+"""The CLI contract on the files in examples/: check, negotiate, passwd."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from authgate.credentials.store import UserStore
+from authgate.sasl.base import PasswordCheck
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """The real command in a subprocess: proves exit codes and that no
+    traceback reaches the user."""
+    return subprocess.run(
+        [sys.executable, "-m", "authgate", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("name", ["authgate", "sha-store", "relay-postfix"])
+def test_check_accepts_every_example(name: str) -> None:
+    result = run_cli("check", "-c", str(EXAMPLES / f"{name}.toml"))
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_check_explains_drops_caused_by_one_way_hashes() -> None:
+    result = run_cli("check", "-c", str(EXAMPLES / "sha-store.toml"))
+    assert "dropped CRAM-MD5" in result.stdout and "(users: bob)" in result.stdout
+    assert "inside TLS:              offers LOGIN, PLAIN" in result.stdout
+
+
+def test_check_bad_file_exits_2_with_key_path(tmp_path: Path) -> None:
+    text = (EXAMPLES / "authgate.toml").read_text().replace('"fd00::/8"', '"10.0.0.0/33"')
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text)
+    result = run_cli("check", "-c", str(bad))
+    assert result.returncode == 2
+    assert f"{bad}: policy.exempt_networks[1]: '10.0.0.0/33' is not a network" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def negotiate(*args: str) -> dict[str, object]:
+    result = run_cli("negotiate", "-c", str(EXAMPLES / "authgate.toml"), "--json", *args)
+    assert result.returncode == 0, result.stderr
+    data: dict[str, object] = json.loads(result.stdout)
+    return data
+
+
+def test_negotiate_outsider_without_tls() -> None:
+    data = negotiate("--listener", "imap", "--client-ip", "203.0.113.5", "--client-mechs", "PLAIN,NTLM")
+    assert data["offered"] == ["CRAM-MD5", "DIGEST-MD5", "NTLM"]
+    assert data["cleartext_login"] is False
+    assert data["tls_required"] is False
+    assert data["chosen"] == "NTLM"
+    assert data["exempt"] is False
+
+
+def test_negotiate_outsider_inside_tls_chooses_admins_first() -> None:
+    data = negotiate("--listener", "imap", "--client-ip", "203.0.113.5", "--tls", "--client-mechs", "plain,cram-md5")
+    assert data["offered"] == ["CRAM-MD5", "DIGEST-MD5", "NTLM", "LOGIN", "PLAIN"]
+    assert data["chosen"] == "CRAM-MD5"
+    assert data["cleartext_login"] is True
+
+
+@pytest.mark.parametrize("client", ["192.168.10.20", "fd00::25", "::ffff:192.168.1.1"])
+def test_negotiate_exempt_client(client: str) -> None:
+    data = negotiate("--listener", "imap", "--client-ip", client, "--client-mechs", "PLAIN")
+    assert data["exempt"] is True
+    assert data["chosen"] == "PLAIN"
+    assert data["cleartext_login"] is True
+
+
+def test_negotiate_require_encrypted_without_tls() -> None:
+    data = negotiate("--listener", "submission", "--client-ip", "203.0.113.5", "--client-mechs", "PLAIN")
+    assert data["offered"] == []
+    assert data["tls_required"] is True
+    assert data["chosen"] is None
+
+
+def test_negotiate_errors() -> None:
+    result = run_cli("negotiate", "-c", str(EXAMPLES / "authgate.toml"), "--listener", "nope", "--client-ip", "1.2.3.4")
+    assert result.returncode == 2 and "no listener named 'nope'" in result.stderr
+    result = run_cli("negotiate", "-c", str(EXAMPLES / "authgate.toml"), "--listener", "imap", "--client-ip", "1.2.3")
+    assert result.returncode == 2 and "'1.2.3' is not an IP address" in result.stderr
+
+
+def test_passwd_writes_every_form_without_echoing(tmp_path: Path) -> None:
+    users = tmp_path / "users.toml"
+    password = "correct horse battery staple"
+    result = run_cli("passwd", "dave", "--users", str(users), "--realm", "mail.example.org", "--password-stdin", stdin=password + "\n")
+    assert result.returncode == 0, result.stderr
+    assert password not in result.stdout + result.stderr
+    assert stat.S_IMODE(os.stat(users).st_mode) == 0o600
+    store = UserStore.load(users)
+    assert store.resolve(PasswordCheck("dave", password)) is True
+    assert store.resolve(PasswordCheck("dave", "wrong")) is False
+    offer = store.offerable(["CRAM-MD5", "DIGEST-MD5", "NTLM", "SCRAM-SHA-256", "LOGIN", "PLAIN"], realm="mail.example.org")
+    assert offer.mechanisms == ("CRAM-MD5", "DIGEST-MD5", "NTLM", "SCRAM-SHA-256", "LOGIN", "PLAIN")
+
+
+def test_passwd_keeps_other_users(tmp_path: Path) -> None:
+    users = tmp_path / "users.toml"
+    users.write_text((EXAMPLES / "users-sha.toml").read_text())
+    result = run_cli("passwd", "erin", "--users", str(users), "--password-stdin", stdin="erin-pw-1\n")
+    assert result.returncode == 0, result.stderr
+    assert sorted(UserStore.load(users).names()) == ["alice", "bob", "carol", "erin"]
+
+
+def test_passwd_refuses_empty_password(tmp_path: Path) -> None:
+    result = run_cli("passwd", "erin", "--users", str(tmp_path / "u.toml"), "--password-stdin", stdin="\n")
+    assert result.returncode == 2 and "empty" in result.stderr
+    assert not (tmp_path / "u.toml").exists()
