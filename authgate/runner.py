@@ -22,6 +22,8 @@ def setup_logging(level: int = logging.INFO) -> None:
         level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # aiosmtpd (the embedded demo backend) logs every SMTP command at INFO.
+    logging.getLogger("mail.log").setLevel(max(level, logging.WARNING))
 
 
 async def start_gateway(config: Config, store: UserStore | None) -> Gateway:

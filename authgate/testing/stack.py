@@ -20,7 +20,7 @@ from authgate.certs import ensure_dev_certificates
 from authgate.credentials.store import UserStore, generate_secrets
 from authgate.proxy.server import Gateway
 from authgate.runner import start_gateway
-from authgate.testing.backends import seed_mailbox, start_backends
+from authgate.testing.backends import Backends, seed_mailbox, start_backends
 
 MASTER_USER = "authgate"
 ALL_MECHANISMS = ("SCRAM-SHA-256", "CRAM-MD5", "DIGEST-MD5", "NTLM", "LOGIN", "PLAIN")
@@ -64,6 +64,7 @@ class Stack:
     config_file: Path
     users: dict[str, str]
     mail_root: Path
+    backends: Backends
 
     def __getitem__(self, name: str) -> Endpoint:
         return self.endpoints[name]
@@ -135,7 +136,7 @@ async def embedded_stack(
 ) -> AsyncIterator[Stack]:
     """Start backends and authgate; stop both on exit."""
     workdir.mkdir(parents=True, exist_ok=True)
-    certs = certs_dir or workdir / "certs"
+    certs = (certs_dir or workdir / "certs").resolve()
     ca_file = ensure_dev_certificates(certs)
     mail_root = workdir / "mail"
     for user in users:
@@ -176,7 +177,7 @@ async def embedded_stack(
                 spec.name: Endpoint(spec.name, spec.protocol, spec.tls, *bound[spec.name])
                 for spec in layout
             }
-            yield Stack(gateway, endpoints, ca_file, config_file, dict(users), mail_root)
+            yield Stack(gateway, endpoints, ca_file, config_file, dict(users), mail_root, backends)
         finally:
             await gateway.stop(drain=1.0)
     finally:

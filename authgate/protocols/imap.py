@@ -1,0 +1,1127 @@
+"""IMAP before authentication: the server side mail clients talk to, and the
+client side authgate uses to log in to the backend. Sans-IO (see base.py).
+
+Standards: IMAP4rev1 (RFC 3501) and IMAP4rev2 (RFC 9051) -- we serve
+IMAP4rev1 clients and only the not-authenticated state; SASL-IR (RFC 4959);
+response codes (RFC 5530); ID (RFC 2971); LITERAL+ (RFC 7888).
+
+Server choices worth knowing:
+- A mechanism the policy refuses as NOT_AVAILABLE gets `NO [CANNOT]`:
+  RFC 9051 section 6.2.2 asks for a tagged NO without a code, and RFC 5530
+  has no exact one; CANNOT ("can never succeed") tells a client not to
+  retry the same mechanism, which is true for an unknown or disabled one.
+- `backend_failed()` answers `NO [UNAVAILABLE]` and the session stays
+  un-authenticated: the client may retry later on the same connection.
+- Refused and failed AUTHENTICATE/LOGIN attempts both emit `AuthFailed`
+  (reason: the Refusal or FailureReason value) and count as errors.
+- Relay mode: `relay_result(True)` answers a plain `OK` (the contract
+  carries no capabilities); a driver that knows the backend's capabilities
+  may call `backend_ready(caps)` instead to answer `OK [CAPABILITY ...]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from authgate.policy import Decision, Refusal, choose_client_mechanism
+from authgate.protocols.base import (
+    Authenticated,
+    AuthFailed,
+    BackendFailure,
+    ClientEvent,
+    ClientSettings,
+    Close,
+    Event,
+    LoggedIn,
+    LoginFailed,
+    ProtocolStateError,
+    RelayAuth,
+    RelayChallenge,
+    RelayResponse,
+    Send,
+    SessionSettings,
+    Splice,
+    StartTLS,
+)
+from authgate.protocols.common import (
+    ExchangeStep,
+    LineBuffer,
+    LineTooLong,
+    SaslExchange,
+    SendChallenge,
+    b64decode_strict,
+    b64encode,
+    plain_message,
+)
+from authgate.sasl import mechanism as mechanism_info
+from authgate.sasl.base import (
+    NO_RESPONSE,
+    ClientAuthError,
+    ClientMechanism,
+    Failure,
+    FailureReason,
+    InitialResponse,
+    Lookup,
+    LookupAnswer,
+    PasswordCheck,
+    SaslProtocolError,
+    ServerContext,
+    Success,
+)
+
+__all__ = ["ImapClient", "ImapServer"]
+
+CRLF = b"\r\n"
+
+# RFC 9051 section 9: tag = 1*<any ASTRING-CHAR except "+">. ASTRING-CHAR is
+# ATOM-CHAR or "]"; ATOM-CHAR is any 7-bit CHAR except CTL, SP, "(", ")",
+# "{", "%", "*", '"' and "\".
+_TAG = re.compile(rb"[!#$&'\x2c-\x5b\x5d-\x7a|}~]+")
+# RFC 4422 section 3.1: a SASL mechanism name is 1 to 20 of A-Z 0-9 - _.
+_MECH_NAME = re.compile(rb"[A-Za-z0-9_-]{1,20}")
+# A line that ends in a literal's octet count: "{n}" (synchronising) or
+# "{n+}" (RFC 7888 non-synchronising). More than 18 digits is "too big"
+# anyway and keeps int() away from huge digit strings.
+_LITERAL_AT_END = re.compile(rb"\{([0-9]+)(\+?)\}\Z")
+_MAX_LITERAL_DIGITS = 18
+# A capability is an atom (RFC 9051 section 9); "]" would end our response code.
+_CAPABILITY_ATOM = re.compile(r"[!#$&'+,\-./0-9:;<=>?@A-Z\[^_`a-z|}~]+")
+# RFC 2971 section 3.3: at most 30 field-value pairs.
+_MAX_ID_PAIRS = 30
+
+
+# ===================================================================== tokens
+
+
+class _Kind(enum.Enum):
+    ATOM = "atom"
+    STRING = "string"  # quoted string or literal: the value, unescaped
+    LPAREN = "("
+    RPAREN = ")"
+
+
+@dataclass(frozen=True)
+class _Token:
+    kind: _Kind
+    value: bytes = b""
+
+
+class _SyntaxError(Exception):
+    """The command's arguments do not parse (answered with tagged BAD)."""
+
+
+_ATOM_STOP = frozenset(b' ()"{')
+
+
+def _tokenize(segments: Sequence[bytes]) -> list[_Token]:
+    """Split command arguments into tokens.
+
+    `segments` alternate text and literal data: text, literal, text, ...;
+    each text but the last ends with the "{n}" that announced the literal
+    after it (RFC 9051 section 4.3).
+    """
+    tokens: list[_Token] = []
+    for index in range(0, len(segments), 2):
+        text = segments[index]
+        literal = segments[index + 1] if index + 1 < len(segments) else None
+        pos = 0
+        while pos < len(text):
+            byte = text[pos]
+            if byte == 0x20:
+                pos += 1
+            elif byte in b"()":
+                tokens.append(_Token(_Kind.LPAREN if byte == 0x28 else _Kind.RPAREN))
+                pos += 1
+            elif byte == 0x22:
+                value, pos = _quoted(text, pos + 1)
+                tokens.append(_Token(_Kind.STRING, value))
+            elif byte == 0x7B:
+                # Only a literal's announcement, which ends the text segment.
+                if literal is None or not _LITERAL_AT_END.fullmatch(text, pos):
+                    raise _SyntaxError
+                if b"\x00" in literal:  # RFC 9051: CHAR8 excludes NUL
+                    raise _SyntaxError
+                tokens.append(_Token(_Kind.STRING, literal))
+                literal = None
+                pos = len(text)
+            else:
+                end = pos
+                while end < len(text) and text[end] not in _ATOM_STOP:
+                    if text[end] < 0x20 or text[end] == 0x7F:
+                        raise _SyntaxError
+                    end += 1
+                tokens.append(_Token(_Kind.ATOM, text[pos:end]))
+                pos = end
+        if literal is not None:
+            raise _SyntaxError
+    return tokens
+
+
+def _quoted(text: bytes, pos: int) -> tuple[bytes, int]:
+    """Parse a quoted string whose opening quote is before `pos`; return its
+    value and the position after the closing quote. RFC 9051 section 4.3:
+    only \\\\ and \\" are escapes; CR, LF and NUL never appear."""
+    value = bytearray()
+    while pos < len(text):
+        byte = text[pos]
+        if byte == 0x22:
+            return bytes(value), pos + 1
+        if byte == 0x5C:
+            if pos + 1 >= len(text) or text[pos + 1] not in b'\\"':
+                raise _SyntaxError
+            value.append(text[pos + 1])
+            pos += 2
+            continue
+        if byte == 0:
+            raise _SyntaxError
+        value.append(byte)
+        pos += 1
+    raise _SyntaxError
+
+
+def _astring(token: _Token) -> str:
+    if token.kind not in (_Kind.ATOM, _Kind.STRING):
+        raise _SyntaxError
+    try:
+        return token.value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _SyntaxError from None
+
+
+def _quote(text: str) -> bytes:
+    """A quoted string for a command or response we send."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    cleaned = "".join(c for c in escaped if c not in "\r\n\0")
+    return b'"' + cleaned.encode("utf-8") + b'"'
+
+
+def _capability_atoms(capabilities: Sequence[str]) -> list[str]:
+    """Keep only well-formed capability atoms: a backend's list must not be
+    able to inject a line break or a "]" into our response code."""
+    return [c for c in capabilities if _CAPABILITY_ATOM.fullmatch(c)]
+
+
+# ===================================================================== server
+
+
+class _State(enum.Enum):
+    NEW = "new"  # start() not called yet
+    COMMAND = "command"  # reading tagged commands
+    SASL = "sasl"  # AUTHENTICATE: sent a challenge, reading the response line
+    SASL_FINAL = "sasl-final"  # sent success data as a final challenge, reading ""
+    RELAY_SASL = "relay-sasl"  # relay: sent the backend's challenge, reading the line
+    LOOKUP = "lookup"  # a Lookup is outstanding
+    BACKEND = "backend"  # Authenticated is outstanding
+    RELAY = "relay"  # RelayAuth / RelayResponse is outstanding
+    TLS = "tls"  # StartTLS is outstanding
+    DONE = "done"  # Splice emitted
+    CLOSED = "closed"  # Close emitted
+
+
+_READING = frozenset({_State.COMMAND, _State.SASL, _State.SASL_FINAL, _State.RELAY_SASL})
+
+# RFC 9051 section 7.1 / RFC 5530 response codes for each refusal.
+_REFUSAL_REPLY: dict[Refusal, bytes] = {
+    Refusal.TLS_REQUIRED: b"NO [PRIVACYREQUIRED] Authentication requires TLS",
+    Refusal.MECHANISM_NEEDS_TLS: b"NO [PRIVACYREQUIRED] This mechanism requires TLS",
+    Refusal.CHANNEL_BINDING_UNAVAILABLE: b"NO [PRIVACYREQUIRED] Channel binding requires TLS",
+    Refusal.NOT_AVAILABLE: b"NO [CANNOT] Unsupported authentication mechanism",
+}
+_LOGIN_REFUSAL_REPLY: dict[Refusal, bytes] = {
+    Refusal.TLS_REQUIRED: b"NO [PRIVACYREQUIRED] LOGIN requires TLS",
+    Refusal.MECHANISM_NEEDS_TLS: b"NO [PRIVACYREQUIRED] LOGIN requires TLS",
+    Refusal.CHANNEL_BINDING_UNAVAILABLE: b"NO [PRIVACYREQUIRED] LOGIN requires TLS",
+    Refusal.NOT_AVAILABLE: b"NO [CANNOT] LOGIN is disabled",
+}
+# RFC 9051 section 6.2.2: a response that cannot be decoded and a "*"
+# cancellation get a tagged BAD; everything else is a NO with a code.
+_FAILURE_REPLY: dict[FailureReason, bytes] = {
+    FailureReason.MALFORMED: b"BAD Malformed authentication data",
+    FailureReason.CANCELLED: b"BAD Authentication cancelled",
+    FailureReason.INVALID_CREDENTIALS: b"NO [AUTHENTICATIONFAILED] Authentication failed",
+    FailureReason.AUTHZ_DENIED: b"NO [AUTHORIZATIONFAILED] Authorization failed",
+    FailureReason.TEMPORARY: b"NO [UNAVAILABLE] Temporary authentication failure",
+    FailureReason.TOO_WEAK: b"NO [CANNOT] Authentication mechanism is too weak",
+    FailureReason.ENCRYPTION_REQUIRED: b"NO [PRIVACYREQUIRED] Encryption required",
+    FailureReason.EXPIRED: b"NO [EXPIRED] Password expired",
+}
+_BACKEND_FAILED_REPLY = b"NO [UNAVAILABLE] Mail server unavailable, try again later"
+
+# RFC 9051 section 6.2.1 (and RFC 2595 section 3.1 for LOGINDISABLED): what
+# a client may do on a connection that must be encrypted before anything.
+_ALLOWED_BEFORE_TLS = frozenset(
+    {b"CAPABILITY", b"NOOP", b"LOGOUT", b"STARTTLS", b"LOGIN", b"AUTHENTICATE"}
+)
+
+
+@dataclass
+class _Command:
+    """A command being read: text lines and literal data, alternating."""
+
+    segments: list[bytes] = field(default_factory=list)
+    size: int = 0
+    oversized: bool = False  # a non-synchronising literal was too big: discard
+
+
+@dataclass
+class _Attempt:
+    """The authentication in progress."""
+
+    tag: bytes
+    mechanism: str  # SASL name, or "LOGIN-COMMAND"
+    exchange: SaslExchange | None = None
+    authcid: str | None = None
+    success: Success | None = None  # held while the final challenge is answered
+    aborted: FailureReason | None = None  # relay: the client cancelled / sent junk
+
+
+class ImapServer:
+    """IMAP server machine for the not-authenticated state."""
+
+    def __init__(self, settings: SessionSettings) -> None:
+        self._settings = settings
+        self._state = _State.NEW
+        self._tls_active = settings.tls_active
+        self._channel_binding: bytes | None = None
+        self._buffer = LineBuffer(settings.max_line)
+        self._command: _Command | None = None
+        self._literal_needed = 0
+        self._literal = bytearray()
+        self._attempt: _Attempt | None = None
+        self._errors = 0
+        self._commands = 0
+
+    @property
+    def tls_active(self) -> bool:
+        return self._tls_active
+
+    # ------------------------------------------------------------ driver API
+
+    def start(self) -> list[Event]:
+        self._expect({_State.NEW}, "start")
+        self._state = _State.COMMAND
+        host = self._settings.hostname.encode("utf-8", "replace")
+        line = b"* OK [CAPABILITY " + self._capabilities() + b"] " + host + b" authgate ready"
+        return [Send(line + CRLF)]
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        if self._state is _State.NEW or self._state is _State.DONE:
+            raise ProtocolStateError(f"IMAP server: receive_data() in state {self._state.value}")
+        if self._state in (_State.CLOSED, _State.TLS):
+            # TLS: plaintext that arrives while the handshake is pending is
+            # exactly what a STARTTLS injection (CVE-2011-0411) looks like.
+            return []
+        self._buffer.feed(data)
+        return self._pump()
+
+    def resume(self, answer: LookupAnswer) -> list[Event]:
+        self._expect({_State.LOOKUP}, "resume")
+        attempt = self._current()
+        if attempt.exchange is None:  # the LOGIN command's PasswordCheck
+            if answer is True and attempt.authcid:
+                events = self._authenticated(attempt.authcid, attempt.authcid)
+            else:
+                events = self._fail(Failure(FailureReason.INVALID_CREDENTIALS))
+        else:
+            events = self._sasl_step(attempt.exchange.resume(answer))
+        return events + self._pump()
+
+    def tls_started(self, channel_binding: bytes | None = None) -> list[Event]:
+        self._expect({_State.TLS}, "tls_started")
+        # RFC 9051 section 6.2.1: forget everything from before the
+        # handshake; the capability list changes (no STARTTLS, maybe AUTH=).
+        self._buffer.clear()
+        self._tls_active = True
+        self._channel_binding = channel_binding
+        self._state = _State.COMMAND
+        return []
+
+    def backend_ready(self, capabilities: Sequence[str]) -> list[Event]:
+        self._expect({_State.BACKEND, _State.RELAY, _State.RELAY_SASL}, "backend_ready")
+        if self._state is not _State.BACKEND and self._current().aborted is not None:
+            return self.relay_result(False)
+        return self._logged_in(capabilities)
+
+    def backend_failed(self, failure: BackendFailure) -> list[Event]:
+        self._expect({_State.BACKEND}, "backend_failed")
+        tag = self._current().tag
+        self._attempt = None
+        self._state = _State.COMMAND
+        return [self._tagged(tag, _BACKEND_FAILED_REPLY), *self._pump()]
+
+    def relay_challenge(self, data: bytes) -> list[Event]:
+        self._expect({_State.RELAY}, "relay_challenge")
+        attempt = self._current()
+        if attempt.mechanism == "LOGIN-COMMAND" or attempt.aborted is not None:
+            # A LOGIN command has nowhere to carry a challenge, and a client
+            # that already cancelled is not asked again: cancel at the backend.
+            return [RelayResponse(None)]
+        self._state = _State.RELAY_SASL
+        return [self._challenge(data), *self._pump()]
+
+    def relay_result(self, ok: bool, failure: BackendFailure | None = None) -> list[Event]:
+        self._expect({_State.RELAY, _State.RELAY_SASL}, "relay_result")
+        attempt = self._current()
+        if ok and attempt.aborted is None:
+            return self._logged_in(())
+        if attempt.aborted is not None:
+            reason = attempt.aborted
+        elif failure is BackendFailure.UNAVAILABLE:
+            reason = FailureReason.TEMPORARY
+        else:
+            reason = FailureReason.INVALID_CREDENTIALS
+        return self._fail(Failure(reason)) + self._pump()
+
+    # ------------------------------------------------------------- framing
+
+    def _expect(self, states: set[_State], call: str) -> None:
+        if self._state not in states:
+            raise ProtocolStateError(f"IMAP server: {call}() in state {self._state.value}")
+
+    def _current(self) -> _Attempt:
+        if self._attempt is None:  # pragma: no cover - every waiting state sets it
+            raise ProtocolStateError("IMAP server: no authentication in progress")
+        return self._attempt
+
+    def _pump(self) -> list[Event]:
+        """Handle buffered input until it runs out or we must wait."""
+        events: list[Event] = []
+        while self._state in _READING:
+            if self._literal_needed:
+                if not self._read_literal():
+                    break
+                continue
+            try:
+                line = self._buffer.next_line()
+            except LineTooLong:
+                events += self._goodbye(b"Line too long")
+                break
+            if line is None:
+                break
+            events += self._LINE_HANDLERS[self._state](self, line)
+        return events
+
+    def _read_literal(self) -> bool:
+        """Take literal bytes from the buffer; True once the literal is whole."""
+        available = self._buffer.take_rest()
+        if not available:
+            return False
+        take, rest = available[: self._literal_needed], available[self._literal_needed :]
+        self._buffer.feed(rest)
+        self._literal_needed -= len(take)
+        command = self._command
+        assert command is not None
+        if not command.oversized:
+            self._literal += take
+        if self._literal_needed:
+            return False
+        if not command.oversized:
+            command.segments.append(bytes(self._literal))
+        self._literal.clear()
+        return True
+
+    def _command_line(self, line: bytes) -> list[Event]:
+        command = self._command or _Command()
+        self._command = command
+        if not command.oversized:  # a doomed command keeps only its tag line
+            command.segments.append(line)
+            command.size += len(line)
+        announced = _LITERAL_AT_END.search(line)
+        if announced is None:
+            self._command = None
+            if command.oversized:
+                return self._too_big(command)
+            return self._execute(command.segments)
+        digits, plus = announced.groups()
+        size = int(digits) if len(digits) <= _MAX_LITERAL_DIGITS else None
+        # A literal counts toward the command's size: one command, all its
+        # lines and literals, must fit in max_line.
+        if size is None or command.oversized or command.size + size > self._settings.max_line:
+            if not plus:
+                # RFC 9051 section 7.5: refuse instead of sending "+"; the
+                # client then does not send the literal at all.
+                self._command = None
+                return self._too_big(command)
+            # RFC 7888 section 4: a non-synchronising literal arrives anyway;
+            # read and discard it (and the rest of the command), then refuse.
+            command.oversized = True
+            self._literal_needed = size if size is not None else 1 << 62
+            return []
+        command.size += size
+        self._literal_needed = size
+        if size == 0:
+            command.segments.append(b"")
+        if plus:
+            return []
+        return [Send(b"+ Ready for literal data" + CRLF)]
+
+    def _too_big(self, command: _Command) -> list[Event]:
+        tag = _tag_of(command.segments[0])
+        return self._error(self._bad_or_untagged(tag, b"BAD [TOOBIG] Literal too large"))
+
+    # ------------------------------------------------------------ commands
+
+    def _execute(self, segments: list[bytes]) -> list[Event]:
+        self._commands += 1
+        if self._commands > self._settings.max_commands:
+            return self._goodbye(b"Too many commands before login")
+        tag, _, rest = segments[0].partition(b" ")
+        if not _TAG.fullmatch(tag):
+            return self._error(Send(b"* BAD Missing or invalid tag" + CRLF))
+        name, _, arguments = rest.partition(b" ")
+        handler = self._COMMANDS.get(name.upper())
+        if handler is None:
+            return self._error(self._tagged(tag, b"BAD Unknown command or not valid now"))
+        if self._decision().session_tls_required and name.upper() not in _ALLOWED_BEFORE_TLS:
+            return self._error(self._tagged(tag, self._privacy_text()))
+        try:
+            args = _tokenize([arguments, *segments[1:]])
+            return handler(self, tag, args)
+        except _SyntaxError:
+            return self._error(self._tagged(tag, b"BAD Syntax error in arguments"))
+
+    def _cmd_capability(self, tag: bytes, args: list[_Token]) -> list[Event]:
+        _no_arguments(args)
+        line = b"* CAPABILITY " + self._capabilities() + CRLF
+        return [Send(line), self._tagged(tag, b"OK CAPABILITY completed")]
+
+    def _cmd_noop(self, tag: bytes, args: list[_Token]) -> list[Event]:
+        _no_arguments(args)
+        return [self._tagged(tag, b"OK NOOP completed")]
+
+    def _cmd_logout(self, tag: bytes, args: list[_Token]) -> list[Event]:
+        _no_arguments(args)
+        self._state = _State.CLOSED
+        return [
+            Send(b"* BYE Logging out" + CRLF),
+            self._tagged(tag, b"OK LOGOUT completed"),
+            Close(),
+        ]
+
+    def _cmd_starttls(self, tag: bytes, args: list[_Token]) -> list[Event]:
+        _no_arguments(args)
+        if self._tls_active:
+            return self._error(self._tagged(tag, b"BAD TLS is already active"))
+        if not self._settings.starttls_available:
+            return self._error(self._tagged(tag, b"BAD STARTTLS is not available"))
+        # CVE-2011-0411: whatever the client pipelined after STARTTLS was
+        # sent in plaintext; it must never run inside the TLS session.
+        self._buffer.clear()
+        self._state = _State.TLS
+        return [self._tagged(tag, b"OK Begin TLS negotiation now"), StartTLS()]
+
+    def _cmd_id(self, tag: bytes, args: list[_Token]) -> list[Event]:
+        _check_id_arguments(args)
+        # RFC 2971 section 3.1: the server answers with its own ID list; we
+        # name ourselves only (no version: it helps attackers, not clients).
+        return [Send(b'* ID ("name" "authgate")' + CRLF), self._tagged(tag, b"OK ID completed")]
+
+    def _cmd_login(self, tag: bytes, args: list[_Token]) -> list[Event]:
+        if len(args) != 2:
+            raise _SyntaxError
+        user, password = _astring(args[0]), _astring(args[1])
+        attempt = _Attempt(tag, "LOGIN-COMMAND", authcid=user or None)
+        self._attempt = attempt
+        refusal = self._decision().login_refusal()
+        if refusal is not None:
+            return self._refuse(refusal, _LOGIN_REFUSAL_REPLY[refusal])
+        if not user or not password or "\0" in user + password:
+            return self._fail(Failure(FailureReason.INVALID_CREDENTIALS))
+        if self._settings.relay:
+            self._state = _State.RELAY
+            return [RelayAuth("PLAIN", plain_message(user, password))]
+        self._state = _State.LOOKUP
+        return [Lookup(PasswordCheck(user, password))]
+
+    def _cmd_authenticate(self, tag: bytes, args: list[_Token]) -> list[Event]:
+        if not 1 <= len(args) <= 2 or any(t.kind is not _Kind.ATOM for t in args):
+            raise _SyntaxError
+        if not _MECH_NAME.fullmatch(args[0].value):
+            raise _SyntaxError
+        name = args[0].value.decode("ascii").upper()
+        initial = args[1].value if len(args) == 2 else None
+        self._attempt = _Attempt(tag, name)
+        refusal = self._decision().refusal(name)
+        if refusal is not None:
+            return self._refuse(refusal, _REFUSAL_REPLY[refusal])
+        if self._settings.relay:
+            return self._relay_start(name, initial)
+        exchange = SaslExchange(name, self._sasl_context())
+        self._attempt.exchange = exchange
+        return self._sasl_step(exchange.start(initial))
+
+    _COMMANDS: ClassVar[dict[bytes, Callable[[ImapServer, bytes, list[_Token]], list[Event]]]] = {
+        b"CAPABILITY": _cmd_capability,
+        b"NOOP": _cmd_noop,
+        b"LOGOUT": _cmd_logout,
+        b"STARTTLS": _cmd_starttls,
+        b"ID": _cmd_id,
+        b"LOGIN": _cmd_login,
+        b"AUTHENTICATE": _cmd_authenticate,
+    }
+
+    # ---------------------------------------------------------------- SASL
+
+    def _sasl_context(self) -> ServerContext:
+        ctx = self._settings.sasl_context(self._tls_active)
+        if ctx.channel_binding is None and self._channel_binding is not None:
+            binding = ("tls-server-end-point", self._channel_binding)
+            ctx = dataclasses.replace(ctx, channel_binding=binding)
+        return ctx
+
+    def _sasl_step(self, step: ExchangeStep) -> list[Event]:
+        attempt = self._current()
+        if isinstance(step, SendChallenge):
+            self._state = _State.SASL
+            return [self._challenge(step.data)]
+        if isinstance(step, Lookup):
+            attempt.authcid = step.request.authcid or attempt.authcid
+            self._state = _State.LOOKUP
+            return [step]
+        if isinstance(step, Failure):
+            return self._fail(step)
+        attempt.authcid = step.authcid
+        if step.additional is not None:
+            # IMAP has no "additional data with success" (RFC 9051 section
+            # 6.2.2, RFC 4422 section 4): send it as a last challenge that
+            # the client answers with an empty line.
+            attempt.success = step
+            self._state = _State.SASL_FINAL
+            return [self._challenge(step.additional)]
+        return self._authenticated(step.authcid, step.identity)
+
+    def _sasl_line(self, line: bytes) -> list[Event]:
+        exchange = self._current().exchange
+        assert exchange is not None
+        return self._sasl_step(exchange.respond(line))
+
+    def _sasl_final_line(self, line: bytes) -> list[Event]:
+        success = self._current().success
+        assert success is not None
+        line = line.strip()
+        if line == b"*":
+            return self._fail(Failure(FailureReason.CANCELLED))
+        if line:
+            return self._fail(Failure(FailureReason.MALFORMED))
+        return self._authenticated(success.authcid, success.identity)
+
+    def _relay_start(self, name: str, initial: bytes | None) -> list[Event]:
+        first: InitialResponse
+        if initial is None:
+            first = NO_RESPONSE
+        elif initial == b"=":  # RFC 4959 section 3: "=" is an empty response
+            first = b""
+        elif initial == b"*":
+            return self._fail(Failure(FailureReason.CANCELLED))
+        else:
+            decoded = b64decode_strict(initial)
+            if decoded is None:
+                return self._fail(Failure(FailureReason.MALFORMED))
+            first = decoded
+        self._state = _State.RELAY
+        return [RelayAuth(name, first)]
+
+    def _relay_line(self, line: bytes) -> list[Event]:
+        attempt = self._current()
+        self._state = _State.RELAY
+        line = line.strip()
+        if line == b"*":
+            attempt.aborted = FailureReason.CANCELLED
+            return [RelayResponse(None)]
+        decoded = b64decode_strict(line)
+        if decoded is None:
+            # Cancel at the backend; the client hears BAD once it agrees.
+            attempt.aborted = FailureReason.MALFORMED
+            return [RelayResponse(None)]
+        return [RelayResponse(decoded)]
+
+    _LINE_HANDLERS: ClassVar[dict[_State, Callable[[ImapServer, bytes], list[Event]]]] = {
+        _State.COMMAND: _command_line,
+        _State.SASL: _sasl_line,
+        _State.SASL_FINAL: _sasl_final_line,
+        _State.RELAY_SASL: _relay_line,
+    }
+
+    # ------------------------------------------------------------- outcomes
+
+    def _authenticated(self, authcid: str, identity: str) -> list[Event]:
+        self._state = _State.BACKEND
+        return [Authenticated(authcid, identity, self._current().mechanism)]
+
+    def _logged_in(self, capabilities: Sequence[str]) -> list[Event]:
+        tag = self._current().tag
+        atoms = _capability_atoms(capabilities)
+        code = b"[CAPABILITY " + " ".join(atoms).encode("ascii") + b"] " if atoms else b""
+        self._attempt = None
+        self._state = _State.DONE
+        return [self._tagged(tag, b"OK " + code + b"Logged in"), Splice(self._buffer.take_rest())]
+
+    def _refuse(self, refusal: Refusal, reply: bytes) -> list[Event]:
+        attempt = self._current()
+        self._attempt = None
+        self._state = _State.COMMAND
+        failed = AuthFailed(attempt.mechanism, refusal.value, attempt.authcid)
+        return [failed, *self._error(self._tagged(attempt.tag, reply))]
+
+    def _fail(self, failure: Failure) -> list[Event]:
+        attempt = self._current()
+        self._attempt = None
+        self._state = _State.COMMAND
+        failed = AuthFailed(attempt.mechanism, failure.reason.value, attempt.authcid)
+        return [failed, *self._error(self._tagged(attempt.tag, _FAILURE_REPLY[failure.reason]))]
+
+    def _error(self, reply: Send) -> list[Event]:
+        """Send an error reply; say goodbye once the client made too many."""
+        self._errors += 1
+        if self._errors >= self._settings.max_errors:
+            return [reply, *self._goodbye(b"Too many errors")]
+        return [reply]
+
+    def _goodbye(self, text: bytes) -> list[Event]:
+        self._state = _State.CLOSED
+        self._attempt = None
+        return [Send(b"* BYE " + text + CRLF), Close()]
+
+    # -------------------------------------------------------------- helpers
+
+    def _decision(self) -> Decision:
+        return self._settings.decide(self._tls_active)
+
+    def _capabilities(self) -> bytes:
+        decision = self._decision()
+        caps = ["IMAP4rev1", "SASL-IR", "LITERAL+", "ID"]
+        if self._settings.starttls_available and not self._tls_active:
+            caps.append("STARTTLS")
+        if not decision.cleartext_login:
+            caps.append("LOGINDISABLED")  # RFC 9051 section 6.2.3
+        caps += [f"AUTH={name}" for name in decision.offered]
+        return " ".join(caps).encode("ascii")
+
+    def _privacy_text(self) -> bytes:
+        if self._settings.starttls_available and not self._tls_active:
+            return b"NO [PRIVACYREQUIRED] Use STARTTLS first"
+        return b"NO [PRIVACYREQUIRED] Encryption required"
+
+    @staticmethod
+    def _tagged(tag: bytes, text: bytes) -> Send:
+        return Send(tag + b" " + text + CRLF)
+
+    @staticmethod
+    def _challenge(data: bytes) -> Send:
+        # RFC 9051 section 7.5: continue-req = "+" SP base64; an empty
+        # challenge is "+ " alone.
+        return Send(b"+ " + b64encode(data) + CRLF)
+
+    def _bad_or_untagged(self, tag: bytes | None, text: bytes) -> Send:
+        return self._tagged(tag, text) if tag is not None else Send(b"* " + text + CRLF)
+
+
+def _tag_of(line: bytes) -> bytes | None:
+    tag = line.partition(b" ")[0]
+    return tag if _TAG.fullmatch(tag) else None
+
+
+def _no_arguments(args: list[_Token]) -> None:
+    if args:
+        raise _SyntaxError
+
+
+def _check_id_arguments(args: list[_Token]) -> None:
+    """RFC 2971 section 4: id_params_list = "(" *(string SP nstring) ")" / nil.
+    We do not use the client's values, but refuse what is not an ID list."""
+    if len(args) == 1 and args[0].kind is _Kind.ATOM and args[0].value.upper() == b"NIL":
+        return
+    if len(args) < 2 or args[0].kind is not _Kind.LPAREN or args[-1].kind is not _Kind.RPAREN:
+        raise _SyntaxError
+    inner = args[1:-1]
+    if len(inner) % 2 or len(inner) > 2 * _MAX_ID_PAIRS:
+        raise _SyntaxError
+    for field_token, value in zip(inner[::2], inner[1::2], strict=True):
+        if field_token.kind is not _Kind.STRING:
+            raise _SyntaxError
+        nil = value.kind is _Kind.ATOM and value.value.upper() == b"NIL"
+        if value.kind is not _Kind.STRING and not nil:
+            raise _SyntaxError
+
+
+# ===================================================================== client
+
+
+class _ClientState(enum.Enum):
+    GREETING = "greeting"
+    CAPABILITY = "capability"  # sent CAPABILITY before login
+    STARTTLS = "starttls"  # sent STARTTLS
+    TLS = "tls"  # StartTLS emitted, waiting for tls_started()
+    ID = "id"  # sent ID
+    READY = "ready"  # relay mode: waiting for authenticate()
+    AUTHENTICATE = "authenticate"  # sent AUTHENTICATE
+    RELAY_WAIT = "relay-wait"  # relay: RelayChallenge emitted, waiting for respond()
+    POST_CAPABILITY = "post-capability"  # logged in, asked CAPABILITY
+    DONE = "done"
+    FAILED = "failed"
+
+
+_CLIENT_READING = frozenset(
+    {
+        _ClientState.GREETING,
+        _ClientState.CAPABILITY,
+        _ClientState.STARTTLS,
+        _ClientState.ID,
+        _ClientState.READY,
+        _ClientState.AUTHENTICATE,
+        _ClientState.RELAY_WAIT,
+        _ClientState.POST_CAPABILITY,
+    }
+)
+_RESP_CODE = re.compile(rb"\[([^\]]*)\]")
+
+
+@dataclass(frozen=True)
+class _Status:
+    """A tagged (or greeting) status response: OK / NO / BAD / BYE / PREAUTH."""
+
+    status: bytes  # upper case
+    code: bytes  # the response code's text without brackets, or b""
+    text: bytes
+
+    def describe(self) -> str:
+        """For the log: "NO [CODE] text", printable and bounded."""
+        code = b"[" + self.code + b"] " if self.code else b""
+        return _printable(self.status + b" " + code + self.text)
+
+    def code_name(self) -> bytes:
+        return self.code.partition(b" ")[0].upper()
+
+    def capabilities(self) -> tuple[str, ...] | None:
+        if self.code_name() != b"CAPABILITY":
+            return None
+        return _parse_capabilities(self.code.partition(b" ")[2])
+
+
+def _parse_status(text: bytes) -> _Status:
+    status, _, rest = text.partition(b" ")
+    code = b""
+    match = _RESP_CODE.match(rest)
+    if match is not None:
+        code = match.group(1)
+        rest = rest[match.end() :].lstrip(b" ")
+    return _Status(status.upper(), code, rest)
+
+
+def _parse_capabilities(text: bytes) -> tuple[str, ...]:
+    return tuple(t.decode("ascii", "replace") for t in text.split(b" ") if t)
+
+
+def _printable(text: bytes) -> str:
+    """A backend's text for our log: printable ASCII, bounded."""
+    return "".join(chr(b) if 0x20 <= b < 0x7F else "?" for b in text[:200])
+
+
+class _ResponseReader:
+    """Frames server responses: a line, and when it ends in "{n}" the n
+    bytes of literal data and the rest of the response after it (RFC 9051
+    section 4.3). Literal data is skipped, never buffered: we only need each
+    response's first line."""
+
+    def __init__(self, max_line: int) -> None:
+        self.lines = LineBuffer(max_line)
+        self._skip = 0
+        self._first: bytes | None = None
+
+    def next_response(self) -> bytes | None:
+        """The first line of the next complete response, or None."""
+        while True:
+            if self._skip:
+                rest = self.lines.take_rest()
+                if not rest:
+                    return None
+                self.lines.feed(rest[self._skip :])
+                self._skip -= min(self._skip, len(rest))
+                if self._skip:
+                    return None
+            line = self.lines.next_line()
+            if line is None:
+                return None
+            if self._first is None:
+                self._first = line
+            announced = _LITERAL_AT_END.search(line)
+            if announced is not None and not line.startswith(b"+"):
+                digits = announced.group(1)
+                # A literal this large is no login-time response: framing lost.
+                if len(digits) > _MAX_LITERAL_DIGITS:
+                    raise LineTooLong
+                self._skip = int(digits)
+                continue
+            first, self._first = self._first, None
+            return first
+
+    def clear(self) -> None:
+        self.lines.clear()
+        self._skip = 0
+        self._first = None
+
+
+class ImapClient:
+    """IMAP client machine: log in to the backend (or relay a client's SASL)."""
+
+    def __init__(self, settings: ClientSettings) -> None:
+        self._settings = settings
+        self._state = _ClientState.GREETING
+        self._reader = _ResponseReader(settings.max_line)
+        self._next_tag = 0
+        self._tag = b""
+        self._capabilities: tuple[str, ...] = ()
+        self._untagged_caps: tuple[str, ...] | None = None
+        self._tls_done = False
+        self._id_sent = False
+        self._mechanism: ClientMechanism | None = None
+        self._held_initial: bytes | None = None  # sent on the first "+" (no SASL-IR)
+        self._relay_request: tuple[str, InitialResponse] | None = None
+
+    # ------------------------------------------------------------ driver API
+
+    def receive_data(self, data: bytes) -> list[ClientEvent]:
+        if self._state not in _CLIENT_READING:
+            # TLS: anything the backend sent after its STARTTLS OK but before
+            # the handshake is discarded (response injection).
+            return []
+        self._reader.lines.feed(data)
+        events: list[ClientEvent] = []
+        while self._state in _CLIENT_READING:
+            try:
+                line = self._reader.next_response()
+            except LineTooLong:
+                events += self._failed(BackendFailure.UNAVAILABLE, "response too long")
+                break
+            if line is None:
+                break
+            events += self._response(line)
+        return events
+
+    def tls_started(self) -> list[ClientEvent]:
+        if self._state is not _ClientState.TLS:
+            raise ProtocolStateError(f"IMAP client: tls_started() in state {self._state.value}")
+        self._reader.clear()
+        self._tls_done = True
+        # RFC 9051 section 6.2.1: capabilities from before TLS are void.
+        return self._command(b"CAPABILITY", _ClientState.CAPABILITY)
+
+    def authenticate(self, mechanism: str, initial: InitialResponse) -> list[ClientEvent]:
+        if not self._settings.relay or self._relay_request is not None:
+            raise ProtocolStateError("IMAP client: authenticate() outside relay mode or twice")
+        self._relay_request = (mechanism.upper(), initial)
+        if self._state is _ClientState.READY:
+            return self._start_auth()
+        return []
+
+    def respond(self, data: bytes | None) -> list[ClientEvent]:
+        if self._state is _ClientState.FAILED:
+            return []
+        if self._state is not _ClientState.RELAY_WAIT:
+            raise ProtocolStateError(f"IMAP client: respond() in state {self._state.value}")
+        self._state = _ClientState.AUTHENTICATE
+        return [self._sasl_line(data)]
+
+    # ------------------------------------------------------------ responses
+
+    def _response(self, line: bytes) -> list[ClientEvent]:
+        if self._state is _ClientState.GREETING:
+            return self._greeting(line)
+        if line.startswith(b"+"):
+            return self._continuation(line[2:] if line.startswith(b"+ ") else line[1:])
+        if line.startswith(b"* "):
+            return self._untagged(line[2:])
+        tag, _, rest = line.partition(b" ")
+        if tag != self._tag or self._state in (_ClientState.READY, _ClientState.RELAY_WAIT):
+            return self._failed(BackendFailure.UNAVAILABLE, "unexpected tagged response")
+        return self._TAGGED[self._state](self, _parse_status(rest))
+
+    def _greeting(self, line: bytes) -> list[ClientEvent]:
+        if not line.startswith(b"* "):
+            return self._failed(BackendFailure.UNAVAILABLE, "malformed greeting")
+        status = _parse_status(line[2:])
+        if status.status != b"OK":
+            # PREAUTH: someone is logged in already, not as the user; BYE:
+            # the backend refuses us. Either way no login can happen here.
+            return self._failed(BackendFailure.UNAVAILABLE, f"greeting: {status.describe()}")
+        capabilities = status.capabilities()
+        if capabilities is None:
+            return self._command(b"CAPABILITY", _ClientState.CAPABILITY)
+        self._capabilities = capabilities
+        return self._proceed()
+
+    def _untagged(self, text: bytes) -> list[ClientEvent]:
+        name, _, rest = text.partition(b" ")
+        if name.upper() == b"BYE":
+            return self._failed(BackendFailure.UNAVAILABLE, f"BYE {_printable(rest)}")
+        if name.upper() == b"CAPABILITY":
+            self._untagged_caps = _parse_capabilities(rest)
+        return []  # anything else (ID reply, OK notes) is of no interest
+
+    def _continuation(self, text: bytes) -> list[ClientEvent]:
+        if self._state is not _ClientState.AUTHENTICATE:
+            return self._failed(BackendFailure.UNAVAILABLE, "unexpected continuation")
+        challenge = b64decode_strict(text)
+        if challenge is None:
+            return self._cancel(BackendFailure.UNAVAILABLE, "challenge is not base64")
+        if self._held_initial is not None:
+            # RFC 4422 section 4 / RFC 9051 section 6.2.2: without SASL-IR the
+            # initial response answers the first (empty) challenge.
+            reply, self._held_initial = self._held_initial, None
+            return [self._sasl_line(reply)]
+        if self._settings.relay:
+            self._state = _ClientState.RELAY_WAIT
+            return [RelayChallenge(challenge)]
+        assert self._mechanism is not None
+        try:
+            reply = self._mechanism.step(challenge)
+        except ClientAuthError as exc:
+            return self._cancel(BackendFailure.REJECTED, str(exc))
+        except SaslProtocolError:
+            return self._cancel(BackendFailure.UNAVAILABLE, "unexpected challenge")
+        return [self._sasl_line(reply)]
+
+    def _tagged_capability(self, status: _Status) -> list[ClientEvent]:
+        capabilities = status.capabilities() or self._untagged_caps
+        if status.status != b"OK" or capabilities is None:
+            return self._failed(BackendFailure.UNAVAILABLE, "CAPABILITY failed")
+        self._capabilities = capabilities
+        return self._proceed()
+
+    def _tagged_starttls(self, status: _Status) -> list[ClientEvent]:
+        if status.status != b"OK":
+            return self._failed(BackendFailure.UNAVAILABLE, f"STARTTLS: {status.describe()}")
+        # Response injection: what the backend sent after its OK, in the
+        # clear, must not be read as if it came through TLS.
+        self._reader.clear()
+        self._state = _ClientState.TLS
+        return [StartTLS()]
+
+    def _tagged_id(self, status: _Status) -> list[ClientEvent]:
+        # The ID reply does not matter: a backend that refuses it (or does
+        # not trust us) still lets us log in.
+        return self._ready()
+
+    def _tagged_authenticate(self, status: _Status) -> list[ClientEvent]:
+        if status.status != b"OK":
+            return self._failed(self._rejection(status), f"AUTHENTICATE: {status.describe()}")
+        if self._mechanism is not None:
+            try:
+                # IMAP has no additional data with success: a SCRAM or
+                # DIGEST-MD5 proof came as the last challenge (step()).
+                self._mechanism.finish(None)
+            except (ClientAuthError, SaslProtocolError) as exc:
+                detail = str(exc) if isinstance(exc, ClientAuthError) else "mutual auth missing"
+                return self._failed(BackendFailure.REJECTED, detail)
+        capabilities = status.capabilities()
+        # Some servers send an untagged CAPABILITY before the tagged OK.
+        capabilities = capabilities or self._untagged_caps
+        if capabilities is None:
+            return self._command(b"CAPABILITY", _ClientState.POST_CAPABILITY)
+        return self._logged_in(capabilities)
+
+    def _tagged_post_capability(self, status: _Status) -> list[ClientEvent]:
+        capabilities = status.capabilities() or self._untagged_caps or ()
+        return self._logged_in(capabilities if status.status == b"OK" else ())
+
+    _TAGGED: ClassVar[dict[_ClientState, Callable[[ImapClient, _Status], list[ClientEvent]]]] = {
+        _ClientState.CAPABILITY: _tagged_capability,
+        _ClientState.STARTTLS: _tagged_starttls,
+        _ClientState.ID: _tagged_id,
+        _ClientState.AUTHENTICATE: _tagged_authenticate,
+        _ClientState.POST_CAPABILITY: _tagged_post_capability,
+    }
+
+    # ---------------------------------------------------------------- steps
+
+    def _proceed(self) -> list[ClientEvent]:
+        """Capabilities are known (again): STARTTLS, ID, then log in."""
+        offered = {c.upper() for c in self._capabilities}
+        if self._settings.starttls and not self._tls_done:
+            if "STARTTLS" not in offered:
+                return self._failed(BackendFailure.UNAVAILABLE, "backend does not offer STARTTLS")
+            return self._command(b"STARTTLS", _ClientState.STARTTLS)
+        address = self._settings.client_address
+        if self._settings.use_id and "ID" in offered and address and not self._id_sent:
+            self._id_sent = True
+            # RFC 2971 ID; Dovecot takes the client's address from it when we
+            # are in its login_trusted_networks.
+            fields = [b'"x-originating-ip"', _quote(address)]
+            if self._settings.client_port is not None:
+                fields += [b'"x-originating-port"', _quote(str(self._settings.client_port))]
+            return self._command(b"ID (" + b" ".join(fields) + b")", _ClientState.ID)
+        return self._ready()
+
+    def _ready(self) -> list[ClientEvent]:
+        if self._settings.relay:
+            self._state = _ClientState.READY
+            return self._start_auth() if self._relay_request is not None else []
+        credentials = self._settings.credentials
+        if credentials is None:
+            return self._failed(BackendFailure.REJECTED, "no credentials for the backend login")
+        offers = [c[5:] for c in self._capabilities if c.upper().startswith("AUTH=")]
+        name = choose_client_mechanism(offers, self._settings.mechanisms)
+        if name is None:
+            return self._failed(BackendFailure.REJECTED, "no common SASL mechanism")
+        try:
+            self._mechanism = mechanism_info(name).client(credentials, self._settings.sasl_context)
+            initial = self._mechanism.start()
+        except KeyError:
+            return self._failed(BackendFailure.REJECTED, f"{name} is not implemented")
+        except (ValueError, ClientAuthError) as exc:
+            return self._failed(BackendFailure.REJECTED, f"{name}: {exc}")
+        return self._send_authenticate(name, NO_RESPONSE if initial is None else initial)
+
+    def _start_auth(self) -> list[ClientEvent]:
+        assert self._relay_request is not None
+        name, initial = self._relay_request
+        if not _MECH_NAME.fullmatch(name.encode("ascii", "replace")):
+            return self._failed(BackendFailure.REJECTED, "malformed mechanism name")
+        return self._send_authenticate(name, initial)
+
+    def _send_authenticate(self, name: str, initial: InitialResponse) -> list[ClientEvent]:
+        command = b"AUTHENTICATE " + name.encode("ascii")
+        sasl_ir = "SASL-IR" in {c.upper() for c in self._capabilities}
+        if initial is not NO_RESPONSE:
+            if sasl_ir:
+                # RFC 4959 section 3: "=" stands for an empty initial response.
+                command += b" " + (b64encode(initial) if initial else b"=")
+            else:
+                self._held_initial = initial
+        return self._command(command, _ClientState.AUTHENTICATE)
+
+    def _sasl_line(self, data: bytes | None) -> Send:
+        if data is None:
+            return Send(b"*" + CRLF)
+        return Send(b64encode(data) + CRLF)
+
+    def _cancel(self, failure: BackendFailure, detail: str) -> list[ClientEvent]:
+        return [Send(b"*" + CRLF), *self._failed(failure, detail)]
+
+    def _rejection(self, status: _Status) -> BackendFailure:
+        if status.code_name() == b"UNAVAILABLE":
+            return BackendFailure.UNAVAILABLE
+        if self._settings.relay and status.status == b"NO":
+            return BackendFailure.INVALID_CREDENTIALS
+        return BackendFailure.REJECTED
+
+    def _command(self, command: bytes, state: _ClientState) -> list[ClientEvent]:
+        self._next_tag += 1
+        self._tag = b"a%d" % self._next_tag
+        self._state = state
+        self._untagged_caps = None  # only a reply to *this* command counts
+        return [Send(self._tag + b" " + command + CRLF)]
+
+    def _logged_in(self, capabilities: tuple[str, ...]) -> list[ClientEvent]:
+        self._state = _ClientState.DONE
+        return [LoggedIn(capabilities, self._reader.lines.take_rest())]
+
+    def _failed(self, failure: BackendFailure, detail: str) -> list[ClientEvent]:
+        self._state = _ClientState.FAILED
+        self._mechanism = None
+        return [LoginFailed(failure, detail)]

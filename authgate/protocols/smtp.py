@@ -1,0 +1,964 @@
+"""SMTP before authentication: the server mail clients talk to, and the
+client authgate uses to log in to a backend. Sans-IO (see
+`authgate.protocols.base` for the call sequence and invariants).
+
+Standards: RFC 5321 (SMTP), RFC 4954 (AUTH), RFC 3207 (STARTTLS),
+RFC 3463 / RFC 5248 (enhanced status codes), RFC 2920 (PIPELINING) and
+Postfix's XCLIENT_README (passing the real client to the backend).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+from authgate.policy import Refusal, choose_client_mechanism, unmap
+from authgate.protocols.base import (
+    Authenticated,
+    AuthFailed,
+    BackendFailure,
+    ClientEvent,
+    ClientSettings,
+    Close,
+    Event,
+    LoggedIn,
+    LoginFailed,
+    ProtocolStateError,
+    RelayAuth,
+    RelayChallenge,
+    RelayResponse,
+    Send,
+    SessionSettings,
+    Splice,
+    StartTLS,
+)
+from authgate.protocols.common import (
+    ExchangeStep,
+    LineBuffer,
+    LineTooLong,
+    SaslExchange,
+    SendChallenge,
+    b64decode_strict,
+    b64encode,
+)
+from authgate.sasl import mechanism as mechanism_info
+from authgate.sasl.base import (
+    NO_RESPONSE,
+    ClientAuthError,
+    ClientMechanism,
+    Failure,
+    FailureReason,
+    InitialResponse,
+    Lookup,
+    LookupAnswer,
+    ServerContext,
+    Success,
+)
+
+__all__ = ["SmtpClient", "SmtpServer"]
+
+CRLF = b"\r\n"
+
+# RFC 4422 section 3.1: sasl-mech = 1*20 (UPPER-ALPHA / DIGIT / "-" / "_");
+# clients may send it in lower case (SMTP commands are case-insensitive).
+_MECHANISM_NAME = re.compile(rb"[A-Za-z0-9_-]{1,20}")
+
+# RFC 4954 section 4: the AUTH command line may be up to 12288 octets; a
+# client whose initial response would not fit sends AUTH without it and
+# answers the server's empty challenge instead (RFC 4422 section 5).
+AUTH_LINE_LIMIT = 12288
+
+
+def _reply(text: str) -> Send:
+    return Send(text.encode("ascii") + CRLF)
+
+
+def _multiline(code: int, texts: Sequence[str]) -> Send:
+    """RFC 5321 section 4.2.1: "code-text" on every line but the last."""
+    last = len(texts) - 1
+    lines = (f"{code}{' ' if i == last else '-'}{text}" for i, text in enumerate(texts))
+    return Send("".join(f"{line}\r\n" for line in lines).encode("ascii"))
+
+
+def _challenge(data: bytes) -> Send:
+    # RFC 4954 section 4: "334" SP base64; an empty challenge is "334 ".
+    return Send(b"334 " + b64encode(data) + CRLF)
+
+
+# ================================================================== server
+
+
+class _State(enum.Enum):
+    NEW = "new"  # start() not called yet
+    COMMAND = "command"  # reading commands
+    SASL = "sasl"  # reading the client's answer to a 334 challenge
+    SASL_FINAL = "sasl-final"  # reading the empty answer to the success data
+    RELAY_RESPONSE = "relay-response"  # relay mode: reading the answer to a challenge
+    WAIT_LOOKUP = "wait-lookup"  # a Lookup is outstanding
+    WAIT_BACKEND = "wait-backend"  # Authenticated is outstanding
+    WAIT_RELAY = "wait-relay"  # RelayAuth / RelayResponse is outstanding
+    WAIT_TLS = "wait-tls"  # StartTLS is outstanding
+    SPLICED = "spliced"  # done: the driver connects client and backend
+    CLOSED = "closed"
+
+
+# States in which buffered client lines are processed; in every other state
+# input is only buffered (pipelining) until the driver calls back.
+_READING = frozenset({_State.COMMAND, _State.SASL, _State.SASL_FINAL, _State.RELAY_RESPONSE})
+
+_AUTH_OK = "235 2.7.0 Authentication successful"
+_AUTH_TEMPFAIL = "454 4.7.0 Temporary authentication failure"
+_AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
+_STARTTLS_FIRST = "530 5.7.0 Must issue a STARTTLS command first"
+_NEEDS_ENCRYPTION = "538 5.7.11 Encryption required for requested authentication mechanism"
+_UNKNOWN_MECHANISM = "504 5.5.4 Unrecognized authentication type"
+
+# RFC 4954 section 6 and RFC 3207 section 4 give these codes.
+_REFUSAL_REPLIES: dict[Refusal, str] = {
+    Refusal.NOT_AVAILABLE: _UNKNOWN_MECHANISM,
+    Refusal.TLS_REQUIRED: _STARTTLS_FIRST,
+    Refusal.MECHANISM_NEEDS_TLS: _NEEDS_ENCRYPTION,
+    # *-PLUS is withheld only outside TLS: STARTTLS would make it available,
+    # which is exactly what 538 tells the client.
+    Refusal.CHANNEL_BINDING_UNAVAILABLE: _NEEDS_ENCRYPTION,
+}
+
+_FAILURE_REPLIES: dict[FailureReason, str] = {
+    FailureReason.MALFORMED: "501 5.5.2 Malformed authentication data",
+    FailureReason.CANCELLED: "501 5.7.0 Authentication cancelled",
+    FailureReason.INVALID_CREDENTIALS: _AUTH_INVALID,
+    FailureReason.AUTHZ_DENIED: _AUTH_INVALID,
+    FailureReason.TEMPORARY: _AUTH_TEMPFAIL,
+    FailureReason.TOO_WEAK: "534 5.7.9 Authentication mechanism is too weak",
+    FailureReason.ENCRYPTION_REQUIRED: _NEEDS_ENCRYPTION,
+    # RFC 5248 has no "expired" code; 5.7.8 is what RFC 4954 uses for
+    # credentials that cannot be used, the text says why.
+    FailureReason.EXPIRED: "535 5.7.8 Authentication credentials invalid: password expired",
+}
+
+# What the client's failure is when the backend decides (relay mode).
+_RELAY_FAILURES: dict[BackendFailure, FailureReason] = {
+    BackendFailure.UNAVAILABLE: FailureReason.TEMPORARY,
+    BackendFailure.REJECTED: FailureReason.INVALID_CREDENTIALS,
+    BackendFailure.INVALID_CREDENTIALS: FailureReason.INVALID_CREDENTIALS,
+}
+
+
+def _valid_helo(arg: bytes) -> bool:
+    # A domain or address literal. No control characters: a CR could end
+    # the line early when the name is replayed to a backend.
+    return bool(arg) and not any(c < 0x20 or c == 0x7F for c in arg)
+
+
+class SmtpServer:
+    """The SMTP server side until the client is authenticated (or, on a
+    server-to-server listener, starts a mail transaction).
+
+    Replies follow RFC 5321 with RFC 3463 enhanced codes (advertised as
+    ENHANCEDSTATUSCODES). Choices where the RFCs leave room:
+
+    * After `backend_failed()` the client gets 454 4.7.0 and the
+      session continues unauthenticated (it may retry AUTH); this does not
+      count as a client error. `AuthFailed.reason` is then
+      "backend-<BackendFailure value>": the user's credentials were fine,
+      so the brute-force defence should not count it.
+    * Errors (bad commands, refusals, failed authentications except
+      temporary ones) count against `max_errors`. The reply to the last
+      error is sent, followed by "421 4.7.0" and `Close` (as Postfix does).
+    * The driver should stop reading from the client while a `Lookup`,
+      `Authenticated`, `RelayAuth`/`RelayResponse` or `StartTLS` is
+      outstanding: input fed meanwhile is buffered without a bound.
+
+    Server-to-server listeners (`settings.submission` False): a MAIL command
+    without authentication ends this machine with
+    `Splice(pending=b"MAIL ...\\r\\n" + rest, replay=(b"EHLO <name>\\r\\n",))`
+    (HELO instead of EHLO when the client said HELO). The client already
+    has our greeting and our EHLO reply, so the driver must:
+      1. read the backend's greeting (a complete, possibly multi-line 220
+         reply) and not forward it;
+      2. send each `replay` line and read its complete reply (a multi-line
+         250) without forwarding it;
+      3. if the greeting is not 220 or a replay reply is not 2xx, answer
+         the client "421 4.3.0 <hostname> Service not available" itself
+         and close both sides, instead of splicing;
+      4. otherwise write `pending` to the backend and splice: the backend's
+         reply to MAIL is the first thing the client sees from it.
+    AUTH on such a listener is governed by the policy as everywhere else.
+    """
+
+    def __init__(self, settings: SessionSettings) -> None:
+        self._settings = settings
+        self._state = _State.NEW
+        self._lines = LineBuffer(settings.max_line)
+        self._tls = settings.tls_active
+        self._channel_binding: bytes | None = None
+        self._line = b""  # the command line being handled
+        self._helo: bytes | None = None  # argument of the last EHLO/HELO
+        self._esmtp = False  # the client said EHLO (not HELO)
+        self._errors = 0
+        self._commands = 0
+        # The authentication in progress:
+        self._mechanism = ""
+        self._authcid: str | None = None
+        self._exchange: SaslExchange | None = None
+        self._success: Success | None = None  # waiting for the client's empty reply
+        self._relay_replies = 0
+        self._relay_abort: FailureReason | None = None  # client cancelled / sent junk
+
+    @property
+    def tls_active(self) -> bool:
+        return self._tls
+
+    # ------------------------------------------------------------ driver API
+
+    def start(self) -> list[Event]:
+        self._expect(_State.NEW, "start")
+        self._state = _State.COMMAND
+        # The banner names no version (nothing to look up in a CVE list).
+        return [_reply(f"220 {self._settings.hostname} ESMTP authgate")]
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        if self._state in (_State.NEW, _State.SPLICED):
+            raise ProtocolStateError(f"SMTP server: receive_data() in state {self._state.value}")
+        if self._state in (_State.CLOSED, _State.WAIT_TLS):
+            # WAIT_TLS: plaintext after STARTTLS but before the handshake is
+            # what CVE-2011-0411 injects; it must never be executed.
+            return []
+        self._lines.feed(data)
+        return self._process()
+
+    def resume(self, answer: LookupAnswer) -> list[Event]:
+        self._expect(_State.WAIT_LOOKUP, "resume")
+        assert self._exchange is not None
+        return self._exchange_step(self._exchange.resume(answer)) + self._process()
+
+    def tls_started(self, channel_binding: bytes | None = None) -> list[Event]:
+        self._expect(_State.WAIT_TLS, "tls_started")
+        self._tls = True
+        self._channel_binding = channel_binding
+        self._lines.clear()
+        # RFC 3207 section 4.2: forget everything the client said before;
+        # it must EHLO again, and the capabilities change.
+        self._helo = None
+        self._esmtp = False
+        self._state = _State.COMMAND
+        return []
+
+    def backend_ready(self, capabilities: Sequence[str]) -> list[Event]:
+        # SMTP has no capability list in the 235 reply: the client keeps the
+        # EHLO reply it has, so `capabilities` is not used here.
+        self._expect(_State.WAIT_BACKEND, "backend_ready")
+        return self._splice_authenticated()
+
+    def backend_failed(self, failure: BackendFailure) -> list[Event]:
+        self._expect(_State.WAIT_BACKEND, "backend_failed")
+        self._state = _State.COMMAND
+        events: list[Event] = [
+            AuthFailed(self._mechanism, f"backend-{failure.value}", self._authcid),
+            _reply(_AUTH_TEMPFAIL),
+        ]
+        return events + self._process()
+
+    def relay_challenge(self, data: bytes) -> list[Event]:
+        self._expect(_State.WAIT_RELAY, "relay_challenge")
+        self._state = _State.RELAY_RESPONSE
+        return [_challenge(data), *self._process()]
+
+    def relay_result(self, ok: bool, failure: BackendFailure | None = None) -> list[Event]:
+        self._expect(_State.WAIT_RELAY, "relay_result")
+        abort, self._relay_abort = self._relay_abort, None
+        if ok and abort is None:
+            return self._splice_authenticated()
+        # A backend that accepts after the client cancelled is not believed:
+        # the client thinks it is unauthenticated. No Splice follows, so the
+        # driver drops that backend connection.
+        if abort is not None:
+            reason = abort
+        else:
+            reason = _RELAY_FAILURES[failure or BackendFailure.UNAVAILABLE]
+        return self._auth_failure(reason) + self._process()
+
+    # ------------------------------------------------------------ input loop
+
+    def _expect(self, state: _State, call: str) -> None:
+        if self._state is not state:
+            raise ProtocolStateError(f"SMTP server: {call}() in state {self._state.value}")
+
+    def _process(self) -> list[Event]:
+        out: list[Event] = []
+        while self._state in _READING:
+            try:
+                line = self._lines.next_line()
+            except LineTooLong:
+                out += self._line_too_long()
+                break
+            if line is None:
+                break
+            out += self._LINE_HANDLERS[self._state](self, line)
+        return out
+
+    def _line_too_long(self) -> list[Event]:
+        if self._state is _State.COMMAND:
+            # RFC 5321 section 4.5.3.1.4: "500 Line too long".
+            return self._goodbye("500 5.5.2 Line too long")
+        # RFC 4954 section 6 has its own code for an over-long SASL response.
+        failed = AuthFailed(self._mechanism, FailureReason.MALFORMED.value, self._authcid)
+        return [failed, *self._goodbye("500 5.5.6 Authentication Exchange line is too long")]
+
+    def _goodbye(self, text: str) -> list[Event]:
+        self._state = _State.CLOSED
+        self._lines.clear()
+        return [_reply(text), Close()]
+
+    def _error(self, text: str) -> list[Event]:
+        self._errors += 1
+        out: list[Event] = [_reply(text)]
+        if self._errors >= self._settings.max_errors:
+            # Cross-protocol attacks (ALPACA) feed us another protocol's
+            # lines: cut them short rather than answer each one.
+            out += self._goodbye(f"421 4.7.0 {self._settings.hostname} Too many errors")
+        return out
+
+    # -------------------------------------------------------------- commands
+
+    def _command(self, line: bytes) -> list[Event]:
+        self._commands += 1
+        if self._commands > self._settings.max_commands:
+            return self._goodbye(f"421 4.7.0 {self._settings.hostname} Too many commands")
+        self._line = line
+        verb, _, arg = line.partition(b" ")
+        handler = _COMMANDS.get(verb.upper())
+        if handler is None:
+            return self._error("500 5.5.2 Command unrecognized")
+        return handler(self, arg.strip())
+
+    def _cmd_ehlo(self, arg: bytes) -> list[Event]:
+        if not _valid_helo(arg):
+            return self._error("501 5.5.4 Syntax: EHLO hostname")
+        self._helo, self._esmtp = arg, True
+        keywords = ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"]
+        # No SIZE: the backend's limit is unknown here, and a wrong one
+        # would be worse than none (the backend still enforces its own).
+        if self._settings.starttls_available and not self._tls:
+            keywords.append("STARTTLS")
+        offered = self._settings.decide(self._tls).offered
+        if offered:
+            keywords.append("AUTH " + " ".join(offered))
+        return [_multiline(250, [self._settings.hostname, *keywords])]
+
+    def _cmd_helo(self, arg: bytes) -> list[Event]:
+        if not _valid_helo(arg):
+            return self._error("501 5.5.4 Syntax: HELO hostname")
+        self._helo, self._esmtp = arg, False
+        return [_reply(f"250 {self._settings.hostname}")]
+
+    def _cmd_starttls(self, arg: bytes) -> list[Event]:
+        if arg:
+            return self._error("501 5.5.4 Syntax error (no parameters allowed)")  # RFC 3207 s. 4
+        if self._tls:
+            # RFC 3207 section 4.2: a second STARTTLS is out of sequence -> 503.
+            return self._error("503 5.5.1 TLS already active")
+        if not self._settings.starttls_available:
+            # Never advertised on this listener: "not implemented" (RFC 5321 4.2.4).
+            return self._error("502 5.5.1 STARTTLS not available")
+        # Anything pipelined behind STARTTLS was sent in plaintext before the
+        # handshake: drop it (CVE-2011-0411).
+        self._lines.clear()
+        self._state = _State.WAIT_TLS
+        return [_reply("220 2.0.0 Ready to start TLS"), StartTLS()]
+
+    def _cmd_auth(self, arg: bytes) -> list[Event]:
+        if not self._esmtp:
+            # RFC 4954 section 4: AUTH is an extension; it exists only after
+            # EHLO (and again only after the EHLO that follows STARTTLS).
+            return self._error("503 5.5.1 Send EHLO first")
+        parts = arg.split()
+        if not 1 <= len(parts) <= 2 or not _MECHANISM_NAME.fullmatch(parts[0]):
+            return self._error("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
+        name = parts[0].decode("ascii").upper()
+        initial = parts[1] if len(parts) == 2 else None
+        self._mechanism, self._authcid = name, None
+        refusal = self._settings.decide(self._tls).refusal(name)
+        if refusal is not None:
+            return [AuthFailed(name, refusal.value), *self._error(_REFUSAL_REPLIES[refusal])]
+        if self._settings.relay:
+            return self._relay_start(name, initial)
+        self._exchange = SaslExchange(name, self._sasl_context())
+        return self._exchange_step(self._exchange.start(initial))
+
+    def _cmd_mail(self, arg: bytes) -> list[Event]:
+        if self._helo is None:
+            # RFC 5321 section 4.1.4: a transaction needs EHLO/HELO first.
+            return self._error("503 5.5.1 Send HELO/EHLO first")
+        if arg[:5].upper() != b"FROM:":
+            return self._error("501 5.5.4 Syntax: MAIL FROM:<address>")
+        decision = self._settings.decide(self._tls)
+        submission = self._settings.submission
+        if decision.session_tls_required or (submission and decision.tls_required):
+            return self._error(_STARTTLS_FIRST)
+        if submission:
+            return self._error("530 5.7.0 Authentication required")
+        # Server-to-server mail: hand the client to the backend unauthenticated
+        # (see the class docstring for what the driver does with this).
+        self._state = _State.SPLICED
+        verb = b"EHLO" if self._esmtp else b"HELO"
+        pending = self._line + CRLF + self._lines.take_rest()
+        return [Splice(pending=pending, replay=(verb + b" " + self._helo + CRLF,))]
+
+    def _cmd_noop(self, arg: bytes) -> list[Event]:
+        return [_reply("250 2.0.0 OK")]
+
+    def _cmd_rset(self, arg: bytes) -> list[Event]:
+        return [_reply("250 2.0.0 OK")]
+
+    def _cmd_help(self, arg: bytes) -> list[Event]:
+        return [_reply("214 2.0.0 Commands: EHLO HELO STARTTLS AUTH MAIL NOOP RSET VRFY QUIT")]
+
+    def _cmd_vrfy(self, arg: bytes) -> list[Event]:
+        # RFC 5321 section 3.5.3: 252 when we will not say whether a user
+        # exists (we could not, before authentication, without a backend).
+        return [_reply("252 2.5.0 Cannot VRFY user; try RCPT to attempt delivery")]
+
+    def _cmd_expn(self, arg: bytes) -> list[Event]:
+        # RFC 5321 section 3.5.2 lets a server disable EXPN: 502.
+        return self._error("502 5.5.1 EXPN not available")
+
+    def _cmd_out_of_sequence(self, arg: bytes) -> list[Event]:
+        return self._error("503 5.5.1 Need MAIL command")
+
+    def _cmd_quit(self, arg: bytes) -> list[Event]:
+        self._state = _State.CLOSED
+        self._lines.clear()
+        return [_reply(f"221 2.0.0 {self._settings.hostname} Bye"), Close()]
+
+    # --------------------------------------------------------- terminate mode
+
+    def _sasl_context(self) -> ServerContext:
+        ctx = self._settings.sasl_context(self._tls)
+        if self._tls and ctx.channel_binding is None and self._channel_binding is not None:
+            # The handshake's binding data (RFC 5929) from tls_started().
+            ctx = replace(ctx, channel_binding=("tls-server-end-point", self._channel_binding))
+        return ctx
+
+    def _exchange_step(self, step: ExchangeStep) -> list[Event]:
+        if isinstance(step, SendChallenge):
+            self._state = _State.SASL
+            return [_challenge(step.data)]
+        if isinstance(step, Lookup):
+            self._authcid = step.request.authcid
+            self._state = _State.WAIT_LOOKUP
+            return [step]
+        if isinstance(step, Success):
+            self._authcid = step.authcid
+            if step.additional is not None:
+                # RFC 4954 has no "additional data with success": send it as
+                # one more challenge; the client answers with an empty line.
+                self._success = step
+                self._state = _State.SASL_FINAL
+                return [_challenge(step.additional)]
+            return self._authenticated(step)
+        return self._sasl_failure(step)
+
+    def _sasl_response(self, line: bytes) -> list[Event]:
+        assert self._exchange is not None
+        return self._exchange_step(self._exchange.respond(line))
+
+    def _sasl_final_ack(self, line: bytes) -> list[Event]:
+        assert self._success is not None
+        success, self._success = self._success, None
+        answer = line.strip()
+        if answer == b"":
+            return self._authenticated(success)
+        # "*": the client rejected our proof (e.g. SCRAM server signature).
+        reason = FailureReason.CANCELLED if answer == b"*" else FailureReason.MALFORMED
+        return self._auth_failure(reason)
+
+    def _sasl_failure(self, failure: Failure) -> list[Event]:
+        if failure.reason is FailureReason.ENCRYPTION_REQUIRED and self._tls:
+            # Inside TLS this means channel binding data is missing (a *-PLUS
+            # mechanism): asking for encryption would make no sense.
+            failed = AuthFailed(self._mechanism, failure.reason.value, self._authcid)
+            self._reset_auth()
+            return [failed, *self._error(_UNKNOWN_MECHANISM)]
+        return self._auth_failure(failure.reason)
+
+    def _authenticated(self, success: Success) -> list[Event]:
+        self._state = _State.WAIT_BACKEND
+        return [Authenticated(success.authcid, success.identity, self._mechanism)]
+
+    def _splice_authenticated(self) -> list[Event]:
+        self._state = _State.SPLICED
+        # Everything the client pipelined behind AUTH is for the backend.
+        return [_reply(_AUTH_OK), Splice(pending=self._lines.take_rest())]
+
+    def _auth_failure(self, reason: FailureReason) -> list[Event]:
+        failed = AuthFailed(self._mechanism, reason.value, self._authcid)
+        self._reset_auth()
+        if reason is FailureReason.TEMPORARY:
+            return [failed, _reply(_AUTH_TEMPFAIL)]  # not the client's fault
+        return [failed, *self._error(_FAILURE_REPLIES[reason])]
+
+    def _reset_auth(self) -> None:
+        self._exchange = None
+        self._success = None
+        self._state = _State.COMMAND
+
+    # ------------------------------------------------------------ relay mode
+
+    def _relay_start(self, name: str, initial: bytes | None) -> list[Event]:
+        first: InitialResponse
+        if initial is None:
+            first = NO_RESPONSE
+        elif initial == b"=":
+            first = b""  # RFC 4954 section 4: "=" is an empty initial response
+        elif initial == b"*":
+            return self._auth_failure(FailureReason.CANCELLED)
+        else:
+            decoded = b64decode_strict(initial)
+            if decoded is None:
+                return self._auth_failure(FailureReason.MALFORMED)
+            first = decoded
+        self._relay_replies = 0
+        self._relay_abort = None
+        self._authcid = _relay_authcid(name, first)
+        self._state = _State.WAIT_RELAY
+        return [RelayAuth(name, first)]
+
+    def _relay_response(self, line: bytes) -> list[Event]:
+        answer = line.strip()
+        data: bytes | None = None
+        if answer == b"*":
+            self._relay_abort = FailureReason.CANCELLED
+        else:
+            data = b64decode_strict(answer)
+            if data is None:
+                # The backend cannot be sent junk: cancel there, tell the
+                # client what was wrong when the backend has answered.
+                self._relay_abort = FailureReason.MALFORMED
+        if data is not None and self._relay_replies == 0 and self._authcid is None:
+            self._authcid = _relay_authcid(self._mechanism, data)
+        self._relay_replies += 1
+        self._state = _State.WAIT_RELAY
+        return [RelayResponse(data)]
+
+    _LINE_HANDLERS: ClassVar[dict[_State, Callable[[SmtpServer, bytes], list[Event]]]] = {
+        _State.COMMAND: _command,
+        _State.SASL: _sasl_response,
+        _State.SASL_FINAL: _sasl_final_ack,
+        _State.RELAY_RESPONSE: _relay_response,
+    }
+
+
+_Handler = Callable[[SmtpServer, bytes], list[Event]]
+
+_COMMANDS: dict[bytes, _Handler] = {
+    b"EHLO": SmtpServer._cmd_ehlo,
+    b"HELO": SmtpServer._cmd_helo,
+    b"STARTTLS": SmtpServer._cmd_starttls,
+    b"AUTH": SmtpServer._cmd_auth,
+    b"MAIL": SmtpServer._cmd_mail,
+    b"RCPT": SmtpServer._cmd_out_of_sequence,
+    b"DATA": SmtpServer._cmd_out_of_sequence,
+    b"BDAT": SmtpServer._cmd_out_of_sequence,
+    b"NOOP": SmtpServer._cmd_noop,
+    b"RSET": SmtpServer._cmd_rset,
+    b"HELP": SmtpServer._cmd_help,
+    b"VRFY": SmtpServer._cmd_vrfy,
+    b"EXPN": SmtpServer._cmd_expn,
+    b"QUIT": SmtpServer._cmd_quit,
+}
+
+
+def _relay_authcid(mechanism: str, data: InitialResponse) -> str | None:
+    """The user name in a relayed PLAIN message or LOGIN's first answer, for
+    AuthFailed (never the password: only that field is decoded)."""
+    if not isinstance(data, bytes):
+        return None
+    if mechanism == "PLAIN":
+        fields = data.split(b"\x00")
+        if len(fields) != 3:
+            return None
+        data = fields[1]
+    elif mechanism != "LOGIN":
+        return None
+    try:
+        name = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return name if name and name.isprintable() else None
+
+
+# ================================================================== client
+
+
+class _ReplyError(Exception):
+    """The backend's reply is not RFC 5321 syntax."""
+
+
+@dataclass(frozen=True)
+class _Reply:
+    code: int
+    texts: tuple[str, ...]  # the text of each line, without the code
+
+    def describe(self) -> str:
+        """For LoginFailed.detail: the backend's own words, shortened."""
+        text = " ".join(t for t in self.texts[:2] if t)
+        text = "".join(c if c.isprintable() else "?" for c in text)
+        return f"{self.code} {text}".strip()[:200]
+
+
+# RFC 5321 section 4.2: Reply-code [ SP / "-" textstring ]; the first digit
+# is 2-5. A code alone (no space) is tolerated when the text is empty.
+_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]?)(.*)", re.DOTALL)
+_MAX_REPLY_LINES = 200
+
+
+class _ReplyReader:
+    """Collects the lines of one (possibly multi-line) reply."""
+
+    def __init__(self) -> None:
+        self._code = 0
+        self._texts: list[str] = []
+
+    def feed(self, line: bytes) -> _Reply | None:
+        match = _REPLY_LINE.fullmatch(line)
+        if match is None:
+            raise _ReplyError("reply line does not start with a reply code")
+        code = int(match.group(1))
+        separator, text = match.group(2), match.group(3)
+        if not separator and text:
+            raise _ReplyError("reply code not followed by space or hyphen")
+        if self._texts and code != self._code:
+            raise _ReplyError("multi-line reply changes its reply code")
+        if len(self._texts) >= _MAX_REPLY_LINES:
+            raise _ReplyError("multi-line reply is too long")
+        self._code = code
+        self._texts.append(text.decode("ascii", "replace"))
+        if separator == b"-":
+            return None
+        reply = _Reply(code, tuple(self._texts))
+        self._texts = []
+        return reply
+
+
+class _CState(enum.Enum):
+    GREETING = "greeting"
+    EHLO = "ehlo"
+    STARTTLS = "starttls"
+    WAIT_TLS = "wait-tls"
+    XCLIENT = "xclient"
+    READY = "ready"  # relay mode: waiting for authenticate()
+    AUTH = "auth"  # waiting for the reply to AUTH or to a response
+    CHALLENGE = "challenge"  # relay mode: waiting for respond()
+    LOGGED_IN = "logged-in"
+    FAILED = "failed"
+
+
+_AWAITING_REPLY = frozenset(
+    {_CState.GREETING, _CState.EHLO, _CState.STARTTLS, _CState.XCLIENT, _CState.AUTH}
+)
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 section 4 xtext (XCLIENT attribute values): printable ASCII
+    except "+" and "=" as is, every other octet as "+XX"."""
+    return "".join(
+        chr(b) if 0x21 <= b <= 0x7E and b not in (0x2B, 0x3D) else f"+{b:02X}"
+        for b in value.encode("utf-8")
+    )
+
+
+def _xclient_address(address: str) -> str:
+    """XCLIENT_README: IPv4 as is, IPv6 prefixed with "IPV6:"."""
+    try:
+        ip = unmap(ipaddress.ip_address(address.split("%", 1)[0]))
+    except ValueError:
+        return "[UNAVAILABLE]"
+    return f"IPV6:{ip.compressed}" if ip.version == 6 else str(ip)
+
+
+class SmtpClient:
+    """authgate logging in to an SMTP backend (submission with AUTH).
+
+    Sequence: greeting (220) -> EHLO -> [STARTTLS -> EHLO] -> [XCLIENT ->
+    220 -> EHLO] -> AUTH (terminate mode), or wait for `authenticate()`
+    (relay mode). `authenticate()` may be called at any time after
+    construction: it is held until the EHLO exchange is done.
+
+    The backend may not speak out of turn: a reply that arrives before we
+    sent the command it would answer ends the login (UNAVAILABLE), except
+    after STARTTLS's 220, where such bytes are discarded (response
+    injection), and after 235, where they are `LoggedIn.pending`.
+    """
+
+    def __init__(self, settings: ClientSettings) -> None:
+        self._settings = settings
+        self._state = _CState.GREETING
+        self._lines = LineBuffer(settings.max_line)
+        self._reader = _ReplyReader()
+        self._keywords: tuple[str, ...] = ()
+        self._tls_done = False
+        self._xclient_done = False
+        self._xclient_login_done = False
+        self._mech: ClientMechanism | None = None
+        self._held: bytes | None = None  # initial response too long for the AUTH line
+        self._queued_auth: tuple[str, InitialResponse] | None = None
+
+    # ------------------------------------------------------------ driver API
+
+    def receive_data(self, data: bytes) -> list[ClientEvent]:
+        if self._state is _CState.LOGGED_IN:
+            raise ProtocolStateError("SMTP client: receive_data() after LoggedIn")
+        if self._state in (_CState.FAILED, _CState.WAIT_TLS):
+            return []  # WAIT_TLS: plaintext injected before the handshake
+        if self._state in (_CState.READY, _CState.CHALLENGE) and data:
+            return self._fail(BackendFailure.UNAVAILABLE, "backend sent an unsolicited reply")
+        self._lines.feed(data)
+        out: list[ClientEvent] = []
+        while self._state in _AWAITING_REPLY:
+            try:
+                line = self._lines.next_line()
+                reply = None if line is None else self._reader.feed(line)
+            except LineTooLong:
+                return out + self._fail(BackendFailure.UNAVAILABLE, "backend reply line too long")
+            except _ReplyError as exc:
+                return out + self._fail(BackendFailure.UNAVAILABLE, f"malformed reply: {exc}")
+            if line is None:
+                break
+            if reply is None:
+                continue
+            out += self._REPLY_HANDLERS[self._state](self, reply)
+            waiting = self._state in _AWAITING_REPLY | {_CState.READY, _CState.CHALLENGE}
+            if waiting and len(self._lines):
+                # It answered a command we had not sent yet.
+                return out + self._fail(BackendFailure.UNAVAILABLE, "backend spoke out of turn")
+        return out
+
+    def tls_started(self) -> list[ClientEvent]:
+        self._expect(_CState.WAIT_TLS, "tls_started")
+        self._tls_done = True
+        self._lines.clear()  # response injection: nothing from before the handshake
+        self._reader = _ReplyReader()
+        return self._send_ehlo()
+
+    def authenticate(self, mechanism: str, initial: InitialResponse) -> list[ClientEvent]:
+        if not self._settings.relay:
+            raise ProtocolStateError("SMTP client: authenticate() outside relay mode")
+        if self._queued_auth is not None or self._state not in (
+            _CState.GREETING,
+            _CState.EHLO,
+            _CState.STARTTLS,
+            _CState.WAIT_TLS,
+            _CState.XCLIENT,
+            _CState.READY,
+        ):
+            raise ProtocolStateError(f"SMTP client: authenticate() in state {self._state.value}")
+        if self._state is _CState.READY:
+            return self._send_auth(mechanism.upper(), initial)
+        self._queued_auth = (mechanism.upper(), initial)
+        return []
+
+    def respond(self, data: bytes | None) -> list[ClientEvent]:
+        self._expect(_CState.CHALLENGE, "respond")
+        self._state = _CState.AUTH
+        if data is None:
+            return [Send(b"*" + CRLF)]  # RFC 4954 section 4: cancel
+        return [Send(b64encode(data) + CRLF)]
+
+    # ------------------------------------------------------------- internals
+
+    def _expect(self, state: _CState, call: str) -> None:
+        if self._state is not state:
+            raise ProtocolStateError(f"SMTP client: {call}() in state {self._state.value}")
+
+    def _fail(self, failure: BackendFailure, detail: str) -> list[ClientEvent]:
+        self._state = _CState.FAILED
+        self._lines.clear()
+        return [LoginFailed(failure, detail)]
+
+    def _cancel(self, detail: str) -> list[ClientEvent]:
+        return [Send(b"*" + CRLF), *self._fail(BackendFailure.REJECTED, detail)]
+
+    def _offer(self, keyword: str) -> tuple[str, ...] | None:
+        """The parameters of an EHLO keyword, or None when not offered."""
+        for line in self._keywords:
+            word, *params = line.split()
+            if word.upper() == keyword:
+                return tuple(params)
+            if keyword == "AUTH" and word.upper().startswith("AUTH="):
+                # The pre-RFC 2554 spelling "AUTH=PLAIN LOGIN" some servers add.
+                return (word[5:], *params)
+        return None
+
+    def _send_ehlo(self) -> list[ClientEvent]:
+        self._state = _CState.EHLO
+        return [Send(f"EHLO {self._settings.hostname}".encode("ascii") + CRLF)]
+
+    def _on_greeting(self, reply: _Reply) -> list[ClientEvent]:
+        if reply.code != 220:
+            return self._fail(BackendFailure.UNAVAILABLE, f"greeting: {reply.describe()}")
+        return self._send_ehlo()
+
+    def _on_ehlo(self, reply: _Reply) -> list[ClientEvent]:
+        if reply.code != 250:
+            return self._fail(BackendFailure.UNAVAILABLE, f"EHLO: {reply.describe()}")
+        # The first line is the server's name; keywords follow (RFC 5321 4.1.1.1).
+        self._keywords = tuple(text.strip() for text in reply.texts[1:] if text.strip())
+        if self._settings.starttls and not self._tls_done:
+            if self._offer("STARTTLS") is None:
+                return self._fail(BackendFailure.UNAVAILABLE, "backend does not offer STARTTLS")
+            self._state = _CState.STARTTLS
+            return [Send(b"STARTTLS" + CRLF)]
+        if not self._xclient_done:
+            xclient = self._xclient()
+            if xclient is not None:
+                return xclient
+        return self._begin_auth()
+
+    def _on_starttls(self, reply: _Reply) -> list[ClientEvent]:
+        if reply.code != 220:
+            return self._fail(BackendFailure.UNAVAILABLE, f"STARTTLS: {reply.describe()}")
+        # Bytes after the 220 were sent before the handshake: response
+        # injection (the reverse of CVE-2011-0411). Drop them.
+        self._lines.clear()
+        self._state = _CState.WAIT_TLS
+        return [StartTLS()]
+
+    def _xclient(self) -> list[ClientEvent] | None:
+        """Send XCLIENT when configured and offered; None to skip it."""
+        settings = self._settings
+        login = settings.xclient_login
+        if not settings.use_xclient and login is None:
+            return None
+        supported = self._offer("XCLIENT")
+        if supported is None:
+            if login is not None:
+                return self._fail(BackendFailure.REJECTED, "backend does not offer XCLIENT")
+            return None
+        names = {name.upper() for name in supported}
+        attributes: list[tuple[str, str]] = []
+        if settings.client_address is not None and "ADDR" in names:
+            attributes.append(("ADDR", _xclient_address(settings.client_address)))
+        if settings.client_port is not None and "PORT" in names:
+            attributes.append(("PORT", str(settings.client_port)))
+        if login is not None:
+            if "LOGIN" not in names:
+                return self._fail(BackendFailure.REJECTED, "backend's XCLIENT lacks LOGIN")
+            attributes.append(("LOGIN", login))
+        if not attributes:
+            return None
+        self._xclient_done = True
+        self._xclient_login_done = login is not None
+        self._state = _CState.XCLIENT
+        command = "XCLIENT " + " ".join(f"{name}={xtext(value)}" for name, value in attributes)
+        return [Send(command.encode("ascii") + CRLF)]
+
+    def _on_xclient(self, reply: _Reply) -> list[ClientEvent]:
+        # XCLIENT_README: success resets the session to the greeting stage
+        # and answers with a new 220 greeting; EHLO again.
+        if reply.code == 220:
+            return self._send_ehlo()
+        failure = BackendFailure.REJECTED if reply.code >= 500 else BackendFailure.UNAVAILABLE
+        return self._fail(failure, f"XCLIENT: {reply.describe()}")
+
+    def _begin_auth(self) -> list[ClientEvent]:
+        settings = self._settings
+        if settings.relay:
+            self._state = _CState.READY
+            if self._queued_auth is not None:
+                queued, self._queued_auth = self._queued_auth, None
+                return self._send_auth(*queued)
+            return []
+        if self._xclient_login_done:
+            # XCLIENT LOGIN= made the session authenticated as the user.
+            return self._logged_in()
+        if settings.credentials is None:
+            return self._fail(BackendFailure.REJECTED, "no credentials and no XCLIENT LOGIN")
+        name = choose_client_mechanism(self._offer("AUTH") or (), settings.mechanisms)
+        if name is None:
+            return self._fail(BackendFailure.REJECTED, "backend offers none of our mechanisms")
+        try:
+            self._mech = mechanism_info(name).client(settings.credentials, settings.sasl_context)
+        except ValueError as exc:
+            # e.g. a master login (authzid) with LOGIN, which cannot carry one.
+            return self._fail(BackendFailure.REJECTED, f"cannot log in with {name}: {exc}")
+        try:
+            first = self._mech.start()
+        except ClientAuthError as exc:
+            return self._fail(BackendFailure.REJECTED, f"{name}: {exc}")
+        return self._send_auth(name, NO_RESPONSE if first is None else first)
+
+    def _send_auth(self, name: str, initial: InitialResponse) -> list[ClientEvent]:
+        self._state = _CState.AUTH
+        command = b"AUTH " + name.encode("ascii")
+        if initial == b"":
+            command += b" ="  # RFC 4954 section 4: an empty initial response
+        elif isinstance(initial, bytes):
+            encoded = b64encode(initial)
+            if len(command) + 1 + len(encoded) + 2 > AUTH_LINE_LIMIT:
+                self._held = initial
+            else:
+                command += b" " + encoded
+        return [Send(command + CRLF)]
+
+    def _on_auth(self, reply: _Reply) -> list[ClientEvent]:
+        relay = self._settings.relay
+        if reply.code == 334:
+            return self._on_challenge(reply)
+        if reply.code == 235:
+            if self._mech is not None:
+                try:
+                    # SMTP has no data with success: anything (SCRAM's
+                    # server-final) came as a challenge already.
+                    self._mech.finish(None)
+                except ClientAuthError as exc:
+                    # Authenticated, but the backend did not prove itself: unusable.
+                    return self._fail(BackendFailure.REJECTED, f"backend not verified: {exc}")
+            return self._logged_in()
+        if 400 <= reply.code < 500:
+            return self._fail(BackendFailure.UNAVAILABLE, f"AUTH: {reply.describe()}")
+        if reply.code == 535 and relay:
+            return self._fail(BackendFailure.INVALID_CREDENTIALS, f"AUTH: {reply.describe()}")
+        if reply.code >= 500:
+            return self._fail(BackendFailure.REJECTED, f"AUTH: {reply.describe()}")
+        return self._fail(BackendFailure.UNAVAILABLE, f"AUTH: unexpected {reply.describe()}")
+
+    def _on_challenge(self, reply: _Reply) -> list[ClientEvent]:
+        challenge = b64decode_strict(reply.texts[-1].strip().encode("ascii", "replace"))
+        if challenge is None:
+            return [Send(b"*" + CRLF), *self._fail(BackendFailure.UNAVAILABLE, "bad challenge")]
+        if self._held is not None:
+            # RFC 4422 section 5: the initial response that did not fit the
+            # AUTH line answers the first, empty, challenge.
+            held, self._held = self._held, None
+            if challenge:
+                return [
+                    Send(b"*" + CRLF),
+                    *self._fail(BackendFailure.UNAVAILABLE, "backend's first challenge not empty"),
+                ]
+            return [Send(b64encode(held) + CRLF)]
+        if self._settings.relay:
+            self._state = _CState.CHALLENGE
+            return [RelayChallenge(challenge)]
+        assert self._mech is not None
+        try:
+            response = self._mech.step(challenge)
+        except ClientAuthError as exc:
+            return self._cancel(str(exc))
+        return [Send(b64encode(response) + CRLF)]
+
+    def _logged_in(self) -> list[ClientEvent]:
+        self._state = _CState.LOGGED_IN
+        return [LoggedIn(self._keywords, pending=self._lines.take_rest())]
+
+    _REPLY_HANDLERS: ClassVar[dict[_CState, Callable[[SmtpClient, _Reply], list[ClientEvent]]]] = {
+        _CState.GREETING: _on_greeting,
+        _CState.EHLO: _on_ehlo,
+        _CState.STARTTLS: _on_starttls,
+        _CState.XCLIENT: _on_xclient,
+        _CState.AUTH: _on_auth,
+    }

@@ -1,0 +1,1399 @@
+"""SMTP server and client machines (sans-IO): replies, policy, SASL, STARTTLS,
+pipelining, relay mode, XCLIENT, and our client against our server."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from authgate.credentials.schemes import StoredSecret, parse_secret
+from authgate.policy import ExemptNetworks, ListenerPolicy, Protocol, Security, decide
+from authgate.protocols import smtp
+from authgate.protocols.base import (
+    Authenticated,
+    AuthFailed,
+    BackendFailure,
+    ClientEvent,
+    ClientSettings,
+    Close,
+    Event,
+    LoggedIn,
+    LoginFailed,
+    ProtocolStateError,
+    RelayAuth,
+    RelayChallenge,
+    RelayResponse,
+    Send,
+    SessionSettings,
+    Splice,
+    StartTLS,
+)
+from authgate.protocols.smtp import SmtpClient, SmtpServer, xtext
+from authgate.sasl import DEFAULT_ORDER
+from authgate.sasl.base import (
+    NO_RESPONSE,
+    ClientContext,
+    ClientCredentials,
+    Failure,
+    FailureReason,
+    InitialResponse,
+    Lookup,
+    LookupAnswer,
+    LookupRequest,
+    PasswordCheck,
+    ServerContext,
+    Success,
+)
+
+HOST = "mx.example.test"
+USERS = {"alice": "wonder land", "bob": "b+u=i l d"}
+LAN = ExemptNetworks.parse(["192.168.0.0/16"])
+OUTSIDER = "198.51.100.7"
+INSIDER = "192.168.1.20"
+ALL = (*DEFAULT_ORDER, "SCRAM-SHA-1", "SCRAM-SHA-256", "SCRAM-SHA-256-PLUS")
+CHALLENGE_RESPONSE = ("CRAM-MD5", "DIGEST-MD5", "NTLM", "SCRAM-SHA-1", "SCRAM-SHA-256")
+EVENT_TYPES = (
+    Send,
+    StartTLS,
+    Lookup,
+    Authenticated,
+    RelayAuth,
+    RelayResponse,
+    Splice,
+    AuthFailed,
+    Close,
+)
+CLIENT_EVENT_TYPES = (Send, StartTLS, LoggedIn, LoginFailed, RelayChallenge)
+
+
+@cache
+def secret(user: str) -> StoredSecret | None:
+    password = USERS.get(user)
+    return None if password is None else parse_secret("{PLAIN}" + password)
+
+
+def resolve(request: LookupRequest) -> LookupAnswer:
+    stored = secret(request.authcid)
+    if isinstance(request, PasswordCheck):
+        return stored is not None and stored.verify_password(request.password)
+    if stored is None:
+        return None
+    return stored.secret_for(request.form, username=request.authcid, realm=request.realm)
+
+
+def b64(data: bytes | str) -> str:
+    return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
+
+
+def plain(user: str, password: str, authzid: str = "") -> str:
+    return b64(f"{authzid}\0{user}\0{password}")
+
+
+def session(
+    security: Security = Security.NONE,
+    *,
+    tls: bool = False,
+    starttls: bool = True,
+    client: str = OUTSIDER,
+    mechanisms: tuple[str, ...] = DEFAULT_ORDER,
+    verifiable: tuple[str, ...] | None = None,
+    **kwargs: Any,
+) -> SessionSettings:
+    listener = ListenerPolicy(Protocol.SMTP, security, mechanisms, exempt=LAN)
+    return SessionSettings(
+        hostname=HOST,
+        decide=lambda t: decide(listener, client, tls=t, verifiable=verifiable),
+        sasl_context=lambda t: ServerContext(service="smtp", hostname=HOST),
+        starttls_available=starttls,
+        tls_active=tls,
+        **kwargs,
+    )
+
+
+class Talk:
+    """A mail client's view of one SmtpServer: resolves lookups and, unless
+    told otherwise, reports the backend login as successful."""
+
+    def __init__(self, settings: SessionSettings, backend: BackendFailure | bool | None = True):
+        self.server = SmtpServer(settings)
+        self.backend = backend
+        self.events: list[Event] = []
+        self.greeting = self._run(self.server.start())
+
+    def _run(self, events: Sequence[Event]) -> str:
+        out = bytearray()
+        queue = list(events)
+        while queue:
+            event = queue.pop(0)
+            assert isinstance(event, EVENT_TYPES)
+            self.events.append(event)
+            if isinstance(event, Send):
+                out += event.data
+            elif isinstance(event, Lookup):
+                queue += self.server.resume(resolve(event.request))
+            elif isinstance(event, Authenticated) and self.backend is not None:
+                if self.backend is True:
+                    queue += self.server.backend_ready(("PIPELINING",))
+                elif isinstance(self.backend, BackendFailure):
+                    queue += self.server.backend_failed(self.backend)
+        return out.decode()
+
+    def send(self, data: bytes | str) -> str:
+        return self._run(self.server.receive_data(data.encode() if isinstance(data, str) else data))
+
+    def say(self, line: str) -> str:
+        return self.send(line + "\r\n")
+
+    def call(self, events: Sequence[Event]) -> str:
+        return self._run(events)
+
+    def of(self, kind: type[Any]) -> list[Any]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+    @property
+    def closed(self) -> bool:
+        return any(isinstance(e, Close) for e in self.events)
+
+
+def ehlo(talk: Talk, name: str = "client.example") -> str:
+    return talk.say(f"EHLO {name}")
+
+
+def keywords(reply: str) -> list[str]:
+    lines = reply.split("\r\n")[:-1]
+    assert lines[0] == f"250-{HOST}" or lines[0] == f"250 {HOST}"
+    return [line[4:] for line in lines[1:]]
+
+
+def auth_line(reply: str) -> str | None:
+    return next((k for k in keywords(reply) if k.startswith("AUTH ")), None)
+
+
+# ================================================================ greeting, EHLO
+
+
+def test_greeting_names_host_but_no_version() -> None:
+    talk = Talk(session())
+    assert talk.greeting == f"220 {HOST} ESMTP authgate\r\n"
+
+
+def test_ehlo_reply_exact() -> None:
+    talk = Talk(session(Security.NONE, mechanisms=("PLAIN", "CRAM-MD5")))
+    assert ehlo(talk) == (
+        f"250-{HOST}\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n"
+        "250-STARTTLS\r\n250 AUTH PLAIN CRAM-MD5\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("security", "tls", "client", "expected"),
+    [
+        (Security.NONE, False, OUTSIDER, DEFAULT_ORDER),
+        (Security.REQUIRE_SECURE_AUTH, False, OUTSIDER, ("CRAM-MD5", "DIGEST-MD5", "NTLM")),
+        (Security.REQUIRE_SECURE_AUTH, True, OUTSIDER, DEFAULT_ORDER),
+        (Security.REQUIRE_SECURE_AUTH, False, INSIDER, DEFAULT_ORDER),
+        (Security.REQUIRE_ENCRYPTED, False, OUTSIDER, ()),
+        (Security.REQUIRE_ENCRYPTED, True, OUTSIDER, DEFAULT_ORDER),
+        (Security.REQUIRE_ENCRYPTED, False, INSIDER, DEFAULT_ORDER),
+    ],
+)
+def test_ehlo_auth_keyword_follows_policy(
+    security: Security, tls: bool, client: str, expected: tuple[str, ...]
+) -> None:
+    talk = Talk(session(security, tls=tls, client=client))
+    reply = ehlo(talk)
+    assert auth_line(reply) == ("AUTH " + " ".join(expected) if expected else None)
+    # STARTTLS is offered exactly when it is possible and not done yet.
+    assert ("STARTTLS" in keywords(reply)) is (not tls)
+
+
+def test_ehlo_omits_starttls_when_listener_cannot() -> None:
+    reply = ehlo(Talk(session(starttls=False)))
+    assert "STARTTLS" not in keywords(reply)
+    assert "SIZE" not in " ".join(keywords(reply))
+
+
+def test_ehlo_auth_limited_by_store() -> None:
+    talk = Talk(session(verifiable=("PLAIN", "LOGIN")))
+    assert auth_line(ehlo(talk)) == "AUTH LOGIN PLAIN"
+    assert talk.say("AUTH CRAM-MD5").startswith("504 5.5.4 ")
+    assert talk.of(AuthFailed) == [AuthFailed("CRAM-MD5", "not-available")]
+
+
+def test_ehlo_syntax() -> None:
+    talk = Talk(session())
+    assert talk.say("EHLO").startswith("501 5.5.4 ")
+    assert talk.send(b"EHLO a\x0bb\r\n").startswith("501 5.5.4 ")
+    assert talk.say("ehlo [192.0.2.1]").startswith(f"250-{HOST}")
+
+
+def test_helo_has_no_extensions_and_no_auth() -> None:
+    talk = Talk(session())
+    assert talk.say("HELO client.example") == f"250 {HOST}\r\n"
+    assert talk.say(f"AUTH PLAIN {plain('alice', USERS['alice'])}").startswith("503 5.5.1 ")
+    assert not talk.of(Lookup)
+
+
+# ============================================================== simple commands
+
+
+@pytest.mark.parametrize(
+    ("line", "reply"),
+    [
+        ("NOOP", "250 2.0.0 "),
+        ("noop anything", "250 2.0.0 "),
+        ("RSET", "250 2.0.0 "),
+        ("HELP", "214 2.0.0 "),
+        ("VRFY alice", "252 2.5.0 "),
+        ("EXPN staff", "502 5.5.1 "),
+        ("RCPT TO:<a@example.org>", "503 5.5.1 "),
+        ("DATA", "503 5.5.1 "),
+        ("XCLIENT ADDR=1.2.3.4", "500 5.5.2 "),
+        ("", "500 5.5.2 "),
+    ],
+)
+def test_simple_commands(line: str, reply: str) -> None:
+    talk = Talk(session())
+    ehlo(talk)
+    answer = talk.say(line)
+    assert answer.startswith(reply) and answer.count("\r\n") == 1
+
+
+def test_quit() -> None:
+    talk = Talk(session())
+    assert talk.say("QUIT").startswith("221 2.0.0 ")
+    assert talk.closed
+    assert talk.say("NOOP") == ""  # nothing more after Close
+
+
+def test_auth_before_ehlo() -> None:
+    talk = Talk(session())
+    assert talk.say(f"AUTH PLAIN {plain('alice', USERS['alice'])}").startswith("503 5.5.1 ")
+    assert not talk.of(Lookup)
+
+
+# ==================================================================== AUTH
+
+
+def test_plain_with_initial_response_succeeds_only_after_backend() -> None:
+    talk = Talk(session(), backend=None)
+    ehlo(talk)
+    assert talk.say(f"AUTH PLAIN {plain('alice', USERS['alice'])}") == ""
+    assert talk.of(Authenticated) == [Authenticated("alice", "alice", "PLAIN")]
+    assert talk.call(talk.server.backend_ready(())) == "235 2.7.0 Authentication successful\r\n"
+    assert talk.of(Splice) == [Splice(pending=b"")]
+
+
+def test_plain_without_initial_response() -> None:
+    talk = Talk(session())
+    ehlo(talk)
+    assert talk.say("auth plain") == "334 \r\n"  # empty challenge, lower-case command
+    assert talk.say(plain("bob", USERS["bob"])).startswith("235 2.7.0 ")
+
+
+def test_login_mechanism_prompts() -> None:
+    talk = Talk(session())
+    ehlo(talk)
+    assert talk.say("AUTH LOGIN") == f"334 {b64('Username:')}\r\n"
+    assert talk.say(b64("alice")) == f"334 {b64('Password:')}\r\n"
+    assert talk.say(b64(USERS["alice"])).startswith("235 2.7.0 ")
+
+
+def test_login_with_initial_response() -> None:
+    talk = Talk(session())
+    ehlo(talk)
+    assert talk.say(f"AUTH LOGIN {b64('alice')}") == f"334 {b64('Password:')}\r\n"
+
+
+def test_equals_sign_is_an_empty_initial_response() -> None:
+    # "=" is an empty response, not a missing one: PLAIN then has no message.
+    talk = Talk(session())
+    ehlo(talk)
+    assert talk.say("AUTH PLAIN =").startswith("501 5.5.2 ")
+    assert talk.of(AuthFailed)[0].reason == "malformed"
+
+
+def test_wrong_password_never_echoed() -> None:
+    talk = Talk(session())
+    ehlo(talk)
+    wrong = "wonder lamp"
+    reply = talk.say(f"AUTH PLAIN {plain('alice', wrong)}")
+    assert reply == "535 5.7.8 Authentication credentials invalid\r\n"
+    assert talk.of(AuthFailed) == [AuthFailed("PLAIN", "invalid-credentials", "alice")]
+    everything = repr(talk.events) + "".join(e.data.decode() for e in talk.of(Send))
+    assert wrong not in everything and plain("alice", wrong) not in everything
+
+
+def test_unknown_user() -> None:
+    talk = Talk(session())
+    ehlo(talk)
+    assert talk.say(f"AUTH PLAIN {plain('mallory', 'x')}").startswith("535 5.7.8 ")
+
+
+@pytest.mark.parametrize(
+    ("line", "reply", "reason"),
+    [
+        ("AUTH PLAIN not*base64", "501 5.5.2 ", "malformed"),
+        ("AUTH PLAIN *", "501 5.7.0 Authentication cancelled", "cancelled"),
+        ("AUTH FOO", "504 5.5.4 ", "not-available"),
+        ("AUTH X-UNKNOWN-MECH", "504 5.5.4 ", "not-available"),
+    ],
+)
+def test_auth_refusals(line: str, reply: str, reason: str) -> None:
+    talk = Talk(session())
+    ehlo(talk)
+    assert talk.say(line).startswith(reply)
+    assert [f.reason for f in talk.of(AuthFailed)] == [reason]
+
+
+@pytest.mark.parametrize("line", ["AUTH", "AUTH PLAIN a b", "AUTH PL@IN", "AUTH " + "X" * 21])
+def test_auth_syntax_errors(line: str) -> None:
+    talk = Talk(session())
+    ehlo(talk)
+    assert talk.say(line).startswith("501 5.5.4 ")
+    assert not talk.of(AuthFailed)
+
+
+def test_cancel_in_the_middle() -> None:
+    talk = Talk(session())
+    ehlo(talk)
+    talk.say("AUTH LOGIN")
+    assert talk.say("*") == "501 5.7.0 Authentication cancelled\r\n"
+    assert talk.say("NOOP").startswith("250 ")  # back to commands
+
+
+def test_bad_base64_in_the_middle() -> None:
+    talk = Talk(session())
+    ehlo(talk)
+    talk.say("AUTH LOGIN")
+    assert talk.say("!!!").startswith("501 5.5.2 ")
+
+
+@pytest.mark.parametrize(
+    ("security", "tls", "mechanism", "reply", "reason"),
+    [
+        (
+            Security.REQUIRE_ENCRYPTED,
+            False,
+            "CRAM-MD5",
+            "530 5.7.0 Must issue a STARTTLS command first",
+            "tls-required",
+        ),
+        (
+            Security.REQUIRE_SECURE_AUTH,
+            False,
+            "PLAIN",
+            "538 5.7.11 Encryption required for requested authentication mechanism",
+            "mechanism-needs-tls",
+        ),
+        (
+            Security.NONE,
+            False,
+            "SCRAM-SHA-256-PLUS",
+            "538 5.7.11 ",
+            "channel-binding-unavailable",
+        ),
+        # Inside TLS, but the driver supplied no channel binding data.
+        (Security.NONE, True, "SCRAM-SHA-256-PLUS", "504 5.5.4 ", "encryption-required"),
+    ],
+)
+def test_policy_refusals(
+    security: Security, tls: bool, mechanism: str, reply: str, reason: str
+) -> None:
+    talk = Talk(session(security, tls=tls, mechanisms=ALL))
+    ehlo(talk)
+    assert talk.say(f"AUTH {mechanism} {b64('n,,n=alice,r=abc')}").startswith(reply)
+    assert [f.reason for f in talk.of(AuthFailed)] == [reason]
+
+
+@dataclass
+class FakeExchange:
+    """Stands in for SaslExchange to reach every FailureReason."""
+
+    outcome: Failure | Success
+
+    def start(self, initial: bytes | None) -> Failure | Success:
+        return self.outcome
+
+    def respond(self, line: bytes) -> Failure | Success:
+        raise AssertionError("not reached")
+
+
+def fake_exchange(monkeypatch: pytest.MonkeyPatch, outcome: Failure | Success) -> None:
+    monkeypatch.setattr(smtp, "SaslExchange", lambda name, ctx: FakeExchange(outcome))
+
+
+@pytest.mark.parametrize(
+    ("reason", "reply"),
+    [
+        (FailureReason.MALFORMED, "501 5.5.2 "),
+        (FailureReason.CANCELLED, "501 5.7.0 "),
+        (FailureReason.INVALID_CREDENTIALS, "535 5.7.8 Authentication credentials invalid"),
+        (FailureReason.AUTHZ_DENIED, "535 5.7.8 "),
+        (FailureReason.TEMPORARY, "454 4.7.0 Temporary authentication failure"),
+        (FailureReason.TOO_WEAK, "534 5.7.9 "),
+        (FailureReason.ENCRYPTION_REQUIRED, "538 5.7.11 "),
+        (FailureReason.EXPIRED, "535 5.7.8 Authentication credentials invalid: password expired"),
+    ],
+)
+def test_every_failure_reason_has_its_reply(
+    monkeypatch: pytest.MonkeyPatch, reason: FailureReason, reply: str
+) -> None:
+    fake_exchange(monkeypatch, Failure(reason, "detail"))
+    talk = Talk(session())
+    ehlo(talk)
+    assert talk.say("AUTH PLAIN").startswith(reply)
+    assert talk.of(AuthFailed) == [AuthFailed("PLAIN", reason.value)]
+
+
+def test_success_data_sent_as_final_challenge(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_exchange(monkeypatch, Success("alice", additional=b"v=proof"))
+    talk = Talk(session())
+    ehlo(talk)
+    assert talk.say("AUTH PLAIN") == f"334 {b64('v=proof')}\r\n"
+    assert not talk.of(Authenticated)  # not before the client accepted our proof
+    assert talk.say("").startswith("235 2.7.0 ")
+
+
+@pytest.mark.parametrize(("answer", "reply"), [("*", "501 5.7.0 "), ("Zm9v", "501 5.5.2 ")])
+def test_success_data_rejected_by_client(
+    monkeypatch: pytest.MonkeyPatch, answer: str, reply: str
+) -> None:
+    fake_exchange(monkeypatch, Success("alice", additional=b"v=proof"))
+    talk = Talk(session())
+    ehlo(talk)
+    talk.say("AUTH PLAIN")
+    assert talk.say(answer).startswith(reply)
+    assert not talk.of(Authenticated)
+    assert talk.of(AuthFailed)[0].authcid == "alice"
+
+
+@pytest.mark.parametrize("failure", list(BackendFailure))
+def test_backend_failure_is_temporary_and_session_goes_on(failure: BackendFailure) -> None:
+    talk = Talk(session(max_errors=1), backend=failure)
+    ehlo(talk)
+    reply = talk.say(f"AUTH PLAIN {plain('alice', USERS['alice'])}")
+    assert reply == "454 4.7.0 Temporary authentication failure\r\n"
+    assert talk.of(AuthFailed) == [AuthFailed("PLAIN", f"backend-{failure.value}", "alice")]
+    assert not talk.closed  # not counted as an error even with max_errors=1
+    talk.backend = True
+    assert talk.say(f"AUTH PLAIN {plain('alice', USERS['alice'])}").startswith("235 ")
+
+
+def test_channel_binding_from_tls_started_reaches_plus_mechanism() -> None:
+    binding = b"\x01" * 32
+    server_settings = session(Security.NONE, mechanisms=("SCRAM-SHA-256-PLUS",))
+    client_settings = ClientSettings(
+        hostname="proxy.example",
+        starttls=True,
+        mechanisms=("SCRAM-SHA-256-PLUS",),
+        credentials=ClientCredentials("alice", USERS["alice"]),
+        sasl_context=ClientContext(channel_binding=("tls-server-end-point", binding)),
+    )
+    client_events, server_events = pump(
+        SmtpClient(client_settings), SmtpServer(server_settings), binding=binding
+    )
+    assert LoggedIn in {type(e) for e in client_events}
+    assert Authenticated("alice", "alice", "SCRAM-SHA-256-PLUS") in server_events
+
+
+# ==================================================================== limits
+
+
+def test_errors_are_capped() -> None:
+    talk = Talk(session(max_errors=3))
+    ehlo(talk)
+    assert talk.say("BOGUS").startswith("500 ")
+    assert talk.say(f"AUTH PLAIN {plain('alice', 'nope')}").startswith("535 ")
+    last = talk.say("GET / HTTP/1.1")
+    assert last.startswith("500 5.5.2 ")
+    assert "\r\n421 4.7.0 " in last
+    assert talk.closed
+    assert talk.say("NOOP") == ""
+
+
+def test_temporary_failures_do_not_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_exchange(monkeypatch, Failure(FailureReason.TEMPORARY))
+    talk = Talk(session(max_errors=1))
+    ehlo(talk)
+    for _ in range(3):
+        assert talk.say("AUTH PLAIN").startswith("454 ")
+    assert not talk.closed
+
+
+def test_command_line_too_long() -> None:
+    talk = Talk(session(max_line=64))
+    assert talk.say("NOOP " + "x" * 100).startswith("500 5.5.2 Line too long")
+    assert talk.closed
+
+
+def test_command_line_too_long_without_line_end() -> None:
+    talk = Talk(session(max_line=64))
+    assert talk.send("x" * 200).startswith("500 ")
+    assert talk.closed
+
+
+def test_sasl_line_too_long() -> None:
+    talk = Talk(session(max_line=64))
+    ehlo(talk)
+    talk.say("AUTH LOGIN")
+    assert talk.say("A" * 100).startswith("500 5.5.6 ")
+    assert talk.of(AuthFailed) == [AuthFailed("LOGIN", "malformed")]
+    assert talk.closed
+
+
+def test_commands_are_capped() -> None:
+    talk = Talk(session(max_commands=3))
+    for _ in range(3):
+        assert talk.say("NOOP").startswith("250 ")
+    assert talk.say("NOOP").startswith("421 4.7.0 ")
+    assert talk.closed
+
+
+# ================================================================ pipelining
+
+
+def test_pipelined_commands_answered_in_order() -> None:
+    talk = Talk(session())
+    reply = talk.send("EHLO a\r\nNOOP\r\nBOGUS\r\nRSET\r\n")
+    codes = [line[:4] for line in reply.split("\r\n") if line][-3:]
+    assert codes == ["250 ", "500 ", "250 "]
+
+
+def test_pipelining_after_auth_reaches_splice() -> None:
+    talk = Talk(session(), backend=None)
+    data = (
+        f"EHLO a\r\nAUTH PLAIN {plain('alice', USERS['alice'])}\r\n"
+        "MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nDA"
+    )
+    talk.send(data)
+    assert len(talk.of(Authenticated)) == 1
+    # Nothing behind AUTH was executed while the backend login is pending ...
+    assert talk.send("TA\r\n") == ""
+    assert not any(b"503" in e.data or b"530" in e.data for e in talk.of(Send))
+    # ... and it all reaches the backend, partial line included.
+    assert talk.call(talk.server.backend_ready(())).startswith("235 ")
+    assert talk.of(Splice) == [
+        Splice(pending=b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+    ]
+
+
+def test_input_while_lookup_outstanding_is_held() -> None:
+    server = SmtpServer(session())
+    server.start()
+    events = server.receive_data(f"EHLO a\r\nAUTH PLAIN {plain('alice', 'nope')}\r\n".encode())
+    assert isinstance(events[-1], Lookup)
+    assert server.receive_data(b"NOOP\r\n") == []  # held, not answered before the 535
+    after = server.resume(False)
+    sent = b"".join(e.data for e in after if isinstance(e, Send))
+    assert sent.startswith(b"535 ") and sent.endswith(b"250 2.0.0 OK\r\n")
+
+
+# ==================================================================== STARTTLS
+
+
+def test_starttls_discards_pipelined_input() -> None:
+    """CVE-2011-0411: commands in the same read as STARTTLS must not run."""
+    talk = Talk(session(Security.NONE))
+    ehlo(talk)
+    assert talk.send(f"STARTTLS\r\nAUTH PLAIN {plain('alice', USERS['alice'])}\r\n") == (
+        "220 2.0.0 Ready to start TLS\r\n"
+    )
+    assert isinstance(talk.events[-1], StartTLS)
+    # Plaintext arriving before the handshake is dropped too.
+    assert talk.send("NOOP\r\n") == ""
+    assert talk.call(talk.server.tls_started(b"cb")) == ""
+    assert talk.server.tls_active
+    assert not talk.of(Lookup) and not talk.of(Authenticated)
+    assert talk.say("NOOP").startswith("250 ")
+
+
+def test_after_starttls_ehlo_again() -> None:
+    talk = Talk(session(Security.REQUIRE_SECURE_AUTH))
+    assert auth_line(ehlo(talk)) == "AUTH CRAM-MD5 DIGEST-MD5 NTLM"
+    talk.say("STARTTLS")
+    talk.call(talk.server.tls_started())
+    # RFC 3207 4.2: the EHLO from before the handshake is forgotten.
+    assert talk.say(f"AUTH PLAIN {plain('alice', USERS['alice'])}").startswith("503 5.5.1 ")
+    reply = ehlo(talk)
+    assert "STARTTLS" not in keywords(reply)
+    assert auth_line(reply) == "AUTH " + " ".join(DEFAULT_ORDER)
+    assert talk.say(f"AUTH PLAIN {plain('alice', USERS['alice'])}").startswith("235 ")
+
+
+@pytest.mark.parametrize(
+    ("tls", "starttls", "line", "reply"),
+    [
+        (True, True, "STARTTLS", "503 5.5.1 "),
+        (False, False, "STARTTLS", "502 5.5.1 "),
+        (False, True, "STARTTLS now", "501 5.5.4 "),
+    ],
+)
+def test_starttls_refused(tls: bool, starttls: bool, line: str, reply: str) -> None:
+    talk = Talk(session(tls=tls, starttls=starttls))
+    ehlo(talk)
+    assert talk.say(line).startswith(reply)
+    assert not talk.of(StartTLS)
+
+
+# ==================================================================== MAIL
+
+
+@pytest.mark.parametrize(
+    ("security", "reply"),
+    [
+        (Security.NONE, "530 5.7.0 Authentication required"),
+        (Security.REQUIRE_SECURE_AUTH, "530 5.7.0 Authentication required"),
+        (Security.REQUIRE_ENCRYPTED, "530 5.7.0 Must issue a STARTTLS command first"),
+    ],
+)
+def test_mail_before_auth_on_submission(security: Security, reply: str) -> None:
+    talk = Talk(session(security))
+    ehlo(talk)
+    assert talk.say("MAIL FROM:<a@example.org>").startswith(reply)
+    assert not talk.of(Splice)
+
+
+def test_mail_before_helo() -> None:
+    talk = Talk(session(submission=False))
+    assert talk.say("MAIL FROM:<a@example.org>").startswith("503 5.5.1 ")
+    assert talk.say("MAIL <a@example.org>").startswith("503 5.5.1 ")
+
+
+@pytest.mark.parametrize(
+    ("verb", "security"), [("EHLO", Security.NONE), ("HELO", Security.REQUIRE_ENCRYPTED)]
+)
+def test_server_to_server_splices_at_mail(verb: str, security: Security) -> None:
+    talk = Talk(session(security, submission=False))
+    talk.say(f"{verb} relay.example.net")
+    talk.send("MAIL FROM:<a@example.org> BODY=8BITMIME\r\nRCPT TO:<b@example.org>\r\nDA")
+    assert talk.of(Splice) == [
+        Splice(
+            pending=b"MAIL FROM:<a@example.org> BODY=8BITMIME\r\nRCPT TO:<b@example.org>\r\nDA",
+            replay=(f"{verb} relay.example.net\r\n".encode(),),
+        )
+    ]
+    with pytest.raises(ProtocolStateError):
+        talk.server.receive_data(b"more")
+
+
+def test_server_to_server_mail_syntax_checked() -> None:
+    talk = Talk(session(submission=False))
+    ehlo(talk)
+    assert talk.say("MAIL TO:<x>").startswith("501 5.5.4 ")
+    assert not talk.of(Splice)
+
+
+def test_server_to_server_auth_still_follows_policy() -> None:
+    talk = Talk(session(Security.REQUIRE_SECURE_AUTH, submission=False))
+    ehlo(talk)
+    assert talk.say(f"AUTH PLAIN {plain('alice', USERS['alice'])}").startswith("538 5.7.11 ")
+
+
+# ================================================================ relay mode
+
+
+def relay_talk(**kwargs: Any) -> Talk:
+    talk = Talk(session(relay=True, **kwargs))
+    ehlo(talk)
+    return talk
+
+
+def test_relay_plain_initial_response() -> None:
+    talk = relay_talk()
+    assert talk.say(f"AUTH PLAIN {plain('alice', USERS['alice'])}") == ""
+    message = f"\0alice\0{USERS['alice']}".encode()
+    assert talk.of(RelayAuth) == [RelayAuth("PLAIN", message)]
+    assert not talk.of(Lookup)
+    talk.send("MAIL FROM:<a@example.org>\r\n")  # pipelined: held
+    assert talk.call(talk.server.relay_result(True)).startswith("235 2.7.0 ")
+    assert talk.of(Splice) == [Splice(pending=b"MAIL FROM:<a@example.org>\r\n")]
+
+
+@pytest.mark.parametrize(
+    ("initial", "expected"), [("", NO_RESPONSE), (" =", b""), (" " + b64("alice"), b"alice")]
+)
+def test_relay_initial_response_forms(initial: str, expected: InitialResponse) -> None:
+    talk = relay_talk()
+    talk.say("AUTH LOGIN" + initial)
+    assert talk.of(RelayAuth) == [RelayAuth("LOGIN", expected)]
+
+
+def test_relay_challenges_and_responses() -> None:
+    talk = relay_talk()
+    talk.say("AUTH LOGIN")
+    assert talk.call(talk.server.relay_challenge(b"Username:")) == f"334 {b64('Username:')}\r\n"
+    assert talk.say(b64("alice")) == ""
+    assert talk.call(talk.server.relay_challenge(b"Password:")) == f"334 {b64('Password:')}\r\n"
+    assert talk.say(b64("bad")) == ""
+    assert talk.of(RelayResponse) == [RelayResponse(b"alice"), RelayResponse(b"bad")]
+    reply = talk.call(talk.server.relay_result(False, BackendFailure.INVALID_CREDENTIALS))
+    assert reply.startswith("535 5.7.8 ")
+    assert talk.of(AuthFailed) == [AuthFailed("LOGIN", "invalid-credentials", "alice")]
+
+
+@pytest.mark.parametrize(
+    ("answer", "reply", "reason"),
+    [("*", "501 5.7.0 ", "cancelled"), ("@@@", "501 5.5.2 ", "malformed")],
+)
+def test_relay_client_abort_cancels_at_backend(answer: str, reply: str, reason: str) -> None:
+    talk = relay_talk()
+    talk.say("AUTH LOGIN")
+    talk.call(talk.server.relay_challenge(b"Username:"))
+    talk.say(answer)
+    assert talk.of(RelayResponse) == [RelayResponse(None)]
+    # Even a backend that says yes after a cancel is not believed.
+    assert talk.call(talk.server.relay_result(True)).startswith(reply)
+    assert not talk.of(Splice)
+    assert talk.of(AuthFailed)[0].reason == reason
+
+
+@pytest.mark.parametrize(
+    ("failure", "reply"),
+    [
+        (None, "454 4.7.0 "),
+        (BackendFailure.UNAVAILABLE, "454 4.7.0 "),
+        (BackendFailure.REJECTED, "535 5.7.8 "),
+    ],
+)
+def test_relay_backend_failures(failure: BackendFailure | None, reply: str) -> None:
+    talk = relay_talk()
+    talk.say(f"AUTH PLAIN {plain('alice', 'x')}")
+    assert talk.call(talk.server.relay_result(False, failure)).startswith(reply)
+    assert talk.of(AuthFailed)[0].authcid == "alice"
+
+
+def test_relay_still_refuses_by_policy() -> None:
+    talk = relay_talk(security=Security.REQUIRE_SECURE_AUTH)
+    assert talk.say(f"AUTH PLAIN {plain('alice', 'x')}").startswith("538 ")
+    assert talk.say("AUTH PLAIN *").startswith("538 ")
+    assert not talk.of(RelayAuth)
+
+
+def test_relay_cancel_and_junk_in_initial_response_stay_local() -> None:
+    talk = relay_talk()
+    assert talk.say("AUTH PLAIN *").startswith("501 5.7.0 ")
+    assert talk.say("AUTH PLAIN %%%").startswith("501 5.5.2 ")
+    assert not talk.of(RelayAuth)
+
+
+# ============================================================ driver misuse
+
+
+def test_out_of_order_calls_raise() -> None:
+    server = SmtpServer(session())
+    with pytest.raises(ProtocolStateError):
+        server.receive_data(b"EHLO a\r\n")
+    server.start()
+    with pytest.raises(ProtocolStateError):
+        server.start()
+    calls: list[Callable[[], object]] = [
+        lambda: server.resume(True),
+        lambda: server.tls_started(),
+        lambda: server.backend_ready(()),
+        lambda: server.backend_failed(BackendFailure.UNAVAILABLE),
+        lambda: server.relay_challenge(b""),
+        lambda: server.relay_result(True),
+    ]
+    for call in calls:
+        with pytest.raises(ProtocolStateError):
+            call()
+
+
+# ======================================================== client vs server
+
+
+def pump(
+    client: SmtpClient,
+    server: SmtpServer,
+    *,
+    binding: bytes | None = None,
+    backend: Callable[[SmtpServer], list[Event]] = lambda s: s.backend_ready(()),
+) -> tuple[list[ClientEvent], list[Event]]:
+    """Shuttle bytes between our client and our server until both rest."""
+    client_events: list[ClientEvent] = []
+    server_events: list[Event] = []
+    to_server: list[Event] = list(server.start())
+    to_client: list[ClientEvent] = []
+    handshake = {"client": False, "server": False}
+    for _ in range(200):
+        while to_server:
+            event = to_server.pop(0)
+            server_events.append(event)
+            if isinstance(event, Send):
+                to_client += client.receive_data(event.data)
+            elif isinstance(event, Lookup):
+                to_server += server.resume(resolve(event.request))
+            elif isinstance(event, Authenticated):
+                to_server += backend(server)
+            elif isinstance(event, StartTLS):
+                handshake["server"] = True
+        while to_client:
+            cevent = to_client.pop(0)
+            client_events.append(cevent)
+            if isinstance(cevent, Send):
+                to_server += server.receive_data(cevent.data)
+            elif isinstance(cevent, StartTLS):
+                handshake["client"] = True
+        if all(handshake.values()):
+            handshake = {"client": False, "server": False}
+            to_server += server.tls_started(binding)
+            to_client += client.tls_started()
+        if not to_server and not to_client:
+            return client_events, server_events
+    raise AssertionError("conversation did not settle")
+
+
+def client_settings(**kwargs: Any) -> ClientSettings:
+    defaults: dict[str, Any] = {
+        "hostname": "proxy.example",
+        "credentials": ClientCredentials("alice", USERS["alice"]),
+        "sasl_context": ClientContext(service="smtp", hostname=HOST),
+    }
+    return ClientSettings(**(defaults | kwargs))
+
+
+def outcome(events: Sequence[ClientEvent]) -> LoggedIn | LoginFailed:
+    final = [e for e in events if isinstance(e, LoggedIn | LoginFailed)]
+    assert len(final) == 1
+    return final[0]
+
+
+@pytest.mark.parametrize("mechanism", [*DEFAULT_ORDER, "SCRAM-SHA-1", "SCRAM-SHA-256"])
+def test_client_logs_in_to_server(mechanism: str) -> None:
+    server = SmtpServer(session(Security.NONE, mechanisms=(mechanism,)))
+    client = SmtpClient(client_settings(mechanisms=("X-NONE", mechanism)))
+    client_events, server_events = pump(client, server)
+    result = outcome(client_events)
+    assert isinstance(result, LoggedIn)
+    assert "PIPELINING" in result.capabilities and f"AUTH {mechanism}" in result.capabilities
+    assert Authenticated("alice", "alice", mechanism) in server_events
+    assert Splice() in server_events
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "CRAM-MD5", "SCRAM-SHA-256"])
+def test_client_wrong_password(mechanism: str) -> None:
+    server = SmtpServer(session(Security.NONE, mechanisms=(mechanism,)))
+    creds = ClientCredentials("alice", "not it")
+    client_events, _ = pump(
+        SmtpClient(client_settings(credentials=creds, mechanisms=(mechanism,))), server
+    )
+    result = outcome(client_events)
+    assert isinstance(result, LoginFailed) and result.failure is BackendFailure.REJECTED
+    assert "535" in result.detail and "not it" not in result.detail
+
+
+def test_client_starttls_then_plain_under_secure_auth() -> None:
+    server = SmtpServer(session(Security.REQUIRE_SECURE_AUTH))
+    client = SmtpClient(client_settings(starttls=True, mechanisms=("PLAIN",)))
+    client_events, server_events = pump(client, server)
+    assert isinstance(outcome(client_events), LoggedIn)
+    assert StartTLS() in client_events and StartTLS() in server_events
+    assert server.tls_active
+
+
+def test_client_no_common_mechanism() -> None:
+    server = SmtpServer(session(Security.REQUIRE_SECURE_AUTH))  # no PLAIN without TLS
+    client_events, _ = pump(SmtpClient(client_settings(mechanisms=("PLAIN",))), server)
+    result = outcome(client_events)
+    assert isinstance(result, LoginFailed) and result.failure is BackendFailure.REJECTED
+
+
+def test_client_needs_starttls_offered() -> None:
+    server = SmtpServer(session(starttls=False))
+    client_events, _ = pump(SmtpClient(client_settings(starttls=True)), server)
+    result = outcome(client_events)
+    assert isinstance(result, LoginFailed) and result.failure is BackendFailure.UNAVAILABLE
+
+
+def test_client_backend_temporary_failure() -> None:
+    server = SmtpServer(session())
+    client_events, _ = pump(
+        SmtpClient(client_settings()),
+        server,
+        backend=lambda s: s.backend_failed(BackendFailure.UNAVAILABLE),
+    )
+    result = outcome(client_events)
+    assert isinstance(result, LoginFailed) and result.failure is BackendFailure.UNAVAILABLE
+
+
+# ============================================================ scripted backend
+
+
+class Backend:
+    """Feeds an SmtpClient canned backend bytes and records what it sends."""
+
+    def __init__(self, settings: ClientSettings | None = None, **kwargs: Any):
+        self.client = SmtpClient(settings or client_settings(**kwargs))
+        self.events: list[ClientEvent] = []
+
+    def says(self, data: str) -> bytes:
+        events = self.client.receive_data(data.encode())
+        assert all(isinstance(e, CLIENT_EVENT_TYPES) for e in events)
+        self.events += events
+        return b"".join(e.data for e in events if isinstance(e, Send))
+
+    def result(self) -> LoggedIn | LoginFailed | None:
+        final = [e for e in self.events if isinstance(e, LoggedIn | LoginFailed)]
+        return final[0] if final else None
+
+
+EHLO_PLAIN = "250-backend.example\r\n250-PIPELINING\r\n250 AUTH PLAIN LOGIN\r\n"
+
+
+def test_client_parses_multiline_and_bare_code() -> None:
+    backend = Backend()
+    assert backend.says("220-backend.example ESMTP\r\n220\r\n") == b"EHLO proxy.example\r\n"
+    sent = backend.says("250-backend.example\r\n250-SIZE 1000\r\n250 AUTH=PLAIN\r\n")
+    assert sent == f"AUTH PLAIN {plain('alice', USERS['alice'])}\r\n".encode()
+    assert backend.says("235 2.7.0 ok\r\n250 early\r\n") == b""
+    assert backend.result() == LoggedIn(("SIZE 1000", "AUTH=PLAIN"), pending=b"250 early\r\n")
+    with pytest.raises(ProtocolStateError):
+        backend.client.receive_data(b"more")
+
+
+@pytest.mark.parametrize(
+    "greeting",
+    [
+        "554 5.3.2 go away\r\n",
+        "hello there\r\n",
+        "220-a\r\n250 b\r\n",  # code changes inside a reply
+        "220x\r\n",
+        "999 what\r\n",
+        "220 ok\r\n250-b\r\n250 AUTH PLAIN\r\n",  # answers an EHLO not sent yet
+    ],
+)
+def test_client_bad_greeting(greeting: str) -> None:
+    backend = Backend()
+    backend.says(greeting)
+    result = backend.result()
+    assert isinstance(result, LoginFailed) and result.failure is BackendFailure.UNAVAILABLE
+
+
+def test_client_reply_line_too_long() -> None:
+    backend = Backend(max_line=100)
+    backend.says("220 " + "x" * 200)
+    result = backend.result()
+    assert isinstance(result, LoginFailed) and result.failure is BackendFailure.UNAVAILABLE
+
+
+def test_client_starttls_discards_injected_replies() -> None:
+    backend = Backend(starttls=True)
+    backend.says("220 backend\r\n")
+    assert backend.says("250-b\r\n250 STARTTLS\r\n") == b"STARTTLS\r\n"
+    # The injected "250 AUTH" reply arrives with the 220: it must be ignored.
+    assert backend.says("220 go ahead\r\n250-fake\r\n250 AUTH PLAIN\r\n") == b""
+    assert backend.events[-1] == StartTLS()
+    assert backend.says("250 more injection\r\n") == b""
+    started = backend.client.tls_started()
+    assert started == [Send(b"EHLO proxy.example\r\n")]
+    assert backend.says(EHLO_PLAIN).startswith(b"AUTH PLAIN ")
+
+
+def test_client_login_mechanism_by_challenges() -> None:
+    backend = Backend(mechanisms=("LOGIN",))
+    backend.says("220 b\r\n")
+    assert backend.says(EHLO_PLAIN) == b"AUTH LOGIN\r\n"
+    assert backend.says(f"334 {b64('Username:')}\r\n") == f"{b64('alice')}\r\n".encode()
+    assert backend.says(f"334 {b64('Password:')}\r\n") == f"{b64(USERS['alice'])}\r\n".encode()
+    backend.says("235 ok\r\n")
+    assert isinstance(backend.result(), LoggedIn)
+
+
+@pytest.mark.parametrize(
+    ("reply", "failure"),
+    [
+        ("535 5.7.8 no\r\n", BackendFailure.REJECTED),
+        ("454 4.7.0 later\r\n", BackendFailure.UNAVAILABLE),
+        ("421 4.3.2 shutting down\r\n", BackendFailure.UNAVAILABLE),
+        ("504 5.5.4 what\r\n", BackendFailure.REJECTED),
+        ("250 odd\r\n", BackendFailure.UNAVAILABLE),
+    ],
+)
+def test_client_auth_failures(reply: str, failure: BackendFailure) -> None:
+    backend = Backend()
+    backend.says("220 b\r\n")
+    backend.says(EHLO_PLAIN)
+    backend.says(reply)
+    result = backend.result()
+    assert isinstance(result, LoginFailed) and result.failure is failure
+
+
+def test_client_mechanism_error_cancels() -> None:
+    # PLAIN does not expect a non-empty challenge after its initial response.
+    backend = Backend()
+    backend.says("220 b\r\n")
+    backend.says(EHLO_PLAIN)
+    assert backend.says(f"334 {b64('surprise')}\r\n") == b"*\r\n"
+    result = backend.result()
+    assert isinstance(result, LoginFailed) and result.failure is BackendFailure.REJECTED
+
+
+def test_client_bad_challenge_base64() -> None:
+    backend = Backend(mechanisms=("LOGIN",))
+    backend.says("220 b\r\n")
+    backend.says(EHLO_PLAIN)
+    assert backend.says("334 ***\r\n") == b"*\r\n"
+    result = backend.result()
+    assert isinstance(result, LoginFailed) and result.failure is BackendFailure.UNAVAILABLE
+
+
+def test_client_master_user_with_login_only_backend() -> None:
+    # LOGIN cannot carry an authzid: the client must not log in as the master.
+    creds = ClientCredentials("master", "secret", authzid="alice")
+    backend = Backend(credentials=creds, mechanisms=("PLAIN", "LOGIN"))
+    backend.says("220 b\r\n")
+    assert backend.says("250-b\r\n250 AUTH LOGIN\r\n") == b""
+    result = backend.result()
+    assert isinstance(result, LoginFailed) and result.failure is BackendFailure.REJECTED
+
+
+# ================================================================== XCLIENT
+
+
+def test_xtext() -> None:
+    assert xtext("a+b=c d\u00e9") == "a+2Bb+3Dc+20d+C3+A9"
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("192.0.2.7", "ADDR=192.0.2.7"),
+        ("2001:db8::1", "ADDR=IPV6:2001:db8::1"),
+        ("::ffff:192.0.2.7", "ADDR=192.0.2.7"),
+        ("not an address", "ADDR=[UNAVAILABLE]"),
+    ],
+)
+def test_xclient_addr_and_port(address: str, expected: str) -> None:
+    backend = Backend(use_xclient=True, client_address=address, client_port=4711)
+    backend.says("220 b\r\n")
+    sent = backend.says("250-b\r\n250-XCLIENT NAME ADDR PORT HELO\r\n250 AUTH PLAIN\r\n")
+    assert sent == f"XCLIENT {expected} PORT=4711\r\n".encode()
+    assert backend.says("220 b ESMTP\r\n") == b"EHLO proxy.example\r\n"
+    # XCLIENT is sent once; the next EHLO goes straight to AUTH.
+    assert backend.says("250-b\r\n250-XCLIENT ADDR PORT\r\n250 AUTH PLAIN\r\n").startswith(
+        b"AUTH PLAIN "
+    )
+
+
+def test_xclient_skipped_when_not_offered() -> None:
+    backend = Backend(use_xclient=True, client_address="192.0.2.7")
+    backend.says("220 b\r\n")
+    assert backend.says(EHLO_PLAIN).startswith(b"AUTH PLAIN ")
+
+
+def test_xclient_login_without_credentials() -> None:
+    backend = Backend(
+        credentials=None,
+        use_xclient=True,
+        client_address="192.0.2.7",
+        xclient_login="bob+x=y",
+    )
+    backend.says("220 b\r\n")
+    sent = backend.says("250-b\r\n250 XCLIENT ADDR LOGIN\r\n")
+    assert sent == b"XCLIENT ADDR=192.0.2.7 LOGIN=bob+2Bx+3Dy\r\n"
+    assert backend.says("220 b\r\n") == b"EHLO proxy.example\r\n"
+    assert backend.says("250-b\r\n250-PIPELINING\r\n250 AUTH PLAIN\r\n") == b""
+    assert backend.result() == LoggedIn(("PIPELINING", "AUTH PLAIN"))
+
+
+@pytest.mark.parametrize(
+    ("ehlo_reply", "xclient_reply", "failure"),
+    [
+        ("250-b\r\n250 AUTH PLAIN\r\n", None, BackendFailure.REJECTED),  # no XCLIENT
+        ("250-b\r\n250 XCLIENT ADDR\r\n", None, BackendFailure.REJECTED),  # no LOGIN
+        ("250-b\r\n250 XCLIENT LOGIN\r\n", "550 5.7.0 not authorized\r\n", BackendFailure.REJECTED),
+        ("250-b\r\n250 XCLIENT LOGIN\r\n", "421 4.7.0 busy\r\n", BackendFailure.UNAVAILABLE),
+    ],
+)
+def test_xclient_login_failures(
+    ehlo_reply: str, xclient_reply: str | None, failure: BackendFailure
+) -> None:
+    backend = Backend(credentials=None, xclient_login="bob")
+    backend.says("220 b\r\n")
+    backend.says(ehlo_reply)
+    if xclient_reply is not None:
+        backend.says(xclient_reply)
+    result = backend.result()
+    assert isinstance(result, LoginFailed) and result.failure is failure
+
+
+def test_no_credentials_and_no_xclient_login() -> None:
+    backend = Backend(credentials=None)
+    backend.says("220 b\r\n")
+    backend.says(EHLO_PLAIN)
+    result = backend.result()
+    assert isinstance(result, LoginFailed) and result.failure is BackendFailure.REJECTED
+
+
+# ============================================================ relay client
+
+
+def relay_backend() -> Backend:
+    return Backend(relay=True, credentials=None)
+
+
+def test_relay_client_queues_authenticate_until_ready() -> None:
+    backend = relay_backend()
+    assert backend.client.authenticate("login", NO_RESPONSE) == []
+    backend.says("220 b\r\n")
+    assert backend.says(EHLO_PLAIN) == b"AUTH LOGIN\r\n"
+    assert backend.says(f"334 {b64('Username:')}\r\n") == b""
+    assert backend.events[-1] == RelayChallenge(b"Username:")
+    assert backend.client.respond(b"alice") == [Send(f"{b64('alice')}\r\n".encode())]
+    backend.says(f"334 {b64('Password:')}\r\n")
+    assert backend.client.respond(None) == [Send(b"*\r\n")]
+    backend.says("501 5.7.0 cancelled\r\n")
+    result = backend.result()
+    assert isinstance(result, LoginFailed) and result.failure is BackendFailure.REJECTED
+
+
+@pytest.mark.parametrize(
+    ("initial", "line"),
+    [
+        (b"", "AUTH PLAIN ="),
+        (b"\0alice\0pw", f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 'pw')}"),
+    ],
+)
+def test_relay_client_initial_response(initial: bytes, line: str) -> None:
+    backend = relay_backend()
+    backend.says("220 b\r\n")
+    assert backend.says(EHLO_PLAIN) == b""
+    assert backend.client.authenticate("PLAIN", initial) == [Send(line.encode() + b"\r\n")]
+
+
+def test_relay_client_long_initial_response_waits_for_empty_challenge() -> None:
+    backend = relay_backend()
+    backend.says("220 b\r\n")
+    backend.says(EHLO_PLAIN)
+    big = b"x" * 10000  # base64 is longer than RFC 4954's 12288-octet AUTH line
+    assert backend.client.authenticate("PLAIN", big) == [Send(b"AUTH PLAIN\r\n")]
+    assert backend.says("334 \r\n") == base64.b64encode(big) + b"\r\n"
+    assert not any(isinstance(e, RelayChallenge) for e in backend.events)
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ("235 2.7.0 ok\r\n", LoggedIn(("PIPELINING", "AUTH PLAIN LOGIN"))),
+        ("535 5.7.8 no\r\n", BackendFailure.INVALID_CREDENTIALS),
+        ("454 4.7.0 later\r\n", BackendFailure.UNAVAILABLE),
+        ("534 5.7.9 weak\r\n", BackendFailure.REJECTED),
+    ],
+)
+def test_relay_client_results(reply: str, expected: LoggedIn | BackendFailure) -> None:
+    backend = relay_backend()
+    backend.says("220 b\r\n")
+    backend.says(EHLO_PLAIN)
+    backend.client.authenticate("PLAIN", b"\0alice\0pw")
+    backend.says(reply)
+    result = backend.result()
+    if isinstance(expected, LoggedIn):
+        assert result == expected
+    else:
+        assert isinstance(result, LoginFailed) and result.failure is expected
+
+
+def test_relay_client_unsolicited_reply() -> None:
+    backend = relay_backend()
+    backend.says("220 b\r\n")
+    backend.says(EHLO_PLAIN)
+    backend.says("421 4.3.2 bye\r\n")
+    result = backend.result()
+    assert isinstance(result, LoginFailed) and result.failure is BackendFailure.UNAVAILABLE
+
+
+def test_client_misuse_raises() -> None:
+    terminate = SmtpClient(client_settings())
+    with pytest.raises(ProtocolStateError):
+        terminate.authenticate("PLAIN", b"x")
+    with pytest.raises(ProtocolStateError):
+        terminate.respond(b"x")
+    with pytest.raises(ProtocolStateError):
+        terminate.tls_started()
+    relay = SmtpClient(client_settings(relay=True))
+    relay.authenticate("PLAIN", b"x")
+    with pytest.raises(ProtocolStateError):
+        relay.authenticate("PLAIN", b"x")
+
+
+# =========================================== relay end to end: four machines
+
+
+def relay_chain(mechanism: str, password: str) -> tuple[list[ClientEvent], list[Event]]:
+    """mail client -> authgate server (relay) -> authgate client (relay) ->
+    backend server (verifies). Returns the mail client's and authgate
+    server's events."""
+    mail_client = SmtpClient(
+        client_settings(mechanisms=(mechanism,), credentials=ClientCredentials("alice", password))
+    )
+    gate_server = SmtpServer(session(relay=True, mechanisms=(mechanism,)))
+    gate_client = SmtpClient(client_settings(relay=True, credentials=None))
+    backend = SmtpServer(session(mechanisms=(mechanism,)))
+
+    mail_events: list[ClientEvent] = []
+    gate_events: list[Event] = []
+    queue: list[tuple[str, Any]] = [("gate", e) for e in gate_server.start()]
+    queue += [("backend", e) for e in backend.start()]
+    for _ in range(500):
+        if not queue:
+            return mail_events, gate_events
+        source, event = queue.pop(0)
+        if source == "mail":
+            mail_events.append(event)
+            if isinstance(event, Send):
+                queue += [("gate", e) for e in gate_server.receive_data(event.data)]
+        elif source == "gate":
+            gate_events.append(event)
+            if isinstance(event, Send):
+                queue += [("mail", e) for e in mail_client.receive_data(event.data)]
+            elif isinstance(event, RelayAuth):
+                queue += [
+                    ("gclient", e) for e in gate_client.authenticate(event.mechanism, event.initial)
+                ]
+            elif isinstance(event, RelayResponse):
+                queue += [("gclient", e) for e in gate_client.respond(event.data)]
+        elif source == "gclient":
+            if isinstance(event, Send):
+                queue += [("backend", e) for e in backend.receive_data(event.data)]
+            elif isinstance(event, RelayChallenge):
+                queue += [("gate", e) for e in gate_server.relay_challenge(event.data)]
+            elif isinstance(event, LoggedIn):
+                queue += [("gate", e) for e in gate_server.relay_result(True)]
+            elif isinstance(event, LoginFailed):
+                queue += [("gate", e) for e in gate_server.relay_result(False, event.failure)]
+        else:  # backend
+            if isinstance(event, Send):
+                queue += [("gclient", e) for e in gate_client.receive_data(event.data)]
+            elif isinstance(event, Lookup):
+                queue += [("backend", e) for e in backend.resume(resolve(event.request))]
+            elif isinstance(event, Authenticated):
+                queue += [("backend", e) for e in backend.backend_ready(())]
+    raise AssertionError("relay chain did not settle")
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256"])
+def test_relay_end_to_end(mechanism: str) -> None:
+    mail_events, gate_events = relay_chain(mechanism, USERS["alice"])
+    assert isinstance(outcome(mail_events), LoggedIn)
+    assert Splice() in gate_events
+    mail_events, gate_events = relay_chain(mechanism, "wrong")
+    result = outcome(mail_events)
+    assert isinstance(result, LoginFailed) and "535 5.7.8" in result.detail
+    assert [e.reason for e in gate_events if isinstance(e, AuthFailed)] == ["invalid-credentials"]
+
+
+# ================================================================ hypothesis
+
+COMMAND_LINES = st.sampled_from(
+    [
+        b"EHLO a",
+        b"HELO b",
+        b"STARTTLS",
+        b"AUTH PLAIN",
+        b"AUTH LOGIN",
+        b"AUTH CRAM-MD5",
+        b"AUTH SCRAM-SHA-256",
+        b"AUTH PLAIN " + plain("alice", USERS["alice"]).encode(),
+        b"AUTH PLAIN =",
+        b"AUTH PLAIN *",
+        b"*",
+        b"",
+        b"YWxpY2U=",
+        b"MAIL FROM:<a@b>",
+        b"RCPT TO:<c@d>",
+        b"NOOP",
+        b"QUIT",
+        b"\xff\xfe\x00",
+    ]
+)
+LINES = st.one_of(COMMAND_LINES, st.binary(max_size=80))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lines=st.lists(LINES, max_size=30),
+    cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=10),
+    relay=st.booleans(),
+    submission=st.booleans(),
+    security=st.sampled_from(list(Security)),
+)
+def test_server_survives_random_input(
+    lines: list[bytes], cuts: list[int], relay: bool, submission: bool, security: Security
+) -> None:
+    talk = Talk(session(security, relay=relay, submission=submission, max_line=200, max_errors=5))
+    stream = b"".join(line + b"\r\n" for line in lines)
+    bounds = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
+    for start, end in itertools.pairwise(bounds):
+        if talk.closed or talk.of(Splice):
+            break
+        seen = len(talk.events)
+        talk.send(stream[start:end])
+        # Answer whatever the machine now waits for, like a driver would.
+        while len(talk.events) > seen:
+            seen = len(talk.events)
+            last = talk.events[-1]
+            if isinstance(last, StartTLS):
+                talk.call(talk.server.tls_started())
+            elif isinstance(last, RelayAuth | RelayResponse):
+                talk.call(talk.server.relay_result(False, BackendFailure.INVALID_CREDENTIALS))
+    assert all(isinstance(e, EVENT_TYPES) for e in talk.events)
+    if not (talk.closed or talk.of(Splice)):
+        # Still alive, and nothing outstanding: another line gets a reaction.
+        before = len(talk.events)
+        talk.send("NOOP\r\n")
+        assert len(talk.events) > before
+
+
+@settings(max_examples=300, deadline=None)
+@given(chunks=st.lists(st.binary(max_size=60), max_size=20), relay=st.booleans())
+def test_client_survives_random_backend_bytes(chunks: list[bytes], relay: bool) -> None:
+    client = SmtpClient(client_settings(relay=relay, max_line=120))
+    done = False
+    for chunk in chunks:
+        events = client.receive_data(chunk)
+        assert all(isinstance(e, CLIENT_EVENT_TYPES) for e in events)
+        for event in events:
+            if isinstance(event, StartTLS):
+                client.tls_started()
+            done = done or isinstance(event, LoggedIn)
+        if done:
+            break
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    replies=st.lists(
+        st.sampled_from(
+            [
+                "220 b\r\n",
+                "250-b\r\n250 AUTH PLAIN\r\n",
+                "250 b\r\n",
+                "334 \r\n",
+                "334 ZZ\r\n",
+                "235 ok\r\n",
+                "535 no\r\n",
+                "220-x\r\n",
+                "220\r\n",
+                "xyz\r\n",
+                "454 later\r\n",
+            ]
+        ),
+        max_size=12,
+    )
+)
+def test_client_survives_random_replies(replies: list[str]) -> None:
+    client = SmtpClient(client_settings())
+    for reply in replies:
+        events = client.receive_data(reply.encode())
+        assert all(isinstance(e, CLIENT_EVENT_TYPES) for e in events)
+        if any(isinstance(e, LoggedIn | LoginFailed) for e in events):
+            break
