@@ -53,11 +53,10 @@ def _check_listener(offer: ListenerOffer, out: TextIO) -> None:
     exempt = ", ".join(str(n) for n in policy.exempt.networks) or "none"
     print(f"  security {policy.security.value}; exempt networks: {exempt}", file=out)
     print(f"  configured mechanisms: {', '.join(policy.mechanisms)}", file=out)
-    if offer.store is not None:
-        for name, users in offer.store.dropped.items():
-            reason = offer.store.reasons.get(name, "the store cannot verify it")
-            who = f" (users: {', '.join(users)})" if users else ""
-            print(f"  dropped {name}: {reason}{who}", file=out)
+    for name, users in offer.store.dropped.items():
+        reason = offer.store.reasons.get(name, "the store cannot verify it")
+        who = f" (users: {', '.join(users)})" if users else ""
+        print(f"  dropped {name}: {reason}{who}", file=out)
     # A non-exempt client in each TLS state, then an exempt one.
     outsider = _outsider_address(listener)
     states = [("inside TLS", True)]
@@ -130,7 +129,9 @@ def cmd_negotiate(args: argparse.Namespace) -> int:
         "tls_required": decision.tls_required,
         "session_tls_required": decision.session_tls_required,
         "chosen": chosen,
-        "withheld": {name: reason.value for name, reason in decision.withheld.items()},
+        "withheld": {
+            name: offer.explain(reason, name) for name, reason in decision.withheld.items()
+        },
     }
     if args.json:
         json.dump(result, sys.stdout, indent=2)
@@ -144,7 +145,7 @@ def cmd_negotiate(args: argparse.Namespace) -> int:
     if decision.tls_required:
         print("  nothing may authenticate until TLS is started")
     for name, reason in decision.withheld.items():
-        print(f"  not offered {name}: {reason.value}")
+        print(f"  not offered {name}: {offer.explain(reason, name)}")
     if client_mechs:
         print(f"  chosen: {chosen or 'none in common'}")
     return 0

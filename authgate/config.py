@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,12 @@ from authgate.sasl import DEFAULT_ORDER, MECHANISMS
 
 E = TypeVar("E", bound=enum.Enum)
 T = TypeVar("T")
+
+
+# RFC 1123 host names; our name goes into greetings, EHLO and digest-uri.
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
 
 
 class ConfigError(Exception):
@@ -384,6 +391,10 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
             raise ConfigError(f"{source}: {where}: is not a table (use [[listeners]])")
         listeners.append(_listener(_Table(item, where, source), base))
     hostname = root.get("hostname", str, "localhost")
+    if not _HOSTNAME.fullmatch(hostname):
+        raise root.error(
+            "hostname", f"{hostname!r} is not a DNS host name (ASCII letters, digits, - and .)"
+        )
     root.finish()
     _check_unique(listeners, source, "name", lambda x: x.name)
     _check_unique(listeners, source, "listen", lambda x: str(x.listen) if x.listen.port else None)

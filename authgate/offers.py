@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from authgate.config import BackendMode, Config, Listener, PasswordStorage
 from authgate.credentials.store import StoreOffer, UserStore
-from authgate.policy import Decision, decide
+from authgate.policy import Decision, Withheld, decide
+from authgate.sasl import MECHANISMS
 
 
 @dataclass(frozen=True)
@@ -20,13 +21,17 @@ class ListenerOffer:
     """The store-side limit on a listener's mechanisms."""
 
     listener: Listener
-    # None: no limit from a store (relay mode to a backend whose storage is
-    # not declared: the backend itself decides what it can verify).
-    store: StoreOffer | None
+    store: StoreOffer
 
     @property
-    def verifiable(self) -> tuple[str, ...] | None:
-        return None if self.store is None else self.store.mechanisms
+    def verifiable(self) -> tuple[str, ...]:
+        return self.store.mechanisms
+
+    def explain(self, reason: Withheld, mechanism: str) -> str:
+        """Why `mechanism` is withheld, in words an admin can act on."""
+        if reason is Withheld.STORE_CANNOT_VERIFY:
+            return self.store.reasons.get(mechanism, str(reason.value))
+        return str(reason.value)
 
     def decide(
         self, client: str | ipaddress.IPv4Address | ipaddress.IPv6Address, *, tls: bool
@@ -42,13 +47,25 @@ def listener_offer(listener: Listener, store: UserStore | None, realm: str) -> L
         storage = listener.backend.password_storage
         if storage is PasswordStorage.ONE_WAY:
             return ListenerOffer(listener, StoreOffer.password_only(order, ONE_WAY_REASON))
-        return ListenerOffer(listener, None)
+        # The backend verifies; but a -PLUS mechanism binds to the client's
+        # TLS session, which ends here, so the backend could never check it.
+        plus = [m for m in order if MECHANISMS[m].channel_binding]
+        return ListenerOffer(
+            listener,
+            StoreOffer(
+                mechanisms=tuple(m for m in order if m not in plus),
+                dropped={m: () for m in plus},
+                dropped_count={m: 0 for m in plus},
+                reasons={m: RELAY_BINDING_REASON for m in plus},
+            ),
+        )
     if store is None:
         raise ValueError(f"listener {listener.name!r} verifies users but has no store")
     return ListenerOffer(listener, store.offerable(order, realm=realm))
 
 
 ONE_WAY_REASON = "the backend keeps passwords as one-way hashes"
+RELAY_BINDING_REASON = "channel binding cannot be relayed: the client's TLS ends at authgate"
 
 
 def load_store(config: Config) -> UserStore | None:

@@ -125,3 +125,14 @@ def test_passwd_refuses_empty_password(tmp_path: Path) -> None:
     result = run_cli("passwd", "erin", "--users", str(tmp_path / "u.toml"), "--password-stdin", stdin="\n")
     assert result.returncode == 2 and "empty" in result.stderr
     assert not (tmp_path / "u.toml").exists()
+
+
+def test_relay_listener_drops_channel_binding(tmp_path: Path) -> None:
+    text = (EXAMPLES / "relay-postfix.toml").read_text()
+    text = text.replace('mechanisms = ["CRAM-MD5", "LOGIN", "PLAIN"]', 'mechanisms = ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256", "PLAIN"]')
+    text = text.replace('password_storage = "one-way"\nclient_address', 'client_address')
+    config = tmp_path / "relay.toml"
+    config.write_text(text.replace('"../certs/', f'"{EXAMPLES.parent}/certs/'))
+    data = json.loads(run_cli("negotiate", "-c", str(config), "--listener", "submission", "--client-ip", "10.1.1.1", "--tls", "--json").stdout)
+    assert data["offered"] == ["SCRAM-SHA-256", "PLAIN"]
+    assert "channel binding" in data["withheld"]["SCRAM-SHA-256-PLUS"]

@@ -115,6 +115,8 @@ def test_good_config(tmp_path: Path) -> None:
          "listeners[2].backend.client_address: 'xclient' is an SMTP extension"),
         (("[users]\nfile = \"users.toml\"\n", ""), "listeners[0].backend.mode: terminate mode"),
         (("submission = false", "submission = 1"), "listeners[1].submission: 1 is not a boolean"),
+        (('hostname = "mail.example.org"', 'hostname = "mail example"'), "hostname: 'mail example' is not a DNS host name"),
+        (('hostname = "mail.example.org"', 'hostname = "mäil.example"'), "hostname: 'mäil.example' is not a DNS host name"),
     ],
 )
 def test_errors_name_file_key_path_and_value(

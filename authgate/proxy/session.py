@@ -15,6 +15,7 @@ from collections import deque
 from typing import Any
 
 from authgate.config import TLSMode
+from authgate.policy import Protocol
 from authgate.protocols.base import (
     Authenticated,
     AuthFailed,
@@ -64,6 +65,8 @@ class ClientSession:
                 tls_active=listener.tls is TLSMode.IMPLICIT,
                 relay=runtime.relay,
                 submission=listener.submission,
+                # RFC 4954 section 4: an AUTH line may be 12288 octets.
+                max_line=12288 if listener.protocol is Protocol.SMTP else 8192,
             )
         )
 
