@@ -20,14 +20,11 @@ from authgate import config as config_mod
 from authgate.config import Config, ConfigError, Listener
 from authgate.credentials.schemes import SchemeError
 from authgate.credentials.store import StoreError, UserStore, generate_secrets
+from authgate.errors import UserError
 from authgate.offers import ListenerOffer, listener_offer, load_store
 from authgate.policy import Decision, Security
 
 EXIT_USAGE = 2
-
-
-class UserError(Exception):
-    """Printed as one line, exit status 2."""
 
 
 # ------------------------------------------------------------------ check

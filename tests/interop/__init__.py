@@ -1,0 +1,1 @@
+"""Interop tests: real clients and real servers (Dovecot) on loopback."""
