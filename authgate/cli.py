@@ -200,7 +200,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     store = _load_store(config)
     setup_logging()
     try:
-        asyncio.run(serve(config, store, drain=args.drain))
+        asyncio.run(serve(config, store))
     except TLSConfigError as exc:
         raise UserError(str(exc)) from None
     except OSError as exc:  # e.g. address already in use
@@ -264,9 +264,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the proxy in the foreground (logs to stderr)")
     p.add_argument("-c", "--config", type=Path, required=True)
-    p.add_argument(
-        "--drain", type=float, default=10.0, help="seconds sessions get to finish on SIGTERM"
-    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="run the demo: the proxy in front of embedded backends")

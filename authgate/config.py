@@ -108,12 +108,69 @@ class Listener:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """[limits]: what one client may cost before it has authenticated."""
+
+    idle_timeout: float = 60.0  # client silence before authentication
+    preauth_timeout: float = 300.0  # total time to authenticate
+    handshake_timeout: float = 30.0  # client TLS handshake
+    max_line: int = 8192  # longest command line (SMTP AUTH lines: at least 12288)
+    max_errors: int = 3  # bad commands + failed authentications, then goodbye
+    max_commands: int = 100  # commands before authentication
+    max_connections: int = 10000  # all listeners together
+    max_connections_per_address: int = 50
+    connect_timeout: float = 10.0  # backend connect (and implicit TLS handshake)
+    backend_timeout: float = 30.0  # backend login exchange
+    drain_timeout: float = 10.0  # on SIGTERM, sessions get this long to finish
+
+
+_LIMIT_RANGES: dict[str, tuple[float, float]] = {
+    "idle_timeout": (1, 86400),
+    "preauth_timeout": (1, 86400),
+    "handshake_timeout": (1, 600),
+    "max_line": (1024, 1 << 20),
+    "max_errors": (1, 1000),
+    "max_commands": (1, 100000),
+    "max_connections": (1, 10_000_000),
+    "max_connections_per_address": (1, 10_000_000),
+    "connect_timeout": (0.1, 600),
+    "backend_timeout": (0.1, 3600),
+    "drain_timeout": (0, 3600),
+}
+
+
+def _limits(table: _Table | None) -> Limits:
+    if table is None:
+        return Limits()
+    values: dict[str, float | int] = {}
+    for name, default in vars(Limits()).items():
+        if not table.has(name):
+            continue
+        kind: type = int if isinstance(default, int) else float
+        raw = table.data[name]
+        table.used.add(name)
+        if (
+            isinstance(raw, bool)
+            or not isinstance(raw, int | float)
+            or (kind is int and not isinstance(raw, int))
+        ):
+            raise table.error(name, f"{raw!r} is not {'an integer' if kind is int else 'a number'}")
+        low, high = _LIMIT_RANGES[name]
+        if not low <= raw <= high:
+            raise table.error(name, f"{raw!r} is outside {low:g}..{high:g}")
+        values[name] = kind(raw)
+    table.finish()
+    return Limits(**values)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     hostname: str
     tls: TLSSettings
     users_file: Path | None
     listeners: tuple[Listener, ...]
+    limits: Limits = field(default_factory=Limits)
 
     def listener(self, name: str) -> Listener:
         for listener in self.listeners:
@@ -383,6 +440,7 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
     if users_table is not None:
         users_file = users_table.path_value("file")
         users_table.finish()
+    limits = _limits(root.table("limits"))
     raw_listeners = root.get("listeners", list, [])
     listeners: list[Listener] = []
     for i, item in enumerate(raw_listeners):
@@ -414,6 +472,7 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
         tls=tls,
         users_file=users_file,
         listeners=tuple(listeners),
+        limits=limits,
     )
 
 

@@ -1,16 +1,25 @@
-"""`authgate run`: the proxy in the foreground until SIGTERM/SIGINT."""
+"""`authgate run`: the proxy in the foreground until SIGTERM/SIGINT.
+
+SIGTERM/SIGINT: stop accepting, let sessions finish for `drain_timeout`
+seconds, then close. SIGHUP: re-read the config, the users file and the
+certificates; a bad new config is logged and the running one stays.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import sys
+from pathlib import Path
 
+from authgate import config as config_mod
 from authgate.config import Config
 from authgate.credentials.store import UserStore
-from authgate.proxy.runtime import build_runtime
+from authgate.offers import load_store
+from authgate.proxy.runtime import ListenerRuntime, build_runtime
 from authgate.proxy.server import Gateway
 
 log = logging.getLogger("authgate")
@@ -26,29 +35,75 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.getLogger("mail.log").setLevel(max(level, logging.WARNING))
 
 
+def raise_open_files_limit() -> int:
+    """Raise the soft open-files limit to the hard one; returns the limit.
+    Each proxied session holds two descriptors (client and backend)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return int(soft)
+
+
+def load_runtime(path: Path) -> list[ListenerRuntime]:
+    """Config, users and certificates, ready to serve (raises on any problem)."""
+    config = config_mod.load(path)
+    return build_runtime(config, load_store(config))
+
+
 async def start_gateway(config: Config, store: UserStore | None) -> Gateway:
     gateway = Gateway(build_runtime(config, store))
     await gateway.start()
     return gateway
 
 
-async def wait_for_stop_signal() -> None:
-    """Return on the first SIGTERM or SIGINT."""
+async def wait_for_stop_signal(on_reload: asyncio.Event | None = None) -> None:
+    """Return on the first SIGTERM or SIGINT; set `on_reload` on SIGHUP."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    handled = [signal.SIGTERM, signal.SIGINT]
+    for sig in handled:
         loop.add_signal_handler(sig, stop.set)
+    if on_reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_reload.set)
+        handled.append(signal.SIGHUP)
     try:
         await stop.wait()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in handled:
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
 
 
-async def serve(config: Config, store: UserStore | None, *, drain: float = 10.0) -> None:
+async def _reloader(gateway: Gateway, path: Path, requested: asyncio.Event) -> None:
+    while True:
+        await requested.wait()
+        requested.clear()
+        log.info("reloading %s", path)
+        try:
+            # Reading and hashing happen off the loop: sessions keep flowing.
+            runtimes = await asyncio.to_thread(load_runtime, path)
+            await gateway.reload(runtimes)
+        except Exception as exc:  # any problem: keep serving the old settings
+            log.error("reload failed, keeping the running configuration: %s", exc)
+        else:
+            log.info("reloaded: %d listener(s)", len(runtimes))
+
+
+async def serve(config: Config, store: UserStore | None) -> None:
+    limit = raise_open_files_limit()
+    log.info("open files limit %d: room for about %d proxied sessions", limit, (limit - 64) // 2)
     gateway = await start_gateway(config, store)
-    await wait_for_stop_signal()
-    log.info("stopping: no new connections; %d session(s) draining", gateway.session_count)
+    reload_requested = asyncio.Event()
+    reloader = asyncio.ensure_future(_reloader(gateway, config.path, reload_requested))
+    try:
+        await wait_for_stop_signal(reload_requested)
+    finally:
+        reloader.cancel()
+    drain = config.limits.drain_timeout
+    log.info("stopping: no new connections; %d session(s) get %gs", gateway.session_count, drain)
     await gateway.stop(drain=drain)
     log.info("stopped")

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from authgate.config import BackendMode, Config, Listener, TLSMode
+from authgate.config import BackendMode, Config, Limits, Listener, TLSMode
 from authgate.credentials.store import UserStore
 from authgate.offers import ListenerOffer, listener_offer
 from authgate.policy import Protocol
@@ -18,31 +18,46 @@ from authgate.proxy import tls as tls_mod
 
 
 @dataclass(frozen=True)
-class Limits:
-    connect_timeout: float = 10.0  # backend connect (and implicit TLS handshake)
-    backend_timeout: float = 30.0  # backend login exchange
-    idle_timeout: float = 60.0  # client silence before authentication
-    handshake_timeout: float = 30.0  # client TLS handshake
-
-
-@dataclass(frozen=True)
 class ProtocolParts:
     server: Callable[..., Any]
     client: Callable[..., Any]
     sasl_service: str  # GSSAPI service name (DIGEST-MD5 digest-uri), RFC 2831
+    busy: bytes  # the protocol's "try again later" greeting, when over a connection limit
+    goodbye: bytes  # said to a client that stayed silent too long before authenticating
 
 
 def protocol_parts(protocol: Protocol) -> ProtocolParts:
-    module_name, prefix, service = {
-        Protocol.SMTP: ("smtp", "Smtp", "smtp"),
-        Protocol.IMAP: ("imap", "Imap", "imap"),
-        Protocol.POP3: ("pop3", "Pop3", "pop"),
+    module_name, prefix, service, busy, goodbye = {
+        # RFC 5321 section 3.8 (421), RFC 5530 [UNAVAILABLE], RFC 3206 [SYS/TEMP]
+        Protocol.SMTP: (
+            "smtp",
+            "Smtp",
+            "smtp",
+            b"421 4.7.0 Too many connections, try again later",
+            b"421 4.4.2 Idle timeout, closing connection",
+        ),
+        Protocol.IMAP: (
+            "imap",
+            "Imap",
+            "imap",
+            b"* BYE [UNAVAILABLE] Too many connections, try again later",
+            b"* BYE Idle timeout, closing connection",
+        ),
+        Protocol.POP3: (
+            "pop3",
+            "Pop3",
+            "pop",
+            b"-ERR [SYS/TEMP] Too many connections, try again later",
+            b"-ERR Idle timeout, closing connection",
+        ),
     }[protocol]
     module = importlib.import_module(f"authgate.protocols.{module_name}")
     return ProtocolParts(
         server=getattr(module, f"{prefix}Server"),
         client=getattr(module, f"{prefix}Client"),
         sasl_service=service,
+        busy=busy + b"\r\n",
+        goodbye=goodbye + b"\r\n",
     )
 
 
@@ -63,9 +78,7 @@ class ListenerRuntime:
         return self.listener.backend.mode is BackendMode.RELAY
 
 
-def build_runtime(
-    config: Config, store: UserStore | None, limits: Limits | None = None
-) -> list[ListenerRuntime]:
+def build_runtime(config: Config, store: UserStore | None) -> list[ListenerRuntime]:
     """Prepare every listener; raises TLSConfigError for unusable certificates."""
     from authgate.sasl.scram import tls_server_end_point
 
@@ -90,7 +103,7 @@ def build_runtime(
                 server_tls=server_tls if listener.tls is not TLSMode.NONE else None,
                 channel_binding=binding,
                 backend_tls=backend_tls,
-                limits=limits or Limits(),
+                limits=config.limits,
             )
         )
     return runtimes

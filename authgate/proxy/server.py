@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
 import socket
+import ssl
 from collections.abc import Iterable
 
 from authgate.config import TLSMode
+from authgate.policy import unmap
 from authgate.proxy.channel import Channel
 from authgate.proxy.runtime import ListenerRuntime
 from authgate.proxy.session import ClientSession
@@ -19,10 +23,10 @@ class _Accepted(Channel):
     """A client connection; starts its session once connected (after the
     handshake, on implicit-TLS listeners)."""
 
-    def __init__(self, gateway: Gateway, runtime: ListenerRuntime) -> None:
+    def __init__(self, gateway: Gateway, name: str) -> None:
         super().__init__()
         self._gateway = gateway
-        self._runtime = runtime
+        self._name = name
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -30,53 +34,132 @@ class _Accepted(Channel):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # Replies are small and lockstep: never hold them back (Nagle).
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._gateway._start_session(self._runtime, self)
+        self._gateway._start_session(self._gateway.runtime(self._name), self)
+
+
+def _same_socket(a: ListenerRuntime, b: ListenerRuntime) -> bool:
+    return a.listener.listen == b.listener.listen and a.listener.tls is b.listener.tls
 
 
 class Gateway:
-    """All listeners of one configuration."""
+    """All listeners of one configuration.
+
+    `reload()` swaps in new settings (config, users, certificates) for new
+    connections; sessions already running keep the settings they began with.
+    """
 
     def __init__(self, runtimes: Iterable[ListenerRuntime]) -> None:
-        self.runtimes = list(runtimes)
-        self._servers: list[asyncio.Server] = []
+        self._runtimes: dict[str, ListenerRuntime] = {rt.listener.name: rt for rt in runtimes}
+        self._servers: dict[str, asyncio.Server] = {}
         self._sessions: set[asyncio.Task[None]] = set()
+        self._per_address: dict[str, int] = {}
+
+    @property
+    def runtimes(self) -> list[ListenerRuntime]:
+        return list(self._runtimes.values())
+
+    def runtime(self, name: str) -> ListenerRuntime:
+        return self._runtimes[name]
 
     async def start(self) -> None:
+        for runtime in self._runtimes.values():
+            await self._listen(runtime)
+
+    async def _listen(self, runtime: ListenerRuntime) -> None:
         loop = asyncio.get_running_loop()
-        for runtime in self.runtimes:
-            listener = runtime.listener
-            implicit = listener.tls is TLSMode.IMPLICIT
-            server = await loop.create_server(
-                lambda rt=runtime: _Accepted(self, rt),
-                listener.listen.host,
-                listener.listen.port,
-                ssl=runtime.server_tls if implicit else None,
-                ssl_handshake_timeout=runtime.limits.handshake_timeout if implicit else None,
-                reuse_address=True,
-            )
-            self._servers.append(server)
-            log.info(
-                "listening: %s (%s, tls %s) on %s -> %s (%s)",
-                listener.name,
-                listener.protocol.value,
-                listener.tls.value,
-                ", ".join(_fmt(s.getsockname()) for s in server.sockets),
-                listener.backend.address,
-                listener.backend.mode.value,
-            )
+        listener = runtime.listener
+        name = listener.name
+        ssl_context = None
+        if listener.tls is TLSMode.IMPLICIT and runtime.server_tls is not None:
+            ssl_context = runtime.server_tls
+
+            # A reload brings a new certificate: pick the listener's current
+            # context at each handshake, so the socket never has to close.
+            def current_context(
+                obj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext
+            ) -> None:
+                fresh = self._runtimes[name].server_tls
+                if fresh is not None and fresh is not obj.context:
+                    obj.context = fresh
+
+            ssl_context.sni_callback = current_context
+        server = await loop.create_server(
+            lambda: _Accepted(self, name),
+            listener.listen.host,
+            listener.listen.port,
+            ssl=ssl_context,
+            ssl_handshake_timeout=runtime.limits.handshake_timeout if ssl_context else None,
+            reuse_address=True,
+        )
+        self._servers[name] = server
+        log.info(
+            "listening: %s (%s, tls %s) on %s -> %s (%s)",
+            name,
+            listener.protocol.value,
+            listener.tls.value,
+            ", ".join(_fmt(s.getsockname()) for s in server.sockets),
+            listener.backend.address,
+            listener.backend.mode.value,
+        )
+
+    async def reload(self, runtimes: Iterable[ListenerRuntime]) -> None:
+        """Apply a new configuration: same listeners swap settings in place;
+        removed ones stop listening; new ones start."""
+        fresh = {rt.listener.name: rt for rt in runtimes}
+        for name in list(self._runtimes):
+            if name not in fresh or not _same_socket(self._runtimes[name], fresh[name]):
+                server = self._servers.pop(name)
+                server.close()
+                del self._runtimes[name]
+                log.info("listener %s stopped (removed or moved)", name)
+        for name, runtime in fresh.items():
+            if name in self._runtimes:
+                self._runtimes[name] = runtime
+            else:
+                self._runtimes[name] = runtime
+                await self._listen(runtime)
 
     def addresses(self) -> dict[str, tuple[str, int]]:
         """Listener name -> bound (host, port): ports may have been 0."""
         result = {}
-        for runtime, server in zip(self.runtimes, self._servers, strict=True):
+        for name, server in self._servers.items():
             host, port = server.sockets[0].getsockname()[:2]
-            result[runtime.listener.name] = (host, port)
+            result[name] = (host, port)
         return result
 
     def _start_session(self, runtime: ListenerRuntime, channel: Channel) -> None:
+        limits = runtime.limits
+        address = unmap_text(channel.peername()[0])
+        per_address = self._per_address.get(address, 0)
+        if len(self._sessions) >= limits.max_connections or (
+            per_address >= limits.max_connections_per_address
+        ):
+            # Over a limit: the protocol's temporary-failure greeting, not a
+            # silent reset, so well-behaved clients back off and retry.
+            log.warning(
+                "%s %s: refused, %s",
+                runtime.listener.name,
+                address,
+                "too many connections"
+                if per_address < limits.max_connections_per_address
+                else "too many connections from this address",
+            )
+            with contextlib.suppress(ConnectionError):
+                channel.write(runtime.parts.busy)
+            channel.close()
+            return
+        self._per_address[address] = per_address + 1
         task = asyncio.ensure_future(ClientSession(runtime, channel).run())
         self._sessions.add(task)
-        task.add_done_callback(self._sessions.discard)
+        task.add_done_callback(lambda t: self._session_done(t, address))
+
+    def _session_done(self, task: asyncio.Task[None], address: str) -> None:
+        self._sessions.discard(task)
+        left = self._per_address.get(address, 1) - 1
+        if left > 0:
+            self._per_address[address] = left
+        else:
+            self._per_address.pop(address, None)
 
     @property
     def session_count(self) -> int:
@@ -84,7 +167,7 @@ class Gateway:
 
     async def stop(self, drain: float = 10.0) -> None:
         """Stop accepting; give sessions `drain` seconds, then cancel them."""
-        for server in self._servers:
+        for server in self._servers.values():
             server.close()
         if self._sessions:
             _, pending = await asyncio.wait(set(self._sessions), timeout=drain)
@@ -92,7 +175,7 @@ class Gateway:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
-        for server in self._servers:
+        for server in self._servers.values():
             await server.wait_closed()
         self._servers.clear()
 
@@ -100,3 +183,11 @@ class Gateway:
 def _fmt(sockname: tuple[str, int] | tuple[str, int, int, int]) -> str:
     host, port = sockname[0], sockname[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def unmap_text(address: str) -> str:
+    """One key per client: ::ffff:10.1.2.3 and 10.1.2.3 are the same host."""
+    try:
+        return str(unmap(ipaddress.ip_address(address.split("%", 1)[0])))
+    except ValueError:
+        return address

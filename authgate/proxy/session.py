@@ -47,6 +47,10 @@ class _SessionOver(Exception):
     """Internal: the machine said Close, or the session was spliced."""
 
 
+class _IdleTimeout(Exception):
+    """Internal: the client was silent too long before authenticating."""
+
+
 class ClientSession:
     def __init__(self, runtime: ListenerRuntime, channel: Channel) -> None:
         self.runtime = runtime
@@ -55,6 +59,7 @@ class ClientSession:
         self.local = channel.sockname()
         self.upstream: Upstream | None = None
         listener = runtime.listener
+        limits = runtime.limits
         self.tag = f"{listener.name} {self.peer[0]}:{self.peer[1]}"
         self.machine: Any = runtime.parts.server(
             SessionSettings(
@@ -65,8 +70,12 @@ class ClientSession:
                 tls_active=listener.tls is TLSMode.IMPLICIT,
                 relay=runtime.relay,
                 submission=listener.submission,
-                # RFC 4954 section 4: an AUTH line may be 12288 octets.
-                max_line=12288 if listener.protocol is Protocol.SMTP else 8192,
+                # RFC 4954 section 4: an SMTP AUTH line may be 12288 octets.
+                max_line=max(limits.max_line, 12288)
+                if listener.protocol is Protocol.SMTP
+                else limits.max_line,
+                max_errors=limits.max_errors,
+                max_commands=limits.max_commands,
             )
         )
 
@@ -90,8 +99,13 @@ class ClientSession:
             await self._run()
         except _SessionOver:
             pass
+        except _IdleTimeout:
+            log.info("%s: timeout before authentication", self.tag)
+            with contextlib.suppress(ChannelClosed):
+                self.client.write(self.runtime.parts.goodbye)
+                await asyncio.wait_for(self.client.drain(), 5)
         except TimeoutError:
-            log.info("%s: idle timeout before authentication", self.tag)
+            log.info("%s: timed out", self.tag)
         except (ChannelClosed, ConnectionError, ssl.SSLError) as exc:
             log.info("%s: connection ended: %s", self.tag, exc.__class__.__name__)
         except Exception:
@@ -103,12 +117,23 @@ class ClientSession:
                 self.upstream.close()
 
     async def _run(self) -> None:
+        limits = self.runtime.limits
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limits.preauth_timeout
         queue: deque[Event] = deque(self.machine.start())
         while True:
             while queue:
                 queue.extend(await self._handle(queue.popleft()))
             await self.client.drain()
-            data = await asyncio.wait_for(self.client.read(), self.runtime.limits.idle_timeout)
+            # Idle timeout, and a cap on the whole pre-authentication phase
+            # (a slow client trickling one byte a minute must not stay forever).
+            wait = min(limits.idle_timeout, deadline - loop.time())
+            try:
+                if wait <= 0:
+                    raise TimeoutError
+                data = await asyncio.wait_for(self.client.read(), wait)
+            except TimeoutError:
+                raise _IdleTimeout from None
             if not data:
                 log.info("%s: client closed before authenticating", self.tag)
                 return

@@ -85,8 +85,10 @@ def config_text(
     security: str,
     mechanisms: Sequence[str],
     exempt: Sequence[str],
+    extra: str = "",
 ) -> str:
-    """The TOML an operator would write for this layout."""
+    """The TOML an operator would write for this layout; `extra` is appended
+    (more top-level tables, e.g. "[limits]\nidle_timeout = 5")."""
 
     def q(value: object) -> str:
         return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -118,7 +120,7 @@ def config_text(
             f"master_user = {q(MASTER_USER)}",
             f"master_password = {q(master_password)}",
         ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + extra
 
 
 @contextlib.asynccontextmanager
@@ -133,6 +135,7 @@ async def embedded_stack(
     host: str = "127.0.0.1",
     certs_dir: Path | None = None,
     messages: Mapping[str, Sequence[bytes]] | None = None,
+    extra_config: str = "",
 ) -> AsyncIterator[Stack]:
     """Start backends and authgate; stop both on exit."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -167,6 +170,7 @@ async def embedded_stack(
                 security=security,
                 mechanisms=mechanisms,
                 exempt=exempt,
+                extra=extra_config,
             )
         )
         config = config_mod.load(config_file)

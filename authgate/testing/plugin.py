@@ -1,0 +1,255 @@
+"""pytest plugin: authgate in front of embedded IMAP/POP3/SMTP backends, per test.
+
+Registered through the ``pytest11`` entry point ``authgate`` (disable with
+``-p no:authgate``). Fixtures:
+
+``authgate_factory``
+    ``stack = await authgate_factory(security=..., mechanisms=[...], exempt=[...],
+    users={...}, messages={...})`` starts a stack on ephemeral 127.0.0.1 ports;
+    every stack started is stopped when the test ends.
+``authgate``
+    A stack with the defaults below, changed per test with
+    ``@pytest.mark.authgate(...)`` (same keywords as the factory).
+``authgate_ssl_context``
+    A client ``ssl.SSLContext`` trusting the stack's CA.
+``authgate_certs_dir``
+    Session-scoped folder holding the throw-away CA and server certificate;
+    override it to use your own.
+
+The stack serves on the event loop, which runs only while an async test
+awaits: tests must be ``async def`` (marked ``asyncio`` in strict mode) and
+run blocking clients (imaplib, poplib, smtplib) with ``asyncio.to_thread``.
+
+Importing this module stays light: authgate's proxy and the backends are
+imported only when a fixture is used, because the entry point loads the
+plugin into every pytest run of an environment where authgate is installed.
+Without pytest-asyncio the plugin registers nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import secrets
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import pytest
+
+if TYPE_CHECKING:
+    import ssl
+
+    from authgate.testing.stack import Stack
+
+try:
+    import pytest_asyncio
+except ImportError:  # authgate installed without its [test] extra
+    HAVE_PYTEST_ASYNCIO = False
+else:
+    HAVE_PYTEST_ASYNCIO = True
+
+DEFAULT_USER = "alice"
+DEFAULT_SECURITY = "require-secure-auth"
+DEFAULT_EXEMPT: tuple[str, ...] = ("127.0.0.2/32",)
+HOST = "127.0.0.1"
+MARKER = "authgate"
+MARKER_KEYWORDS = ("security", "mechanisms", "exempt", "users", "messages")
+MARKER_HELP = (
+    "authgate(security='require-secure-auth', mechanisms=[...], exempt=['127.0.0.2/32'], "
+    "users={'alice': 'pw'}, messages={'alice': [b'...']}): settings of the `authgate` "
+    "fixture's stack for this test"
+)
+
+
+def welcome_message(user: str) -> bytes:
+    """The message every user's INBOX holds when no `messages` are given."""
+    return (
+        b"From: authgate test <postmaster@localhost>\r\n"
+        b"To: " + user.encode() + b"@localhost\r\n"
+        b"Subject: Welcome\r\n"
+        b"Message-ID: <welcome." + user.encode() + b"@authgate.test>\r\n"
+        b"\r\n"
+        b"Hello " + user.encode() + b", this came through authgate.\r\n"
+    )
+
+
+class AuthgateFactory(Protocol):
+    """The type of the `authgate_factory` fixture, for annotating tests."""
+
+    async def __call__(
+        self,
+        *,
+        security: str = DEFAULT_SECURITY,
+        mechanisms: Sequence[str] | None = None,
+        exempt: Sequence[str] = DEFAULT_EXEMPT,
+        users: Mapping[str, str] | None = None,
+        messages: Mapping[str, Sequence[bytes]] | None = None,
+    ) -> Stack: ...
+
+
+def check_policy(
+    origin: str, security: str, mechanisms: Sequence[str] | None, exempt: Sequence[str]
+) -> None:
+    """Validate the policy arguments before anything starts, with the config
+    loader's own messages (ConfigError), so a typo fails in milliseconds and
+    reads like the same mistake in an operator's TOML file."""
+    from authgate import config as config_mod
+
+    # A bare string would be iterated letter by letter and give a baffling
+    # "'P' is not a mechanism".
+    for name, value in (("mechanisms", mechanisms), ("exempt", exempt)):
+        if isinstance(value, str | bytes):
+            raise TypeError(f"{origin}: {name} must be a list of strings, not {value!r}")
+    policy: dict[str, Any] = {"security": security, "exempt_networks": list(exempt)}
+    if mechanisms is not None:
+        policy["mechanisms"] = list(mechanisms)
+    config_mod.from_dict({"policy": policy}, Path(origin))
+
+
+def check_accounts(
+    origin: str, users: Mapping[str, str], messages: Mapping[str, Sequence[bytes]]
+) -> None:
+    if not isinstance(users, Mapping) or not users:
+        raise TypeError(f"{origin}: users must be a non-empty mapping of user name to password")
+    for user, password in users.items():
+        if not isinstance(user, str) or not user or not isinstance(password, str):
+            raise TypeError(f"{origin}: users: {user!r} needs a str name and a str password")
+    for user, items in messages.items():
+        if user not in users:
+            known = ", ".join(map(repr, users))
+            raise ValueError(f"{origin}: messages for {user!r}, who is not a user ({known})")
+        if isinstance(items, bytes | str) or not all(isinstance(m, bytes) for m in items):
+            raise TypeError(f"{origin}: messages[{user!r}] must be a list of bytes messages")
+
+
+def resolve_settings(
+    origin: str,
+    *,
+    security: str = DEFAULT_SECURITY,
+    mechanisms: Sequence[str] | None = None,
+    exempt: Sequence[str] = DEFAULT_EXEMPT,
+    users: Mapping[str, str] | None = None,
+    messages: Mapping[str, Sequence[bytes]] | None = None,
+) -> dict[str, Any]:
+    """Check every argument and fill in the defaults: the keyword arguments
+    for `embedded_stack` (mechanisms None: every mechanism the stack serves)."""
+    check_policy(origin, security, mechanisms, exempt)
+    if users is None:
+        users = {DEFAULT_USER: secrets.token_urlsafe(12)}
+    if messages is None:
+        messages = {user: [welcome_message(user)] for user in users}
+    check_accounts(origin, users, messages)
+    return {
+        "security": security,
+        "mechanisms": mechanisms,
+        "exempt": exempt,
+        "users": users,
+        "messages": messages,
+    }
+
+
+def is_async_test(function: Callable[..., object] | None) -> bool | None:
+    """Whether the test is a coroutine function (None: cannot tell)."""
+    if function is None:
+        return None
+    # hypothesis wraps the test in a sync function; the async original is inner_test.
+    inner = getattr(getattr(function, "hypothesis", None), "inner_test", function)
+    return inspect.iscoroutinefunction(inner)
+
+
+if HAVE_PYTEST_ASYNCIO:
+
+    def pytest_configure(config: pytest.Config) -> None:
+        config.addinivalue_line("markers", MARKER_HELP)
+
+    @pytest.fixture(scope="session")
+    def authgate_certs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+        """The CA and server certificate, made once per session: key generation
+        is the slow part of starting a stack."""
+        from authgate.certs import ensure_dev_certificates
+
+        directory = tmp_path_factory.mktemp("authgate-certs")
+        ensure_dev_certificates(directory)
+        return directory
+
+    @pytest_asyncio.fixture
+    async def authgate_factory(
+        request: pytest.FixtureRequest,
+        tmp_path_factory: pytest.TempPathFactory,
+        authgate_certs_dir: Path,
+    ) -> AsyncIterator[AuthgateFactory]:
+        """Start authgate stacks; all are stopped when the test ends."""
+        if is_async_test(getattr(request, "function", None)) is False:
+            # A sync test runs while the loop is stopped: the stack would accept
+            # connections and never answer, and the client would hang until
+            # its timeout. Say so instead.
+            pytest.fail(
+                f"{request.node.name}: authgate stacks serve on the asyncio event loop, "
+                "which only runs while an async test awaits. Write the test as "
+                "`async def` (with @pytest.mark.asyncio in strict mode) and run blocking "
+                "clients with `await asyncio.to_thread(...)`.",
+                pytrace=False,
+            )
+        from authgate.testing.stack import ALL_MECHANISMS, embedded_stack
+
+        async with contextlib.AsyncExitStack() as running:
+
+            async def start(
+                *,
+                security: str = DEFAULT_SECURITY,
+                mechanisms: Sequence[str] | None = None,
+                exempt: Sequence[str] = DEFAULT_EXEMPT,
+                users: Mapping[str, str] | None = None,
+                messages: Mapping[str, Sequence[bytes]] | None = None,
+            ) -> Stack:
+                settings = resolve_settings(
+                    "authgate_factory",
+                    security=security,
+                    mechanisms=mechanisms,
+                    exempt=exempt,
+                    users=users,
+                    messages=messages,
+                )
+                if settings["mechanisms"] is None:
+                    settings["mechanisms"] = ALL_MECHANISMS
+                workdir = tmp_path_factory.mktemp("authgate")
+                return await running.enter_async_context(
+                    embedded_stack(workdir, host=HOST, certs_dir=authgate_certs_dir, **settings)
+                )
+
+            yield start
+
+    @pytest_asyncio.fixture
+    async def authgate(request: pytest.FixtureRequest, authgate_factory: AuthgateFactory) -> Stack:
+        """A running stack: the factory's defaults, or @pytest.mark.authgate(...)."""
+        from authgate.config import ConfigError
+
+        marker = request.node.get_closest_marker(MARKER)
+        if marker is None:
+            return await authgate_factory()
+        where = f"@pytest.mark.authgate on {request.node.name}"
+        if marker.args:
+            pytest.fail(
+                f"{where}: takes keyword arguments only ({', '.join(MARKER_KEYWORDS)})",
+                pytrace=False,
+            )
+        unknown = sorted(set(marker.kwargs) - set(MARKER_KEYWORDS))
+        if unknown:
+            pytest.fail(
+                f"{where}: unknown argument {unknown[0]!r} "
+                f"(expected: {', '.join(MARKER_KEYWORDS)})",
+                pytrace=False,
+            )
+        # Resolve here, not in the factory, so that a mistake names the marker
+        # and reads as a test-definition error rather than a traceback.
+        try:
+            settings = resolve_settings(where, **marker.kwargs)
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise pytest.fail.Exception(str(exc), pytrace=False) from None
+        return await authgate_factory(**settings)
+
+    @pytest.fixture
+    def authgate_ssl_context(authgate: Stack) -> ssl.SSLContext:
+        """A client TLS context trusting the `authgate` stack's CA."""
+        return authgate.ssl_context()
