@@ -90,6 +90,10 @@ class Gateway:
             ssl=ssl_context,
             ssl_handshake_timeout=runtime.limits.handshake_timeout if ssl_context else None,
             reuse_address=True,
+            # Bursts of connects (mail clients polling at the full minute)
+            # must not overflow the accept queue; the kernel caps this at
+            # net.core.somaxconn.
+            backlog=4096,
         )
         self._servers[name] = server
         log.info(
