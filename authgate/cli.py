@@ -194,10 +194,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
     from authgate.proxy.tls import TLSConfigError
-    from authgate.runner import serve, setup_logging
+    from authgate.runner import serve, setup_logging, verification_pool
 
     config = _load_config(args.config)
-    store = _load_store(config)
+    store: UserStore | None = _wrap(lambda: load_store(config, verification_pool()))
     setup_logging()
     try:
         asyncio.run(serve(config, store))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from authgate.defence import DefenceSettings
 from authgate.policy import ExemptNetworks, ListenerPolicy, Protocol, Security
 from authgate.sasl import DEFAULT_ORDER, MECHANISMS
 
@@ -139,28 +140,67 @@ _LIMIT_RANGES: dict[str, tuple[float, float]] = {
 }
 
 
+def _number(table: _Table, name: str, kind: type, low: float, high: float) -> float | int:
+    """A number in [low, high]; an int where `kind` is int."""
+    raw = table.data[name]
+    table.used.add(name)
+    if (
+        isinstance(raw, bool)
+        or not isinstance(raw, int | float)
+        or (kind is int and not isinstance(raw, int))
+    ):
+        raise table.error(name, f"{raw!r} is not {'an integer' if kind is int else 'a number'}")
+    if not low <= raw <= high:
+        raise table.error(name, f"{raw!r} is outside {low:g}..{high:g}")
+    value: float | int = kind(raw)
+    return value
+
+
 def _limits(table: _Table | None) -> Limits:
     if table is None:
         return Limits()
     values: dict[str, float | int] = {}
     for name, default in vars(Limits()).items():
-        if not table.has(name):
-            continue
-        kind: type = int if isinstance(default, int) else float
-        raw = table.data[name]
-        table.used.add(name)
-        if (
-            isinstance(raw, bool)
-            or not isinstance(raw, int | float)
-            or (kind is int and not isinstance(raw, int))
-        ):
-            raise table.error(name, f"{raw!r} is not {'an integer' if kind is int else 'a number'}")
-        low, high = _LIMIT_RANGES[name]
-        if not low <= raw <= high:
-            raise table.error(name, f"{raw!r} is outside {low:g}..{high:g}")
-        values[name] = kind(raw)
+        if table.has(name):
+            kind = int if isinstance(default, int) else float
+            values[name] = _number(table, name, kind, *_LIMIT_RANGES[name])
     table.finish()
     return Limits(**values)  # type: ignore[arg-type]
+
+
+_DEFENCE_NUMBERS: dict[str, tuple[type, float, float]] = {
+    "failure_delay": (float, 0, 60),
+    "block_after": (int, 1, 1_000_000),
+    "block_window": (float, 1, 86400),
+    "block_for": (float, 1, 30 * 86400),
+    "ipv4_prefix": (int, 8, 32),
+    "ipv6_prefix": (int, 16, 128),
+    "user_lockout_after": (int, 1, 1_000_000),
+    "user_lockout_window": (float, 1, 30 * 86400),
+    "user_lockout_for": (float, 1, 30 * 86400),
+    "max_tracked": (int, 100, 100_000_000),
+}
+
+
+def _defence(table: _Table | None) -> DefenceSettings:
+    """[defence]: failure delay, escalating penalties, address blocks, and
+    the optional per-user lockout (off unless user_lockout_after is set)."""
+    if table is None:
+        return DefenceSettings()
+    values: dict[str, object] = {}
+    for name, (kind, low, high) in _DEFENCE_NUMBERS.items():
+        if table.has(name):
+            values[name] = _number(table, name, kind, low, high)
+    if table.has("penalties"):
+        raw = table.get("penalties", list, [])
+        for i, item in enumerate(raw):
+            if isinstance(item, bool) or not isinstance(item, int | float) or not 0 <= item <= 3600:
+                raise table.error("penalties", f"[{i}]: {item!r} is not a delay in 0..3600 seconds")
+        values["penalties"] = tuple(float(x) for x in raw)
+    if table.has("trusted_networks"):
+        values["trusted"] = _networks(table, "trusted_networks")
+    table.finish()
+    return DefenceSettings(**values)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -171,6 +211,7 @@ class Config:
     users_file: Path | None
     listeners: tuple[Listener, ...]
     limits: Limits = field(default_factory=Limits)
+    defence: DefenceSettings = field(default_factory=DefenceSettings)
 
     def listener(self, name: str) -> Listener:
         for listener in self.listeners:
@@ -299,6 +340,19 @@ def _mechanisms(table: _Table, key: str, default: tuple[str, ...]) -> tuple[str,
     return tuple(seen)
 
 
+def _networks(table: _Table, key: str) -> ExemptNetworks:
+    nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for i, entry in enumerate(table.strings(key, ())):
+        try:
+            nets.extend(ExemptNetworks.parse([entry]).networks)
+        except ValueError:
+            raise ConfigError(
+                f"{table.source}: {table.where(key)}[{i}]: "
+                f"{entry!r} is not a network (CIDR such as 192.168.0.0/16 or fd00::/8)"
+            ) from None
+    return ExemptNetworks(tuple(nets))
+
+
 def _policy(table: _Table | None, base: ListenerPolicy) -> ListenerPolicy:
     if table is None:
         return base
@@ -306,17 +360,7 @@ def _policy(table: _Table | None, base: ListenerPolicy) -> ListenerPolicy:
     mechanisms = _mechanisms(table, "mechanisms", base.mechanisms)
     exempt = base.exempt
     if table.has("exempt_networks"):
-        entries = table.strings("exempt_networks", ())
-        nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-        for i, entry in enumerate(entries):
-            try:
-                nets.extend(ExemptNetworks.parse([entry]).networks)
-            except ValueError:
-                raise ConfigError(
-                    f"{table.source}: {table.where('exempt_networks')}[{i}]: "
-                    f"{entry!r} is not a network (CIDR such as 192.168.0.0/16 or fd00::/8)"
-                ) from None
-        exempt = ExemptNetworks(tuple(nets))
+        exempt = _networks(table, "exempt_networks")
     table.finish()
     return ListenerPolicy(
         protocol=base.protocol,
@@ -441,6 +485,7 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
         users_file = users_table.path_value("file")
         users_table.finish()
     limits = _limits(root.table("limits"))
+    defence = _defence(root.table("defence"))
     raw_listeners = root.get("listeners", list, [])
     listeners: list[Listener] = []
     for i, item in enumerate(raw_listeners):
@@ -473,6 +518,7 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
         users_file=users_file,
         listeners=tuple(listeners),
         limits=limits,
+        defence=defence,
     )
 
 

@@ -8,6 +8,7 @@ so what `negotiate` prints is what a live listener does.
 from __future__ import annotations
 
 import ipaddress
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from authgate.config import BackendMode, Config, Listener, PasswordStorage
@@ -68,5 +69,8 @@ ONE_WAY_REASON = "the backend keeps passwords as one-way hashes"
 RELAY_BINDING_REASON = "channel binding cannot be relayed: the client's TLS ends at authgate"
 
 
-def load_store(config: Config) -> UserStore | None:
-    return None if config.users_file is None else UserStore.load(config.users_file)
+def load_store(config: Config, executor: Executor | None = None) -> UserStore | None:
+    """The users file; `executor` runs its slow hashing off the event loop."""
+    if config.users_file is None:
+        return None
+    return UserStore.load(config.users_file, executor=executor)

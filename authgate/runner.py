@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import resource
 import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from authgate import config as config_mod
@@ -48,14 +50,27 @@ def raise_open_files_limit() -> int:
     return int(soft)
 
 
-def load_runtime(path: Path) -> list[ListenerRuntime]:
+def verification_pool() -> ThreadPoolExecutor:
+    """Password hashing runs here, one thread per core: enough to use the
+    machine, few enough that a flood of guesses queues instead of starving
+    the event loop's own threads."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="verify")
+    return _POOL
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def load_runtime(path: Path) -> tuple[Config, list[ListenerRuntime]]:
     """Config, users and certificates, ready to serve (raises on any problem)."""
     config = config_mod.load(path)
-    return build_runtime(config, load_store(config))
+    return config, build_runtime(config, load_store(config, verification_pool()))
 
 
 async def start_gateway(config: Config, store: UserStore | None) -> Gateway:
-    gateway = Gateway(build_runtime(config, store))
+    gateway = Gateway(build_runtime(config, store), config.defence)
     await gateway.start()
     return gateway
 
@@ -85,8 +100,8 @@ async def _reloader(gateway: Gateway, path: Path, requested: asyncio.Event) -> N
         log.info("reloading %s", path)
         try:
             # Reading and hashing happen off the loop: sessions keep flowing.
-            runtimes = await asyncio.to_thread(load_runtime, path)
-            await gateway.reload(runtimes)
+            config, runtimes = await asyncio.to_thread(load_runtime, path)
+            await gateway.reload(runtimes, config.defence)
         except Exception as exc:  # any problem: keep serving the old settings
             log.error("reload failed, keeping the running configuration: %s", exc)
         else:

@@ -81,6 +81,22 @@ class _Kind(enum.Enum):
     ANY_CRYPT = "any-crypt"  # {CRYPT}: dispatch on the $id$ prefix
 
 
+_VERIFY_COST = {
+    _Kind.PLAINTEXT: 0,
+    _Kind.NTLM: 1,
+    _Kind.CRAM_MD5: 1,
+    _Kind.DIGEST_MD5: 1,
+    _Kind.DIGEST: 2,
+    _Kind.SALTED: 2,
+    _Kind.SCRAM: 3,  # PBKDF2, typically 4096 rounds
+    _Kind.PBKDF2: 4,
+    _Kind.CRYPT: 5,
+    _Kind.ANY_CRYPT: 5,
+    _Kind.BCRYPT: 6,
+    _Kind.ARGON2: 6,
+}
+
+
 class _Encoding(enum.Enum):
     NONE = "none"
     BASE64 = "base64"
@@ -305,6 +321,14 @@ class StoredSecret:
         if self.impl.form is not None:
             return frozenset({self.impl.form})
         return frozenset()
+
+    @property
+    def verify_cost(self) -> int:
+        """Relative cost of `verify_password` (0 cheapest). Every form a user
+        holds checks the same password, so the store asks the cheapest one:
+        an online guess learns the same yes/no either way, and a deliberately
+        slow hash protects nothing while a faster form sits beside it."""
+        return _VERIFY_COST[self.impl.kind]
 
     @property
     def can_verify_password(self) -> bool:

@@ -322,12 +322,12 @@ class UserStore:
         if user is None:
             # Spend what a known user with a wrong password costs, so the
             # answer's timing does not tell which users exist.
-            for secret in self._dummy_secrets():
-                secret.verify_password(password)
+            dummy = _cheapest_checker(self._dummy_secrets())
+            if dummy is not None:
+                dummy.verify_password(password)
             return False
-        # A wrong password is checked against every secret (the common,
-        # attacker-driven case costs the same as for the dummy above).
-        return any(s.verify_password(password) for s in user.secrets if s.can_verify_password)
+        checker = _cheapest_checker(user.secrets)
+        return checker is not None and checker.verify_password(password)
 
     def _lookup(self, name: str, form: SecretForm, realm: str) -> LookupAnswer:
         user = self.user(name)
@@ -546,6 +546,14 @@ class UserStore:
         if self._path is None:
             self._path = target
         return target
+
+
+def _cheapest_checker(secrets: Iterable[StoredSecret]) -> StoredSecret | None:
+    """The secret to check a password with: all of a user's forms describe
+    the same password, so the cheapest gives the same answer (see
+    StoredSecret.verify_cost). Unknown users imitate the same choice."""
+    usable = [s for s in secrets if s.can_verify_password]
+    return min(usable, key=lambda s: s.verify_cost, default=None)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -12,6 +12,7 @@ waits while the transport's write buffer is full.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from typing import cast
 
@@ -128,7 +129,9 @@ class Channel(asyncio.Protocol):
     def write_eof(self) -> None:
         if self.can_write_eof():
             assert self.transport is not None
-            self.transport.write_eof()
+            # The peer may already be gone (ENOTCONN): nothing left to tell it.
+            with contextlib.suppress(OSError):
+                self.transport.write_eof()
 
     async def start_tls(
         self,

@@ -24,10 +24,11 @@ class ProtocolParts:
     sasl_service: str  # GSSAPI service name (DIGEST-MD5 digest-uri), RFC 2831
     busy: bytes  # the protocol's "try again later" greeting, when over a connection limit
     goodbye: bytes  # said to a client that stayed silent too long before authenticating
+    blocked: bytes  # greeting for an address blocked by the brute-force defence
 
 
 def protocol_parts(protocol: Protocol) -> ProtocolParts:
-    module_name, prefix, service, busy, goodbye = {
+    module_name, prefix, service, busy, goodbye, blocked = {
         # RFC 5321 section 3.8 (421), RFC 5530 [UNAVAILABLE], RFC 3206 [SYS/TEMP]
         Protocol.SMTP: (
             "smtp",
@@ -35,6 +36,7 @@ def protocol_parts(protocol: Protocol) -> ProtocolParts:
             "smtp",
             b"421 4.7.0 Too many connections, try again later",
             b"421 4.4.2 Idle timeout, closing connection",
+            b"421 4.7.0 Too many failed logins from your address, try again later",
         ),
         Protocol.IMAP: (
             "imap",
@@ -42,6 +44,7 @@ def protocol_parts(protocol: Protocol) -> ProtocolParts:
             "imap",
             b"* BYE [UNAVAILABLE] Too many connections, try again later",
             b"* BYE Idle timeout, closing connection",
+            b"* BYE [UNAVAILABLE] Too many failed logins from your address, try again later",
         ),
         Protocol.POP3: (
             "pop3",
@@ -49,6 +52,7 @@ def protocol_parts(protocol: Protocol) -> ProtocolParts:
             "pop",
             b"-ERR [SYS/TEMP] Too many connections, try again later",
             b"-ERR Idle timeout, closing connection",
+            b"-ERR [SYS/TEMP] Too many failed logins from your address, try again later",
         ),
     }[protocol]
     module = importlib.import_module(f"authgate.protocols.{module_name}")
@@ -58,6 +62,7 @@ def protocol_parts(protocol: Protocol) -> ProtocolParts:
         sasl_service=service,
         busy=busy + b"\r\n",
         goodbye=goodbye + b"\r\n",
+        blocked=blocked + b"\r\n",
     )
 
 

@@ -11,6 +11,7 @@ import ssl
 from collections.abc import Iterable
 
 from authgate.config import TLSMode
+from authgate.defence import DefenceSettings, Guard
 from authgate.policy import unmap
 from authgate.proxy.channel import Channel
 from authgate.proxy.runtime import ListenerRuntime
@@ -48,8 +49,11 @@ class Gateway:
     connections; sessions already running keep the settings they began with.
     """
 
-    def __init__(self, runtimes: Iterable[ListenerRuntime]) -> None:
+    def __init__(self, runtimes: Iterable[ListenerRuntime], defence: DefenceSettings) -> None:
         self._runtimes: dict[str, ListenerRuntime] = {rt.listener.name: rt for rt in runtimes}
+        # One brute-force guard for all listeners, kept across reloads.
+        self.guard = Guard(defence)
+        self._pruner: asyncio.Task[None] | None = None
         self._servers: dict[str, asyncio.Server] = {}
         self._sessions: set[asyncio.Task[None]] = set()
         self._per_address: dict[str, int] = {}
@@ -64,6 +68,12 @@ class Gateway:
     async def start(self) -> None:
         for runtime in self._runtimes.values():
             await self._listen(runtime)
+        self._pruner = asyncio.ensure_future(self._prune_forever())
+
+    async def _prune_forever(self) -> None:
+        while True:
+            await asyncio.sleep(60)
+            self.guard.prune()
 
     async def _listen(self, runtime: ListenerRuntime) -> None:
         loop = asyncio.get_running_loop()
@@ -106,9 +116,11 @@ class Gateway:
             listener.backend.mode.value,
         )
 
-    async def reload(self, runtimes: Iterable[ListenerRuntime]) -> None:
+    async def reload(self, runtimes: Iterable[ListenerRuntime], defence: DefenceSettings) -> None:
         """Apply a new configuration: same listeners swap settings in place;
-        removed ones stop listening; new ones start."""
+        removed ones stop listening; new ones start. Failure counters and
+        blocks survive (a reload must not pardon an attacker)."""
+        self.guard.settings = defence
         fresh = {rt.listener.name: rt for rt in runtimes}
         for name in list(self._runtimes):
             if name not in fresh or not _same_socket(self._runtimes[name], fresh[name]):
@@ -153,7 +165,7 @@ class Gateway:
             channel.close()
             return
         self._per_address[address] = per_address + 1
-        task = asyncio.ensure_future(ClientSession(runtime, channel).run())
+        task = asyncio.ensure_future(ClientSession(runtime, channel, self.guard).run())
         self._sessions.add(task)
         task.add_done_callback(lambda t: self._session_done(t, address))
 
@@ -171,6 +183,8 @@ class Gateway:
 
     async def stop(self, drain: float = 10.0) -> None:
         """Stop accepting; give sessions `drain` seconds, then cancel them."""
+        if self._pruner is not None:
+            self._pruner.cancel()
         for server in self._servers.values():
             server.close()
         if self._sessions:

@@ -15,6 +15,7 @@ from collections import deque
 from typing import Any
 
 from authgate.config import TLSMode
+from authgate.defence import Guard
 from authgate.policy import Protocol
 from authgate.protocols.base import (
     Authenticated,
@@ -38,9 +39,26 @@ from authgate.proxy.runtime import ListenerRuntime
 from authgate.proxy.splice import splice
 from authgate.proxy.upstream import LoginStep, Upstream, connect
 from authgate.sasl import MECHANISMS
-from authgate.sasl.base import ClientContext, ClientCredentials, Lookup, ServerContext
+from authgate.sasl.base import (
+    ClientContext,
+    ClientCredentials,
+    FailureReason,
+    Lookup,
+    LookupAnswer,
+    LookupRequest,
+    PasswordCheck,
+    ServerContext,
+)
 
 log = logging.getLogger("authgate.session")
+
+
+# AuthFailed reasons that mean "wrong credentials": the ones a password
+# guesser produces. Policy refusals, cancels, malformed input (capped by
+# max_errors) and backend faults are not guesses.
+GUESS_REASONS = frozenset(
+    {FailureReason.INVALID_CREDENTIALS.value, FailureReason.AUTHZ_DENIED.value}
+)
 
 
 class _SessionOver(Exception):
@@ -52,9 +70,13 @@ class _IdleTimeout(Exception):
 
 
 class ClientSession:
-    def __init__(self, runtime: ListenerRuntime, channel: Channel) -> None:
+    def __init__(self, runtime: ListenerRuntime, channel: Channel, guard: Guard) -> None:
         self.runtime = runtime
+        self.guard = guard
         self.client = channel
+        # (user, keyed hash of the password) of the last cleartext password
+        # checked: lets the defence recognise a stale password sent again.
+        self._fingerprint: tuple[str, bytes] | None = None
         self.peer = channel.peername()
         self.local = channel.sockname()
         self.upstream: Upstream | None = None
@@ -117,6 +139,12 @@ class ClientSession:
                 self.upstream.close()
 
     async def _run(self) -> None:
+        verdict = self.guard.check(self.peer[0])
+        if verdict.blocked:
+            log.info("%s: refused, address blocked for %.0fs more", self.tag, verdict.retry_after)
+            self.client.write(self.runtime.parts.blocked)
+            await self.client.drain()
+            return
         limits = self.runtime.limits
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limits.preauth_timeout
@@ -146,12 +174,7 @@ class ClientSession:
         if isinstance(event, StartTLS):
             return await self._start_tls()
         if isinstance(event, Lookup):
-            store = self.runtime.store
-            if store is None:  # relay mode never verifies locally
-                raise RuntimeError("credential lookup on a listener without a store")
-            answer = await store.aresolve(event.request)
-            events: list[Event] = self.machine.resume(answer)
-            return events
+            return await self._lookup(event.request)
         if isinstance(event, Authenticated):
             return await self._login_as(event)
         if isinstance(event, RelayAuth):
@@ -162,10 +185,7 @@ class ClientSession:
                 await self.upstream.advance(self.upstream.machine.respond(event.data))
             )
         if isinstance(event, AuthFailed):
-            who = f" as {event.authcid!r}" if event.authcid else ""
-            log.info(
-                "%s: %s authentication failed%s: %s", self.tag, event.mechanism, who, event.reason
-            )
+            await self._auth_failed(event)
             return []
         if isinstance(event, Splice):
             await self._splice(event)
@@ -174,6 +194,37 @@ class ClientSession:
             await self.client.drain()
             raise _SessionOver
         raise RuntimeError(f"unhandled event {event!r}")
+
+    async def _lookup(self, request: LookupRequest) -> list[Event]:
+        store = self.runtime.store
+        if store is None:  # relay mode never verifies locally
+            raise RuntimeError("credential lookup on a listener without a store")
+        if isinstance(request, PasswordCheck):
+            user = request.authcid
+            self._fingerprint = (user, self.guard.fingerprint(user, request.password))
+        answer: LookupAnswer
+        if self.guard.user_locked(request.authcid, self.peer[0]):
+            # A locked user fails like a wrong password: no oracle for guessers.
+            log.info("%s: user %r is locked out", self.tag, request.authcid)
+            answer = False if isinstance(request, PasswordCheck) else None
+        else:
+            answer = await store.aresolve(request)
+        events: list[Event] = self.machine.resume(answer)
+        return events
+
+    async def _auth_failed(self, event: AuthFailed) -> None:
+        who = f" as {event.authcid!r}" if event.authcid else ""
+        log.info("%s: %s authentication failed%s: %s", self.tag, event.mechanism, who, event.reason)
+        if event.reason not in GUESS_REASONS:
+            return  # a refusal by policy, a cancel or a backend fault: not a guess
+        fingerprint = None
+        if self._fingerprint is not None and self._fingerprint[0] == event.authcid:
+            fingerprint = self._fingerprint[1]
+        self._fingerprint = None
+        delay = self.guard.failure(self.peer[0], event.authcid, fingerprint)
+        # Sleeping here holds back this session's reply only; other sessions
+        # run on. Dovecot and Kerio do the same against password guessing.
+        await asyncio.sleep(delay)
 
     async def _start_tls(self) -> list[Event]:
         context = self.runtime.server_tls
@@ -259,6 +310,8 @@ class ClientSession:
         if isinstance(result, RelayChallenge):  # cannot happen in terminate mode
             result = LoginFailed(BackendFailure.REJECTED, "unexpected challenge")
         return self._backend_failed(result)
+
+        self.guard.success(self.peer[0], event.authcid)
 
     def _backend_failed(self, failure: LoginFailed) -> list[Event]:
         log.warning(

@@ -20,7 +20,7 @@ async def _pump(source: Channel, sink: Channel) -> int:
             moved += len(data)
             # Back-pressure: never read faster than the other side takes it.
             await sink.drain()
-    except ChannelClosed:
+    except (ChannelClosed, ConnectionError):
         pass
     sink.write_eof()
     return moved

@@ -19,7 +19,7 @@ from authgate import config as config_mod
 from authgate.certs import ensure_dev_certificates
 from authgate.credentials.store import UserStore, generate_secrets
 from authgate.proxy.server import Gateway
-from authgate.runner import start_gateway
+from authgate.runner import start_gateway, verification_pool
 from authgate.testing.backends import Backends, seed_mailbox, start_backends
 
 MASTER_USER = "authgate"
@@ -174,7 +174,9 @@ async def embedded_stack(
             )
         )
         config = config_mod.load(config_file)
-        gateway = await start_gateway(config, UserStore.load(users_file))
+        gateway = await start_gateway(
+            config, UserStore.load(users_file, executor=verification_pool())
+        )
         try:
             bound = gateway.addresses()
             endpoints = {
