@@ -7,6 +7,7 @@ clear line to stderr and exit 2; nothing a user can do prints a traceback.
 from __future__ import annotations
 
 import argparse
+import datetime
 import getpass
 import ipaddress
 import json
@@ -17,11 +18,18 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from authgate import config as config_mod
+from authgate.atrest import add_commands as add_atrest_commands
+from authgate.atrest import read_password
+from authgate.atrest.envelope import Keyring, keyring_path, unlock
 from authgate.config import Config, ConfigError, Listener
 from authgate.credentials.schemes import SchemeError
 from authgate.credentials.store import StoreError, UserStore, generate_secrets
 from authgate.errors import UserError
+from authgate.firewall import add_commands as add_firewall_commands
 from authgate.offers import ListenerOffer, listener_offer, load_store
+from authgate.password_policy import PasswordPolicy, format_violations
+from authgate.password_policy import add_commands as add_expiry_commands
+from authgate.password_policy import check as check_password
 from authgate.policy import Decision, Security
 
 EXIT_USAGE = 2
@@ -65,8 +73,11 @@ def _check_listener(offer: ListenerOffer, out: TextIO) -> None:
         sample = policy.exempt.networks[0].network_address
         print(_describe_decision("exempt, without TLS:", offer.decide(sample, tls=False)), file=out)
     if listener.tls.value == "none" and policy.security is Security.REQUIRE_ENCRYPTED:
-        print("  warning: require-encrypted on a listener without TLS: only exempt clients can "
-              "authenticate", file=out)
+        print(
+            "  warning: require-encrypted on a listener without TLS: only exempt clients can "
+            "authenticate",
+            file=out,
+        )
 
 
 def _outsider_address(listener: Listener) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -79,8 +90,10 @@ def _outsider_address(listener: Listener) -> ipaddress.IPv4Address | ipaddress.I
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from authgate.firewall import warnings
+
     config = _load_config(args.config)
-    store = _load_store(config)
+    store = _load_store(config, _keyring(args, config))
     print(f"{config.path}: OK, {len(config.listeners)} listener(s)")
     if config.tls.cert is not None and config.tls.key is not None:
         from authgate.proxy.tls import TLSConfigError, server_context
@@ -95,6 +108,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"users: {config.users_file} ({len(store)} user(s))")
     for listener in config.listeners:
         _check_listener(listener_offer(listener, store, config.hostname), sys.stdout)
+    for warning in warnings(config, store):
+        print(f"warning: {warning}")
     return 0
 
 
@@ -108,11 +123,13 @@ def cmd_negotiate(args: argparse.Namespace) -> int:
         client = ipaddress.ip_address(args.client_ip)
     except ValueError:
         raise UserError(f"--client-ip: {args.client_ip!r} is not an IP address") from None
-    offer = listener_offer(listener, _load_store(config), config.hostname)
+    offer = listener_offer(listener, _load_store(config, _keyring(args, config)), config.hostname)
     decision = offer.decide(client, tls=args.tls)
-    client_mechs = [m.strip().upper() for m in args.client_mechs.split(",") if m.strip()] if (
-        args.client_mechs
-    ) else []
+    client_mechs = (
+        [m.strip().upper() for m in args.client_mechs.split(",") if m.strip()]
+        if (args.client_mechs)
+        else []
+    )
     chosen = decision.choose(client_mechs) if client_mechs else None
     result: dict[str, Any] = {
         "listener": listener.name,
@@ -134,9 +151,11 @@ def cmd_negotiate(args: argparse.Namespace) -> int:
         json.dump(result, sys.stdout, indent=2)
         print()
         return 0
-    print(f"listener {listener.name} ({listener.protocol.value}), client {client}, "
-          f"{'inside TLS' if args.tls else 'without TLS'}"
-          f"{', exempt' if decision.exempt else ''}: policy {decision.effective.value}")
+    print(
+        f"listener {listener.name} ({listener.protocol.value}), client {client}, "
+        f"{'inside TLS' if args.tls else 'without TLS'}"
+        f"{', exempt' if decision.exempt else ''}: policy {decision.effective.value}"
+    )
     print(f"  offered: {', '.join(decision.offered) or 'nothing'}")
     print(f"  cleartext login: {'allowed' if decision.cleartext_login else 'refused'}")
     if decision.tls_required:
@@ -169,6 +188,8 @@ def _read_password(args: argparse.Namespace) -> str:
 def cmd_passwd(args: argparse.Namespace) -> int:
     users_file: Path | None = args.users
     realm = args.realm
+    policy = PasswordPolicy()
+    keyring = None
     if users_file is None:
         if args.config is None:
             raise UserError("give -c CONFIG or --users FILE")
@@ -177,12 +198,24 @@ def cmd_passwd(args: argparse.Namespace) -> int:
             raise UserError(f"{config.path}: no [users] file is configured")
         users_file = config.users_file
         realm = realm or config.hostname
-    store = _wrap(lambda: UserStore.load(users_file)) if users_file.exists() else UserStore()
+        policy = config.password_policy
+        keyring = _keyring(args, config)
+    existing = users_file
+    store = (
+        _wrap(lambda: UserStore.load(existing, keyring=keyring))
+        if existing.exists()
+        else UserStore()
+    )
     realm = realm or store.realm or "localhost"
     password = _read_password(args)
+    user = store.user(args.user)
+    problems = check_password(policy, password, args.user, user.full_name if user else None)
+    if problems:
+        raise UserError(format_violations(problems))
     secrets = generate_secrets(args.user, password, realm)
-    _wrap(lambda: store.set_user_secrets(args.user, secrets, realm=realm))
-    _wrap(lambda: store.save(users_file))
+    today = datetime.date.today()
+    _wrap(lambda: store.set_user_secrets(args.user, secrets, realm=realm, password_changed=today))
+    _wrap(lambda: store.save(existing))
     print(f"{users_file}: password set for {args.user} ({len(secrets)} stored forms)")
     return 0
 
@@ -197,10 +230,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from authgate.runner import serve, setup_logging, verification_pool
 
     config = _load_config(args.config)
-    store: UserStore | None = _wrap(lambda: load_store(config, verification_pool()))
+    keyring = _keyring(args, config)
+    store: UserStore | None = _wrap(lambda: load_store(config, verification_pool(), keyring))
     setup_logging()
     try:
-        asyncio.run(serve(config, store))
+        asyncio.run(serve(config, store, keyring))
     except TLSConfigError as exc:
         raise UserError(str(exc)) from None
     except OSError as exc:  # e.g. address already in use
@@ -245,9 +279,27 @@ def _load_config(path: Path) -> Config:
     return result
 
 
-def _load_store(config: Config) -> UserStore | None:
-    result: UserStore | None = _wrap(lambda: load_store(config))
+def _load_store(config: Config, keyring: Keyring | None) -> UserStore | None:
+    result: UserStore | None = _wrap(lambda: load_store(config, keyring=keyring))
     return result
+
+
+def _keyring(args: argparse.Namespace, config: Config) -> Keyring | None:
+    """Unlock the files encrypted at rest, when the config's folder has a
+    keyring: the admin password from --password-file, $AUTHGATE_PASSWORD or
+    a prompt."""
+    if not keyring_path(config.path.parent).exists():
+        return None
+    password = read_password(getattr(args, "password_file", None))
+    return unlock(config.path.parent, password)
+
+
+def _password_file_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--password-file",
+        type=Path,
+        help="admin password for files encrypted at rest (else $AUTHGATE_PASSWORD or a prompt)",
+    )
 
 
 def _find_listener(config: Config, name: str) -> Listener:
@@ -264,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the proxy in the foreground (logs to stderr)")
     p.add_argument("-c", "--config", type=Path, required=True)
+    _password_file_option(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="run the demo: the proxy in front of embedded backends")
@@ -277,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="validate a config and show each listener's effective policy")
     p.add_argument("-c", "--config", type=Path, required=True)
+    _password_file_option(p)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("negotiate", help="show what a client would be offered on a listener")
@@ -286,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls", action="store_true", help="the connection is inside TLS")
     p.add_argument("--client-mechs", default="", help="mechanisms the client supports, A,B,...")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _password_file_option(p)
     p.set_defaults(func=cmd_negotiate)
 
     p = sub.add_parser("passwd", help="set a user's password in the users file")
@@ -296,7 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--password-stdin", action="store_true", help="read the password from standard input"
     )
+    _password_file_option(p)
     p.set_defaults(func=cmd_passwd)
+    add_atrest_commands(sub)
+    add_firewall_commands(sub)
+    add_expiry_commands(sub)
     return parser
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from authgate.defence import DefenceSettings
+from authgate.errors import ConfigError as ConfigError  # re-exported: callers catch it here
+from authgate.password_policy import PasswordPolicy, parse_policy
 from authgate.policy import ExemptNetworks, ListenerPolicy, Protocol, Security
 from authgate.sasl import DEFAULT_ORDER, MECHANISMS
 
@@ -29,10 +31,6 @@ T = TypeVar("T")
 _HOSTNAME = re.compile(
     r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
 )
-
-
-class ConfigError(Exception):
-    """A user-caused configuration problem; the CLI prints it and exits 2."""
 
 
 class TLSMode(enum.Enum):
@@ -90,6 +88,8 @@ class BackendSettings:
     server_name: str | None = None  # SNI and certificate name; defaults to the host
     master_user: str | None = None
     master_password: str | None = field(default=None, repr=False)
+    # Read when the proxy starts (it may be encrypted at rest: see atrest).
+    master_password_file: Path | None = None
     client_address: ClientAddressForwarding = ClientAddressForwarding.NONE
     mechanisms: tuple[str, ...] = ("PLAIN",)  # our preference when logging in to it
     password_storage: PasswordStorage = PasswordStorage.UNKNOWN
@@ -210,8 +210,10 @@ class Config:
     tls: TLSSettings
     users_file: Path | None
     listeners: tuple[Listener, ...]
+    audit_file: Path | None = None  # [audit] file: append-only log of authentications
     limits: Limits = field(default_factory=Limits)
     defence: DefenceSettings = field(default_factory=DefenceSettings)
+    password_policy: PasswordPolicy = field(default_factory=PasswordPolicy)
 
     def listener(self, name: str) -> Listener:
         for listener in self.listeners:
@@ -392,11 +394,8 @@ def _backend(listener: _Table, protocol: Protocol) -> BackendSettings:
     if password_file is not None:
         if master_password is not None:
             raise table.error("master_password_file", "give master_password or the file, not both")
-        try:
-            master_password = password_file.read_text().rstrip("\r\n")
-        except OSError as exc:
-            message = f"cannot read {password_file}: {exc.strerror}"
-            raise table.error("master_password_file", message) from None
+        if not password_file.is_file():
+            raise table.error("master_password_file", f"{str(password_file)!r} is not a file")
     mode = table.choice("mode", BackendMode, BackendMode.TERMINATE)
     forwarding = table.choice(
         "client_address", ClientAddressForwarding, ClientAddressForwarding.NONE
@@ -414,6 +413,7 @@ def _backend(listener: _Table, protocol: Protocol) -> BackendSettings:
         server_name=table.get("server_name", str, "") or None,
         master_user=master_user,
         master_password=master_password,
+        master_password_file=password_file,
         client_address=forwarding,
         mechanisms=_mechanisms(table, "mechanisms", ("PLAIN",)),
         password_storage=table.choice("password_storage", PasswordStorage, PasswordStorage.UNKNOWN),
@@ -479,6 +479,11 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
     if tls_table is not None:
         tls = TLSSettings(cert=tls_table.path_value("cert"), key=tls_table.path_value("key"))
         tls_table.finish()
+    audit_table = root.table("audit")
+    audit_file = None
+    if audit_table is not None:
+        audit_file = audit_table.path_value("file")
+        audit_table.finish()
     users_table = root.table("users")
     users_file = None
     if users_table is not None:
@@ -486,6 +491,11 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
         users_table.finish()
     limits = _limits(root.table("limits"))
     defence = _defence(root.table("defence"))
+    password_policy = PasswordPolicy()
+    if root.has("password_policy"):
+        policy_table = root.table("password_policy")
+        assert policy_table is not None
+        password_policy = parse_policy(policy_table.data, source)
     raw_listeners = root.get("listeners", list, [])
     listeners: list[Listener] = []
     for i, item in enumerate(raw_listeners):
@@ -517,8 +527,10 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
         tls=tls,
         users_file=users_file,
         listeners=tuple(listeners),
+        audit_file=audit_file,
         limits=limits,
         defence=defence,
+        password_policy=password_policy,
     )
 
 

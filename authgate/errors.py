@@ -4,3 +4,7 @@ line and exits 2; they never show a traceback."""
 
 class UserError(Exception):
     """Printed as `authgate: <message>`, exit status 2."""
+
+
+class ConfigError(Exception):
+    """A user-caused configuration problem: file, key path and bad value."""

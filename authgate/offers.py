@@ -11,6 +11,7 @@ import ipaddress
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
+from authgate.atrest.envelope import Keyring
 from authgate.config import BackendMode, Config, Listener, PasswordStorage
 from authgate.credentials.store import StoreOffer, UserStore
 from authgate.policy import Decision, Withheld, decide
@@ -69,8 +70,11 @@ ONE_WAY_REASON = "the backend keeps passwords as one-way hashes"
 RELAY_BINDING_REASON = "channel binding cannot be relayed: the client's TLS ends at authgate"
 
 
-def load_store(config: Config, executor: Executor | None = None) -> UserStore | None:
-    """The users file; `executor` runs its slow hashing off the event loop."""
+def load_store(
+    config: Config, executor: Executor | None = None, keyring: Keyring | None = None
+) -> UserStore | None:
+    """The users file; `executor` runs its slow hashing off the event loop,
+    `keyring` opens it when it is encrypted at rest."""
     if config.users_file is None:
         return None
-    return UserStore.load(config.users_file, executor=executor)
+    return UserStore.load(config.users_file, executor=executor, keyring=keyring)

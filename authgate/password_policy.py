@@ -26,17 +26,14 @@ import argparse
 import datetime
 import enum
 import re
-import sys
-import tomllib
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from authgate.config import Config, ConfigError, from_dict
 from authgate.credentials.store import StoreError, UserStore
-from authgate.errors import UserError
+from authgate.errors import ConfigError, UserError
 
 __all__ = [
     "CLASS_NAMES",
@@ -48,13 +45,12 @@ __all__ = [
     "expiry_status",
     "format_violations",
     "load_banned",
-    "load_policy_from_config",
     "parse_policy",
 ]
 
 TABLE: Final = "password_policy"
 CLASS_NAMES: Final = ("lower case", "upper case", "digits", "other characters")
-DEFAULT_WARN_DAYS: Final = (21, 14, 7)
+DEFAULT_WARN_DAYS: Final[tuple[int, ...]] = (21, 14, 7)
 
 # Name parts this short (initials, "Li", "de") turn up by chance in strong
 # passwords and add next to nothing to a guesser's dictionary. Windows'
@@ -241,9 +237,7 @@ def load_banned(path: Path) -> frozenset[str]:
     return frozenset(_fold(line.strip()) for line in text.splitlines() if line.strip())
 
 
-def parse_policy(
-    table: Mapping[str, Any], source: Path, where: str = TABLE
-) -> PasswordPolicy:
+def parse_policy(table: Mapping[str, Any], source: Path, where: str = TABLE) -> PasswordPolicy:
     """Validate a `[password_policy]` TOML table; ConfigError names the file,
     the key path and the bad value. Relative paths are resolved against the
     file's folder."""
@@ -277,7 +271,7 @@ def parse_policy(
     # Ten years: longer is a typo for "never" (omit the key for that).
     expire_days = integer("expire_days", 1, 3650)
 
-    warn_days = DEFAULT_WARN_DAYS
+    warn_days: tuple[int, ...] = DEFAULT_WARN_DAYS
     if "warn_days" in table:
         raw = table["warn_days"]
         if not isinstance(raw, list):
@@ -328,39 +322,6 @@ def parse_policy(
     )
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-
-
-def load_policy_from_config(path: Path) -> PasswordPolicy | None:
-    """The `[password_policy]` table of a config file (None if it has none).
-
-    Reads the raw TOML itself because config.py does not know the table yet;
-    once `Config` carries the policy, callers switch to that."""
-    data = _read_toml(path)
-    if TABLE not in data:
-        return None
-    table = data[TABLE]
-    if not isinstance(table, dict):
-        raise ConfigError(f"{path}: {TABLE}: is not a table (use [{TABLE}])")
-    return parse_policy(table, path)
-
-
-def _load_config(path: Path) -> Config:
-    """config.load, minus our table (which config.py would reject as an
-    unknown key until it learns it)."""
-    data = _read_toml(path)
-    data.pop(TABLE, None)
-    return from_dict(data, path)
-
-
 # ---------------------------------------------------------------- command
 
 
@@ -379,11 +340,12 @@ def _wrap(action: Callable[[], Any]) -> Any:
 
 
 def cmd_expiry(args: argparse.Namespace) -> int:
-    config: Config = _wrap(lambda: _load_config(args.config))
-    policy_source: Path = args.policy_file or args.config
-    policy: PasswordPolicy | None = _wrap(lambda: load_policy_from_config(policy_source))
-    if policy is None or policy.expire_days is None:
-        print(f"{policy_source}: no password expiry is configured ([{TABLE}] expire_days)")
+    from authgate.config import load
+
+    config = _wrap(lambda: load(args.config))
+    policy = config.password_policy
+    if policy.expire_days is None:
+        print(f"{config.path}: no password expiry is configured ([{TABLE}] expire_days)")
         return 0
     if config.users_file is None:
         raise UserError(f"{config.path}: no [users] file is configured")
@@ -408,7 +370,7 @@ def cmd_expiry(args: argparse.Namespace) -> int:
     if undated:
         print(
             f"no password_changed date, so no expiry: {', '.join(undated)} "
-            "(set a password again to start the clock)"
+            "(add password_changed = YYYY-MM-DD to the users file)"
         )
     return 0
 
@@ -420,21 +382,9 @@ def _date(text: str) -> datetime.date:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from None
 
 
-def add_commands(sub: Any) -> None:
-    """Register `expiry` on the CLI's subparsers (argparse's private
-    _SubParsersAction type, hence Any)."""
-    p = sub.add_parser(
-        "expiry", help="list users whose passwords expire soon or have expired"
-    )
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `expiry` on the CLI's subparsers."""
+    p = sub.add_parser("expiry", help="list users whose passwords expire soon or have expired")
     p.add_argument("-c", "--config", type=Path, required=True)
-    p.add_argument(
-        "--policy-file",
-        type=Path,
-        help=f"read the [{TABLE}] table from this file instead of the config",
-    )
     p.add_argument("--today", type=_date, help="pretend today is this date (YYYY-MM-DD)")
     p.set_defaults(func=cmd_expiry)
-
-
-if __name__ == "__main__":  # pragma: no cover - manual use
-    sys.exit("use `authgate expiry`")

@@ -18,9 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from authgate import config as config_mod
+from authgate.atrest.envelope import Keyring
+from authgate.audit import AuditLog
 from authgate.config import Config
 from authgate.credentials.store import UserStore
 from authgate.offers import load_store
+from authgate.proxy.auditing import AuditTrail
 from authgate.proxy.runtime import ListenerRuntime, build_runtime
 from authgate.proxy.server import Gateway
 
@@ -63,14 +66,20 @@ def verification_pool() -> ThreadPoolExecutor:
 _POOL: ThreadPoolExecutor | None = None
 
 
-def load_runtime(path: Path) -> tuple[Config, list[ListenerRuntime]]:
+def load_runtime(path: Path, keyring: Keyring | None) -> tuple[Config, list[ListenerRuntime]]:
     """Config, users and certificates, ready to serve (raises on any problem)."""
     config = config_mod.load(path)
-    return config, build_runtime(config, load_store(config, verification_pool()))
+    store = load_store(config, verification_pool(), keyring)
+    return config, build_runtime(config, store, keyring)
 
 
-async def start_gateway(config: Config, store: UserStore | None) -> Gateway:
-    gateway = Gateway(build_runtime(config, store), config.defence)
+async def start_gateway(
+    config: Config, store: UserStore | None, keyring: Keyring | None = None
+) -> Gateway:
+    audit_log = None
+    if config.audit_file is not None:
+        audit_log = await asyncio.to_thread(AuditLog.open, config.audit_file, keyring)
+    gateway = Gateway(build_runtime(config, store, keyring), config.defence, AuditTrail(audit_log))
     await gateway.start()
     return gateway
 
@@ -93,14 +102,16 @@ async def wait_for_stop_signal(on_reload: asyncio.Event | None = None) -> None:
                 loop.remove_signal_handler(sig)
 
 
-async def _reloader(gateway: Gateway, path: Path, requested: asyncio.Event) -> None:
+async def _reloader(
+    gateway: Gateway, path: Path, keyring: Keyring | None, requested: asyncio.Event
+) -> None:
     while True:
         await requested.wait()
         requested.clear()
         log.info("reloading %s", path)
         try:
             # Reading and hashing happen off the loop: sessions keep flowing.
-            config, runtimes = await asyncio.to_thread(load_runtime, path)
+            config, runtimes = await asyncio.to_thread(load_runtime, path, keyring)
             await gateway.reload(runtimes, config.defence)
         except Exception as exc:  # any problem: keep serving the old settings
             log.error("reload failed, keeping the running configuration: %s", exc)
@@ -108,12 +119,14 @@ async def _reloader(gateway: Gateway, path: Path, requested: asyncio.Event) -> N
             log.info("reloaded: %d listener(s)", len(runtimes))
 
 
-async def serve(config: Config, store: UserStore | None) -> None:
+async def serve(config: Config, store: UserStore | None, keyring: Keyring | None) -> None:
+    """Run until SIGTERM/SIGINT. `keyring` unlocks files encrypted at rest;
+    it stays in memory for reloads (a rekey changes only its wrapping)."""
     limit = raise_open_files_limit()
     log.info("open files limit %d: room for about %d proxied sessions", limit, (limit - 64) // 2)
-    gateway = await start_gateway(config, store)
+    gateway = await start_gateway(config, store, keyring)
     reload_requested = asyncio.Event()
-    reloader = asyncio.ensure_future(_reloader(gateway, config.path, reload_requested))
+    reloader = asyncio.ensure_future(_reloader(gateway, config.path, keyring, reload_requested))
     try:
         await wait_for_stop_signal(reload_requested)
     finally:

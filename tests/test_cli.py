@@ -101,7 +101,7 @@ def test_negotiate_errors() -> None:
 
 def test_passwd_writes_every_form_without_echoing(tmp_path: Path) -> None:
     users = tmp_path / "users.toml"
-    password = "correct horse battery staple"
+    password = "Correct horse battery staple 9"
     result = run_cli("passwd", "dave", "--users", str(users), "--realm", "mail.example.org", "--password-stdin", stdin=password + "\n")
     assert result.returncode == 0, result.stderr
     assert password not in result.stdout + result.stderr
@@ -116,7 +116,7 @@ def test_passwd_writes_every_form_without_echoing(tmp_path: Path) -> None:
 def test_passwd_keeps_other_users(tmp_path: Path) -> None:
     users = tmp_path / "users.toml"
     users.write_text((EXAMPLES / "users-sha.toml").read_text())
-    result = run_cli("passwd", "erin", "--users", str(users), "--password-stdin", stdin="erin-pw-1\n")
+    result = run_cli("passwd", "erin", "--users", str(users), "--password-stdin", stdin="Sunny-Day-42\n")
     assert result.returncode == 0, result.stderr
     assert sorted(UserStore.load(users).names()) == ["alice", "bob", "carol", "erin"]
 
@@ -136,3 +136,15 @@ def test_relay_listener_drops_channel_binding(tmp_path: Path) -> None:
     data = json.loads(run_cli("negotiate", "-c", str(config), "--listener", "submission", "--client-ip", "10.1.1.1", "--tls", "--json").stdout)
     assert data["offered"] == ["SCRAM-SHA-256", "PLAIN"]
     assert "channel binding" in data["withheld"]["SCRAM-SHA-256-PLUS"]
+
+
+def test_passwd_enforces_the_password_policy(tmp_path: Path) -> None:
+    users = tmp_path / "users.toml"
+    result = run_cli("passwd", "erin", "--users", str(users), "--password-stdin", stdin="erin1\n")
+    assert result.returncode == 2
+    # every unmet rule in one message, and never the password itself
+    assert "at least 8 characters" in result.stderr
+    assert "at least 3 of" in result.stderr
+    assert "user name" in result.stderr
+    assert "erin1" not in result.stderr
+    assert not users.exists()

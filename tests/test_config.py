@@ -156,11 +156,19 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
 
 
 def test_master_password_file(tmp_path: Path) -> None:
+    from authgate.proxy.runtime import read_master_password
+
     (tmp_path / "master.secret").write_text("from-file\n")
     text = GOOD.replace('master_password = "s3cret"', 'master_password_file = "master.secret"')
     cfg = load(write(tmp_path, text))
-    assert cfg.listeners[0].backend.master_password == "from-file"
-    assert cfg.listeners[0].backend.client_address is ClientAddressForwarding.NONE
+    backend = cfg.listeners[0].backend
+    assert backend.master_password_file == tmp_path / "master.secret"
+    assert backend.client_address is ClientAddressForwarding.NONE
+    # read when the proxy starts: the file may be encrypted at rest by then
+    assert read_master_password(backend, None) == "from-file"
+    (tmp_path / "master.secret").unlink()
+    with pytest.raises(ConfigError, match=r"master_password_file: .* is not a file"):
+        load(write(tmp_path, text))
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,6 @@ import datetime
 import os
 import re
 import secrets as _secrets
-import tempfile
 import threading
 import tomllib
 import unicodedata
@@ -37,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from authgate.atrest.envelope import Keyring, unseal_secret, write_secret_file
 from authgate.credentials.schemes import (
     SchemeError,
     StoredSecret,
@@ -233,20 +233,31 @@ class UserStore:
         self._lock = threading.RLock()
         self._scram_cache: dict[tuple[str, SecretForm], ScramVerifier] = {}
         self._dummy: tuple[StoredSecret, ...] | None = None
+        self._keyring: Keyring | None = None  # set by load(): save() seals with it
         for user in users:
             self._users[user.name] = user
 
     # -- loading
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, executor: Executor | None = None) -> UserStore:
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        executor: Executor | None = None,
+        keyring: Keyring | None = None,
+    ) -> UserStore:
+        """Read a users file, decrypting it when it is encrypted at rest
+        (`keyring`; see authgate.atrest)."""
         source = str(path)
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            data = Path(path).read_bytes()
+            text = unseal_secret(Path(path), data, keyring).decode("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise StoreError(source, "", f"cannot read: {exc.__class__.__name__}") from None
         store = cls.loads(text, source=source, executor=executor)
         store._path = Path(path)
+        store._keyring = keyring
         return store
 
     @classmethod
@@ -523,26 +534,13 @@ class UserStore:
         return "\n".join(lines) + "\n"
 
     def save(self, path: str | os.PathLike[str] | None = None) -> Path:
-        """Write the file atomically with mode 0600: a temporary file in the
-        same directory, fsync, rename over the old one, fsync the directory.
-        A crash leaves the old file or the new one, never half of either."""
+        """Write the file atomically with mode 0600 (sealed when the store was
+        loaded with a keyring): a crash leaves the old file or the new one,
+        never half of either."""
         target = Path(path) if path is not None else self._path
         if target is None:
             raise ValueError("no path to save to")
-        text = self.dumps()
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            os.fchmod(fd, 0o600)  # mkstemp's default too; say it explicitly
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(target.parent)
+        write_secret_file(target, self.dumps().encode("utf-8"), self._keyring)
         if self._path is None:
             self._path = target
         return target

@@ -172,6 +172,9 @@ class BackendFailure(enum.Enum):
     UNAVAILABLE = "unavailable"  # connect failed, timeout, closed: temporary
     REJECTED = "rejected"  # backend refused the (master) login
     INVALID_CREDENTIALS = "invalid-credentials"  # relay mode: backend said no
+    # Not the backend's doing: the user proved their password, but it has
+    # expired under the password policy, so authgate does not log them in.
+    PASSWORD_EXPIRED = "password-expired"  # noqa: S105 - a reason, not a password
 
 
 # --------------------------------------------------------------- settings

@@ -352,7 +352,12 @@ class ImapServer:
         tag = self._current().tag
         self._attempt = None
         self._state = _State.COMMAND
-        return [self._tagged(tag, _BACKEND_FAILED_REPLY), *self._pump()]
+        reply = (
+            _FAILURE_REPLY[FailureReason.EXPIRED]
+            if failure is BackendFailure.PASSWORD_EXPIRED
+            else _BACKEND_FAILED_REPLY
+        )
+        return [self._tagged(tag, reply), *self._pump()]
 
     def relay_challenge(self, data: bytes) -> list[Event]:
         self._expect({_State.RELAY}, "relay_challenge")

@@ -274,7 +274,12 @@ class Pop3Server:
         self._expect(ServerState.BACKEND, "backend_failed")
         # Not the client's fault: no AuthFailed, no error counted.
         self._reset_auth()
-        return [Send(_line(ERR_BACKEND)), *self._drain()]
+        reply = (
+            FAILURE_REPLIES[FailureReason.EXPIRED]
+            if failure is BackendFailure.PASSWORD_EXPIRED
+            else ERR_BACKEND
+        )
+        return [Send(_line(reply)), *self._drain()]
 
     def relay_challenge(self, data: bytes) -> list[Event]:
         self._expect(ServerState.RELAY, "relay_challenge")

@@ -257,9 +257,14 @@ class SmtpServer:
     def backend_failed(self, failure: BackendFailure) -> list[Event]:
         self._expect(_State.WAIT_BACKEND, "backend_failed")
         self._state = _State.COMMAND
+        reply = (
+            _FAILURE_REPLIES[FailureReason.EXPIRED]
+            if failure is BackendFailure.PASSWORD_EXPIRED
+            else _AUTH_TEMPFAIL
+        )
         events: list[Event] = [
             AuthFailed(self._mechanism, f"backend-{failure.value}", self._authcid),
-            _reply(_AUTH_TEMPFAIL),
+            _reply(reply),
         ]
         return events + self._process()
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 import importlib
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from authgate.config import BackendMode, Config, Limits, Listener, TLSMode
+from authgate.atrest.envelope import Keyring, open_secret_file
+from authgate.config import BackendMode, BackendSettings, Config, Limits, Listener, TLSMode
 from authgate.credentials.store import UserStore
 from authgate.offers import ListenerOffer, listener_offer
+from authgate.password_policy import PasswordPolicy
 from authgate.policy import Protocol
 from authgate.proxy import tls as tls_mod
 
@@ -77,13 +79,17 @@ class ListenerRuntime:
     channel_binding: bytes | None  # RFC 5929 tls-server-end-point of our certificate
     backend_tls: ssl.SSLContext | None
     limits: Limits
+    password_policy: PasswordPolicy
+    master_password: str | None = field(default=None, repr=False)
 
     @property
     def relay(self) -> bool:
         return self.listener.backend.mode is BackendMode.RELAY
 
 
-def build_runtime(config: Config, store: UserStore | None) -> list[ListenerRuntime]:
+def build_runtime(
+    config: Config, store: UserStore | None, keyring: Keyring | None = None
+) -> list[ListenerRuntime]:
     """Prepare every listener; raises TLSConfigError for unusable certificates."""
     from authgate.sasl.scram import tls_server_end_point
 
@@ -109,6 +115,16 @@ def build_runtime(config: Config, store: UserStore | None) -> list[ListenerRunti
                 channel_binding=binding,
                 backend_tls=backend_tls,
                 limits=config.limits,
+                password_policy=config.password_policy,
+                master_password=read_master_password(backend, keyring),
             )
         )
     return runtimes
+
+
+def read_master_password(backend: BackendSettings, keyring: Keyring | None) -> str | None:
+    """Inline, or from `master_password_file` (which may be encrypted at rest)."""
+    if backend.master_password_file is None:
+        return backend.master_password
+    data = open_secret_file(backend.master_password_file, keyring)
+    return data.decode("utf-8").rstrip("\r\n")

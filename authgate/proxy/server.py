@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from authgate.config import TLSMode
 from authgate.defence import DefenceSettings, Guard
 from authgate.policy import unmap
+from authgate.proxy.auditing import AuditTrail
 from authgate.proxy.channel import Channel
 from authgate.proxy.runtime import ListenerRuntime
 from authgate.proxy.session import ClientSession
@@ -49,7 +50,13 @@ class Gateway:
     connections; sessions already running keep the settings they began with.
     """
 
-    def __init__(self, runtimes: Iterable[ListenerRuntime], defence: DefenceSettings) -> None:
+    def __init__(
+        self,
+        runtimes: Iterable[ListenerRuntime],
+        defence: DefenceSettings,
+        audit: AuditTrail | None = None,
+    ) -> None:
+        self.audit = audit or AuditTrail(None)
         self._runtimes: dict[str, ListenerRuntime] = {rt.listener.name: rt for rt in runtimes}
         # One brute-force guard for all listeners, kept across reloads.
         self.guard = Guard(defence)
@@ -69,6 +76,7 @@ class Gateway:
         for runtime in self._runtimes.values():
             await self._listen(runtime)
         self._pruner = asyncio.ensure_future(self._prune_forever())
+        self.audit.start()
 
     async def _prune_forever(self) -> None:
         while True:
@@ -165,7 +173,7 @@ class Gateway:
             channel.close()
             return
         self._per_address[address] = per_address + 1
-        task = asyncio.ensure_future(ClientSession(runtime, channel, self.guard).run())
+        task = asyncio.ensure_future(ClientSession(runtime, channel, self.guard, self.audit).run())
         self._sessions.add(task)
         task.add_done_callback(lambda t: self._session_done(t, address))
 
@@ -195,6 +203,7 @@ class Gateway:
                 await asyncio.wait(pending, timeout=5)
         for server in self._servers.values():
             await server.wait_closed()
+        await self.audit.close()
         self._servers.clear()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import ssl
 from collections import deque
@@ -16,6 +17,7 @@ from typing import Any
 
 from authgate.config import TLSMode
 from authgate.defence import Guard
+from authgate.password_policy import ExpiryState, expiry_status
 from authgate.policy import Protocol
 from authgate.protocols.base import (
     Authenticated,
@@ -34,6 +36,7 @@ from authgate.protocols.base import (
     Splice,
     StartTLS,
 )
+from authgate.proxy.auditing import AuditTrail
 from authgate.proxy.channel import Channel, ChannelClosed
 from authgate.proxy.runtime import ListenerRuntime
 from authgate.proxy.splice import splice
@@ -70,9 +73,12 @@ class _IdleTimeout(Exception):
 
 
 class ClientSession:
-    def __init__(self, runtime: ListenerRuntime, channel: Channel, guard: Guard) -> None:
+    def __init__(
+        self, runtime: ListenerRuntime, channel: Channel, guard: Guard, audit: AuditTrail
+    ) -> None:
         self.runtime = runtime
         self.guard = guard
+        self.audit = audit
         self.client = channel
         # (user, keyed hash of the password) of the last cleartext password
         # checked: lets the defence recognise a stale password sent again.
@@ -142,6 +148,7 @@ class ClientSession:
         verdict = self.guard.check(self.peer[0])
         if verdict.blocked:
             log.info("%s: refused, address blocked for %.0fs more", self.tag, verdict.retry_after)
+            self._note("blocked", retry_after=int(verdict.retry_after))
             self.client.write(self.runtime.parts.blocked)
             await self.client.drain()
             return
@@ -215,6 +222,9 @@ class ClientSession:
     async def _auth_failed(self, event: AuthFailed) -> None:
         who = f" as {event.authcid!r}" if event.authcid else ""
         log.info("%s: %s authentication failed%s: %s", self.tag, event.mechanism, who, event.reason)
+        self._note(
+            "login-failed", user=event.authcid, mechanism=event.mechanism, reason=event.reason
+        )
         if event.reason not in GUESS_REASONS:
             return  # a refusal by policy, a cancel or a backend fault: not a guess
         fingerprint = None
@@ -225,6 +235,19 @@ class ClientSession:
         # Sleeping here holds back this session's reply only; other sessions
         # run on. Dovecot and Kerio do the same against password guessing.
         await asyncio.sleep(delay)
+
+    def _note(self, event: str, **fields: str | int | None) -> None:
+        self.audit.note(event, listener=self.runtime.listener.name, client=self.peer[0], **fields)
+
+    def _password_expired(self, user: str) -> bool:
+        store = self.runtime.store
+        record = store.user(user) if store is not None else None
+        if record is None:
+            return False
+        status = expiry_status(
+            self.runtime.password_policy, record.password_changed, datetime.date.today()
+        )
+        return status.state is ExpiryState.EXPIRED
 
     async def _start_tls(self) -> list[Event]:
         context = self.runtime.server_tls
@@ -273,7 +296,7 @@ class ClientSession:
         if identity is not None:
             if backend.master_user is not None:
                 credentials = ClientCredentials(
-                    backend.master_user, backend.master_password or "", authzid=identity
+                    backend.master_user, self.runtime.master_password or "", authzid=identity
                 )
             else:
                 xclient_login = identity  # SMTP: XCLIENT LOGIN= (Postfix)
@@ -297,6 +320,13 @@ class ClientSession:
 
     async def _login_as(self, event: Authenticated) -> list[Event]:
         log.info("%s: authenticated %r via %s", self.tag, event.identity, event.mechanism)
+        self.guard.success(self.peer[0], event.authcid)
+        if self._password_expired(event.authcid):
+            log.info("%s: password of %r has expired", self.tag, event.authcid)
+            self._note("password-expired", user=event.authcid, mechanism=event.mechanism)
+            expired: list[Event] = self.machine.backend_failed(BackendFailure.PASSWORD_EXPIRED)
+            return expired
+        self._note("login", user=event.identity, authcid=event.authcid, mechanism=event.mechanism)
         upstream = await self._open_upstream(self._client_settings(event.identity))
         if isinstance(upstream, LoginFailed):
             return self._backend_failed(upstream)
@@ -310,8 +340,6 @@ class ClientSession:
         if isinstance(result, RelayChallenge):  # cannot happen in terminate mode
             result = LoginFailed(BackendFailure.REJECTED, "unexpected challenge")
         return self._backend_failed(result)
-
-        self.guard.success(self.peer[0], event.authcid)
 
     def _backend_failed(self, failure: LoginFailed) -> list[Event]:
         log.warning(

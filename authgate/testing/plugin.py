@@ -8,7 +8,9 @@ Registered through the ``pytest11`` entry point ``authgate`` (disable with
     users={...}, messages={...})`` starts a stack on ephemeral 127.0.0.1 ports;
     every stack started is stopped when the test ends.
 ``authgate``
-    A stack with the defaults below, changed per test with
+    A stack with the factory's defaults (require-secure-auth, every mechanism,
+    exempt 127.0.0.2/32, user alice with a random password in
+    ``stack.users["alice"]``, one welcome message), changed per test with
     ``@pytest.mark.authgate(...)`` (same keywords as the factory).
 ``authgate_ssl_context``
     A client ``ssl.SSLContext`` trusting the stack's CA.
@@ -54,7 +56,7 @@ DEFAULT_SECURITY = "require-secure-auth"
 DEFAULT_EXEMPT: tuple[str, ...] = ("127.0.0.2/32",)
 HOST = "127.0.0.1"
 MARKER = "authgate"
-MARKER_KEYWORDS = ("security", "mechanisms", "exempt", "users", "messages")
+MARKER_KEYWORDS = ("security", "mechanisms", "exempt", "users", "messages", "brute_force_delays")
 MARKER_HELP = (
     "authgate(security='require-secure-auth', mechanisms=[...], exempt=['127.0.0.2/32'], "
     "users={'alice': 'pw'}, messages={'alice': [b'...']}): settings of the `authgate` "
@@ -85,6 +87,7 @@ class AuthgateFactory(Protocol):
         exempt: Sequence[str] = DEFAULT_EXEMPT,
         users: Mapping[str, str] | None = None,
         messages: Mapping[str, Sequence[bytes]] | None = None,
+        brute_force_delays: bool = False,
     ) -> Stack: ...
 
 
@@ -131,9 +134,14 @@ def resolve_settings(
     exempt: Sequence[str] = DEFAULT_EXEMPT,
     users: Mapping[str, str] | None = None,
     messages: Mapping[str, Sequence[bytes]] | None = None,
+    brute_force_delays: bool = False,
 ) -> dict[str, Any]:
     """Check every argument and fill in the defaults: the keyword arguments
-    for `embedded_stack` (mechanisms None: every mechanism the stack serves)."""
+    for `embedded_stack` (mechanisms None: every mechanism the stack serves).
+
+    Test stacks answer a failed login at once; `brute_force_delays=True`
+    keeps the real defence (a 2 s failure delay, growing per address), for
+    testing how a client copes with it."""
     check_policy(origin, security, mechanisms, exempt)
     if users is None:
         users = {DEFAULT_USER: secrets.token_urlsafe(12)}
@@ -146,7 +154,11 @@ def resolve_settings(
         "exempt": exempt,
         "users": users,
         "messages": messages,
+        "extra_config": "" if brute_force_delays else NO_DELAYS,
     }
+
+
+NO_DELAYS = "[defence]\nfailure_delay = 0\npenalties = []\n"
 
 
 def is_async_test(function: Callable[..., object] | None) -> bool | None:
@@ -165,8 +177,8 @@ if HAVE_PYTEST_ASYNCIO:
 
     @pytest.fixture(scope="session")
     def authgate_certs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-        """The CA and server certificate, made once per session: key generation
-        is the slow part of starting a stack."""
+        """The CA and server certificate, made once per session rather than
+        per stack: generating keys for every test would add up."""
         from authgate.certs import ensure_dev_certificates
 
         directory = tmp_path_factory.mktemp("authgate-certs")
@@ -202,6 +214,7 @@ if HAVE_PYTEST_ASYNCIO:
                 exempt: Sequence[str] = DEFAULT_EXEMPT,
                 users: Mapping[str, str] | None = None,
                 messages: Mapping[str, Sequence[bytes]] | None = None,
+                brute_force_delays: bool = False,
             ) -> Stack:
                 settings = resolve_settings(
                     "authgate_factory",
@@ -210,6 +223,7 @@ if HAVE_PYTEST_ASYNCIO:
                     exempt=exempt,
                     users=users,
                     messages=messages,
+                    brute_force_delays=brute_force_delays,
                 )
                 if settings["mechanisms"] is None:
                     settings["mechanisms"] = ALL_MECHANISMS
@@ -244,10 +258,10 @@ if HAVE_PYTEST_ASYNCIO:
         # Resolve here, not in the factory, so that a mistake names the marker
         # and reads as a test-definition error rather than a traceback.
         try:
-            settings = resolve_settings(where, **marker.kwargs)
+            resolve_settings(where, **marker.kwargs)
         except (ConfigError, TypeError, ValueError) as exc:
             raise pytest.fail.Exception(str(exc), pytrace=False) from None
-        return await authgate_factory(**settings)
+        return await authgate_factory(**marker.kwargs)
 
     @pytest.fixture
     def authgate_ssl_context(authgate: Stack) -> ssl.SSLContext:

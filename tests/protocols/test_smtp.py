@@ -476,7 +476,7 @@ def test_success_data_rejected_by_client(
     assert talk.of(AuthFailed)[0].authcid == "alice"
 
 
-@pytest.mark.parametrize("failure", list(BackendFailure))
+@pytest.mark.parametrize("failure", [f for f in BackendFailure if f is not BackendFailure.PASSWORD_EXPIRED])
 def test_backend_failure_is_temporary_and_session_goes_on(failure: BackendFailure) -> None:
     talk = Talk(session(max_errors=1), backend=failure)
     ehlo(talk)
@@ -486,6 +486,14 @@ def test_backend_failure_is_temporary_and_session_goes_on(failure: BackendFailur
     assert not talk.closed  # not counted as an error even with max_errors=1
     talk.backend = True
     assert talk.say(f"AUTH PLAIN {plain('alice', USERS['alice'])}").startswith("235 ")
+
+
+def test_expired_password_gets_535_and_no_login() -> None:
+    talk = Talk(session(), backend=BackendFailure.PASSWORD_EXPIRED)
+    ehlo(talk)
+    reply = talk.say(f"AUTH PLAIN {plain('alice', USERS['alice'])}")
+    assert reply == "535 5.7.8 Authentication credentials invalid: password expired\r\n"
+    assert not talk.closed
 
 
 def test_channel_binding_from_tls_started_reaches_plus_mechanism() -> None:

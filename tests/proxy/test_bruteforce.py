@@ -125,3 +125,18 @@ async def test_legitimate_logins_unharmed_while_another_address_hammers(stack: S
     # The attacker is blocked; the legitimate address carries no penalty.
     assert stack.gateway.guard.check("127.0.0.8").blocked
     assert not stack.gateway.guard.check("127.0.0.1").blocked
+
+
+async def test_successful_login_resets_the_address_penalty(stack: Stack) -> None:
+    for i in range(3):
+        reply, _ = await login(stack, "127.0.0.10", "alice", f"typo-{i}")
+        assert reply.startswith(b"a NO")
+    guard = stack.gateway.guard
+    reply, _ = await login(stack, "127.0.0.10", "alice", PASSWORD)
+    assert reply.startswith(b"a OK")
+    # The next failure starts again at the first penalty step.
+    assert guard.failure("127.0.0.10", "alice", None) == pytest.approx(0.3 + 0.1)
+    # Without a success in between, the same address would be at the top step.
+    for _ in range(3):
+        guard.failure("127.0.0.11", "alice", None)
+    assert guard.failure("127.0.0.11", "alice", None) == pytest.approx(0.3 + 0.2)

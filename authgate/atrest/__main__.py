@@ -1,0 +1,8 @@
+"""`python -m authgate.atrest`: the encrypt, decrypt, rekey and log commands on
+their own (they are also sub-commands of `authgate`)."""
+
+import sys
+
+from authgate.atrest.commands import main
+
+sys.exit(main())
