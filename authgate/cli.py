@@ -22,6 +22,7 @@ from authgate.atrest import add_commands as add_atrest_commands
 from authgate.atrest import read_password
 from authgate.atrest.envelope import Keyring, keyring_path, unlock
 from authgate.config import Config, ConfigError, Listener
+from authgate.credentials.base import CredentialStore
 from authgate.credentials.schemes import SchemeError
 from authgate.credentials.store import StoreError, UserStore, generate_secrets
 from authgate.errors import UserError
@@ -231,7 +232,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = _load_config(args.config)
     keyring = _keyring(args, config)
-    store: UserStore | None = _wrap(lambda: load_store(config, verification_pool(), keyring))
+    store: CredentialStore | None = _wrap(lambda: load_store(config, verification_pool(), keyring))
     setup_logging()
     try:
         asyncio.run(serve(config, store, keyring))
@@ -279,8 +280,8 @@ def _load_config(path: Path) -> Config:
     return result
 
 
-def _load_store(config: Config, keyring: Keyring | None) -> UserStore | None:
-    result: UserStore | None = _wrap(lambda: load_store(config, keyring=keyring))
+def _load_store(config: Config, keyring: Keyring | None) -> CredentialStore | None:
+    result: CredentialStore | None = _wrap(lambda: load_store(config, keyring=keyring))
     return result
 
 

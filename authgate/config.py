@@ -15,13 +15,16 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from authgate.defence import DefenceSettings
 from authgate.errors import ConfigError as ConfigError  # re-exported: callers catch it here
 from authgate.password_policy import PasswordPolicy, parse_policy
 from authgate.policy import ExemptNetworks, ListenerPolicy, Protocol, Security
 from authgate.sasl import DEFAULT_ORDER, MECHANISMS
+
+if TYPE_CHECKING:
+    from authgate.credentials.directory import DirectorySettings
 
 E = TypeVar("E", bound=enum.Enum)
 T = TypeVar("T")
@@ -211,6 +214,8 @@ class Config:
     users_file: Path | None
     listeners: tuple[Listener, ...]
     audit_file: Path | None = None  # [audit] file: append-only log of authentications
+    # [directory]: users verified by an LDAP bind instead of a users file.
+    directory: DirectorySettings | None = None
     limits: Limits = field(default_factory=Limits)
     defence: DefenceSettings = field(default_factory=DefenceSettings)
     password_policy: PasswordPolicy = field(default_factory=PasswordPolicy)
@@ -484,6 +489,16 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
     if audit_table is not None:
         audit_file = audit_table.path_value("file")
         audit_table.finish()
+    directory = None
+    if root.has("directory") and root.has("users"):
+        raise root.error("directory", "give [users] or [directory], not both")
+    if root.has("directory"):
+        directory_table = root.table("directory")
+        assert directory_table is not None
+        # Imported only when configured: python-ldap is an optional extra.
+        from authgate.credentials.directory import parse_directory
+
+        directory = parse_directory(directory_table.data, source)
     users_table = root.table("users")
     users_file = None
     if users_table is not None:
@@ -512,10 +527,10 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
     _check_unique(listeners, source, "name", lambda x: x.name)
     _check_unique(listeners, source, "listen", lambda x: str(x.listen) if x.listen.port else None)
     for i, listener in enumerate(listeners):
-        if listener.backend.mode is BackendMode.TERMINATE and users_file is None:
+        if listener.backend.mode is BackendMode.TERMINATE and users_file is None and not directory:
             raise ConfigError(
                 f"{source}: listeners[{i}].backend.mode: terminate mode verifies users "
-                "itself: set [users] file (or use mode = 'relay')"
+                "itself: set [users] file or [directory] (or use mode = 'relay')"
             )
         if listener.tls is not TLSMode.NONE and (tls.cert is None or tls.key is None):
             raise ConfigError(
@@ -528,6 +543,7 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
         users_file=users_file,
         listeners=tuple(listeners),
         audit_file=audit_file,
+        directory=directory,
         limits=limits,
         defence=defence,
         password_policy=password_policy,

@@ -35,7 +35,8 @@ from typing import Final, Literal
 
 from authgate import config as config_mod
 from authgate.config import BackendMode, Config, ConfigError, Listener, TLSMode
-from authgate.credentials.store import StoreError, UserStore
+from authgate.credentials.base import CredentialStore
+from authgate.credentials.store import StoreError
 from authgate.errors import UserError
 from authgate.offers import listener_offer, load_store
 from authgate.policy import (
@@ -181,7 +182,7 @@ def _everyone_exempt(exempt: ExemptNetworks) -> bool:
 Verifiable = tuple[str, ...] | None
 
 
-def _verifiable(listener: Listener, store: UserStore | None, realm: str) -> Verifiable:
+def _verifiable(listener: Listener, store: CredentialStore | None, realm: str) -> Verifiable:
     """The mechanisms the listener can verify (as `authgate check` computes
     them); None when that depends on a users file we were not given."""
     if listener.backend.mode is BackendMode.RELAY or store is not None:
@@ -319,7 +320,7 @@ def _backend_entries(listeners: Sequence[Listener]) -> list[PortEntry]:
 
 
 def port_table(
-    config: Config, store: UserStore | None = None, *, include_standard: bool = False
+    config: Config, store: CredentialStore | None = None, *, include_standard: bool = False
 ) -> list[PortEntry]:
     """One entry per listener, then the backends on non-loopback addresses,
     then (include_standard) the seed's non-mail services whose ports the
@@ -515,7 +516,7 @@ def render_iptables(entries: Sequence[PortEntry], source: Path, warns: Sequence[
 # --------------------------------------------------------------- warnings
 
 
-def warnings(config: Config, store: UserStore | None = None) -> list[str]:
+def warnings(config: Config, store: CredentialStore | None = None) -> list[str]:
     """Listeners that would take cleartext passwords from the network: on a
     non-loopback address, without implicit TLS, from clients outside the
     exempt networks or from exempt networks that span the Internet."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from authgate.atrest.envelope import Keyring
 from authgate.config import BackendMode, Config, Listener, PasswordStorage
+from authgate.credentials.base import CredentialStore
 from authgate.credentials.store import StoreOffer, UserStore
 from authgate.policy import Decision, Withheld, decide
 from authgate.sasl import MECHANISMS
@@ -41,7 +42,7 @@ class ListenerOffer:
         return decide(self.listener.policy, client, tls=tls, verifiable=self.verifiable)
 
 
-def listener_offer(listener: Listener, store: UserStore | None, realm: str) -> ListenerOffer:
+def listener_offer(listener: Listener, store: CredentialStore | None, realm: str) -> ListenerOffer:
     """`realm` is the DIGEST-MD5 realm the listener announces (our hostname):
     stored {DIGEST-MD5} hashes serve only that realm."""
     order = listener.policy.mechanisms
@@ -72,9 +73,13 @@ RELAY_BINDING_REASON = "channel binding cannot be relayed: the client's TLS ends
 
 def load_store(
     config: Config, executor: Executor | None = None, keyring: Keyring | None = None
-) -> UserStore | None:
-    """The users file; `executor` runs its slow hashing off the event loop,
-    `keyring` opens it when it is encrypted at rest."""
+) -> CredentialStore | None:
+    """The users file, or the directory; `executor` runs slow hashing and
+    binds off the event loop, `keyring` opens a users file encrypted at rest."""
+    if config.directory is not None:
+        from authgate.credentials.directory import Directory, DirectoryStore
+
+        return DirectoryStore(Directory(config.directory), executor=executor)
     if config.users_file is None:
         return None
     return UserStore.load(config.users_file, executor=executor, keyring=keyring)

@@ -21,7 +21,7 @@ from authgate import config as config_mod
 from authgate.atrest.envelope import Keyring
 from authgate.audit import AuditLog
 from authgate.config import Config
-from authgate.credentials.store import UserStore
+from authgate.credentials.base import CredentialStore
 from authgate.offers import load_store
 from authgate.proxy.auditing import AuditTrail
 from authgate.proxy.runtime import ListenerRuntime, build_runtime
@@ -74,7 +74,7 @@ def load_runtime(path: Path, keyring: Keyring | None) -> tuple[Config, list[List
 
 
 async def start_gateway(
-    config: Config, store: UserStore | None, keyring: Keyring | None = None
+    config: Config, store: CredentialStore | None, keyring: Keyring | None = None
 ) -> Gateway:
     audit_log = None
     if config.audit_file is not None:
@@ -119,7 +119,7 @@ async def _reloader(
             log.info("reloaded: %d listener(s)", len(runtimes))
 
 
-async def serve(config: Config, store: UserStore | None, keyring: Keyring | None) -> None:
+async def serve(config: Config, store: CredentialStore | None, keyring: Keyring | None) -> None:
     """Run until SIGTERM/SIGINT. `keyring` unlocks files encrypted at rest;
     it stays in memory for reloads (a rekey changes only its wrapping)."""
     limit = raise_open_files_limit()

@@ -184,3 +184,17 @@ def test_parse_address(text: str, host: str, port: int) -> None:
 def test_parse_address_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_address(text)
+
+
+def test_users_file_and_directory_are_exclusive(tmp_path: Path) -> None:
+    text = GOOD + '[directory]\nurl = "ldaps://ldap.example.org"\nbind_dn_template = "uid={user},dc=example,dc=org"\n'
+    with pytest.raises(ConfigError, match=r"directory: give \[users\] or \[directory\], not both"):
+        load(write(tmp_path, text))
+
+
+def test_directory_replaces_the_users_file(tmp_path: Path) -> None:
+    text = GOOD.replace('[users]\nfile = "users.toml"\n', "")
+    text += '[directory]\nurl = "ldaps://ldap.example.org"\nbind_dn_template = "uid={user},dc=example,dc=org"\n'
+    cfg = load(write(tmp_path, text))
+    assert cfg.users_file is None and cfg.directory is not None
+    assert cfg.directory.url == "ldaps://ldap.example.org"

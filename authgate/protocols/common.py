@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from authgate.sasl import mechanism as mechanism_info
 from authgate.sasl.base import (
     NO_RESPONSE,
+    STORE_UNAVAILABLE,
     Challenge,
     Failure,
     FailureReason,
@@ -131,6 +132,8 @@ class SaslExchange:
         return self._translate(self._mech.step(decoded))
 
     def resume(self, answer: LookupAnswer) -> ExchangeStep:
+        if answer is STORE_UNAVAILABLE:
+            return self._finish(Failure(FailureReason.TEMPORARY, "credential store unavailable"))
         return self._translate(self._mech.resume(answer))
 
     def _translate(self, outcome: ServerOutcome) -> ExchangeStep:

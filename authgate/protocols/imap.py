@@ -61,6 +61,7 @@ from authgate.protocols.common import (
 from authgate.sasl import mechanism as mechanism_info
 from authgate.sasl.base import (
     NO_RESPONSE,
+    STORE_UNAVAILABLE,
     ClientAuthError,
     ClientMechanism,
     Failure,
@@ -325,6 +326,8 @@ class ImapServer:
         if attempt.exchange is None:  # the LOGIN command's PasswordCheck
             if answer is True and attempt.authcid:
                 events = self._authenticated(attempt.authcid, attempt.authcid)
+            elif answer is STORE_UNAVAILABLE:
+                events = self._fail(Failure(FailureReason.TEMPORARY, "store unavailable"))
             else:
                 events = self._fail(Failure(FailureReason.INVALID_CREDENTIALS))
         else:

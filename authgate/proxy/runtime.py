@@ -12,7 +12,7 @@ from typing import Any
 
 from authgate.atrest.envelope import Keyring, open_secret_file
 from authgate.config import BackendMode, BackendSettings, Config, Limits, Listener, TLSMode
-from authgate.credentials.store import UserStore
+from authgate.credentials.base import CredentialStore
 from authgate.offers import ListenerOffer, listener_offer
 from authgate.password_policy import PasswordPolicy
 from authgate.policy import Protocol
@@ -73,7 +73,7 @@ class ListenerRuntime:
     listener: Listener
     hostname: str
     offer: ListenerOffer
-    store: UserStore | None
+    store: CredentialStore | None
     parts: ProtocolParts
     server_tls: ssl.SSLContext | None  # for STARTTLS and implicit TLS
     channel_binding: bytes | None  # RFC 5929 tls-server-end-point of our certificate
@@ -88,7 +88,7 @@ class ListenerRuntime:
 
 
 def build_runtime(
-    config: Config, store: UserStore | None, keyring: Keyring | None = None
+    config: Config, store: CredentialStore | None, keyring: Keyring | None = None
 ) -> list[ListenerRuntime]:
     """Prepare every listener; raises TLSConfigError for unusable certificates."""
     from authgate.sasl.scram import tls_server_end_point

@@ -16,6 +16,7 @@ from collections import deque
 from typing import Any
 
 from authgate.config import TLSMode
+from authgate.credentials.base import CredentialsUnavailable
 from authgate.defence import Guard
 from authgate.password_policy import ExpiryState, expiry_status
 from authgate.policy import Protocol
@@ -43,6 +44,7 @@ from authgate.proxy.splice import splice
 from authgate.proxy.upstream import LoginStep, Upstream, connect
 from authgate.sasl import MECHANISMS
 from authgate.sasl.base import (
+    STORE_UNAVAILABLE,
     ClientContext,
     ClientCredentials,
     FailureReason,
@@ -215,7 +217,11 @@ class ClientSession:
             log.info("%s: user %r is locked out", self.tag, request.authcid)
             answer = False if isinstance(request, PasswordCheck) else None
         else:
-            answer = await store.aresolve(request)
+            try:
+                answer = await store.aresolve(request)
+            except CredentialsUnavailable as exc:
+                log.warning("%s: credential store unavailable: %s", self.tag, exc)
+                answer = STORE_UNAVAILABLE  # a temporary failure, not a wrong password
         events: list[Event] = self.machine.resume(answer)
         return events
 
@@ -367,7 +373,10 @@ class ClientSession:
             self._pending_down = step.pending
             events = self.machine.relay_result(True)
         else:
-            if step.failure is BackendFailure.UNAVAILABLE and self.upstream is not None:
+            # The next attempt (real clients retry with another mechanism on
+            # the same connection) starts on a fresh backend connection: a
+            # client machine that saw a refusal is done.
+            if self.upstream is not None:
                 self.upstream.close()
                 self.upstream = None
             events = self.machine.relay_result(False, step.failure)

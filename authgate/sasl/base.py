@@ -139,8 +139,18 @@ class ScramVerifier:
     server_key: bytes = field(repr=False)
 
 
+class _StoreUnavailable(enum.Enum):
+    """Answer to a lookup when the store could not answer at all (a
+    directory server down): the exchange ends in a temporary failure, not
+    in "wrong password"."""
+
+    STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
+
+
+STORE_UNAVAILABLE: Final = _StoreUnavailable.STORE_UNAVAILABLE
+
 LookupRequest = PasswordCheck | SecretLookup
-LookupAnswer = bool | bytes | str | ScramVerifier | None
+LookupAnswer = bool | bytes | str | ScramVerifier | None | _StoreUnavailable
 
 
 @dataclass(frozen=True)

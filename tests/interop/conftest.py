@@ -57,3 +57,30 @@ def pytest_runtest_makereport(
             text = instance.log_text(since)
             report.sections.append((f"{name} log", text[-8000:] or "(empty)"))
     return report
+
+
+# -- the interop matrix (tests/interop/test_matrix.py) --------------------------
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the matrix after a run that executed any of it; rewrite
+    docs/interop.md only when every cell ran (a `-k` subset must not replace
+    the committed table with a partial one)."""
+    from tests.interop import matrix
+
+    if not matrix.RESULTS:
+        return
+    terminalreporter.write_sep("=", "authgate interop matrix")
+    for line in matrix.table_lines():
+        terminalreporter.write_line(line)
+    terminalreporter.write_line("")
+    for line in matrix.summary_lines():
+        terminalreporter.write_line(line)
+    if matrix.complete():
+        path = matrix.write_docs()
+        terminalreporter.write_line(f"matrix written to {path}")
+    else:
+        terminalreporter.write_line(
+            f"partial run ({len(matrix.RESULTS)} of {len(matrix.all_cases())} cells): "
+            f"{matrix.DOCS_PATH} left unchanged"
+        )
