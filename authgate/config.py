@@ -109,6 +109,11 @@ class Listener:
     # SMTP submission refuses MAIL FROM before AUTH; a server-to-server
     # listener (port 25) passes unauthenticated mail through instead.
     submission: bool = True
+    # Behind a TCP load balancer: connections from `trusted_proxies` start
+    # with a PROXY v1/v2 header naming the real client, whom the policy,
+    # the exempt networks and the brute-force defence then judge.
+    proxy_protocol: bool = False
+    trusted_proxies: ExemptNetworks = field(default_factory=ExemptNetworks)
 
 
 @dataclass(frozen=True)
@@ -454,8 +459,15 @@ def _listener(table: _Table, base: ListenerPolicy) -> Listener:
         backend=_backend(table, protocol),
         policy=_policy(table.table("policy"), defaults),
         submission=submission,
+        proxy_protocol=table.get("proxy_protocol", bool, False),
+        trusted_proxies=_networks(table, "trusted_proxies"),
     )
     table.finish()
+    if listener.proxy_protocol and not listener.trusted_proxies:
+        raise table.error(
+            "trusted_proxies",
+            "proxy_protocol needs the load balancers' addresses: only they may send the header",
+        )
     return listener
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -121,3 +122,42 @@ def _parse_v2(data: bytes) -> tuple[ProxiedAddress, int] | None:
     dst = build(body[half : 2 * half])
     sport, dport = struct.unpack("!HH", body[2 * half : size])
     return ProxiedAddress((str(src), sport), (str(dst), dport)), total
+
+
+async def read_header(recv: Callable[[int], Awaitable[bytes]]) -> ProxiedAddress:
+    """Read one PROXY header with `recv(n)` (up to n bytes, b"" at EOF),
+    never a byte past it: what follows belongs to the client (for an
+    implicit-TLS listener, its ClientHello)."""
+
+    async def exactly(count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            chunk = await recv(count - len(data))
+            if not chunk:
+                raise ProxyHeaderError("connection closed inside the PROXY header")
+            data += chunk
+        return data
+
+    data = await exactly(1)
+    if data == b"\r":  # v2: a 16-byte preamble that carries the length
+        data += await exactly(15)
+        if data[:12] != V2_SIGNATURE:
+            raise ProxyHeaderError("bad PROXY v2 signature")
+        data += await exactly(struct.unpack("!H", data[14:16])[0])
+    elif data == b"P":  # v1: one line
+        while not data.endswith(b"\r\n"):
+            if len(data) >= V1_MAX:
+                raise ProxyHeaderError("PROXY v1 line too long")
+            data += await exactly(1)
+    else:
+        raise ProxyHeaderError("no PROXY header")
+    result = parse(data)
+    if result is None or result[1] != len(data):
+        raise ProxyHeaderError("malformed PROXY header")
+    return result[0]
+
+
+def looks_like_header(data: bytes) -> bool:
+    """Does `data` start like a PROXY header (from a peer not allowed one)?"""
+    # The v2 signature opens with CR LF CR LF NUL: no mail command does.
+    return data.startswith(V1_PREFIX) or data.startswith(V2_SIGNATURE[:5])

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from authgate.config import TLSMode
 from authgate.defence import DefenceSettings, Guard
 from authgate.policy import unmap
+from authgate.proxy import proxy_protocol
 from authgate.proxy.auditing import AuditTrail
 from authgate.proxy.channel import Channel
 from authgate.proxy.runtime import ListenerRuntime
@@ -25,10 +26,11 @@ class _Accepted(Channel):
     """A client connection; starts its session once connected (after the
     handshake, on implicit-TLS listeners)."""
 
-    def __init__(self, gateway: Gateway, name: str) -> None:
+    def __init__(self, gateway: Gateway, name: str, client: tuple[str, int] | None = None) -> None:
         super().__init__()
         self._gateway = gateway
         self._name = name
+        self.client = client  # the real client, when a PROXY header named it
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -41,6 +43,82 @@ class _Accepted(Channel):
 
 def _same_socket(a: ListenerRuntime, b: ListenerRuntime) -> bool:
     return a.listener.listen == b.listener.listen and a.listener.tls is b.listener.tls
+
+
+# Bursts of connects (mail clients polling at the full minute) must not
+# overflow the accept queue; the kernel caps this at net.core.somaxconn.
+BACKLOG = 4096
+PROXY_HEADER_TIMEOUT = 5.0
+
+
+class _ProxiedServer:
+    """A listener behind a TCP load balancer (PROXY protocol).
+
+    Accepts on a plain socket and reads the header from trusted balancers
+    byte-exactly, before asyncio (and TLS, on implicit-TLS listeners) sees
+    the connection: whatever follows the header is the client's."""
+
+    def __init__(self, gateway: Gateway, name: str, ssl_context: ssl.SSLContext | None) -> None:
+        self._gateway = gateway
+        self._name = name
+        self._ssl = ssl_context
+        self.sockets: list[socket.socket] = []
+        self._task: asyncio.Task[None] | None = None
+        self._pending: set[asyncio.Task[None]] = set()
+
+    async def start(self, host: str, port: int) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, port), family=family, backlog=BACKLOG)
+        sock.setblocking(False)
+        self.sockets = [sock]
+        self._task = asyncio.ensure_future(self._accept_forever(sock))
+
+    async def _accept_forever(self, listening: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, _ = await loop.sock_accept(listening)
+            task = asyncio.ensure_future(self._hand_over(sock))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _hand_over(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        runtime = self._gateway.runtime(self._name)
+        peer = sock.getpeername()
+        client = None
+        if peer[0] in runtime.listener.trusted_proxies:
+            try:
+                async with asyncio.timeout(PROXY_HEADER_TIMEOUT):
+                    header = await proxy_protocol.read_header(lambda n: loop.sock_recv(sock, n))
+            except (TimeoutError, OSError, proxy_protocol.ProxyHeaderError) as exc:
+                log.warning("%s %s: bad or missing PROXY header: %s", self._name, peer[0], exc)
+                sock.close()
+                return
+            # LOCAL (the balancer's health check) names nobody: the peer itself.
+            client = header.source
+        try:
+            await loop.connect_accepted_socket(
+                lambda: _Accepted(self._gateway, self._name, client),
+                sock,
+                ssl=self._ssl,
+                ssl_handshake_timeout=runtime.limits.handshake_timeout if self._ssl else None,
+            )
+        except (OSError, ssl.SSLError) as exc:
+            log.info("%s %s: connection failed: %s", self._name, peer[0], exc)
+            sock.close()
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for task in self._pending:
+            task.cancel()
+        for sock in self.sockets:
+            sock.close()
+
+    async def wait_closed(self) -> None:
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
 
 class Gateway:
@@ -61,7 +139,7 @@ class Gateway:
         # One brute-force guard for all listeners, kept across reloads.
         self.guard = Guard(defence)
         self._pruner: asyncio.Task[None] | None = None
-        self._servers: dict[str, asyncio.Server] = {}
+        self._servers: dict[str, asyncio.Server | _ProxiedServer] = {}
         self._sessions: set[asyncio.Task[None]] = set()
         self._per_address: dict[str, int] = {}
 
@@ -101,18 +179,20 @@ class Gateway:
                     obj.context = fresh
 
             ssl_context.sni_callback = current_context
-        server = await loop.create_server(
-            lambda: _Accepted(self, name),
-            listener.listen.host,
-            listener.listen.port,
-            ssl=ssl_context,
-            ssl_handshake_timeout=runtime.limits.handshake_timeout if ssl_context else None,
-            reuse_address=True,
-            # Bursts of connects (mail clients polling at the full minute)
-            # must not overflow the accept queue; the kernel caps this at
-            # net.core.somaxconn.
-            backlog=4096,
-        )
+        server: asyncio.Server | _ProxiedServer
+        if listener.proxy_protocol:
+            server = _ProxiedServer(self, name, ssl_context)
+            await server.start(listener.listen.host, listener.listen.port)
+        else:
+            server = await loop.create_server(
+                lambda: _Accepted(self, name),
+                listener.listen.host,
+                listener.listen.port,
+                ssl=ssl_context,
+                ssl_handshake_timeout=runtime.limits.handshake_timeout if ssl_context else None,
+                reuse_address=True,
+                backlog=BACKLOG,
+            )
         self._servers[name] = server
         log.info(
             "listening: %s (%s, tls %s) on %s -> %s (%s)",
@@ -153,7 +233,8 @@ class Gateway:
 
     def _start_session(self, runtime: ListenerRuntime, channel: Channel) -> None:
         limits = runtime.limits
-        address = unmap_text(channel.peername()[0])
+        client = channel.client if isinstance(channel, _Accepted) else None
+        address = unmap_text((client or channel.peername())[0])
         per_address = self._per_address.get(address, 0)
         if len(self._sessions) >= limits.max_connections or (
             per_address >= limits.max_connections_per_address
@@ -173,7 +254,9 @@ class Gateway:
             channel.close()
             return
         self._per_address[address] = per_address + 1
-        task = asyncio.ensure_future(ClientSession(runtime, channel, self.guard, self.audit).run())
+        task = asyncio.ensure_future(
+            ClientSession(runtime, channel, self.guard, self.audit, client=client).run()
+        )
         self._sessions.add(task)
         task.add_done_callback(lambda t: self._session_done(t, address))
 

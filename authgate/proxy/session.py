@@ -37,6 +37,7 @@ from authgate.protocols.base import (
     Splice,
     StartTLS,
 )
+from authgate.proxy import proxy_protocol
 from authgate.proxy.auditing import AuditTrail
 from authgate.proxy.channel import Channel, ChannelClosed
 from authgate.proxy.runtime import ListenerRuntime
@@ -76,7 +77,13 @@ class _IdleTimeout(Exception):
 
 class ClientSession:
     def __init__(
-        self, runtime: ListenerRuntime, channel: Channel, guard: Guard, audit: AuditTrail
+        self,
+        runtime: ListenerRuntime,
+        channel: Channel,
+        guard: Guard,
+        audit: AuditTrail,
+        *,
+        client: tuple[str, int] | None = None,
     ) -> None:
         self.runtime = runtime
         self.guard = guard
@@ -85,7 +92,9 @@ class ClientSession:
         # (user, keyed hash of the password) of the last cleartext password
         # checked: lets the defence recognise a stale password sent again.
         self._fingerprint: tuple[str, bytes] | None = None
-        self.peer = channel.peername()
+        # The real client: from a trusted balancer's PROXY header, else the peer.
+        self.peer = client or channel.peername()
+        self.via_balancer = client is not None
         self.local = channel.sockname()
         self.upstream: Upstream | None = None
         listener = runtime.listener
@@ -158,6 +167,7 @@ class ClientSession:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limits.preauth_timeout
         queue: deque[Event] = deque(self.machine.start())
+        first_read = True
         while True:
             while queue:
                 queue.extend(await self._handle(queue.popleft()))
@@ -174,6 +184,9 @@ class ClientSession:
             if not data:
                 log.info("%s: client closed before authenticating", self.tag)
                 return
+            if first_read and self._spoofed_header(data):
+                return
+            first_read = False
             queue.extend(self.machine.receive_data(data))
 
     async def _handle(self, event: Event) -> list[Event]:
@@ -241,6 +254,17 @@ class ClientSession:
         # Sleeping here holds back this session's reply only; other sessions
         # run on. Dovecot and Kerio do the same against password guessing.
         await asyncio.sleep(delay)
+
+    def _spoofed_header(self, data: bytes) -> bool:
+        """A PROXY header from a peer that is not a trusted balancer would let
+        anyone claim an exempt address: refuse the connection."""
+        if not (self.runtime.listener.proxy_protocol and not self.via_balancer):
+            return False
+        if not proxy_protocol.looks_like_header(data):
+            return False
+        log.warning("%s: PROXY header from an address not in trusted_proxies: refused", self.tag)
+        self._note("proxy-header-refused")
+        return True
 
     def _note(self, event: str, **fields: str | int | None) -> None:
         self.audit.note(event, listener=self.runtime.listener.name, client=self.peer[0], **fields)
