@@ -60,6 +60,7 @@ from authgate.sasl.base import (
     InitialResponse,
     Lookup,
     LookupAnswer,
+    SaslProtocolError,
     ServerContext,
     Success,
 )
@@ -835,7 +836,9 @@ class Pop3Client:
             return [RelayChallenge(challenge)]
         try:
             reply = self._mech.step(challenge)
-        except ClientAuthError as exc:
+        except (ClientAuthError, SaslProtocolError) as exc:
+            # SaslProtocolError: a challenge the mechanism cannot take any
+            # more (one after SCRAM's server-final): the backend misbehaves.
             return [Send(b"*" + CRLF), *self._fail(BackendFailure.REJECTED, str(exc))]
         return [Send(self._response_line(reply))]
 

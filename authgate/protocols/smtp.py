@@ -55,6 +55,7 @@ from authgate.sasl.base import (
     InitialResponse,
     Lookup,
     LookupAnswer,
+    SaslProtocolError,
     ServerContext,
     Success,
 )
@@ -145,6 +146,7 @@ _RELAY_FAILURES: dict[BackendFailure, FailureReason] = {
     BackendFailure.UNAVAILABLE: FailureReason.TEMPORARY,
     BackendFailure.REJECTED: FailureReason.INVALID_CREDENTIALS,
     BackendFailure.INVALID_CREDENTIALS: FailureReason.INVALID_CREDENTIALS,
+    BackendFailure.PASSWORD_EXPIRED: FailureReason.EXPIRED,
 }
 
 
@@ -952,7 +954,9 @@ class SmtpClient:
         assert self._mech is not None
         try:
             response = self._mech.step(challenge)
-        except ClientAuthError as exc:
+        except (ClientAuthError, SaslProtocolError) as exc:
+            # SaslProtocolError: a challenge the mechanism cannot take any
+            # more (one after SCRAM's server-final): the backend misbehaves.
             return self._cancel(str(exc))
         return [Send(b64encode(response) + CRLF)]
 

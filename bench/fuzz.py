@@ -1,0 +1,1135 @@
+"""A bounded, in-process fuzz run of the sans-IO protocol machines.
+
+    python -m bench.fuzz --seconds 60 [--seed N] [--crash-dir DIR]
+    python -m bench.fuzz --replay DIR/crash-....json
+
+The corpus is recorded, not written by hand: for every protocol (SMTP, IMAP,
+POP3) and SASL mechanism, our client machine logs in to our server machine
+(with and without STARTTLS) and we keep the bytes each side sent. A few
+hand-written sessions add what our clients never send (IMAP LOGIN with
+literals, POP3 USER/PASS, SMTP server-to-server MAIL, ...).
+
+Each fuzz input is a recorded session mutated at random (bit flips, bytes
+inserted or removed, words replaced, truncation, huge lines, NULs,
+non-UTF-8, broken base64, wrong literal sizes, chunks re-cut at random
+points, pieces of other sessions spliced in), fed either to a fresh server machine (the client's
+bytes) or to a fresh client machine (the backend's bytes). A driver answers
+every callback the machine asks for the way the proxy would, but with
+random verdicts: lookups get the store's real answer or a random one of the
+right type, the backend login succeeds or fails, relay challenges and
+results are random.
+
+The machines' own randomness (nonces, NTLM challenges) comes from a fixed
+source, so a replayed client response still matches the server's challenge
+and mutations reach the late stages of each mechanism.
+
+Counted per input: a *crash* is any exception escaping a machine (or a
+broken invariant: an event of the wrong type, a `Send` of 64 KiB or more, a
+waiting event that is not the last of its batch, output after `Close`); a
+*hang* is an input that takes longer than `--hang-limit` (1 s). The first
+input of each distinct crash is saved as JSON to the crash directory;
+`--replay` runs one again and prints its traceback.
+
+Pure Python and `random`: no atheris or other fuzzing engine needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import contextlib
+import functools
+import hashlib
+import itertools
+import json
+import random
+import re
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from types import FrameType
+from typing import Any, Protocol
+
+import authgate
+from authgate.credentials.schemes import StoredSecret, parse_secret
+from authgate.policy import ListenerPolicy, Security, decide
+from authgate.policy import Protocol as MailProtocol
+from authgate.protocols.base import (
+    Authenticated,
+    AuthFailed,
+    BackendFailure,
+    ClientEvent,
+    ClientSettings,
+    Close,
+    Event,
+    LoggedIn,
+    LoginFailed,
+    RelayAuth,
+    RelayChallenge,
+    RelayResponse,
+    Send,
+    SessionSettings,
+    Splice,
+    StartTLS,
+)
+from authgate.protocols.imap import ImapClient, ImapServer
+from authgate.protocols.pop3 import Pop3Client, Pop3Server
+from authgate.protocols.smtp import SmtpClient, SmtpServer
+from authgate.sasl import MECHANISMS
+from authgate.sasl import mechanism as mechanism_info
+from authgate.sasl.base import (
+    NO_RESPONSE,
+    ClientAuthError,
+    ClientContext,
+    ClientCredentials,
+    ClientMechanism,
+    InitialResponse,
+    Lookup,
+    LookupAnswer,
+    LookupRequest,
+    PasswordCheck,
+    SaslProtocolError,
+    ScramVerifier,
+    SecretForm,
+    ServerContext,
+)
+from authgate.sasl.scram import make_verifier
+
+HOST = "mail.example.test"
+GATEWAY = "gw.example.test"
+CLIENT_IP = "198.51.100.7"
+USERS = {"alice": "wonder land", "b\u00f6b": "p\u00e4ss w\u00f6rd"}
+CREDENTIALS = ClientCredentials("alice", USERS["alice"])
+# Stand-in for the tls-server-end-point hash of a certificate (RFC 5929).
+BINDING = hashlib.sha256(b"authgate fuzz certificate").digest()
+SERVICES = {"smtp": "smtp", "imap": "imap", "pop3": "pop"}
+POLICY = {"smtp": MailProtocol.SMTP, "imap": MailProtocol.IMAP, "pop3": MailProtocol.POP3}
+ALL_MECHANISMS = tuple(MECHANISMS)
+BACKEND_CAPABILITIES = ("IMAP4rev1", "IDLE", "UIDPLUS")
+
+MAX_SEND = 64 * 1024  # no single write of ours may be this big
+MAX_INPUT = 256 * 1024  # mutated inputs are cut to this size
+MAX_CALLBACKS = 200  # driver callbacks per input (relay loops end here)
+HANG_LIMIT = 1.0
+
+SERVER_EVENTS = (
+    Send,
+    StartTLS,
+    Lookup,
+    Authenticated,
+    RelayAuth,
+    RelayResponse,
+    Splice,
+    AuthFailed,
+    Close,
+)
+# Events after which the machine waits for the driver (or is finished):
+# nothing may follow them in the same batch.
+SERVER_LAST = (StartTLS, Lookup, Authenticated, RelayAuth, RelayResponse, Splice, Close)
+CLIENT_EVENTS = (Send, StartTLS, LoggedIn, LoginFailed, RelayChallenge)
+# A RelayChallenge may be followed by LoginFailed: a backend that sends more
+# after its challenge (unasked) ends the login in the same batch.
+CLIENT_LAST = (StartTLS, LoggedIn, LoginFailed)
+
+
+class ServerMachine(Protocol):
+    def start(self) -> list[Event]: ...
+    def receive_data(self, data: bytes) -> list[Event]: ...
+    def resume(self, answer: LookupAnswer) -> list[Event]: ...
+    def tls_started(self, channel_binding: bytes | None = None) -> list[Event]: ...
+    def backend_ready(self, capabilities: Sequence[str]) -> list[Event]: ...
+    def backend_failed(self, failure: BackendFailure) -> list[Event]: ...
+    def relay_challenge(self, data: bytes) -> list[Event]: ...
+    def relay_result(self, ok: bool, failure: BackendFailure | None = None) -> list[Event]: ...
+
+
+class ClientMachine(Protocol):
+    def receive_data(self, data: bytes) -> list[ClientEvent]: ...
+    def tls_started(self) -> list[ClientEvent]: ...
+    def authenticate(self, mechanism: str, initial: InitialResponse) -> list[ClientEvent]: ...
+    def respond(self, data: bytes | None) -> list[ClientEvent]: ...
+
+
+SERVERS: dict[str, Callable[[SessionSettings], ServerMachine]] = {
+    "smtp": SmtpServer,
+    "imap": ImapServer,
+    "pop3": Pop3Server,
+}
+CLIENTS: dict[str, Callable[[ClientSettings], ClientMachine]] = {
+    "smtp": SmtpClient,
+    "imap": ImapClient,
+    "pop3": Pop3Client,
+}
+
+
+class InvariantError(AssertionError):
+    """A machine returned something the driver contract rules out."""
+
+
+class Hang(BaseException):
+    """Raised by the time guard. A BaseException, so that no `except
+    Exception` in the code under test can swallow it."""
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def fixed_random(label: str) -> Callable[[int], bytes]:
+    """A deterministic stand-in for os.urandom: the same bytes every call, so
+    a recorded session replays against a fresh machine."""
+
+    def draw(size: int) -> bytes:
+        return hashlib.shake_256(label.encode()).digest(size)
+
+    return draw
+
+
+@functools.cache
+def _stored(user: str) -> StoredSecret | None:
+    password = USERS.get(user)
+    return None if password is None else parse_secret("{PLAIN}" + password)
+
+
+@functools.cache
+def _secret(user: str, form: SecretForm, realm: str) -> LookupAnswer:
+    # Cached: a SCRAM verifier costs a PBKDF2 run (the real store caches too).
+    password = USERS.get(user)
+    if password is not None and form in _SCRAM_HASHES:
+        # A fixed salt (the store would pick a random one): a saved input
+        # then replays in another process with the same server-first-message.
+        salt = hashlib.sha256(user.encode()).digest()[:16]
+        return make_verifier(password, _SCRAM_HASHES[form], salt=salt)
+    stored = _stored(user)
+    return None if stored is None else stored.secret_for(form, username=user, realm=realm)
+
+
+_SCRAM_HASHES = {SecretForm.SCRAM_SHA_1: "sha1", SecretForm.SCRAM_SHA_256: "sha256"}
+
+
+def resolve(request: LookupRequest) -> LookupAnswer:
+    """The credential store's real answer for USERS."""
+    if isinstance(request, PasswordCheck):
+        stored = _stored(request.authcid)
+        return stored is not None and stored.verify_password(request.password)
+    return _secret(request.authcid, request.form, request.realm)
+
+
+_SECRET_SIZES = {
+    SecretForm.CRAM_MD5: 32,
+    SecretForm.DIGEST_MD5: 16,
+    SecretForm.NT_HASH: 16,
+    SecretForm.SCRAM_SHA_1: 20,
+    SecretForm.SCRAM_SHA_256: 32,
+}
+
+
+def random_answer(request: LookupRequest, rng: random.Random) -> LookupAnswer:
+    """A random answer of the type the request asks for (a store that is
+    wrong about the user, but not a broken driver)."""
+    if isinstance(request, PasswordCheck):
+        return rng.random() < 0.5
+    if rng.random() < 0.2:
+        return None
+    form = request.form
+    if form is SecretForm.PLAINTEXT:
+        return "".join(chr(rng.randrange(0x20, 0x3000)) for _ in range(rng.randrange(12)))
+    size = _SECRET_SIZES[form]
+    if form in (SecretForm.SCRAM_SHA_1, SecretForm.SCRAM_SHA_256):
+        key_size = size if rng.random() < 0.8 else rng.choice([0, size - 1, size + 1])
+        return ScramVerifier(
+            salt=rng.randbytes(rng.choice([0, 1, 16, 64])),
+            iterations=rng.choice([0, 1, 4096, 100_000, 2**31 - 1]),
+            stored_key=rng.randbytes(key_size),
+            server_key=rng.randbytes(key_size),
+        )
+    return rng.randbytes(size)
+
+
+def _b64(data: str | bytes) -> bytes:
+    return base64.b64encode(data.encode() if isinstance(data, str) else data)
+
+
+# ------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The knobs of one server or client machine besides its input."""
+
+    protocol: str
+    mechanisms: tuple[str, ...] = ("PLAIN",)  # client preference / relay mechanism
+    starttls: bool = False
+    server_mechanisms: tuple[str, ...] = ALL_MECHANISMS
+    security: str = Security.NONE.value
+    relay: bool = False
+    submission: bool = True
+    max_line: int = 8192
+    max_errors: int = 5
+    tls_active: bool = False
+
+
+def server_settings(variant: Variant) -> SessionSettings:
+    listener = ListenerPolicy(
+        POLICY[variant.protocol], Security(variant.security), variant.server_mechanisms
+    )
+    ctx = ServerContext(
+        service=SERVICES[variant.protocol], hostname=HOST, random=fixed_random("server")
+    )
+    return SessionSettings(
+        hostname=HOST,
+        decide=lambda tls: decide(listener, CLIENT_IP, tls=tls),
+        sasl_context=lambda tls: ctx,
+        starttls_available=True,
+        tls_active=variant.tls_active,
+        relay=variant.relay,
+        submission=variant.submission,
+        max_line=variant.max_line,
+        max_errors=variant.max_errors,
+    )
+
+
+def _client_context(variant: Variant) -> ClientContext:
+    plus = any(mechanism_info(m).channel_binding for m in variant.mechanisms if m in MECHANISMS)
+    return ClientContext(
+        service=SERVICES[variant.protocol],
+        hostname=HOST,
+        channel_binding=("tls-server-end-point", BINDING) if plus else None,
+        random=fixed_random("client"),
+    )
+
+
+def client_settings(variant: Variant) -> ClientSettings:
+    return ClientSettings(
+        hostname=GATEWAY,
+        starttls=variant.starttls,
+        mechanisms=variant.mechanisms,
+        credentials=None if variant.relay else CREDENTIALS,
+        sasl_context=_client_context(variant),
+        relay=variant.relay,
+        client_address=CLIENT_IP,
+        client_port=40001,
+        use_id=True,
+        use_xclient=True,
+        max_line=max(variant.max_line, 512),
+    )
+
+
+# --------------------------------------------------------------- corpus
+
+
+@dataclass
+class Recording:
+    """One session: what the client sent the server and the other way."""
+
+    variant: Variant
+    to_server: list[bytes] = field(default_factory=list)
+    to_client: list[bytes] = field(default_factory=list)
+    logged_in: bool = False
+    hand_written: bool = False
+
+
+def record(variant: Variant) -> Recording:
+    """Run our client machine against our server machine and keep the bytes."""
+    server = SERVERS[variant.protocol](server_settings(variant))
+    client = CLIENTS[variant.protocol](client_settings(variant))
+    rec = Recording(variant)
+    queue: collections.deque[tuple[str, Event | ClientEvent]] = collections.deque(
+        ("server", e) for e in server.start()
+    )
+    waiting_tls: set[str] = set()
+    spliced = False
+    for _ in range(1000):
+        if not queue:
+            break
+        side, event = queue.popleft()
+        if side == "server":
+            if isinstance(event, Send):
+                rec.to_client.append(event.data)
+                queue.extend(("client", e) for e in client.receive_data(event.data))
+            elif isinstance(event, Lookup):
+                queue.extend(("server", e) for e in server.resume(resolve(event.request)))
+            elif isinstance(event, Authenticated):
+                queue.extend(("server", e) for e in server.backend_ready(BACKEND_CAPABILITIES))
+            elif isinstance(event, Splice):
+                spliced = True
+            elif isinstance(event, Close):
+                break
+        elif isinstance(event, Send):
+            if spliced:
+                # Only POP3's client talks after login (CAPA): a backend's answer.
+                reply = b"+OK\r\nTOP\r\nUIDL\r\n.\r\n"
+                rec.to_client.append(reply)
+                queue.extend(("client", e) for e in client.receive_data(reply))
+            else:
+                rec.to_server.append(event.data)
+                queue.extend(("server", e) for e in server.receive_data(event.data))
+        elif isinstance(event, LoggedIn):
+            rec.logged_in = True
+            break
+        elif isinstance(event, LoginFailed):
+            break
+        if isinstance(event, StartTLS):
+            waiting_tls.add(side)
+            if waiting_tls == {"server", "client"}:
+                waiting_tls.clear()
+                queue.extend(("server", e) for e in server.tls_started(BINDING))
+                queue.extend(("client", e) for e in client.tls_started())
+    return rec
+
+
+def _scenarios() -> list[Variant]:
+    out: list[Variant] = []
+    for protocol in SERVERS:
+        for name, info in MECHANISMS.items():
+            for starttls in (False, True):
+                if info.channel_binding and not starttls:
+                    continue  # *-PLUS exists only inside TLS
+                security = Security.REQUIRE_SECURE_AUTH if starttls else Security.NONE
+                out.append(Variant(protocol, (name,), starttls, security=security.value))
+    # POP3 USER/PASS: the backend offers no SASL mechanism the client may use.
+    out.append(Variant("pop3", ("LOGIN",), server_mechanisms=("CRAM-MD5", "PLAIN")))
+    return out
+
+
+def _hand_written() -> list[Recording]:
+    """Sessions our client machines never produce."""
+    ir = _b64("\0alice\0wonder land")
+    user, password = _b64("alice"), _b64("wonder land")
+    smtp = [
+        [b"EHLO client.example\r\n", b"AUTH PLAIN " + ir + b"\r\n"],
+        [b"EHLO c\r\nAUTH LOGIN\r\n", user + b"\r\n", password + b"\r\n"],
+        [b"EHLO c\r\n", b"AUTH PLAIN =\r\n", b"*\r\n", b"AUTH LOGIN " + user + b"\r\n"],
+        [b"HELO c\r\n", b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n"],
+        [
+            b"EHLO c\r\n",
+            b"NOOP\r\nRSET\r\nHELP\r\nVRFY x\r\nEXPN y\r\nRCPT TO:<x>\r\n",
+            b"QUIT\r\n",
+        ],
+        [b"EHLO c\r\n", b"STARTTLS\r\nEHLO injected\r\n", b"EHLO c\r\n", b"AUTH PLAIN\r\n"],
+    ]
+    imap = [
+        [b"a1 CAPABILITY\r\n", b'a2 LOGIN alice "wonder land"\r\n'],
+        [b"a1 LOGIN {5}\r\n", b"alice {11}\r\n", b"wonder land\r\n"],
+        [b"a1 LOGIN {5+}\r\nalice {11+}\r\nwonder land\r\n"],
+        [
+            b'a1 ID ("name" "x" "version" NIL)\r\n',
+            b"a2 NOOP\r\n",
+            b"a3 AUTHENTICATE PLAIN\r\n",
+            ir + b"\r\n",
+        ],
+        [b"a1 AUTHENTICATE PLAIN " + ir + b"\r\n"],
+        [b"a1 AUTHENTICATE LOGIN\r\n", user + b"\r\n", password + b"\r\n"],
+        [b"a1 STARTTLS\r\na2 LOGIN x y\r\n", b"a3 CAPABILITY\r\n", b"a4 LOGOUT\r\n"],
+        [b"a1 LOGIN {99999999}\r\n", b"a2 LOGIN {20+}\r\n" + b"x" * 20 + b" y\r\n"],
+        [b'a1 ID ("name" {3}\r\n', b"abc)\r\n", b"a2 ID NIL\r\n"],
+    ]
+    pop3 = [
+        [b"CAPA\r\n", b"USER alice\r\n", b"PASS wonder land\r\n"],
+        [b"AUTH\r\n", b"AUTH PLAIN\r\n", ir + b"\r\n"],
+        [b"AUTH PLAIN " + ir + b"\r\n"],
+        [
+            b"STLS\r\nUSER injected\r\n",
+            b"CAPA\r\n",
+            b"AUTH LOGIN " + user + b"\r\n",
+            password + b"\r\n",
+        ],
+        [b"STAT\r\nLIST\r\nNOOP\r\n", b"USER alice\r\nPASS wonder land\r\n", b"QUIT\r\n"],
+    ]
+    out = [Recording(Variant("smtp"), to_server=s) for s in smtp]
+    out += [Recording(Variant("imap"), to_server=s) for s in imap]
+    out += [Recording(Variant("pop3"), to_server=s) for s in pop3]
+    # Backend replies our servers never send.
+    smtp_xclient = Variant("smtp", ("PLAIN",))
+    out.append(
+        Recording(
+            smtp_xclient,
+            to_client=[
+                b"220 b ESMTP\r\n",
+                b"250-b\r\n250-XCLIENT ADDR PORT LOGIN NAME\r\n250 AUTH=PLAIN LOGIN\r\n",
+                b"220 b ESMTP\r\n",
+                b"250-b\r\n250 AUTH PLAIN\r\n",
+                b"235 2.7.0 ok\r\n",
+            ],
+        )
+    )
+    out.append(
+        Recording(
+            Variant("imap", ("PLAIN",)),
+            to_client=[
+                b"* OK hi\r\n",
+                b"* CAPABILITY IMAP4rev1 AUTH=PLAIN ID\r\na1 OK done\r\n",
+                b'* ID ("name" {5}\r\nhello)\r\na2 OK\r\n',
+                b"+ \r\n",
+                b"a3 OK done\r\n",
+                b"* CAPABILITY IMAP4rev1 IDLE\r\na4 OK\r\n",
+            ],
+        )
+    )
+    out.append(
+        Recording(
+            Variant("pop3", ("PLAIN",)),
+            to_client=[b"+OK hi\r\n", b"-ERR what\r\n", b"+OK\r\n", b"+OK in\r\n", b"-ERR\r\n"],
+        )
+    )
+    for rec in out:
+        rec.hand_written = True
+    return out
+
+
+@dataclass
+class Corpus:
+    server: list[Recording]  # sessions with client->server bytes
+    client: list[Recording]  # sessions with backend->client bytes
+    failed: list[Variant]  # recorded sessions that did not log in (a harness bug)
+
+
+@functools.cache
+def build_corpus() -> Corpus:
+    recorded = [record(v) for v in _scenarios()]
+    extra = _hand_written()
+    sessions = recorded + extra
+    return Corpus(
+        server=[r for r in sessions if r.to_server],
+        client=[r for r in sessions if r.to_client],
+        failed=[r.variant for r in recorded if not r.logged_in],
+    )
+
+
+# ------------------------------------------------------------- mutation
+
+_TOKENS = (
+    b"\x00",
+    b"\xff",
+    b"\xc3\x28",  # invalid UTF-8 sequence
+    b"\xed\xa0\x80",  # UTF-8 encoded surrogate
+    b"\r",
+    b"\n",
+    b"\r\n",
+    b" ",
+    b"*",
+    b"=",
+    b"+",
+    b"-",
+    b'"',
+    b"\\",
+    b"(",
+    b")",
+    b"[",
+    b"]",
+    b"{0}\r\n",
+    b"{1}\r\n",
+    b"{5+}\r\n",
+    b"{4294967296}\r\n",
+    b"{99999999999999999999}\r\n",
+    b"AUTH PLAIN\r\n",
+    b"AUTHENTICATE SCRAM-SHA-256\r\n",
+    b"a9 LOGIN a b\r\n",
+    b"STARTTLS\r\n",
+    b"STLS\r\n",
+    b"EHLO x\r\n",
+    b"+OK\r\n",
+    b"-ERR [SYS/TEMP] x\r\n",
+    b"334 \r\n",
+    b"+ \r\n",
+    b"235 ok\r\n",
+    b"250-",
+    b"a1 OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] x\r\n",
+)
+# Whole words to put in place of a command's verb or argument.
+WORDS = (
+    b"",
+    b"\x00",
+    b"a\x00b",
+    b"\xff",
+    b"\xc3\x28",
+    b"\xed\xa0\x80",
+    b"caf\xc3\xa9",
+    b"=",
+    b"*",
+    b"+",
+    b"{0}",
+    b"{5+}",
+    b"()",
+    b'"',
+    b'"\\"',
+    b"NIL",
+    b"A" * 300,
+    b"-1",
+    b"99999999999999999999",
+    b"\t",
+    b"\x7f",
+)
+_NUMBERS = (b"0", b"1", b"-1", b"00", b"65536", b"4294967296", b"9" * 25, b"1e9")
+_BASE64_RUN = re.compile(rb"[A-Za-z0-9+/]{4,}={0,2}")
+_DIGITS = re.compile(rb"[0-9]+")
+
+
+class Mutator:
+    """Random, structure-aware-enough mutations of a list of chunks."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+
+    # -- byte level
+
+    def _flip(self, data: bytes) -> bytes:
+        if not data:
+            return data
+        i = self.rng.randrange(len(data))
+        return data[:i] + bytes([data[i] ^ (1 << self.rng.randrange(8))]) + data[i + 1 :]
+
+    def _set(self, data: bytes) -> bytes:
+        if not data:
+            return data
+        i = self.rng.randrange(len(data))
+        value = self.rng.choice([0, 0x0A, 0x0D, 0x20, 0x7F, 0x80, 0xFF, self.rng.randrange(256)])
+        return data[:i] + bytes([value]) + data[i + 1 :]
+
+    def _insert(self, data: bytes) -> bytes:
+        i = self.rng.randrange(len(data) + 1)
+        token = self.rng.choice(_TOKENS)
+        if self.rng.random() < 0.3:
+            token = self.rng.randbytes(self.rng.randrange(1, 16))
+        return data[:i] + token + data[i:]
+
+    def _delete(self, data: bytes) -> bytes:
+        if not data:
+            return data
+        i = self.rng.randrange(len(data))
+        j = min(len(data), i + self.rng.choice([1, 1, 2, 4, 16, len(data)]))
+        return data[:i] + data[j:]
+
+    def _duplicate(self, data: bytes) -> bytes:
+        if not data:
+            return data
+        i = self.rng.randrange(len(data))
+        j = min(len(data), i + self.rng.randrange(1, 64))
+        return data[:j] + data[i:j] * self.rng.choice([1, 2, 10]) + data[j:]
+
+    def _truncate(self, data: bytes) -> bytes:
+        return data[: self.rng.randrange(len(data) + 1)]
+
+    def _huge(self, data: bytes) -> bytes:
+        # Around the line limits (8192 server, 65536 client, the small
+        # variants) and a bit over them.
+        size = self.rng.choice([510, 511, 512, 513, 8190, 8191, 8192, 8193, 12300, 65537, 70000])
+        i = self.rng.randrange(len(data) + 1)
+        return data[:i] + self.rng.choice([b"A", b"=", b"\x00", b" "]) * size + data[i:]
+
+    def _base64(self, data: bytes) -> bytes:
+        runs = list(_BASE64_RUN.finditer(data))
+        if not runs:
+            return self._insert(data)
+        run = self.rng.choice(runs)
+        i = self.rng.randrange(run.start(), run.end())
+        how = self.rng.randrange(4)
+        if how == 0:  # an invalid character
+            return (
+                data[:i]
+                + self.rng.choice([b"!", b"-", b"_", b".", b"\x00", b"\xff"])
+                + data[i + 1 :]
+            )
+        if how == 1:  # wrong length / padding
+            return data[:i] + data[i + 1 :]
+        if how == 2:
+            return data[: run.end()] + b"=" + data[run.end() :]
+        return data[:i] + b" " + data[i:]  # embedded space
+
+    def _number(self, data: bytes) -> bytes:
+        numbers = list(_DIGITS.finditer(data))
+        if not numbers:
+            return self._insert(data)
+        match = self.rng.choice(numbers)
+        value = int(match.group()[:30])
+        new = self.rng.choice([*_NUMBERS, str(value + 1).encode(), str(max(0, value - 1)).encode()])
+        return data[: match.start()] + new + data[match.end() :]
+
+    def _word(self, data: bytes) -> bytes:
+        """Replace (or add) one space-separated word of a line."""
+        line_end = len(data.rstrip(b"\r\n"))
+        words = data[:line_end].split(b" ")
+        i = self.rng.randrange(len(words) + 1)
+        word = self.rng.choice(WORDS)
+        if i == len(words) or self.rng.random() < 0.3:
+            words.insert(i, word)
+        else:
+            words[i] = word
+        return b" ".join(words) + data[line_end:]
+
+    def _case(self, data: bytes) -> bytes:
+        return data.swapcase() if self.rng.random() < 0.5 else data.lower()
+
+    def _line_ends(self, data: bytes) -> bytes:
+        return data.replace(b"\r\n", self.rng.choice([b"\n", b"\r", b"\r\r\n", b"\n\r"]))
+
+    def mutate_bytes(self, data: bytes) -> bytes:
+        ops = (
+            self._flip,
+            self._set,
+            self._insert,
+            self._insert,
+            self._word,
+            self._word,
+            self._word,
+            self._delete,
+            self._duplicate,
+            self._truncate,
+            self._huge,
+            self._base64,
+            self._base64,
+            self._number,
+            self._number,
+            self._case,
+            self._line_ends,
+        )
+        return self.rng.choice(ops)(data)
+
+    # -- chunk level
+
+    def mutate(self, chunks: list[bytes], donors: Sequence[Sequence[bytes]]) -> list[bytes]:
+        chunks = list(chunks) or [b""]
+        for _ in range(self.rng.choice([1, 1, 1, 2, 2, 3, 4, 8])):
+            chunks = self._mutate_once(chunks, donors) or [b""]
+        total, out = 0, []
+        for chunk in chunks:
+            out.append(chunk[: MAX_INPUT - total])
+            total += len(out[-1])
+        return out
+
+    def _mutate_once(self, chunks: list[bytes], donors: Sequence[Sequence[bytes]]) -> list[bytes]:
+        rng = self.rng
+        i = rng.randrange(len(chunks))
+        op = rng.randrange(12)
+        if op <= 3 or op >= 10:
+            chunks[i] = self.mutate_bytes(chunks[i])
+        elif op == 4:  # split a chunk (pipelining cut at a random point)
+            cut = rng.randrange(len(chunks[i]) + 1)
+            chunks[i : i + 1] = [chunks[i][:cut], chunks[i][cut:]]
+        elif op == 5 and len(chunks) > 1:  # merge two chunks (pipelined)
+            j = min(i + 1, len(chunks) - 1)
+            chunks[i : j + 1] = [b"".join(chunks[i : j + 1])]
+        elif op == 6:  # re-cut the whole stream
+            stream = b"".join(chunks)
+            cuts = sorted(rng.randrange(len(stream) + 1) for _ in range(rng.randrange(1, 12)))
+            bounds = [0, *cuts, len(stream)]
+            chunks = [stream[a:b] for a, b in itertools.pairwise(bounds)]
+        elif op == 7:  # drop, duplicate or swap
+            how = rng.randrange(3)
+            if how == 0:
+                del chunks[i]
+            elif how == 1:
+                chunks.insert(i, chunks[i])
+            else:
+                j = rng.randrange(len(chunks))
+                chunks[i], chunks[j] = chunks[j], chunks[i]
+        elif op == 8 and donors:  # splice in a piece of another session
+            donor = rng.choice(donors)
+            if donor:
+                chunks.insert(i, rng.choice(donor))
+        else:  # truncate the session
+            chunks = chunks[: i + 1]
+            chunks[i] = self._truncate(chunks[i])
+        return chunks
+
+
+# ---------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class FuzzInput:
+    target: str  # "server" or "client"
+    variant: Variant
+    seed: int  # the driver's random choices
+    chunks: tuple[bytes, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "variant": asdict(self.variant),
+            "seed": self.seed,
+            "chunks": [c.hex() for c in self.chunks],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FuzzInput:
+        raw = dict(data["variant"])
+        for key in ("mechanisms", "server_mechanisms"):
+            raw[key] = tuple(raw[key])
+        return cls(
+            target=data["target"],
+            variant=Variant(**raw),
+            seed=int(data["seed"]),
+            chunks=tuple(bytes.fromhex(c) for c in data["chunks"]),
+        )
+
+
+def _check_batch(
+    events: Sequence[object], allowed: tuple[type, ...], last: tuple[type, ...]
+) -> None:
+    for index, event in enumerate(events):
+        if not isinstance(event, allowed):
+            raise InvariantError(f"not an event: {event!r}")
+        if isinstance(event, Send):
+            if not isinstance(event.data, bytes):
+                raise InvariantError("Send.data is not bytes")
+            if len(event.data) >= MAX_SEND:
+                raise InvariantError(f"Send of {len(event.data)} bytes")
+        if index == len(events) - 1:
+            continue
+        after = events[index + 1]
+        if isinstance(event, last) or (
+            isinstance(event, RelayChallenge) and not isinstance(after, LoginFailed)
+        ):
+            raise InvariantError(f"{type(event).__name__} is followed by {after!r}")
+
+
+def run_server_input(inp: FuzzInput) -> list[Event]:
+    """Feed the chunks to a fresh server machine, answering its callbacks.
+    Returns every event the machine emitted."""
+    rng = random.Random(inp.seed)
+    seen: list[Event] = []
+    machine = SERVERS[inp.variant.protocol](server_settings(inp.variant))
+    finished = False  # Close or Splice seen
+    callbacks = 0
+    relay_mech: ClientMechanism | None = None
+
+    def drive(batch: list[Event]) -> None:
+        nonlocal finished, callbacks, relay_mech
+        pending = collections.deque([batch])
+        while pending:
+            events = pending.popleft()
+            if finished and events:
+                raise InvariantError(f"events after Close/Splice: {events!r}")
+            _check_batch(events, SERVER_EVENTS, SERVER_LAST)
+            seen.extend(events)
+            for event in events:
+                callbacks += 1
+                if isinstance(event, Close | Splice):
+                    finished = True
+                elif isinstance(event, Lookup):
+                    answer = (
+                        resolve(event.request)
+                        if rng.random() < 0.75
+                        else random_answer(event.request, rng)
+                    )
+                    pending.append(machine.resume(answer))
+                elif isinstance(event, StartTLS):
+                    binding = BINDING if rng.random() < 0.8 else rng.choice([None, b"", b"x"])
+                    pending.append(machine.tls_started(binding))
+                elif isinstance(event, Authenticated):
+                    if rng.random() < 0.6:
+                        caps = rng.sample(["IMAP4rev1", "IDLE", "a]b", "\r\n", "X" * 100, ""], 3)
+                        pending.append(machine.backend_ready(caps))
+                    else:
+                        pending.append(machine.backend_failed(rng.choice(list(BackendFailure))))
+                elif isinstance(event, RelayAuth | RelayResponse):
+                    if isinstance(event, RelayAuth):
+                        relay_mech = _relay_client(event.mechanism, inp.variant)
+                    pending.append(_relay_verdict(machine, rng, relay_mech, callbacks))
+
+    drive(machine.start())
+    for chunk in inp.chunks:
+        if finished:
+            break
+        drive(machine.receive_data(chunk))
+    return seen
+
+
+def _relay_client(name: str, variant: Variant) -> ClientMechanism | None:
+    """A backend-side stand-in to produce plausible relay challenges."""
+    try:
+        return mechanism_info(name).client(CREDENTIALS, _client_context(variant))
+    except (KeyError, ValueError):
+        return None
+
+
+def _relay_verdict(
+    machine: ServerMachine, rng: random.Random, mech: ClientMechanism | None, callbacks: int
+) -> list[Event]:
+    roll = rng.random()
+    if callbacks < MAX_CALLBACKS and roll < 0.45:
+        data = rng.randbytes(rng.randrange(64))
+        if mech is not None and rng.random() < 0.5:
+            # Not a real backend challenge, but bytes of the right shape.
+            data = rng.choice([b"", b"r=abc,s=c2FsdA==,i=4096", b'realm="x",nonce="y"', data])
+        return machine.relay_challenge(data)
+    if roll < 0.7:
+        return machine.relay_result(True)
+    if roll < 0.75 and isinstance(machine, ImapServer):
+        # IMAP lets a driver that knows the backend's capabilities finish
+        # a relayed login with backend_ready() instead.
+        return machine.backend_ready(["IMAP4rev1", "IDLE"])
+    failure = rng.choice([None, *BackendFailure])
+    return machine.relay_result(False, failure)
+
+
+def run_client_input(inp: FuzzInput) -> list[ClientEvent]:
+    """Feed backend bytes to a fresh client machine, answering its callbacks.
+    Returns every event the machine emitted."""
+    rng = random.Random(inp.seed)
+    seen: list[ClientEvent] = []
+    variant = inp.variant
+    client = CLIENTS[variant.protocol](client_settings(variant))
+    logged_in = False
+    failed = False
+    relay_mech: ClientMechanism | None = None
+
+    def drive(events: list[ClientEvent]) -> None:
+        nonlocal logged_in, failed
+        _check_batch(events, CLIENT_EVENTS, CLIENT_LAST)
+        seen.extend(events)
+        if any(isinstance(e, LoginFailed) for e in events):
+            failed = True  # a RelayChallenge before it is moot
+        for event in events:
+            if isinstance(event, StartTLS):
+                drive(client.tls_started())
+            elif isinstance(event, RelayChallenge) and not failed:
+                answer: bytes | None = rng.randbytes(rng.randrange(40))
+                if relay_mech is not None and rng.random() < 0.8:
+                    try:
+                        answer = relay_mech.step(event.data)
+                    except (ClientAuthError, SaslProtocolError):
+                        answer = None
+                elif rng.random() < 0.3:
+                    answer = None
+                drive(client.respond(answer))
+            elif isinstance(event, LoggedIn):
+                logged_in = True
+
+    if variant.relay:
+        name = variant.mechanisms[0]
+        initial: InitialResponse = NO_RESPONSE
+        if name in MECHANISMS:
+            relay_mech = mechanism_info(name).client(CREDENTIALS, _client_context(variant))
+            first = relay_mech.start()
+            initial = NO_RESPONSE if first is None else first
+        drive(client.authenticate(name, initial))
+    for chunk in inp.chunks:
+        if logged_in:
+            break  # the driver splices now
+        events = client.receive_data(chunk)
+        if failed and events:
+            raise InvariantError(f"client events after LoginFailed: {events!r}")
+        drive(events)
+    return seen
+
+
+def run_input(inp: FuzzInput) -> Sequence[Event | ClientEvent]:
+    if inp.target == "server":
+        return run_server_input(inp)
+    return run_client_input(inp)
+
+
+# ----------------------------------------------------------- generation
+
+
+def make_input(corpus: Corpus, rng: random.Random) -> FuzzInput:
+    mutator = Mutator(rng)
+    target = "server" if rng.random() < 0.6 else "client"
+    pool = corpus.server if target == "server" else corpus.client
+    # Recorded sessions vary the mechanism, hand-written ones the commands:
+    # give the few hand-written ones a fair share.
+    hand = [r for r in pool if r.hand_written] if rng.random() < 0.3 else []
+    rec = rng.choice(hand or pool)
+    chunks = list(rec.to_server if target == "server" else rec.to_client)
+    donors = [r.to_server if target == "server" else r.to_client for r in pool]
+    roll = rng.random()
+    if roll < 0.03:
+        chunks = [rng.randbytes(rng.randrange(200)) for _ in range(rng.randrange(1, 6))]
+    elif roll > 0.05:  # a few replay the recording as it is
+        chunks = mutator.mutate(chunks, donors)
+    variant = rec.variant
+    knobs: dict[str, Any] = {}
+    if target == "server":
+        if rng.random() < 0.5:
+            knobs["security"] = rng.choice(list(Security)).value
+        knobs["relay"] = rng.random() < 0.3
+        knobs["submission"] = rng.random() < 0.8
+        knobs["tls_active"] = rng.random() < 0.1
+        if rng.random() < 0.2:
+            knobs["server_mechanisms"] = tuple(rng.sample(ALL_MECHANISMS, rng.randrange(1, 5)))
+    else:
+        knobs["relay"] = rng.random() < 0.3
+        if rng.random() < 0.2:
+            knobs["starttls"] = not variant.starttls
+    knobs["max_line"] = rng.choice([8192, 8192, 8192, 512])
+    knobs["max_errors"] = rng.choice([3, 5, 20])
+    return FuzzInput(target, replace(variant, **knobs), rng.getrandbits(32), tuple(chunks))
+
+
+# --------------------------------------------------------------- running
+
+
+@contextlib.contextmanager
+def _alarm_handler() -> Iterator[bool]:
+    """Install a SIGALRM handler raising Hang, when this thread can."""
+    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not usable:
+        yield False
+        return
+
+    def on_alarm(signum: int, frame: FrameType | None) -> None:
+        raise Hang
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        yield True
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@dataclass
+class Outcome:
+    kind: str  # "ok", "crash", "hang"
+    seconds: float
+    error: str = ""
+    signature: str = ""
+
+
+_PACKAGE_DIR = str(Path(authgate.__file__).resolve().parent)
+
+
+def _signature(exc: BaseException) -> str:
+    """Type and innermost authgate/bench frame: one entry per distinct bug."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [f for f in frames if f.filename.startswith(_PACKAGE_DIR)] or frames
+    where = f"{Path(ours[-1].filename).name}:{ours[-1].lineno}" if ours else "?"
+    return f"{type(exc).__name__} at {where}"
+
+
+def execute(inp: FuzzInput, *, hang_limit: float, alarm: bool) -> Outcome:
+    start = time.perf_counter()
+    try:
+        try:
+            if alarm:
+                signal.setitimer(signal.ITIMER_REAL, hang_limit)
+            run_input(inp)
+        finally:
+            if alarm:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+    except Hang:
+        return Outcome("hang", time.perf_counter() - start, "exceeded the time limit", "hang")
+    except Exception as exc:
+        text = "".join(traceback.format_exception(exc))
+        return Outcome("crash", time.perf_counter() - start, text, _signature(exc))
+    elapsed = time.perf_counter() - start
+    if elapsed > hang_limit:
+        return Outcome("hang", elapsed, f"took {elapsed:.2f} s", "hang")
+    return Outcome("ok", elapsed)
+
+
+@dataclass
+class Stats:
+    inputs: int = 0
+    crashes: int = 0
+    hangs: int = 0
+    seconds: float = 0.0
+    seed: int = 0
+    by_target: collections.Counter[str] = field(default_factory=collections.Counter)
+    signatures: collections.Counter[str] = field(default_factory=collections.Counter)
+    saved: list[Path] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.inputs / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> str:
+        return f"{self.inputs} inputs, {self.crashes} crashes, {self.hangs} hangs"
+
+
+def _save(inp: FuzzInput, outcome: Outcome, key: str, crash_dir: Path) -> Path:
+    crash_dir.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    path = crash_dir / f"{outcome.kind}-{digest}.json"
+    record_ = inp.to_json() | {"kind": outcome.kind, "signature": outcome.signature}
+    record_["error"] = outcome.error
+    path.write_text(json.dumps(record_, indent=1))
+    return path
+
+
+def run(
+    seconds: float,
+    *,
+    seed: int | None = None,
+    crash_dir: Path = Path("fuzz-crashes"),
+    hang_limit: float = HANG_LIMIT,
+    max_inputs: int | None = None,
+) -> Stats:
+    """Fuzz for `seconds` (and at most `max_inputs` inputs)."""
+    seed = random.SystemRandom().getrandbits(32) if seed is None else seed
+    rng = random.Random(seed)
+    corpus = build_corpus()
+    stats = Stats(seed=seed)
+    begin = time.perf_counter()
+    deadline = begin + seconds
+    with _alarm_handler() as alarm:
+        while time.perf_counter() < deadline:
+            if max_inputs is not None and stats.inputs >= max_inputs:
+                break
+            inp = make_input(corpus, rng)
+            outcome = execute(inp, hang_limit=hang_limit, alarm=alarm)
+            stats.inputs += 1
+            stats.by_target[inp.target] += 1
+            if outcome.kind == "ok":
+                continue
+            if outcome.kind == "crash":
+                stats.crashes += 1
+            else:
+                stats.hangs += 1
+            key = f"{inp.target} {inp.variant.protocol}: {outcome.signature}"
+            if not stats.signatures[key]:
+                stats.saved.append(_save(inp, outcome, key, crash_dir))
+            stats.signatures[key] += 1
+    stats.seconds = time.perf_counter() - begin
+    return stats
+
+
+def replay(path: Path, hang_limit: float = HANG_LIMIT) -> int:
+    inp = FuzzInput.from_json(json.loads(path.read_text()))
+    with _alarm_handler() as alarm:
+        outcome = execute(inp, hang_limit=hang_limit, alarm=alarm)
+    print(f"{inp.target} {inp.variant.protocol}: {outcome.kind} in {outcome.seconds:.3f} s")
+    if outcome.error:
+        print(outcome.error)
+    return 0 if outcome.kind == "ok" else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.fuzz", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--seconds", type=float, default=60.0, help="how long to run (60)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    parser.add_argument("--crash-dir", type=Path, default=Path("fuzz-crashes"))
+    parser.add_argument("--hang-limit", type=float, default=HANG_LIMIT, help="seconds (1.0)")
+    parser.add_argument("--max-inputs", type=int, default=None)
+    parser.add_argument("--replay", type=Path, help="run one saved input and show its error")
+    args = parser.parse_args(argv)
+    if args.replay is not None:
+        return replay(args.replay, args.hang_limit)
+    stats = run(
+        args.seconds,
+        seed=args.seed,
+        crash_dir=args.crash_dir,
+        hang_limit=args.hang_limit,
+        max_inputs=args.max_inputs,
+    )
+    print(stats.summary())
+    targets = ", ".join(f"{n} {t}" for t, n in sorted(stats.by_target.items()))
+    print(f"{stats.rate:.0f} inputs/s over {stats.seconds:.1f} s ({targets}), seed {stats.seed}")
+    for key, count in stats.signatures.most_common():
+        print(f"  {count:6d}  {key}")
+    for path in stats.saved:
+        print(f"  saved {path}")
+    return 1 if stats.crashes or stats.hangs else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
