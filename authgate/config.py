@@ -190,11 +190,27 @@ _DEFENCE_NUMBERS: dict[str, tuple[type, float, float]] = {
 }
 
 
-def _defence(table: _Table | None) -> DefenceSettings:
-    """[defence]: failure delay, escalating penalties, address blocks, and
-    the optional per-user lockout (off unless user_lockout_after is set)."""
+def _defence(table: _Table | None) -> tuple[DefenceSettings, SharedDefence | None]:
+    """[defence]: failure delay, escalating penalties, address blocks, the
+    optional per-user lockout (off unless user_lockout_after is set), and
+    optionally state shared in Redis."""
     if table is None:
-        return DefenceSettings()
+        return DefenceSettings(), None
+    shared = None
+    redis_url = table.get("redis_url", str, "")
+    secret_file = table.path_value("secret_file")
+    if redis_url:
+        if not redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise table.error("redis_url", f"{redis_url!r} is not a redis:// URL")
+        if secret_file is None:
+            raise table.error(
+                "secret_file",
+                "redis_url needs a secret shared by every instance (16+ bytes in a file), "
+                "to recognise a stale password across instances",
+            )
+        if not secret_file.is_file():
+            raise table.error("secret_file", f"{str(secret_file)!r} is not a file")
+        shared = SharedDefence(redis_url, secret_file)
     values: dict[str, object] = {}
     for name, (kind, low, high) in _DEFENCE_NUMBERS.items():
         if table.has(name):
@@ -208,7 +224,16 @@ def _defence(table: _Table | None) -> DefenceSettings:
     if table.has("trusted_networks"):
         values["trusted"] = _networks(table, "trusted_networks")
     table.finish()
-    return DefenceSettings(**values)  # type: ignore[arg-type]
+    return DefenceSettings(**values), shared  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class SharedDefence:
+    """[defence] redis_url + secret_file: brute-force state shared by every
+    instance behind a load balancer (authgate.defence_redis)."""
+
+    redis_url: str
+    secret_file: Path  # the fingerprint key every instance shares (16+ bytes)
 
 
 @dataclass(frozen=True)
@@ -223,6 +248,7 @@ class Config:
     directory: DirectorySettings | None = None
     limits: Limits = field(default_factory=Limits)
     defence: DefenceSettings = field(default_factory=DefenceSettings)
+    shared_defence: SharedDefence | None = None
     password_policy: PasswordPolicy = field(default_factory=PasswordPolicy)
 
     def listener(self, name: str) -> Listener:
@@ -517,7 +543,7 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
         users_file = users_table.path_value("file")
         users_table.finish()
     limits = _limits(root.table("limits"))
-    defence = _defence(root.table("defence"))
+    defence, shared_defence = _defence(root.table("defence"))
     password_policy = PasswordPolicy()
     if root.has("password_policy"):
         policy_table = root.table("password_policy")
@@ -558,6 +584,7 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
         directory=directory,
         limits=limits,
         defence=defence,
+        shared_defence=shared_defence,
         password_policy=password_policy,
     )
 

@@ -159,7 +159,7 @@ def encode_record(record: Record) -> bytes:
     guard decides exactly as a memory-backed one. "u" is left out when the
     record blocks nothing; fingerprints are base64.
     """
-    doc: dict[str, Any] = {"v": _FORMAT_VERSION, "e": round(record.expires_at)}
+    doc: dict[str, Any] = {"v": _FORMAT_VERSION, "e": record.expires_at}
     if record.until != -math.inf:
         doc["u"] = record.until
     doc["s"] = [
@@ -309,9 +309,10 @@ class RedisState:
             url,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
-            # redis-py retries by default (up to 10 times, with backoff of up
-            # to a second): that would stall the event loop. The breaker and
-            # the background prober do the retrying here.
+            # redis.Redis() retries up to 10 times, with backoff of up to a
+            # second, and from_url's default has varied between versions:
+            # any retry would stall the event loop, so none, explicitly. The
+            # breaker and the background prober do the retrying here.
             retry=Retry(NoBackoff(), 0),
         )
         return cls(client, timeout=timeout, **kwargs)

@@ -14,14 +14,16 @@ import os
 import resource
 import signal
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from authgate import config as config_mod
-from authgate.atrest.envelope import Keyring
+from authgate.atrest.envelope import Keyring, open_secret_file
 from authgate.audit import AuditLog
 from authgate.config import Config
 from authgate.credentials.base import CredentialStore
+from authgate.defence import Guard
 from authgate.offers import load_store
 from authgate.proxy.auditing import AuditTrail
 from authgate.proxy.runtime import ListenerRuntime, build_runtime
@@ -79,9 +81,28 @@ async def start_gateway(
     audit_log = None
     if config.audit_file is not None:
         audit_log = await asyncio.to_thread(AuditLog.open, config.audit_file, keyring)
-    gateway = Gateway(build_runtime(config, store, keyring), config.defence, AuditTrail(audit_log))
+    gateway = Gateway(
+        build_runtime(config, store, keyring),
+        config.defence,
+        AuditTrail(audit_log),
+        guard=shared_guard(config, keyring),
+    )
     await gateway.start()
     return gateway
+
+
+def shared_guard(config: Config, keyring: Keyring | None) -> Guard | None:
+    """A Guard whose counters live in Redis ([defence] redis_url), so an
+    attacker spreading guesses over instances is still blocked; None keeps
+    the in-memory default. Wall-clock time, since instances compare it."""
+    shared = config.shared_defence
+    if shared is None:
+        return None
+    from authgate.defence_redis import make_backend, shared_secret
+
+    secret = open_secret_file(shared.secret_file, keyring).strip()
+    backend = make_backend(shared.redis_url, max_keys=config.defence.max_tracked)
+    return Guard(config.defence, clock=time.time, secret=shared_secret(secret), backend=backend)
 
 
 async def wait_for_stop_signal(on_reload: asyncio.Event | None = None) -> None:

@@ -18,6 +18,7 @@ from authgate.proxy.auditing import AuditTrail
 from authgate.proxy.channel import Channel
 from authgate.proxy.runtime import ListenerRuntime
 from authgate.proxy.session import ClientSession
+from authgate.proxy.tls import tune_tls_buffers
 
 log = logging.getLogger("authgate")
 
@@ -133,11 +134,12 @@ class Gateway:
         runtimes: Iterable[ListenerRuntime],
         defence: DefenceSettings,
         audit: AuditTrail | None = None,
+        guard: Guard | None = None,
     ) -> None:
         self.audit = audit or AuditTrail(None)
         self._runtimes: dict[str, ListenerRuntime] = {rt.listener.name: rt for rt in runtimes}
         # One brute-force guard for all listeners, kept across reloads.
-        self.guard = Guard(defence)
+        self.guard = guard or Guard(defence)
         self._pruner: asyncio.Task[None] | None = None
         self._servers: dict[str, asyncio.Server | _ProxiedServer] = {}
         self._sessions: set[asyncio.Task[None]] = set()
@@ -151,6 +153,7 @@ class Gateway:
         return self._runtimes[name]
 
     async def start(self) -> None:
+        tune_tls_buffers()
         for runtime in self._runtimes.values():
             await self._listen(runtime)
         self._pruner = asyncio.ensure_future(self._prune_forever())
