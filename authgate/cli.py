@@ -225,22 +225,19 @@ def cmd_passwd(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import asyncio
-
     from authgate.proxy.tls import TLSConfigError
-    from authgate.runner import serve, setup_logging, verification_pool
+    from authgate.runner import run, setup_logging, verification_pool
 
     config = _load_config(args.config)
     keyring = _keyring(args, config)
     store: CredentialStore | None = _wrap(lambda: load_store(config, verification_pool(), keyring))
     setup_logging()
     try:
-        asyncio.run(serve(config, store, keyring))
+        return run(config, store, keyring)
     except TLSConfigError as exc:
         raise UserError(str(exc)) from None
     except OSError as exc:  # e.g. address already in use
         raise UserError(f"cannot listen: {exc.strerror or exc}") from None
-    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -249,6 +250,8 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     defence: DefenceSettings = field(default_factory=DefenceSettings)
     shared_defence: SharedDefence | None = None
+    # Processes sharing the listeners (SO_REUSEPORT): one event loop each.
+    workers: int = 1
     password_policy: PasswordPolicy = field(default_factory=PasswordPolicy)
 
     def listener(self, name: str) -> Listener:
@@ -376,6 +379,17 @@ def _mechanisms(table: _Table, key: str, default: tuple[str, ...]) -> tuple[str,
             raise ConfigError(f"{table.source}: {table.where(key)}[{i}]: {name!r} is listed twice")
         seen.append(upper)
     return tuple(seen)
+
+
+def _workers(root: _Table) -> int:
+    """`workers = N` or "auto" (one per core)."""
+    if not root.has("workers"):
+        return 1
+    raw = root.data["workers"]
+    if raw == "auto":
+        root.used.add("workers")
+        return os.cpu_count() or 1
+    return int(_number(root, "workers", int, 1, 256))
 
 
 def _networks(table: _Table, key: str) -> ExemptNetworks:
@@ -556,6 +570,7 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
         if not isinstance(item, dict):
             raise ConfigError(f"{source}: {where}: is not a table (use [[listeners]])")
         listeners.append(_listener(_Table(item, where, source), base))
+    workers = _workers(root)
     hostname = root.get("hostname", str, "localhost")
     if not _HOSTNAME.fullmatch(hostname):
         raise root.error(
@@ -585,6 +600,7 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
         limits=limits,
         defence=defence,
         shared_defence=shared_defence,
+        workers=workers,
         password_policy=password_policy,
     )
 

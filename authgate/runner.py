@@ -76,7 +76,11 @@ def load_runtime(path: Path, keyring: Keyring | None) -> tuple[Config, list[List
 
 
 async def start_gateway(
-    config: Config, store: CredentialStore | None, keyring: Keyring | None = None
+    config: Config,
+    store: CredentialStore | None,
+    keyring: Keyring | None = None,
+    *,
+    reuse_port: bool = False,
 ) -> Gateway:
     audit_log = None
     if config.audit_file is not None:
@@ -86,6 +90,7 @@ async def start_gateway(
         config.defence,
         AuditTrail(audit_log),
         guard=shared_guard(config, keyring),
+        reuse_port=reuse_port,
     )
     await gateway.start()
     return gateway
@@ -140,12 +145,95 @@ async def _reloader(
             log.info("reloaded: %d listener(s)", len(runtimes))
 
 
-async def serve(config: Config, store: CredentialStore | None, keyring: Keyring | None) -> None:
-    """Run until SIGTERM/SIGINT. `keyring` unlocks files encrypted at rest;
-    it stays in memory for reloads (a rekey changes only its wrapping)."""
+def run(config: Config, store: CredentialStore | None, keyring: Keyring | None) -> int:
+    """`authgate run`: one event loop, or `workers` processes sharing the
+    listening ports (SO_REUSEPORT) under a supervisor that forwards
+    SIGTERM/SIGINT/SIGHUP and restarts a worker that dies. Returns the exit
+    status."""
     limit = raise_open_files_limit()
     log.info("open files limit %d: room for about %d proxied sessions", limit, (limit - 64) // 2)
-    gateway = await start_gateway(config, store, keyring)
+    if config.workers == 1:
+        asyncio.run(serve(config, store, keyring))
+        return 0
+    if config.shared_defence is None:
+        log.warning(
+            "%d workers keep separate brute-force counters: set [defence] redis_url to "
+            "share them",
+            config.workers,
+        )
+    build_runtime(config, store, keyring)  # certificates etc.: fail here, not in every worker
+    return _supervise(config, store, keyring)
+
+
+WORKER_START_GRACE = 2.0  # seconds: a worker dying sooner failed to start
+
+
+def _supervise(config: Config, store: CredentialStore | None, keyring: Keyring | None) -> int:
+    children: dict[int, tuple[int, float]] = {}  # pid -> (worker number, start time)
+    stopping = False
+
+    def spawn(number: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker: its own event loop, the parent's settings
+            status = 0
+            try:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_DFL)
+                asyncio.run(serve(config, store, keyring, reuse_port=True))
+            except BaseException:
+                log.exception("worker %d failed", number)
+                status = 1
+            finally:
+                logging.shutdown()
+                os._exit(status)
+        children[pid] = (number, time.monotonic())
+
+    def forward(sig: int, _frame: object) -> None:
+        nonlocal stopping
+        if sig != signal.SIGHUP:
+            stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    for number in range(config.workers):
+        spawn(number)
+    log.info("%d workers started", config.workers)
+    failed = False
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        if pid not in children:
+            continue
+        number, started = children.pop(pid)
+        if stopping:
+            continue
+        failed = True
+        if time.monotonic() - started < WORKER_START_GRACE:
+            # Dying at start (a port taken, say) would only repeat: give up.
+            log.error("worker %d (pid %d) failed at start: stopping", number, pid)
+            forward(signal.SIGTERM, None)
+            continue
+        log.error("worker %d (pid %d) exited (%#x): starting a new one", number, pid, status)
+        spawn(number)
+    return 1 if failed else 0
+
+
+async def serve(
+    config: Config,
+    store: CredentialStore | None,
+    keyring: Keyring | None,
+    *,
+    reuse_port: bool = False,
+) -> None:
+    """One event loop until SIGTERM/SIGINT. `keyring` unlocks files
+    encrypted at rest; it stays in memory for reloads (a rekey changes only
+    its wrapping)."""
+    gateway = await start_gateway(config, store, keyring, reuse_port=reuse_port)
     reload_requested = asyncio.Event()
     reloader = asyncio.ensure_future(_reloader(gateway, config.path, keyring, reload_requested))
     try:

@@ -59,7 +59,15 @@ class _ProxiedServer:
     byte-exactly, before asyncio (and TLS, on implicit-TLS listeners) sees
     the connection: whatever follows the header is the client's."""
 
-    def __init__(self, gateway: Gateway, name: str, ssl_context: ssl.SSLContext | None) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        name: str,
+        ssl_context: ssl.SSLContext | None,
+        *,
+        reuse_port: bool = False,
+    ) -> None:
+        self._reuse_port = reuse_port
         self._gateway = gateway
         self._name = name
         self._ssl = ssl_context
@@ -69,7 +77,9 @@ class _ProxiedServer:
 
     async def start(self, host: str, port: int) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.create_server((host, port), family=family, backlog=BACKLOG)
+        sock = socket.create_server(
+            (host, port), family=family, backlog=BACKLOG, reuse_port=self._reuse_port
+        )
         sock.setblocking(False)
         self.sockets = [sock]
         self._task = asyncio.ensure_future(self._accept_forever(sock))
@@ -135,7 +145,12 @@ class Gateway:
         defence: DefenceSettings,
         audit: AuditTrail | None = None,
         guard: Guard | None = None,
+        *,
+        reuse_port: bool = False,
     ) -> None:
+        # Several worker processes bind the same ports; the kernel spreads
+        # new connections over them (SO_REUSEPORT).
+        self.reuse_port = reuse_port
         self.audit = audit or AuditTrail(None)
         self._runtimes: dict[str, ListenerRuntime] = {rt.listener.name: rt for rt in runtimes}
         # One brute-force guard for all listeners, kept across reloads.
@@ -184,7 +199,7 @@ class Gateway:
             ssl_context.sni_callback = current_context
         server: asyncio.Server | _ProxiedServer
         if listener.proxy_protocol:
-            server = _ProxiedServer(self, name, ssl_context)
+            server = _ProxiedServer(self, name, ssl_context, reuse_port=self.reuse_port)
             await server.start(listener.listen.host, listener.listen.port)
         else:
             server = await loop.create_server(
@@ -194,6 +209,7 @@ class Gateway:
                 ssl=ssl_context,
                 ssl_handshake_timeout=runtime.limits.handshake_timeout if ssl_context else None,
                 reuse_address=True,
+                reuse_port=self.reuse_port or None,
                 backlog=BACKLOG,
             )
         self._servers[name] = server
