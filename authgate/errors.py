@@ -6,5 +6,5 @@ class UserError(Exception):
     """Printed as `authgate: <message>`, exit status 2."""
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """A user-caused configuration problem: file, key path and bad value."""

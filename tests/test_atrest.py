@@ -196,11 +196,21 @@ def test_secret_files_from_config_resolves_and_dedupes(site: Site, tmp_path: Pat
         SecretFile(site.log, Kind.AUDIT_LOG),
     ]
     shared = tmp_path / "shared.toml"
-    shared.write_text(
-        '[[listeners]]\nbackend = {master_password_file = "m"}\n'
-        '[[listeners]]\nbackend = {master_password_file = "./m"}\n'
+    (tmp_path / "m").write_text("secret\n")
+    listener = (
+        '[[listeners]]\nname = "{name}"\nprotocol = "imap"\nlisten = "127.0.0.1:{port}"\n'
+        '[listeners.backend]\naddress = "127.0.0.1:1"\nmaster_user = "u"\n'
+        'master_password_file = "{path}"\n'
     )
-    assert convert.secret_files_from_config(shared) == [SecretFile(tmp_path / "m")]
+    shared.write_text(
+        '[users]\nfile = "users.toml"\n'
+        + listener.format(name="a", port=1, path="m")
+        + listener.format(name="b", port=2, path="./m")
+    )
+    assert convert.secret_files_from_config(shared) == [
+        SecretFile(tmp_path / "users.toml"),
+        SecretFile(tmp_path / "m"),
+    ]
     clash = tmp_path / "clash.toml"
     clash.write_text('[users]\nfile = "x"\n[audit]\nfile = "x"\n')
     with pytest.raises(AtRestError, match="both"):
@@ -262,11 +272,9 @@ def test_decrypt_without_keyring_is_a_no_op(site: Site, capsys: pytest.CaptureFi
 
 
 def test_missing_files_are_skipped(site: Site, capsys: pytest.CaptureFixture[str]) -> None:
-    site.log.unlink()
-    site.master2.unlink()
+    site.log.unlink()  # (a missing master-password file is a config error instead)
     assert run("encrypt", "-c", str(site.config), "--password-file", str(site.pwfile)) == 0
     out = capsys.readouterr().out
-    assert f"{site.master2}: does not exist" in out
     assert f"{site.log}: does not exist yet" in out
     # The audit log a running proxy then creates is sealed from the start.
     keyring = atrest.unlock(site.root, PASSWORD)

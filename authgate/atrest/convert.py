@@ -23,7 +23,6 @@ import contextlib
 import enum
 import fcntl
 import os
-import tomllib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from authgate.atrest.envelope import (
     test_pause,
     unlock,
 )
+from authgate.config import load as load_config
 
 __all__ = [
     "Action",
@@ -83,56 +83,26 @@ class Outcome:
 # ----------------------------------------------------------------- config
 
 
-def _read_toml(config: Path) -> dict[str, object]:
-    try:
-        with open(config, "rb") as handle:
-            return tomllib.load(handle)
-    except OSError as exc:
-        raise AtRestError(f"{config}: cannot read: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise AtRestError(f"{config}: not valid TOML: {exc}") from None
-
-
-def _path_in(table: object, key: str, base: Path, where: str, config: Path) -> Path | None:
-    if not isinstance(table, dict) or key not in table:
-        return None
-    raw = table[key]
-    if not isinstance(raw, str):
-        raise AtRestError(f"{config}: {where}.{key}: {raw!r} is not a string")
-    if not raw:
-        return None
-    path = Path(raw).expanduser()
-    return path if path.is_absolute() else base / path
-
-
 def audit_file_from_config(config: Path) -> Path | None:
     """`[audit] file`, resolved against the config's folder."""
-    data = _read_toml(config)
-    return _path_in(data.get("audit"), "file", config.parent, "audit", config)
+    return load_config(config).audit_file
 
 
 def secret_files_from_config(config: Path) -> list[SecretFile]:
     """The files holding secrets that a config names: `[users] file`, every
-    listener's `backend.master_password_file`, `[audit] file`. Only the
-    keys needed are read (not the full validation of authgate.config),
-    so this works on a config whose files are already encrypted."""
-    data = _read_toml(config)
-    base = config.parent
+    listener's `backend.master_password_file`, `[audit] file`. Loading the
+    config reads none of them, so this works on files already encrypted."""
+    settings = load_config(config)
     found: list[SecretFile] = []
-    users = _path_in(data.get("users"), "file", base, "users", config)
-    if users is not None:
-        found.append(SecretFile(users))
-    listeners = data.get("listeners", [])
-    if isinstance(listeners, list):
-        for i, listener in enumerate(listeners):
-            backend = listener.get("backend") if isinstance(listener, dict) else None
-            where = f"listeners[{i}].backend"
-            master = _path_in(backend, "master_password_file", base, where, config)
-            if master is not None:
-                found.append(SecretFile(master))
-    log = _path_in(data.get("audit"), "file", base, "audit", config)
-    if log is not None:
-        found.append(SecretFile(log, Kind.AUDIT_LOG))
+    if settings.users_file is not None:
+        found.append(SecretFile(settings.users_file))
+    for listener in settings.listeners:
+        if listener.backend.master_password_file is not None:
+            found.append(SecretFile(listener.backend.master_password_file))
+    if settings.shared_defence is not None:
+        found.append(SecretFile(settings.shared_defence.secret_file))
+    if settings.audit_file is not None:
+        found.append(SecretFile(settings.audit_file, Kind.AUDIT_LOG))
     return _unique(found)
 
 
