@@ -67,7 +67,7 @@ Try the policy (each command says what it shows):
   # 4. a challenge-response mechanism needs no TLS: accepted, fetches the welcome message
   curl 'imap://{HOST}:10143/INBOX;UID=1' -u {user} --login-options AUTH=CRAM-MD5
 
-  # 5. implicit TLS on POP3, then SMTP submission sending a message to yourself
+  # 5. implicit TLS on POP3, then SMTP submission sending a message to yourself: accepted
   curl --cacert {ca_arg} pop3s://localhost:10995/1 -u {user}
   printf 'Subject: hi\\r\\n\\r\\nhello\\r\\n' | curl --ssl-reqd --cacert {ca_arg} \\
       smtp://localhost:10587 -u {user} --mail-from {DEMO_USER}@localhost \\
