@@ -30,6 +30,7 @@ class Channel(asyncio.Protocol):
         self._eof = False
         self._lost = False
         self._paused_reading = False
+        self._over_tls = False
         self._data_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -39,6 +40,8 @@ class Channel(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        # Implicit TLS: asyncio hands us the TLS transport once the handshake is done.
+        self._over_tls = transport.get_extra_info("sslcontext") is not None
 
     def data_received(self, data: bytes) -> None:
         self._buf += data
@@ -53,7 +56,7 @@ class Channel(asyncio.Protocol):
         # Keep a plain TCP transport open for writing: a half-closed client may
         # still be waiting for the rest of the backend's answer. (TLS has no
         # half-close in asyncio; returning True there only draws a warning.)
-        return self.tls is None
+        return not self._over_tls
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -161,6 +164,7 @@ class Channel(asyncio.Protocol):
         if new_transport is None:
             raise ChannelClosed("connection closed during the TLS handshake")
         self.transport = new_transport
+        self._over_tls = True
         return discarded
 
     @property
