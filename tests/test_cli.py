@@ -30,7 +30,7 @@ def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("name", ["authgate", "sha-store", "relay-postfix"])
+@pytest.mark.parametrize("name", ["authgate", "sha-store", "relay-postfix", "scaleout"])
 def test_check_accepts_every_example(name: str) -> None:
     result = run_cli("check", "-c", str(EXAMPLES / f"{name}.toml"))
     assert result.returncode == 0, result.stderr

@@ -50,6 +50,7 @@ def _same_socket(a: ListenerRuntime, b: ListenerRuntime) -> bool:
 # overflow the accept queue; the kernel caps this at net.core.somaxconn.
 BACKLOG = 4096
 PROXY_HEADER_TIMEOUT = 5.0
+ACCEPT_RETRY_DELAY = 0.1
 
 
 class _ProxiedServer:
@@ -87,7 +88,15 @@ class _ProxiedServer:
     async def _accept_forever(self, listening: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            sock, _ = await loop.sock_accept(listening)
+            try:
+                sock, _ = await loop.sock_accept(listening)
+            except OSError as exc:
+                # Out of descriptors (EMFILE/ENFILE) in a flood, or a client
+                # gone before accept: wait a moment and go on accepting, as
+                # asyncio's own servers do; never let the listener die.
+                log.warning("%s: accept failed: %s", self._name, exc)
+                await asyncio.sleep(ACCEPT_RETRY_DELAY)
+                continue
             task = asyncio.ensure_future(self._hand_over(sock))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
@@ -95,7 +104,11 @@ class _ProxiedServer:
     async def _hand_over(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         runtime = self._gateway.runtime(self._name)
-        peer = sock.getpeername()
+        try:
+            peer = sock.getpeername()
+        except OSError:  # reset while waiting to be accepted
+            sock.close()
+            return
         client = None
         if peer[0] in runtime.listener.trusted_proxies:
             try:

@@ -1,0 +1,1 @@
+"""Scale-out: several authgate instances behind a real HAProxy, sharing Redis."""
