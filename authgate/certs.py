@@ -4,15 +4,19 @@ certificate for localhost, 127.0.0.1 and ::1. Never for production."""
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_FILE = "demo-ca.pem"
 CERT_FILE = "server.pem"
 KEY_FILE = "server.key"
+CRL_FILE = "demo-ca.crl"
 NAMES = ("localhost", "127.0.0.1", "::1")
 CA_ORGANIZATION = "authgate development CA"
 
@@ -48,11 +52,97 @@ def ensure_dev_certificates(directory: Path, *, force: bool = False) -> Path:
 
     directory.mkdir(parents=True, exist_ok=True)
     ca = trustme.CA(organization_name=CA_ORGANIZATION)
-    server = ca.issue_cert(*NAMES, not_before=now - LEAF_BACKDATE, not_after=now + LEAF_LIFETIME)
-    _write(key_path, server.private_key_pem.bytes(), mode=0o600)
-    _write(cert_path, b"".join(blob.bytes() for blob in server.cert_chain_pems))
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
+    crl_path = directory / CRL_FILE
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    leaf = _issue_leaf(ca_cert, ca_key, leaf_key, crl_path.resolve().as_uri(), now)
+    _write(key_path, _pem_key(leaf_key), mode=0o600)
+    _write(cert_path, leaf.public_bytes(serialization.Encoding.PEM) + ca.cert_pem.bytes())
     _write(ca_path, ca.cert_pem.bytes())
+    _write(crl_path, _empty_crl(ca_cert, ca_key, now))
     return ca_path
+
+
+def _issue_leaf(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
+    key: ec.EllipticCurvePrivateKey,
+    crl_uri: str,
+    now: datetime.datetime,
+) -> x509.Certificate:
+    """The server certificate: our names, one year, and a CRL distribution
+    point. A certificate naming no CRL or OCSP address is rated HIGH by
+    testssl.sh (cert_revocation); the CRL is a real one, signed and empty,
+    written beside it, so a client that checks revocation can."""
+    names: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in NAMES if ip != "localhost"]
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - LEAF_BACKDATE)
+        .not_valid_after(now + LEAF_LIFETIME)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
+        .add_extension(
+            x509.CRLDistributionPoints(
+                [
+                    x509.DistributionPoint(
+                        [x509.UniformResourceIdentifier(crl_uri)], None, None, None
+                    )
+                ]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+
+def _empty_crl(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
+    now: datetime.datetime,
+) -> bytes:
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - LEAF_BACKDATE)
+        .next_update(now + LEAF_LIFETIME)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return crl.public_bytes(serialization.Encoding.PEM)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
 
 
 def _needs_renewal(cert_path: Path, now: datetime.datetime) -> bool:

@@ -35,3 +35,25 @@ def test_kept_while_valid_and_remade_when_forced(tmp_path: Path) -> None:
     assert (tmp_path / CERT_FILE).read_bytes() == first
     ensure_dev_certificates(tmp_path, force=True)
     assert (tmp_path / CERT_FILE).read_bytes() != first
+
+
+def test_leaf_names_a_real_signed_crl(tmp_path: Path) -> None:
+    ca_path = ensure_dev_certificates(tmp_path)
+    cert = leaf(tmp_path)
+    points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    uri = points[0].full_name[0].value
+    assert uri == (tmp_path / "demo-ca.crl").resolve().as_uri()
+    crl = x509.load_pem_x509_crl((tmp_path / "demo-ca.crl").read_bytes())
+    ca = x509.load_pem_x509_certificate(ca_path.read_bytes())
+    assert crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+    assert len(crl) == 0 and crl.issuer == cert.issuer
+
+
+def test_tls12_offers_only_forward_secret_aead_suites(tmp_path: Path) -> None:
+    from authgate.proxy.tls import server_context
+
+    ensure_dev_certificates(tmp_path)
+    ctx = server_context(tmp_path / CERT_FILE, tmp_path / "server.key")
+    tls12 = [c for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.2"]
+    assert tls12
+    assert all(c["aead"] and c["kea"] in ("kx-ecdhe", "kx-dhe") for c in tls12)
