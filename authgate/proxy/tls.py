@@ -12,10 +12,13 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 # asyncio's TLS transport gives every connection a 256 KiB receive buffer
 # (SSLProtocol.max_size, CPython 3.11+): ~290 KiB of RSS per idle IMAPS
-# client, measured. One TLS record carries at most 16 KiB of plaintext, so a
-# 16 KiB buffer still reads a whole record per call: bench/compare.py showed
-# no loss of TLS FETCH throughput, and ~50 KiB per TLS connection instead.
-TLS_READ_BUFFER = 16 * 1024
+# client, measured. A TLS record carries at most 16 KiB of plaintext; an
+# 8 KiB buffer reads one in two calls. Measured with bench.compare --quick,
+# same idle machine: 16 KiB -> 52.8 KiB per TLS connection, 281/398 MiB/s
+# TLS FETCH (1/10 MiB); 8 KiB -> 40.4 KiB, 261/357 MiB/s. 8 KiB keeps us
+# within 2x the nginx mail proxy's memory per TLS session (docs/performance.md)
+# at a cost of about a tenth of bulk TLS throughput, still above nginx's.
+TLS_READ_BUFFER = 8 * 1024
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
 
 
