@@ -35,6 +35,13 @@ class Channel(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Splice: bytes go straight to `_sink` from data_received (no task,
+        # no future per chunk); `_source` is the channel feeding us, paused
+        # while our transport's write buffer is full.
+        self._sink: Channel | None = None
+        self._source: Channel | None = None
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.forwarded = 0
 
     # -------------------------------------------------- asyncio.Protocol side
 
@@ -44,6 +51,12 @@ class Channel(asyncio.Protocol):
         self._over_tls = transport.get_extra_info("sslcontext") is not None
 
     def data_received(self, data: bytes) -> None:
+        sink = self._sink
+        if sink is not None:
+            self.forwarded += len(data)
+            if sink.transport is not None and not sink._lost:
+                sink.transport.write(data)
+            return
         self._buf += data
         if len(self._buf) > HIGH_WATER and not self._paused_reading and self.transport:
             self._paused_reading = True
@@ -53,6 +66,9 @@ class Channel(asyncio.Protocol):
     def eof_received(self) -> bool:
         self._eof = True
         self._wake()
+        if self._sink is not None:
+            self._sink.write_eof()
+            self._end()
         # Keep a plain TCP transport open for writing: a half-closed client may
         # still be waiting for the rest of the backend's answer. (TLS has no
         # half-close in asyncio; returning True there only draws a warning.)
@@ -62,6 +78,7 @@ class Channel(asyncio.Protocol):
         self._lost = True
         self._eof = True
         self._wake()
+        self._end()
         for waiter in self._drain_waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -71,19 +88,51 @@ class Channel(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        source = self._source
+        if source is not None and source.transport is not None and not source._lost:
+            source.transport.pause_reading()  # back-pressure across the splice
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        source = self._source
+        if source is not None and source.transport is not None and not source._lost:
+            source.transport.resume_reading()
         for waiter in self._drain_waiters:
             if not waiter.done():
                 waiter.set_result(None)
         self._drain_waiters.clear()
+
+    def forward_to(self, sink: Channel) -> None:
+        """From now on, hand every byte received straight to `sink`
+        (after what is already buffered). `ended` resolves at our EOF or
+        when the connection is lost."""
+        if self._buf:
+            sink.write(bytes(self._buf))
+            self.forwarded += len(self._buf)
+            self._buf.clear()
+        self._sink = sink
+        sink._source = self
+        if self._paused_reading and self.transport is not None and not self._lost:
+            self._paused_reading = False
+            self.transport.resume_reading()
+        if self._eof:
+            sink.write_eof()
+            self._end()
+
+    def _end(self) -> None:
+        if not self.ended.done():
+            self.ended.set_result(None)
 
     def _wake(self) -> None:
         if self._data_waiter is not None and not self._data_waiter.done():
             self._data_waiter.set_result(None)
 
     # ----------------------------------------------------------- our side
+
+    @property
+    def lost(self) -> bool:
+        """The connection is gone (not merely half-closed)."""
+        return self._lost
 
     @property
     def at_eof(self) -> bool:

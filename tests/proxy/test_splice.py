@@ -1,0 +1,66 @@
+"""The splice moves every byte in order, and a slow reader on one side
+pauses the other side instead of piling data up in authgate."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+
+import pytest
+
+from authgate.proxy.channel import Channel
+from authgate.proxy.splice import splice
+
+pytestmark = pytest.mark.asyncio
+
+TOTAL = 32 * 1024 * 1024
+
+
+async def channel_for(sock: socket.socket) -> Channel:
+    _, protocol = await asyncio.get_running_loop().connect_accepted_socket(Channel, sock)
+    return protocol
+
+
+async def test_slow_reader_back_pressure_and_integrity() -> None:
+    client_app, client_proxy = socket.socketpair()
+    backend_proxy, backend_app = socket.socketpair()
+    client = await channel_for(client_proxy)
+    backend = await channel_for(backend_proxy)
+    spliced = asyncio.ensure_future(splice(client, backend, linger=5))
+
+    # Keep both stream pairs referenced: a collected StreamWriter closes its socket.
+    reader, client_writer = await asyncio.open_connection(sock=client_app)
+    backend_reader, writer = await asyncio.open_connection(sock=backend_app)
+    sent = hashlib.sha256()
+
+    async def blast() -> None:
+        block = bytes(range(256)) * 256  # 64 KiB
+        for i in range(TOTAL // len(block)):
+            chunk = block[i % 256 :] + block[: i % 256]
+            sent.update(chunk)
+            writer.write(chunk)
+            await writer.drain()
+        writer.close()
+
+    blaster = asyncio.ensure_future(blast())
+    # The client reads nothing for a while: authgate must stop reading too.
+    peak = 0
+    for _ in range(20):
+        await asyncio.sleep(0.05)
+        assert client.transport is not None
+        peak = max(peak, client.transport.get_write_buffer_size())
+    assert not blaster.done()  # the backend is held back, not buffered into us
+    assert peak < 2 * 1024 * 1024
+
+    received = hashlib.sha256()
+    count = 0
+    while chunk := await reader.read(1 << 20):
+        received.update(chunk)
+        count += len(chunk)
+    await blaster
+    up, down = await asyncio.wait_for(spliced, 10)
+    assert count == TOTAL and down == TOTAL and up == 0
+    assert received.digest() == sent.digest()
+    client_writer.close()
+    assert backend_reader.at_eof() or not await backend_reader.read()
