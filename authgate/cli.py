@@ -21,7 +21,7 @@ from authgate import config as config_mod
 from authgate.atrest import add_commands as add_atrest_commands
 from authgate.atrest import read_password
 from authgate.atrest.envelope import Keyring, keyring_path, unlock
-from authgate.config import Config, ConfigError, Listener
+from authgate.config import Config, ConfigError, Listener, TLSMode
 from authgate.credentials.base import CredentialStore
 from authgate.credentials.schemes import SchemeError
 from authgate.credentials.store import StoreError, UserStore, generate_secrets
@@ -66,14 +66,14 @@ def _check_listener(offer: ListenerOffer, out: TextIO) -> None:
     # A non-exempt client in each TLS state, then an exempt one.
     outsider = _outsider_address(listener)
     states = [("inside TLS", True)]
-    if listener.tls.value != "implicit":
+    if listener.tls is not TLSMode.IMPLICIT:
         states.insert(0, ("without TLS", False))
     for label, tls in states:
         print(_describe_decision(label + ":", offer.decide(outsider, tls=tls)), file=out)
-    if policy.exempt and listener.tls.value != "implicit":
+    if policy.exempt and listener.tls is not TLSMode.IMPLICIT:
         sample = policy.exempt.networks[0].network_address
         print(_describe_decision("exempt, without TLS:", offer.decide(sample, tls=False)), file=out)
-    if listener.tls.value == "none" and policy.security is Security.REQUIRE_ENCRYPTED:
+    if listener.tls is TLSMode.NONE and policy.security is Security.REQUIRE_ENCRYPTED:
         print(
             "  warning: require-encrypted on a listener without TLS: only exempt clients can "
             "authenticate",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 
 import pytest
 from hypothesis import given
@@ -144,7 +145,7 @@ def test_client_choice_prefers_our_order_and_usable_secrets() -> None:
 
 def test_exempt_networks_reject_bad_entries() -> None:
     for bad in ["10.0.0.0/33", "10.0.0.1/8", "banana", "fd00::/129"]:
-        with pytest.raises(ValueError, match=repr(bad).replace("/", "/")):
+        with pytest.raises(ValueError, match=re.escape(repr(bad))):
             ExemptNetworks.parse([bad])
 
 

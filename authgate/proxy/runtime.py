@@ -4,7 +4,6 @@ connection does no file I/O and no expensive set-up."""
 
 from __future__ import annotations
 
-import importlib
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +15,9 @@ from authgate.credentials.base import CredentialStore
 from authgate.offers import ListenerOffer, listener_offer
 from authgate.password_policy import PasswordPolicy
 from authgate.policy import Protocol
+from authgate.protocols.imap import ImapClient, ImapServer
+from authgate.protocols.pop3 import Pop3Client, Pop3Server
+from authgate.protocols.smtp import SmtpClient, SmtpServer
 from authgate.proxy import tls as tls_mod
 
 
@@ -29,43 +31,35 @@ class ProtocolParts:
     blocked: bytes  # greeting for an address blocked by the brute-force defence
 
 
-def protocol_parts(protocol: Protocol) -> ProtocolParts:
-    module_name, prefix, service, busy, goodbye, blocked = {
-        # RFC 5321 section 3.8 (421), RFC 5530 [UNAVAILABLE], RFC 3206 [SYS/TEMP]
-        Protocol.SMTP: (
-            "smtp",
-            "Smtp",
-            "smtp",
-            b"421 4.7.0 Too many connections, try again later",
-            b"421 4.4.2 Idle timeout, closing connection",
-            b"421 4.7.0 Too many failed logins from your address, try again later",
-        ),
-        Protocol.IMAP: (
-            "imap",
-            "Imap",
-            "imap",
-            b"* BYE [UNAVAILABLE] Too many connections, try again later",
-            b"* BYE Idle timeout, closing connection",
-            b"* BYE [UNAVAILABLE] Too many failed logins from your address, try again later",
-        ),
-        Protocol.POP3: (
-            "pop3",
-            "Pop3",
-            "pop",
-            b"-ERR [SYS/TEMP] Too many connections, try again later",
-            b"-ERR Idle timeout, closing connection",
-            b"-ERR [SYS/TEMP] Too many failed logins from your address, try again later",
-        ),
-    }[protocol]
-    module = importlib.import_module(f"authgate.protocols.{module_name}")
-    return ProtocolParts(
-        server=getattr(module, f"{prefix}Server"),
-        client=getattr(module, f"{prefix}Client"),
-        sasl_service=service,
-        busy=busy + b"\r\n",
-        goodbye=goodbye + b"\r\n",
-        blocked=blocked + b"\r\n",
-    )
+# Replies with a reason (RFC 5321 section 3.8 421, RFC 5530 [UNAVAILABLE],
+# RFC 3206 [SYS/TEMP]) so well-behaved clients back off and retry.
+PROTOCOL_PARTS: dict[Protocol, ProtocolParts] = {
+    Protocol.SMTP: ProtocolParts(
+        server=SmtpServer,
+        client=SmtpClient,
+        sasl_service="smtp",
+        busy=b"421 4.7.0 Too many connections, try again later\r\n",
+        goodbye=b"421 4.4.2 Idle timeout, closing connection\r\n",
+        blocked=b"421 4.7.0 Too many failed logins from your address, try again later\r\n",
+    ),
+    Protocol.IMAP: ProtocolParts(
+        server=ImapServer,
+        client=ImapClient,
+        sasl_service="imap",
+        busy=b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n",
+        goodbye=b"* BYE Idle timeout, closing connection\r\n",
+        blocked=b"* BYE [UNAVAILABLE] Too many failed logins from your address, try again later"
+        b"\r\n",
+    ),
+    Protocol.POP3: ProtocolParts(
+        server=Pop3Server,
+        client=Pop3Client,
+        sasl_service="pop",
+        busy=b"-ERR [SYS/TEMP] Too many connections, try again later\r\n",
+        goodbye=b"-ERR Idle timeout, closing connection\r\n",
+        blocked=b"-ERR [SYS/TEMP] Too many failed logins from your address, try again later\r\n",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -110,7 +104,7 @@ def build_runtime(
                 hostname=config.hostname,
                 offer=listener_offer(listener, store, config.hostname),
                 store=store,
-                parts=protocol_parts(listener.protocol),
+                parts=PROTOCOL_PARTS[listener.protocol],
                 server_tls=server_tls if listener.tls is not TLSMode.NONE else None,
                 channel_binding=binding,
                 backend_tls=backend_tls,

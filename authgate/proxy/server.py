@@ -34,11 +34,9 @@ class _Accepted(Channel):
         self.client = client  # the real client, when a PROXY header named it
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # asyncio already sets TCP_NODELAY on every TCP transport, so small
+        # lockstep replies are never held back by Nagle (nginx's mail proxy is).
         super().connection_made(transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # Replies are small and lockstep: never hold them back (Nagle).
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._gateway._start_session(self._gateway.runtime(self._name), self)
 
 

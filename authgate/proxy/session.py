@@ -15,7 +15,7 @@ import ssl
 from collections import deque
 from typing import Any
 
-from authgate.config import TLSMode
+from authgate.config import ClientAddressForwarding, TLSMode
 from authgate.credentials.base import CredentialsUnavailable
 from authgate.defence import Guard
 from authgate.password_policy import ExpiryState, expiry_status
@@ -40,6 +40,7 @@ from authgate.protocols.base import (
 from authgate.proxy import proxy_protocol
 from authgate.proxy.auditing import AuditTrail
 from authgate.proxy.channel import Channel, ChannelClosed
+from authgate.proxy.passthrough import swallow_smtp_replies
 from authgate.proxy.runtime import ListenerRuntime
 from authgate.proxy.splice import splice
 from authgate.proxy.upstream import LoginStep, Upstream, connect
@@ -92,6 +93,8 @@ class ClientSession:
         # (user, keyed hash of the password) of the last cleartext password
         # checked: lets the defence recognise a stale password sent again.
         self._fingerprint: tuple[str, bytes] | None = None
+        # Bytes the backend sent after its login reply: the client gets them first.
+        self._pending_down = b""
         # The real client: from a trusted balancer's PROXY header, else the peer.
         self.peer = client or channel.peername()
         self.via_balancer = client is not None
@@ -330,7 +333,7 @@ class ClientSession:
                 )
             else:
                 xclient_login = identity  # SMTP: XCLIENT LOGIN= (Postfix)
-        forwarding = backend.client_address.value
+        forwarding = backend.client_address
         return ClientSettings(
             hostname=self.runtime.hostname,
             starttls=backend.tls is TLSMode.STARTTLS,
@@ -344,8 +347,8 @@ class ClientSession:
             client_address=self.peer[0],
             client_port=self.peer[1],
             xclient_login=xclient_login,
-            use_id=forwarding == "id",
-            use_xclient=forwarding == "xclient",
+            use_id=forwarding is ClientAddressForwarding.ID,
+            use_xclient=forwarding is ClientAddressForwarding.XCLIENT,
         )
 
     async def _login_as(self, event: Authenticated) -> list[Event]:
@@ -406,8 +409,6 @@ class ClientSession:
             events = self.machine.relay_result(False, step.failure)
         return events
 
-    _pending_down = b""
-
     async def _splice(self, event: Splice) -> None:
         if self.upstream is None:
             # SMTP server-to-server pass-through: no login, replay EHLO.
@@ -416,8 +417,6 @@ class ClientSession:
                 self.client.write(b"421 4.3.0 Service temporarily unavailable\r\n")
                 return
             self.upstream = upstream
-            from authgate.proxy.passthrough import swallow_smtp_replies
-
             if not await swallow_smtp_replies(
                 upstream.channel, event.replay, self.runtime.limits.backend_timeout
             ):
