@@ -86,6 +86,8 @@ class ExemptNetworks:
         return cls(tuple(nets))
 
     def __contains__(self, address: object) -> bool:
+        if not self.networks:
+            return False
         if isinstance(address, str):
             try:
                 address = ipaddress.ip_address(address.split("%", 1)[0])

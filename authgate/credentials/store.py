@@ -15,7 +15,8 @@ Which SASL mechanisms a server may offer depends on what is stored: a
 challenge-response mechanism needs the password or its own form of secret
 for *every* user (`offerable`), while PLAIN and LOGIN only need a secret
 that can check a password. Checking passwords against bcrypt or argon2 is
-slow on purpose, so `resolve` blocks and `aresolve` runs it in a thread.
+slow on purpose, so `resolve` blocks and `aresolve` runs such a check in a
+thread (a check with a fast digest it runs at once: cheaper than the hop).
 """
 
 from __future__ import annotations
@@ -321,12 +322,36 @@ class UserStore:
     async def aresolve(
         self, request: LookupRequest, *, executor: Executor | None = None
     ) -> LookupAnswer:
-        """`resolve` in a worker thread, so hashing never blocks the loop."""
+        """`resolve`, in a worker thread when it means slow hashing, so
+        hashing never blocks the loop. A check with a fast form (plaintext,
+        a digest, NTLM, CRAM-MD5: microseconds, holding the GIL anyway) is
+        answered at once: the hop to a thread costs more than the check."""
+        if self._quick(request):
+            return self.resolve(request)
         chosen = executor or self._executor
         if chosen is None:
             return await asyncio.to_thread(self.resolve, request)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(chosen, self.resolve, request)
+
+    def _quick(self, request: LookupRequest) -> bool:
+        if isinstance(request, PasswordCheck):
+            checker = self._checker(request.authcid)
+            return checker is None or checker.quick_to_verify
+        if isinstance(request, SecretLookup):
+            # Stored forms are read, not computed; only deriving a SCRAM
+            # verifier from a plaintext password (PBKDF2) is slow.
+            if request.form not in _SCRAM_FORMS:
+                return True
+            with self._lock:
+                return (request.authcid, request.form) in self._scram_cache
+        return False
+
+    def _checker(self, name: str) -> StoredSecret | None:
+        """The secret a password for `name` is checked with; for an unknown
+        user, the one that imitates a known user's cost."""
+        user = self.user(name)
+        return _cheapest_checker(self._dummy_secrets() if user is None else user.secrets)
 
     def _check_password(self, name: str, password: str) -> bool:
         user = self.user(name)

@@ -138,16 +138,22 @@ class Channel(asyncio.Protocol):
     def at_eof(self) -> bool:
         return self._eof and not self._buf
 
-    async def read(self) -> bytes:
-        """Everything buffered (at least one byte), or b"" at end of stream."""
+    async def read(self, timeout: float | None = None) -> bytes:
+        """Everything buffered (at least one byte), or b"" at end of stream.
+        TimeoutError after `timeout` seconds without a byte (a timer on the
+        one future we wait on: cheaper than asyncio.wait_for's task)."""
         while not self._buf:
             if self._eof:
                 return b""
-            self._data_waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            waiter = self._data_waiter = loop.create_future()
+            timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
             try:
-                await self._data_waiter
+                await waiter
             finally:
                 self._data_waiter = None
+                if timer is not None:
+                    timer.cancel()
         data = bytes(self._buf)
         self._buf.clear()
         if self._paused_reading and self.transport is not None and not self._lost:
@@ -244,6 +250,11 @@ class Channel(asyncio.Protocol):
             self.transport.abort()
 
 
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 async def open_channel(
     host: str,
     port: int,
@@ -254,15 +265,13 @@ async def open_channel(
 ) -> Channel:
     """Connect to host:port (optionally implicit TLS) within `timeout`."""
     loop = asyncio.get_running_loop()
-    _, protocol = await asyncio.wait_for(
-        loop.create_connection(
+    async with asyncio.timeout(timeout):
+        _, protocol = await loop.create_connection(
             Channel,
             host,
             port,
             ssl=ssl_context,
             server_hostname=server_hostname if ssl_context else None,
             ssl_handshake_timeout=timeout if ssl_context else None,
-        ),
-        timeout,
-    )
+        )
     return protocol

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import ipaddress
 import logging
 import ssl
 from collections import deque
@@ -19,7 +20,7 @@ from authgate.config import ClientAddressForwarding, TLSMode
 from authgate.credentials.base import CredentialsUnavailable
 from authgate.defence import Guard
 from authgate.password_policy import ExpiryState, expiry_status
-from authgate.policy import Protocol
+from authgate.policy import Decision, IPAddress, Protocol
 from authgate.protocols.base import (
     Authenticated,
     AuthFailed,
@@ -68,6 +69,13 @@ GUESS_REASONS = frozenset(
 )
 
 
+def _ip_or_text(address: str) -> IPAddress | str:
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address  # not an IP peer (a Unix socket, say): policy and defence cope
+
+
 class _SessionOver(Exception):
     """Internal: the machine said Close, or the session was spliced."""
 
@@ -98,6 +106,9 @@ class ClientSession:
         # The real client: from a trusted balancer's PROXY header, else the peer.
         self.peer = client or channel.peername()
         self.via_balancer = client is not None
+        # Parsed once: the policy and the defence each ask about it.
+        self.address = _ip_or_text(self.peer[0])
+        self._decisions: dict[bool, Decision] = {}
         self.local = channel.sockname()
         self.upstream: Upstream | None = None
         listener = runtime.listener
@@ -106,7 +117,7 @@ class ClientSession:
         self.machine: Any = runtime.parts.server(
             SessionSettings(
                 hostname=runtime.hostname,
-                decide=lambda tls: runtime.offer.decide(self.peer[0], tls=tls),
+                decide=self._decide,
                 sasl_context=self._sasl_context,
                 starttls_available=listener.tls is TLSMode.STARTTLS,
                 tls_active=listener.tls is TLSMode.IMPLICIT,
@@ -121,12 +132,20 @@ class ClientSession:
             )
         )
 
+    def _decide(self, tls: bool) -> Decision:
+        """The policy's answer for this client, with and without TLS (pure:
+        computed once per session and TLS state)."""
+        decision = self._decisions.get(tls)
+        if decision is None:
+            decision = self._decisions[tls] = self.runtime.offer.decide(self.address, tls=tls)
+        return decision
+
     def _sasl_context(self, tls: bool) -> ServerContext:
         binding = self.runtime.channel_binding
         # RFC 5802 section 6: a SCRAM server that has channel binding data
         # treats a client's "y" flag as a downgrade, so give it the data only
         # when a -PLUS mechanism is really advertised on this connection.
-        offered = self.runtime.offer.decide(self.peer[0], tls=tls).offered
+        offered = self._decide(tls).offered
         advertised = tls and binding and any(MECHANISMS[m].channel_binding for m in offered)
         return ServerContext(
             service=self.runtime.parts.sasl_service,
@@ -159,7 +178,7 @@ class ClientSession:
                 self.upstream.close()
 
     async def _run(self) -> None:
-        verdict = self.guard.check(self.peer[0])
+        verdict = self.guard.check(self.address)
         if verdict.blocked:
             log.info("%s: refused, address blocked for %.0fs more", self.tag, verdict.retry_after)
             self._note("blocked", retry_after=int(verdict.retry_after))
@@ -181,7 +200,7 @@ class ClientSession:
             try:
                 if wait <= 0:
                     raise TimeoutError
-                data = await asyncio.wait_for(self.client.read(), wait)
+                data = await self.client.read(timeout=wait)
             except TimeoutError:
                 raise _IdleTimeout from None
             if not data:
@@ -228,7 +247,7 @@ class ClientSession:
             user = request.authcid
             self._fingerprint = (user, self.guard.fingerprint(user, request.password))
         answer: LookupAnswer
-        if self.guard.user_locked(request.authcid, self.peer[0]):
+        if self.guard.user_locked(request.authcid, self.address):
             # A locked user fails like a wrong password: no oracle for guessers.
             log.info("%s: user %r is locked out", self.tag, request.authcid)
             answer = False if isinstance(request, PasswordCheck) else None
@@ -253,7 +272,7 @@ class ClientSession:
         if self._fingerprint is not None and self._fingerprint[0] == event.authcid:
             fingerprint = self._fingerprint[1]
         self._fingerprint = None
-        delay = self.guard.failure(self.peer[0], event.authcid, fingerprint)
+        delay = self.guard.failure(self.address, event.authcid, fingerprint)
         # Sleeping here holds back this session's reply only; other sessions
         # run on. Dovecot and Kerio do the same against password guessing.
         await asyncio.sleep(delay)
@@ -353,7 +372,7 @@ class ClientSession:
 
     async def _login_as(self, event: Authenticated) -> list[Event]:
         log.info("%s: authenticated %r via %s", self.tag, event.identity, event.mechanism)
-        self.guard.success(self.peer[0], event.authcid)
+        self.guard.success(self.address, event.authcid)
         if self._password_expired(event.authcid):
             log.info("%s: password of %r has expired", self.tag, event.authcid)
             self._note("password-expired", user=event.authcid, mechanism=event.mechanism)

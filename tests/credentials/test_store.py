@@ -529,31 +529,62 @@ def test_any_names_and_plaintexts_round_trip(users: dict[str, str], realm: str |
 # ------------------------------------------------------------------ async
 
 
-@pytest.mark.asyncio
-async def test_aresolve_runs_off_the_event_loop(store: UserStore) -> None:
-    loop_thread = threading.get_ident()
-    seen: list[int] = []
+def _thread_spy(store: UserStore) -> list[str]:
+    """Make `store.resolve` record the name of the thread it runs in."""
+    seen: list[str] = []
     original = store.resolve
 
     def spy(request: PasswordCheck | SecretLookup) -> object:
-        seen.append(threading.get_ident())
+        seen.append(threading.current_thread().name)
         return original(request)
 
     store.resolve = spy  # type: ignore[assignment,method-assign]
-    assert await store.aresolve(PasswordCheck("alice", "alice-pw")) is True
-    assert seen and seen[0] != loop_thread
+    return seen
 
+
+@pytest.mark.asyncio
+async def test_aresolve_runs_slow_hashing_off_the_event_loop(store: UserStore) -> None:
+    loop_thread = threading.current_thread().name
+    store.set_user_secrets("slow", ["{SHA512-CRYPT}" + hash_password("x", "SHA512-CRYPT")[14:]])
+    seen = _thread_spy(store)
+    assert await store.aresolve(PasswordCheck("slow", "x")) is True
+    assert await store.aresolve(PasswordCheck("slow", "y")) is False
+    assert len(seen) == 2 and loop_thread not in seen
+
+    # Deriving a SCRAM verifier from a plaintext password is PBKDF2: a thread
+    # (the given pool) the first time, the cache afterwards.
     with ThreadPoolExecutor(1, thread_name_prefix="hashing") as pool:
-        names: list[str] = []
+        seen.clear()
+        lookup = SecretLookup("carol", SecretForm.SCRAM_SHA_256)
+        first = await store.aresolve(lookup, executor=pool)
+        again = await store.aresolve(lookup, executor=pool)
+        assert first == again and first is not None
+        assert seen[0].startswith("hashing") and seen[1] == loop_thread
 
-        def named(request: PasswordCheck | SecretLookup) -> object:
-            names.append(threading.current_thread().name)
-            return original(request)
 
-        store.resolve = named  # type: ignore[assignment,method-assign]
-        answer = await store.aresolve(SecretLookup("bob", SecretForm.NT_HASH), executor=pool)
-        assert answer == nt_hash("password")
-        assert names[0].startswith("hashing")
+@pytest.mark.asyncio
+async def test_aresolve_answers_fast_forms_on_the_loop(store: UserStore) -> None:
+    # A plaintext, a salted SHA, an NT hash or a CRAM-MD5 state is checked
+    # in microseconds, holding the GIL: a thread would only add the hop.
+    loop_thread = threading.current_thread().name
+    seen = _thread_spy(store)
+    assert await store.aresolve(PasswordCheck("alice", "alice-pw")) is True
+    assert await store.aresolve(PasswordCheck("bob", "password")) is True
+    assert await store.aresolve(PasswordCheck("carol", "wrong")) is False
+    assert await store.aresolve(PasswordCheck("nobody", "carol-pw")) is False
+    answer = await store.aresolve(SecretLookup("bob", SecretForm.NT_HASH))
+    assert answer == nt_hash("password")
+    assert seen == [loop_thread] * 5
+
+
+def test_the_cheapest_form_checks_a_password(store: UserStore) -> None:
+    # alice holds argon2, SCRAM, CRAM-MD5, DIGEST-MD5 and NTLM forms: all
+    # describe one password, and the check uses a fast digest, never argon2.
+    alice = store.user("alice")
+    assert alice is not None
+    chosen = min((s for s in alice.secrets if s.can_verify_password), key=lambda s: s.verify_cost)
+    assert chosen.scheme == "DIGEST-MD5" and chosen.quick_to_verify
+    assert not next(s for s in alice.secrets if s.scheme.startswith("ARGON2")).quick_to_verify
 
 
 @pytest.mark.asyncio
