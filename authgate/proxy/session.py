@@ -243,9 +243,6 @@ class ClientSession:
         store = self.runtime.store
         if store is None:  # relay mode never verifies locally
             raise RuntimeError("credential lookup on a listener without a store")
-        if isinstance(request, PasswordCheck):
-            user = request.authcid
-            self._fingerprint = (user, self.guard.fingerprint(user, request.password))
         answer: LookupAnswer
         if self.guard.user_locked(request.authcid, self.address):
             # A locked user fails like a wrong password: no oracle for guessers.
@@ -257,6 +254,11 @@ class ClientSession:
             except CredentialsUnavailable as exc:
                 log.warning("%s: credential store unavailable: %s", self.tag, exc)
                 answer = STORE_UNAVAILABLE  # a temporary failure, not a wrong password
+        if answer is False and isinstance(request, PasswordCheck):
+            # Only a wrong password needs its keyed hash (a stale password
+            # sent again counts once); a right one is never hashed here.
+            user = request.authcid
+            self._fingerprint = (user, self.guard.fingerprint(user, request.password))
         events: list[Event] = self.machine.resume(answer)
         return events
 
