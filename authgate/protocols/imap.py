@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -116,7 +117,9 @@ class _SyntaxError(Exception):
     """The command's arguments do not parse (answered with tagged BAD)."""
 
 
-_ATOM_STOP = frozenset(b' ()"{')
+# An atom runs to a space, parenthesis, quote or "{" (RFC 9051 section 4.1);
+# a control character inside one is a syntax error.
+_ATOM = re.compile(rb'[^ ()"{\x00-\x1f\x7f]+')
 
 
 def _tokenize(segments: Sequence[bytes]) -> list[_Token]:
@@ -151,11 +154,10 @@ def _tokenize(segments: Sequence[bytes]) -> list[_Token]:
                 literal = None
                 pos = len(text)
             else:
-                end = pos
-                while end < len(text) and text[end] not in _ATOM_STOP:
-                    if text[end] < 0x20 or text[end] == 0x7F:
-                        raise _SyntaxError
-                    end += 1
+                match = _ATOM.match(text, pos)
+                end = match.end() if match is not None else pos
+                if end < len(text) and (text[end] < 0x20 or text[end] == 0x7F):
+                    raise _SyntaxError  # a control character inside an atom
                 tokens.append(_Token(_Kind.ATOM, text[pos:end]))
                 pos = end
         if literal is not None:
@@ -201,10 +203,13 @@ def _quote(text: str) -> bytes:
     return b'"' + cleaned.encode("utf-8") + b'"'
 
 
-def _capability_atoms(capabilities: Sequence[str]) -> list[str]:
-    """Keep only well-formed capability atoms: a backend's list must not be
-    able to inject a line break or a "]" into our response code."""
-    return [c for c in capabilities if _CAPABILITY_ATOM.fullmatch(c)]
+@functools.lru_cache(maxsize=64)  # a backend sends the same list every login
+def _capability_code(capabilities: tuple[str, ...]) -> bytes:
+    """"[CAPABILITY ...] " of the well-formed atoms (b"" if none): a
+    backend's list must not be able to inject a line break or a "]" into
+    our response code."""
+    atoms = [c for c in capabilities if _CAPABILITY_ATOM.fullmatch(c)]
+    return b"[CAPABILITY " + " ".join(atoms).encode("ascii") + b"] " if atoms else b""
 
 
 # ===================================================================== server
@@ -663,8 +668,7 @@ class ImapServer:
 
     def _logged_in(self, capabilities: Sequence[str]) -> list[Event]:
         tag = self._current().tag
-        atoms = _capability_atoms(capabilities)
-        code = b"[CAPABILITY " + " ".join(atoms).encode("ascii") + b"] " if atoms else b""
+        code = _capability_code(tuple(capabilities))
         self._attempt = None
         self._state = _State.DONE
         return [self._tagged(tag, b"OK " + code + b"Logged in"), Splice(self._buffer.take_rest())]
@@ -821,6 +825,7 @@ def _parse_status(text: bytes) -> _Status:
     return _Status(status.upper(), code, rest)
 
 
+@functools.lru_cache(maxsize=64)  # the same few lists, login after login
 def _parse_capabilities(text: bytes) -> tuple[str, ...]:
     return tuple(t.decode("ascii", "replace") for t in text.split(b" ") if t)
 
