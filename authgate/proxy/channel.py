@@ -34,13 +34,13 @@ class Channel(asyncio.Protocol):
         self._data_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Splice: bytes go straight to `_sink` from data_received (no task,
         # no future per chunk); `_source` is the channel feeding us, paused
         # while our transport's write buffer is full.
         self._sink: Channel | None = None
         self._source: Channel | None = None
-        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._half_close = True
+        self.ended: asyncio.Future[None] | None = None  # made by forward_to
         self.forwarded = 0
 
     # -------------------------------------------------- asyncio.Protocol side
@@ -67,7 +67,8 @@ class Channel(asyncio.Protocol):
         self._eof = True
         self._wake()
         if self._sink is not None:
-            self._sink.write_eof()
+            if self._half_close:
+                self._sink.write_eof()
             self._end()
         # Keep a plain TCP transport open for writing: a half-closed client may
         # still be waiting for the rest of the backend's answer. (TLS has no
@@ -83,8 +84,6 @@ class Channel(asyncio.Protocol):
             if not waiter.done():
                 waiter.set_result(None)
         self._drain_waiters.clear()
-        if not self.closed.done():
-            self.closed.set_result(None)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -102,10 +101,14 @@ class Channel(asyncio.Protocol):
                 waiter.set_result(None)
         self._drain_waiters.clear()
 
-    def forward_to(self, sink: Channel) -> None:
+    def forward_to(self, sink: Channel, *, half_close: bool = True) -> None:
         """From now on, hand every byte received straight to `sink`
         (after what is already buffered). `ended` resolves at our EOF or
-        when the connection is lost."""
+        when the connection is lost; at our EOF `sink` is half-closed too,
+        unless `half_close` is False (the caller closes it anyway: one
+        shutdown() the fewer)."""
+        self.ended = asyncio.get_running_loop().create_future()
+        self._half_close = half_close
         if self._buf:
             sink.write(bytes(self._buf))
             self.forwarded += len(self._buf)
@@ -116,11 +119,12 @@ class Channel(asyncio.Protocol):
             self._paused_reading = False
             self.transport.resume_reading()
         if self._eof:
-            sink.write_eof()
+            if half_close:
+                sink.write_eof()
             self._end()
 
     def _end(self) -> None:
-        if not self.ended.done():
+        if self.ended is not None and not self.ended.done():
             self.ended.set_result(None)
 
     def _wake(self) -> None:
