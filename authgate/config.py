@@ -9,6 +9,7 @@ the policy). Relative paths are resolved against the file's folder.
 from __future__ import annotations
 
 import enum
+import importlib.util
 import ipaddress
 import os
 import re
@@ -56,6 +57,13 @@ class ClientAddressForwarding(enum.Enum):
     PROXY_V2 = "proxy-v2"  # HAProxy PROXY protocol v2 header before anything else
     XCLIENT = "xclient"  # SMTP XCLIENT ADDR= (Postfix)
     ID = "id"  # IMAP ID ("x-originating-ip" ...) (Dovecot login_trusted_networks)
+
+
+class EventLoop(enum.Enum):
+    """The event loop `authgate run` serves on."""
+
+    ASYNCIO = "asyncio"  # the standard library's
+    UVLOOP = "uvloop"  # libuv's (pip install 'authgate[uvloop]'): less CPU per event
 
 
 class PasswordStorage(enum.Enum):
@@ -252,6 +260,7 @@ class Config:
     shared_defence: SharedDefence | None = None
     # Processes sharing the listeners (SO_REUSEPORT): one event loop each.
     workers: int = 1
+    event_loop: EventLoop = EventLoop.ASYNCIO
     password_policy: PasswordPolicy = field(default_factory=PasswordPolicy)
 
     def listener(self, name: str) -> Listener:
@@ -571,6 +580,12 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
             raise ConfigError(f"{source}: {where}: is not a table (use [[listeners]])")
         listeners.append(_listener(_Table(item, where, source), base))
     workers = _workers(root)
+    event_loop = root.choice("event_loop", EventLoop, EventLoop.ASYNCIO)
+    if event_loop is EventLoop.UVLOOP and importlib.util.find_spec("uvloop") is None:
+        raise root.error(
+            "event_loop",
+            "'uvloop' needs the uvloop package: pip install 'authgate[uvloop]'",
+        )
     hostname = root.get("hostname", str, "localhost")
     if not _HOSTNAME.fullmatch(hostname):
         raise root.error(
@@ -601,6 +616,7 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
         defence=defence,
         shared_defence=shared_defence,
         workers=workers,
+        event_loop=event_loop,
         password_policy=password_policy,
     )
 

@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 import os
 import resource
 import signal
 import sys
 import time
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from authgate import config as config_mod
 from authgate.atrest.envelope import Keyring, open_secret_file
 from authgate.audit import AuditLog
-from authgate.config import Config
+from authgate.config import Config, EventLoop
 from authgate.credentials.base import CredentialStore
 from authgate.defence import Guard
 from authgate.offers import load_store
@@ -153,7 +156,7 @@ def run(config: Config, store: CredentialStore | None, keyring: Keyring | None) 
     limit = raise_open_files_limit()
     log.info("open files limit %d: room for about %d proxied sessions", limit, (limit - 64) // 2)
     if config.workers == 1:
-        asyncio.run(serve(config, store, keyring))
+        run_loop(config, serve(config, store, keyring))
         return 0
     if config.shared_defence is None:
         log.warning(
@@ -163,6 +166,18 @@ def run(config: Config, store: CredentialStore | None, keyring: Keyring | None) 
         )
     build_runtime(config, store, keyring)  # certificates etc.: fail here, not in every worker
     return _supervise(config, store, keyring)
+
+
+def run_loop(config: Config, main: Coroutine[Any, Any, None]) -> None:
+    """Run `main` on the event loop the config asks for (a change takes a
+    restart, not a SIGHUP)."""
+    if config.event_loop is EventLoop.UVLOOP:
+        import uvloop  # an optional dependency; config.load checked it is there
+
+        log.info("event loop: uvloop %s", importlib.metadata.version("uvloop"))
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
 
 
 WORKER_START_GRACE = 2.0  # seconds: a worker dying sooner failed to start
@@ -179,7 +194,7 @@ def _supervise(config: Config, store: CredentialStore | None, keyring: Keyring |
             try:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     signal.signal(sig, signal.SIG_DFL)
-                asyncio.run(serve(config, store, keyring, reuse_port=True))
+                run_loop(config, serve(config, store, keyring, reuse_port=True))
             except BaseException:
                 log.exception("worker %d failed", number)
                 status = 1

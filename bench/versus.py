@@ -244,6 +244,7 @@ class BenchAuthgate:
     users: dict[str, str]
     master: tuple[str, str]
     cpus: set[int] | None = None
+    event_loop: str = "asyncio"
     imap: int = 0
     imaps: int = 0
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
@@ -302,6 +303,7 @@ class BenchAuthgate:
         lines = [
             "# Written by bench/versus.py.",
             f'hostname = "{HOSTNAME}"',
+            f'event_loop = "{self.event_loop}"',
             "",
             "[policy]",
             'security = "none"  # PLAIN in cleartext too, as nginx allows',
@@ -400,9 +402,12 @@ def target_cpus() -> tuple[set[int] | None, set[int] | None]:
 
 
 class Servers:
-    def __init__(self, workdir: Path, cpus: set[int] | None) -> None:
+    def __init__(
+        self, workdir: Path, cpus: set[int] | None, event_loop: str = "asyncio"
+    ) -> None:
         self.workdir = workdir
         self.cpus = cpus
+        self.event_loop = event_loop
         # Password-policy proof (three character classes) and nginx-map safe.
         self.password = "Bx7" + secrets.token_hex(8)
         self.master_password = "Mx7" + secrets.token_hex(8)
@@ -450,6 +455,7 @@ class Servers:
             {USER: self.password},
             master,
             self.cpus,
+            self.event_loop,
         )
         self.authgate.prepare(taken)
         self.authgate.start()
@@ -1131,6 +1137,7 @@ def report(
     pinning: tuple[set[int] | None, set[int] | None],
     extra: Sequence[str],
     server_problems: Sequence[str],
+    event_loop: str = "asyncio",
 ) -> str:
     by_name = {f.name: f for f in found}
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -1146,7 +1153,7 @@ def report(
         f" nproc {os.cpu_count()}, {cpu_model()}; nginx {nginx_version()},"
         f" Dovecot {dovecot_version()}, Python {platform.python_version()}"
         f" ({ssl.OPENSSL_VERSION}); load average {load[0]:.2f} at the end;"
-        f" {elapsed:.0f} s of measuring; {pin_text}.",
+        f" {elapsed:.0f} s of measuring; {pin_text}; authgate on event_loop = {event_loop!r}.",
         "",
         f"Medians of {plan.rounds} rounds (target order rotates every round). Logins:"
         f" {plan.login_clients} clients for {plan.login_seconds} s, AUTHENTICATE PLAIN + LOGOUT."
@@ -1238,6 +1245,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="afterwards, sample authgate with py-spy during logins and print its top frames",
     )
+    parser.add_argument(
+        "--event-loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="authgate's event_loop setting (default asyncio)",
+    )
     args = parser.parse_args(argv)
     plan = QUICK_PLAN if args.quick else DEFAULT_PLAN
     if args.rounds is not None:
@@ -1255,7 +1268,7 @@ def main(argv: list[str] | None = None) -> int:
             workdir.mkdir(parents=True, exist_ok=True)
         else:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="versus-")))
-        servers = Servers(workdir, server_cpus)
+        servers = Servers(workdir, server_cpus, args.event_loop)
         stack.callback(servers.stop)
         if generator_cpus:
             # This thread, and the threads it starts later, stay off the servers' CPU.
@@ -1277,6 +1290,7 @@ def main(argv: list[str] | None = None) -> int:
             (generator_cpus, server_cpus),
             extra,
             server_problems,
+            args.event_loop,
         )
     )
     if args.json:

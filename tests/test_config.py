@@ -10,6 +10,7 @@ from authgate.config import (
     BackendMode,
     ClientAddressForwarding,
     ConfigError,
+    EventLoop,
     PasswordStorage,
     TLSMode,
     load,
@@ -198,3 +199,25 @@ def test_directory_replaces_the_users_file(tmp_path: Path) -> None:
     cfg = load(write(tmp_path, text))
     assert cfg.users_file is None and cfg.directory is not None
     assert cfg.directory.url == "ldaps://ldap.example.org"
+
+
+def test_event_loop_setting(tmp_path: Path) -> None:
+    assert load(write(tmp_path, GOOD)).event_loop is EventLoop.ASYNCIO
+    chosen = load(write(tmp_path, 'event_loop = "uvloop"\n' + GOOD))
+    assert chosen.event_loop is EventLoop.UVLOOP
+    with pytest.raises(ConfigError, match=r"event_loop: 'trio' is not one of asyncio \| uvloop"):
+        load(write(tmp_path, 'event_loop = "trio"\n' + GOOD))
+
+
+def test_event_loop_uvloop_missing_says_how_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # uvloop is installed here; hide it the way a machine without it looks.
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match=r"pip install 'authgate\[uvloop\]'"):
+        load(write(tmp_path, 'event_loop = "uvloop"\n' + GOOD))

@@ -80,7 +80,11 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def authgate_process(
-    tmp: Path, *, security: str = "require-secure-auth", limits: str = "drain_timeout = 5"
+    tmp: Path,
+    *,
+    security: str = "require-secure-auth",
+    limits: str = "drain_timeout = 5",
+    event_loop: str = "asyncio",
 ) -> AsyncIterator[Running]:
     """`authgate run` in a subprocess in front of in-process embedded backends."""
     ensure_dev_certificates(tmp / "certs")
@@ -91,6 +95,7 @@ async def authgate_process(
     store.save(tmp / "users.toml")
     run = Running(tmp, backends, free_port())
     run.write_config(security, f"[limits]\n{limits}\n")
+    run.config.write_text(f'event_loop = "{event_loop}"\n' + run.config.read_text())
     try:
         await run.start()
         yield run

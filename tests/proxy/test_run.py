@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from pathlib import Path
 
 import pytest
 
-from tests.proxy.running import Running, command, imap_open, logged_in_session, running
+from tests.proxy.running import (
+    Running,
+    authgate_process,
+    command,
+    imap_open,
+    logged_in_session,
+    running,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -65,3 +73,18 @@ async def test_sighup_reloads_policy_keeps_sessions_and_rejects_bad_config(runni
     assert b"AUTH=PLAIN" in greeting  # still the last good configuration
     assert (await command(reader, writer, "c", "NOOP"))[-1].startswith(b"c OK")
     writer.close()
+
+
+async def test_serves_on_uvloop_when_configured(tmp_path: Path) -> None:
+    async with authgate_process(tmp_path, event_loop="uvloop") as run:
+        await run.wait_for_log(b"event loop: uvloop")
+        reader, writer = await logged_in_session(run.port)
+        assert (await command(reader, writer, "b", "SELECT INBOX"))[-1].startswith(b"b OK")
+        fetched = b"".join(await command(reader, writer, "c", "FETCH 1 BODY.PEEK[TEXT]"))
+        assert b"hello" in fetched
+        run.signal(signal.SIGTERM)  # drains on uvloop too: the session finishes
+        await run.wait_for_log(b"stopping")
+        assert (await command(reader, writer, "d", "LOGOUT"))[-1].startswith(b"d OK")
+        writer.close()
+        assert run.proc is not None
+        assert await asyncio.wait_for(run.proc.wait(), 15) == 0

@@ -64,3 +64,10 @@ async def test_slow_reader_back_pressure_and_integrity() -> None:
     assert received.digest() == sent.digest()
     client_writer.close()
     assert backend_reader.at_eof() or not await backend_reader.read()
+
+
+async def test_runs_on_the_loop_its_id_names(request: pytest.FixtureRequest) -> None:
+    # tests/proxy/conftest.py runs this module on asyncio's loop and on
+    # uvloop's: make sure the second really is uvloop.
+    loop_module = type(asyncio.get_running_loop()).__module__
+    assert loop_module.startswith("uvloop") == ("[uvloop]" in request.node.name)
