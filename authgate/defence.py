@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
-from authgate.policy import ExemptNetworks, IPAddress, unmap
+from authgate.policy import ExemptNetworks, IPAddress, client_ip
 
 Clock = Callable[[], float]
 T = TypeVar("T")
@@ -301,7 +301,7 @@ class Guard:
 
     def _client(self, address: str | IPAddress) -> tuple[str, bool]:
         """(key, trusted?) for `address`, parsing it once."""
-        ip = _parse(address)
+        ip = client_ip(address)
         if ip is None:
             # Not an IP peer (a Unix socket, say): its own bucket, never an error.
             return f"a:?{address}", False
@@ -379,15 +379,6 @@ class Guard:
 
 
 # ------------------------------------------------------------ pure rules
-
-
-def _parse(address: str | IPAddress) -> IPAddress | None:
-    if not isinstance(address, str):
-        return unmap(address)
-    try:
-        return unmap(ipaddress.ip_address(address.split("%", 1)[0]))  # drop an IPv6 zone
-    except ValueError:
-        return None
 
 
 def _network_key(ip: IPAddress, settings: DefenceSettings) -> str:

@@ -88,18 +88,26 @@ class ExemptNetworks:
     def __contains__(self, address: object) -> bool:
         if not self.networks:
             return False
-        if isinstance(address, str):
-            try:
-                address = ipaddress.ip_address(address.split("%", 1)[0])
-            except ValueError:
-                return False
-        if not isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        if not isinstance(address, str | ipaddress.IPv4Address | ipaddress.IPv6Address):
             return False
-        address = unmap(address)
-        return any(address in net for net in self.networks if net.version == address.version)
+        ip = client_ip(address)
+        if ip is None:
+            return False
+        return any(ip in net for net in self.networks if net.version == ip.version)
 
     def __bool__(self) -> bool:
         return bool(self.networks)
+
+
+def client_ip(address: str | IPAddress) -> IPAddress | None:
+    """A client's address as an IP (an IPv6 zone dropped, an IPv4-mapped
+    address unwrapped), or None when it is not an IP (a Unix socket, say)."""
+    if not isinstance(address, str):
+        return unmap(address)
+    try:
+        return unmap(ipaddress.ip_address(address.split("%", 1)[0]))
+    except ValueError:
+        return None
 
 
 def unmap(address: IPAddress) -> IPAddress:

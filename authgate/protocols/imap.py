@@ -203,7 +203,7 @@ def _quote(text: str) -> bytes:
     return b'"' + cleaned.encode("utf-8") + b'"'
 
 
-@functools.lru_cache(maxsize=64)  # a backend sends the same list every login
+@functools.lru_cache(maxsize=16)  # a backend sends the same list every login
 def _capability_code(capabilities: tuple[str, ...]) -> bytes:
     """"[CAPABILITY ...] " of the well-formed atoms (b"" if none): a
     backend's list must not be able to inject a line break or a "]" into
@@ -825,7 +825,7 @@ def _parse_status(text: bytes) -> _Status:
     return _Status(status.upper(), code, rest)
 
 
-@functools.lru_cache(maxsize=64)  # the same few lists, login after login
+@functools.lru_cache(maxsize=16)  # the same few lists, login after login
 def _parse_capabilities(text: bytes) -> tuple[str, ...]:
     return tuple(t.decode("ascii", "replace") for t in text.split(b" ") if t)
 

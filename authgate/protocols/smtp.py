@@ -10,13 +10,12 @@ Postfix's XCLIENT_README (passing the real client to the backend).
 from __future__ import annotations
 
 import enum
-import ipaddress
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
-from authgate.policy import Refusal, choose_client_mechanism, unmap
+from authgate.policy import Refusal, choose_client_mechanism, client_ip
 from authgate.protocols.base import (
     Authenticated,
     AuthFailed,
@@ -681,9 +680,8 @@ def xtext(value: str) -> str:
 
 def _xclient_address(address: str) -> str:
     """XCLIENT_README: IPv4 as is, IPv6 prefixed with "IPV6:"."""
-    try:
-        ip = unmap(ipaddress.ip_address(address.split("%", 1)[0]))
-    except ValueError:
+    ip = client_ip(address)
+    if ip is None:
         return "[UNAVAILABLE]"
     return f"IPV6:{ip.compressed}" if ip.version == 6 else str(ip)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import socket
 import ssl
@@ -12,7 +11,7 @@ from collections.abc import Iterable
 
 from authgate.config import TLSMode
 from authgate.defence import DefenceSettings, Guard
-from authgate.policy import unmap
+from authgate.policy import client_ip
 from authgate.proxy import proxy_protocol
 from authgate.proxy.auditing import AuditTrail
 from authgate.proxy.channel import Channel
@@ -327,7 +326,5 @@ def _fmt(sockname: tuple[str, int] | tuple[str, int, int, int]) -> str:
 
 def unmap_text(address: str) -> str:
     """One key per client: ::ffff:10.1.2.3 and 10.1.2.3 are the same host."""
-    try:
-        return str(unmap(ipaddress.ip_address(address.split("%", 1)[0])))
-    except ValueError:
-        return address
+    ip = client_ip(address)
+    return address if ip is None else str(ip)

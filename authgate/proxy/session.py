@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import ipaddress
 import logging
 import ssl
 from collections import deque
@@ -20,7 +19,7 @@ from authgate.config import ClientAddressForwarding, TLSMode
 from authgate.credentials.base import CredentialsUnavailable
 from authgate.defence import Guard
 from authgate.password_policy import ExpiryState, expiry_status
-from authgate.policy import Decision, IPAddress, Protocol
+from authgate.policy import Decision, IPAddress, Protocol, client_ip
 from authgate.protocols.base import (
     Authenticated,
     AuthFailed,
@@ -69,13 +68,6 @@ GUESS_REASONS = frozenset(
 )
 
 
-def _ip_or_text(address: str) -> IPAddress | str:
-    try:
-        return ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return address  # not an IP peer (a Unix socket, say): policy and defence cope
-
-
 class _SessionOver(Exception):
     """Internal: the machine said Close, or the session was spliced."""
 
@@ -107,7 +99,8 @@ class ClientSession:
         self.peer = client or channel.peername()
         self.via_balancer = client is not None
         # Parsed once: the policy and the defence each ask about it.
-        self.address = _ip_or_text(self.peer[0])
+        # (Not an IP, a Unix socket say: the text; policy and defence cope.)
+        self.address: IPAddress | str = client_ip(self.peer[0]) or self.peer[0]
         self._decisions: dict[bool, Decision] = {}
         self.local = channel.sockname()
         self.upstream: Upstream | None = None
