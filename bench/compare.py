@@ -85,12 +85,6 @@ class Row:
 Measure = Callable[[Target], Awaitable[Any]]
 
 
-def rotation(round_index: int) -> list[str]:
-    """The target order of one round: A B C, then B C A, then C A B, ..."""
-    shift = round_index % len(TARGETS)
-    return list(TARGETS[shift:] + TARGETS[:shift])
-
-
 async def start_server(workdir: Path, sizes: Sequence[int]) -> tuple[Any, dict[str, Any]]:
     log = (workdir / "serve.log").open("wb")
     process = await asyncio.create_subprocess_exec(
@@ -174,7 +168,7 @@ async def memory_phase(
                 )
             )
         for round_index in range(plan.rounds):
-            for name in rotation(round_index):
+            for name in loadgen.rotation(round_index, TARGETS):
                 result = await bounded(
                     loadgen.measure_memory(
                         targets[name],
@@ -250,7 +244,7 @@ async def run(plan: Plan, workdir: Path) -> dict[str, Any]:
             # Rounds inside each figure: the samples of one figure are taken
             # close together, A B C / B C A / C A B.
             for round_index in range(plan.rounds):
-                for target in rotation(round_index):
+                for target in loadgen.rotation(round_index, TARGETS):
                     samples.results[target].append(await bounded(measure(targets[target])))
         elapsed = time.perf_counter() - started
     finally:
@@ -371,14 +365,6 @@ def problems(collected: dict[str, Samples]) -> list[str]:
     return found
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
 def report(outcome: dict[str, Any], plan: Plan, quick: bool) -> str:
     collected: dict[str, Samples] = outcome["collected"]
     held = plan.held
@@ -386,7 +372,7 @@ def report(outcome: dict[str, Any], plan: Plan, quick: bool) -> str:
     load = os.getloadavg()
     lines = [
         f"authgate bench ({'quick' if quick else 'default'} run), {now}: "
-        f"nproc {os.cpu_count()}, {cpu_model()}, Python {platform.python_version()}, "
+        f"nproc {os.cpu_count()}, {loadgen.cpu_model()}, Python {platform.python_version()}, "
         f"load average {load[0]:.2f} at the end, {outcome['elapsed']:.0f} s of measuring.",
         "",
         f"Medians of {plan.rounds} rounds; each round measures the three targets in turn,"

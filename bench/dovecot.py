@@ -45,7 +45,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,6 +130,53 @@ def pin(cpus: set[int] | None) -> None:
     """preexec_fn: run the child (and everything it forks) on `cpus`."""
     if cpus:
         os.sched_setaffinity(0, cpus)
+
+
+def spawn(
+    argv: Sequence[str], log: Path, cpus: set[int] | None, cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a server in a session of its own (so `stop_session` reaches its
+    children), pinned to `cpus`, its output appended to `log`."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=lambda: pin(cpus),
+        )
+
+
+def wait_ready(
+    process: subprocess.Popen[bytes], ready: Callable[[], bool], timeout: float
+) -> str | None:
+    """Poll `ready` until it holds (None) or the server exits or `timeout`
+    passes (the reason, e.g. "exited with status 89")."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if process.poll() is not None:
+            return f"exited with status {process.returncode}"
+        if time.monotonic() > deadline:
+            return f"did not listen within {timeout}s"
+        time.sleep(0.05)
+    return None
+
+
+def stop_session(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM, then SIGKILL for the whole session after `timeout`; a
+    straggler of the session must not keep a port either."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def _mkdir(path: Path, mode: int, uid: int = 0, gid: int = 0) -> Path:
@@ -292,48 +339,19 @@ service imap {{
     # -- run --------------------------------------------------------------------
 
     def start(self, timeout: float = STARTUP_TIMEOUT) -> None:
-        binary = dovecot_binary()
-        console = (self.root / "log" / "console.log").open("ab")
-        try:
-            self.process = subprocess.Popen(
-                [binary, "-F", "-c", str(self.conf_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=console,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=lambda: pin(self.cpus),
-            )
-        finally:
-            console.close()
-        deadline = time.monotonic() + timeout
-        while not (greets(self.imap) and accepts(self.imaps)):
-            if self.process.poll() is not None:
-                raise DovecotError(
-                    f"dovecot exited with status {self.process.returncode}\n" + self.diagnostics()
-                )
-            if time.monotonic() > deadline:
-                self.stop()
-                raise DovecotError(
-                    f"dovecot did not greet within {timeout}s\n" + self.diagnostics()
-                )
-            time.sleep(0.05)
+        argv = [dovecot_binary(), "-F", "-c", str(self.conf_path)]
+        self.process = spawn(argv, self.root / "log" / "console.log", self.cpus)
+        problem = wait_ready(
+            self.process, lambda: greets(self.imap) and accepts(self.imaps), timeout
+        )
+        if problem is not None:
+            self.stop()
+            raise DovecotError(f"dovecot {problem}\n" + self.diagnostics())
 
     def stop(self) -> None:
-        process = self.process
-        if process is None:
-            return
-        self.process = None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(STOP_TIMEOUT)
-        # The master is gone; a straggler of its session must not hold a port.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
+        process, self.process = self.process, None
+        if process is not None:
+            stop_session(process)
 
     def restart(self, imap_client_limit: int | None = None) -> None:
         """Stop and start again: fresh processes, none idle. With

@@ -28,6 +28,7 @@ import contextlib
 import json
 import math
 import os
+import platform
 import re
 import ssl
 import sys
@@ -142,6 +143,21 @@ def machine_busy_seconds() -> float:
     # user nice system idle iowait irq softirq steal (guest time is inside user)
     idle = fields[3] + fields[4]
     return (sum(fields[:8]) - idle) / _CLK_TCK
+
+
+def cpu_model() -> str:
+    """The machine's CPU, for a report's header."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def rotation(round_index: int, names: Sequence[str]) -> list[str]:
+    """The target order of one round: A B C, then B C A, then C A B, ..."""
+    shift = round_index % len(names)
+    return list(names[shift:]) + list(names[:shift])
 
 
 @dataclass(frozen=True)

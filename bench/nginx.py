@@ -34,13 +34,11 @@ import os
 import re
 import resource
 import shutil
-import signal
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.dovecot import HOST, accepts, free_ports, greets, pin
+from bench.dovecot import HOST, accepts, free_ports, greets, spawn, stop_session, wait_ready
 
 NGINX_PATHS = ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
 # Debian's dynamic modules (libnginx-mod-mail puts ngx_mail_module.so here).
@@ -214,53 +212,22 @@ mail {{
 """
 
     def start(self, timeout: float = STARTUP_TIMEOUT) -> None:
-        binary = nginx_binary()
-        console = (self.root / "console.log").open("ab")
-        try:
-            self.process = subprocess.Popen(
-                [
-                    binary,
-                    "-p",
-                    f"{self.root}/",
-                    "-c",
-                    str(self.conf_path),
-                    "-e",
-                    str(self.log_path),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=console,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=lambda: pin(self.cpus),
-            )
-        finally:
-            console.close()
-        deadline = time.monotonic() + timeout
-        while not (greets(self.imap) and accepts(self.imaps) and accepts(self.auth)):
-            if self.process.poll() is not None:
-                raise NginxError(
-                    f"nginx exited with status {self.process.returncode}\n" + self.diagnostics()
-                )
-            if time.monotonic() > deadline:
-                self.stop()
-                raise NginxError(f"nginx did not listen within {timeout}s\n" + self.diagnostics())
-            time.sleep(0.05)
+        conf, log = str(self.conf_path), str(self.log_path)
+        argv = [nginx_binary(), "-p", f"{self.root}/", "-c", conf, "-e", log]
+        self.process = spawn(argv, self.root / "console.log", self.cpus)
+        problem = wait_ready(
+            self.process,
+            lambda: greets(self.imap) and accepts(self.imaps) and accepts(self.auth),
+            timeout,
+        )
+        if problem is not None:
+            self.stop()
+            raise NginxError(f"nginx {problem}\n" + self.diagnostics())
 
     def stop(self) -> None:
-        process = self.process
-        if process is None:
-            return
-        self.process = None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)  # fast shutdown: held sessions are cut
-            try:
-                process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(STOP_TIMEOUT)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
+        process, self.process = self.process, None
+        if process is not None:
+            stop_session(process, STOP_TIMEOUT)  # SIGTERM: fast shutdown, sessions cut
 
     def restart(self) -> None:
         self.stop()

@@ -43,7 +43,6 @@ import platform
 import resource
 import secrets
 import shutil
-import signal
 import ssl
 import statistics
 import subprocess
@@ -63,7 +62,9 @@ from bench.dovecot import (
     dovecot_version,
     free_ports,
     greets,
-    pin,
+    spawn,
+    stop_session,
+    wait_ready,
 )
 from bench.nginx import AuthEntry, BenchNginx, NginxError, nginx_version
 from bench.serve import make_message
@@ -340,43 +341,21 @@ class BenchAuthgate:
         return "\n".join(lines)
 
     def start(self, timeout: float = 60.0) -> None:
-        log = self.log_path.open("ab")
-        try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "authgate", "run", "-c", str(self.conf_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-                start_new_session=True,
-                preexec_fn=lambda: pin(self.cpus),
+        argv = [sys.executable, "-m", "authgate", "run", "-c", str(self.conf_path)]
+        self.process = spawn(argv, self.log_path, self.cpus, cwd=REPO)
+        problem = wait_ready(
+            self.process, lambda: greets(self.imap) and accepts(self.imaps), timeout
+        )
+        if problem is not None:
+            self.stop()
+            raise SetupError(
+                f"authgate {problem}:\n" + self.log_path.read_text("utf-8", "replace")[-4000:]
             )
-        finally:
-            log.close()
-        deadline = time.monotonic() + timeout
-        while not (greets(self.imap) and accepts(self.imaps)):
-            if self.process.poll() is not None:
-                raise SetupError(
-                    f"authgate exited with status {self.process.returncode}:\n"
-                    + self.log_path.read_text("utf-8", "replace")[-4000:]
-                )
-            if time.monotonic() > deadline:
-                self.stop()
-                raise SetupError(f"authgate did not listen within {timeout}s")
-            time.sleep(0.05)
 
     def stop(self) -> None:
-        process = self.process
-        if process is None:
-            return
-        self.process = None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        process, self.process = self.process, None
+        if process is not None:
+            stop_session(process)
 
     def restart(self) -> None:
         self.stop()
@@ -533,12 +512,6 @@ MEASUREMENT_TIMEOUT = 240.0
 PROXIED_CLIENT_LIMIT = 100
 
 
-def rotation(round_index: int, names: Sequence[str] = TARGETS) -> list[str]:
-    """The order of one round: A B C, then B C A, then C A B, ..."""
-    shift = round_index % len(names)
-    return list(names[shift:]) + list(names[:shift])
-
-
 def progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -685,7 +658,7 @@ class Bench:
             figure = found[f"memory-{mode}"]
             progress(f"versus: {figure.name} nginx, authgate")
             for round_index in range(plan.rounds):
-                for name in rotation(round_index, PROXIES):
+                for name in loadgen.rotation(round_index, PROXIES):
                     await asyncio.to_thread(servers.restart_proxy, name)
                     kept = []
                     try:
@@ -833,7 +806,7 @@ async def run(servers: Servers, plan: Plan) -> tuple[list[Figure], float]:
             continue
         progress(f"versus: {figure.name} ({time.perf_counter() - started:.0f} s)")
         for round_index in range(plan.rounds):
-            for name in rotation(round_index):
+            for name in loadgen.rotation(round_index, TARGETS):
                 try:
                     record = await figure.measure(name)
                 except (loadgen.BenchError, OSError, ssl.SSLError, TimeoutError) as exc:
@@ -1111,14 +1084,6 @@ def generator_notes(found: list[Figure]) -> list[str]:
     return notes
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
 def problems(found: list[Figure]) -> list[str]:
     return [
         f"{figure.name} {target}: {record.problem}"
@@ -1150,7 +1115,7 @@ def report(
     )
     lines = [
         f"authgate vs nginx mail proxy ({'quick' if quick else 'default'} run), {now}:"
-        f" nproc {os.cpu_count()}, {cpu_model()}; nginx {nginx_version()},"
+        f" nproc {os.cpu_count()}, {loadgen.cpu_model()}; nginx {nginx_version()},"
         f" Dovecot {dovecot_version()}, Python {platform.python_version()}"
         f" ({ssl.OPENSSL_VERSION}); load average {load[0]:.2f} at the end;"
         f" {elapsed:.0f} s of measuring; {pin_text}; authgate on event_loop = {event_loop!r}.",

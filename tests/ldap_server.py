@@ -46,6 +46,8 @@ from pathlib import Path
 
 import trustme
 
+from tests.netutil import free_port
+
 HOST = "127.0.0.1"
 SUFFIX = "dc=example,dc=org"
 PEOPLE = f"ou=people,{SUFFIX}"
@@ -89,13 +91,6 @@ def ssha(password: str, salt: bytes | None = None) -> str:
     salt = secrets.token_bytes(8) if salt is None else salt
     digest = hashlib.sha1(password.encode("utf-8") + salt).digest()
     return "{SSHA}" + base64.b64encode(digest + salt).decode("ascii")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def escape_rdn_value(value: str) -> str:

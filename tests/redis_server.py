@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.netutil import free_port
+
 HOST = "127.0.0.1"
 REDIS_PATHS = ("/usr/bin/redis-server", "/usr/local/bin/redis-server", "/usr/sbin/redis-server")
 INSTALL_HINT = "run ./dev test as root to install redis-server (Debian package redis-server)"
@@ -44,13 +46,6 @@ def find_redis_server() -> str:
     if found:
         return found
     raise RedisServerError(f"redis-server not found ({', '.join(REDIS_PATHS)}): {INSTALL_HINT}")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _ping(port: int, timeout: float = 0.5) -> bool:

@@ -85,23 +85,10 @@ from authgate.sasl.base import (
     Success,
 )
 from bench import fuzz
-from bench.fuzz import BINDING, CREDENTIALS, HOST, Variant
+from bench.fuzz import BINDING, CLIENT_EVENTS, CREDENTIALS, HOST, MAX_SEND, SERVER_EVENTS, Variant
 
-MAX_SEND = 64 * 1024
-SERVER_EVENTS = (
-    Send,
-    StartTLS,
-    Lookup,
-    Authenticated,
-    RelayAuth,
-    RelayResponse,
-    Splice,
-    AuthFailed,
-    Close,
-)
 # The driver must act on these before the machine reads again.
 WAITING = (Lookup, StartTLS, Authenticated, RelayAuth, RelayResponse)
-CLIENT_EVENTS = (Send, StartTLS, LoggedIn, LoginFailed, RelayChallenge)
 PROTOCOLS = ("smtp", "imap", "pop3")
 PASSWORD = CREDENTIALS.password
 

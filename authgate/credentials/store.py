@@ -22,7 +22,6 @@ thread (a check with a fast digest it runs at once: cheaper than the hop).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import os
 import re
@@ -577,19 +576,6 @@ def _cheapest_checker(secrets: Iterable[StoredSecret]) -> StoredSecret | None:
     StoredSecret.verify_cost). Unknown users imitate the same choice."""
     usable = [s for s in secrets if s.can_verify_password]
     return min(usable, key=lambda s: s.verify_cost, default=None)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # The rename is durable only once the directory entry is on disk.
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _drop_reason(info: MechanismInfo, count: int, realm: str | None) -> str:

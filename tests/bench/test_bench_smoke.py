@@ -208,7 +208,7 @@ def test_percentile_is_nearest_rank() -> None:
 
 
 def test_rounds_rotate_every_target_through_every_position() -> None:
-    orders = [compare.rotation(r) for r in range(3)]
+    orders = [loadgen.rotation(r, compare.TARGETS) for r in range(3)]
     for position in range(3):
         assert {order[position] for order in orders} == set(compare.TARGETS)
 

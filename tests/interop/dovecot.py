@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from authgate.sasl.cram_md5 import cram_md5_secret
+from tests.netutil import free_port
 
 HOST = "127.0.0.1"
 DOVECOT_BIN = "dovecot"
@@ -106,14 +107,6 @@ def ssha512(password: str, salt: bytes | None = None) -> str:
 def cram_md5_hash(password: str) -> str:
     """Dovecot's ``{CRAM-MD5}`` form: hex of the two precomputed HMAC-MD5 states."""
     return "{CRAM-MD5}" + cram_md5_secret(password).hex()
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # -- relay sink --------------------------------------------------------------

@@ -8,7 +8,6 @@ import contextlib
 import hashlib
 import hmac
 import os
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,15 +18,9 @@ from authgate.certs import ensure_dev_certificates
 from authgate.credentials.store import UserStore, generate_secrets
 from authgate.testing.backends import Backends, seed_mailbox, start_backends
 from authgate.testing.stack import MASTER_USER, ListenerSpec, config_text
+from tests.netutil import free_port
 
 PASSWORD = "pw-run-test"
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 class Running:
     def __init__(self, tmp: Path, backends: Backends, port: int) -> None:
         self.tmp = tmp

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from authgate.credentials.store import UserStore, generate_secrets
 from authgate.proxy.server import Gateway
 from authgate.runner import start_gateway
 from authgate.testing.stack import ListenerSpec, config_text
+from tests.netutil import free_port
 
 pytestmark = pytest.mark.asyncio
 
@@ -78,13 +78,6 @@ class Setup:
     gateway: Gateway
     port: int
     backend_port: int
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @contextlib.asynccontextmanager
