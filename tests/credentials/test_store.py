@@ -24,6 +24,7 @@ from authgate.credentials import (
     generate_secrets,
     hash_password,
 )
+from authgate.credentials.schemes import StoredSecret
 from authgate.credentials.store import MAX_LISTED_USERS
 from authgate.sasl import DEFAULT_ORDER, MECHANISMS
 from authgate.sasl.base import (
@@ -577,13 +578,24 @@ async def test_aresolve_answers_fast_forms_on_the_loop(store: UserStore) -> None
     assert seen == [loop_thread] * 5
 
 
-def test_the_cheapest_form_checks_a_password(store: UserStore) -> None:
+def test_the_cheapest_form_checks_a_password(
+    store: UserStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # alice holds argon2, SCRAM, CRAM-MD5, DIGEST-MD5 and NTLM forms: all
-    # describe one password, and the check uses a fast digest, never argon2.
+    # describe one password, and the store checks with a fast digest, never argon2.
+    used: list[str] = []
+    original = StoredSecret.verify_password
+
+    def spy(self: StoredSecret, password: str) -> bool:
+        used.append(self.scheme)
+        return original(self, password)
+
+    monkeypatch.setattr(StoredSecret, "verify_password", spy)
+    assert store.resolve(PasswordCheck("alice", "alice-pw")) is True
+    assert store.resolve(PasswordCheck("alice", "wrong")) is False
+    assert used == ["DIGEST-MD5", "DIGEST-MD5"]
     alice = store.user("alice")
     assert alice is not None
-    chosen = min((s for s in alice.secrets if s.can_verify_password), key=lambda s: s.verify_cost)
-    assert chosen.scheme == "DIGEST-MD5" and chosen.quick_to_verify
     assert not next(s for s in alice.secrets if s.scheme.startswith("ARGON2")).quick_to_verify
 
 
