@@ -43,6 +43,18 @@ background thread retries Redis every `retry_interval` seconds (the hot path
 never waits for a retry), and the instance returns to the shared state when
 Redis answers again (logged too). authgate keeps serving if Redis dies.
 
+Start-up is not the steady state: the first connection of a fresh process
+pays for everything done once (lazy imports, page faults on a cold machine,
+a Redis still loading its data set, the Lua script's first load), and
+nothing is served yet, so nothing waits on it. `connect()` therefore gives
+each attempt `startup_timeout` (1 s by default, on a client of its own with
+that socket timeout) and tries `startup_attempts` times (3) with a pause
+between attempts (0.5 s, then 1 s), logging each miss; only then does the
+instance start on local state. It also makes the steady-state client's
+first connection and loads the script there, so the first Guard call finds
+both ready. Worst case (a Redis that accepts and never answers) this holds
+up the start by a few seconds, never longer.
+
 While Redis is reachable, every record read or written is mirrored into the
 local `MemoryState`s, so an outage does not pardon the attackers this
 instance had seen: their blocks and counts carry on locally. What the
@@ -88,6 +100,8 @@ from authgate.defence import Clock, MemoryState, Record, Strike
 __all__ = [
     "DEFAULT_PREFIX",
     "DEFAULT_RETRY_INTERVAL",
+    "DEFAULT_STARTUP_ATTEMPTS",
+    "DEFAULT_STARTUP_TIMEOUT",
     "DEFAULT_TIMEOUT",
     "RedisState",
     "decode_record",
@@ -104,6 +118,10 @@ DEFAULT_PREFIX = "authgate:defence:"
 DEFAULT_TIMEOUT = 0.1  # seconds: per socket operation, and per backend call in all
 DEFAULT_RETRY_INTERVAL = 5.0  # seconds between background attempts while Redis is down
 DEFAULT_MAX_ATTEMPTS = 8  # compare-and-set attempts before giving up on one write
+# Start-up (connect()): a longer budget per attempt, a few attempts, pauses between.
+DEFAULT_STARTUP_TIMEOUT = 1.0  # seconds per attempt
+DEFAULT_STARTUP_ATTEMPTS = 3
+STARTUP_PAUSE = 0.5  # seconds before the second attempt, doubling after each miss
 
 # Keys longer than this (a user name of a few kilobytes) are stored by hash:
 # a made-up name should not cost Redis more than a normal one.
@@ -249,7 +267,9 @@ class RedisState:
     `client` should have short socket timeouts and no retries
     (`RedisState.from_url` and `make_backend` set them up); `timeout` also
     bounds each backend call as a whole: one that took longer trips the
-    breaker even though it succeeded. `clock` must be the Guard's clock.
+    breaker even though it succeeded. `startup_client`, for `connect()`
+    only, points at the same Redis with socket timeouts of the start-up
+    budget (default: `client` itself). `clock` must be the Guard's clock.
     `max_keys` bounds each local state (addresses and users separately, as
     `Guard` does with `max_tracked`).
     """
@@ -258,6 +278,7 @@ class RedisState:
         self,
         client: redis.Redis,
         *,
+        startup_client: redis.Redis | None = None,
         clock: Clock = time.time,
         prefix: str = DEFAULT_PREFIX,
         max_keys: int = 100_000,
@@ -272,6 +293,7 @@ class RedisState:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, not {max_attempts!r}")
         self._client = client
+        self._startup_client = startup_client
         self._clock = clock
         self._prefix = prefix.encode("utf-8")
         self._timeout = timeout
@@ -297,25 +319,26 @@ class RedisState:
         url: str,
         *,
         timeout: float = DEFAULT_TIMEOUT,
+        startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
         **kwargs: Any,
     ) -> RedisState:
         """A `RedisState` on a new client for `url` ("redis://host:port/db",
-        "rediss://...", "unix:///path?db=0"), with bounded calls.
+        "rediss://...", "unix:///path?db=0"), with bounded calls (and a
+        second client with `startup_timeout` for `connect()`).
 
         Prefer an IP address (or a name in /etc/hosts) in `url`: a reconnect
         resolves the name with a blocking getaddrinfo that no timeout bounds.
         """
-        client = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            # redis.Redis() retries up to 10 times, with backoff of up to a
-            # second, and from_url's default has varied between versions:
-            # any retry would stall the event loop, so none, explicitly. The
-            # breaker and the background prober do the retrying here.
-            retry=Retry(NoBackoff(), 0),
+        if not (math.isfinite(startup_timeout) and startup_timeout > 0):
+            raise ValueError(
+                f"startup_timeout must be a finite number > 0, not {startup_timeout!r}"
+            )
+        return cls(
+            _bounded_client(url, timeout),
+            startup_client=_bounded_client(url, startup_timeout),
+            timeout=timeout,
+            **kwargs,
         )
-        return cls(client, timeout=timeout, **kwargs)
 
     # ------------------------------------------------------------ status
 
@@ -325,13 +348,41 @@ class RedisState:
         runs on its local state."""
         return self._shared
 
-    def connect(self) -> bool:
-        """Try Redis now (at start-up, so a misconfiguration shows in the log
-        at once); `shared` afterwards. On failure this instance starts on its
-        local state and the background retries begin."""
-        if self._probe():
-            return True
-        self._trip("no answer at start-up")
+    def connect(
+        self,
+        *,
+        attempts: int = DEFAULT_STARTUP_ATTEMPTS,
+        timeout: float = DEFAULT_STARTUP_TIMEOUT,
+        pause: float = STARTUP_PAUSE,
+    ) -> bool:
+        """Try Redis now, at start-up, so a misconfiguration shows in the log
+        at once; `shared` afterwards. Each of `attempts` attempts may take
+        `timeout` (the first connection of a process on a cold machine is
+        slower than any later call), with `pause` seconds before the second,
+        doubling after each miss; every miss is logged. When all miss, this
+        instance starts on its local state and the background retries begin.
+        Blocks for all of that: call it before serving, off the event loop."""
+        if attempts < 1:
+            raise ValueError(f"attempts must be >= 1, not {attempts!r}")
+        reason = ""
+        for attempt in range(1, attempts + 1):
+            reason = self._first_contact(timeout)
+            if not reason:
+                return True
+            if attempt == attempts:
+                break
+            log.info(
+                "Redis at %s did not answer at start-up (%s): attempt %d of %d, next in %g s",
+                self.name,
+                reason,
+                attempt,
+                attempts,
+                pause,
+            )
+            if self._closed.wait(pause):
+                break
+            pause *= 2
+        self._trip(f"no answer at start-up, {attempts} attempt(s) of {timeout:g} s: {reason}")
         return False
 
     def close(self) -> None:
@@ -342,6 +393,8 @@ class RedisState:
         if prober is not None:
             prober.join(timeout=self._retry_interval + 2 * self._timeout + 1.0)
         self._client.close()
+        if self._startup_client is not None:
+            self._startup_client.close()
 
     # ------------------------------------------------------------ GuardBackend
 
@@ -460,7 +513,7 @@ class RedisState:
 
     def _probe_until_back(self) -> None:
         while not self._closed.wait(self._retry_interval):
-            if self._probe():
+            if not self._probe(self._client, self._timeout):
                 with self._lock:
                     self._shared = True
                     # Cleared under the lock: a trip right after this starts
@@ -471,15 +524,33 @@ class RedisState:
         with self._lock:
             self._prober = None
 
-    def _probe(self) -> bool:
+    def _first_contact(self, timeout: float) -> str:
+        """One start-up attempt: the start-up client (long socket timeouts)
+        waits for Redis to answer; then the steady-state client makes the
+        connection the first Guard calls will reuse. "" on success, else why
+        not."""
+        if self._startup_client is not None:
+            if reason := self._probe(self._startup_client, timeout):
+                return reason
+            # Done with it: the steady-state client takes over from here.
+            self._startup_client.close()
+        return self._probe(self._client, timeout)
+
+    def _probe(self, client: redis.Redis, budget: float) -> str:
         """One bounded attempt at a write (a read-only replica after a
-        failover answers PING, but could not keep the records)."""
+        failover answers PING, but could not keep the records), and the
+        compare-and-set script loaded (a restarted Redis has forgotten it),
+        within `budget` seconds: "" on success, else why not."""
         started = time.monotonic()
         try:
-            self._client.set(self._prefix + b"#probe", b"1", px=60_000)
-        except _REDIS_ERRORS:
-            return False
-        return time.monotonic() - started <= self._timeout
+            client.set(self._prefix + b"#probe", b"1", px=60_000)
+            client.script_load(_CAS_LUA)
+        except _REDIS_ERRORS as exc:
+            return f"{type(exc).__name__}: {exc}"
+        elapsed = time.monotonic() - started
+        if elapsed > budget:
+            return f"answered after {elapsed * 1000:.0f} ms"
+        return ""
 
 
 def make_backend(
@@ -490,23 +561,44 @@ def make_backend(
     max_keys: int = 100_000,
     timeout: float = DEFAULT_TIMEOUT,
     retry_interval: float = DEFAULT_RETRY_INTERVAL,
+    startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
+    startup_attempts: int = DEFAULT_STARTUP_ATTEMPTS,
 ) -> RedisState | None:
     """The backend for `[defence] redis_url`, or None (keep Guard's own
     in-memory state) when no URL is configured.
 
-    Tries Redis once at once (bounded by `timeout`); if it does not answer,
-    the backend starts on local state, logs a warning, and keeps retrying in
-    the background. Raises ValueError for a URL redis-py cannot parse.
+    Tries Redis at once (`startup_attempts` attempts of `startup_timeout`
+    each, see `RedisState.connect`); if it does not answer, the backend
+    starts on local state, logs a warning, and keeps retrying in the
+    background, each call then bounded by `timeout`. Blocks while it tries:
+    call it before serving, off the event loop. Raises ValueError for a URL
+    redis-py cannot parse.
     """
     if url is None or not url.strip():
         return None
     state = RedisState.from_url(
         url.strip(),
         timeout=timeout,
+        startup_timeout=startup_timeout,
         clock=clock,
         prefix=prefix,
         max_keys=max_keys,
         retry_interval=retry_interval,
     )
-    state.connect()
+    state.connect(attempts=startup_attempts, timeout=startup_timeout)
     return state
+
+
+def _bounded_client(url: str, timeout: float) -> redis.Redis:
+    """A client for `url` whose every socket operation gives up after
+    `timeout` seconds, and which never retries by itself."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        # redis.Redis() retries up to 10 times, with backoff of up to a
+        # second, and from_url's default has varied between versions: any
+        # retry would stall the event loop, so none, explicitly. The breaker
+        # and the background prober do the retrying here.
+        retry=Retry(NoBackoff(), 0),
+    )

@@ -88,11 +88,13 @@ async def start_gateway(
     audit_log = None
     if config.audit_file is not None:
         audit_log = await asyncio.to_thread(AuditLog.open, config.audit_file, keyring)
+    # Off the loop: the first contact with Redis may take a few attempts.
+    guard = await asyncio.to_thread(shared_guard, config, keyring)
     gateway = Gateway(
         build_runtime(config, store, keyring),
         config.defence,
         AuditTrail(audit_log),
-        guard=shared_guard(config, keyring),
+        guard=guard,
         reuse_port=reuse_port,
     )
     await gateway.start()

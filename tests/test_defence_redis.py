@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 from authgate.defence import DefenceSettings, Guard, Record, Strike, Verdict
 from authgate.defence_redis import (
     DEFAULT_PREFIX,
+    DEFAULT_STARTUP_ATTEMPTS,
+    DEFAULT_TIMEOUT,
     RedisState,
     decode_record,
     encode_record,
@@ -230,10 +232,103 @@ def test_make_backend_rejects_a_bad_url() -> None:
 
 
 def test_make_backend_connects(server: RedisInstance) -> None:
+    # The fixture returned once redis-server answered a PING; start-up may
+    # take longer than a steady-state call (a cold machine's first connection).
     backend = make_backend(server.url, max_keys=10)
     assert backend is not None
     try:
         assert backend.shared
+        # The compare-and-set script is loaded at start-up, not on the first failure.
+        assert raw_client(server).script_exists(backend._cas.sha) == [True]
+        guard = Guard(DefenceSettings(), clock=time.time, secret=SECRET, backend=backend)
+        guess(guard, ATTACKER, 0)
+        assert backend.shared
+        assert raw_client(server).exists(f"{DEFAULT_PREFIX}a:{ATTACKER}/32") == 1
+    finally:
+        backend.close()
+
+
+class OnLog(logging.Handler):
+    """Runs `action` (once) in the logging thread when a record containing
+    `text` is logged: a test can act at an exact point of a blocking call."""
+
+    def __init__(self, text: str, action: Callable[[], None]) -> None:
+        super().__init__(logging.INFO)
+        self.text = text
+        self.action: Callable[[], None] | None = action
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.action is not None and self.text in record.getMessage():
+            action, self.action = self.action, None
+            action()
+
+
+@pytest.fixture
+def on_log() -> Iterator[Callable[[str, Callable[[], None]], None]]:
+    logger = logging.getLogger("authgate.defence")
+    added: list[OnLog] = []
+
+    def add(text: str, action: Callable[[], None]) -> None:
+        handler = OnLog(text, action)
+        logger.addHandler(handler)
+        added.append(handler)
+
+    yield add
+    for handler in added:
+        logger.removeHandler(handler)
+
+
+def test_start_up_allows_longer_than_a_steady_state_call(
+    server: RedisInstance, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A first answer three times slower than the steady-state budget (a
+    cold machine, a Redis still starting) is not an outage at start-up."""
+    caplog.set_level(logging.INFO, logger="authgate.defence")
+    server.freeze()  # the kernel accepts the connection; the answer waits for the thaw
+    thaw = threading.Timer(3 * DEFAULT_TIMEOUT, server.thaw)
+    started = time.monotonic()
+    thaw.start()
+    try:
+        backend = make_backend(server.url)
+    finally:
+        thaw.join()
+    assert backend is not None
+    try:
+        # Redis was frozen for longer than a steady-state call may take ...
+        assert time.monotonic() - started > DEFAULT_TIMEOUT
+        # ... and still the instance starts on the shared state, with no warning.
+        assert backend.shared
+        assert warnings_matching(caplog, "unreachable") == 0
+        guard = Guard(DefenceSettings(), clock=time.time, secret=SECRET, backend=backend)
+        guess(guard, ATTACKER, 0)
+        assert raw_client(server).exists(f"{DEFAULT_PREFIX}a:{ATTACKER}/32") == 1
+    finally:
+        backend.close()
+
+
+def test_start_up_tries_again_when_redis_comes_up_late(
+    server: RedisInstance,
+    caplog: pytest.LogCaptureFixture,
+    on_log: Callable[[str, Callable[[], None]], None],
+) -> None:
+    """authgate started a moment before Redis (service ordering): the first
+    attempt is refused, Redis comes up during the pause, the second
+    attempt finds it."""
+    caplog.set_level(logging.INFO, logger="authgate.defence")
+    server.kill()
+    # Start the real server right after the first attempt was logged as a
+    # miss (start() returns once it answers PING): no guessed sleep.
+    on_log("attempt 1 of 3", server.start)
+    backend = make_backend(server.url)
+    assert backend is not None
+    try:
+        assert server.running
+        assert backend.shared
+        misses = [r.getMessage() for r in caplog.records if "at start-up" in r.getMessage()]
+        assert len(misses) == 1, misses
+        assert misses[0].startswith(f"Redis at {server.url} did not answer at start-up (")
+        assert "ConnectionError" in misses[0] and "next in 0.5 s" in misses[0]
+        assert warnings_matching(caplog, "unreachable") == 0
         guard = Guard(DefenceSettings(), clock=time.time, secret=SECRET, backend=backend)
         guess(guard, ATTACKER, 0)
         assert raw_client(server).exists(f"{DEFAULT_PREFIX}a:{ATTACKER}/32") == 1
@@ -577,7 +672,12 @@ def test_redis_down_at_start_up_then_appearing(
     assert backend is not None
     try:
         assert not backend.shared
+        # Every start-up attempt was tried and logged, then one warning.
+        for attempt in (1, 2):
+            assert f"attempt {attempt} of {DEFAULT_STARTUP_ATTEMPTS}" in caplog.text
+        assert f"attempt {DEFAULT_STARTUP_ATTEMPTS} of" not in caplog.text
         assert warnings_matching(caplog, f"Redis at {server.url} unreachable") == 1
+        assert f"{DEFAULT_STARTUP_ATTEMPTS} attempt(s) of 1 s" in caplog.text
         guard = Guard(DefenceSettings(), clock=time.time, secret=SECRET, backend=backend)
         assert timed(lambda: guess(guard, ATTACKER, 0)) == 4
         server.start()
