@@ -51,7 +51,7 @@ def _check_listener(offer: ListenerOffer, out: TextIO) -> None:
     policy = listener.policy
     backend = listener.backend
     print(
-        f"listener {listener.name}: {listener.protocol.value} on {listener.listen} "
+        f"listener {listener.name}: {listener.protocol.value} on {listener.listen_text} "
         f"(tls {listener.tls.value}) -> backend {backend.address} "
         f"({backend.mode.value}, tls {backend.tls.value})",
         file=out,

@@ -111,7 +111,11 @@ class BackendSettings:
 class Listener:
     name: str
     protocol: Protocol
-    listen: Address
+    # One listener may listen on several sockets (IPv4 and IPv6 on one
+    # port: ["0.0.0.0:143", "[::]:143"]), with one name, one backend and one
+    # set of statistics. Port 0 after the first address means "the port the
+    # first socket got".
+    listen: tuple[Address, ...]
     tls: TLSMode
     backend: BackendSettings
     policy: ListenerPolicy
@@ -123,6 +127,11 @@ class Listener:
     # the exempt networks and the brute-force defence then judge.
     proxy_protocol: bool = False
     trusted_proxies: ExemptNetworks = field(default_factory=ExemptNetworks)
+
+    @property
+    def listen_text(self) -> str:
+        """The addresses as configured, for messages: "0.0.0.0:143, [::]:143"."""
+        return ", ".join(str(address) for address in self.listen)
 
 
 @dataclass(frozen=True)
@@ -374,6 +383,89 @@ def parse_address(text: str, *, default_host: str | None = None) -> Address:
     return Address(host, int(port_text))
 
 
+# The fixed-port addresses earlier listeners bind, with where each was
+# given ("listeners[0].listen[1]"), to name it when a later one collides.
+_Bound = list[tuple[Address, str]]
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None  # a host name: not resolved here
+
+
+def _collision(address: Address, other: Address) -> str | None:
+    """Why `address` cannot be bound beside `other`: "" for the same socket
+    ('[0::0]:143' is '[::]:143'), why not for an address beside its
+    family's wildcard on the same port (the bind would fail), else None.
+    IPv6 sockets are IPV6_V6ONLY, so 0.0.0.0 and :: never collide."""
+    if address.port != other.port:
+        return None
+    a, b = _ip(address.host), _ip(other.host)
+    if a is None or b is None:
+        same = address.host.lower().rstrip(".") == other.host.lower().rstrip(".")
+        return "" if same else None
+    if a == b:
+        return ""
+    if a.version != b.version or not (a.is_unspecified or b.is_unspecified):
+        return None
+    wildcard = a if a.is_unspecified else b
+    return f"{wildcard} takes port {address.port} on every IPv{a.version} address"
+
+
+def _listen(table: _Table, bound: _Bound) -> tuple[Address, ...]:
+    """`listen`: "host:port", or a list of them for one listener on several
+    sockets (IPv4 and IPv6: ["0.0.0.0:143", "[::]:143"]). An address given
+    twice, here or by another listener, is an error; so is a specific
+    address beside its family's wildcard on the same port. Port 0 (tests,
+    tools) after the first address means the port the first socket got.
+    Adds this listener's fixed-port addresses to `bound`."""
+    if not table.has("listen"):
+        raise table.error("listen", "is required")
+    raw = table.data["listen"]
+    table.used.add("listen")
+    items: list[tuple[str, object]]
+    if isinstance(raw, str):
+        items = [(table.where("listen"), raw)]
+    elif isinstance(raw, list):
+        if not raw:
+            raise table.error("listen", "is an empty list: give at least one host:port")
+        items = [(f"{table.where('listen')}[{i}]", item) for i, item in enumerate(raw)]
+    else:
+        raise table.error("listen", f"{raw!r} is not a host:port string or a list of them")
+    addresses: list[Address] = []
+    mine: _Bound = []  # as bound: port 0 after the first is the first's port
+    for where, item in items:
+        if not isinstance(item, str):
+            raise ConfigError(f"{table.source}: {where}: {item!r} is not a string")
+        try:
+            address = parse_address(item)
+        except ValueError as exc:
+            raise ConfigError(f"{table.source}: {where}: {exc}") from None
+        effective = address
+        if not address.port and addresses:
+            effective = Address(address.host, addresses[0].port)
+        for earlier, _ in mine:
+            why = _collision(effective, earlier)
+            if why is not None:
+                problem = f"overlaps {str(earlier)!r}: {why}" if why else "is listed twice"
+                raise ConfigError(f"{table.source}: {where}: {item!r} {problem}")
+        for other, other_where in bound if effective.port else ():
+            why = _collision(effective, other)
+            if why is not None:
+                problem = (
+                    f"overlaps {str(other)!r} ({other_where}): {why}"
+                    if why
+                    else f"is already used by {other_where.partition('.')[0]}"
+                )
+                raise ConfigError(f"{table.source}: {where}: {str(effective)!r} {problem}")
+        mine.append((effective, where))
+        addresses.append(address)
+    bound.extend(entry for entry in mine if entry[0].port)
+    return tuple(addresses)
+
+
 def _mechanisms(table: _Table, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
     names = table.strings(key, default)
     seen: list[str] = []
@@ -487,7 +579,7 @@ def _backend(listener: _Table, protocol: Protocol) -> BackendSettings:
     return settings
 
 
-def _listener(table: _Table, base: ListenerPolicy) -> Listener:
+def _listener(table: _Table, base: ListenerPolicy, bound: _Bound) -> Listener:
     name = table.require("name", str)
     if not table.has("protocol"):
         raise table.error("protocol", "is required (smtp | imap | pop3)")
@@ -503,7 +595,7 @@ def _listener(table: _Table, base: ListenerPolicy) -> Listener:
     listener = Listener(
         name=name,
         protocol=protocol,
-        listen=_address(table, "listen"),
+        listen=_listen(table, bound),
         tls=table.choice("tls", TLSMode, TLSMode.NONE),
         backend=_backend(table, protocol),
         policy=_policy(table.table("policy"), defaults),
@@ -574,11 +666,12 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
         password_policy = parse_policy(policy_table.data, source)
     raw_listeners = root.get("listeners", list, [])
     listeners: list[Listener] = []
+    bound: _Bound = []
     for i, item in enumerate(raw_listeners):
         where = f"listeners[{i}]"
         if not isinstance(item, dict):
             raise ConfigError(f"{source}: {where}: is not a table (use [[listeners]])")
-        listeners.append(_listener(_Table(item, where, source), base))
+        listeners.append(_listener(_Table(item, where, source), base, bound))
     workers = _workers(root)
     event_loop = root.choice("event_loop", EventLoop, EventLoop.ASYNCIO)
     if event_loop is EventLoop.UVLOOP and importlib.util.find_spec("uvloop") is None:
@@ -593,7 +686,6 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
         )
     root.finish()
     _check_unique(listeners, source, "name", lambda x: x.name)
-    _check_unique(listeners, source, "listen", lambda x: str(x.listen) if x.listen.port else None)
     for i, listener in enumerate(listeners):
         if listener.backend.mode is BackendMode.TERMINATE and users_file is None and not directory:
             raise ConfigError(

@@ -16,6 +16,9 @@ TLS mode and its effective policy:
 - an SMTP server-to-server listener (port 25): allow, other servers must
   reach it, many without TLS.
 
+A listener on several addresses (`listen = ["0.0.0.0:143", "[::]:143"]`)
+gets one entry per address.
+
 Backends on non-loopback addresses are listed as "deny": only authgate
 should reach them. `authgate ports` prints the table, or nftables or
 iptables rules that use nothing but the config's ports and addresses.
@@ -214,24 +217,43 @@ def _challenge_response(decision: Decision) -> str:
     return ", ".join(names)
 
 
+def _reachable(listener: Listener) -> bool:
+    """Listens on at least one address other than loopback."""
+    return not all(_is_loopback(address.host) for address in listener.listen)
+
+
 # ------------------------------------------------------------------ table
 
 
+def _listener_entries(listener: Listener, verifiable: Verifiable) -> list[PortEntry]:
+    """One entry per address of the listener."""
+    decided = _listener_entry(listener, verifiable)
+    entries = []
+    for address in listener.listen:
+        entry = dataclasses.replace(
+            decided, port=address.port, host=address.host, destination=_destination(address.host)
+        )
+        if _is_loopback(address.host):
+            entry = dataclasses.replace(
+                entry,
+                action=Action.LOCAL,
+                why="listens on loopback only: not reachable from outside",
+                sources=(),
+            )
+        entries.append(entry)
+    return entries
+
+
 def _listener_entry(listener: Listener, verifiable: Verifiable) -> PortEntry:
-    host = listener.listen.host
+    """The verdict for the listener's reachable addresses (address fields
+    filled in by the caller)."""
     base = PortEntry(
         service=_label(listener),
-        port=listener.listen.port,
+        port=0,
         action=Action.ALLOW,
         why="",
         origin=Origin.LISTENER,
-        host=host,
-        destination=_destination(host),
     )
-    if _is_loopback(host):
-        return dataclasses.replace(
-            base, action=Action.LOCAL, why="listens on loopback only: not reachable from outside"
-        )
     policy = listener.policy
     outsider = _outsider(policy, verifiable)
     # The policy outsiders get: `none` when the exempt networks cover everyone.
@@ -282,6 +304,12 @@ def _listener_entry(listener: Listener, verifiable: Verifiable) -> PortEntry:
             f"({mechs}), never with a cleartext password; mail itself is not encrypted"
         )
         return dataclasses.replace(base, why=why)
+    return _deny_or_exempt(base, policy, reason)
+
+
+def _deny_or_exempt(base: PortEntry, policy: ListenerPolicy, reason: str) -> PortEntry:
+    """Deny; but the exempt networks keep the port (they are treated as
+    policy none: the admin let them in without TLS)."""
     if not policy.exempt:
         return dataclasses.replace(base, action=Action.DENY, why=reason)
     nets = ", ".join(str(n) for n in policy.exempt.networks)
@@ -322,13 +350,14 @@ def _backend_entries(listeners: Sequence[Listener]) -> list[PortEntry]:
 def port_table(
     config: Config, store: CredentialStore | None = None, *, include_standard: bool = False
 ) -> list[PortEntry]:
-    """One entry per listener, then the backends on non-loopback addresses,
+    """One entry per listener address, then the backends on non-loopback addresses,
     then (include_standard) the seed's non-mail services whose ports the
     config does not use. With the users `store`, mechanisms it cannot
     verify count as not offered (as in `authgate check`)."""
     entries = [
-        _listener_entry(listener, _verifiable(listener, store, config.hostname))
+        entry
         for listener in config.listeners
+        for entry in _listener_entries(listener, _verifiable(listener, store, config.hostname))
     ]
     entries += _backend_entries(config.listeners)
     if include_standard:
@@ -522,13 +551,13 @@ def warnings(config: Config, store: CredentialStore | None = None) -> list[str]:
     exempt networks or from exempt networks that span the Internet."""
     found: list[str] = []
     for listener in config.listeners:
-        if _is_loopback(listener.listen.host) or listener.tls is TLSMode.IMPLICIT:
+        if not _reachable(listener) or listener.tls is TLSMode.IMPLICIT:
             continue
         policy = listener.policy
         verifiable = _verifiable(listener, store, config.hostname)
         where = (
             f"listener {_clean(listener.name)} ({listener.protocol.value} on "
-            f"{_clean(str(listener.listen))}, tls {listener.tls.value}, "
+            f"{_clean(listener.listen_text)}, tls {listener.tls.value}, "
             f"security {policy.security.value})"
         )
         if not _everyone_exempt(policy.exempt) and _outsider(policy, verifiable).cleartext_login:

@@ -54,6 +54,29 @@ def test_check_bad_file_exits_2_with_key_path(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_check_shows_every_address_of_a_dual_stack_listener(tmp_path: Path) -> None:
+    example = (EXAMPLES / "authgate.toml").read_text()
+    assert 'listen = "0.0.0.0:993"' in example
+    (tmp_path / "authgate.toml").write_text(
+        example.replace('listen = "0.0.0.0:993"', 'listen = ["0.0.0.0:993", "[::]:993"]')
+        .replace('"../certs/', f'"{EXAMPLES.parent}/certs/')
+        .replace('"users.toml"', f'"{EXAMPLES}/users.toml"')
+        .replace('"master.secret"', f'"{EXAMPLES}/master.secret"')
+    )
+    result = run_cli("check", "-c", str(tmp_path / "authgate.toml"))
+    assert result.returncode == 0, result.stderr
+    assert "listener imaps: imap on 0.0.0.0:993, [::]:993 (tls implicit)" in result.stdout
+    (tmp_path / "bad.toml").write_text(
+        (tmp_path / "authgate.toml").read_text().replace('"[::]:993"]', '"[::]:993", "[0::0]:993"]')
+    )
+    result = run_cli("check", "-c", str(tmp_path / "bad.toml"))
+    assert result.returncode == 2
+    assert f"{tmp_path / 'bad.toml'}: listeners[1].listen[2]: '[0::0]:993' is listed twice" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+
+
 def negotiate(*args: str) -> dict[str, object]:
     result = run_cli("negotiate", "-c", str(EXAMPLES / "authgate.toml"), "--json", *args)
     assert result.returncode == 0, result.stderr

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from authgate.config import (
+    Address,
     BackendMode,
     ClientAddressForwarding,
     ConfigError,
     EventLoop,
     PasswordStorage,
     TLSMode,
+    from_dict,
     load,
     parse_address,
 )
@@ -81,7 +88,7 @@ def test_good_config(tmp_path: Path) -> None:
     assert imap.backend.master_password == "s3cret"
     assert "s3cret" not in repr(imap.backend)
     # the per-listener policy table overrides the defaults key by key
-    assert smtp.listen.host == "::1" and smtp.listen.port == 1025
+    assert smtp.listen == (Address("::1", 1025),)
     assert smtp.policy.security is Security.REQUIRE_ENCRYPTED
     assert smtp.policy.mechanisms == ("PLAIN",)
     assert not smtp.policy.exempt
@@ -221,3 +228,129 @@ def test_event_loop_uvloop_missing_says_how_to_install(
     )
     with pytest.raises(ConfigError, match=r"pip install 'authgate\[uvloop\]'"):
         load(write(tmp_path, 'event_loop = "uvloop"\n' + GOOD))
+
+
+# ------------------------------------------------------------ listen lists
+
+
+def listeners_with(*listens: object) -> dict[str, Any]:
+    """A config whose listeners listen on `listens` (relay mode: no users needed)."""
+    return {
+        "listeners": [
+            {
+                "name": f"l{i}",
+                "protocol": "imap",
+                "listen": listen,
+                "backend": {"address": "127.0.0.1:1143", "mode": "relay"},
+            }
+            for i, listen in enumerate(listens)
+        ]
+    }
+
+
+SOURCE = Path("/etc/authgate.toml")
+
+
+def test_listen_takes_a_list_for_one_listener_on_both_families() -> None:
+    cfg = from_dict(listeners_with(["0.0.0.0:143", "[::]:143"]), SOURCE)
+    (listener,) = cfg.listeners
+    assert listener.listen == (Address("0.0.0.0", 143), Address("::", 143))
+    assert listener.listen_text == "0.0.0.0:143, [::]:143"
+    # One string is a list of one.
+    (single,) = from_dict(listeners_with("[::]:143"), SOURCE).listeners
+    assert single.listen == (Address("::", 143),)
+    # Different ports for one listener are fine; so are IPv4 and IPv6 wildcards
+    # on one port in two listeners (IPv6 sockets are IPV6_V6ONLY).
+    from_dict(listeners_with(["127.0.0.1:143", "[::1]:10143"]), SOURCE)
+    from_dict(listeners_with("0.0.0.0:143", "[::]:143"), SOURCE)
+    # Port 0 after the first address: the first socket's port, for tests.
+    (ephemeral,) = from_dict(listeners_with(["127.0.0.1:0", "[::1]:0"]), SOURCE).listeners
+    assert [a.port for a in ephemeral.listen] == [0, 0]
+
+
+@pytest.mark.parametrize(
+    ("listens", "message"),
+    [
+        ((["0.0.0.0:143", "[::]:143", "0.0.0.0:143"],), "listeners[0].listen[2]: '0.0.0.0:143' is listed twice"),
+        ((["[::]:143", "[0::0]:143"],), "listeners[0].listen[1]: '[0::0]:143' is listed twice"),
+        ((["Localhost:143", "localhost.:143"],), "listeners[0].listen[1]: 'localhost.:143' is listed twice"),
+        ((["127.0.0.1:0", "127.0.0.1:0"],), "listeners[0].listen[1]: '127.0.0.1:0' is listed twice"),
+        ((["127.0.0.1:143", "127.0.0.1:0"],), "listeners[0].listen[1]: '127.0.0.1:0' is listed twice"),
+        ((["0.0.0.0:143", "127.0.0.1:143"],),
+         "listeners[0].listen[1]: '127.0.0.1:143' overlaps '0.0.0.0:143': 0.0.0.0 takes port 143 on every IPv4 address"),
+        ((["[::1]:143", "[::]:143"],),
+         "listeners[0].listen[1]: '[::]:143' overlaps '[::1]:143': :: takes port 143 on every IPv6 address"),
+        (("0.0.0.0:143", ["[::]:143", "0.0.0.0:143"]),
+         "listeners[1].listen[1]: '0.0.0.0:143' is already used by listeners[0]"),
+        ((["0.0.0.0:143", "[::]:143"], "[::]:143"), "listeners[1].listen: '[::]:143' is already used by listeners[0]"),
+        ((["[::]:993", "0.0.0.0:143"], "192.0.2.1:143"),
+         "listeners[1].listen: '192.0.2.1:143' overlaps '0.0.0.0:143' (listeners[0].listen[1]): "
+         "0.0.0.0 takes port 143 on every IPv4 address"),
+        (([],), "listeners[0].listen: is an empty list: give at least one host:port"),
+        ((["0.0.0.0:143", 143],), "listeners[0].listen[1]: 143 is not a string"),
+        ((["0.0.0.0:143", "[::]:99999"],), "listeners[0].listen[1]: '[::]:99999' has no valid port"),
+        ((["0.0.0.0:143", "::143"],), "listeners[0].listen[1]: '::143': write IPv6 addresses as [addr]:port"),
+        ((143,), "listeners[0].listen: 143 is not a host:port string or a list of them"),
+        (({"host": "::"},), "listeners[0].listen: {'host': '::'} is not a host:port string"),
+    ],
+)  # fmt: skip
+def test_listen_errors_name_the_key_path(listens: tuple[object, ...], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        from_dict(listeners_with(*listens), SOURCE)
+    assert str(err.value).startswith(f"{SOURCE}: {message}")
+
+
+def test_listen_is_required() -> None:
+    data = listeners_with("0.0.0.0:143")
+    del data["listeners"][0]["listen"]
+    with pytest.raises(ConfigError, match=r"listeners\[0\]\.listen: is required"):
+        from_dict(data, SOURCE)
+
+
+HOSTS = st.sampled_from(
+    ["0.0.0.0", "127.0.0.1", "192.0.2.1", "::", "::1", "0::0", "2001:db8::5", "localhost", "mx"]
+)
+LISTEN_ITEMS = st.one_of(
+    st.tuples(HOSTS, st.sampled_from([0, 25, 143, 993])).map(
+        lambda hp: f"[{hp[0]}]:{hp[1]}" if ":" in hp[0] else f"{hp[0]}:{hp[1]}"
+    ),
+    st.text(max_size=12),
+    st.integers(),
+    st.booleans(),
+    st.lists(st.text(max_size=4), max_size=2),
+)
+
+
+def _conflict(a: Address, b: Address) -> bool:
+    """The rule the parser must enforce, written independently of it."""
+    if a.port != b.port:
+        return False
+    try:
+        x, y = ipaddress.ip_address(a.host), ipaddress.ip_address(b.host)
+    except ValueError:
+        return a.host.lower() == b.host.lower()
+    return x == y or (x.version == y.version and (x.is_unspecified or y.is_unspecified))
+
+
+@given(st.lists(st.one_of(LISTEN_ITEMS, st.lists(LISTEN_ITEMS, max_size=4)), min_size=1, max_size=3))
+def test_any_listen_values_load_or_fail_with_a_key_path(listens: list[object]) -> None:
+    try:
+        cfg = from_dict(listeners_with(*listens), SOURCE)
+    except ConfigError as exc:
+        assert re.match(rf"{re.escape(str(SOURCE))}: listeners\[\d\]\.listen(\[\d\])?: ", str(exc))
+        return
+    # Loaded: every value was a host:port or a non-empty list of them, and no
+    # two sockets anywhere collide (port 0 after the first means the first's).
+    sockets: list[tuple[int, Address]] = []
+    for i, listener in enumerate(cfg.listeners):
+        raw = listens[i]
+        assert listener.listen == tuple(
+            parse_address(text) for text in (raw if isinstance(raw, list) else [raw])
+        )
+        first = listener.listen[0].port
+        for address in listener.listen:
+            effective = address if address.port else Address(address.host, first)
+            for j, other in sockets:
+                if j == i or (effective.port and other.port):
+                    assert not _conflict(effective, other), (effective, other)
+            sockets.append((i, effective))

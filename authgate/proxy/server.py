@@ -40,6 +40,9 @@ class _Accepted(Channel):
 
 
 def _same_socket(a: ListenerRuntime, b: ListenerRuntime) -> bool:
+    """Whether a reload can keep `a`'s sockets for `b`: the same addresses
+    (all of them, in order: port 0 after the first means the first's port)
+    and the same TLS mode."""
     return a.listener.listen == b.listener.listen and a.listener.tls is b.listener.tls
 
 
@@ -75,8 +78,14 @@ class _ProxiedServer:
 
     async def start(self, host: str, port: int) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        # IPV6_V6ONLY (dualstack_ipv6=False sets it): [::]:143 takes IPv6
+        # only, so 0.0.0.0:143 can be bound beside it, as asyncio's servers do.
         sock = socket.create_server(
-            (host, port), family=family, backlog=BACKLOG, reuse_port=self._reuse_port
+            (host, port),
+            family=family,
+            backlog=BACKLOG,
+            reuse_port=self._reuse_port,
+            dualstack_ipv6=False,
         )
         sock.setblocking(False)
         self.sockets = [sock]
@@ -142,6 +151,29 @@ class _ProxiedServer:
                 await self._task
 
 
+Server = asyncio.Server | _ProxiedServer
+
+
+class _Listening:
+    """One listener's servers, one per configured address: the listener
+    keeps one name (logs, audit, backend, limits) across all its sockets."""
+
+    def __init__(self, servers: list[Server]) -> None:
+        self.servers = servers
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return [sock for server in self.servers for sock in server.sockets]
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+
+    async def wait_closed(self) -> None:
+        for server in self.servers:
+            await server.wait_closed()
+
+
 class Gateway:
     """All listeners of one configuration.
 
@@ -166,7 +198,7 @@ class Gateway:
         # One brute-force guard for all listeners, kept across reloads.
         self.guard = guard or Guard(defence)
         self._pruner: asyncio.Task[None] | None = None
-        self._servers: dict[str, asyncio.Server | _ProxiedServer] = {}
+        self._servers: dict[str, _Listening] = {}
         self._sessions: set[asyncio.Task[None]] = set()
         self._per_address: dict[str, int] = {}
 
@@ -207,28 +239,40 @@ class Gateway:
                     obj.context = fresh
 
             ssl_context.sni_callback = current_context
-        server: asyncio.Server | _ProxiedServer
-        if listener.proxy_protocol:
-            server = _ProxiedServer(self, name, ssl_context, reuse_port=self.reuse_port)
-            await server.start(listener.listen.host, listener.listen.port)
-        else:
-            server = await loop.create_server(
-                lambda: _Accepted(self, name),
-                listener.listen.host,
-                listener.listen.port,
-                ssl=ssl_context,
-                ssl_handshake_timeout=runtime.limits.handshake_timeout if ssl_context else None,
-                reuse_address=True,
-                reuse_port=self.reuse_port or None,
-                backlog=BACKLOG,
-            )
-        self._servers[name] = server
+        servers: list[Server] = []
+        try:
+            for address in listener.listen:
+                # Port 0 after the first address: the port the first socket got.
+                port = address.port or (servers[0].sockets[0].getsockname()[1] if servers else 0)
+                server: Server
+                if listener.proxy_protocol:
+                    server = _ProxiedServer(self, name, ssl_context, reuse_port=self.reuse_port)
+                    await server.start(address.host, port)
+                else:
+                    server = await loop.create_server(
+                        lambda: _Accepted(self, name),
+                        address.host,
+                        port,
+                        ssl=ssl_context,
+                        ssl_handshake_timeout=(
+                            runtime.limits.handshake_timeout if ssl_context else None
+                        ),
+                        reuse_address=True,
+                        reuse_port=self.reuse_port or None,
+                        backlog=BACKLOG,
+                    )
+                servers.append(server)
+        except BaseException:
+            for server in servers:  # all of a listener's sockets, or none
+                server.close()
+            raise
+        server_group = self._servers[name] = _Listening(servers)
         log.info(
             "listening: %s (%s, tls %s) on %s -> %s (%s)",
             name,
             listener.protocol.value,
             listener.tls.value,
-            ", ".join(_fmt(s.getsockname()) for s in server.sockets),
+            ", ".join(_fmt(s.getsockname()) for s in server_group.sockets),
             listener.backend.address,
             listener.backend.mode.value,
         )
@@ -253,12 +297,17 @@ class Gateway:
                 await self._listen(runtime)
 
     def addresses(self) -> dict[str, tuple[str, int]]:
-        """Listener name -> bound (host, port): ports may have been 0."""
-        result = {}
-        for name, server in self._servers.items():
-            host, port = server.sockets[0].getsockname()[:2]
-            result[name] = (host, port)
-        return result
+        """Listener name -> bound (host, port) of its first socket: ports
+        may have been 0. `all_addresses()` has every socket."""
+        return {name: addresses[0] for name, addresses in self.all_addresses().items()}
+
+    def all_addresses(self) -> dict[str, list[tuple[str, int]]]:
+        """Listener name -> bound (host, port) of each of its sockets, in
+        the order of its `listen` addresses."""
+        return {
+            name: [(s.getsockname()[0], s.getsockname()[1]) for s in server.sockets]
+            for name, server in self._servers.items()
+        }
 
     def _start_session(self, runtime: ListenerRuntime, channel: Channel) -> None:
         limits = runtime.limits

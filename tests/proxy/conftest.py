@@ -10,7 +10,7 @@ import pytest
 import uvloop
 
 # Modules whose every test runs once per loop; the others use asyncio's only.
-BOTH_LOOPS = {"test_gateway", "test_limits", "test_splice"}
+BOTH_LOOPS = {"test_gateway", "test_limits", "test_splice", "test_dual_stack"}
 
 
 def pytest_asyncio_loop_factories(

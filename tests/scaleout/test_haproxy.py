@@ -365,7 +365,7 @@ def test_examples_haproxy_cfg_is_valid_and_matches_scaleout_toml(tmp_path: Path)
     defaults = re.search(r"^\s*default-server\s+(.*)$", active, re.MULTILINE)
     servers = re.findall(r"^\s*server\s+\S+\s+([\d.]+):(\d+)\s*(.*)$", active, re.MULTILINE)
     assert servers, "no server lines in examples/haproxy.cfg"
-    listen_ports = {listener.listen.port for listener in config.listeners}
+    listen_ports = {address.port for listener in config.listeners for address in listener.listen}
     for _host, port, options in servers:
         effective = ((defaults[1] if defaults else "") + " " + options).split()
         assert "send-proxy-v2" in effective and "check" in effective, effective
