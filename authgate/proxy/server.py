@@ -41,9 +41,14 @@ class _Accepted(Channel):
 
 def _same_socket(a: ListenerRuntime, b: ListenerRuntime) -> bool:
     """Whether a reload can keep `a`'s sockets for `b`: the same addresses
-    (all of them, in order: port 0 after the first means the first's port)
-    and the same TLS mode."""
-    return a.listener.listen == b.listener.listen and a.listener.tls is b.listener.tls
+    (all of them, in order: port 0 after the first means the first's port),
+    the same TLS mode and the same PROXY protocol setting (the accept path
+    differs: a listener must never start or stop reading headers in place)."""
+    return (
+        a.listener.listen == b.listener.listen
+        and a.listener.tls is b.listener.tls
+        and a.listener.proxy_protocol == b.listener.proxy_protocol
+    )
 
 
 # Bursts of connects (mail clients polling at the full minute) must not

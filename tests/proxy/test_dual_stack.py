@@ -226,3 +226,23 @@ async def test_reload_moves_a_listener_whose_addresses_changed(
     assert await asyncio.to_thread(imap_login, "::1", new_port) == "OK"
     assert await asyncio.to_thread(refuses, "127.0.0.1", port)
     assert servers(setup, "balanced") == balanced  # the other listener was left alone
+
+
+async def test_reload_that_switches_proxy_protocol_re_creates_the_listener(setup: Setup) -> None:
+    # A listener that kept its PROXY-reading accept path after the header
+    # was switched off, or the plain one after it was switched on, would
+    # judge every client behind the balancer as the balancer (its exempt
+    # status, its connection count): the servers must be made anew.
+    assert all(type(x).__name__ == "_ProxiedServer" for x in servers(setup, "balanced"))
+    await setup.reload(setup.config_text(DUAL, proxy_protocol=False))
+    plain = servers(setup, "balanced")
+    assert len(plain) == 2 and not any(type(x).__name__ == "_ProxiedServer" for x in plain)
+    for host, port in setup.gateway.all_addresses()["balanced"]:
+        # No header any more: a client from 127.0.0.1 / ::1 is served at once, as itself.
+        greeting = await asyncio.to_thread(greeting_through_balancer, host, port, header=False)
+        assert greeting.startswith(b"* OK") and b"AUTH=PLAIN" in greeting, (host, greeting)
+    await setup.reload(setup.config_text(DUAL, proxy_protocol=True))
+    assert all(type(x).__name__ == "_ProxiedServer" for x in servers(setup, "balanced"))
+    for host, port in setup.gateway.all_addresses()["balanced"]:
+        greeting = await asyncio.to_thread(greeting_through_balancer, host, port)
+        assert b"LOGINDISABLED" in greeting, (host, greeting)
