@@ -7,14 +7,23 @@ network in clear there. authgate decides that per listener instead, from its
 TLS mode and its effective policy:
 
 - implicit TLS: allow, everything is encrypted from the first byte;
-- STARTTLS: allow, clients upgrade; the policy says whether anything may
-  authenticate before they do;
+- IMAP or POP3 with STARTTLS (or without TLS) beside an implicit-TLS
+  listener of the same protocol: deny, or allow only from the exempt
+  networks; clients belong on the implicit-TLS port, as the page says
+  ("allow the secured version"), as RFC 8314 prefers (sections 3.1 for
+  POP, 3.2 for IMAP; 4.1 phases out cleartext access), and as the
+  STARTTLS studies argue (NO STARTTLS, USENIX Security 2021: injection and
+  stripping bugs in the upgrade itself);
+- STARTTLS otherwise: allow, clients upgrade; the policy says whether
+  anything may authenticate before they do;
 - no TLS: allow only when clients outside the exempt networks can log in
   without sending a password in clear (challenge-response under
   require-secure-auth); otherwise allow only from the exempt networks, or
   deny;
-- an SMTP server-to-server listener (port 25): allow, other servers must
-  reach it, many without TLS.
+- SMTP as the page has it: submission 587 with STARTTLS stays allowed
+  beside 465 (RFC 8314 section 3.3: as safe when both sides insist on
+  TLS), and a server-to-server listener (port 25) is allowed, other
+  servers must reach it, many without TLS.
 
 A listener on several addresses (`listen = ["0.0.0.0:143", "[::]:143"]`)
 gets one entry per address.
@@ -222,12 +231,38 @@ def _reachable(listener: Listener) -> bool:
     return not all(_is_loopback(address.host) for address in listener.listen)
 
 
+def _outside_ports(listener: Listener) -> str:
+    ports = dict.fromkeys(str(a.port) for a in listener.listen if not _is_loopback(a.host))
+    return ", ".join(ports)
+
+
+# The mail-access protocols whose cleartext/STARTTLS port the page denies
+# when the implicit-TLS one is open (IMAP 143 vs 993, POP3 110 vs 995).
+_SECURED_VERSION: Final = {Protocol.IMAP: "IMAPS", Protocol.POP3: "POP3S"}
+
+
+def _secured_versions(listeners: Sequence[Listener]) -> dict[Protocol, list[Listener]]:
+    """The reachable implicit-TLS listeners of each mail-access protocol."""
+    found: dict[Protocol, list[Listener]] = {}
+    for listener in listeners:
+        if (
+            listener.protocol in _SECURED_VERSION
+            and listener.tls is TLSMode.IMPLICIT
+            and _reachable(listener)
+        ):
+            found.setdefault(listener.protocol, []).append(listener)
+    return found
+
+
 # ------------------------------------------------------------------ table
 
 
-def _listener_entries(listener: Listener, verifiable: Verifiable) -> list[PortEntry]:
-    """One entry per address of the listener."""
-    decided = _listener_entry(listener, verifiable)
+def _listener_entries(
+    listener: Listener, verifiable: Verifiable, secured: Sequence[Listener]
+) -> list[PortEntry]:
+    """One entry per address of the listener; `secured` are the reachable
+    implicit-TLS listeners of its protocol (IMAP and POP3 only)."""
+    decided = _listener_entry(listener, verifiable, secured)
     entries = []
     for address in listener.listen:
         entry = dataclasses.replace(
@@ -244,7 +279,9 @@ def _listener_entries(listener: Listener, verifiable: Verifiable) -> list[PortEn
     return entries
 
 
-def _listener_entry(listener: Listener, verifiable: Verifiable) -> PortEntry:
+def _listener_entry(
+    listener: Listener, verifiable: Verifiable, secured: Sequence[Listener]
+) -> PortEntry:
     """The verdict for the listener's reachable addresses (address fields
     filled in by the caller)."""
     base = PortEntry(
@@ -261,6 +298,19 @@ def _listener_entry(listener: Listener, verifiable: Verifiable) -> PortEntry:
     no_session = outsider.session_tls_required
     if listener.tls is TLSMode.IMPLICIT:
         return dataclasses.replace(base, why="implicit TLS: encrypted from the first byte")
+
+    if secured and not (listener.tls is TLSMode.NONE and not _allowed_without_tls(outsider)):
+        # The same protocol is served with implicit TLS: send clients there.
+        # (A cleartext listener that would be denied anyway keeps its reason.)
+        where = " and ".join(f"{_label(x)} on {_outside_ports(x)}" for x in secured)
+        starttls = listener.tls is TLSMode.STARTTLS
+        why = (
+            f"{'STARTTLS' if starttls else 'no TLS'}; use {where}: TLS from the first byte, "
+            "as RFC 8314 prefers"
+        )
+        if starttls:
+            why += " (STARTTLS upgrades have had injection and stripping bugs)"
+        return _deny_or_exempt(base, policy, why)
 
     if listener.tls is TLSMode.STARTTLS:
         if policy.server_to_server:
@@ -279,6 +329,8 @@ def _listener_entry(listener: Listener, verifiable: Verifiable) -> PortEntry:
             why = f"STARTTLS; {security}: passwords only after the upgrade"
             if mechs := _challenge_response(outsider):
                 why += f", challenge-response ({mechs}) before it"
+        if secured_version := _SECURED_VERSION.get(listener.protocol):
+            why += f"; no {secured_version} listener to send clients to instead"
         return dataclasses.replace(base, why=why)
 
     # No TLS at all on this listener.
@@ -305,6 +357,12 @@ def _listener_entry(listener: Listener, verifiable: Verifiable) -> PortEntry:
         )
         return dataclasses.replace(base, why=why)
     return _deny_or_exempt(base, policy, reason)
+
+
+def _allowed_without_tls(outsider: Decision) -> bool:
+    """A listener without TLS that outsiders may use: they can log in, and
+    never with a cleartext password (challenge-response only)."""
+    return not outsider.cleartext_login and not outsider.tls_required and bool(outsider.offered)
 
 
 def _deny_or_exempt(base: PortEntry, policy: ListenerPolicy, reason: str) -> PortEntry:
@@ -354,10 +412,15 @@ def port_table(
     then (include_standard) the seed's non-mail services whose ports the
     config does not use. With the users `store`, mechanisms it cannot
     verify count as not offered (as in `authgate check`)."""
+    secured = _secured_versions(config.listeners)
     entries = [
         entry
         for listener in config.listeners
-        for entry in _listener_entries(listener, _verifiable(listener, store, config.hostname))
+        for entry in _listener_entries(
+            listener,
+            _verifiable(listener, store, config.hostname),
+            secured.get(listener.protocol, []),
+        )
     ]
     entries += _backend_entries(config.listeners)
     if include_standard:

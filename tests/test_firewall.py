@@ -99,9 +99,10 @@ def make_config(
 def test_table_for_the_sidecar_example() -> None:
     config = example("authgate")
     entries = port_table(config)
-    # Backends are on loopback: nothing to close for them.
+    # Backends are on loopback: nothing to close for them. IMAP on 143 sits
+    # beside IMAPS on 993: only the office LAN (exempt) keeps 143.
     assert summary(entries) == [
-        ("IMAP (imap)", 143, Action.ALLOW),
+        ("IMAP (imap)", 143, Action.EXEMPT_ONLY),
         ("IMAPS (imaps)", 993, Action.ALLOW),
         ("POP3S (pop3s)", 995, Action.ALLOW),
         ("submission (submission)", 587, Action.ALLOW),
@@ -111,15 +112,20 @@ def test_table_for_the_sidecar_example() -> None:
     assert why[587] == (
         "STARTTLS; require-encrypted: nothing authenticates before TLS, so clients must upgrade"
     )
-    assert why[143].startswith("STARTTLS; require-secure-auth: passwords only after the upgrade")
+    assert why[143] == (
+        "STARTTLS; use IMAPS (imaps) on 993: TLS from the first byte, as RFC 8314 prefers "
+        "(STARTTLS upgrades have had injection and stripping bugs); "
+        "exempt networks (192.168.0.0/16, fd00::/8) are treated as policy none"
+    )
+    assert [str(n) for n in entries[0].sources] == ["192.168.0.0/16", "fd00::/8"]
     assert warnings(config) == []
 
 
 def test_table_uses_the_store_when_given() -> None:
-    config = example("authgate")
-    assert config.users_file is not None
-    store = UserStore.load(config.users_file)
-    imap = port_table(config, store)[0]
+    # sha-store.toml with a store whose users all have every form.
+    config = example("sha-store")
+    store = UserStore.load(EXAMPLES / "users.toml")
+    (imap,) = port_table(config, store)
     assert "challenge-response (CRAM-MD5, DIGEST-MD5, NTLM) before it" in imap.why
 
 
@@ -128,7 +134,162 @@ def test_one_way_store_leaves_no_challenge_response() -> None:
     assert config.users_file is not None
     store = UserStore.load(config.users_file)
     (imap,) = port_table(config, store)
-    assert imap.why == "STARTTLS; require-secure-auth: passwords only after the upgrade"
+    assert imap.action is Action.ALLOW
+    assert imap.why == (
+        "STARTTLS; require-secure-auth: passwords only after the upgrade; "
+        "no IMAPS listener to send clients to instead"
+    )
+
+
+def mail_host(tmp_path: Path, *extra: dict[str, str], **kwargs: str) -> Config:
+    """The issue's host: STARTTLS on 143 and 110 beside implicit TLS on 993
+    and 995, submission on 587 and 465, and an MX on 25."""
+    return make_config(
+        tmp_path,
+        {"name": "imap", "listen": "0.0.0.0:143", "tls": "starttls"},
+        {"name": "imaps", "listen": "0.0.0.0:993", "tls": "implicit"},
+        {"name": "pop3", "protocol": "pop3", "listen": "0.0.0.0:110", "tls": "starttls"},
+        {"name": "pop3s", "protocol": "pop3", "listen": "0.0.0.0:995", "tls": "implicit"},
+        {"name": "submission", "protocol": "smtp", "listen": "0.0.0.0:587", "tls": "starttls"},
+        {"name": "smtps", "protocol": "smtp", "listen": "0.0.0.0:465", "tls": "implicit"},
+        {"name": "mx", "protocol": "smtp", "listen": "0.0.0.0:25", "tls": "starttls",
+         "submission": "false"},
+        *extra,
+        **kwargs,
+    )  # fmt: skip
+
+
+def test_starttls_beside_implicit_tls_is_denied_as_on_the_page(tmp_path: Path) -> None:
+    entries = port_table(mail_host(tmp_path), include_standard=True)
+    # The page's table, row for row, for the ports this host serves.
+    assert summary(entries) == [
+        ("IMAP (imap)", 143, Action.DENY),
+        ("IMAPS (imaps)", 993, Action.ALLOW),
+        ("POP3 (pop3)", 110, Action.DENY),
+        ("POP3S (pop3s)", 995, Action.ALLOW),
+        ("submission (submission)", 587, Action.ALLOW),
+        ("SMTPS (smtps)", 465, Action.ALLOW),
+        ("SMTP (mx)", 25, Action.ALLOW),
+        ("NNTP", 119, Action.DENY),
+        ("NNTPS", 563, Action.ALLOW),
+        ("LDAP", 389, Action.DENY),
+        ("LDAPS", 636, Action.ALLOW),
+        ("HTTP", 80, Action.DENY),
+        ("HTTPS", 443, Action.ALLOW),
+    ]
+    why = {e.port: e.why for e in entries}
+    assert why[143] == (
+        "STARTTLS; use IMAPS (imaps) on 993: TLS from the first byte, as RFC 8314 prefers "
+        "(STARTTLS upgrades have had injection and stripping bugs)"
+    )
+    assert why[110].startswith("STARTTLS; use POP3S (pop3s) on 995: TLS from the first byte")
+    # 587 stays open beside 465, as on the page.
+    assert why[587].startswith("STARTTLS; require-encrypted: nothing authenticates before TLS")
+
+
+def test_rules_follow_the_recommendation(tmp_path: Path) -> None:
+    config = mail_host(tmp_path)
+    entries = port_table(config)
+    nft = render_nft(entries, config.path)
+    assert nft_rules(nft) == [
+        (None, (), None, None, (993, 995, 587, 465, 25), "accept"),
+        (None, (), None, None, (143, 110), "drop"),
+    ]
+    nft_check(nft, tmp_path)
+    commands = iptables_commands(render_iptables(entries, config.path))
+    for tool in ("iptables", "ip6tables"):
+        for port in (143, 110):
+            assert [tool, "-A", "AUTHGATE", "-p", "tcp", "--dport", str(port), "-j", "DROP"] in (
+                commands
+            )
+        assert [tool, "-A", "AUTHGATE", "-p", "tcp", "--dport", "993", "-j", "ACCEPT"] in commands
+
+
+def test_starttls_beside_implicit_tls_keeps_the_exempt_networks(tmp_path: Path) -> None:
+    config = mail_host(tmp_path, exempt='["192.168.0.0/16", "fd00::/8"]')
+    imap, _, pop3 = port_table(config)[:3]
+    assert imap.action is pop3.action is Action.EXEMPT_ONLY
+    assert imap.why.endswith(
+        "; exempt networks (192.168.0.0/16, fd00::/8) are treated as policy none"
+    )
+    nft = render_nft(port_table(config), config.path)
+    assert nft_rules(nft)[:3] == [
+        ("ip", ("192.168.0.0/16",), None, None, (143,), "accept"),
+        ("ip6", ("fd00::/8",), None, None, (143,), "accept"),
+        (None, (), None, None, (143,), "drop"),
+    ]
+    nft_check(nft, tmp_path)
+
+
+@pytest.mark.parametrize("security", ["none", "require-secure-auth", "require-encrypted"])
+def test_starttls_is_allowed_without_an_implicit_tls_listener_of_its_protocol(
+    tmp_path: Path, security: str
+) -> None:
+    config = make_config(
+        tmp_path,
+        {"name": "imap", "listen": "0.0.0.0:143", "tls": "starttls"},
+        {"name": "pop3", "protocol": "pop3", "listen": "0.0.0.0:110", "tls": "starttls"},
+        # POP3S does not make IMAP's 143 redundant, nor does a loopback-only IMAPS.
+        {"name": "pop3s", "protocol": "pop3", "listen": "0.0.0.0:995", "tls": "implicit"},
+        {"name": "imaps-local", "listen": "127.0.0.1:993", "tls": "implicit"},
+        security=security,
+    )
+    imap, pop3, _, local = port_table(config)
+    assert imap.action is Action.ALLOW
+    assert imap.why.endswith("; no IMAPS listener to send clients to instead")
+    assert pop3.action is Action.DENY
+    assert local.action is Action.LOCAL
+
+
+def test_cleartext_port_beside_implicit_tls_is_denied_too(tmp_path: Path) -> None:
+    # Challenge-response only without TLS would be allowed on its own (see
+    # above); beside IMAPS the mail itself belongs inside TLS.
+    config = make_config(
+        tmp_path,
+        {"name": "imap", "listen": "0.0.0.0:143", "tls": "none"},
+        {"name": "imaps", "listen": "0.0.0.0:993", "tls": "implicit"},
+        security="require-secure-auth",
+    )
+    imap, _ = port_table(config)
+    assert imap.action is Action.DENY
+    assert imap.why.startswith("no TLS; use IMAPS (imaps) on 993: TLS from the first byte")
+
+
+def test_a_listener_on_two_addresses_has_a_row_for_each(tmp_path: Path) -> None:
+    config = make_config(
+        tmp_path,
+        {"name": "imaps", "listen": '["0.0.0.0:993", "[::]:993"]', "tls": "implicit"},
+        {"name": "imap", "listen": '["203.0.113.5:143", "[2001:db8::5]:143", "[::1]:10143"]',
+         "tls": "starttls"},
+        {"name": "pop3", "protocol": "pop3", "listen": '["127.0.0.1:110", "[::1]:110"]',
+         "tls": "starttls"},
+    )  # fmt: skip
+    entries = port_table(config)
+    assert [(e.service, e.host, e.port, e.action) for e in entries] == [
+        ("IMAPS (imaps)", "0.0.0.0", 993, Action.ALLOW),
+        ("IMAPS (imaps)", "::", 993, Action.ALLOW),
+        ("IMAP (imap)", "203.0.113.5", 143, Action.DENY),
+        ("IMAP (imap)", "2001:db8::5", 143, Action.DENY),
+        ("IMAP (imap)", "::1", 10143, Action.LOCAL),
+        ("POP3 (pop3)", "127.0.0.1", 110, Action.LOCAL),
+        ("POP3 (pop3)", "::1", 110, Action.LOCAL),
+    ]
+    assert entries[2].why.startswith("STARTTLS; use IMAPS (imaps) on 993: ")
+    nft = render_nft(entries, config.path)
+    assert nft_rules(nft) == [
+        (None, (), "ip", "203.0.113.5", (143,), "drop"),
+        (None, (), "ip6", "2001:db8::5", (143,), "drop"),
+        (None, (), None, None, (993,), "accept"),
+    ]
+    nft_check(nft, tmp_path)
+    table = render_table(entries)
+    assert "[2001:db8::5]" in table and "[::1]" in table
+    assert warnings(make_config(tmp_path, {"listen": '["127.0.0.1:143", "[::1]:143"]'},
+                                security="none")) == []  # fmt: skip
+    (warning,) = warnings(
+        make_config(tmp_path, {"listen": '["127.0.0.1:143", "[2001:db8::5]:143"]'}, security="none")
+    )
+    assert warning.startswith("listener l0 (imap on 127.0.0.1:143, [2001:db8::5]:143, tls none")
 
 
 def test_table_for_the_relay_example() -> None:
@@ -274,43 +435,6 @@ def test_render_table_is_aligned() -> None:
     assert any(line.startswith("HTTPS ") and " any " in line for line in lines)
 
 
-def test_a_listener_on_two_addresses_has_a_row_for_each(tmp_path: Path) -> None:
-    config = make_config(
-        tmp_path,
-        {"name": "imaps", "listen": '["0.0.0.0:993", "[::]:993"]', "tls": "implicit"},
-        {"name": "imap", "listen": '["203.0.113.5:143", "[2001:db8::5]:143", "[::1]:10143"]',
-         "tls": "starttls"},
-        {"name": "pop3", "protocol": "pop3", "listen": '["127.0.0.1:110", "[::1]:110"]',
-         "tls": "starttls"},
-    )  # fmt: skip
-    entries = port_table(config)
-    assert [(e.service, e.host, e.port, e.action) for e in entries] == [
-        ("IMAPS (imaps)", "0.0.0.0", 993, Action.ALLOW),
-        ("IMAPS (imaps)", "::", 993, Action.ALLOW),
-        ("IMAP (imap)", "203.0.113.5", 143, Action.ALLOW),
-        ("IMAP (imap)", "2001:db8::5", 143, Action.ALLOW),
-        ("IMAP (imap)", "::1", 10143, Action.LOCAL),
-        ("POP3 (pop3)", "127.0.0.1", 110, Action.LOCAL),
-        ("POP3 (pop3)", "::1", 110, Action.LOCAL),
-    ]
-    assert entries[2].why.startswith("STARTTLS; require-encrypted: no session and no login")
-    nft = render_nft(entries, config.path)
-    assert nft_rules(nft) == [
-        (None, (), "ip", "203.0.113.5", (143,), "accept"),
-        (None, (), "ip6", "2001:db8::5", (143,), "accept"),
-        (None, (), None, None, (993,), "accept"),
-    ]
-    nft_check(nft, tmp_path)
-    table = render_table(entries)
-    assert "[2001:db8::5]" in table and "[::1]" in table
-    assert warnings(make_config(tmp_path, {"listen": '["127.0.0.1:143", "[::1]:143"]'},
-                                security="none")) == []  # fmt: skip
-    (warning,) = warnings(
-        make_config(tmp_path, {"listen": '["127.0.0.1:143", "[2001:db8::5]:143"]'}, security="none")
-    )
-    assert warning.startswith("listener l0 (imap on 127.0.0.1:143, [2001:db8::5]:143, tls none")
-
-
 # ------------------------------------------------------------------ rules
 
 
@@ -404,11 +528,20 @@ def test_nft_output_shape(tmp_path: Path) -> None:
 def test_nft_output_for_the_examples_only_opens_their_ports() -> None:
     config = example("authgate")
     rules = nft_rules(render_nft(port_table(config), config.path))
-    assert rules == [(None, (), None, None, (143, 993, 995, 587), "accept")]
+    assert rules == [
+        # 143 beside IMAPS 993: the office LAN only.
+        ("ip", ("192.168.0.0/16",), None, None, (143,), "accept"),
+        ("ip6", ("fd00::/8",), None, None, (143,), "accept"),
+        (None, (), None, None, (143,), "drop"),
+        (None, (), None, None, (993, 995, 587), "accept"),
+    ]
     config = example("authgate")
     rules = nft_rules(render_nft(port_table(config, include_standard=True), config.path))
     assert [(r[4], r[5]) for r in rules] == [
-        ((143, 993, 995, 587, 563, 636, 443), "accept"),
+        ((143,), "accept"),
+        ((143,), "accept"),
+        ((143,), "drop"),
+        ((993, 995, 587, 563, 636, 443), "accept"),
         ((119, 389, 80), "drop"),
     ]
 
@@ -614,9 +747,12 @@ def test_ports_command_formats(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_command(["ports", "-c", path, "--all"]) == 0
     assert "NNTPS" in capsys.readouterr().out
     assert run_command(["ports", "-c", path, "--format", "nft"]) == 0
-    assert nft_rules(capsys.readouterr().out)[0][4] == (143, 993, 995, 587)
+    assert nft_rules(capsys.readouterr().out)[-1][4] == (993, 995, 587)
     assert run_command(["ports", "-c", path, "--format", "iptables"]) == 0
-    assert "iptables -A AUTHGATE -p tcp --dport 993 -j ACCEPT" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "iptables -A AUTHGATE -p tcp --dport 993 -j ACCEPT" in out
+    assert "iptables -A AUTHGATE -s 192.168.0.0/16 -p tcp --dport 143 -j ACCEPT" in out
+    assert "iptables -A AUTHGATE -p tcp --dport 143 -j DROP" in out
 
 
 def test_ports_command_prints_warnings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
