@@ -4,39 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import ssl
 from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
-from authgate.config import TLSMode
+from authgate.config import Address, TLSMode
 from authgate.defence import DefenceSettings, Guard
-from authgate.policy import client_ip
 from authgate.proxy import proxy_protocol
 from authgate.proxy.auditing import AuditTrail
 from authgate.proxy.channel import Channel
+from authgate.proxy.lograte import LogThrottle
 from authgate.proxy.runtime import ListenerRuntime
 from authgate.proxy.session import ClientSession
 from authgate.proxy.tls import tune_tls_buffers
 
 log = logging.getLogger("authgate")
-
-
-class _Accepted(Channel):
-    """A client connection; starts its session once connected (after the
-    handshake, on implicit-TLS listeners)."""
-
-    def __init__(self, gateway: Gateway, name: str, client: tuple[str, int] | None = None) -> None:
-        super().__init__()
-        self._gateway = gateway
-        self._name = name
-        self.client = client  # the real client, when a PROXY header named it
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # asyncio already sets TCP_NODELAY on every TCP transport, so small
-        # lockstep replies are never held back by Nagle (nginx's mail proxy is).
-        super().connection_made(transport)
-        self._gateway._start_session(self._gateway.runtime(self._name), self)
 
 
 def _same_socket(a: ListenerRuntime, b: ListenerRuntime) -> bool:
@@ -54,129 +40,126 @@ def _same_socket(a: ListenerRuntime, b: ListenerRuntime) -> bool:
 # Bursts of connects (mail clients polling at the full minute) must not
 # overflow the accept queue; the kernel caps this at net.core.somaxconn.
 BACKLOG = 4096
+ACCEPT_BATCH = 64  # accept() calls per readiness event, so one listener cannot hog the loop
+# Out of descriptors (or kernel memory), a listener stops accepting this
+# long and tries again; the connections wait in the kernel's queue meanwhile.
+ACCEPT_PAUSE = 0.1
 PROXY_HEADER_TIMEOUT = 5.0
-ACCEPT_RETRY_DELAY = 0.1
+# accept() failing for lack of resources: pause, the shortage is not ours to fix.
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
-class _ProxiedServer:
-    """A listener behind a TCP load balancer (PROXY protocol).
+@dataclass
+class _Connection:
+    """An accepted socket and the places it is counted until it ends."""
 
-    Accepts on a plain socket and reads the header from trusted balancers
-    byte-exactly, before asyncio (and TLS, on implicit-TLS listeners) sees
-    the connection: whatever follows the header is the client's."""
+    sock: socket.socket
+    keys: list[str] = field(default_factory=list)  # per-address counts it holds
+    # Given to an asyncio transport, which closes it from then on.
+    handed: bool = False
 
-    def __init__(
-        self,
-        gateway: Gateway,
-        name: str,
-        ssl_context: ssl.SSLContext | None,
-        *,
-        reuse_port: bool = False,
-    ) -> None:
-        self._reuse_port = reuse_port
+
+class _Listener:
+    """A listener's sockets and authgate's own accept loop.
+
+    asyncio's `create_server` would not do: it calls the protocol only after
+    the TLS handshake (so handshake-pending connections escape every cap),
+    and out of descriptors it logs each failed accept() with a traceback,
+    thousands of lines a second. Here the Gateway admits or refuses each
+    connection the moment it is accepted, and an accept() that fails for
+    lack of resources pauses the listener briefly, with one warning per
+    interval, while established sessions carry on."""
+
+    def __init__(self, gateway: Gateway, name: str, *, reuse_port: bool = False) -> None:
         self._gateway = gateway
         self._name = name
-        self._ssl = ssl_context
+        self._reuse_port = reuse_port
         self.sockets: list[socket.socket] = []
-        self._task: asyncio.Task[None] | None = None
-        self._pending: set[asyncio.Task[None]] = set()
+        self._resume: asyncio.TimerHandle | None = None
+        self._closed = False
 
-    async def start(self, host: str, port: int) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        # IPV6_V6ONLY (dualstack_ipv6=False sets it): [::]:143 takes IPv6
-        # only, so 0.0.0.0:143 can be bound beside it, as asyncio's servers do.
-        sock = socket.create_server(
-            (host, port),
-            family=family,
-            backlog=BACKLOG,
-            reuse_port=self._reuse_port,
-            dualstack_ipv6=False,
-        )
-        sock.setblocking(False)
-        self.sockets = [sock]
-        self._task = asyncio.ensure_future(self._accept_forever(sock))
-
-    async def _accept_forever(self, listening: socket.socket) -> None:
+    async def start(self, addresses: Iterable[Address]) -> None:
+        """Bind every address (a host name may give several sockets), all
+        of them or none."""
         loop = asyncio.get_running_loop()
-        while True:
-            try:
-                sock, _ = await loop.sock_accept(listening)
-            except OSError as exc:
-                # Out of descriptors (EMFILE/ENFILE) in a flood, or a client
-                # gone before accept: wait a moment and go on accepting, as
-                # asyncio's own servers do; never let the listener die.
-                log.warning("%s: accept failed: %s", self._name, exc)
-                await asyncio.sleep(ACCEPT_RETRY_DELAY)
-                continue
-            task = asyncio.ensure_future(self._hand_over(sock))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
-
-    async def _hand_over(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        runtime = self._gateway.runtime(self._name)
+        seen = set()
         try:
-            peer = sock.getpeername()
-        except OSError:  # reset while waiting to be accepted
-            sock.close()
-            return
-        client = None
-        if peer[0] in runtime.listener.trusted_proxies:
+            for entry in addresses:
+                # Port 0 after the first address: the port the first socket got.
+                port = entry.port or (self.sockets[0].getsockname()[1] if self.sockets else 0)
+                infos = await loop.getaddrinfo(
+                    entry.host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+                )
+                for family, kind, proto, _, address in infos:
+                    if (family, address) in seen:
+                        continue
+                    seen.add((family, address))
+                    self.sockets.append(_bound(family, kind, proto, address, self._reuse_port))
+        except BaseException:
+            self.close()
+            raise
+        self._watch()
+
+    def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in self.sockets:
+            loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _unwatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in self.sockets:
+            if sock.fileno() >= 0:
+                loop.remove_reader(sock.fileno())
+
+    def _accept(self, listening: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
             try:
-                async with asyncio.timeout(PROXY_HEADER_TIMEOUT):
-                    header = await proxy_protocol.read_header(lambda n: loop.sock_recv(sock, n))
-            except (TimeoutError, OSError, proxy_protocol.ProxyHeaderError) as exc:
-                log.warning("%s %s: bad or missing PROXY header: %s", self._name, peer[0], exc)
-                sock.close()
+                sock, peer = listening.accept()
+            except (BlockingIOError, InterruptedError):
                 return
-            # LOCAL (the balancer's health check) names nobody: the peer itself.
-            client = header.source
-        try:
-            await loop.connect_accepted_socket(
-                lambda: _Accepted(self._gateway, self._name, client),
-                sock,
-                ssl=self._ssl,
-                ssl_handshake_timeout=runtime.limits.handshake_timeout if self._ssl else None,
-            )
-        except (OSError, ssl.SSLError) as exc:
-            log.info("%s %s: connection failed: %s", self._name, peer[0], exc)
-            sock.close()
+            except ConnectionAbortedError:
+                continue  # the client gave up while it waited in the queue
+            except OSError as exc:
+                self._accept_failed(exc)
+                return
+            self._gateway._admit(self._name, sock, peer)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        notices = self._gateway.notices
+        if exc.errno not in _RESOURCE_ERRNOS:
+            # A network error of one queued connection (Linux reports some
+            # on accept): that connection is lost, the next may be fine.
+            notices.warning(log, f"{self._name}:accept", "%s: accept failed: %s", self._name, exc)
+            return
+        notices.warning(
+            log,
+            f"{self._name}:accept-resources",
+            "%s: cannot accept (%s): new connections wait, established sessions go on",
+            self._name,
+            exc.strerror or exc,
+        )
+        self._unwatch()
+        self._resume = asyncio.get_running_loop().call_later(ACCEPT_PAUSE, self._resumed)
+
+    def _resumed(self) -> None:
+        self._resume = None
+        if not self._closed:
+            self._watch()
 
     def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        for task in self._pending:
-            task.cancel()
+        if self._closed:
+            return
+        self._closed = True
+        if self._resume is not None:
+            self._resume.cancel()
+        else:
+            with contextlib.suppress(RuntimeError):  # no loop: never started
+                self._unwatch()
         for sock in self.sockets:
             sock.close()
 
     async def wait_closed(self) -> None:
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-
-Server = asyncio.Server | _ProxiedServer
-
-
-class _Listening:
-    """One listener's servers, one per configured address: the listener
-    keeps one name (logs, audit, backend, limits) across all its sockets."""
-
-    def __init__(self, servers: list[Server]) -> None:
-        self.servers = servers
-
-    @property
-    def sockets(self) -> list[socket.socket]:
-        return [sock for server in self.servers for sock in server.sockets]
-
-    def close(self) -> None:
-        for server in self.servers:
-            server.close()
-
-    async def wait_closed(self) -> None:
-        for server in self.servers:
-            await server.wait_closed()
+        return
 
 
 class Gateway:
@@ -203,9 +186,12 @@ class Gateway:
         # One brute-force guard for all listeners, kept across reloads.
         self.guard = guard or Guard(defence)
         self._pruner: asyncio.Task[None] | None = None
-        self._servers: dict[str, _Listening] = {}
+        self._servers: dict[str, _Listener] = {}
+        # One task per accepted connection, from accept() to the end.
         self._sessions: set[asyncio.Task[None]] = set()
-        self._per_address: dict[str, int] = {}
+        self._per_address: dict[str, int] = {}  # defence key -> connections
+        # Warnings a flood could repeat without end go through this.
+        self.notices = LogThrottle()
 
     @property
     def runtimes(self) -> list[ListenerRuntime]:
@@ -227,57 +213,16 @@ class Gateway:
             self.guard.prune()
 
     async def _listen(self, runtime: ListenerRuntime) -> None:
-        loop = asyncio.get_running_loop()
         listener = runtime.listener
-        name = listener.name
-        ssl_context = None
-        if listener.tls is TLSMode.IMPLICIT and runtime.server_tls is not None:
-            ssl_context = runtime.server_tls
-
-            # A reload brings a new certificate: pick the listener's current
-            # context at each handshake, so the socket never has to close.
-            def current_context(
-                obj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext
-            ) -> None:
-                fresh = self._runtimes[name].server_tls
-                if fresh is not None and fresh is not obj.context:
-                    obj.context = fresh
-
-            ssl_context.sni_callback = current_context
-        servers: list[Server] = []
-        try:
-            for address in listener.listen:
-                # Port 0 after the first address: the port the first socket got.
-                port = address.port or (servers[0].sockets[0].getsockname()[1] if servers else 0)
-                server: Server
-                if listener.proxy_protocol:
-                    server = _ProxiedServer(self, name, ssl_context, reuse_port=self.reuse_port)
-                    await server.start(address.host, port)
-                else:
-                    server = await loop.create_server(
-                        lambda: _Accepted(self, name),
-                        address.host,
-                        port,
-                        ssl=ssl_context,
-                        ssl_handshake_timeout=(
-                            runtime.limits.handshake_timeout if ssl_context else None
-                        ),
-                        reuse_address=True,
-                        reuse_port=self.reuse_port or None,
-                        backlog=BACKLOG,
-                    )
-                servers.append(server)
-        except BaseException:
-            for server in servers:  # all of a listener's sockets, or none
-                server.close()
-            raise
-        server_group = self._servers[name] = _Listening(servers)
+        server = _Listener(self, listener.name, reuse_port=self.reuse_port)
+        await server.start(listener.listen)
+        self._servers[listener.name] = server
         log.info(
             "listening: %s (%s, tls %s) on %s -> %s (%s)",
-            name,
+            listener.name,
             listener.protocol.value,
             listener.tls.value,
-            ", ".join(_fmt(s.getsockname()) for s in server_group.sockets),
+            ", ".join(_fmt(s.getsockname()) for s in server.sockets),
             listener.backend.address,
             listener.backend.mode.value,
         )
@@ -314,42 +259,176 @@ class Gateway:
             for name, server in self._servers.items()
         }
 
-    def _start_session(self, runtime: ListenerRuntime, channel: Channel) -> None:
-        limits = runtime.limits
-        client = channel.client if isinstance(channel, _Accepted) else None
-        address = unmap_text((client or channel.peername())[0])
-        per_address = self._per_address.get(address, 0)
-        if len(self._sessions) >= limits.max_connections or (
-            per_address >= limits.max_connections_per_address
-        ):
-            # Over a limit: the protocol's temporary-failure greeting, not a
-            # silent reset, so well-behaved clients back off and retry.
-            log.warning(
-                "%s %s: refused, %s",
-                runtime.listener.name,
-                address,
-                "too many connections"
-                if per_address < limits.max_connections_per_address
-                else "too many connections from this address",
-            )
-            with contextlib.suppress(ConnectionError):
-                channel.write(runtime.parts.busy)
-            channel.close()
-            return
-        self._per_address[address] = per_address + 1
-        task = asyncio.ensure_future(
-            ClientSession(runtime, channel, self.guard, self.audit, client=client).run()
-        )
-        self._sessions.add(task)
-        task.add_done_callback(lambda t: self._session_done(t, address))
+    # ------------------------------------------------------------ connections
+    #
+    # Every connection is counted from accept() until it ends, through the
+    # TLS handshake and the PROXY header: a handshake that never finishes
+    # holds a slot like any session, and gives it back when it fails or
+    # times out. The per-address key is the brute-force defence's grouping
+    # (IPv4 exact, IPv6 by its /ipv6_prefix, IPv4-mapped unwrapped): one
+    # IPv6 host owns a whole /64 and could otherwise open 50 connections
+    # from each of its addresses.
+    #
+    # Behind a load balancer the peer is the balancer, whose own address is
+    # never capped per address (it carries everyone's connections); its
+    # connections count toward max_connections from accept() on, a header
+    # must come within PROXY_HEADER_TIMEOUT, and then the client it names is
+    # counted and capped like a direct client. A peer on such a listener
+    # that is not a trusted balancer is a direct client, capped at accept().
 
-    def _session_done(self, task: asyncio.Task[None], address: str) -> None:
+    def _admit(self, name: str, sock: socket.socket, peer: Any) -> None:
+        """A connection just accepted: serve it, or refuse it over a cap."""
+        sock.setblocking(False)
+        runtime = self._runtimes[name]
+        listener = runtime.listener
+        host = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        balancer = listener.proxy_protocol and host in listener.trusted_proxies
+        key = None if balancer else self.guard.address_key(host)
+        if len(self._sessions) >= runtime.limits.max_connections:
+            self._refuse(runtime, sock, host, "too many connections")
+            return
+        if key is not None and self._over_address_cap(runtime, key):
+            self._refuse(runtime, sock, host, "too many connections from this address")
+            return
+        connection = _Connection(sock)
+        if key is not None:
+            self._count(connection, key)
+        task = asyncio.ensure_future(self._serve(runtime, connection, host, balancer))
+        self._sessions.add(task)
+        task.add_done_callback(lambda t: self._session_done(t, connection))
+
+    def _over_address_cap(self, runtime: ListenerRuntime, key: str) -> bool:
+        return self._per_address.get(key, 0) >= runtime.limits.max_connections_per_address
+
+    def _count(self, connection: _Connection, key: str) -> None:
+        self._per_address[key] = self._per_address.get(key, 0) + 1
+        connection.keys.append(key)
+
+    def _refuse(self, runtime: ListenerRuntime, sock: socket.socket, host: str, why: str) -> None:
+        """Over a limit: on a plaintext start, the protocol's temporary-failure
+        greeting, not a silent reset, so well-behaved clients back off and
+        retry. Before a TLS handshake there is no way to say anything: close."""
+        name = runtime.listener.name
+        self.notices.warning(log, f"{name}:{why}", "%s %s: refused, %s", name, host, why)
+        if runtime.listener.tls is not TLSMode.IMPLICIT:
+            # A fresh socket's send buffer is empty: this short line fits.
+            with contextlib.suppress(OSError):
+                sock.send(runtime.parts.busy)
+        sock.close()
+
+    async def _serve(
+        self, runtime: ListenerRuntime, connection: _Connection, host: str, balancer: bool
+    ) -> None:
+        listener = runtime.listener
+        implicit = listener.tls is TLSMode.IMPLICIT and runtime.server_tls is not None
+        sock = connection.sock
+        client = None
+        try:
+            if balancer:
+                header = await self._proxy_header(runtime, sock, host)
+                if header is None:
+                    return
+                # LOCAL (the balancer's health check) names nobody: the peer itself.
+                client = header.source
+                if client is not None:
+                    key = self.guard.address_key(client[0])
+                    if self._over_address_cap(runtime, key):
+                        why = "too many connections from this address"
+                        self._refuse(runtime, sock, client[0], why)
+                        return
+                    self._count(connection, key)
+            # (On a plaintext start the session sees a spoofed header itself.)
+            elif (
+                listener.proxy_protocol
+                and implicit
+                and not await self._no_header_before_tls(runtime, sock, host)
+            ):
+                return
+            connection.handed = True
+            # Made here, not taken from the call's result: uvloop returns its
+            # own SSLProtocol there on TLS connections.
+            channel = Channel()
+            try:
+                await asyncio.get_running_loop().connect_accepted_socket(
+                    lambda: channel,
+                    sock,
+                    ssl=runtime.server_tls if implicit else None,
+                    ssl_handshake_timeout=runtime.limits.handshake_timeout if implicit else None,
+                )
+            except (OSError, ssl.SSLError) as exc:
+                log.info("%s %s: connection failed: %s", listener.name, host, exc)
+                return
+            session = ClientSession(
+                runtime, channel, self.guard, self.audit, client=client, notices=self.notices
+            )
+            await session.run()
+        finally:
+            if not connection.handed:
+                sock.close()
+
+    async def _proxy_header(
+        self, runtime: ListenerRuntime, sock: socket.socket, host: str
+    ) -> proxy_protocol.ProxiedAddress | None:
+        """The header a trusted balancer sends first, read byte-exactly
+        (whatever follows is the client's: on implicit TLS, its ClientHello);
+        None, with a warning, when it does not come or is not valid."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(PROXY_HEADER_TIMEOUT):
+                return await proxy_protocol.read_header(lambda n: loop.sock_recv(sock, n))
+        except (TimeoutError, OSError, proxy_protocol.ProxyHeaderError) as exc:
+            name = runtime.listener.name
+            self.notices.warning(
+                log,
+                f"{name}:proxy-header-missing",
+                "%s %s: refused, bad or missing PROXY header from a trusted proxy: %s",
+                name,
+                host,
+                str(exc) or type(exc).__name__,
+            )
+            return None
+
+    async def _no_header_before_tls(
+        self, runtime: ListenerRuntime, sock: socket.socket, host: str
+    ) -> bool:
+        """An implicit-TLS PROXY listener, a peer that is not a trusted
+        balancer: True if it starts with something other than a PROXY header
+        (looked at without taking it, so the handshake gets every byte)."""
+        name = runtime.listener.name
+        first = await _first_bytes(sock, runtime.limits.handshake_timeout)
+        if not first:
+            log.info("%s %s: connection failed: nothing sent before the handshake", name, host)
+            return False
+        if not proxy_protocol.looks_like_header(first):
+            return True
+        self.notices.warning(
+            log,
+            f"{name}:proxy-header-spoofed",
+            "%s %s: refused, PROXY header from an address not in trusted_proxies",
+            name,
+            host,
+        )
+        self.audit.note("proxy-header-refused", listener=name, client=host)
+        return False
+
+    def _session_done(self, task: asyncio.Task[None], connection: _Connection) -> None:
         self._sessions.discard(task)
-        left = self._per_address.get(address, 1) - 1
-        if left > 0:
-            self._per_address[address] = left
-        else:
-            self._per_address.pop(address, None)
+        for key in connection.keys:
+            left = self._per_address.get(key, 1) - 1
+            if left > 0:
+                self._per_address[key] = left
+            else:
+                self._per_address.pop(key, None)
+        connection.keys.clear()
+        if not connection.handed:  # cancelled before it began
+            connection.sock.close()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("internal error serving a connection", exc_info=exc)
+
+    def connections_from(self, address: str) -> int:
+        """Connections counted against `address`'s per-address cap (its
+        defence group), handshakes and PROXY headers still pending included."""
+        return self._per_address.get(self.guard.address_key(address), 0)
 
     @property
     def session_count(self) -> int:
@@ -373,12 +452,57 @@ class Gateway:
         self._servers.clear()
 
 
+async def _first_bytes(sock: socket.socket, timeout: float) -> bytes:
+    """The first bytes the peer sent, left in the socket (MSG_PEEK) so the
+    TLS handshake still gets every one; b"" if none came within `timeout`
+    or the peer closed."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    fd = sock.fileno()
+
+    def readable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        async with asyncio.timeout(timeout):
+            await ready
+    except TimeoutError:
+        return b""
+    finally:
+        loop.remove_reader(fd)
+    try:
+        return sock.recv(len(proxy_protocol.V2_SIGNATURE), socket.MSG_PEEK)
+    except OSError:
+        return b""
+
+
+def _bound(family: int, kind: int, proto: int, address: Any, reuse_port: bool) -> socket.socket:
+    """A listening, non-blocking socket on `address`."""
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            # As asyncio does: [::]:143 takes IPv6 only, so 0.0.0.0:143 can
+            # be bound beside it.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            reason = (exc.strerror or str(exc)).lower()
+            text = f"error while attempting to bind on address {address!r}: {reason}"
+            raise OSError(exc.errno, text) from None
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def _fmt(sockname: tuple[str, int] | tuple[str, int, int, int]) -> str:
     host, port = sockname[0], sockname[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def unmap_text(address: str) -> str:
-    """One key per client: ::ffff:10.1.2.3 and 10.1.2.3 are the same host."""
-    ip = client_ip(address)
-    return address if ip is None else str(ip)

@@ -40,6 +40,7 @@ from authgate.protocols.base import (
 from authgate.proxy import proxy_protocol
 from authgate.proxy.auditing import AuditTrail
 from authgate.proxy.channel import Channel, ChannelClosed
+from authgate.proxy.lograte import LogThrottle
 from authgate.proxy.passthrough import swallow_smtp_replies
 from authgate.proxy.runtime import ListenerRuntime
 from authgate.proxy.splice import splice
@@ -85,11 +86,14 @@ class ClientSession:
         audit: AuditTrail,
         *,
         client: tuple[str, int] | None = None,
+        notices: LogThrottle | None = None,
     ) -> None:
         self.runtime = runtime
         self.guard = guard
         self.audit = audit
         self.client = channel
+        # Rate-limited warnings, shared by the gateway's sessions.
+        self.notices = notices or LogThrottle()
         # (user, keyed hash of the password) of the last cleartext password
         # checked: lets the defence recognise a stale password sent again.
         self._fingerprint: tuple[str, bytes] | None = None
@@ -274,12 +278,20 @@ class ClientSession:
 
     def _spoofed_header(self, data: bytes) -> bool:
         """A PROXY header from a peer that is not a trusted balancer would let
-        anyone claim an exempt address: refuse the connection."""
-        if not (self.runtime.listener.proxy_protocol and not self.via_balancer):
+        anyone claim an exempt address: refuse the connection. Behind a
+        balancer, whose own header was already read, a second one comes from
+        the client: refused too."""
+        if not self.runtime.listener.proxy_protocol:
             return False
         if not proxy_protocol.looks_like_header(data):
             return False
-        log.warning("%s: PROXY header from an address not in trusted_proxies: refused", self.tag)
+        if self.via_balancer:
+            why = f"a second PROXY header (via trusted proxy {self.client.peername()[0]})"
+        else:
+            why = "a PROXY header from an address not in trusted_proxies"
+        # A flood of these must not flood the log.
+        kind = f"{self.runtime.listener.name}:proxy-header-spoofed"
+        self.notices.warning(log, kind, "%s: refused, %s", self.tag, why)
         self._note("proxy-header-refused")
         return True
 

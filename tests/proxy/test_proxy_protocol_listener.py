@@ -5,6 +5,7 @@ may send one."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -63,6 +64,9 @@ cert = "{tmp_path / 'certs/server.pem'}"
 key = "{tmp_path / 'certs/server.key'}"
 [users]
 file = "users.toml"
+[limits]
+max_connections_per_address = 2
+handshake_timeout = 5
 {listeners}"""
     )
     config = config_mod.load(path)
@@ -154,3 +158,107 @@ async def test_implicit_tls_after_the_header(gateway: Gateway, tmp_path: Path) -
     out = await asyncio.to_thread(run)
     assert b"AUTH=PLAIN" in out
     assert b"a OK" in out
+
+
+def proxy_warnings(caplog: pytest.LogCaptureFixture, needle: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "PROXY header" in r.getMessage() and needle in r.getMessage()
+    ]
+
+
+async def test_the_balancer_is_not_capped_per_address_its_clients_are(gateway: Gateway) -> None:
+    """Every client comes from the balancer's address: the per-address cap
+    (2 here) applies to the client each header names, never to the balancer."""
+
+    def run() -> tuple[list[bytes], bytes]:
+        held = []
+        try:
+            greetings = []
+            for i in range(4):  # four clients, more than the cap, one balancer
+                sock = connect(gateway, "imap", BALANCER)
+                held.append(sock)
+                sock.sendall(header(gateway, "imap", (f"203.0.113.{60 + i}", 40000)))
+                greetings.append(greeting_of(sock))
+            for _ in range(2):
+                sock = connect(gateway, "imap", BALANCER)
+                held.append(sock)
+                sock.sendall(header(gateway, "imap", REMOTE_CLIENT))
+                greetings.append(greeting_of(sock))
+            with connect(gateway, "imap", BALANCER) as third:
+                third.sendall(header(gateway, "imap", REMOTE_CLIENT))
+                return greetings, greeting_of(third)
+        finally:
+            for sock in held:
+                sock.close()
+
+    greetings, refused = await asyncio.to_thread(run)
+    assert all(g.startswith(b"* OK") for g in greetings), greetings
+    assert refused.startswith(b"* BYE [UNAVAILABLE] Too many connections")
+
+
+async def test_a_flood_of_missing_headers_is_logged_once(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+
+    def run() -> None:
+        for _ in range(30):
+            with connect(gateway, "imap", BALANCER) as sock:
+                sock.sendall(b"a CAPABILITY\r\n")
+                assert recv_or_closed(sock) == b""
+
+    await asyncio.to_thread(run)
+    lines = proxy_warnings(caplog, BALANCER)
+    assert len(lines) == 1, lines
+    assert "bad or missing PROXY header" in lines[0]
+
+
+async def test_header_from_an_untrusted_peer_on_implicit_tls_is_refused_and_logged(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+
+    def run() -> bytes:
+        with connect(gateway, "imaps", "127.0.0.3") as sock:
+            sock.sendall(header(gateway, "imaps", OFFICE_CLIENT))
+            return recv_or_closed(sock)
+
+    assert await asyncio.to_thread(run) == b""
+    lines = proxy_warnings(caplog, "127.0.0.3")
+    assert len(lines) == 1, [r.getMessage() for r in caplog.records]
+    assert "not in trusted_proxies" in lines[0]
+
+
+async def test_spoofed_headers_are_logged_once_per_interval(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    def run() -> None:
+        for _ in range(20):
+            with connect(gateway, "imap", "127.0.0.3") as sock:
+                greeting_of(sock)
+                sock.sendall(header(gateway, "imap", OFFICE_CLIENT))
+                assert recv_or_closed(sock) == b""
+
+    await asyncio.to_thread(run)
+    lines = proxy_warnings(caplog, "127.0.0.3")
+    assert len(lines) == 1, lines
+
+
+async def test_a_second_header_behind_the_balancer_is_refused(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The balancer's header was read; a client behind it that sends one
+    more is trying to claim an address too."""
+
+    def run() -> bytes:
+        with connect(gateway, "imap", BALANCER) as sock:
+            sock.sendall(header(gateway, "imap", REMOTE_CLIENT))
+            greeting_of(sock)
+            sock.sendall(header(gateway, "imap", OFFICE_CLIENT))
+            return recv_or_closed(sock)
+
+    assert await asyncio.to_thread(run) == b""
+    lines = proxy_warnings(caplog, REMOTE_CLIENT[0])
+    assert len(lines) == 1 and BALANCER in lines[0], lines
