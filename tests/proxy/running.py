@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import hmac
 import os
+import resource
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,6 +30,7 @@ class Running:
         self.config = tmp / "authgate.toml"
         self.proc: asyncio.subprocess.Process | None = None
         self.stderr = bytearray()
+        self.open_files: int | None = None  # RLIMIT_NOFILE (soft and hard) of the process
 
     def write_config(self, security: str, extra: str = "") -> None:
         text = config_text(
@@ -46,9 +48,16 @@ class Running:
         self.config.write_text(text)
 
     async def start(self) -> None:
+        limit = self.open_files
+
+        def limit_descriptors() -> None:
+            if limit is not None:  # hard too: `authgate run` raises soft to hard
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "authgate", "run", "-c", str(self.config),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            preexec_fn=limit_descriptors,
         )
         self._pump = asyncio.ensure_future(self._read_stderr())
         await self.wait_for_log(b"listening: imap")
@@ -78,6 +87,7 @@ async def authgate_process(
     security: str = "require-secure-auth",
     limits: str = "drain_timeout = 5",
     event_loop: str = "asyncio",
+    open_files: int | None = None,
 ) -> AsyncIterator[Running]:
     """`authgate run` in a subprocess in front of in-process embedded backends."""
     ensure_dev_certificates(tmp / "certs")
@@ -87,6 +97,7 @@ async def authgate_process(
     store.set_user_secrets("alice", generate_secrets("alice", PASSWORD, "localhost"))
     store.save(tmp / "users.toml")
     run = Running(tmp, backends, free_port())
+    run.open_files = open_files
     run.write_config(security, f"[limits]\n{limits}\n")
     run.config.write_text(f'event_loop = "{event_loop}"\n' + run.config.read_text())
     try:
