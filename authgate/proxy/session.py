@@ -57,6 +57,7 @@ from authgate.sasl.base import (
     PasswordCheck,
     ServerContext,
 )
+from authgate.sasl.relayed import relayed_user
 
 log = logging.getLogger("authgate.session")
 
@@ -94,6 +95,13 @@ class ClientSession:
         self.client = channel
         # Rate-limited warnings, shared by the gateway's sessions.
         self.notices = notices or LogThrottle()
+        # Relay mode: the exchange being relayed, how many client messages
+        # it has carried, and the user one of them named (relayed_user).
+        self._relay_mechanism = ""
+        self._relay_messages = 0
+        self._relay_user: str | None = None
+        # Terminate mode: a secret was looked up for the attempt in progress.
+        self._secret_looked_up = False
         # (user, keyed hash of the password) of the last cleartext password
         # checked: lets the defence recognise a stale password sent again.
         self._fingerprint: tuple[str, bytes] | None = None
@@ -175,13 +183,7 @@ class ClientSession:
                 self.upstream.close()
 
     async def _run(self) -> None:
-        verdict = self.guard.check(self.address)
-        if verdict.blocked:
-            log.info("%s: refused, address blocked for %.0fs more", self.tag, verdict.retry_after)
-            self._note("blocked", retry_after=int(verdict.retry_after))
-            self.client.write(self.runtime.parts.blocked)
-            await self.client.drain()
-            return
+        await self._refuse_if_blocked()
         limits = self.runtime.limits
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limits.preauth_timeout
@@ -206,6 +208,10 @@ class ClientSession:
             if first_read and self._spoofed_header(data):
                 return
             first_read = False
+            if self._secret_looked_up:
+                # Mid-exchange with the user's secret at hand (SCRAM): this
+                # message may carry the proof the machine checks at once.
+                await self._refuse_if_blocked()
             queue.extend(self.machine.receive_data(data))
 
     async def _handle(self, event: Event) -> list[Event]:
@@ -214,17 +220,22 @@ class ClientSession:
             return []
         if isinstance(event, StartTLS):
             return await self._start_tls()
+        # The address may have been blocked since this connection opened
+        # (parallel connections guessing): asked again before every
+        # credential is checked, and before any outcome is acted on, the
+        # same way for a right and a wrong one (no oracle).
         if isinstance(event, Lookup):
+            await self._refuse_if_blocked()
             return await self._lookup(event.request)
         if isinstance(event, Authenticated):
+            await self._refuse_if_blocked()
             return await self._login_as(event)
         if isinstance(event, RelayAuth):
+            await self._refuse_if_blocked()
             return await self._relay_start(event)
         if isinstance(event, RelayResponse):
-            assert self.upstream is not None
-            return self._relay_step(
-                await self.upstream.advance(self.upstream.machine.respond(event.data))
-            )
+            await self._refuse_if_blocked()
+            return await self._relay_respond(event)
         if isinstance(event, AuthFailed):
             await self._auth_failed(event)
             return []
@@ -256,22 +267,40 @@ class ClientSession:
             # sent again counts once); a right one is never hashed here.
             user = request.authcid
             self._fingerprint = (user, self.guard.fingerprint(user, request.password))
+        self._secret_looked_up = True  # until the attempt's outcome
         events: list[Event] = self.machine.resume(answer)
         return events
 
+    async def _refuse_if_blocked(self) -> None:
+        """Blocked address: the protocol's blocked answer, then close."""
+        verdict = self.guard.check(self.address)
+        if not verdict.blocked:
+            return
+        log.info("%s: refused, address blocked for %.0fs more", self.tag, verdict.retry_after)
+        self._note("blocked", retry_after=int(verdict.retry_after))
+        self.client.write(self.runtime.parts.blocked)
+        await self.client.drain()
+        raise _SessionOver
+
     async def _auth_failed(self, event: AuthFailed) -> None:
-        who = f" as {event.authcid!r}" if event.authcid else ""
+        self._secret_looked_up = False
+        # Relay mode: the machines know the user of PLAIN-like exchanges
+        # only; the driver read it for the other mechanisms that name one.
+        user = event.authcid or self._relay_user
+        self._relay_user = None
+        who = f" as {user!r}" if user else ""
         log.info("%s: %s authentication failed%s: %s", self.tag, event.mechanism, who, event.reason)
-        self._note(
-            "login-failed", user=event.authcid, mechanism=event.mechanism, reason=event.reason
-        )
+        self._note("login-failed", user=user, mechanism=event.mechanism, reason=event.reason)
         if event.reason not in GUESS_REASONS:
             return  # a refusal by policy, a cancel or a backend fault: not a guess
+        # Blocked while this guess was being checked (by the address's
+        # other connections): the blocked answer, as a right guess gets.
+        await self._refuse_if_blocked()
         fingerprint = None
-        if self._fingerprint is not None and self._fingerprint[0] == event.authcid:
+        if self._fingerprint is not None and self._fingerprint[0] == user:
             fingerprint = self._fingerprint[1]
         self._fingerprint = None
-        delay = self.guard.failure(self.address, event.authcid, fingerprint)
+        delay = self.guard.failure(self.address, user, fingerprint)
         # Sleeping here holds back this session's reply only; other sessions
         # run on. Dovecot and Kerio do the same against password guessing.
         await asyncio.sleep(delay)
@@ -378,6 +407,7 @@ class ClientSession:
         )
 
     async def _login_as(self, event: Authenticated) -> list[Event]:
+        self._secret_looked_up = False
         log.info("%s: authenticated %r via %s", self.tag, event.identity, event.mechanism)
         self.guard.success(self.address, event.authcid)
         if self._password_expired(event.authcid):
@@ -408,22 +438,60 @@ class ClientSession:
         return events
 
     async def _relay_start(self, event: RelayAuth) -> list[Event]:
+        self._relay_mechanism = event.mechanism
+        self._relay_messages = 0
+        self._relay_user = None
+        if isinstance(event.initial, bytes) and self._relay_user_locked(event.initial):
+            return self._relay_refused()
         if self.upstream is None:
             upstream = await self._open_upstream(self._client_settings(None))
             if isinstance(upstream, LoginFailed):
-                return self._relay_step(upstream)
+                return await self._relay_step(upstream)
             self.upstream = upstream
         machine = self.upstream.machine
-        return self._relay_step(
+        return await self._relay_step(
             await self.upstream.advance(machine.authenticate(event.mechanism, event.initial))
         )
 
-    def _relay_step(self, step: LoginStep) -> list[Event]:
+    async def _relay_respond(self, event: RelayResponse) -> list[Event]:
+        assert self.upstream is not None
+        if event.data is not None and self._relay_user_locked(event.data):
+            return self._relay_refused()
+        return await self._relay_step(
+            await self.upstream.advance(self.upstream.machine.respond(event.data))
+        )
+
+    def _relay_user_locked(self, message: bytes) -> bool:
+        """Read the user from the client's next message, if it names one
+        (authgate.sasl.relayed), and say whether that user is locked out:
+        the message then never reaches the backend."""
+        index = self._relay_messages
+        self._relay_messages += 1
+        if self._relay_user is None:
+            self._relay_user = relayed_user(self._relay_mechanism, index, message)
+            if self._relay_user is not None:
+                return self.guard.user_locked(self._relay_user, self.address)
+        return False
+
+    def _relay_refused(self) -> list[Event]:
+        """A locked user fails like a wrong password (no oracle for guessers),
+        without a word to the backend; its exchange there, if begun, is dropped."""
+        log.info("%s: user %r is locked out", self.tag, self._relay_user)
+        if self.upstream is not None:
+            self.upstream.close()
+            self.upstream = None
+        events: list[Event] = self.machine.relay_result(False, BackendFailure.INVALID_CREDENTIALS)
+        return events
+
+    async def _relay_step(self, step: LoginStep) -> list[Event]:
         events: list[Event]
         if isinstance(step, RelayChallenge):
             events = self.machine.relay_challenge(step.data)
         elif isinstance(step, LoggedIn):
+            await self._refuse_if_blocked()  # blocked while the backend checked
             self._pending_down = step.pending
+            if self._relay_user is not None:
+                self.guard.success(self.address, self._relay_user)
             events = self.machine.relay_result(True)
         else:
             # The next attempt (real clients retry with another mechanism on
