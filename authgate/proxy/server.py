@@ -49,7 +49,7 @@ PROXY_HEADER_TIMEOUT = 5.0
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
-@dataclass
+@dataclass(slots=True)
 class _Connection:
     """An accepted socket and the places it is counted until it ends."""
 
