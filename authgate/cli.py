@@ -21,7 +21,7 @@ from authgate import config as config_mod
 from authgate.atrest import add_commands as add_atrest_commands
 from authgate.atrest import read_password
 from authgate.atrest.envelope import Keyring, keyring_path, unlock
-from authgate.config import Config, ConfigError, Listener, TLSMode
+from authgate.config import BackendMode, Config, ConfigError, Listener, TLSMode
 from authgate.credentials.base import CredentialStore
 from authgate.credentials.schemes import SchemeError
 from authgate.credentials.store import StoreError, UserStore, generate_secrets
@@ -46,7 +46,7 @@ def _describe_decision(label: str, decision: Decision) -> str:
     return f"    {label:<24} offers {offered}; cleartext login {login}{extra}"
 
 
-def _check_listener(offer: ListenerOffer, out: TextIO) -> None:
+def _check_listener(offer: ListenerOffer, hostname: str, out: TextIO) -> None:
     listener = offer.listener
     policy = listener.policy
     backend = listener.backend
@@ -59,6 +59,12 @@ def _check_listener(offer: ListenerOffer, out: TextIO) -> None:
     exempt = ", ".join(str(n) for n in policy.exempt.networks) or "none"
     print(f"  security {policy.security.value}; exempt networks: {exempt}", file=out)
     print(f"  configured mechanisms: {', '.join(policy.mechanisms)}", file=out)
+    if "DIGEST-MD5" in policy.mechanisms and backend.mode is not BackendMode.RELAY:
+        names = ", ".join((hostname, *listener.hostnames))
+        print(
+            f"  DIGEST-MD5 digest-uri may name: {names}, or the address a client connects to",
+            file=out,
+        )
     for name, users in offer.store.dropped.items():
         reason = offer.store.reasons.get(name, "the store cannot verify it")
         who = f" (users: {', '.join(users)})" if users else ""
@@ -108,7 +114,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     if store is not None:
         print(f"users: {config.users_file} ({len(store)} user(s))")
     for listener in config.listeners:
-        _check_listener(listener_offer(listener, store, config.hostname), sys.stdout)
+        _check_listener(
+            listener_offer(listener, store, config.hostname), config.hostname, sys.stdout
+        )
     for warning in warnings(config, store):
         print(f"warning: {warning}")
     return 0

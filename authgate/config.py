@@ -127,6 +127,9 @@ class Listener:
     # the exempt networks and the brute-force defence then judge.
     proxy_protocol: bool = False
     trusted_proxies: ExemptNetworks = field(default_factory=ExemptNetworks)
+    # Our other names and addresses (besides `hostname` and the address a
+    # client connected to): a DIGEST-MD5 digest-uri may name any of them.
+    hostnames: tuple[str, ...] = ()
 
     @property
     def listen_text(self) -> str:
@@ -271,6 +274,8 @@ class Config:
     workers: int = 1
     event_loop: EventLoop = EventLoop.ASYNCIO
     password_policy: PasswordPolicy = field(default_factory=PasswordPolicy)
+    # Top-level `hostnames`: the default for every listener (Listener.hostnames).
+    hostnames: tuple[str, ...] = ()
 
     def listener(self, name: str) -> Listener:
         for listener in self.listeners:
@@ -506,6 +511,29 @@ def _networks(table: _Table, key: str) -> ExemptNetworks:
     return ExemptNetworks(tuple(nets))
 
 
+def _is_host(text: str) -> bool:
+    """A DNS host name, an IP address, or an IPv6 address in brackets."""
+    if _HOSTNAME.fullmatch(text):
+        return True
+    inner = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    try:
+        address = ipaddress.ip_address(inner)
+    except ValueError:
+        return False
+    return inner == text or address.version == 6
+
+
+def _hostnames(table: _Table, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    names = table.strings(key, default)
+    for i, name in enumerate(names):
+        if not _is_host(name):
+            raise ConfigError(
+                f"{table.source}: {table.where(key)}[{i}]: {name!r} is not a DNS host name "
+                "or an IP address"
+            )
+    return names
+
+
 def _policy(table: _Table | None, base: ListenerPolicy) -> ListenerPolicy:
     if table is None:
         return base
@@ -579,7 +607,9 @@ def _backend(listener: _Table, protocol: Protocol) -> BackendSettings:
     return settings
 
 
-def _listener(table: _Table, base: ListenerPolicy, bound: _Bound) -> Listener:
+def _listener(
+    table: _Table, base: ListenerPolicy, bound: _Bound, hostnames: tuple[str, ...]
+) -> Listener:
     name = table.require("name", str)
     if not table.has("protocol"):
         raise table.error("protocol", "is required (smtp | imap | pop3)")
@@ -602,6 +632,8 @@ def _listener(table: _Table, base: ListenerPolicy, bound: _Bound) -> Listener:
         submission=submission,
         proxy_protocol=table.get("proxy_protocol", bool, False),
         trusted_proxies=_networks(table, "trusted_proxies"),
+        # The listener's list replaces the top-level one, like policy keys.
+        hostnames=_hostnames(table, "hostnames", hostnames),
     )
     table.finish()
     if listener.proxy_protocol and not listener.trusted_proxies:
@@ -664,6 +696,7 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
         policy_table = root.table("password_policy")
         assert policy_table is not None
         password_policy = parse_policy(policy_table.data, source)
+    hostnames = _hostnames(root, "hostnames", ())
     raw_listeners = root.get("listeners", list, [])
     listeners: list[Listener] = []
     bound: _Bound = []
@@ -671,7 +704,7 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
         where = f"listeners[{i}]"
         if not isinstance(item, dict):
             raise ConfigError(f"{source}: {where}: is not a table (use [[listeners]])")
-        listeners.append(_listener(_Table(item, where, source), base, bound))
+        listeners.append(_listener(_Table(item, where, source), base, bound, hostnames))
     workers = _workers(root)
     event_loop = root.choice("event_loop", EventLoop, EventLoop.ASYNCIO)
     if event_loop is EventLoop.UVLOOP and importlib.util.find_spec("uvloop") is None:
@@ -710,6 +743,7 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
         workers=workers,
         event_loop=event_loop,
         password_policy=password_policy,
+        hostnames=hostnames,
     )
 
 

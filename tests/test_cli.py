@@ -44,6 +44,39 @@ def test_check_explains_drops_caused_by_one_way_hashes() -> None:
     assert "inside TLS:              offers LOGIN, PLAIN" in result.stdout
 
 
+def example_copy(tmp_path: Path, name: str = "authgate.toml") -> Path:
+    """An example config in tmp_path, its relative paths still pointing at examples/."""
+    text = (EXAMPLES / name).read_text()
+    text = text.replace('"../certs/', f'"{EXAMPLES.parent}/certs/')
+    text = text.replace('file = "users.toml"', f'file = "{EXAMPLES / "users.toml"}"')
+    text = text.replace('"master.secret"', f'"{EXAMPLES / "master.secret"}"')
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_check_names_the_hosts_digest_md5_accepts(tmp_path: Path) -> None:
+    config = example_copy(tmp_path)
+    text = config.read_text()
+    text = text.replace(
+        'hostname = "mail.example.org"',
+        'hostname = "mail.example.org"\nhostnames = ["imap.example.org", "192.0.2.25"]',
+    )
+    config.write_text(text.replace('name = "pop3s"', 'name = "pop3s"\nhostnames = []'))
+    result = run_cli("check", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    listeners = result.stdout.split("\nlistener ")
+    imap = next(x for x in listeners if x.startswith("imap:"))
+    pop3s = next(x for x in listeners if x.startswith("pop3s:"))
+    assert (
+        "DIGEST-MD5 digest-uri may name: mail.example.org, imap.example.org, 192.0.2.25, "
+        "or the address a client connects to"
+    ) in imap
+    assert (
+        "DIGEST-MD5 digest-uri may name: mail.example.org, or the address a client connects to"
+    ) in pop3s
+
+
 def test_check_bad_file_exits_2_with_key_path(tmp_path: Path) -> None:
     text = (EXAMPLES / "authgate.toml").read_text().replace('"fd00::/8"', '"10.0.0.0/33"')
     bad = tmp_path / "bad.toml"

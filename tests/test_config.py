@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from authgate import config as config_mod
 from authgate.config import (
     Address,
     BackendMode,
@@ -125,6 +126,13 @@ def test_good_config(tmp_path: Path) -> None:
         (("submission = false", "submission = 1"), "listeners[1].submission: 1 is not a boolean"),
         (('hostname = "mail.example.org"', 'hostname = "mail example"'), "hostname: 'mail example' is not a DNS host name"),
         (('hostname = "mail.example.org"', 'hostname = "mäil.example"'), "hostname: 'mäil.example' is not a DNS host name"),
+        (('hostname = "mail.example.org"', 'hostname = "mail.example.org"\nhostnames = ["imap.example.org", "smtp/x"]'),
+         "hostnames[1]: 'smtp/x' is not a DNS host name or an IP address"),
+        (('hostname = "mail.example.org"', 'hostname = "mail.example.org"\nhostnames = "imap.example.org"'),
+         "hostnames: 'imap.example.org' is not a list"),
+        (('name = "smtp"', 'name = "smtp"\nhostnames = ["[192.0.2.1]"]'),
+         "listeners[1].hostnames[0]: '[192.0.2.1]' is not a DNS host name or an IP address"),
+        (('name = "smtp"', 'name = "smtp"\nhostnames = [25]'), "listeners[1].hostnames[0]: 25 is not a string"),
     ],
 )
 def test_errors_name_file_key_path_and_value(
@@ -137,6 +145,27 @@ def test_errors_name_file_key_path_and_value(
         load(path)
     assert str(err.value).startswith(f"{path}: ")
     assert message in str(err.value)
+
+
+def test_hostnames_at_the_top_and_per_listener(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        'hostname = "mail.example.org"',
+        'hostname = "mail.example.org"\n'
+        'hostnames = ["imap.example.org", "Mail.Example.NET.", "192.0.2.25", "2001:db8::25", "[::1]"]',
+    ).replace('name = "smtp"', 'name = "smtp"\nhostnames = ["smtp.example.org"]')
+    cfg = load(write(tmp_path, text))
+    imap, smtp, pop3 = cfg.listeners
+    assert cfg.hostnames == (
+        "imap.example.org",
+        "Mail.Example.NET.",
+        "192.0.2.25",
+        "2001:db8::25",
+        "[::1]",
+    )
+    assert imap.hostnames == pop3.hostnames == cfg.hostnames
+    # A listener's list replaces the top-level one (as its policy keys do).
+    assert smtp.hostnames == ("smtp.example.org",)
+    assert load(write(tmp_path, GOOD)).listeners[0].hostnames == ()
 
 
 def test_secret_not_in_errors(tmp_path: Path) -> None:
@@ -354,3 +383,20 @@ def test_any_listen_values_load_or_fail_with_a_key_path(listens: list[object]) -
                 if j == i or (effective.port and other.port):
                     assert not _conflict(effective, other), (effective, other)
             sockets.append((i, effective))
+
+
+@given(st.ip_addresses(), st.booleans())
+def test_hostnames_take_any_ip_address(address: object, bracket: bool) -> None:
+    text = str(address)
+    v6 = ":" in text
+    entry = f"[{text}]" if bracket else text
+    accepted = not bracket or v6
+    assert config_mod._is_host(entry) is accepted
+
+
+@given(st.text(max_size=30))
+def test_hostnames_refuse_what_no_client_can_send(text: str) -> None:
+    # Whatever is accepted is a name or an address a digest-uri can carry:
+    # no "/" (digest-uri's separator), no white space or control characters.
+    if config_mod._is_host(text):
+        assert text and "/" not in text and text.isprintable() and " " not in text

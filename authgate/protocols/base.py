@@ -116,6 +116,9 @@ class AuthFailed:
     mechanism: str
     reason: str
     authcid: str | None = None
+    # The mechanism's own words (Failure.detail: never a secret), for the
+    # log line; not part of what the failure is.
+    detail: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)

@@ -255,6 +255,8 @@ _FAILURE_REPLY: dict[FailureReason, bytes] = {
     FailureReason.TOO_WEAK: b"NO [CANNOT] Authentication mechanism is too weak",
     FailureReason.ENCRYPTION_REQUIRED: b"NO [PRIVACYREQUIRED] Encryption required",
     FailureReason.EXPIRED: b"NO [EXPIRED] Password expired",
+    FailureReason.DIGEST_URI_MISMATCH: b"NO [AUTHENTICATIONFAILED] Authentication failed:"
+    b" digest-uri is not for this server",
 }
 _BACKEND_FAILED_REPLY = b"NO [UNAVAILABLE] Mail server unavailable, try again later"
 
@@ -684,7 +686,9 @@ class ImapServer:
         attempt = self._current()
         self._attempt = None
         self._state = _State.COMMAND
-        failed = AuthFailed(attempt.mechanism, failure.reason.value, attempt.authcid)
+        failed = AuthFailed(
+            attempt.mechanism, failure.reason.value, attempt.authcid, failure.detail
+        )
         return [failed, *self._error(self._tagged(attempt.tag, _FAILURE_REPLY[failure.reason]))]
 
     def _error(self, reply: Send) -> list[Event]:

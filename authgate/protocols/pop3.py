@@ -150,6 +150,8 @@ FAILURE_REPLIES: dict[FailureReason, str] = {
     FailureReason.TOO_WEAK: "-ERR [AUTH] Authentication mechanism is too weak.",
     FailureReason.ENCRYPTION_REQUIRED: ERR_AUTH_NEEDS_TLS,
     FailureReason.EXPIRED: "-ERR [AUTH] Password expired.",
+    FailureReason.DIGEST_URI_MISMATCH: "-ERR [AUTH] Authentication failed: digest-uri is not"
+    " for this server.",
 }
 
 # Commands of the TRANSACTION state (RFC 1939 section 5, 7): answered with
@@ -458,7 +460,9 @@ class Pop3Server:
             self._state = ServerState.LOOKUP
             return [step]
         if isinstance(step, Failure):
-            return self._auth_failed(step.reason.value, FAILURE_REPLIES[step.reason])
+            return self._auth_failed(
+                step.reason.value, FAILURE_REPLIES[step.reason], detail=step.detail
+            )
         if step.additional is not None:
             # RFC 5034 has no "additional data with success" (RFC 4422
             # section 3.6): send it as a final challenge; the client answers
@@ -544,8 +548,8 @@ class Pop3Server:
         self._state = ServerState.SPLICED
         return [Send(_line(OK_LOGGED_IN)), Splice(pending=self._lines.take_rest())]
 
-    def _auth_failed(self, reason: str, reply: str) -> list[Event]:
-        event = AuthFailed(self._mechanism, reason, self._authcid)
+    def _auth_failed(self, reason: str, reply: str, *, detail: str = "") -> list[Event]:
+        event = AuthFailed(self._mechanism, reason, self._authcid, detail)
         self._reset_auth()
         return [event, *self._error(reply)]
 

@@ -138,6 +138,10 @@ _FAILURE_REPLIES: dict[FailureReason, str] = {
     # RFC 5248 has no "expired" code; 5.7.8 is what RFC 4954 uses for
     # credentials that cannot be used, the text says why.
     FailureReason.EXPIRED: "535 5.7.8 Authentication credentials invalid: password expired",
+    # The client's digest-uri names another service or a name we do not
+    # answer to: its credentials are made out for another server.
+    FailureReason.DIGEST_URI_MISMATCH: "535 5.7.8 Authentication credentials invalid:"
+    " digest-uri is not for this server",
 }
 
 # What the client's failure is when the backend decides (relay mode).
@@ -487,10 +491,12 @@ class SmtpServer:
         if failure.reason is FailureReason.ENCRYPTION_REQUIRED and self._tls:
             # Inside TLS this means channel binding data is missing (a *-PLUS
             # mechanism): asking for encryption would make no sense.
-            failed = AuthFailed(self._mechanism, failure.reason.value, self._authcid)
+            failed = AuthFailed(
+                self._mechanism, failure.reason.value, self._authcid, failure.detail
+            )
             self._reset_auth()
             return [failed, *self._error(_UNKNOWN_MECHANISM)]
-        return self._auth_failure(failure.reason)
+        return self._auth_failure(failure.reason, failure.detail)
 
     def _authenticated(self, success: Success) -> list[Event]:
         self._state = _State.WAIT_BACKEND
@@ -501,8 +507,8 @@ class SmtpServer:
         # Everything the client pipelined behind AUTH is for the backend.
         return [_reply(_AUTH_OK), Splice(pending=self._lines.take_rest())]
 
-    def _auth_failure(self, reason: FailureReason) -> list[Event]:
-        failed = AuthFailed(self._mechanism, reason.value, self._authcid)
+    def _auth_failure(self, reason: FailureReason, detail: str = "") -> list[Event]:
+        failed = AuthFailed(self._mechanism, reason.value, self._authcid, detail)
         self._reset_auth()
         if reason is FailureReason.TEMPORARY:
             return [failed, _reply(_AUTH_TEMPFAIL)]  # not the client's fault

@@ -115,6 +115,13 @@ class ClientSession:
         self.address: IPAddress | str = client_ip(self.peer[0]) or self.peer[0]
         self._decisions: dict[bool, Decision] = {}
         self.local = channel.sockname()
+        # DIGEST-MD5 digest-uri may name our hostname, our other names, or
+        # the address this client connected to (clients put there whatever
+        # they typed, an IP address included).
+        local_ip = client_ip(self.local[0])
+        self._aliases = runtime.listener.hostnames
+        if local_ip is not None and not local_ip.is_unspecified:
+            self._aliases += (str(local_ip),)
         self.upstream: Upstream | None = None
         listener = runtime.listener
         limits = runtime.limits
@@ -155,6 +162,7 @@ class ClientSession:
         return ServerContext(
             service=self.runtime.parts.sasl_service,
             hostname=self.runtime.hostname,
+            aliases=self._aliases,
             channel_binding=("tls-server-end-point", binding) if advertised and binding else None,
         )
 
@@ -289,7 +297,18 @@ class ClientSession:
         user = event.authcid or self._relay_user
         self._relay_user = None
         who = f" as {user!r}" if user else ""
-        log.info("%s: %s authentication failed%s: %s", self.tag, event.mechanism, who, event.reason)
+        # The mechanism's reason when it says more than the reason's name
+        # (the host a DIGEST-MD5 client named, say).
+        said = event.detail and event.detail != event.reason.replace("-", " ")
+        why = f" ({event.detail})" if said else ""
+        log.info(
+            "%s: %s authentication failed%s: %s%s",
+            self.tag,
+            event.mechanism,
+            who,
+            event.reason,
+            why,
+        )
         self._note("login-failed", user=user, mechanism=event.mechanism, reason=event.reason)
         if event.reason not in GUESS_REASONS:
             return  # a refusal by policy, a cancel or a backend fault: not a guess

@@ -53,6 +53,9 @@ class FailureReason(enum.Enum):
     TOO_WEAK = "too-weak"  # mechanism not allowed for this client (534 5.7.9)
     ENCRYPTION_REQUIRED = "encryption-required"  # needs TLS first (538 5.7.11)
     EXPIRED = "expired"  # password expired (IMAP [EXPIRED])
+    # DIGEST-MD5 digest-uri names another service or a host that is not
+    # ours (535 5.7.8). Decided before any password is checked: not a guess.
+    DIGEST_URI_MISMATCH = "digest-uri-mismatch"
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,9 @@ class ServerContext:
 
     service: str = "imap"  # GSSAPI service name for DIGEST-MD5 digest-uri
     hostname: str = "localhost"  # our host name (DIGEST-MD5 realm and digest-uri)
+    # Our other names and addresses: a DIGEST-MD5 digest-uri may name any of
+    # them, or `hostname` (the `hostnames` setting, the listener's address).
+    aliases: tuple[str, ...] = ()
     realm: str = ""  # DIGEST-MD5 realm; defaults to hostname
     channel_binding: tuple[str, bytes] | None = None  # ("tls-server-end-point", data)
     allow_ntlm_legacy: bool = False  # NTLMv1 / NTLM2 session response

@@ -31,6 +31,7 @@ import base64
 import enum
 import hashlib
 import hmac
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -43,6 +44,7 @@ from authgate.sasl.base import (
     ClientContext,
     ClientCredentials,
     Failure,
+    FailureReason,
     InitialResponse,
     Lookup,
     LookupAnswer,
@@ -64,6 +66,7 @@ __all__ = [
     "DigestMD5Server",
     "DirectiveSyntaxError",
     "digest_ha1",
+    "digest_uri_host",
     "format_directives",
     "parse_directives",
 ]
@@ -300,6 +303,43 @@ def _group(items: list[tuple[str, bytes]]) -> dict[str, list[bytes]]:
     return grouped
 
 
+# ------------------------------------------------------------ digest-uri hosts
+
+
+def digest_uri_host(host: str) -> str:
+    """The form in which a digest-uri host compares with our names.
+
+    Host names compare case-insensitively, with one trailing dot ignored
+    ("Mail.Example.ORG." is "mail.example.org"). An IP address compares by
+    value: "[::1]" (the URI form, RFC 3986) and "::1" are one host, an
+    IPv6 zone ("%eth0") is dropped, and an IPv4-mapped IPv6 address is the
+    IPv4 address it wraps (a dual-stack socket reports IPv4 peers that way).
+    Anything else is returned unchanged and matches only itself.
+    """
+    bracketed = host.startswith("[") and host.endswith("]")
+    inner = host[1:-1] if bracketed else host
+    if ":" in inner:  # IPv6, written bare or in brackets
+        inner = inner.split("%", 1)[0]
+    elif bracketed:  # only IPv6 literals take brackets
+        return host
+    try:
+        address = ipaddress.ip_address(inner)
+    except ValueError:
+        return host if bracketed else host.lower().removesuffix(".")
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+def _shown(value: str) -> str:
+    """A client's value quoted for a log line, cut to a readable length."""
+    return repr(value if len(value) <= 80 else value[:80] + "...")
+
+
+def _mismatch(detail: str) -> Failure:
+    return Failure(FailureReason.DIGEST_URI_MISMATCH, detail)
+
+
 # ------------------------------------------------------------------ server
 
 _REQUIRED_IN_RESPONSE = ("username", "nonce", "cnonce", "nc", "digest-uri", "response")
@@ -335,6 +375,7 @@ class DigestMD5Server:
     def __init__(self, ctx: ServerContext) -> None:
         self._ctx = ctx
         self._realm = ctx.realm or ctx.hostname
+        self._hosts = frozenset(digest_uri_host(h) for h in (ctx.hostname, *ctx.aliases))
         if not all(_is_text(c) for c in self._realm.encode("utf-8")):
             # Configuration error: caught when the mechanism is built, not
             # when a client is half-way through an exchange.
@@ -441,12 +482,16 @@ class DigestMD5Server:
         if one["nc"] != _NC:
             return invalid("nonce count must be 00000001")
         # Section 2.1.2 / 4: the server SHOULD check digest-uri, so that a
-        # response made for another service or host cannot be relayed here.
+        # response made for another service or server cannot be relayed
+        # here. The service strictly; the host against every name and
+        # address of ours, since clients put there whatever name or address
+        # they connected to. No password has been checked yet: a mismatch
+        # is a misconfigured client (or a relayed response), not a guess.
         service, host = uri_parts[0], uri_parts[1]
         if service != self._ctx.service:
-            return invalid("digest-uri names another service")
-        if host.lower() != self._ctx.hostname.lower():
-            return invalid("digest-uri names another host")
+            return _mismatch(f"digest-uri {_shown(digest_uri)} names another service")
+        if digest_uri_host(host) not in self._hosts:
+            return _mismatch(f"digest-uri {_shown(digest_uri)} names a host that is not ours")
         if "realm" in one and realm != self._realm:
             return invalid("realm was not offered")
 

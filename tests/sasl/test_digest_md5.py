@@ -396,7 +396,127 @@ def test_malformed_nonce_count(nc: str) -> None:
 def test_digest_uri_for_another_service_or_host_is_refused(uri: str) -> None:
     server, nonce = started_server()
     outcome = server.step(build_response(nonce, digest_uri=uri))
-    failure_of(outcome, FailureReason.INVALID_CREDENTIALS)
+    # Its own reason, decided before any secret is looked up (not a guess),
+    # and the detail names what the client sent, for the log.
+    failure = failure_of(outcome, FailureReason.DIGEST_URI_MISMATCH)
+    assert repr(uri) in failure.detail
+    what = "service" if uri.split("/")[1] == HOST else "host"
+    assert f"names {'another service' if what == 'service' else 'a host that is not ours'}" in (
+        failure.detail
+    )
+
+
+# Our other names and the listener's addresses, as the session passes them.
+ALIASES = ("localhost", "imap.example.net.", "127.0.0.1", "::1", "2001:DB8::25")
+ALIAS_CTX = ServerContext(service="imap", hostname=HOST, aliases=ALIASES)
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        f"imap/{HOST}",
+        "imap/localhost",
+        "imap/LocalHost",
+        "imap/localhost.",  # a trailing dot (a fully qualified name) is the same name
+        f"imap/{HOST.upper()}.",
+        "imap/imap.example.net",  # configured with its dot, sent without
+        "imap/127.0.0.1",
+        "imap/::1",
+        "imap/[::1]",  # the URI form of an IPv6 literal (RFC 3986)
+        "imap/[0:0:0:0:0:0:0:1]",
+        "imap/::ffff:127.0.0.1",  # IPv4-mapped: the IPv4 address
+        "imap/[2001:db8::25]",
+        "imap/2001:db8:0::25%eth0",  # a zone means nothing to us
+        "imap/localhost/example.org",  # serv-name is free
+    ],
+)
+def test_digest_uri_may_name_any_of_our_names_and_addresses(uri: str) -> None:
+    server, nonce = started_server(ALIAS_CTX)
+    assert isinstance(server.step(build_response(nonce, digest_uri=uri)), Lookup)
+    assert isinstance(server.resume(digest_ha1("alice", HOST, "wonderland")), Challenge)
+    assert server.step(b"") == Success("alice", None)
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "imap/other.example.org",
+        "imap/127.0.0.2",
+        "imap/[127.0.0.1]",  # brackets are for IPv6 only: not a host
+        "imap/::2",
+        "imap/localhost..",
+        "imap/localhost:143",  # a port is not part of the host
+        "imap/local host",
+        "imap/imap.example.net.evil.example",
+        "smtp/localhost",  # one of our names, but another service
+        "pop/127.0.0.1",
+    ],
+)
+def test_digest_uri_outside_our_names_is_a_mismatch(uri: str) -> None:
+    server, nonce = started_server(ALIAS_CTX)
+    failure = failure_of(
+        server.step(build_response(nonce, digest_uri=uri)), FailureReason.DIGEST_URI_MISMATCH
+    )
+    assert repr(uri) in failure.detail
+
+
+def test_client_using_another_of_our_names_logs_in() -> None:
+    """What Cyrus SASL, GNU SASL and Authen::SASL do: the name they were
+    given goes into digest-uri; the realm still comes from our challenge."""
+    client = DigestMD5Client(
+        ClientCredentials("alice", "wonderland"),
+        ClientContext(service="imap", hostname="LOCALHOST"),
+    )
+    seen: list[LookupRequest] = []
+    assert run_exchange(client, DigestMD5Server(ALIAS_CTX), store(PASSWORDS, seen)) == Success(
+        "alice", None
+    )
+    assert seen == [SecretLookup("alice", SecretForm.DIGEST_MD5, realm=HOST)]
+
+
+def test_mismatch_detail_is_one_printable_line_of_bounded_length() -> None:
+    server, nonce = started_server()
+    uri = "imap/" + "\u00e9" * 300
+    failure = failure_of(
+        server.step(build_response(nonce, digest_uri=uri)), FailureReason.DIGEST_URI_MISMATCH
+    )
+    assert failure.detail.isprintable() and len(failure.detail) < 200
+
+
+@given(st.ip_addresses())
+def test_digest_uri_host_compares_addresses_by_value(address: object) -> None:
+    text = str(address)
+    key = dm.digest_uri_host(text)
+    assert dm.digest_uri_host(key) == key  # idempotent
+    if ":" in text:
+        exploded = address.exploded  # type: ignore[attr-defined]
+        assert dm.digest_uri_host(f"[{text}]") == key
+        assert dm.digest_uri_host(exploded.upper()) == key
+        assert dm.digest_uri_host(f"[{exploded}%lo]") == key
+    else:
+        assert key == text
+        assert dm.digest_uri_host(f"[{text}]") != key
+        assert dm.digest_uri_host(f"::ffff:{text}") == key
+
+
+_LABEL = st.from_regex(r"[A-Za-z0-9]([A-Za-z0-9-]{0,10}[A-Za-z0-9])?", fullmatch=True)
+
+
+@given(st.lists(_LABEL, min_size=1, max_size=4).map(".".join), st.booleans())
+def test_digest_uri_host_names_ignore_case_and_one_final_dot(name: str, dot: bool) -> None:
+    key = dm.digest_uri_host(name)
+    sent = name.swapcase() + ("." if dot else "")
+    if key == name.lower():  # a name, not something that parses as an address
+        assert dm.digest_uri_host(sent) == key
+        assert dm.digest_uri_host(name + "..") != key
+        assert dm.digest_uri_host(key) == key
+
+
+@given(st.text(max_size=40))
+def test_digest_uri_host_never_fails_and_is_idempotent(text: str) -> None:
+    key = dm.digest_uri_host(text)
+    assert isinstance(key, str)
+    assert dm.digest_uri_host(key) == key or text.endswith("..")
 
 
 @pytest.mark.parametrize("uri", ["imap/MAIL.Example.ORG", f"imap/{HOST}/example.org"])

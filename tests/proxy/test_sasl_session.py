@@ -1,0 +1,194 @@
+"""SASL facts the session hands to the mechanisms, checked through the
+running proxy: which DIGEST-MD5 digest-uri hosts are ours (and that a
+mismatch is not a password guess), and when SCRAM gets channel-binding data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from authgate.sasl import mechanism as mechanism_info
+from authgate.sasl.base import ClientContext, ClientCredentials, ClientMechanism
+from authgate.testing.stack import ListenerSpec, Stack, embedded_stack
+
+pytestmark = pytest.mark.asyncio
+
+PASSWORD = "right-pw-1"
+# A defence that would block the address after two counted failures.
+DEFENCE = """[defence]
+failure_delay = 0.0
+penalties = []
+block_after = 2
+block_window = 600
+block_for = 600
+[limits]
+max_errors = 1000
+"""
+
+
+@pytest_asyncio.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    async with embedded_stack(
+        tmp_path,
+        users={"alice": PASSWORD},
+        security="none",
+        layout=(
+            ListenerSpec("submission", "smtp", "starttls"),
+            ListenerSpec("imap", "imap", "none"),
+        ),
+        extra_config=DEFENCE,
+    ) as running:
+        yield running
+
+
+class SmtpDialogue:
+    """A bare SMTP client on asyncio streams: enough to run one SASL exchange."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, host: str, port: int, source: str) -> SmtpDialogue:
+        reader, writer = await asyncio.open_connection(host, port, local_addr=(source, 0))
+        dialogue = cls(reader, writer)
+        assert (await dialogue.reply()).startswith("220 ")
+        return dialogue
+
+    async def reply(self) -> str:
+        lines = []
+        while True:
+            line = (await asyncio.wait_for(self.reader.readline(), 10)).decode()
+            assert line, "connection closed"
+            lines.append(line.rstrip("\r\n"))
+            if line[3:4] != "-":
+                return "\n".join(lines)
+
+    async def say(self, line: str) -> str:
+        self.writer.write(line.encode() + b"\r\n")
+        return await self.reply()
+
+    async def ehlo(self) -> list[str]:
+        reply = await self.say("EHLO client.example.test")
+        assert reply.startswith("250")
+        auth = [x for x in reply.splitlines() if x[4:].startswith("AUTH ")]
+        return auth[0][9:].split() if auth else []
+
+    async def starttls(self, context: ssl.SSLContext) -> None:
+        assert (await self.say("STARTTLS")).startswith("220 ")
+        await self.writer.start_tls(context, server_hostname="localhost")
+
+    async def authenticate(self, mech: ClientMechanism) -> str:
+        """Run `mech` to the end; the server's final reply."""
+        first = mech.start()
+        command = f"AUTH {mech.name}"
+        if first is not None:
+            command += " " + (base64.b64encode(first).decode() or "=")
+        reply = await self.say(command)
+        while reply.startswith("334 "):
+            answer = mech.step(base64.b64decode(reply[4:]))
+            reply = await self.say(base64.b64encode(answer).decode())
+        return reply
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def digest_client(service: str, host: str, password: str = PASSWORD) -> ClientMechanism:
+    return mechanism_info("DIGEST-MD5").client(
+        ClientCredentials("alice", password), ClientContext(service=service, hostname=host)
+    )
+
+
+# ------------------------------------------------------------ DIGEST-MD5
+
+
+@pytest.mark.parametrize("host", ["localhost", "LOCALHOST.", "127.0.0.1"])
+async def test_digest_uri_may_name_our_hostname_or_the_address_connected_to(
+    stack: Stack, host: str
+) -> None:
+    """hostname = "localhost"; 127.0.0.1 is where the client connected. A
+    client that was told the IP address puts it into digest-uri (Cyrus SASL,
+    GNU SASL, Authen::SASL): that is us too."""
+    ep = stack["submission"]
+    smtp = await SmtpDialogue.open(ep.host, ep.port, "127.0.0.3")
+    try:
+        assert "DIGEST-MD5" in await smtp.ehlo()
+        reply = await smtp.authenticate(digest_client("smtp", host))
+        assert reply.startswith("235 "), reply
+    finally:
+        smtp.close()
+    assert stack.backends.smtp.logins[-1].user == "alice"
+
+
+async def test_digest_uri_of_another_service_or_host_is_refused_and_not_a_guess(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="authgate.session")
+    source = "127.0.0.4"
+    guard = stack.gateway.guard
+    ep = stack["submission"]
+    smtp = await SmtpDialogue.open(ep.host, ep.port, source)
+    try:
+        await smtp.ehlo()
+        # More mismatches than block_after: were they counted, the address
+        # would now be blocked and the last login refused.
+        for uri in (("imap", "localhost"), ("smtp", "mail.example.net"), ("imap", "127.0.0.1")):
+            reply = await smtp.authenticate(digest_client(*uri))
+            assert reply == (
+                "535 5.7.8 Authentication credentials invalid: digest-uri is not for this server"
+            )
+        assert guard.addresses.get(guard.address_key(source)) is None
+        assert (await smtp.authenticate(digest_client("smtp", "localhost"))).startswith("235 ")
+    finally:
+        smtp.close()
+    messages = [r.getMessage() for r in caplog.records if r.name == "authgate.session"]
+    failed = [m for m in messages if "authentication failed" in m]
+    assert len(failed) == 3, messages
+    assert "DIGEST-MD5 authentication failed: digest-uri-mismatch" in failed[0]
+    assert "'imap/localhost' names another service" in failed[0]
+    assert "'smtp/mail.example.net' names a host that is not ours" in failed[1]
+    assert "'imap/127.0.0.1' names another service" in failed[2]
+
+
+async def test_wrong_password_with_a_good_digest_uri_is_still_a_guess(stack: Stack) -> None:
+    """The other side of the coin: the defence still counts DIGEST-MD5 guesses."""
+    source = "127.0.0.5"
+    guard = stack.gateway.guard
+    ep = stack["submission"]
+    smtp = await SmtpDialogue.open(ep.host, ep.port, source)
+    try:
+        await smtp.ehlo()
+        reply = await smtp.authenticate(digest_client("smtp", "127.0.0.1", "wrong"))
+        assert reply.startswith("535 5.7.8 Authentication credentials invalid"), reply
+        assert "digest-uri" not in reply
+    finally:
+        smtp.close()
+    assert guard.addresses.get(guard.address_key(source)) is not None
+
+
+async def test_imap_digest_uri_mismatch_reply(stack: Stack) -> None:
+    ep = stack["imap"]
+    reader, writer = await asyncio.open_connection(ep.host, ep.port)
+    try:
+        assert (await reader.readline()).startswith(b"* OK")
+        mech = digest_client("smtp", "localhost")
+        assert mech.start() is None
+        writer.write(b"a AUTHENTICATE DIGEST-MD5\r\n")
+        challenge = await asyncio.wait_for(reader.readline(), 10)
+        assert challenge.startswith(b"+ ")
+        writer.write(base64.b64encode(mech.step(base64.b64decode(challenge[2:]))) + b"\r\n")
+        reply = await asyncio.wait_for(reader.readline(), 10)
+        assert reply == (
+            b"a NO [AUTHENTICATIONFAILED] Authentication failed: digest-uri is not for this"
+            b" server\r\n"
+        )
+    finally:
+        writer.close()
