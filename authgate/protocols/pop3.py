@@ -457,6 +457,9 @@ class Pop3Server:
             self._state = ServerState.SASL
             return [Send(_challenge_line(step.data))]
         if isinstance(step, Lookup):
+            # Who is trying: the defence counts the failure against this
+            # user (lockout, stale password), the audit log names them.
+            self._authcid = step.request.authcid or self._authcid
             self._state = ServerState.LOOKUP
             return [step]
         if isinstance(step, Failure):

@@ -377,7 +377,7 @@ def test_auth_plain_without_initial_response_gets_empty_challenge() -> None:
 def test_auth_plain_other_authzid_refused() -> None:
     session = greeted()
     session.send(b"AUTH PLAIN " + plain("bob", "s3cret", "alice") + b"\r\n")
-    assert session.of(AuthFailed) == [AuthFailed("PLAIN", "authz-denied", None)]
+    assert session.of(AuthFailed) == [AuthFailed("PLAIN", "authz-denied", "bob")]
     assert session.out.endswith((ERR_FAILED + "\r\n").encode())
 
 
@@ -394,7 +394,8 @@ def test_auth_cram_md5_wrong_password() -> None:
     challenge_line = session.send(b"AUTH CRAM-MD5\r\n")
     assert challenge_line.startswith(b"+ ") and len(challenge_line) > 6
     session.send(b64("alice 00000000000000000000000000000000") + b"\r\n")
-    assert session.of(AuthFailed) == [AuthFailed("CRAM-MD5", "invalid-credentials", None)]
+    # The user named in the exchange: the defence counts it against alice.
+    assert session.of(AuthFailed) == [AuthFailed("CRAM-MD5", "invalid-credentials", "alice")]
     assert session.out.endswith(b"-ERR [AUTH] Authentication failed.\r\n")
     assert session.server.state is ServerState.AUTHORIZATION
 
@@ -431,7 +432,7 @@ def test_temporary_store_failure_is_sys_temp() -> None:
     assert isinstance(challenge, Lookup)
     events = server.resume(make_verifier("pw", "sha1", salt=b"s"))
     assert events == [
-        AuthFailed("SCRAM-SHA-256", "temporary", None),
+        AuthFailed("SCRAM-SHA-256", "temporary", "alice"),
         Send((ERR_TEMP + "\r\n").encode()),
     ]
 
