@@ -59,12 +59,19 @@ def _check_listener(offer: ListenerOffer, hostname: str, out: TextIO) -> None:
     exempt = ", ".join(str(n) for n in policy.exempt.networks) or "none"
     print(f"  security {policy.security.value}; exempt networks: {exempt}", file=out)
     print(f"  configured mechanisms: {', '.join(policy.mechanisms)}", file=out)
-    if "DIGEST-MD5" in policy.mechanisms and backend.mode is not BackendMode.RELAY:
+    relay = backend.mode is BackendMode.RELAY
+    if "DIGEST-MD5" in policy.mechanisms and not relay:
         names = ", ".join((hostname, *listener.hostnames))
         print(
             f"  DIGEST-MD5 digest-uri may name: {names}, or the address a client connects to",
             file=out,
         )
+    if "NTLM" in policy.mechanisms and not relay:
+        if policy.allow_ntlm_legacy:
+            accepted = "NTLMv2, NTLMv1 and NTLM2 session responses (allow_ntlm_legacy); never LM"
+        else:
+            accepted = "NTLMv2 only (allow_ntlm_legacy off: NTLMv1 clients are refused)"
+        print(f"  NTLM accepts: {accepted}", file=out)
     for name, users in offer.store.dropped.items():
         reason = offer.store.reasons.get(name, "the store cannot verify it")
         who = f" (users: {', '.join(users)})" if users else ""
@@ -85,6 +92,37 @@ def _check_listener(offer: ListenerOffer, hostname: str, out: TextIO) -> None:
             "authenticate",
             file=out,
         )
+    if policy.allow_ntlm_legacy:
+        _warn_ntlm_legacy(offer, outsider, out)
+
+
+def _warn_ntlm_legacy(
+    offer: ListenerOffer, outsider: ipaddress.IPv4Address | ipaddress.IPv6Address, out: TextIO
+) -> None:
+    listener = offer.listener
+    if listener.backend.mode is BackendMode.RELAY:
+        print(
+            "  warning: allow_ntlm_legacy has no effect in relay mode: the backend verifies NTLM",
+            file=out,
+        )
+        return
+    if "NTLM" not in listener.policy.mechanisms:
+        print("  warning: allow_ntlm_legacy has no effect: NTLM is not enabled", file=out)
+        return
+    cleartext = listener.tls is not TLSMode.IMPLICIT and "NTLM" in (
+        offer.decide(outsider, tls=False).offered
+    )
+    where = (
+        " This listener accepts NTLM without TLS: anyone on the path can capture one."
+        if cleartext
+        else ""
+    )
+    print(
+        "  warning: allow_ntlm_legacy is on: NTLMv1 and NTLM2 session responses are DES-based,"
+        " and one captured exchange gives the user's NT hash (enough to log in as them) to an"
+        f" offline key search.{where} Turn it on only for clients that send nothing better.",
+        file=out,
+    )
 
 
 def _outsider_address(listener: Listener) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -152,6 +190,11 @@ def cmd_negotiate(args: argparse.Namespace) -> int:
         "tls_required": decision.tls_required,
         "session_tls_required": decision.session_tls_required,
         "chosen": chosen,
+        # Would an NTLMv1 / NTLM2 session response be accepted from this
+        # client? null in relay mode: the backend verifies NTLM there.
+        "ntlm_legacy": None
+        if listener.backend.mode is BackendMode.RELAY
+        else "NTLM" in decision.offered and listener.policy.allow_ntlm_legacy,
         "withheld": {
             name: offer.explain(reason, name) for name, reason in decision.withheld.items()
         },
@@ -167,6 +210,9 @@ def cmd_negotiate(args: argparse.Namespace) -> int:
     )
     print(f"  offered: {', '.join(decision.offered) or 'nothing'}")
     print(f"  cleartext login: {'allowed' if decision.cleartext_login else 'refused'}")
+    if result["ntlm_legacy"] is not None and "NTLM" in decision.offered:
+        legacy = "accepted" if result["ntlm_legacy"] else "refused (allow_ntlm_legacy off)"
+        print(f"  NTLMv1 / NTLM2 session responses: {legacy}")
     if decision.tls_required:
         print("  nothing may authenticate until TLS is started")
     for name, reason in decision.withheld.items():

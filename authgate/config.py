@@ -542,6 +542,7 @@ def _policy(table: _Table | None, base: ListenerPolicy) -> ListenerPolicy:
     exempt = base.exempt
     if table.has("exempt_networks"):
         exempt = _networks(table, "exempt_networks")
+    allow_ntlm_legacy = table.get("allow_ntlm_legacy", bool, base.allow_ntlm_legacy)
     table.finish()
     return ListenerPolicy(
         protocol=base.protocol,
@@ -549,6 +550,7 @@ def _policy(table: _Table | None, base: ListenerPolicy) -> ListenerPolicy:
         mechanisms=mechanisms,
         exempt=exempt,
         server_to_server=base.server_to_server,
+        allow_ntlm_legacy=allow_ntlm_legacy,
     )
 
 
@@ -621,6 +623,7 @@ def _listener(
         mechanisms=base.mechanisms,
         exempt=base.exempt,
         server_to_server=protocol is Protocol.SMTP and not submission,
+        allow_ntlm_legacy=base.allow_ntlm_legacy,
     )
     listener = Listener(
         name=name,

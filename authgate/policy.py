@@ -129,6 +129,10 @@ class ListenerPolicy:
     # Port-25 style listener: other servers may hand us mail unauthenticated
     # and without TLS, whatever the policy says about authentication.
     server_to_server: bool = False
+    # NTLM: also accept NTLMv1 and the NTLM2 session response (DES-based,
+    # crackable from one captured exchange) from clients that send nothing
+    # better. Never LM.
+    allow_ntlm_legacy: bool = False
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,53 @@ def test_check_names_the_hosts_digest_md5_accepts(tmp_path: Path) -> None:
     ) in pop3s
 
 
+def test_check_shows_the_ntlm_legacy_switch_and_warns_when_on(tmp_path: Path) -> None:
+    config = example_copy(tmp_path)
+    result = run_cli("check", "-c", str(config))
+    assert result.stdout.count("NTLM accepts: NTLMv2 only (allow_ntlm_legacy off") == 4
+    assert "allow_ntlm_legacy is on" not in result.stdout
+    text = config.read_text().replace(
+        'security = "require-secure-auth"', 'security = "require-secure-auth"\nallow_ntlm_legacy = true'
+    )
+    config.write_text(text.replace('security = "require-encrypted"', 'security = "require-encrypted"\nallow_ntlm_legacy = false'))
+    result = run_cli("check", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    sections = {x.split(":", 1)[0]: x for x in result.stdout.split("\nlistener ")[1:]}
+    for name in ("imap", "imaps", "pop3s"):
+        assert "NTLM accepts: NTLMv2, NTLMv1 and NTLM2 session responses" in sections[name]
+        assert "warning: allow_ntlm_legacy is on: NTLMv1 and NTLM2 session responses" in sections[name]
+    # imap offers NTLM before STARTTLS: the warning says so; implicit TLS does not need it.
+    assert "accepts NTLM without TLS" in sections["imap"]
+    assert "accepts NTLM without TLS" not in sections["imaps"]
+    assert "NTLM accepts: NTLMv2 only" in sections["submission"]
+    assert "allow_ntlm_legacy is on" not in sections["submission"]
+
+
+def test_negotiate_shows_the_ntlm_legacy_switch(tmp_path: Path) -> None:
+    config = example_copy(tmp_path)
+    config.write_text(
+        config.read_text().replace(
+            'security = "require-encrypted"', 'security = "require-encrypted"\nallow_ntlm_legacy = true'
+        )
+    )
+
+    def ask(listener: str, *extra: str) -> dict[str, object]:
+        args = ("negotiate", "-c", str(config), "--listener", listener, "--client-ip", "203.0.113.5")
+        result = run_cli(*args, "--json", *extra)
+        assert result.returncode == 0, result.stderr
+        data: dict[str, object] = json.loads(result.stdout)
+        return data
+
+    assert ask("imap")["ntlm_legacy"] is False
+    assert ask("submission", "--tls")["ntlm_legacy"] is True
+    # Nothing is offered before STARTTLS there: no NTLM, legacy or not.
+    assert ask("submission")["ntlm_legacy"] is False
+    text = run_cli("negotiate", "-c", str(config), "--listener", "submission", "--client-ip", "203.0.113.5", "--tls")
+    assert "NTLMv1 / NTLM2 session responses: accepted" in text.stdout
+    text = run_cli("negotiate", "-c", str(config), "--listener", "imap", "--client-ip", "203.0.113.5")
+    assert "NTLMv1 / NTLM2 session responses: refused (allow_ntlm_legacy off)" in text.stdout
+
+
 def test_check_bad_file_exits_2_with_key_path(tmp_path: Path) -> None:
     text = (EXAMPLES / "authgate.toml").read_text().replace('"fd00::/8"', '"10.0.0.0/33"')
     bad = tmp_path / "bad.toml"
@@ -191,6 +238,7 @@ def test_relay_listener_drops_channel_binding(tmp_path: Path) -> None:
     config.write_text(text.replace('"../certs/', f'"{EXAMPLES.parent}/certs/'))
     data = json.loads(run_cli("negotiate", "-c", str(config), "--listener", "submission", "--client-ip", "10.1.1.1", "--tls", "--json").stdout)
     assert data["offered"] == ["SCRAM-SHA-256", "PLAIN"]
+    assert data["ntlm_legacy"] is None  # relay mode: the backend verifies NTLM
     assert "channel binding" in data["withheld"]["SCRAM-SHA-256-PLUS"]
 
 

@@ -133,6 +133,12 @@ def test_good_config(tmp_path: Path) -> None:
         (('name = "smtp"', 'name = "smtp"\nhostnames = ["[192.0.2.1]"]'),
          "listeners[1].hostnames[0]: '[192.0.2.1]' is not a DNS host name or an IP address"),
         (('name = "smtp"', 'name = "smtp"\nhostnames = [25]'), "listeners[1].hostnames[0]: 25 is not a string"),
+        (('security = "require-secure-auth"', 'security = "require-secure-auth"\nallow_ntlm_legacy = "yes"'),
+         "policy.allow_ntlm_legacy: 'yes' is not a boolean"),
+        (('exempt_networks = []', 'exempt_networks = []\nallow_ntlm_legacy = 1'),
+         "listeners[1].policy.allow_ntlm_legacy: 1 is not a boolean"),
+        (('security = "require-secure-auth"', 'security = "require-secure-auth"\nallow_ntlm_lgacy = true'),
+         "policy.allow_ntlm_lgacy: unknown key"),
     ],
 )
 def test_errors_name_file_key_path_and_value(
@@ -166,6 +172,16 @@ def test_hostnames_at_the_top_and_per_listener(tmp_path: Path) -> None:
     # A listener's list replaces the top-level one (as its policy keys do).
     assert smtp.hostnames == ("smtp.example.org",)
     assert load(write(tmp_path, GOOD)).listeners[0].hostnames == ()
+
+
+def test_allow_ntlm_legacy_is_off_by_default_and_per_listener(tmp_path: Path) -> None:
+    assert {x.policy.allow_ntlm_legacy for x in load(write(tmp_path, GOOD)).listeners} == {False}
+    text = GOOD.replace(
+        'security = "require-secure-auth"', 'security = "require-secure-auth"\nallow_ntlm_legacy = true'
+    ).replace("exempt_networks = []", "exempt_networks = []\nallow_ntlm_legacy = false")
+    imap, smtp, pop3 = load(write(tmp_path, text)).listeners
+    assert imap.policy.allow_ntlm_legacy and pop3.policy.allow_ntlm_legacy
+    assert not smtp.policy.allow_ntlm_legacy  # the listener's policy table overrides
 
 
 def test_secret_not_in_errors(tmp_path: Path) -> None:

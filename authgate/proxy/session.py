@@ -164,6 +164,7 @@ class ClientSession:
             hostname=self.runtime.hostname,
             aliases=self._aliases,
             channel_binding=("tls-server-end-point", binding) if advertised and binding else None,
+            allow_ntlm_legacy=self.runtime.listener.policy.allow_ntlm_legacy,
         )
 
     # ------------------------------------------------------------ main loop

@@ -56,11 +56,19 @@ DEFAULT_SECURITY = "require-secure-auth"
 DEFAULT_EXEMPT: tuple[str, ...] = ("127.0.0.2/32",)
 HOST = "127.0.0.1"
 MARKER = "authgate"
-MARKER_KEYWORDS = ("security", "mechanisms", "exempt", "users", "messages", "brute_force_delays")
+MARKER_KEYWORDS = (
+    "security",
+    "mechanisms",
+    "exempt",
+    "users",
+    "messages",
+    "brute_force_delays",
+    "allow_ntlm_legacy",
+)
 MARKER_HELP = (
     "authgate(security='require-secure-auth', mechanisms=[...], exempt=['127.0.0.2/32'], "
-    "users={'alice': 'pw'}, messages={'alice': [b'...']}): settings of the `authgate` "
-    "fixture's stack for this test"
+    "users={'alice': 'pw'}, messages={'alice': [b'...']}, allow_ntlm_legacy=False): "
+    "settings of the `authgate` fixture's stack for this test"
 )
 
 
@@ -88,11 +96,16 @@ class AuthgateFactory(Protocol):
         users: Mapping[str, str] | None = None,
         messages: Mapping[str, Sequence[bytes]] | None = None,
         brute_force_delays: bool = False,
+        allow_ntlm_legacy: bool = False,
     ) -> Stack: ...
 
 
 def check_policy(
-    origin: str, security: str, mechanisms: Sequence[str] | None, exempt: Sequence[str]
+    origin: str,
+    security: str,
+    mechanisms: Sequence[str] | None,
+    exempt: Sequence[str],
+    allow_ntlm_legacy: bool = False,
 ) -> None:
     """Validate the policy arguments before anything starts, with the config
     loader's own messages (ConfigError), so a typo fails in milliseconds and
@@ -104,7 +117,11 @@ def check_policy(
     for name, value in (("mechanisms", mechanisms), ("exempt", exempt)):
         if isinstance(value, str | bytes):
             raise TypeError(f"{origin}: {name} must be a list of strings, not {value!r}")
-    policy: dict[str, Any] = {"security": security, "exempt_networks": list(exempt)}
+    policy: dict[str, Any] = {
+        "security": security,
+        "exempt_networks": list(exempt),
+        "allow_ntlm_legacy": allow_ntlm_legacy,
+    }
     if mechanisms is not None:
         policy["mechanisms"] = list(mechanisms)
     config_mod.from_dict({"policy": policy}, Path(origin))
@@ -135,14 +152,16 @@ def resolve_settings(
     users: Mapping[str, str] | None = None,
     messages: Mapping[str, Sequence[bytes]] | None = None,
     brute_force_delays: bool = False,
+    allow_ntlm_legacy: bool = False,
 ) -> dict[str, Any]:
     """Check every argument and fill in the defaults: the keyword arguments
     for `embedded_stack` (mechanisms None: every mechanism the stack serves).
 
     Test stacks answer a failed login at once; `brute_force_delays=True`
     keeps the real defence (a 2 s failure delay, growing per address), for
-    testing how a client copes with it."""
-    check_policy(origin, security, mechanisms, exempt)
+    testing how a client copes with it. `allow_ntlm_legacy=True` lets an
+    NTLMv1 or NTLM2-session-response client in (the config key of that name)."""
+    check_policy(origin, security, mechanisms, exempt, allow_ntlm_legacy)
     if users is None:
         users = {DEFAULT_USER: secrets.token_urlsafe(12)}
     if messages is None:
@@ -155,6 +174,7 @@ def resolve_settings(
         "users": users,
         "messages": messages,
         "extra_config": "" if brute_force_delays else NO_DELAYS,
+        "allow_ntlm_legacy": allow_ntlm_legacy,
     }
 
 
@@ -215,6 +235,7 @@ if HAVE_PYTEST_ASYNCIO:
                 users: Mapping[str, str] | None = None,
                 messages: Mapping[str, Sequence[bytes]] | None = None,
                 brute_force_delays: bool = False,
+                allow_ntlm_legacy: bool = False,
             ) -> Stack:
                 settings = resolve_settings(
                     "authgate_factory",
@@ -224,6 +245,7 @@ if HAVE_PYTEST_ASYNCIO:
                     users=users,
                     messages=messages,
                     brute_force_delays=brute_force_delays,
+                    allow_ntlm_legacy=allow_ntlm_legacy,
                 )
                 if settings["mechanisms"] is None:
                     settings["mechanisms"] = ALL_MECHANISMS

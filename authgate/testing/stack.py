@@ -86,6 +86,7 @@ def config_text(
     mechanisms: Sequence[str],
     exempt: Sequence[str],
     extra: str = "",
+    allow_ntlm_legacy: bool = False,
 ) -> str:
     """The TOML an operator would write for this layout; `extra` is appended
     (more top-level tables, e.g. "[limits]\nidle_timeout = 5")."""
@@ -102,6 +103,7 @@ def config_text(
         f"security = {q(security)}",
         f"mechanisms = {qlist(mechanisms)}",
         f"exempt_networks = {qlist(exempt)}",
+        f"allow_ntlm_legacy = {'true' if allow_ntlm_legacy else 'false'}",
         "[tls]",
         f"cert = {q(certs / 'server.pem')}",
         f"key = {q(certs / 'server.key')}",
@@ -136,6 +138,7 @@ async def embedded_stack(
     certs_dir: Path | None = None,
     messages: Mapping[str, Sequence[bytes]] | None = None,
     extra_config: str = "",
+    allow_ntlm_legacy: bool = False,
 ) -> AsyncIterator[Stack]:
     """Start backends and authgate; stop both on exit."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -171,6 +174,7 @@ async def embedded_stack(
                 mechanisms=mechanisms,
                 exempt=exempt,
                 extra=extra_config,
+                allow_ntlm_legacy=allow_ntlm_legacy,
             )
         )
         config = config_mod.load(config_file)

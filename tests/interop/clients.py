@@ -170,7 +170,6 @@ def msmtp(login: Login) -> Attempt:
 
 # -- the gsasl command (GNU SASL)
 
-GSASL_AUTHENTICATION_ERROR = 31  # GSASL_AUTHENTICATION_ERROR, gsasl's exit status
 
 
 def gsasl(login: Login) -> Attempt:
@@ -200,7 +199,9 @@ def gsasl(login: Login) -> Attempt:
     out = _redact(out, login.password)
     if rc == 0:
         return Attempt("ok", out)
-    if rc == GSASL_AUTHENTICATION_ERROR:
+    # A refusal: exit 1 after the server's NO / 5xx reply.
+    refusal = re.search(r"^(\. NO |5\d\d )", out, re.M)
+    if rc == 1 and refusal:
         return Attempt("refused", out)
     return Attempt("error", out)
 
@@ -263,17 +264,19 @@ def fetchmail(login: Login) -> Attempt:
     home.mkdir(mode=0o700)
     delivered = home / "delivered"
     rc_file = home / "fetchmailrc"
-    ssl = ""
+    # fetchmail tries STARTTLS on its own unless sslproto is empty. Its
+    # certificate check compares names only: connect by a name, not an IP.
+    ssl = 'sslproto ""'
     if login.tls == "implicit":
         ssl = "ssl"
     elif login.tls == "starttls":
         ssl = "sslproto TLS1.2+"
-    if ssl:
+    if login.tls != "none":
         ssl += f' sslcertck sslcertfile "{login.ca_file}"'
     rc_file.write_text(
         f'poll "{login.host}" service {login.port} protocol {login.protocol.upper()}'
         f" auth {login.mech.lower()} timeout {int(TIMEOUT)}\n"
-        f'  user "{login.user}" password "{login.password}" there\n'
+        f'  user "{login.user}" password "{login.password}"\n'
         f'  keep fetchall {ssl} mda "cat >> {delivered}"\n'
     )
     rc_file.chmod(0o600)

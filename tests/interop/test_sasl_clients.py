@@ -7,6 +7,9 @@ Dovecot (terminate mode: authgate verifies): what interop issue #11 found.
   client can reach; they connect by IP address (127.0.0.1, ::1: the
   listener's own address) and by a second name ("localhost", listed in
   `hostnames`), and must all log in, on every protocol and TLS mode.
+* NTLM: Cyrus SASL, GNU SASL (msmtp, gsasl), fetchmail and Authen::NTLM
+  (swaks) answer with NTLMv1 or the NTLM2 session response. Refused as too
+  weak by default; let in on the listeners with `allow_ntlm_legacy = true`.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class ListenerDef:
     tls: str
     host: str = "127.0.0.1"
     extra: tuple[str, ...] = ()  # more lines for the [[listeners]] table
+    policy: tuple[str, ...] = ()  # lines of its [listeners.policy] table
 
 
 def listener_defs() -> list[ListenerDef]:
@@ -52,6 +56,12 @@ def listener_defs() -> list[ListenerDef]:
     defs += [ListenerDef(f"{p}-v6", p, "none", host="::1") for p in PROTOCOLS]
     # A listener whose own `hostnames` (empty) replaces the top-level list.
     defs.append(ListenerDef("imap-nonames", "imap", "none", extra=("hostnames = []",)))
+    # The legacy NTLM switch, per listener (off at the top).
+    defs += [
+        ListenerDef(f"{p}-{t}-legacy", p, t, policy=("allow_ntlm_legacy = true",))
+        for p in PROTOCOLS
+        for t in TLS_MODES
+    ]
     return defs
 
 
@@ -72,6 +82,7 @@ def render(
         "[policy]",
         'security = "require-secure-auth"',
         f"mechanisms = [{mechanisms}]",
+        "allow_ntlm_legacy = false",
         "",
         "[defence]",
         "failure_delay = 0.0",
@@ -99,8 +110,10 @@ def render(
             f'address = "127.0.0.1:{backends[d.protocol]}"',
             f'master_user = "{dovecot.master[0]}"',
             f'master_password_file = "{master_file}"',
-            "",
         ]
+        if d.policy:
+            lines += ["[listeners.policy]", *d.policy]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -303,3 +316,62 @@ def test_digest_md5_name_not_ours_is_refused_as_a_mismatch(
     login = running.login("imap-nonames", "127.0.0.1", "DIGEST-MD5", dovecot.users[USER])
     before = marks(running, dovecot)
     assert_logged_in(clients.cyrus(login), login, running, dovecot, before)
+
+
+# ------------------------------------------------------------ NTLM legacy
+
+NTLM_CLIENTS: list[tuple[str, Runner, tuple[str, ...], tuple[str, ...]]] = [
+    ("cyrus", clients.cyrus, PROTOCOLS, TLS_MODES),
+    ("msmtp", clients.msmtp, ("smtp",), TLS_MODES),
+    ("gsasl", clients.gsasl, ("imap", "smtp"), ("none", "starttls")),
+    ("fetchmail", clients.fetchmail, ("imap", "pop3"), TLS_MODES),
+    ("swaks", clients.swaks, ("smtp",), TLS_MODES),
+]
+
+NTLM_CASES = [
+    pytest.param(runner, protocol, tls, id=f"{name}-{protocol}-{tls}")
+    for name, runner, protocols, modes in NTLM_CLIENTS
+    for protocol in protocols
+    for tls in modes
+]
+
+
+@pytest.mark.parametrize(("runner", "protocol", "tls"), NTLM_CASES)
+def test_legacy_ntlm_clients_need_the_switch(
+    running: Running, dovecot: DovecotInstance, runner: Runner, protocol: str, tls: str
+) -> None:
+    password = dovecot.users[USER]
+    # Off (the default): refused as too weak, never a login.
+    before = marks(running, dovecot)
+    # By name: fetchmail checks certificates by name only (NTLM does not care).
+    refused = runner(running.login(f"{protocol}-{tls}", SECOND_NAME, "NTLM", password))
+    log = running.gateway.log_text(before[0])
+    context = explain(refused, running, before[0], dovecot, before[1])
+    assert refused.status == "refused", context
+    assert "NTLM authentication failed: too-weak" in log, context
+    assert "allow_ntlm_legacy" in log, context
+    assert "Login: user=" not in dovecot.log_text(before[1])
+    # On for this listener: the same client logs in and reaches the mailbox.
+    login = running.login(f"{protocol}-{tls}-legacy", SECOND_NAME, "NTLM", password)
+    before = marks(running, dovecot)
+    assert_logged_in(runner(login), login, running, dovecot, before)
+
+
+@pytest.mark.parametrize(
+    ("runner", "protocol"),
+    [
+        pytest.param(clients.cyrus, "imap", id="cyrus-imap"),
+        pytest.param(clients.msmtp, "smtp", id="msmtp-smtp"),
+        pytest.param(clients.fetchmail, "pop3", id="fetchmail-pop3"),
+        pytest.param(clients.swaks, "smtp", id="swaks-smtp"),
+    ],
+)
+def test_legacy_ntlm_still_checks_the_password(
+    running: Running, dovecot: DovecotInstance, runner: Runner, protocol: str
+) -> None:
+    before = marks(running, dovecot)
+    attempt = runner(running.login(f"{protocol}-none-legacy", SECOND_NAME, "NTLM", "wrong-pw"))
+    log = running.gateway.log_text(before[0])
+    assert attempt.status == "refused", explain(attempt, running, before[0], dovecot, before[1])
+    assert "NTLM authentication failed as 'plainuser': invalid-credentials" in log, log
+    assert "Login: user=" not in dovecot.log_text(before[1])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +17,14 @@ import pytest
 import pytest_asyncio
 
 from authgate.sasl import mechanism as mechanism_info
+from authgate.sasl._ntlm_messages import (
+    Flag,
+    build_authenticate,
+    build_negotiate,
+    parse_challenge,
+)
 from authgate.sasl.base import ClientContext, ClientCredentials, ClientMechanism
+from authgate.sasl.ntlm import nt_hash, ntlm2_session_response, ntlmv1_response
 from authgate.testing.stack import ListenerSpec, Stack, embedded_stack
 
 pytestmark = pytest.mark.asyncio
@@ -34,17 +42,30 @@ max_errors = 1000
 """
 
 
+LAYOUT = (
+    ListenerSpec("submission", "smtp", "starttls"),
+    ListenerSpec("imap", "imap", "none"),
+)
+
+
 @pytest_asyncio.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    async with embedded_stack(
+        tmp_path, users={"alice": PASSWORD}, security="none", layout=LAYOUT, extra_config=DEFENCE
+    ) as running:
+        yield running
+
+
+@pytest_asyncio.fixture
+async def legacy_stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    """The same, with `[policy] allow_ntlm_legacy = true`."""
     async with embedded_stack(
         tmp_path,
         users={"alice": PASSWORD},
         security="none",
-        layout=(
-            ListenerSpec("submission", "smtp", "starttls"),
-            ListenerSpec("imap", "imap", "none"),
-        ),
+        layout=LAYOUT,
         extra_config=DEFENCE,
+        allow_ntlm_legacy=True,
     ) as running:
         yield running
 
@@ -192,3 +213,72 @@ async def test_imap_digest_uri_mismatch_reply(stack: Stack) -> None:
         )
     finally:
         writer.close()
+
+
+# ------------------------------------------------------------ NTLM legacy
+
+
+class LegacyNTLMClient:
+    """What Cyrus SASL, GNU SASL, fetchmail and Authen::NTLM send: NTLMv1
+    ([MS-NLMP] 3.3.1), or with extended session security the NTLM2 session
+    response. Written out here because our own client speaks only NTLMv2."""
+
+    name = "NTLM"
+
+    def __init__(self, password: str, *, session_response: bool) -> None:
+        self.password = password
+        self.ess = session_response
+        self.flags = Flag.UNICODE | Flag.NTLM | (Flag.EXTENDED_SESSIONSECURITY if self.ess else 0)
+
+    def start(self) -> bytes:
+        return build_negotiate(int(self.flags))
+
+    def step(self, challenge: bytes) -> bytes:
+        server_challenge = parse_challenge(challenge).server_challenge
+        nt = nt_hash(self.password)
+        if self.ess:
+            client_challenge = os.urandom(8)
+            lm = client_challenge + bytes(16)
+            response = ntlm2_session_response(nt, server_challenge, client_challenge)
+        else:
+            response = ntlmv1_response(nt, server_challenge)
+            lm = response  # what Windows sends when it keeps no LM hash
+        return build_authenticate(
+            int(self.flags), lm, response, b"", "alice".encode("utf-16-le"), b""
+        )
+
+    def finish(self, additional: bytes | None) -> None:
+        return None
+
+
+@pytest.mark.parametrize("session_response", [False, True], ids=["ntlmv1", "ntlm2-session"])
+async def test_legacy_ntlm_is_too_weak_by_default(stack: Stack, session_response: bool) -> None:
+    ep = stack["submission"]
+    smtp = await SmtpDialogue.open(ep.host, ep.port, "127.0.0.6")
+    try:
+        await smtp.ehlo()
+        reply = await smtp.authenticate(
+            LegacyNTLMClient(PASSWORD, session_response=session_response)
+        )
+        assert reply == "534 5.7.9 Authentication mechanism is too weak"
+    finally:
+        smtp.close()
+    assert stack.backends.smtp.logins == []
+
+
+@pytest.mark.parametrize("session_response", [False, True], ids=["ntlmv1", "ntlm2-session"])
+async def test_allow_ntlm_legacy_lets_them_in(legacy_stack: Stack, session_response: bool) -> None:
+    ep = legacy_stack["submission"]
+    smtp = await SmtpDialogue.open(ep.host, ep.port, "127.0.0.6")
+    try:
+        await smtp.ehlo()
+        wrong = await smtp.authenticate(
+            LegacyNTLMClient("wrong", session_response=session_response)
+        )
+        assert wrong == "535 5.7.8 Authentication credentials invalid"
+        right = LegacyNTLMClient(PASSWORD, session_response=session_response)
+        assert (await smtp.authenticate(right)).startswith("235 ")
+    finally:
+        smtp.close()
+    login = legacy_stack.backends.smtp.logins[-1]
+    assert login.user == "alice" and login.mechanism

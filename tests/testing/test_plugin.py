@@ -354,3 +354,31 @@ def test_with_pytest_asyncio_the_plugin_registers_fixtures_and_marker() -> None:
         "pytest_configure",
     ):
         assert callable(getattr(plugin, name)), name
+
+
+def test_allow_ntlm_legacy_keyword(run: Runner) -> None:
+    """Marker and factory take the policy key of that name; a wrong type is
+    the config loader's own error."""
+    source = CLIENTS + textwrap.dedent("""
+        from authgate import config
+
+
+        def legacy(stack):
+            return [x.policy.allow_ntlm_legacy for x in config.load(stack.config_file).listeners]
+
+
+        @pytest.mark.asyncio
+        @pytest.mark.authgate(allow_ntlm_legacy=True)
+        async def test_marker_turns_it_on(authgate):
+            assert set(legacy(authgate)) == {True}
+
+
+        @pytest.mark.asyncio
+        async def test_off_by_default(authgate_factory):
+            assert set(legacy(await authgate_factory())) == {False}
+            assert set(legacy(await authgate_factory(allow_ntlm_legacy=True))) == {True}
+            with pytest.raises(ConfigError, match="allow_ntlm_legacy: 'yes' is not a boolean"):
+                await authgate_factory(allow_ntlm_legacy="yes")
+    """)
+    result = run(source)
+    result.assert_outcomes(passed=2)
