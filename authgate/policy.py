@@ -147,6 +147,16 @@ class Decision:
     effective: Security  # the policy applied (NONE for exempt clients)
     withheld: Mapping[str, Withheld]  # configured mechanisms not offered, and why
 
+    @property
+    def binds_channel(self) -> bool:
+        """Whether a SCRAM exchange on this connection gets channel-binding
+        data: exactly when a -PLUS mechanism is advertised (only ever inside
+        TLS). RFC 5802 section 6: a client's "y" flag then means someone
+        stripped the -PLUS mechanisms (refused); without one advertised it
+        means "I could bind, you cannot" (accepted). The one place this is
+        decided, whichever way TLS started."""
+        return any(MECHANISMS[m].channel_binding for m in self.offered)
+
     def refusal(self, mechanism: str) -> Refusal | None:
         """Why a client's AUTH/AUTHENTICATE with `mechanism` must be refused,
         or None when it may go ahead."""

@@ -142,7 +142,7 @@ class ServerMachine(Protocol):
     def start(self) -> list[Event]: ...
     def receive_data(self, data: bytes) -> list[Event]: ...
     def resume(self, answer: LookupAnswer) -> list[Event]: ...
-    def tls_started(self, channel_binding: bytes | None = None) -> list[Event]: ...
+    def tls_started(self) -> list[Event]: ...
     def backend_ready(self, capabilities: Sequence[str]) -> list[Event]: ...
     def backend_failed(self, failure: BackendFailure) -> list[Event]: ...
     def relay_challenge(self, data: bytes) -> list[Event]: ...
@@ -278,13 +278,19 @@ def server_settings(variant: Variant) -> SessionSettings:
     listener = ListenerPolicy(
         POLICY[variant.protocol], Security(variant.security), variant.server_mechanisms
     )
-    ctx = ServerContext(
+    plain = ServerContext(
         service=SERVICES[variant.protocol], hostname=HOST, random=fixed_random("server")
     )
+    bound = replace(plain, channel_binding=("tls-server-end-point", BINDING))
+
+    def context(tls: bool) -> ServerContext:
+        # As the proxy's session decides it: binding data only with -PLUS offered.
+        return bound if tls and decide(listener, CLIENT_IP, tls=tls).binds_channel else plain
+
     return SessionSettings(
         hostname=HOST,
         decide=lambda tls: decide(listener, CLIENT_IP, tls=tls),
-        sasl_context=lambda tls: ctx,
+        sasl_context=context,
         starttls_available=True,
         tls_active=variant.tls_active,
         relay=variant.relay,
@@ -378,7 +384,7 @@ def record(variant: Variant) -> Recording:
             waiting_tls.add(side)
             if waiting_tls == {"server", "client"}:
                 waiting_tls.clear()
-                queue.extend(("server", e) for e in server.tls_started(BINDING))
+                queue.extend(("server", e) for e in server.tls_started())
                 queue.extend(("client", e) for e in client.tls_started())
     return rec
 
@@ -820,8 +826,7 @@ def run_server_input(inp: FuzzInput) -> list[Event]:
                     )
                     pending.append(machine.resume(answer))
                 elif isinstance(event, StartTLS):
-                    binding = BINDING if rng.random() < 0.8 else rng.choice([None, b"", b"x"])
-                    pending.append(machine.tls_started(binding))
+                    pending.append(machine.tls_started())
                 elif isinstance(event, Authenticated):
                     if rng.random() < 0.6:
                         caps = rng.sample(["IMAP4rev1", "IDLE", "a]b", "\r\n", "X" * 100, ""], 3)

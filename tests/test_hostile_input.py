@@ -485,10 +485,10 @@ class ServerSession(RuleBasedStateMachine):
         self.take(self.m.resume(data.draw(lookup_answers(request), label="answer")))
 
     @precondition(lambda self: isinstance(self.waiting, StartTLS))
-    @rule(binding=st.one_of(st.just(BINDING), st.none(), st.binary(max_size=48)))
-    def handshake(self, binding: bytes | None) -> None:
+    @rule()
+    def handshake(self) -> None:
         self.waiting = None
-        self.take(self.m.tls_started(binding))
+        self.take(self.m.tls_started())
 
     @precondition(lambda self: "backend_ready" in self.allowed_calls())
     @rule(capabilities=capability_lists)
@@ -539,7 +539,7 @@ class ServerSession(RuleBasedStateMachine):
         calls: dict[str, Callable[[], list[Event]]] = {
             "start": self.m.start,
             "resume": lambda: self.m.resume(True),
-            "tls_started": lambda: self.m.tls_started(None),
+            "tls_started": lambda: self.m.tls_started(),
             "backend_ready": lambda: self.m.backend_ready(()),
             "backend_failed": lambda: self.m.backend_failed(BackendFailure.UNAVAILABLE),
             "relay_challenge": lambda: self.m.relay_challenge(b""),
@@ -1061,7 +1061,7 @@ def test_recorded_sessions_replay_against_fresh_machines(protocol: str) -> None:
                 if isinstance(event, Lookup):
                     pending += server.resume(fuzz.resolve(event.request))
                 elif isinstance(event, StartTLS):
-                    pending += server.tls_started(BINDING)
+                    pending += server.tls_started()
         assert isinstance(events[-1], Authenticated), (rec.variant, events[-3:])
         replayed += 1
     assert replayed >= len(MECHANISMS)

@@ -124,6 +124,18 @@ def test_channel_binding_mechanisms_need_tls() -> None:
     assert decide(pol, OUTSIDER, tls=True).offered == ("SCRAM-SHA-256-PLUS", "SCRAM-SHA-256")
 
 
+def test_channel_binding_data_goes_with_an_advertised_plus_mechanism() -> None:
+    """RFC 5802 section 6: SCRAM gets binding data exactly when a -PLUS is
+    advertised (so a client's "y" is a downgrade only then)."""
+    both = ListenerPolicy(Protocol.IMAP, Security.NONE, ("SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"))
+    assert decide(both, OUTSIDER, tls=True).binds_channel
+    assert not decide(both, OUTSIDER, tls=False).binds_channel  # -PLUS withheld before TLS
+    plain = ListenerPolicy(Protocol.IMAP, Security.NONE, ("SCRAM-SHA-256", "SCRAM-SHA-1"))
+    assert not decide(plain, OUTSIDER, tls=True).binds_channel
+    # -PLUS configured but not verifiable by the store: not advertised, no binding.
+    assert not decide(both, OUTSIDER, tls=True, verifiable=("SCRAM-SHA-256",)).binds_channel
+
+
 def test_unknown_mechanism_is_not_available() -> None:
     d = decide(listener(Security.NONE), OUTSIDER, tls=True)
     assert d.refusal("GSSAPI") is Refusal.NOT_AVAILABLE

@@ -6,7 +6,7 @@ A *server* machine speaks to the mail client until it is authenticated:
     out = machine.start()                  # greeting (a list of events)
     out = machine.receive_data(chunk)      # any number of bytes
     out = machine.resume(answer)           # after a Lookup
-    out = machine.tls_started(binding)     # after a StartTLS handshake
+    out = machine.tls_started()            # after a StartTLS handshake
     out = machine.backend_ready(caps)      # terminate mode: backend login worked
     out = machine.backend_failed(reason)   # ... or did not
     out = machine.relay_challenge(data)    # relay mode: backend sent a challenge
@@ -191,7 +191,9 @@ class SessionSettings:
     # The policy for this client, given whether TLS is active; the driver
     # binds the client address and store so the machine only supplies TLS.
     decide: Callable[[bool], Decision]
-    # SASL context (service name, realm, channel binding) given TLS state.
+    # SASL context (service name, realm, channel binding) given TLS state:
+    # the machine passes it to the mechanism unchanged. The channel-binding
+    # data belongs in it exactly when `decide(tls).binds_channel`.
     sasl_context: Callable[[bool], ServerContext] = field(
         default=lambda tls: ServerContext()
     )

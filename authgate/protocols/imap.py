@@ -21,7 +21,6 @@ Server choices worth knowing:
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import functools
 import re
@@ -295,7 +294,6 @@ class ImapServer:
         self._settings = settings
         self._state = _State.NEW
         self._tls_active = settings.tls_active
-        self._channel_binding: bytes | None = None
         self._buffer = LineBuffer(settings.max_line)
         self._command: _Command | None = None
         self._literal_needed = 0
@@ -341,13 +339,12 @@ class ImapServer:
             events = self._sasl_step(attempt.exchange.resume(answer))
         return events + self._pump()
 
-    def tls_started(self, channel_binding: bytes | None = None) -> list[Event]:
+    def tls_started(self) -> list[Event]:
         self._expect({_State.TLS}, "tls_started")
         # RFC 9051 section 6.2.1: forget everything from before the
         # handshake; the capability list changes (no STARTTLS, maybe AUTH=).
         self._buffer.clear()
         self._tls_active = True
-        self._channel_binding = channel_binding
         self._state = _State.COMMAND
         return []
 
@@ -583,11 +580,7 @@ class ImapServer:
     # ---------------------------------------------------------------- SASL
 
     def _sasl_context(self) -> ServerContext:
-        ctx = self._settings.sasl_context(self._tls_active)
-        if ctx.channel_binding is None and self._channel_binding is not None:
-            binding = ("tls-server-end-point", self._channel_binding)
-            ctx = dataclasses.replace(ctx, channel_binding=binding)
-        return ctx
+        return self._settings.sasl_context(self._tls_active)
 
     def _sasl_step(self, step: ExchangeStep) -> list[Event]:
         attempt = self._current()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 
 from authgate.policy import Decision, Refusal, choose_client_mechanism
 from authgate.protocols.base import (
@@ -199,7 +198,6 @@ class Pop3Server:
         self._settings = settings
         self._state = ServerState.NEW
         self._tls_active = settings.tls_active
-        self._channel_binding: bytes | None = None
         self._lines = LineBuffer(settings.max_line)
         self._errors = 0
         self._commands = 0
@@ -256,10 +254,9 @@ class Pop3Server:
         assert self._exchange is not None
         return self._sasl_step(self._exchange.resume(answer)) + self._drain()
 
-    def tls_started(self, channel_binding: bytes | None = None) -> list[Event]:
+    def tls_started(self) -> list[Event]:
         self._expect(ServerState.STARTTLS, "tls_started")
         self._tls_active = True
-        self._channel_binding = channel_binding
         # RFC 2595 section 4 / CVE-2011-0411: forget everything said in the
         # clear, including bytes pipelined behind STLS.
         self._lines.clear()
@@ -530,10 +527,7 @@ class Pop3Server:
         return self._settings.decide(self._tls_active)
 
     def _sasl_context(self) -> ServerContext:
-        ctx = self._settings.sasl_context(self._tls_active)
-        if self._channel_binding is not None and ctx.channel_binding is None:
-            ctx = replace(ctx, channel_binding=("tls-server-end-point", self._channel_binding))
-        return ctx
+        return self._settings.sasl_context(self._tls_active)
 
     def _login_refused(self) -> str | None:
         refusal = self._decide().login_refusal()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import ClassVar
 
 from authgate.policy import Refusal, choose_client_mechanism, client_ip
@@ -200,7 +200,6 @@ class SmtpServer:
         self._state = _State.NEW
         self._lines = LineBuffer(settings.max_line)
         self._tls = settings.tls_active
-        self._channel_binding: bytes | None = None
         self._line = b""  # the command line being handled
         self._helo: bytes | None = None  # argument of the last EHLO/HELO
         self._esmtp = False  # the client said EHLO (not HELO)
@@ -241,10 +240,9 @@ class SmtpServer:
         assert self._exchange is not None
         return self._exchange_step(self._exchange.resume(answer)) + self._process()
 
-    def tls_started(self, channel_binding: bytes | None = None) -> list[Event]:
+    def tls_started(self) -> list[Event]:
         self._expect(_State.WAIT_TLS, "tls_started")
         self._tls = True
-        self._channel_binding = channel_binding
         self._lines.clear()
         # RFC 3207 section 4.2: forget everything the client said before;
         # it must EHLO again, and the capabilities change.
@@ -448,11 +446,7 @@ class SmtpServer:
     # --------------------------------------------------------- terminate mode
 
     def _sasl_context(self) -> ServerContext:
-        ctx = self._settings.sasl_context(self._tls)
-        if self._tls and ctx.channel_binding is None and self._channel_binding is not None:
-            # The handshake's binding data (RFC 5929) from tls_started().
-            ctx = replace(ctx, channel_binding=("tls-server-end-point", self._channel_binding))
-        return ctx
+        return self._settings.sasl_context(self._tls)
 
     def _exchange_step(self, step: ExchangeStep) -> list[Event]:
         if isinstance(step, SendChallenge):

@@ -45,7 +45,6 @@ from authgate.proxy.passthrough import swallow_smtp_replies
 from authgate.proxy.runtime import ListenerRuntime
 from authgate.proxy.splice import splice
 from authgate.proxy.upstream import LoginStep, Upstream, connect
-from authgate.sasl import MECHANISMS
 from authgate.sasl.base import (
     STORE_UNAVAILABLE,
     ClientContext,
@@ -153,17 +152,17 @@ class ClientSession:
         return decision
 
     def _sasl_context(self, tls: bool) -> ServerContext:
+        """What the mechanisms learn about this connection, for implicit TLS
+        and after STARTTLS alike. Channel binding: see Decision.binds_channel
+        (the machines get no binding data of their own)."""
         binding = self.runtime.channel_binding
-        # RFC 5802 section 6: a SCRAM server that has channel binding data
-        # treats a client's "y" flag as a downgrade, so give it the data only
-        # when a -PLUS mechanism is really advertised on this connection.
-        offered = self._decide(tls).offered
-        advertised = tls and binding and any(MECHANISMS[m].channel_binding for m in offered)
+        if not (tls and binding is not None and self._decide(tls).binds_channel):
+            binding = None
         return ServerContext(
             service=self.runtime.parts.sasl_service,
             hostname=self.runtime.hostname,
             aliases=self._aliases,
-            channel_binding=("tls-server-end-point", binding) if advertised and binding else None,
+            channel_binding=None if binding is None else ("tls-server-end-point", binding),
             allow_ntlm_legacy=self.runtime.listener.policy.allow_ntlm_legacy,
         )
 
@@ -370,7 +369,7 @@ class ClientSession:
                 self.tag,
                 dropped,
             )
-        events: list[Event] = self.machine.tls_started(self.runtime.channel_binding)
+        events: list[Event] = self.machine.tls_started()
         return events
 
     # -------------------------------------------------------------- backend

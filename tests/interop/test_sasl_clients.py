@@ -375,3 +375,4 @@ def test_legacy_ntlm_still_checks_the_password(
     assert attempt.status == "refused", explain(attempt, running, before[0], dovecot, before[1])
     assert "NTLM authentication failed as 'plainuser': invalid-credentials" in log, log
     assert "Login: user=" not in dovecot.log_text(before[1])
+

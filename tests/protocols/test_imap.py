@@ -89,6 +89,9 @@ def resolve(request: LookupRequest) -> LookupAnswer:
     return _scram(password, "sha1" if form is SecretForm.SCRAM_SHA_1 else "sha256")
 
 
+TLS_BINDING = b"tls-binding"  # the tls-server-end-point data of the pretend TLS session
+
+
 def session(
     security: Security = Security.NONE,
     mechanisms: Sequence[str] = ALL_MECHS,
@@ -104,7 +107,13 @@ def session(
     def decide_for(tls: bool) -> Any:
         return decide(listener, CLIENT_IP, tls=tls, verifiable=verifiable)
 
+    def context_for(tls: bool) -> ServerContext:
+        # As the proxy's session does: binding data only with -PLUS offered.
+        binds = tls and decide_for(tls).binds_channel
+        return ServerContext(channel_binding=("tls-server-end-point", TLS_BINDING) if binds else None)
+
     kwargs.setdefault("starttls_available", True)
+    kwargs.setdefault("sasl_context", context_for)
     return SessionSettings(hostname="mail.example", decide=decide_for, **kwargs)
 
 
@@ -144,7 +153,7 @@ class Harness:
             elif isinstance(event, Authenticated) and self.auto_backend:
                 self._act(self.server.backend_ready(BACKEND_CAPS))
             elif isinstance(event, StartTLS) and self.auto_tls:
-                self._act(self.server.tls_started(b"binding"))
+                self._act(self.server.tls_started())
 
     def send(self, data: bytes) -> bytes:
         return self.handle(self.server.receive_data(data))
@@ -766,7 +775,7 @@ def test_calls_out_of_order_raise() -> None:
         server.start()
     calls: list[Callable[[], object]] = [
         lambda: server.resume(True),
-        lambda: server.tls_started(None),
+        lambda: server.tls_started(),
         lambda: server.backend_ready(()),
         lambda: server.backend_failed(BackendFailure.UNAVAILABLE),
         lambda: server.relay_challenge(b""),
@@ -788,7 +797,7 @@ def test_starttls_discards_pipelined_commands() -> None:
     assert isinstance(h.events[-1], StartTLS)
     # Plaintext arriving before the handshake completes is dropped as well.
     assert h.send(b'z LOGIN alice "correct horse"\r\n') == b""
-    assert h.handle(h.server.tls_started(b"cb")) == b""
+    assert h.handle(h.server.tls_started()) == b""
     assert h.send(b"c NOOP\r\n") == b"c OK NOOP completed\r\n"
     assert not h.of(Lookup) and not h.of(Authenticated)
 
@@ -796,7 +805,7 @@ def test_starttls_discards_pipelined_commands() -> None:
 def test_starttls_forgets_a_partial_command() -> None:
     h = Harness(session())
     h.send(b"s STARTTLS\r\nx LOG")
-    h.handle(h.server.tls_started(None))
+    h.handle(h.server.tls_started())
     assert h.send(b"c NOOP\r\n") == b"c OK NOOP completed\r\n"
 
 
@@ -1278,7 +1287,7 @@ class Sim:
             for client, server in (("mua", "gw"), ("up", "backend")):
                 if {client, server} <= self.tls:
                     self.tls -= {client, server}
-                    self.dispatch(server, self.machine(server).tls_started(b"tls-binding"))
+                    self.dispatch(server, self.machine(server).tls_started())
                     self.dispatch(client, self.machine(client).tls_started())
                     progressed = True
             if not progressed:
@@ -1368,7 +1377,7 @@ def test_client_with_wrong_password_is_refused(mech: str) -> None:
 
 def test_starttls_then_channel_binding_login() -> None:
     mech = "SCRAM-SHA-256-PLUS"
-    binding = ClientContext(channel_binding=("tls-server-end-point", b"tls-binding"))
+    binding = ClientContext(channel_binding=("tls-server-end-point", TLS_BINDING))
     mua = ImapClient(mua_settings(mech, starttls=True, sasl_context=binding))
     gw = ImapServer(session(Security.REQUIRE_ENCRYPTED, (mech, "PLAIN")))
     sim = Sim(mua, gw)

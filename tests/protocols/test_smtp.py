@@ -108,10 +108,10 @@ def session(
     **kwargs: Any,
 ) -> SessionSettings:
     listener = ListenerPolicy(Protocol.SMTP, security, mechanisms, exempt=LAN)
+    kwargs.setdefault("sasl_context", lambda t: ServerContext(service="smtp", hostname=HOST))
     return SessionSettings(
         hostname=HOST,
         decide=lambda t: decide(listener, client, tls=t, verifiable=verifiable),
-        sasl_context=lambda t: ServerContext(service="smtp", hostname=HOST),
         starttls_available=starttls,
         tls_active=tls,
         **kwargs,
@@ -496,9 +496,17 @@ def test_expired_password_gets_535_and_no_login() -> None:
     assert not talk.closed
 
 
-def test_channel_binding_from_tls_started_reaches_plus_mechanism() -> None:
+def test_channel_binding_from_the_sasl_context_reaches_plus_mechanism() -> None:
     binding = b"\x01" * 32
-    server_settings = session(Security.NONE, mechanisms=("SCRAM-SHA-256-PLUS",))
+    server_settings = session(
+        Security.NONE,
+        mechanisms=("SCRAM-SHA-256-PLUS",),
+        sasl_context=lambda t: ServerContext(
+            service="smtp",
+            hostname=HOST,
+            channel_binding=("tls-server-end-point", binding) if t else None,
+        ),
+    )
     client_settings = ClientSettings(
         hostname="proxy.example",
         starttls=True,
@@ -506,9 +514,7 @@ def test_channel_binding_from_tls_started_reaches_plus_mechanism() -> None:
         credentials=ClientCredentials("alice", USERS["alice"]),
         sasl_context=ClientContext(channel_binding=("tls-server-end-point", binding)),
     )
-    client_events, server_events = pump(
-        SmtpClient(client_settings), SmtpServer(server_settings), binding=binding
-    )
+    client_events, server_events = pump(SmtpClient(client_settings), SmtpServer(server_settings))
     assert LoggedIn in {type(e) for e in client_events}
     assert Authenticated("alice", "alice", "SCRAM-SHA-256-PLUS") in server_events
 
@@ -618,7 +624,7 @@ def test_starttls_discards_pipelined_input() -> None:
     assert isinstance(talk.events[-1], StartTLS)
     # Plaintext arriving before the handshake is dropped too.
     assert talk.send("NOOP\r\n") == ""
-    assert talk.call(talk.server.tls_started(b"cb")) == ""
+    assert talk.call(talk.server.tls_started()) == ""
     assert talk.server.tls_active
     assert not talk.of(Lookup) and not talk.of(Authenticated)
     assert talk.say("NOOP").startswith("250 ")
@@ -823,7 +829,6 @@ def pump(
     client: SmtpClient,
     server: SmtpServer,
     *,
-    binding: bytes | None = None,
     backend: Callable[[SmtpServer], list[Event]] = lambda s: s.backend_ready(()),
 ) -> tuple[list[ClientEvent], list[Event]]:
     """Shuttle bytes between our client and our server until both rest."""
@@ -853,7 +858,7 @@ def pump(
                 handshake["client"] = True
         if all(handshake.values()):
             handshake = {"client": False, "server": False}
-            to_server += server.tls_started(binding)
+            to_server += server.tls_started()
             to_client += client.tls_started()
         if not to_server and not to_client:
             return client_events, server_events

@@ -25,6 +25,7 @@ from authgate.sasl._ntlm_messages import (
 )
 from authgate.sasl.base import ClientContext, ClientCredentials, ClientMechanism
 from authgate.sasl.ntlm import nt_hash, ntlm2_session_response, ntlmv1_response
+from authgate.sasl.scram import tls_server_end_point
 from authgate.testing.stack import ListenerSpec, Stack, embedded_stack
 
 pytestmark = pytest.mark.asyncio
@@ -77,8 +78,16 @@ class SmtpDialogue:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def open(cls, host: str, port: int, source: str) -> SmtpDialogue:
-        reader, writer = await asyncio.open_connection(host, port, local_addr=(source, 0))
+    async def open(
+        cls, host: str, port: int, source: str, context: ssl.SSLContext | None = None
+    ) -> SmtpDialogue:
+        reader, writer = await asyncio.open_connection(
+            host,
+            port,
+            local_addr=(source, 0),
+            ssl=context,
+            server_hostname="localhost" if context else None,
+        )
         dialogue = cls(reader, writer)
         assert (await dialogue.reply()).startswith("220 ")
         return dialogue
@@ -282,3 +291,99 @@ async def test_allow_ntlm_legacy_lets_them_in(legacy_stack: Stack, session_respo
         smtp.close()
     login = legacy_stack.backends.smtp.logins[-1]
     assert login.user == "alice" and login.mechanism
+
+
+# ------------------------------------------------------------ channel binding
+
+TLS_LAYOUT = (
+    ListenerSpec("submission", "smtp", "starttls"),
+    ListenerSpec("smtps", "smtp", "implicit"),
+)
+
+
+@pytest_asyncio.fixture(params=[False, True], ids=["no-plus", "plus"])
+async def binding_stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stack]:
+    """SCRAM-SHA-256 without, or with, SCRAM-SHA-256-PLUS advertised."""
+    mechanisms = ("SCRAM-SHA-256-PLUS", "SCRAM-SHA-256") if request.param else ("SCRAM-SHA-256",)
+    async with embedded_stack(
+        tmp_path,
+        users={"alice": PASSWORD},
+        security="none",
+        mechanisms=mechanisms,
+        layout=TLS_LAYOUT,
+        extra_config=DEFENCE,
+    ) as running:
+        yield running
+
+
+async def tls_dialogue(stack: Stack, transport: str) -> tuple[SmtpDialogue, list[str]]:
+    """An SMTP session inside TLS (STARTTLS or implicit), after EHLO: the
+    dialogue and the mechanisms advertised."""
+    context = stack.ssl_context()
+    if transport == "starttls":
+        ep = stack["submission"]
+        smtp = await SmtpDialogue.open(ep.host, ep.port, "127.0.0.7")
+        await smtp.ehlo()
+        await smtp.starttls(context)
+    else:
+        ep = stack["smtps"]
+        smtp = await SmtpDialogue.open(ep.host, ep.port, "127.0.0.7", context)
+    return smtp, await smtp.ehlo()
+
+
+def scram(name: str, binding: tuple[str, bytes] | None) -> ClientMechanism:
+    """Our SCRAM client: with binding data and a non-PLUS mechanism it sends
+    the GS2 flag "y" ("I can bind, I believe you cannot")."""
+    return mechanism_info(name).client(
+        ClientCredentials("alice", PASSWORD), ClientContext(channel_binding=binding)
+    )
+
+
+def certificate_binding(smtp: SmtpDialogue) -> tuple[str, bytes]:
+    """tls-server-end-point (RFC 5929) of the certificate this TLS session shows."""
+    der = smtp.writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    return ("tls-server-end-point", tls_server_end_point(der))
+
+
+@pytest.mark.parametrize("transport", ["starttls", "implicit"])
+async def test_scram_y_flag_follows_what_is_advertised(
+    binding_stack: Stack, transport: str
+) -> None:
+    """RFC 5802 section 6, the same on either transport: a client that can
+    bind but sees no -PLUS says "y" and is let in; with -PLUS advertised a
+    "y" means someone stripped it, and is refused. (After STARTTLS the
+    machine used to get the binding data whatever was advertised, so the
+    first case was refused as a wrong password and counted as a guess.)"""
+    guard = binding_stack.gateway.guard
+    smtp, offered = await tls_dialogue(binding_stack, transport)
+    plus = "SCRAM-SHA-256-PLUS" in offered
+    try:
+        reply = await smtp.authenticate(scram("SCRAM-SHA-256", certificate_binding(smtp)))
+    finally:
+        smtp.close()
+    if plus:
+        assert reply.startswith("535 5.7.8 "), reply
+    else:
+        assert reply.startswith("235 "), reply
+        assert guard.addresses.get(guard.address_key("127.0.0.7")) is None
+
+
+@pytest.mark.parametrize("transport", ["starttls", "implicit"])
+async def test_plus_binds_to_this_tls_session(binding_stack: Stack, transport: str) -> None:
+    smtp, offered = await tls_dialogue(binding_stack, transport)
+    try:
+        # A client that cannot bind ("n") is fine either way.
+        assert (await smtp.authenticate(scram("SCRAM-SHA-256", None))).startswith("235 ")
+    finally:
+        smtp.close()
+    if "SCRAM-SHA-256-PLUS" not in offered:
+        return
+    smtp, _ = await tls_dialogue(binding_stack, transport)
+    try:
+        another = ("tls-server-end-point", bytes(32))
+        reply = await smtp.authenticate(scram("SCRAM-SHA-256-PLUS", another))
+        assert reply.startswith("535 5.7.8 "), reply
+        ours = certificate_binding(smtp)
+        assert (await smtp.authenticate(scram("SCRAM-SHA-256-PLUS", ours))).startswith("235 ")
+    finally:
+        smtp.close()
