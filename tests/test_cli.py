@@ -99,6 +99,20 @@ def test_check_shows_the_ntlm_legacy_switch_and_warns_when_on(tmp_path: Path) ->
     assert "allow_ntlm_legacy is on" not in sections["submission"]
 
 
+def test_check_says_when_the_ntlm_legacy_switch_does_nothing(tmp_path: Path) -> None:
+    relay = example_copy(tmp_path, "relay-postfix.toml")
+    relay.write_text(relay.read_text().replace('security = "require-secure-auth"', 'security = "require-secure-auth"\nallow_ntlm_legacy = true'))
+    result = run_cli("check", "-c", str(relay))
+    assert result.returncode == 0, result.stderr
+    assert "warning: allow_ntlm_legacy has no effect in relay mode" in result.stdout
+    config = example_copy(tmp_path)
+    text = config.read_text().replace('"NTLM", ', "")
+    config.write_text(text.replace('security = "require-secure-auth"', 'security = "require-secure-auth"\nallow_ntlm_legacy = true'))
+    result = run_cli("check", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "warning: allow_ntlm_legacy has no effect: NTLM is not enabled" in result.stdout
+
+
 def test_negotiate_shows_the_ntlm_legacy_switch(tmp_path: Path) -> None:
     config = example_copy(tmp_path)
     config.write_text(
