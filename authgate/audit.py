@@ -177,6 +177,7 @@ class LogReader:
         self.problems: list[str] = []
         self._expected_seq: int | None = 0
         self._prev: bytes | None = GENESIS
+        self._previous_form: LogForm | None = None
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
         self._buffer += data
@@ -213,11 +214,25 @@ class LogReader:
             # The chain cannot be followed across a record we cannot read.
             self._expected_seq, self._prev = None, None
             return None
-        if self.form is None:
-            self.form = form
-        elif form is not self.form:
+        if form is LogForm.PLAIN and self._keyring is not None:
+            # With encryption on, the proxy only ever writes sealed records
+            # (AuditLog refuses to append to a plaintext log), so a plaintext
+            # line is someone else's: a log planted beside the keyring, or
+            # lines inserted by someone without the password (or an encrypt
+            # that was interrupted before it reached the log). Its unkeyed
+            # chain proves nothing. One problem per run of such lines.
+            if self._previous_form is not LogForm.PLAIN:
+                self._problem(
+                    f"is not encrypted although {self._keyring.path} exists: a planted log, "
+                    "lines inserted without the password, or an unfinished "
+                    "`authgate encrypt` (run it again)"
+                )
+        elif self.form is not None and form is not self.form:
             state = "encrypted" if form is LogForm.SEALED else "not encrypted"
             self._problem(f"is {state}, unlike the lines before it (inserted?)")
+        self._previous_form = form
+        if self.form is None:
+            self.form = form
         seq: int = record["seq"]
         if self._expected_seq is not None and seq != self._expected_seq:
             if self._expected_seq == 0:

@@ -8,6 +8,8 @@ import base64
 import json
 import os
 import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -220,8 +222,21 @@ def test_plaintext_line_inserted_into_sealed_log(tmp_path: Path, keyring: Keyrin
     forged = json.dumps({"seq": 3, "time": "x", "event": "auth", "prev": "00" * 32})
     path.write_bytes(path.read_bytes() + forged.encode() + b"\n")
     problems = _problems(path, keyring)
-    assert any("not encrypted, unlike the lines before it" in p for p in problems)
+    assert any("line 4: is not encrypted although" in p for p in problems)
     assert any("chain is broken" in p for p in problems)
+
+
+def test_plaintext_log_beside_a_keyring_fails_verification(
+    tmp_path: Path, keyring: Keyring
+) -> None:
+    """With encryption on the proxy writes only sealed records, so a whole
+    plaintext log (planted, with a perfectly consistent unkeyed chain) is
+    not "intact": one problem for the run of plaintext lines."""
+    path = tmp_path / "audit.log"
+    write(path, None, 3)
+    assert _problems(path, None) == []
+    (problem,) = _problems(path, keyring)
+    assert f"line 1: is not encrypted although {keyring.path} exists" in problem
 
 
 def test_sealed_chain_cannot_be_forged_without_the_key(tmp_path: Path, keyring: Keyring) -> None:
@@ -433,6 +448,35 @@ def test_log_of_an_encrypted_site(
     monkeypatch.setenv("AUTHGATE_PASSWORD", "not the password")
     with pytest.raises(atrest.WrongPassword):
         run("log", "-c", str(site))
+
+
+def test_log_verify_cli_fails_for_a_plaintext_log_beside_a_keyring(site: Path) -> None:
+    """The real command in a subprocess: `authgate log --verify` must not
+    call a planted plaintext log "chain intact" when encryption is on."""
+    env = {**os.environ, "AUTHGATE_TEST_SCRYPT_LOG2N": "10", "AUTHGATE_PASSWORD": PASSWORD}
+    log = site.parent / "audit.log"
+    planted = log.read_bytes()  # a consistent plaintext chain
+
+    def authgate(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "authgate", *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=env,
+        )
+
+    encrypted = authgate("encrypt", "-c", str(site))
+    assert encrypted.returncode == 0, encrypted.stderr
+    assert authgate("log", "-c", str(site), "--verify").returncode == 0
+    log.write_bytes(planted)
+    result = authgate("log", "-c", str(site), "--verify")
+    assert result.returncode == 1, result.stdout
+    assert "chain intact" not in result.stdout
+    assert f"{log}: line 1: is not encrypted although " in result.stderr
+    assert f"{log}: verification FAILED (1 problem(s))" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_log_without_audit_config_is_a_user_error(tmp_path: Path) -> None:
