@@ -173,6 +173,10 @@ def snapshot(root: Path) -> dict[str, tuple[bytes, int, int]]:
 
 
 def records_without_prev(data: bytes, keyring: Keyring | None) -> list[dict[str, Any]]:
+    # A log still in plaintext beside a keyring (a conversion cut short) is
+    # read as plaintext: with the keyring it fails verification on purpose.
+    if audit.log_form(data) is not audit.LogForm.SEALED:
+        keyring = None
     contents = audit.read_log(data, keyring, "log")
     assert contents.problems == []
     return [{k: v for k, v in r.items() if k != "prev"} for r in contents.records]
