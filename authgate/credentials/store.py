@@ -232,7 +232,11 @@ class UserStore:
         self._executor = executor
         self._lock = threading.RLock()
         self._scram_cache: dict[tuple[str, SecretForm], ScramVerifier] = {}
+        # The decoy secrets an unknown user is checked against (see
+        # `prepare`); `_generation` counts changes, so a decoy built from an
+        # older set of users is not kept.
         self._dummy: tuple[StoredSecret, ...] | None = None
+        self._generation = 0
         self._keyring: Keyring | None = None  # set by load(): save() seals with it
         for user in users:
             self._users[user.name] = user
@@ -278,7 +282,19 @@ class UserStore:
         if not isinstance(users, dict):
             raise StoreError(source, "users", "must be a table")
         loaded = [_load_user(source, name, value, realm) for name, value in users.items()]
-        return cls(loaded, realm=realm, executor=executor)
+        store = cls(loaded, realm=realm, executor=executor)
+        store.prepare()
+        return store
+
+    def prepare(self) -> None:
+        """Build the decoy secrets unknown users are checked against, now.
+
+        Blocking (an imitation of an Argon2 or bcrypt hash is one such hash,
+        ~100 ms): `load` and `loads` call it, and they run before the event
+        loop starts or in a thread on reload. A store built or changed in
+        code gets its decoy in the first lookup thread that needs it; the
+        event loop never builds one (`_quick` sends the check to a thread)."""
+        self._dummy_secrets()
 
     # -- reading
 
@@ -335,7 +351,16 @@ class UserStore:
 
     def _quick(self, request: LookupRequest) -> bool:
         if isinstance(request, PasswordCheck):
-            checker = self._checker(request.authcid)
+            user = self.user(request.authcid)
+            if user is not None:
+                candidates = user.secrets
+            else:
+                with self._lock:
+                    dummy = self._dummy
+                if dummy is None:
+                    return False  # the decoy is built in the worker thread, never here
+                candidates = dummy
+            checker = _cheapest_checker(candidates)
             return checker is None or checker.quick_to_verify
         if isinstance(request, SecretLookup):
             # Stored forms are read, not computed; only deriving a SCRAM
@@ -345,12 +370,6 @@ class UserStore:
             with self._lock:
                 return (request.authcid, request.form) in self._scram_cache
         return False
-
-    def _checker(self, name: str) -> StoredSecret | None:
-        """The secret a password for `name` is checked with; for an unknown
-        user, the one that imitates a known user's cost."""
-        user = self.user(name)
-        return _cheapest_checker(self._dummy_secrets() if user is None else user.secrets)
 
     def _check_password(self, name: str, password: str) -> bool:
         user = self.user(name)
@@ -400,24 +419,19 @@ class UserStore:
         return answer
 
     def _dummy_secrets(self) -> tuple[StoredSecret, ...]:
+        """The decoy secrets, built if need be. Blocking: never call it on
+        the event loop. The build runs outside the lock, which the event
+        loop takes for every lookup."""
         with self._lock:
-            if self._dummy is None:
-                self._dummy = self._make_dummy()
-            return self._dummy
-
-    def _make_dummy(self) -> tuple[StoredSecret, ...]:
-        # Imitate the most common set of schemes (and their costs): an
-        # all-{SSHA} store must not make unknown users the slow ones.
-        def profile(user: User) -> tuple[str, ...]:
-            return tuple(s.scheme for s in user.secrets if s.can_verify_password)
-
-        counts = Counter(profile(u) for u in self._users.values())
-        if counts:
-            common = counts.most_common(1)[0][0]
-            model = next(u for u in self._users.values() if profile(u) == common)
-            return tuple(s.imitation() for s in model.secrets if s.can_verify_password)
-        noise = _secrets.token_urlsafe(18)
-        return (parse_secret(hash_password(noise, DEFAULT_WRITE_SCHEMES[0])),)
+            if self._dummy is not None:
+                return self._dummy
+            generation = self._generation
+            users = list(self._users.values())
+        dummy = _make_dummy(users)
+        with self._lock:
+            if self._generation == generation and self._dummy is None:
+                self._dummy = dummy
+        return dummy
 
     # -- what can be offered
 
@@ -530,6 +544,7 @@ class UserStore:
         for form in _SCRAM_FORMS:
             self._scram_cache.pop((name, form), None)
         self._dummy = None  # the most common profile may have changed
+        self._generation += 1
 
     def dumps(self) -> str:
         """The users file as TOML (comments of a loaded file are not kept)."""
@@ -568,6 +583,21 @@ class UserStore:
         if self._path is None:
             self._path = target
         return target
+
+
+def _make_dummy(users: Sequence[User]) -> tuple[StoredSecret, ...]:
+    # Imitate the most common set of schemes (and their costs): an
+    # all-{SSHA} store must not make unknown users the slow ones.
+    def profile(user: User) -> tuple[str, ...]:
+        return tuple(s.scheme for s in user.secrets if s.can_verify_password)
+
+    counts = Counter(profile(u) for u in users)
+    if counts:
+        common = counts.most_common(1)[0][0]
+        model = next(u for u in users if profile(u) == common)
+        return tuple(s.imitation() for s in model.secrets if s.can_verify_password)
+    noise = _secrets.token_urlsafe(18)
+    return (parse_secret(hash_password(noise, DEFAULT_WRITE_SCHEMES[0])),)
 
 
 def _cheapest_checker(secrets: Iterable[StoredSecret]) -> StoredSecret | None:

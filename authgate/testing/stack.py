@@ -8,6 +8,7 @@ here is what an operator's files would run.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import ssl
@@ -178,9 +179,9 @@ async def embedded_stack(
             )
         )
         config = config_mod.load(config_file)
-        gateway = await start_gateway(
-            config, UserStore.load(users_file, executor=verification_pool())
-        )
+        # Off the loop, like a reload: loading builds the decoy secrets.
+        store = await asyncio.to_thread(UserStore.load, users_file, executor=verification_pool())
+        gateway = await start_gateway(config, store)
         try:
             bound = gateway.addresses()
             endpoints = {

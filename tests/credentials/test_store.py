@@ -24,8 +24,8 @@ from authgate.credentials import (
     generate_secrets,
     hash_password,
 )
-from authgate.credentials.schemes import StoredSecret
-from authgate.credentials.store import MAX_LISTED_USERS
+from authgate.credentials.schemes import StoredSecret, parse_secret
+from authgate.credentials.store import MAX_LISTED_USERS, User
 from authgate.sasl import DEFAULT_ORDER, MECHANISMS
 from authgate.sasl.base import (
     ClientContext,
@@ -597,6 +597,85 @@ def test_the_cheapest_form_checks_a_password(
     alice = store.user("alice")
     assert alice is not None
     assert not next(s for s in alice.secrets if s.scheme.startswith("ARGON2")).quick_to_verify
+
+
+def _imitation_spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the thread every decoy secret is built in."""
+    seen: list[str] = []
+    original = StoredSecret.imitation
+
+    def spy(self: StoredSecret) -> StoredSecret:
+        seen.append(threading.current_thread().name)
+        return original(self)
+
+    monkeypatch.setattr(StoredSecret, "imitation", spy)
+    return seen
+
+
+def _argon2_users() -> list[User]:
+    return [User(f"u{i}", (parse_secret(fast_argon2(f"pw{i}")),)) for i in range(3)]
+
+
+def test_loading_builds_the_decoy(
+    mixed_text: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Loading happens before the event loop runs, or in a thread on reload:
+    # that is where the decoy (one Argon2 hash here) is made.
+    seen = _imitation_spy(monkeypatch)
+    store = UserStore.loads(mixed_text)
+    assert seen and store._dummy is not None
+    path = tmp_path / "users.toml"
+    path.write_text(mixed_text)
+    seen.clear()
+    assert UserStore.load(path)._dummy is not None and seen
+
+
+@pytest.mark.asyncio
+async def test_the_decoy_is_never_built_on_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first unknown user after start or reload used to build the decoy
+    (an Argon2 hash, ~128 ms with the default cost) on the event loop, stalling
+    every session. A store without a decoy yet sends the check to a thread."""
+    loop_thread = threading.current_thread().name
+    seen = _imitation_spy(monkeypatch)
+    store = UserStore(_argon2_users())
+    with ThreadPoolExecutor(1, thread_name_prefix="hashing") as pool:
+        assert await store.aresolve(PasswordCheck("nobody", "pw0"), executor=pool) is False
+        assert seen and loop_thread not in seen
+        assert all(name.startswith("hashing") for name in seen)
+        # Changing a user drops the decoy; the next one is built off the loop too.
+        seen.clear()
+        store.set_user_secrets("u3", [fast_argon2("pw3")])
+        assert await store.aresolve(PasswordCheck("nobody", "pw3"), executor=pool) is False
+        assert seen and loop_thread not in seen
+
+
+def test_the_decoy_is_built_outside_the_store_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The event loop takes the store's lock for every lookup (`user()`): a
+    # decoy built while holding it would stall the loop just the same.
+    entered, release = threading.Event(), threading.Event()
+    original = StoredSecret.imitation
+
+    def slow(self: StoredSecret) -> StoredSecret:
+        entered.set()
+        release.wait(10)
+        return original(self)
+
+    monkeypatch.setattr(StoredSecret, "imitation", slow)
+    store = UserStore(_argon2_users())
+    builder = threading.Thread(target=store.resolve, args=(PasswordCheck("nobody", "x"),))
+    builder.start()
+    try:
+        assert entered.wait(10)
+        looked_up: list[User | None] = []
+        reader = threading.Thread(target=lambda: looked_up.append(store.user("u1")))
+        reader.start()
+        reader.join(5)
+        assert looked_up and looked_up[0] is not None, "user() waited for the decoy build"
+    finally:
+        release.set()
+        builder.join(10)
 
 
 @pytest.mark.asyncio
