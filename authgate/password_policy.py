@@ -34,6 +34,7 @@ from typing import Any, Final
 
 from authgate.credentials.store import StoreError, UserStore
 from authgate.errors import ConfigError, UserError
+from authgate.sasl.base import MAX_PASSWORD_OCTETS
 
 __all__ = [
     "CLASS_NAMES",
@@ -153,6 +154,11 @@ def check(
     length = len(password)
     if length < policy.min_length:
         problems.append(f"at least {policy.min_length} characters (has {length})")
+    octets = len(password.encode("utf-8", "surrogatepass"))
+    if octets > MAX_PASSWORD_OCTETS:
+        # Logins refuse longer ones unchecked (authgate.sasl.base): such a
+        # password could be stored but never used.
+        problems.append(f"at most {MAX_PASSWORD_OCTETS} octets in UTF-8 (has {octets})")
     classes = _classes(password)
     if classes < policy.min_classes:
         problems.append(

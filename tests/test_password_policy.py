@@ -51,6 +51,13 @@ def test_too_short() -> None:
     assert check(DEFAULT, "Ab1!xyzw", "alice") == []  # exactly 8
 
 
+def test_too_long_for_a_login() -> None:
+    # Logins refuse passwords over 1,024 octets unchecked, so none may be set.
+    at_cap = "Ab1!" + "é" * 510  # 4 + 1,020 octets
+    assert check(DEFAULT, at_cap, "alice") == []
+    assert check(DEFAULT, at_cap + "x", "alice") == ["at most 1024 octets in UTF-8 (has 1025)"]
+
+
 @pytest.mark.parametrize(
     ("password", "classes"),
     [

@@ -60,6 +60,7 @@ from authgate.protocols.common import (
 )
 from authgate.sasl import mechanism as mechanism_info
 from authgate.sasl.base import (
+    MAX_PASSWORD_OCTETS,
     NO_RESPONSE,
     STORE_UNAVAILABLE,
     ClientAuthError,
@@ -73,6 +74,7 @@ from authgate.sasl.base import (
     SaslProtocolError,
     ServerContext,
     Success,
+    too_long,
 )
 
 __all__ = ["ImapClient", "ImapServer"]
@@ -256,6 +258,9 @@ _FAILURE_REPLY: dict[FailureReason, bytes] = {
     FailureReason.EXPIRED: b"NO [EXPIRED] Password expired",
     FailureReason.DIGEST_URI_MISMATCH: b"NO [AUTHENTICATIONFAILED] Authentication failed:"
     b" digest-uri is not for this server",
+    # RFC 5530 section 3: LIMIT, "ran up against an implementation limit".
+    FailureReason.TOO_LONG: b"NO [LIMIT] Password too long (at most %d octets)"
+    % MAX_PASSWORD_OCTETS,
 }
 _BACKEND_FAILED_REPLY = b"NO [UNAVAILABLE] Mail server unavailable, try again later"
 
@@ -547,6 +552,8 @@ class ImapServer:
         if self._settings.relay:
             self._state = _State.RELAY
             return [RelayAuth("PLAIN", plain_message(user, password))]
+        if len(args[1].value) > MAX_PASSWORD_OCTETS:
+            return self._fail(too_long("LOGIN command"))
         self._state = _State.LOOKUP
         return [Lookup(PasswordCheck(user, password))]
 

@@ -51,6 +51,7 @@ from authgate.protocols.common import (
 from authgate.sasl import MECHANISMS
 from authgate.sasl import mechanism as mechanism_info
 from authgate.sasl.base import (
+    MAX_PASSWORD_OCTETS,
     NO_RESPONSE,
     ClientAuthError,
     ClientMechanism,
@@ -151,6 +152,9 @@ FAILURE_REPLIES: dict[FailureReason, str] = {
     FailureReason.EXPIRED: "-ERR [AUTH] Password expired.",
     FailureReason.DIGEST_URI_MISMATCH: "-ERR [AUTH] Authentication failed: digest-uri is not"
     " for this server.",
+    FailureReason.TOO_LONG: (
+        f"-ERR [AUTH] Password too long (at most {MAX_PASSWORD_OCTETS} octets)."
+    ),
 }
 
 # Commands of the TRANSACTION state (RFC 1939 section 5, 7): answered with

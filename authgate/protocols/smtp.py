@@ -46,6 +46,7 @@ from authgate.protocols.common import (
 )
 from authgate.sasl import mechanism as mechanism_info
 from authgate.sasl.base import (
+    MAX_PASSWORD_OCTETS,
     NO_RESPONSE,
     ClientAuthError,
     ClientMechanism,
@@ -142,6 +143,8 @@ _FAILURE_REPLIES: dict[FailureReason, str] = {
     # answer to: its credentials are made out for another server.
     FailureReason.DIGEST_URI_MISMATCH: "535 5.7.8 Authentication credentials invalid:"
     " digest-uri is not for this server",
+    # RFC 3463: X.5.4 "invalid command arguments"; nothing was checked.
+    FailureReason.TOO_LONG: f"501 5.5.4 Password too long (at most {MAX_PASSWORD_OCTETS} octets)",
 }
 
 # What the client's failure is when the backend decides (relay mode).

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 
 from authgate.sasl.base import (
+    MAX_PASSWORD_OCTETS,
     NO_RESPONSE,
     Challenge,
     ClientAuthError,
@@ -26,6 +27,7 @@ from authgate.sasl.base import (
     Success,
     invalid,
     malformed,
+    too_long,
 )
 
 __all__ = ["PASSWORD_PROMPT", "USERNAME_PROMPT", "LoginClient", "LoginServer"]
@@ -87,6 +89,9 @@ class LoginServer:
             self._authcid = authcid
             self._stage = _ServerStage.AWAIT_PASSWORD
             return Challenge(PASSWORD_PROMPT)
+        if len(response) > MAX_PASSWORD_OCTETS:
+            self._stage = _ServerStage.DONE
+            return too_long("LOGIN")
         password = _decode(response)
         if password is None:
             self._stage = _ServerStage.DONE

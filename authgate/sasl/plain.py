@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 
 from authgate.sasl.base import (
+    MAX_PASSWORD_OCTETS,
     NO_RESPONSE,
     Challenge,
     ClientAuthError,
@@ -29,6 +30,7 @@ from authgate.sasl.base import (
     check_authzid,
     invalid,
     malformed,
+    too_long,
 )
 
 __all__ = ["PlainClient", "PlainServer"]
@@ -42,6 +44,8 @@ def _parse(message: bytes) -> tuple[str, str, str] | Failure:
     fields = message.split(b"\x00")
     if len(fields) != 3:
         return malformed("PLAIN message must have three NUL-separated fields")
+    if len(fields[2]) > MAX_PASSWORD_OCTETS:
+        return too_long("PLAIN")
     try:
         authzid, authcid, passwd = (f.decode("utf-8") for f in fields)
     except UnicodeDecodeError:

@@ -38,6 +38,7 @@ from authgate.protocols.base import (
 from authgate.protocols.common import plain_message
 from authgate.protocols.imap import ImapClient, ImapServer
 from authgate.sasl.base import (
+    MAX_PASSWORD_OCTETS,
     NO_RESPONSE,
     ClientContext,
     ClientCredentials,
@@ -672,6 +673,7 @@ class _FakeExchange:
         (FailureReason.TOO_WEAK, b"NO [CANNOT] Authentication mechanism is too weak"),
         (FailureReason.ENCRYPTION_REQUIRED, b"NO [PRIVACYREQUIRED] Encryption required"),
         (FailureReason.EXPIRED, b"NO [EXPIRED] Password expired"),
+        (FailureReason.TOO_LONG, b"NO [LIMIT] Password too long (at most 1024 octets)"),
     ],
 )
 def test_every_failure_reason_has_its_code(
@@ -1444,3 +1446,35 @@ def test_relay_chain_with_id_passes_the_client_address() -> None:
     sent_up = b"".join(e.data for e in sim.of("up", Send))
     assert b'ID ("x-originating-ip" "192.0.2.7")' in sent_up
     assert sim.of("mua", LoggedIn)
+
+
+# ------------------------------------------------------------ password length
+
+LONG_PASSWORD = "é" * 513  # 1,026 octets of UTF-8: over the 1,024 cap
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        [b'a1 LOGIN alice "' + LONG_PASSWORD.encode() + b'"'],
+        [b"a1 LOGIN alice {1026+}", LONG_PASSWORD.encode()],
+        [b"a1 AUTHENTICATE PLAIN " + b64(b"\0alice\0" + LONG_PASSWORD.encode())],
+        [b"a1 AUTHENTICATE LOGIN", b64(b"alice"), b64(LONG_PASSWORD.encode())],
+    ],
+    ids=["login-quoted", "login-literal", "authenticate-plain", "authenticate-login"],
+)
+def test_password_over_the_cap_is_refused_without_a_lookup(lines: list[bytes]) -> None:
+    h = Harness(session())
+    reply = h.send(b"".join(line + b"\r\n" for line in lines))
+    assert reply.endswith(b"a1 NO [LIMIT] Password too long (at most 1024 octets)\r\n")
+    assert h.of(Lookup) == []  # nothing was hashed
+    assert [e.reason for e in h.of(AuthFailed)] == [FailureReason.TOO_LONG.value]
+    assert not h.closed  # one error of max_errors; the session goes on
+    assert h.send(b'a2 LOGIN alice "correct horse"\r\n').startswith(b"a2 OK ")
+
+
+def test_password_at_the_cap_is_checked() -> None:
+    h = Harness(session())
+    reply = h.send(b'a1 LOGIN alice "' + b"x" * MAX_PASSWORD_OCTETS + b'"\r\n')
+    assert reply == b"a1 NO [AUTHENTICATIONFAILED] Authentication failed\r\n"
+    assert len(h.of(Lookup)) == 1

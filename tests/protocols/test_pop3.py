@@ -311,6 +311,10 @@ def test_stls_when_unavailable_or_active() -> None:
 def test_every_failure_reason_has_a_reply() -> None:
     assert set(FAILURE_REPLIES) == set(FailureReason)
     assert FAILURE_REPLIES[FailureReason.EXPIRED] == "-ERR [AUTH] Password expired."
+    assert (
+        FAILURE_REPLIES[FailureReason.TOO_LONG]
+        == "-ERR [AUTH] Password too long (at most 1024 octets)."
+    )
     assert FAILURE_REPLIES[FailureReason.INVALID_CREDENTIALS] == ERR_FAILED
     assert FAILURE_REPLIES[FailureReason.TEMPORARY].startswith("-ERR [SYS/TEMP] ")
     assert (
@@ -1273,3 +1277,28 @@ def test_client_relay_can_retry_after_refusal() -> None:
 
 def state_of(client: Pop3Client) -> ClientState:
     return client.state  # a call, so mypy does not keep an earlier narrowing
+
+
+# ====================================================== server: password length
+
+LONG_PASSWORD = "é" * 513  # 1,026 octets of UTF-8: over the 1,024 cap
+TOO_LONG_REPLY = b"-ERR [AUTH] Password too long (at most 1024 octets).\r\n"
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        [b"USER alice", b"PASS " + LONG_PASSWORD.encode()],
+        [b"AUTH PLAIN " + plain("alice", LONG_PASSWORD)],
+        [b"AUTH LOGIN", b64("alice"), b64(LONG_PASSWORD)],
+    ],
+    ids=["user-pass", "auth-plain", "auth-login"],
+)
+def test_password_over_the_cap_is_refused_without_a_lookup(lines: list[bytes]) -> None:
+    session = greeted()
+    reply = session.send(b"".join(line + b"\r\n" for line in lines))
+    assert reply.endswith(TOO_LONG_REPLY)
+    assert session.of(Lookup) == []
+    assert [e.reason for e in session.of(AuthFailed)] == [FailureReason.TOO_LONG.value]
+    session.send(b"USER alice\r\nPASS correct horse battery\r\n")
+    assert session.of(Authenticated) == [Authenticated("alice", "alice", "USER-PASS")]

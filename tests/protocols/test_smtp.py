@@ -442,6 +442,7 @@ def fake_exchange(monkeypatch: pytest.MonkeyPatch, outcome: Failure | Success) -
         (FailureReason.TOO_WEAK, "534 5.7.9 "),
         (FailureReason.ENCRYPTION_REQUIRED, "538 5.7.11 "),
         (FailureReason.EXPIRED, "535 5.7.8 Authentication credentials invalid: password expired"),
+        (FailureReason.TOO_LONG, "501 5.5.4 Password too long (at most 1024 octets)"),
     ],
 )
 def test_every_failure_reason_has_its_reply(
@@ -1410,3 +1411,26 @@ def test_client_survives_random_replies(replies: list[str]) -> None:
         assert all(isinstance(e, CLIENT_EVENT_TYPES) for e in events)
         if any(isinstance(e, LoggedIn | LoginFailed) for e in events):
             break
+
+
+# ================================================================ password length
+
+LONG_PASSWORD = "é" * 513  # 1,026 octets of UTF-8: over the 1,024 cap
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        [f"AUTH PLAIN {plain('alice', LONG_PASSWORD)}"],
+        ["AUTH LOGIN", b64("alice"), b64(LONG_PASSWORD)],
+    ],
+    ids=["plain", "login"],
+)
+def test_password_over_the_cap_is_refused_without_a_lookup(lines: list[str]) -> None:
+    talk = Talk(session())
+    ehlo(talk)
+    replies = [talk.say(line) for line in lines]
+    assert replies[-1] == "501 5.5.4 Password too long (at most 1024 octets)\r\n"
+    assert talk.of(Lookup) == []
+    assert [e.reason for e in talk.of(AuthFailed)] == [FailureReason.TOO_LONG.value]
+    assert talk.say(f"AUTH PLAIN {plain('alice', USERS['alice'])}").startswith("235 ")

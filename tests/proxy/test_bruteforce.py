@@ -140,3 +140,16 @@ async def test_successful_login_resets_the_address_penalty(stack: Stack) -> None
     for _ in range(3):
         guard.failure("127.0.0.11", "alice", None)
     assert guard.failure("127.0.0.11", "alice", None) == pytest.approx(0.3 + 0.2)
+
+
+async def test_password_over_the_cap_is_refused_at_once_and_is_no_guess(stack: Stack) -> None:
+    """A password over 1,024 octets is refused before anything is hashed. No
+    stored password can be that long (`authgate passwd` refuses it), so it
+    guesses nothing and counts toward no block (only toward max_errors,
+    like any malformed command)."""
+    for _ in range(6):  # more than block_after
+        reply, _ = await login(stack, "127.0.0.7", "alice", "x" * 1025)
+        assert reply == b"a NO [LIMIT] Password too long (at most 1024 octets)\r\n"
+    reply, _ = await login(stack, "127.0.0.7", "alice", PASSWORD)
+    assert reply.startswith(b"a OK")
+    assert [login.user for login in stack.backends.imap.logins] == ["alice"]

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from authgate.sasl.base import (
+    MAX_PASSWORD_OCTETS,
     NO_RESPONSE,
     Challenge,
     ClientAuthError,
@@ -274,3 +275,14 @@ def test_client_rejects_additional_data_on_success() -> None:
 def test_client_rejects_unusable_credentials(username: str, password: str) -> None:
     with pytest.raises(ValueError):
         client(username, password)
+
+
+def test_password_over_the_cap_is_refused_before_any_lookup() -> None:
+    srv = server()
+    assert srv.start(b"alice") == Challenge(PASSWORD_PROMPT)
+    outcome = srv.step(("é" * 513).encode())  # 1,026 octets
+    assert outcome == Failure(FailureReason.TOO_LONG, "LOGIN password is longer than 1024 octets")
+    srv = server()
+    srv.start(b"alice")
+    at_cap = "x" * MAX_PASSWORD_OCTETS
+    assert srv.step(at_cap.encode()) == Lookup(PasswordCheck("alice", at_cap))

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from authgate.sasl.base import (
+    MAX_PASSWORD_OCTETS,
     NO_RESPONSE,
     Challenge,
     ClientAuthError,
@@ -339,3 +340,29 @@ def test_client_rejects_unencodable_credentials(username: str, password: str, au
 def test_client_rejects_empty_password() -> None:
     with pytest.raises(ValueError):
         client("alice", "")
+
+
+# ------------------------------------------------------------ password length
+
+
+def test_password_over_the_cap_is_refused_before_any_lookup() -> None:
+    # Octets, not characters: 513 "é" are 1,026 octets of UTF-8.
+    over = "é" * 513
+    outcome = server().start(f"\0alice\0{over}".encode())
+    assert outcome == Failure(FailureReason.TOO_LONG, "PLAIN password is longer than 1024 octets")
+    at_cap = "x" * MAX_PASSWORD_OCTETS
+    assert server().start(f"\0alice\0{at_cap}".encode()) == Lookup(PasswordCheck("alice", at_cap))
+
+
+@given(
+    st.integers(min_value=MAX_PASSWORD_OCTETS - 8, max_value=MAX_PASSWORD_OCTETS + 8),
+    st.sampled_from(["a", "é", "密", "😀"]),
+)
+def test_the_cap_counts_utf8_octets(octets: int, char: str) -> None:
+    width = len(char.encode())
+    password = (char * (octets // width + 1)).encode()[: octets - octets % width]
+    outcome = server().start(b"\0alice\0" + password)
+    if len(password) <= MAX_PASSWORD_OCTETS:
+        assert isinstance(outcome, Lookup)
+    else:
+        assert isinstance(outcome, Failure) and outcome.reason is FailureReason.TOO_LONG
