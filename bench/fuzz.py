@@ -89,6 +89,7 @@ from authgate.sasl.base import (
     ClientContext,
     ClientCredentials,
     ClientMechanism,
+    Derive,
     InitialResponse,
     Lookup,
     LookupAnswer,
@@ -98,6 +99,7 @@ from authgate.sasl.base import (
     ScramVerifier,
     SecretForm,
     ServerContext,
+    client_step,
 )
 from authgate.sasl.scram import make_verifier
 
@@ -132,10 +134,10 @@ SERVER_EVENTS = (
 # Events after which the machine waits for the driver (or is finished):
 # nothing may follow them in the same batch.
 SERVER_LAST = (StartTLS, Lookup, Authenticated, RelayAuth, RelayResponse, Splice, Close)
-CLIENT_EVENTS = (Send, StartTLS, LoggedIn, LoginFailed, RelayChallenge)
+CLIENT_EVENTS = (Send, StartTLS, Derive, LoggedIn, LoginFailed, RelayChallenge)
 # A RelayChallenge may be followed by LoginFailed: a backend that sends more
 # after its challenge (unasked) ends the login in the same batch.
-CLIENT_LAST = (StartTLS, LoggedIn, LoginFailed)
+CLIENT_LAST = (StartTLS, Derive, LoggedIn, LoginFailed)
 
 
 class ServerMachine(Protocol):
@@ -375,6 +377,8 @@ def record(variant: Variant) -> Recording:
             else:
                 rec.to_server.append(event.data)
                 queue.extend(("server", e) for e in server.receive_data(event.data))
+        elif isinstance(event, Derive):
+            queue.extend(("client", e) for e in client.derived(event.compute()))
         elif isinstance(event, LoggedIn):
             rec.logged_in = True
             break
@@ -894,11 +898,13 @@ def run_client_input(inp: FuzzInput) -> list[ClientEvent]:
         for event in events:
             if isinstance(event, StartTLS):
                 drive(client.tls_started())
+            elif isinstance(event, Derive):
+                drive(client.derived(event.compute()))
             elif isinstance(event, RelayChallenge) and not failed:
                 answer: bytes | None = rng.randbytes(rng.randrange(40))
                 if relay_mech is not None and rng.random() < 0.8:
                     try:
-                        answer = relay_mech.step(event.data)
+                        answer = client_step(relay_mech, event.data)
                     except (ClientAuthError, SaslProtocolError):
                         answer = None
                 elif rng.random() < 0.3:

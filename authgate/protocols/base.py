@@ -37,6 +37,7 @@ from authgate.policy import Decision
 from authgate.sasl.base import (
     ClientContext,
     ClientCredentials,
+    Derive,
     InitialResponse,
     Lookup,
     ServerContext,
@@ -166,7 +167,11 @@ class RelayChallenge:
     data: bytes
 
 
-ClientEvent = Send | StartTLS | LoggedIn | LoginFailed | RelayChallenge
+# `Derive` (from authgate.sasl.base): a client mechanism needs PBKDF2 (SCRAM
+# toward the backend); run `compute()` off the event loop, then call
+# `derived(key)`.
+
+ClientEvent = Send | StartTLS | Derive | LoggedIn | LoginFailed | RelayChallenge
 
 
 class BackendFailure(enum.Enum):

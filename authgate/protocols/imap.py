@@ -65,6 +65,7 @@ from authgate.sasl.base import (
     STORE_UNAVAILABLE,
     ClientAuthError,
     ClientMechanism,
+    Derive,
     Failure,
     FailureReason,
     InitialResponse,
@@ -776,6 +777,7 @@ class _ClientState(enum.Enum):
     ID = "id"  # sent ID
     READY = "ready"  # relay mode: waiting for authenticate()
     AUTHENTICATE = "authenticate"  # sent AUTHENTICATE
+    DERIVE = "derive"  # Derive emitted (SCRAM's PBKDF2), waiting for derived()
     RELAY_WAIT = "relay-wait"  # relay: RelayChallenge emitted, waiting for respond()
     POST_CAPABILITY = "post-capability"  # logged in, asked CAPABILITY
     DONE = "done"
@@ -899,10 +901,14 @@ class ImapClient:
         self._mechanism: ClientMechanism | None = None
         self._held_initial: bytes | None = None  # sent on the first "+" (no SASL-IR)
         self._relay_request: tuple[str, InitialResponse] | None = None
+        self._derive: Derive | None = None
 
     # ------------------------------------------------------------ driver API
 
     def receive_data(self, data: bytes) -> list[ClientEvent]:
+        if self._state is _ClientState.DERIVE:
+            self._reader.lines.feed(data)  # read once our answer is out
+            return []
         if self._state not in _CLIENT_READING:
             # TLS: anything the backend sent after its STARTTLS OK but before
             # the handshake is discarded (response injection).
@@ -943,6 +949,20 @@ class ImapClient:
             raise ProtocolStateError(f"IMAP client: respond() in state {self._state.value}")
         self._state = _ClientState.AUTHENTICATE
         return [self._sasl_line(data)]
+
+    def derived(self, key: bytes) -> list[ClientEvent]:
+        """The result of the `Derive` we emitted, computed off the loop."""
+        if self._state is _ClientState.FAILED:
+            return []
+        if self._state is not _ClientState.DERIVE or self._derive is None:
+            raise ProtocolStateError(f"IMAP client: derived() in state {self._state.value}")
+        derive, self._derive = self._derive, None
+        self._state = _ClientState.AUTHENTICATE
+        try:
+            reply = derive.finish(key)
+        except ClientAuthError as exc:
+            return self._cancel(BackendFailure.REJECTED, str(exc))
+        return [self._sasl_line(reply), *self.receive_data(b"")]
 
     # ------------------------------------------------------------ responses
 
@@ -989,8 +1009,8 @@ class ImapClient:
         if self._held_initial is not None:
             # RFC 4422 section 4 / RFC 9051 section 6.2.2: without SASL-IR the
             # initial response answers the first (empty) challenge.
-            reply, self._held_initial = self._held_initial, None
-            return [self._sasl_line(reply)]
+            held, self._held_initial = self._held_initial, None
+            return [self._sasl_line(held)]
         if self._settings.relay:
             self._state = _ClientState.RELAY_WAIT
             return [RelayChallenge(challenge)]
@@ -1001,6 +1021,10 @@ class ImapClient:
             return self._cancel(BackendFailure.REJECTED, str(exc))
         except SaslProtocolError:
             return self._cancel(BackendFailure.UNAVAILABLE, "unexpected challenge")
+        if isinstance(reply, Derive):
+            # Slow (PBKDF2): the driver computes it off the event loop.
+            self._state, self._derive = _ClientState.DERIVE, reply
+            return [reply]
         return [self._sasl_line(reply)]
 
     def _tagged_capability(self, status: _Status) -> list[ClientEvent]:

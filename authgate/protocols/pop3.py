@@ -55,6 +55,7 @@ from authgate.sasl.base import (
     NO_RESPONSE,
     ClientAuthError,
     ClientMechanism,
+    Derive,
     Failure,
     FailureReason,
     InitialResponse,
@@ -579,6 +580,7 @@ class ClientState(enum.Enum):
     TLS_HANDSHAKE = "tls-handshake"
     READY = "ready"  # relay mode: waiting for authenticate()
     AUTH = "auth"  # AUTH sent, reading challenges / the verdict
+    DERIVE = "derive"  # Derive emitted (SCRAM's PBKDF2), waiting for derived()
     RELAY_WAIT = "relay-wait"  # relay mode: waiting for respond()
     USER = "user"
     PASS = "pass"  # noqa: S105 (a state name)
@@ -633,6 +635,7 @@ class Pop3Client:
         self._held: bytes | None = None  # initial response too long for the AUTH line
         self._queued: tuple[str, InitialResponse] | None = None  # relay: early authenticate()
         self._password = ""  # USER/PASS: sent after USER's +OK
+        self._derive: Derive | None = None
 
     @property
     def state(self) -> ClientState:
@@ -677,6 +680,20 @@ class Pop3Client:
             raise ProtocolStateError(f"POP3 client: respond() in state {self._state.value}")
         self._state = ClientState.AUTH
         return [Send(self._response_line(data)), *self._drain()]
+
+    def derived(self, key: bytes) -> list[ClientEvent]:
+        """The result of the `Derive` we emitted, computed off the loop."""
+        if self._state is ClientState.DONE:
+            return []
+        if self._state is not ClientState.DERIVE or self._derive is None:
+            raise ProtocolStateError(f"POP3 client: derived() in state {self._state.value}")
+        derive, self._derive = self._derive, None
+        self._state = ClientState.AUTH
+        try:
+            reply = derive.finish(key)
+        except ClientAuthError as exc:
+            return [Send(b"*" + CRLF), *self._fail(BackendFailure.REJECTED, str(exc))]
+        return [Send(self._response_line(reply)), *self._drain()]
 
     # ------------------------------------------------------------ line input
 
@@ -845,6 +862,10 @@ class Pop3Client:
             # SaslProtocolError: a challenge the mechanism cannot take any
             # more (one after SCRAM's server-final): the backend misbehaves.
             return [Send(b"*" + CRLF), *self._fail(BackendFailure.REJECTED, str(exc))]
+        if isinstance(reply, Derive):
+            # Slow (PBKDF2): the driver computes it off the event loop.
+            self._state, self._derive = ClientState.DERIVE, reply
+            return [reply]
         return [Send(self._response_line(reply))]
 
     def _on_user(self, line: bytes) -> list[ClientEvent]:

@@ -50,6 +50,7 @@ from authgate.sasl.base import (
     NO_RESPONSE,
     ClientAuthError,
     ClientMechanism,
+    Derive,
     Failure,
     FailureReason,
     InitialResponse,
@@ -663,6 +664,7 @@ class _CState(enum.Enum):
     READY = "ready"  # relay mode: waiting for authenticate()
     AUTH = "auth"  # waiting for the reply to AUTH or to a response
     CHALLENGE = "challenge"  # relay mode: waiting for respond()
+    DERIVE = "derive"  # Derive emitted (SCRAM's PBKDF2), waiting for derived()
     LOGGED_IN = "logged-in"
     FAILED = "failed"
 
@@ -715,6 +717,7 @@ class SmtpClient:
         self._mech: ClientMechanism | None = None
         self._held: bytes | None = None  # initial response too long for the AUTH line
         self._queued_auth: tuple[str, InitialResponse] | None = None
+        self._derive: Derive | None = None
 
     # ------------------------------------------------------------ driver API
 
@@ -723,7 +726,7 @@ class SmtpClient:
             raise ProtocolStateError("SMTP client: receive_data() after LoggedIn")
         if self._state in (_CState.FAILED, _CState.WAIT_TLS):
             return []  # WAIT_TLS: plaintext injected before the handshake
-        if self._state in (_CState.READY, _CState.CHALLENGE) and data:
+        if self._state in (_CState.READY, _CState.CHALLENGE, _CState.DERIVE) and data:
             return self._fail(BackendFailure.UNAVAILABLE, "backend sent an unsolicited reply")
         self._lines.feed(data)
         out: list[ClientEvent] = []
@@ -740,9 +743,15 @@ class SmtpClient:
             if reply is None:
                 continue
             out += self._REPLY_HANDLERS[self._state](self, reply)
-            waiting = self._state in _AWAITING_REPLY | {_CState.READY, _CState.CHALLENGE}
+            waiting = self._state in _AWAITING_REPLY | {
+                _CState.READY,
+                _CState.CHALLENGE,
+                _CState.DERIVE,
+            }
             if waiting and len(self._lines):
-                # It answered a command we had not sent yet.
+                # It answered a command we had not sent yet. A Derive still
+                # out is moot: the login is over.
+                out = [e for e in out if not isinstance(e, Derive)]
                 return out + self._fail(BackendFailure.UNAVAILABLE, "backend spoke out of turn")
         return out
 
@@ -776,6 +785,20 @@ class SmtpClient:
         if data is None:
             return [Send(b"*" + CRLF)]  # RFC 4954 section 4: cancel
         return [Send(b64encode(data) + CRLF)]
+
+    def derived(self, key: bytes) -> list[ClientEvent]:
+        """The result of the `Derive` we emitted, computed off the loop."""
+        if self._state is _CState.FAILED:
+            return []
+        self._expect(_CState.DERIVE, "derived")
+        derive, self._derive = self._derive, None
+        assert derive is not None
+        self._state = _CState.AUTH
+        try:
+            response = derive.finish(key)
+        except ClientAuthError as exc:
+            return self._cancel(str(exc))
+        return [Send(b64encode(response) + CRLF)]
 
     # ------------------------------------------------------------- internals
 
@@ -959,6 +982,10 @@ class SmtpClient:
             # SaslProtocolError: a challenge the mechanism cannot take any
             # more (one after SCRAM's server-final): the backend misbehaves.
             return self._cancel(str(exc))
+        if isinstance(response, Derive):
+            # Slow (PBKDF2): the driver computes it off the event loop.
+            self._state, self._derive = _CState.DERIVE, response
+            return [response]
         return [Send(b64encode(response) + CRLF)]
 
     def _logged_in(self) -> list[ClientEvent]:

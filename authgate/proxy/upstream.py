@@ -1,7 +1,8 @@
 """The backend side: connect, tell it the client's address, log in.
 
 The protocol text lives in the client machines (authgate.protocols); this
-module only moves their bytes and runs TLS handshakes they ask for.
+module only moves their bytes, runs TLS handshakes they ask for, and runs
+the key derivations they ask for (SCRAM's PBKDF2) in a worker thread.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from authgate.protocols.base import (
 )
 from authgate.proxy.channel import Channel, ChannelClosed, open_channel
 from authgate.proxy.proxy_protocol import build_v2
-from authgate.sasl.base import InitialResponse
+from authgate.sasl.base import Derive, InitialResponse
 
 LoginStep = LoggedIn | LoginFailed | RelayChallenge
 
@@ -39,6 +40,8 @@ class ClientMachine(TypingProtocol):
     def authenticate(self, mechanism: str, initial: InitialResponse) -> list[ClientEvent]: ...
 
     def respond(self, data: bytes | None) -> list[ClientEvent]: ...
+
+    def derived(self, key: bytes) -> list[ClientEvent]: ...
 
 
 async def connect(
@@ -96,6 +99,11 @@ class Upstream:
                         elif isinstance(event, StartTLS):
                             await self._start_tls()
                             queue.extend(self.machine.tls_started())
+                        elif isinstance(event, Derive):
+                            # PBKDF2 at the backend's iteration count: never on
+                            # the event loop (hashlib releases the GIL).
+                            key = await asyncio.to_thread(event.compute)
+                            queue.extend(self.machine.derived(key))
                         else:
                             return event
                     data = await self.channel.read()

@@ -18,7 +18,10 @@ with plain function calls (see `run_exchange`).
 
 A *client* mechanism produces the initial response and answers challenges;
 it raises `ClientAuthError` when the server's data is malformed or fails
-mutual authentication.
+mutual authentication. When an answer needs slow key derivation (SCRAM's
+PBKDF2, at an iteration count the server chooses), `step` returns a
+`Derive` instead of the answer: the driver runs `compute()` off the event
+loop and gets the answer from `finish(key)`.
 
 Base64 belongs to the protocol layer: mechanisms see raw bytes.
 """
@@ -26,6 +29,7 @@ Base64 belongs to the protocol layer: mechanisms see raw bytes.
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
@@ -193,6 +197,31 @@ class ClientAuthError(Exception):
     """The server's data was malformed or failed mutual authentication."""
 
 
+@dataclass(frozen=True)
+class Derive:
+    """A client mechanism needs PBKDF2 before it can answer the challenge:
+    run `compute()` off the event loop (hashlib releases the GIL while it
+    works), then `finish(key)` gives the answer to send.
+
+    `finish` is the mechanism's own continuation: it checks that it is
+    called once, in the right stage (SaslProtocolError otherwise)."""
+
+    hash_name: str  # hashlib name: "sha1", "sha256"
+    password: bytes = field(repr=False)
+    salt: bytes
+    iterations: int
+    finish: Callable[[bytes], bytes] = field(repr=False, compare=False)
+
+    def compute(self) -> bytes:
+        """The derived key. Blocking: milliseconds to a tenth of a second."""
+        return hashlib.pbkdf2_hmac(self.hash_name, self.password, self.salt, self.iterations)
+
+    def run(self) -> bytes:
+        """compute() then finish(), here and now: for tests and tools that
+        have no event loop to keep free."""
+        return self.finish(self.compute())
+
+
 class ClientMechanism(Protocol):
     name: str
 
@@ -200,8 +229,9 @@ class ClientMechanism(Protocol):
         """The initial response, or None if the mechanism has none."""
         ...
 
-    def step(self, challenge: bytes) -> bytes:
-        """Answer a server challenge."""
+    def step(self, challenge: bytes) -> bytes | Derive:
+        """Answer a server challenge, or ask for the slow derivation the
+        answer needs (`Derive`)."""
         ...
 
     def finish(self, additional: bytes | None) -> None:
@@ -302,7 +332,7 @@ def run_exchange(
         elif isinstance(outcome, Challenge):
             # RFC 4422 section 4: without an initial-response slot the client
             # sends its initial response in reply to the first (empty) challenge.
-            reply = pending if pending is not None else client.step(outcome.data)
+            reply = pending if pending is not None else client_step(client, outcome.data)
             pending = None
             outcome = server.step(reply)
         else:
@@ -310,3 +340,10 @@ def run_exchange(
                 client.finish(outcome.additional)
             return outcome
     raise SaslProtocolError(f"exchange did not finish in {max_steps} steps")
+
+
+def client_step(client: ClientMechanism, challenge: bytes) -> bytes:
+    """`client.step(challenge)`, running a `Derive` at once (blocking): for
+    tests and synchronous tools, never on an event loop."""
+    reply = client.step(challenge)
+    return reply.run() if isinstance(reply, Derive) else reply

@@ -42,6 +42,7 @@ from authgate.sasl.base import (
     NO_RESPONSE,
     ClientContext,
     ClientCredentials,
+    Derive,
     Failure,
     FailureReason,
     Lookup,
@@ -1309,6 +1310,8 @@ class Sim:
                 self.tls.add(name)
             elif isinstance(event, Lookup):
                 self.dispatch(name, self.machine(name).resume(resolve(event.request)))
+            elif isinstance(event, Derive):
+                self.dispatch(name, self.machine(name).derived(event.compute()))
             elif isinstance(event, Authenticated):
                 self.dispatch(name, self.machine(name).backend_ready(BACKEND_CAPS))
             elif name == "gw" and self.up is not None:
@@ -1478,3 +1481,33 @@ def test_password_at_the_cap_is_checked() -> None:
     reply = h.send(b'a1 LOGIN alice "' + b"x" * MAX_PASSWORD_OCTETS + b'"\r\n')
     assert reply == b"a1 NO [AUTHENTICATIONFAILED] Authentication failed\r\n"
     assert len(h.of(Lookup)) == 1
+
+
+# ------------------------------------------------------- SCRAM toward a backend
+
+
+def test_client_hands_scram_pbkdf2_to_the_driver() -> None:
+    """The client machine does not run PBKDF2 itself: server-first yields a
+    Derive (the driver runs it in a thread); nothing is sent until
+    `derived()`, and backend bytes arriving meanwhile wait their turn."""
+    b = Backend(
+        client_settings(
+            mechanisms=("SCRAM-SHA-256",), credentials=ClientCredentials("alice", "pw")
+        )
+    )
+    sent = b.feed(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=SCRAM-SHA-256] hi\r\n")
+    assert sent.startswith(b"a1 AUTHENTICATE SCRAM-SHA-256 ")
+    first = base64.b64decode(sent.split()[-1]).decode()
+    nonce = first.split("r=")[1]
+    salt = base64.b64encode(b"salt").decode()
+    server_first = f"r={nonce}SRV,s={salt},i=4096".encode()
+    assert b.feed(b"+ " + b64(server_first) + b"\r\n") == b""
+    (derive,) = [e for e in b.events if isinstance(e, Derive)]
+    assert derive.iterations == 4096 and b.events[-1] is derive
+    assert b.feed(b"* OK still there\r\n") == b""  # held, not read yet
+    with pytest.raises(ProtocolStateError):
+        b.client.respond(b"")
+    reply = b.handle(b.client.derived(derive.compute()))
+    assert base64.b64decode(reply.strip()).startswith(f"c=biws,r={nonce}SRV,p=".encode())
+    with pytest.raises(ProtocolStateError):
+        b.client.derived(derive.compute())

@@ -49,6 +49,7 @@ from authgate.sasl.base import (
     NO_RESPONSE,
     ClientContext,
     ClientCredentials,
+    Derive,
     FailureReason,
     Lookup,
     LookupAnswer,
@@ -56,6 +57,7 @@ from authgate.sasl.base import (
     PasswordCheck,
     SecretForm,
     ServerContext,
+    client_step,
 )
 from authgate.sasl.cram_md5 import cram_md5_secret
 from authgate.sasl.digest_md5 import digest_ha1
@@ -449,10 +451,10 @@ def test_scram_additional_data_as_final_challenge() -> None:
     session = greeted()
     first = session.send(b"AUTH SCRAM-SHA-256 " + b64(client.start()) + b"\r\n")
     server_first = base64.b64decode(first[2:].strip())
-    final = session.send(b64(client.step(server_first)) + b"\r\n")
+    final = session.send(b64(client_step(client, server_first)) + b"\r\n")
     assert final.startswith(b"+ ")  # server-final as a challenge (RFC 5034 has no data on +OK)
     assert session.server.state is ServerState.SASL_FINAL
-    assert client.step(base64.b64decode(final[2:].strip())) == b""
+    assert client_step(client, base64.b64decode(final[2:].strip())) == b""
     assert not session.of(Authenticated)
     session.send(b"\r\n")
     assert session.of(Authenticated) == [Authenticated("alice", "alice", "SCRAM-SHA-256")]
@@ -465,7 +467,7 @@ def test_final_challenge_needs_empty_reply(reply: bytes, reason: str) -> None:
     client = ScramSHA256Client(ClientCredentials("alice", PASSWORDS["alice"]), ClientContext())
     session = greeted()
     first = session.send(b"AUTH SCRAM-SHA-256 " + b64(client.start()) + b"\r\n")
-    session.send(b64(client.step(base64.b64decode(first[2:].strip()))) + b"\r\n")
+    session.send(b64(client_step(client, base64.b64decode(first[2:].strip()))) + b"\r\n")
     session.send(reply + b"\r\n")
     assert not session.of(Authenticated)
     assert [f.reason for f in session.of(AuthFailed)] == [reason]
@@ -1052,7 +1054,11 @@ def test_fuzz_client(chunks: list[bytes], prefix: bytes, relay: bool, starttls: 
         client.authenticate("PLAIN", b"\0alice\0pw")
     for chunk in [prefix, *chunks]:
         for event in client.receive_data(chunk):
-            assert isinstance(event, Send | StartTLS | LoggedIn | LoginFailed | RelayChallenge)
+            assert isinstance(
+                event, Send | StartTLS | Derive | LoggedIn | LoginFailed | RelayChallenge
+            )
+            if isinstance(event, Derive):
+                client.derived(event.compute())
             if isinstance(event, StartTLS):
                 client.tls_started()
             if isinstance(event, RelayChallenge):
@@ -1108,7 +1114,9 @@ def terminate_conversation(
 
     def route(node: str, event: Any) -> None:
         nonlocal spliced
-        if isinstance(event, StartTLS):
+        if isinstance(event, Derive):  # our client's PBKDF2 (a thread, in the proxy)
+            net.emit("client", client.derived(event.compute()))
+        elif isinstance(event, StartTLS):
             tls_waiting.add(node)
             if tls_waiting == {"server", "client"}:
                 net.emit("server", server.tls_started())
@@ -1183,7 +1191,10 @@ def relay_conversation(
     state = {"front_spliced": False, "backend_spliced": False}
 
     def route(node: str, event: Any) -> None:
-        if node == "user" and isinstance(event, Send):
+        if isinstance(event, Derive):  # the mail client's PBKDF2
+            assert node == "user"
+            net.emit("user", user.derived(event.compute()))
+        elif node == "user" and isinstance(event, Send):
             if state["front_spliced"]:
                 net.emit("back", [Send(event.data)])  # spliced: straight through
             else:

@@ -42,6 +42,7 @@ from authgate.sasl.base import (
     NO_RESPONSE,
     ClientContext,
     ClientCredentials,
+    Derive,
     Failure,
     FailureReason,
     InitialResponse,
@@ -71,7 +72,7 @@ EVENT_TYPES = (
     AuthFailed,
     Close,
 )
-CLIENT_EVENT_TYPES = (Send, StartTLS, LoggedIn, LoginFailed, RelayChallenge)
+CLIENT_EVENT_TYPES = (Send, StartTLS, Derive, LoggedIn, LoginFailed, RelayChallenge)
 
 
 @cache
@@ -855,6 +856,8 @@ def pump(
             client_events.append(cevent)
             if isinstance(cevent, Send):
                 to_server += server.receive_data(cevent.data)
+            elif isinstance(cevent, Derive):  # PBKDF2: a worker thread, in the proxy
+                to_client += client.derived(cevent.compute())
             elif isinstance(cevent, StartTLS):
                 handshake["client"] = True
         if all(handshake.values()):
@@ -1263,7 +1266,9 @@ def relay_chain(mechanism: str, password: str) -> tuple[list[ClientEvent], list[
         source, event = queue.pop(0)
         if source == "mail":
             mail_events.append(event)
-            if isinstance(event, Send):
+            if isinstance(event, Derive):
+                queue += [("mail", e) for e in mail_client.derived(event.compute())]
+            elif isinstance(event, Send):
                 queue += [("gate", e) for e in gate_server.receive_data(event.data)]
         elif source == "gate":
             gate_events.append(event)
@@ -1378,6 +1383,8 @@ def test_client_survives_random_backend_bytes(chunks: list[bytes], relay: bool) 
         for event in events:
             if isinstance(event, StartTLS):
                 client.tls_started()
+            if isinstance(event, Derive):
+                client.derived(event.compute())
             done = done or isinstance(event, LoggedIn)
         if done:
             break

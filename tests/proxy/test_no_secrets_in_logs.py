@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 
 from authgate.sasl import mechanism
-from authgate.sasl.base import ClientContext, ClientCredentials
+from authgate.sasl.base import ClientContext, ClientCredentials, client_step
 from authgate.testing.stack import ListenerSpec, Stack, embedded_stack
 
 PASSWORD = "Secr3t-Passw0rd-xyzzy"
@@ -61,7 +61,7 @@ async def authenticate(stack: Stack, name: str, password: str) -> tuple[bytes, l
         if not reply.startswith(b"+"):
             break
         try:
-            answer = client.step(base64.b64decode(reply[2:].strip()))
+            answer = client_step(client, base64.b64decode(reply[2:].strip()))
         except Exception:
             answer = None
         if answer is None:

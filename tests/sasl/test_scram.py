@@ -29,6 +29,7 @@ from authgate.sasl.base import (
     ClientAuthError,
     ClientContext,
     ClientCredentials,
+    Derive,
     Failure,
     FailureReason,
     Lookup,
@@ -42,9 +43,12 @@ from authgate.sasl.base import (
     ServerMechanism,
     ServerOutcome,
     Success,
+    client_step,
     run_exchange,
 )
 from authgate.sasl.scram import (
+    MAX_CLIENT_ITERATIONS,
+    MIN_ITERATIONS,
     ScramSHA1Client,
     ScramSHA1PlusClient,
     ScramSHA1PlusServer,
@@ -186,7 +190,7 @@ def test_rfc_vector_client(
 ) -> None:
     client = client_cls(ClientCredentials("user", "pencil"), ClientContext(), nonce=vec.cnonce)
     assert client.start() == vec.client_first
-    assert client.step(vec.server_first) == vec.client_final
+    assert client_step(client, vec.server_first) == vec.client_final
     # SMTP style: the server-final arrives as additional data with success.
     client.finish(vec.server_final)
 
@@ -196,7 +200,7 @@ def test_rfc_vector_client_rejects_tampered_server_final() -> None:
         ClientCredentials("user", "pencil"), ClientContext(), nonce=RFC5802.cnonce
     )
     client.start()
-    client.step(RFC5802.server_first)
+    client_step(client, RFC5802.server_first)
     with pytest.raises(ClientAuthError, match="server signature"):
         client.finish(b"v=AAF9pqV8S7suAoZWja4dJRkFsKQ=")
 
@@ -304,9 +308,9 @@ def test_our_client_against_scramp_server(
     server = mech.make_server(lambda user: auth_info, channel_binding=binding() if plus else None)
     client = client_cls(ClientCredentials("alice", PASSWORD), cctx)
     server.set_client_first(client.start().decode())
-    client_final = client.step(server.get_server_first().encode())
+    client_final = client_step(client, server.get_server_first().encode())
     server.set_client_final(client_final.decode())  # raises on a bad proof
-    assert client.step(server.get_server_final().encode()) == b""  # IMAP style
+    assert client_step(client, server.get_server_final().encode()) == b""  # IMAP style
     client.finish(None)
 
 
@@ -353,7 +357,7 @@ def test_unknown_user_fails_only_at_the_proof() -> None:
         assert isinstance(outcome, Challenge)  # a normal-looking server-first
         nonce, salt, iterations = _server_first_fields(outcome.data)
         assert len(salt) == 16 and iterations == 4096 and len(nonce) == 48
-        outcome = server.step(client.step(outcome.data))
+        outcome = server.step(client_step(client, outcome.data))
         outcomes[user] = outcome
     assert isinstance(outcomes["alice"], Success)
     # Indistinguishable from a wrong password.
@@ -637,7 +641,7 @@ def test_client_final_extensions_are_covered_by_the_proof() -> None:
     client = ScramSHA256Client(ClientCredentials("alice", PASSWORD), ClientContext())
     server = ScramSHA256Server(ServerContext())
     server_first = to_verifier(server, client.start(), verifier("sha256"))
-    final = client.step(server_first)
+    final = client_step(client, server_first)
     without_proof, proof = final.rsplit(b",p=", 1)
     outcome = server.step(without_proof + b",x=ext,p=" + proof)
     assert outcome == Failure(FailureReason.INVALID_CREDENTIALS, "invalid credentials")
@@ -675,16 +679,59 @@ def test_client_rejects_bad_server_first(server_first: str, match: str) -> None:
         _client_after_first().step(server_first.encode())
 
 
+@pytest.mark.parametrize("count", [100_001, 10_000_000])
+def test_client_refuses_more_iterations_than_the_cap(count: int) -> None:
+    # A backend must not be able to make every login spin on PBKDF2: 100,000
+    # is 25 times what Dovecot and Cyrus use (the old cap was 10 million).
+    with pytest.raises(ClientAuthError, match=f"iteration count {count} is out of"):
+        _client_after_first().step(f"r=abcDEF,s={SALT},i={count}".encode())
+
+
+def test_client_hands_pbkdf2_to_the_driver() -> None:
+    """server-first is answered with a Derive: the slow PBKDF2 at the
+    server's count is the driver's to run (off the event loop); `finish`
+    turns the key into client-final, once, in order."""
+    client = _client_after_first()
+    derive = client.step(f"r=abcDEF,s={SALT},i={MAX_CLIENT_ITERATIONS}".encode())
+    assert isinstance(derive, Derive)
+    assert (derive.hash_name, derive.salt, derive.iterations) == (
+        "sha256",
+        b"saltsaltsalt",
+        MAX_CLIENT_ITERATIONS,
+    )
+    assert PASSWORD not in repr(derive)
+    with pytest.raises(SaslProtocolError):
+        client.step(b"v=AAAA")  # no challenge while the derivation is out
+    with pytest.raises(SaslProtocolError):
+        derive.finish(b"short")
+    final = derive.finish(derive.compute())
+    assert final.startswith(b"c=biws,r=abcDEF,p=")
+    with pytest.raises(SaslProtocolError):
+        derive.finish(derive.compute())  # once only
+
+
+@given(st.text(alphabet="0123456789", min_size=1, max_size=12))
+def test_client_iteration_count_parser(count: str) -> None:
+    client = _client_after_first()
+    try:
+        outcome = client.step(f"r=abcDEF,s={SALT},i={count}".encode())
+    except ClientAuthError:
+        assert count.startswith("0") or not MIN_ITERATIONS <= int(count) <= MAX_CLIENT_ITERATIONS
+    else:
+        assert isinstance(outcome, Derive) and outcome.iterations == int(count)
+        assert MIN_ITERATIONS <= outcome.iterations <= MAX_CLIENT_ITERATIONS
+
+
 def test_client_rejects_server_error_in_server_final() -> None:
     client = _client_after_first()
-    client.step(f"r=abcDEF,s={SALT},i=4096".encode())
+    client_step(client, f"r=abcDEF,s={SALT},i=4096".encode())
     with pytest.raises(ClientAuthError, match="invalid-proof"):
-        client.step(b"e=invalid-proof")
+        client_step(client, b"e=invalid-proof")
 
 
 def test_client_finish_without_server_signature_fails() -> None:
     client = _client_after_first()
-    client.step(f"r=abcDEF,s={SALT},i=4096".encode())
+    client_step(client, f"r=abcDEF,s={SALT},i=4096".encode())
     with pytest.raises(ClientAuthError, match="without proving"):
         client.finish(None)
 
@@ -698,7 +745,7 @@ def test_client_finish_before_client_final_fails() -> None:
 def _verified_client() -> tuple[ScramSHA256Client, bytes]:
     client = ScramSHA256Client(ClientCredentials("alice", PASSWORD), ClientContext())
     server = ScramSHA256Server(ServerContext())
-    final = client.step(to_verifier(server, client.start(), verifier("sha256")))
+    final = client_step(client, to_verifier(server, client.start(), verifier("sha256")))
     outcome = server.step(final)
     assert isinstance(outcome, Success) and outcome.additional is not None
     return client, outcome.additional
@@ -706,11 +753,11 @@ def _verified_client() -> tuple[ScramSHA256Client, bytes]:
 
 def test_client_accepts_server_final_twice_only_if_identical() -> None:
     client, server_final = _verified_client()
-    assert client.step(server_final) == b""
+    assert client_step(client, server_final) == b""
     client.finish(server_final)
 
     client, server_final = _verified_client()
-    client.step(server_final)
+    client_step(client, server_final)
     with pytest.raises(ClientAuthError, match="different"):
         client.finish(server_final[:-5] + b"AAAA=")
 
@@ -718,7 +765,7 @@ def test_client_accepts_server_final_twice_only_if_identical() -> None:
 def test_client_wrong_server_signature_as_challenge() -> None:
     client, _ = _verified_client()
     with pytest.raises(ClientAuthError, match="server signature"):
-        client.step(b"v=" + base64.b64encode(b"\0" * 32))
+        client_step(client, b"v=" + base64.b64encode(b"\0" * 32))
 
 
 # ------------------------------------------------------------ call order
@@ -744,14 +791,14 @@ def test_server_out_of_order_calls_raise() -> None:
 def test_client_out_of_order_calls_raise() -> None:
     client = ScramSHA256Client(ClientCredentials("a", "b"), ClientContext())
     with pytest.raises(SaslProtocolError):
-        client.step(b"r=x")
+        client_step(client, b"r=x")
     client.start()
     with pytest.raises(SaslProtocolError):
         client.start()
     with pytest.raises(ClientAuthError):
-        client.step(b"garbage")
+        client_step(client, b"garbage")
     with pytest.raises(SaslProtocolError):  # a failed client stays failed
-        client.step(b"r=x")
+        client_step(client, b"r=x")
     with pytest.raises(SaslProtocolError):
         client.finish(None)
 
@@ -897,11 +944,11 @@ def test_client_random_bytes_never_crash(
     client = cls(ClientCredentials("alice", PASSWORD), ClientContext(channel_binding=binding()))
     client.start()
     try:
-        client.step(server_first)
+        client_step(client, server_first)
     except ClientAuthError:
         return
     with pytest.raises(ClientAuthError):
-        client.step(server_final)
+        client_step(client, server_final)
 
 
 @settings(max_examples=200, deadline=None)
@@ -921,7 +968,7 @@ def test_client_near_valid_server_messages_never_crash(
     client.start()
     server_first = f"r=abc{suffix},s={salt},i={count}".encode(errors="surrogatepass")
     try:
-        client.step(server_first)
+        client_step(client, server_first)
     except ClientAuthError:
         return
     with pytest.raises(ClientAuthError):
