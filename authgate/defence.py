@@ -39,6 +39,7 @@ import ipaddress
 import math
 import secrets
 import time
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -395,7 +396,12 @@ def _user_name(username: str | bytes) -> str:
         username = username.decode("utf-8", "surrogateescape")
     # "Alice" and "alice" are one target for a guesser whenever the store
     # folds case; counting them together costs a case-sensitive store nothing.
-    return username.casefold()
+    # Directories fold more than Python's casefold: slapd binds "ALİCE"
+    # (dotted capital I, casefolded to i + U+0307) as alice. So compatibility
+    # forms are folded too and combining marks dropped: a few distinct users
+    # may share a counter ("café", "cafe"), no user gets several.
+    folded = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", username).casefold())
+    return "".join(ch for ch in folded if not unicodedata.combining(ch))
 
 
 def _user_key(username: str | bytes) -> str:

@@ -46,12 +46,20 @@ Security notes, each handled below:
   answers False without contacting the server.
 * User names with control characters (NUL included) are refused before
   any escaping: no legitimate directory name has them.
+* The directory matches names loosely (RFC 4518: case, NFKC, spaces):
+  slapd binds "ALICE", " alice", "alice " and full-width "ａｌｉｃｅ" as
+  alice. So a name the directory would read as another spelling is refused
+  unless the difference is case (`_username_problem`), and the session's
+  identity is the entry's own name, its `canonical_attribute` (uid by
+  default) as the directory returns it: that is what the backend, the
+  audit log and the lockout see (`PasswordVerdict`).
 * Referrals are never chased (a referral would send the password to
   another server).
-* A connection that was bound as a user is never used for a search: the
-  search pool holds only connections bound as the service account (or
-  anonymous); user binds go through a separate pool of connections that do
-  nothing but bind.
+* A connection that was bound as a user is never used to search for
+  anyone else: the search pool holds only connections bound as the service
+  account (or anonymous); user binds go through a separate pool of
+  connections that bind and, with a DN template, read the bound user's own
+  entry for its canonical name (a base-scope read of that one DN).
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import re
 import secrets
 import socket
 import ssl
@@ -78,7 +87,13 @@ import ldap.dn  # type: ignore[import-untyped,unused-ignore]
 from authgate.config import _Table
 from authgate.credentials.base import CredentialsUnavailable
 from authgate.credentials.store import DIRECTORY_REASON, StoreOffer
-from authgate.sasl.base import LookupAnswer, LookupRequest, PasswordCheck, SecretLookup
+from authgate.sasl.base import (
+    LookupAnswer,
+    LookupRequest,
+    PasswordCheck,
+    PasswordVerdict,
+    SecretLookup,
+)
 
 __all__ = [
     "Directory",
@@ -93,6 +108,8 @@ __all__ = [
 T = TypeVar("T")
 
 USER_PLACEHOLDER: Final = "{user}"
+# RFC 4512 section 1.4: an attribute description is a descr or a numericoid.
+_ATTRIBUTE: Final = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,63}|[0-9]+(\.[0-9]+)+")
 MAX_USERNAME_LENGTH: Final = 256
 DEFAULT_PORTS: Final = {"ldap": 389, "ldaps": 636}
 
@@ -159,11 +176,71 @@ def escape_filter_value(value: str) -> str:
     return "".join(out)
 
 
-def _username_ok(name: str) -> bool:
+def _plain_name(name: str) -> bool:
+    """Non-empty, not too long, no control characters (Cc, NUL included) or
+    lone surrogates (Cs, not encodable)."""
     if not name or len(name) > MAX_USERNAME_LENGTH:
         return False
-    # Cc: NUL and other controls; Cs: lone surrogates (not encodable).
     return not any(unicodedata.category(ch) in ("Cc", "Cs") for ch in name)
+
+
+# RFC 4518 section 2.2 maps these to nothing before comparing: "al\u00adice"
+# may match "alice". (Format characters, category Cf, are refused anyway.)
+_MAPPED_TO_NOTHING: Final = frozenset(
+    "\u034f\u180b\u180c\u180d\ufffc" + "".join(chr(c) for c in range(0xFE00, 0xFE10))
+)
+
+
+def _username_problem(name: str) -> str | None:
+    """Why the directory must not be asked about `name`, or None.
+
+    Directory matching rules (caseIgnoreMatch, RFC 4518) ignore leading and
+    trailing spaces, fold runs of spaces and compatibility forms (NFKC) and
+    drop some characters: slapd binds " alice", "alice " and "ａｌｉｃｅ" as
+    alice. Such spellings would give one user many names (for the lockout,
+    the audit log, the backend), and no one types them on purpose. Case is
+    left alone: the directory folds it and the canonical name replaces it."""
+    if not _plain_name(name):
+        return "empty, too long or with a control character"
+    if name != name.strip(" ") or "  " in name:
+        return "leading, trailing or repeated spaces"
+    if unicodedata.normalize("NFKC", name) != name:
+        return "not in NFKC form (compatibility or width variants)"
+    for ch in name:
+        category = unicodedata.category(ch)
+        if category in ("Cf", "Co", "Cn", "Zl", "Zp") or (category == "Zs" and ch != " "):
+            return "an invisible, unassigned or non-ASCII space character"
+        if ch in _MAPPED_TO_NOTHING:
+            return "a character the directory ignores"
+    return None
+
+
+def _fold(name: str) -> str:
+    return unicodedata.normalize("NFKC", name).casefold()
+
+
+def _canonical_name(values: Sequence[bytes], typed: str) -> str | None:
+    """The user's name from the entry's canonical attribute: its only value,
+    or among several the one that is `typed` but for case. None when there
+    is no such single value."""
+    names: list[str] = []
+    for value in values:
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if _plain_name(text):
+            names.append(text)
+    if len(names) == 1:
+        return names[0]
+    matches = [n for n in names if _fold(n) == _fold(typed)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _attribute_values(entry: Mapping[str, Sequence[bytes]], attribute: str) -> list[bytes]:
+    # Attribute descriptions are case-insensitive (RFC 4512 section 2.5).
+    wanted = attribute.lower()
+    return [v for name, values in entry.items() if name.lower() == wanted for v in values]
 
 
 def _password_ok(password: str) -> bool:
@@ -272,6 +349,9 @@ class DirectorySettings:
     connect_timeout: float = 5.0
     timeout: float = 10.0  # TLS handshake, StartTLS and each LDAP operation
     pool_size: int = 4  # connections per pool (search, bind), busy or idle
+    # The attribute whose value names the user once bound (see
+    # `identity_attribute`); None: the template's {user} attribute, else uid.
+    canonical_attribute: str | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -317,6 +397,13 @@ class DirectorySettings:
                 raise _Problem(key, f"{value!r} is not a positive number of seconds")
         if isinstance(self.pool_size, bool) or not 1 <= self.pool_size <= 64:
             raise _Problem("pool_size", f"{self.pool_size!r} is not between 1 and 64")
+        if self.canonical_attribute is not None and not _ATTRIBUTE.fullmatch(
+            self.canonical_attribute
+        ):
+            raise _Problem(
+                "canonical_attribute",
+                f"{self.canonical_attribute!r} is not an attribute name (such as uid)",
+            )
 
     def _check_template(self, template: str) -> None:
         if template.count(USER_PLACEHOLDER) != 1:
@@ -343,6 +430,22 @@ class DirectorySettings:
         return parse_url(self.url)
 
     @property
+    def identity_attribute(self) -> str:
+        """The attribute whose value is the user's name once bound: the
+        configured one, else the template's {user} attribute (``uid`` in
+        ``uid={user},ou=people,...``), else ``uid``."""
+        if self.canonical_attribute is not None:
+            return self.canonical_attribute
+        if self.bind_dn_template is not None:
+            marker = "authgate-user-placeholder"
+            parsed = ldap.dn.str2dn(self.bind_dn_template.replace(USER_PLACEHOLDER, marker))
+            for rdn in parsed:
+                for attribute, value, _ in rdn:
+                    if value == marker:
+                        return str(attribute)
+        return "uid"
+
+    @property
     def tls(self) -> bool:
         return self.endpoint.scheme == "ldaps" or self.starttls
 
@@ -361,6 +464,7 @@ _KEYS: Final = (
     "connect_timeout",
     "timeout",
     "pool_size",
+    "canonical_attribute",
 )
 
 
@@ -402,6 +506,7 @@ def parse_directory(
             raise t.error("bind_password_file", f"cannot read {password_file}: {message}") from None
     timeouts = {key: _seconds(t, key, default) for key, default in _TIMEOUTS.items()}
     pool_size = t.get("pool_size", int, 4)
+    canonical_attribute = t.get("canonical_attribute", str, "") or None
     t.finish()
     try:
         return DirectorySettings(
@@ -417,6 +522,7 @@ def parse_directory(
             connect_timeout=timeouts["connect_timeout"],
             timeout=timeouts["timeout"],
             pool_size=pool_size,
+            canonical_attribute=canonical_attribute,
         )
     except _Problem as exc:
         raise t.error(exc.key, exc.message) from None
@@ -779,27 +885,58 @@ class Directory:
     def verify(self, username: str, password: str) -> bool:
         """True when `password` is `username`'s password. Raises
         DirectoryUnavailable when the directory cannot tell."""
-        if not _password_ok(password) or not _username_ok(username):
-            return False
+        return self.authenticate(username, password).valid
+
+    def authenticate(self, username: str, password: str) -> PasswordVerdict:
+        """Whether `password` is `username`'s password, and the user's
+        canonical name (the entry's `identity_attribute`) when the directory
+        told it: always after a successful bind, and after a failed one
+        when a search found the entry. Raises DirectoryUnavailable when the
+        directory cannot tell, or has no single name for a bound entry."""
+        if not _password_ok(password) or _username_problem(username) is not None:
+            return PasswordVerdict(False)
         settings = self.settings
+        attribute = settings.identity_attribute
         if settings.bind_dn_template is not None:
             dn = settings.bind_dn_template.replace(USER_PLACEHOLDER, escape_dn_value(username))
-            return self._bind(dn, password)
-        found = self._find(username)
+            values = self._bind(dn, password, read=attribute)
+            if values is None:
+                return PasswordVerdict(False)
+            return PasswordVerdict(True, self._identity(dn, values, username))
+        found = self._find(username, attribute)
         if found is None:
             assert settings.search_base is not None
             self._bind(f"{self._decoy},{settings.search_base}", password)
-            return False
-        return self._bind(found, password)
+            return PasswordVerdict(False)
+        dn, values = found
+        if self._bind(dn, password) is None:
+            return PasswordVerdict(False, _canonical_name(values, username))
+        return PasswordVerdict(True, self._identity(dn, values, username))
 
-    def _bind(self, dn: str, password: str) -> bool:
+    def _identity(self, dn: str, values: Sequence[bytes], typed: str) -> str:
+        name = _canonical_name(values, typed)
+        if name is None:
+            attribute = self.settings.identity_attribute
+            raise DirectoryUnavailable(
+                f"{self._endpoint}: {dn!r} has no single {attribute!r} value to name the user "
+                "by (readable by the user, or set [directory] canonical_attribute)"
+            )
+        return name
+
+    def _bind(self, dn: str, password: str, *, read: str | None = None) -> list[bytes] | None:
+        """Bind as `dn`: None when the password is refused, else the values
+        of attribute `read` of the entry, read as the user just bound ([]
+        when not asked for, or not readable)."""
         for attempt in (1, 2):
             conn = self._bind_pool.acquire()
+            values: list[bytes] = []
             try:
                 conn.ldap.simple_bind_s(dn, password)
+                if read is not None:
+                    values = self._read_own(conn, dn, read)
             except _REFUSED_BIND:
                 self._bind_pool.release(conn)
-                return False
+                return None
             except _CONNECTION_LOST as exc:
                 self._bind_pool.discard(conn, lost=True)
                 if conn.reused and attempt == 1:
@@ -816,23 +953,41 @@ class Directory:
                 self._bind_pool.discard(conn)
                 raise
             self._bind_pool.release(conn)
-            return True
+            return values
         raise AssertionError("unreachable")
 
-    def _find(self, username: str) -> str | None:
+    def _read_own(self, conn: _Connection, dn: str, attribute: str) -> list[bytes]:
+        """`attribute` of entry `dn`, on a connection bound as that entry."""
+        try:
+            results = conn.ldap.search_ext_s(
+                dn,
+                ldap.SCOPE_BASE,
+                "(objectClass=*)",
+                [attribute],
+                sizelimit=1,
+                timeout=self.settings.timeout,
+            )
+        except (ldap.NO_SUCH_OBJECT, ldap.INSUFFICIENT_ACCESS):
+            return []  # hidden from the user by the ACLs: no name (_identity says so)
+        entries = [attrs for found, attrs in results if isinstance(found, str)]
+        return _attribute_values(entries[0], attribute) if len(entries) == 1 else []
+
+    def _find(self, username: str, attribute: str) -> tuple[str, list[bytes]] | None:
+        """The one entry the search filter finds for `username`: its DN and
+        the values of `attribute`; None for no entry or several."""
         settings = self.settings
         assert settings.search_base is not None
         query = settings.search_filter.replace(USER_PLACEHOLDER, escape_filter_value(username))
         for attempt in (1, 2):
             conn = self._search_pool.acquire()
             try:
-                # "1.1": no attributes, only DNs (RFC 4511 section 4.5.1.8).
-                # sizelimit 2: enough to tell one entry from several.
+                # Only the canonical attribute; sizelimit 2: enough to tell
+                # one entry from several.
                 results = conn.ldap.search_ext_s(
                     settings.search_base,
                     ldap.SCOPE_SUBTREE,
                     query,
-                    ["1.1"],
+                    [attribute],
                     sizelimit=2,
                     timeout=settings.timeout,
                 )
@@ -861,8 +1016,11 @@ class Directory:
                 raise
             self._search_pool.release(conn)
             # Search references (referrals) come back with dn None: ignored.
-            entries = [dn for dn, _ in results if isinstance(dn, str)]
-            return entries[0] if len(entries) == 1 else None
+            entries = [(dn, attrs) for dn, attrs in results if isinstance(dn, str)]
+            if len(entries) != 1:
+                return None
+            dn, attrs = entries[0]
+            return dn, _attribute_values(attrs, attribute)
         raise AssertionError("unreachable")
 
     # -- connections
@@ -1002,7 +1160,7 @@ class DirectoryStore:
 
     def resolve(self, request: LookupRequest) -> LookupAnswer:
         if isinstance(request, PasswordCheck):
-            return self.directory.verify(request.authcid, request.password)
+            return self.directory.authenticate(request.authcid, request.password)
         if isinstance(request, SecretLookup):
             return None
         raise TypeError(f"not a lookup request: {type(request).__name__}")

@@ -72,9 +72,11 @@ from authgate.sasl.base import (
     Lookup,
     LookupAnswer,
     PasswordCheck,
+    PasswordVerdict,
     SaslProtocolError,
     ServerContext,
     Success,
+    password_answer,
     too_long,
 )
 
@@ -334,11 +336,13 @@ class ImapServer:
     def resume(self, answer: LookupAnswer) -> list[Event]:
         self._expect({_State.LOOKUP}, "resume")
         attempt = self._current()
+        if isinstance(answer, PasswordVerdict) and answer.identity is not None:
+            attempt.authcid = answer.identity  # the store's name for the user, from now on
         if attempt.exchange is None:  # the LOGIN command's PasswordCheck
-            if answer is True and attempt.authcid:
-                events = self._authenticated(attempt.authcid, attempt.authcid)
-            elif answer is STORE_UNAVAILABLE:
+            if answer is STORE_UNAVAILABLE:
                 events = self._fail(Failure(FailureReason.TEMPORARY, "store unavailable"))
+            elif password_answer(answer)[0] and attempt.authcid:
+                events = self._authenticated(attempt.authcid, attempt.authcid)
             else:
                 events = self._fail(Failure(FailureReason.INVALID_CREDENTIALS))
         else:

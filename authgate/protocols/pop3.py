@@ -61,6 +61,7 @@ from authgate.sasl.base import (
     InitialResponse,
     Lookup,
     LookupAnswer,
+    PasswordVerdict,
     SaslProtocolError,
     ServerContext,
     Success,
@@ -257,6 +258,8 @@ class Pop3Server:
     def resume(self, answer: LookupAnswer) -> list[Event]:
         self._expect(ServerState.LOOKUP, "resume")
         assert self._exchange is not None
+        if isinstance(answer, PasswordVerdict) and answer.identity is not None:
+            self._authcid = answer.identity  # a failure is logged under the store's name
         return self._sasl_step(self._exchange.resume(answer)) + self._drain()
 
     def tls_started(self) -> list[Event]:

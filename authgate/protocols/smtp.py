@@ -56,6 +56,7 @@ from authgate.sasl.base import (
     InitialResponse,
     Lookup,
     LookupAnswer,
+    PasswordVerdict,
     SaslProtocolError,
     ServerContext,
     Success,
@@ -242,6 +243,8 @@ class SmtpServer:
     def resume(self, answer: LookupAnswer) -> list[Event]:
         self._expect(_State.WAIT_LOOKUP, "resume")
         assert self._exchange is not None
+        if isinstance(answer, PasswordVerdict) and answer.identity is not None:
+            self._authcid = answer.identity  # a failure is logged under the store's name
         return self._exchange_step(self._exchange.resume(answer)) + self._process()
 
     def tls_started(self) -> list[Event]:

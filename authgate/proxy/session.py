@@ -54,7 +54,9 @@ from authgate.sasl.base import (
     LookupAnswer,
     LookupRequest,
     PasswordCheck,
+    PasswordVerdict,
     ServerContext,
+    password_answer,
 )
 from authgate.sasl.relayed import relayed_user
 
@@ -270,11 +272,21 @@ class ClientSession:
             except CredentialsUnavailable as exc:
                 log.warning("%s: credential store unavailable: %s", self.tag, exc)
                 answer = STORE_UNAVAILABLE  # a temporary failure, not a wrong password
-        if answer is False and isinstance(request, PasswordCheck):
-            # Only a wrong password needs its keyed hash (a stale password
-            # sent again counts once); a right one is never hashed here.
-            user = request.authcid
-            self._fingerprint = (user, self.guard.fingerprint(user, request.password))
+        if isinstance(answer, PasswordVerdict) and answer.identity is not None:
+            # The store knows the user by another name than the one typed
+            # (a directory's canonical uid): the lockout is that user's.
+            identity = answer.identity
+            if answer.valid and self.guard.user_locked(identity, self.address):
+                log.info("%s: user %r is locked out", self.tag, identity)
+                answer = PasswordVerdict(False, identity)
+        if isinstance(request, PasswordCheck) and answer is not STORE_UNAVAILABLE:
+            valid, canonical = password_answer(answer)
+            if not valid:
+                # Only a wrong password needs its keyed hash (a stale password
+                # sent again counts once); a right one is never hashed here.
+                # Under the name the failure will be reported with.
+                user = canonical or request.authcid
+                self._fingerprint = (user, self.guard.fingerprint(user, request.password))
         self._secret_looked_up = True  # until the attempt's outcome
         events: list[Event] = self.machine.resume(answer)
         return events

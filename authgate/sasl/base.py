@@ -121,10 +121,36 @@ class SecretForm(enum.Enum):
 @dataclass(frozen=True)
 class PasswordCheck:
     """Ask the store whether `password` is the user's password (PLAIN, LOGIN).
-    Answer: `bool`."""
+    Answer: `bool`, or a `PasswordVerdict` from a store that names users its
+    own way."""
 
     authcid: str
     password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class PasswordVerdict:
+    """A `PasswordCheck` answered by a store that has its own, canonical name
+    for the user: a directory binds "ALICE" to the entry whose uid is
+    "alice". `identity` is that name (None when no single user was found);
+    from then on the session is that user, toward the backend, in the audit
+    log and for the lockout, whatever the client typed."""
+
+    valid: bool
+    identity: str | None = None
+
+
+def password_answer(answer: LookupAnswer) -> tuple[bool, str | None]:
+    """A PasswordCheck's answer as (valid, the store's name for the user or
+    None). Raises SaslProtocolError for an answer of the wrong kind (our
+    bug: the driver answers a PasswordCheck with a bool or a verdict)."""
+    if isinstance(answer, PasswordVerdict):
+        return answer.valid, answer.identity
+    if answer is True:
+        return True, None
+    if answer is False or answer is None:
+        return False, None
+    raise SaslProtocolError("a password check needs a bool or PasswordVerdict answer")
 
 
 @dataclass(frozen=True)
@@ -169,7 +195,7 @@ class _StoreUnavailable(enum.Enum):
 STORE_UNAVAILABLE: Final = _StoreUnavailable.STORE_UNAVAILABLE
 
 LookupRequest = PasswordCheck | SecretLookup
-LookupAnswer = bool | bytes | str | ScramVerifier | None | _StoreUnavailable
+LookupAnswer = bool | bytes | str | ScramVerifier | PasswordVerdict | None | _StoreUnavailable
 
 
 @dataclass(frozen=True)

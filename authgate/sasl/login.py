@@ -27,6 +27,7 @@ from authgate.sasl.base import (
     Success,
     invalid,
     malformed,
+    password_answer,
     too_long,
 )
 
@@ -102,11 +103,10 @@ class LoginServer:
     def resume(self, answer: LookupAnswer) -> ServerOutcome:
         self._expect((_ServerStage.AWAIT_CHECK,), "resume")
         self._stage = _ServerStage.DONE
-        if answer is True:
-            return Success(self._authcid)
-        if answer is False or answer is None:
+        valid, canonical = password_answer(answer)
+        if not valid:
             return invalid()
-        raise SaslProtocolError("LOGIN needs a bool answer to its password check")
+        return Success(canonical or self._authcid)
 
 
 class LoginClient:

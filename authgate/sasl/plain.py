@@ -30,6 +30,7 @@ from authgate.sasl.base import (
     check_authzid,
     invalid,
     malformed,
+    password_answer,
     too_long,
 )
 
@@ -104,12 +105,13 @@ class PlainServer:
     def resume(self, answer: LookupAnswer) -> ServerOutcome:
         self._expect(_ServerStage.AWAIT_CHECK, "resume")
         self._stage = _ServerStage.DONE
-        if answer is True:
-            return check_authzid(Success(self._authcid, self._authzid))
-        if answer is False or answer is None:
+        valid, canonical = password_answer(answer)
+        if not valid:
             return invalid()
-        # A PasswordCheck is answered with a bool; anything else is our bug.
-        raise SaslProtocolError("PLAIN needs a bool answer to its password check")
+        authzid = self._authzid
+        if canonical is not None and authzid == self._authcid:
+            authzid = canonical  # "ALICE" acting as "ALICE" is alice acting as herself
+        return check_authzid(Success(canonical or self._authcid, authzid))
 
 
 class PlainClient:

@@ -13,6 +13,7 @@ import re
 import socket
 import threading
 import time
+import unicodedata
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,13 +33,14 @@ from authgate.credentials.directory import (
     DirectorySettings,
     DirectoryStore,
     DirectoryUnavailable,
+    _username_problem,
     escape_dn_value,
     escape_filter_value,
     parse_directory,
 )
 from authgate.credentials.store import DIRECTORY_REASON
 from authgate.sasl import DEFAULT_ORDER, MECHANISMS
-from authgate.sasl.base import PasswordCheck, SecretForm, SecretLookup
+from authgate.sasl.base import PasswordCheck, PasswordVerdict, SecretForm, SecretLookup
 from tests.ldap_server import (
     PEOPLE,
     SERVICE_DN,
@@ -377,6 +379,76 @@ def test_bad_user_names_are_false_without_contacting_the_server(name: str) -> No
         assert d.verify(name, "a password") is False
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        " alice",
+        "alice ",
+        "al  ice",
+        "ａｌｉｃｅ",
+        "alice\u00a0",
+        "al\u00adice",
+        "al\u200bice",
+        "al\ufe00ice",
+        "al\u2028ice",
+        "al\u3000ice",
+        "al\ue000ice",
+    ],
+)
+def test_other_spellings_are_false_without_contacting_the_server(name: str) -> None:
+    # slapd's matching (RFC 4518) would bind several of these as alice.
+    with unreachable_directory() as d:
+        assert d.authenticate(name, "a password") == PasswordVerdict(False)
+
+
+@given(st.text(max_size=12))
+def test_accepted_names_are_the_only_spelling_but_for_case(name: str) -> None:
+    if _username_problem(name) is None:
+        assert name == name.strip(" ") and "  " not in name
+        assert unicodedata.normalize("NFKC", name) == name
+        assert all(unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co", "Cn") for c in name)
+
+
+def test_identity_attribute_defaults_and_setting() -> None:
+    assert settings_of(url="ldaps://ldap.example").identity_attribute == "uid"
+    cn = settings_of(url="ldaps://ldap.example", bind_dn_template=f"cn={{user}},{PEOPLE}")
+    assert cn.identity_attribute == "cn"
+    search = DirectorySettings(url="ldaps://ldap.example", search_base=SUFFIX)
+    assert search.identity_attribute == "uid"
+    mail = settings_of(url="ldaps://ldap.example", canonical_attribute="mail")
+    assert mail.identity_attribute == "mail"
+    with pytest.raises(ValueError, match="canonical_attribute: 'u id' is not an attribute"):
+        settings_of(url="ldaps://ldap.example", canonical_attribute="u id")
+
+
+@pytest.mark.parametrize("mode", ["template", "search"])
+def test_the_session_is_the_entrys_own_name(slapd: SlapdInstance, mode: str) -> None:
+    """ "ALICE" and "ALİCE" bind (slapd folds case, dotted I too) and are
+    alice: the entry's uid as the directory returns it."""
+    password = slapd.password("alice")
+    with directory(slapd, mode=mode) as d:
+        for typed in ("alice", "ALICE", "Alice", "ALİCE"):
+            assert d.authenticate(typed, password) == PasswordVerdict(True, "alice"), typed
+        for typed in (" alice", "alice ", "ａｌｉｃｅ"):
+            assert d.authenticate(typed, password) == PasswordVerdict(False), typed
+        wrong = d.authenticate("ALICE", "wrong")
+        # A search found the entry: even a failure is the entry's user.
+        assert wrong == PasswordVerdict(False, "alice" if mode == "search" else None)
+        assert d.authenticate(SPECIAL_UID.upper(), slapd.password(SPECIAL_UID)) == (
+            PasswordVerdict(True, SPECIAL_UID)
+        )
+
+
+@pytest.mark.parametrize("mode", ["template", "search"])
+def test_canonical_attribute_is_configurable(slapd: SlapdInstance, mode: str) -> None:
+    with directory(slapd, mode=mode, canonical_attribute="sn") as d:
+        assert d.authenticate("alice", slapd.password("alice")) == PasswordVerdict(True, "User")
+    with directory(slapd, mode=mode, canonical_attribute="mail") as d:
+        with pytest.raises(DirectoryUnavailable, match="no single 'mail' value"):
+            d.authenticate("alice", slapd.password("alice"))
+        assert d.authenticate("alice", "wrong") == PasswordVerdict(False)
+
+
 # ------------------------------------------------------------- the store
 
 
@@ -387,7 +459,7 @@ def test_store_answers_lookups_and_offers_cleartext_only() -> None:
         assert store.realm is None
         for form in SecretForm:
             assert store.resolve(SecretLookup("alice", form)) is None
-        assert store.resolve(PasswordCheck("alice", "")) is False
+        assert store.resolve(PasswordCheck("alice", "")) == PasswordVerdict(False)
         with pytest.raises(DirectoryUnavailable):
             store.resolve(PasswordCheck("alice", "a password"))
         with pytest.raises(TypeError):
@@ -773,9 +845,9 @@ def test_store_aresolve_runs_off_the_event_loop(slapd: SlapdInstance) -> None:
     seen: list[int] = []
 
     class Recording(Directory):
-        def verify(self, username: str, password: str) -> bool:
+        def authenticate(self, username: str, password: str) -> PasswordVerdict:
             seen.append(threading.get_ident())
-            return super().verify(username, password)
+            return super().authenticate(username, password)
 
     template = make(slapd)
     template.close()
@@ -790,7 +862,7 @@ def test_store_aresolve_runs_off_the_event_loop(slapd: SlapdInstance) -> None:
 
     try:
         good, bad, loop_thread = asyncio.run(main())
-        assert (good, bad) == (True, False)
+        assert (good, bad) == (PasswordVerdict(True, "alice"), PasswordVerdict(False))
         assert len(seen) == 2
         assert loop_thread not in seen
         with ThreadPoolExecutor(1, thread_name_prefix="ldap-verify") as executor:
@@ -798,7 +870,7 @@ def test_store_aresolve_runs_off_the_event_loop(slapd: SlapdInstance) -> None:
             answer = asyncio.run(
                 store_with_pool.aresolve(PasswordCheck("bob", slapd.password("bob")))
             )
-            assert answer is True
+            assert answer == PasswordVerdict(True, "bob")
     finally:
         store.close()
 

@@ -49,6 +49,7 @@ from authgate.sasl.base import (
     LookupAnswer,
     LookupRequest,
     PasswordCheck,
+    PasswordVerdict,
     ScramVerifier,
     SecretForm,
     SecretLookup,
@@ -1511,3 +1512,21 @@ def test_client_hands_scram_pbkdf2_to_the_driver() -> None:
     assert base64.b64decode(reply.strip()).startswith(f"c=biws,r={nonce}SRV,p=".encode())
     with pytest.raises(ProtocolStateError):
         b.client.derived(derive.compute())
+
+
+# ------------------------------------------------------- a store's own names
+
+
+@pytest.mark.parametrize(
+    "line", [b"a1 LOGIN ALICE pw", b"a1 AUTHENTICATE PLAIN " + b64(b"\0ALICE\0pw")]
+)
+def test_the_stores_name_for_the_user_is_the_session(line: bytes) -> None:
+    # A directory answers "ALICE" with its entry's uid: that is who logs in.
+    h = Harness(session(), auto_lookup=False)
+    h.send(line + b"\r\n")
+    h.handle(h.server.resume(PasswordVerdict(True, "alice")))
+    assert [(e.authcid, e.identity) for e in h.of(Authenticated)] == [("alice", "alice")]
+    h = Harness(session(), auto_lookup=False)
+    h.send(line + b"\r\n")
+    h.handle(h.server.resume(PasswordVerdict(False, "alice")))
+    assert [e.authcid for e in h.of(AuthFailed)] == ["alice"]

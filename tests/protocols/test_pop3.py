@@ -55,6 +55,7 @@ from authgate.sasl.base import (
     LookupAnswer,
     LookupRequest,
     PasswordCheck,
+    PasswordVerdict,
     SecretForm,
     ServerContext,
     client_step,
@@ -1313,3 +1314,19 @@ def test_password_over_the_cap_is_refused_without_a_lookup(lines: list[bytes]) -
     assert [e.reason for e in session.of(AuthFailed)] == [FailureReason.TOO_LONG.value]
     session.send(b"USER alice\r\nPASS correct horse battery\r\n")
     assert session.of(Authenticated) == [Authenticated("alice", "alice", "USER-PASS")]
+
+
+def test_the_stores_name_for_the_user_is_the_session() -> None:
+    server = Pop3Server(make_settings())
+    server.start()
+    sent = server.receive_data(b"USER ALICE\r\nPASS pw\r\n")
+    assert [e.request.authcid for e in sent if isinstance(e, Lookup)] == ["ALICE"]
+    events = server.resume(PasswordVerdict(True, "alice"))
+    assert [e for e in events if isinstance(e, Authenticated)] == [
+        Authenticated("alice", "alice", "USER-PASS")
+    ]
+    server = Pop3Server(make_settings())
+    server.start()
+    server.receive_data(b"USER ALICE\r\nPASS pw\r\n")
+    events = server.resume(PasswordVerdict(False, "alice"))
+    assert [e.authcid for e in events if isinstance(e, AuthFailed)] == ["alice"]

@@ -50,6 +50,7 @@ from authgate.sasl.base import (
     LookupAnswer,
     LookupRequest,
     PasswordCheck,
+    PasswordVerdict,
     ServerContext,
     Success,
 )
@@ -1441,3 +1442,18 @@ def test_password_over_the_cap_is_refused_without_a_lookup(lines: list[str]) -> 
     assert talk.of(Lookup) == []
     assert [e.reason for e in talk.of(AuthFailed)] == [FailureReason.TOO_LONG.value]
     assert talk.say(f"AUTH PLAIN {plain('alice', USERS['alice'])}").startswith("235 ")
+
+
+def test_the_stores_name_for_the_user_is_the_session() -> None:
+    for valid in (True, False):
+        server = SmtpServer(session())
+        server.start()
+        server.receive_data(b"EHLO c\r\n")
+        server.receive_data(f"AUTH PLAIN {plain('ALICE', 'pw')}\r\n".encode())
+        events = server.resume(PasswordVerdict(valid, "alice"))
+        if valid:
+            assert [e for e in events if isinstance(e, Authenticated)] == [
+                Authenticated("alice", "alice", "PLAIN")
+            ]
+        else:
+            assert [e.authcid for e in events if isinstance(e, AuthFailed)] == ["alice"]

@@ -165,4 +165,3 @@ async def test_backend_asking_for_too_many_iterations_is_refused(
     assert isinstance(result, LoginFailed)
     assert "iteration count 10000000 is out of the accepted range (4096..100000)" in result.detail
     assert seen == []  # refused before any hashing
-

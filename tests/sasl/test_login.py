@@ -22,6 +22,7 @@ from authgate.sasl.base import (
     LookupAnswer,
     LookupRequest,
     PasswordCheck,
+    PasswordVerdict,
     SaslProtocolError,
     ServerContext,
     ServerOutcome,
@@ -286,3 +287,10 @@ def test_password_over_the_cap_is_refused_before_any_lookup() -> None:
     srv.start(b"alice")
     at_cap = "x" * MAX_PASSWORD_OCTETS
     assert srv.step(at_cap.encode()) == Lookup(PasswordCheck("alice", at_cap))
+
+
+def test_a_store_verdict_names_the_user() -> None:
+    srv = server()
+    srv.start(b"ALICE")
+    srv.step(b"pw")
+    assert srv.resume(PasswordVerdict(True, "alice")) == Success("alice")

@@ -23,6 +23,7 @@ from authgate.sasl.base import (
     LookupAnswer,
     LookupRequest,
     PasswordCheck,
+    PasswordVerdict,
     SaslProtocolError,
     ServerContext,
     ServerOutcome,
@@ -366,3 +367,24 @@ def test_the_cap_counts_utf8_octets(octets: int, char: str) -> None:
         assert isinstance(outcome, Lookup)
     else:
         assert isinstance(outcome, Failure) and outcome.reason is FailureReason.TOO_LONG
+
+
+# ------------------------------------------------------------ canonical names
+
+
+def test_a_store_verdict_names_the_user() -> None:
+    """A directory binds "ALICE" to uid alice: the success is alice's, and
+    an authzid equal to what was typed is alice acting as herself."""
+    for message, authzid in ((b"\0ALICE\0pw", None), (b"ALICE\0ALICE\0pw", "alice")):
+        srv = server()
+        srv.start(message)
+        assert srv.resume(PasswordVerdict(True, "alice")) == Success("alice", authzid)
+    srv = server()
+    srv.start(b"bob\0ALICE\0pw")
+    refused = srv.resume(PasswordVerdict(True, "alice"))
+    assert isinstance(refused, Failure) and refused.reason is FailureReason.AUTHZ_DENIED
+    srv = server()
+    srv.start(b"\0ALICE\0pw")
+    assert srv.resume(PasswordVerdict(False, "alice")) == Failure(
+        FailureReason.INVALID_CREDENTIALS, "invalid credentials"
+    )
