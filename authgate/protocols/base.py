@@ -233,5 +233,9 @@ class ClientSettings:
     client_port: int | None = None
     xclient_login: str | None = None  # SMTP terminate mode without a master user
     use_id: bool = False  # IMAP: send ID with x-originating-ip
-    use_xclient: bool = False  # SMTP: send XCLIENT ADDR= when offered
+    use_xclient: bool = False  # SMTP: send XCLIENT ADDR= (refuse a backend without it)
+    # SMTP pass-through (port 25): no login; after the greeting (and STARTTLS,
+    # XCLIENT) send these lines, the client's own EHLO/HELO, each answered
+    # with 2xx, then report LoggedIn.
+    replay: tuple[bytes, ...] = ()
     max_line: int = 65536

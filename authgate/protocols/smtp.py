@@ -187,17 +187,15 @@ class SmtpServer:
     without authentication ends this machine with
     `Splice(pending=b"MAIL ...\\r\\n" + rest, replay=(b"EHLO <name>\\r\\n",))`
     (HELO instead of EHLO when the client said HELO). The client already
-    has our greeting and our EHLO reply, so the driver must:
-      1. read the backend's greeting (a complete, possibly multi-line 220
-         reply) and not forward it;
-      2. send each `replay` line and read its complete reply (a multi-line
-         250) without forwarding it;
-      3. if the greeting is not 220 or a replay reply is not 2xx, answer
-         the client "421 4.3.0 <hostname> Service not available" itself
-         and close both sides, instead of splicing;
-      4. otherwise write `pending` to the backend and splice: the backend's
-         reply to MAIL is the first thing the client sees from it.
-    AUTH on such a listener is governed by the policy as everywhere else.
+    has our greeting and our EHLO reply, so the driver hands `replay` to an
+    `SmtpClient` (`ClientSettings.replay`), which reads the backend's
+    greeting, forwards the client's address (XCLIENT, or the PROXY header
+    the driver wrote first), and sends the replay lines, none of it
+    forwarded to the client. If that fails the driver answers the client
+    "421 4.3.0" and closes both sides; otherwise it writes `pending` to the
+    backend and splices: the backend's reply to MAIL is the first thing the
+    client sees from it. AUTH on such a listener is governed by the policy
+    as everywhere else.
     """
 
     def __init__(self, settings: SessionSettings) -> None:
@@ -221,6 +219,11 @@ class SmtpServer:
     @property
     def tls_active(self) -> bool:
         return self._tls
+
+    @property
+    def errors(self) -> int:
+        """Errors counted so far against `max_errors` (the splice goes on counting)."""
+        return self._errors
 
     # ------------------------------------------------------------ driver API
 
@@ -664,6 +667,7 @@ class _CState(enum.Enum):
     STARTTLS = "starttls"
     WAIT_TLS = "wait-tls"
     XCLIENT = "xclient"
+    REPLAY = "replay"  # pass-through: the client's own EHLO/HELO, replayed
     READY = "ready"  # relay mode: waiting for authenticate()
     AUTH = "auth"  # waiting for the reply to AUTH or to a response
     CHALLENGE = "challenge"  # relay mode: waiting for respond()
@@ -673,34 +677,61 @@ class _CState(enum.Enum):
 
 
 _AWAITING_REPLY = frozenset(
-    {_CState.GREETING, _CState.EHLO, _CState.STARTTLS, _CState.XCLIENT, _CState.AUTH}
+    {
+        _CState.GREETING,
+        _CState.EHLO,
+        _CState.STARTTLS,
+        _CState.XCLIENT,
+        _CState.REPLAY,
+        _CState.AUTH,
+    }
 )
 
+# XCLIENT_README: NAME and HELO values may be up to 255 characters, and the
+# whole XCLIENT line must stay within SMTP's 512-octet command limit. With a
+# HELO value of at most 255 xtext characters, ours always fits in one line.
+_XCLIENT_VALUE_MAX = 255
+_UNAVAILABLE = "[UNAVAILABLE]"
 
-def xtext(value: str) -> str:
+
+def xtext(value: str | bytes) -> str:
     """RFC 3461 section 4 xtext (XCLIENT attribute values): printable ASCII
     except "+" and "=" as is, every other octet as "+XX"."""
+    octets = value.encode("utf-8") if isinstance(value, str) else value
     return "".join(
-        chr(b) if 0x21 <= b <= 0x7E and b not in (0x2B, 0x3D) else f"+{b:02X}"
-        for b in value.encode("utf-8")
+        chr(b) if 0x21 <= b <= 0x7E and b not in (0x2B, 0x3D) else f"+{b:02X}" for b in octets
     )
 
 
-def _xclient_address(address: str) -> str:
+def _xclient_address(address: str | None) -> str:
     """XCLIENT_README: IPv4 as is, IPv6 prefixed with "IPV6:"."""
-    ip = client_ip(address)
+    ip = None if address is None else client_ip(address)
     if ip is None:
-        return "[UNAVAILABLE]"
+        return _UNAVAILABLE
     return f"IPV6:{ip.compressed}" if ip.version == 6 else str(ip)
 
 
 class SmtpClient:
-    """authgate logging in to an SMTP backend (submission with AUTH).
+    """authgate logging in to an SMTP backend (submission with AUTH), or
+    handing a server-to-server client over to it (pass-through).
 
     Sequence: greeting (220) -> EHLO -> [STARTTLS -> EHLO] -> [XCLIENT ->
     220 -> EHLO] -> AUTH (terminate mode), or wait for `authenticate()`
     (relay mode). `authenticate()` may be called at any time after
     construction: it is held until the EHLO exchange is done.
+
+    Pass-through (`settings.replay`, port 25): greeting -> [EHLO ->
+    STARTTLS] -> [EHLO -> XCLIENT -> 220] -> each replay line (the client's
+    own EHLO or HELO) -> LoggedIn with the keywords of the backend's reply
+    to the replayed EHLO. Our own EHLO is sent only when STARTTLS or XCLIENT
+    needs the backend's keywords.
+
+    XCLIENT (Postfix XCLIENT_README) always carries ADDR=: a backend that
+    lets authgate send XCLIENT re-checks its authorisation against the new
+    address, so the client cannot send an XCLIENT of its own through the
+    splice. A backend whose XCLIENT lacks ADDR is refused, and so is one
+    without XCLIENT when forwarding is configured (never a silent fallback
+    to a backend that sees every client as authgate's own address).
 
     The backend may not speak out of turn: a reply that arrives before we
     sent the command it would answer ends the login (UNAVAILABLE), except
@@ -717,6 +748,7 @@ class SmtpClient:
         self._tls_done = False
         self._xclient_done = False
         self._xclient_login_done = False
+        self._replayed = 0  # pass-through: replay lines sent so far
         self._mech: ClientMechanism | None = None
         self._held: bytes | None = None  # initial response too long for the AUTH line
         self._queued_auth: tuple[str, InitialResponse] | None = None
@@ -835,6 +867,11 @@ class SmtpClient:
     def _on_greeting(self, reply: _Reply) -> list[ClientEvent]:
         if reply.code != 220:
             return self._fail(BackendFailure.UNAVAILABLE, f"greeting: {reply.describe()}")
+        settings = self._settings
+        if settings.replay and not settings.starttls and not settings.use_xclient:
+            # Pass-through with nothing to negotiate: the client's own EHLO
+            # is the only one the backend needs to see.
+            return self._send_replay()
         return self._send_ehlo()
 
     def _on_ehlo(self, reply: _Reply) -> list[ClientEvent]:
@@ -863,44 +900,86 @@ class SmtpClient:
         return [StartTLS()]
 
     def _xclient(self) -> list[ClientEvent] | None:
-        """Send XCLIENT when configured and offered; None to skip it."""
+        """Send XCLIENT when configured; None when it is not."""
         settings = self._settings
         login = settings.xclient_login
         if not settings.use_xclient and login is None:
             return None
+        # A login that cannot be made is the backend refusing it; forwarding
+        # that cannot be done is a fault to put right, not the client's.
+        failure = BackendFailure.REJECTED if login is not None else BackendFailure.UNAVAILABLE
         supported = self._offer("XCLIENT")
         if supported is None:
-            if login is not None:
-                return self._fail(BackendFailure.REJECTED, "backend does not offer XCLIENT")
-            return None
+            return self._fail(
+                failure, "backend does not offer XCLIENT (smtpd_authorized_xclient_hosts?)"
+            )
         names = {name.upper() for name in supported}
-        attributes: list[tuple[str, str]] = []
-        if settings.client_address is not None and "ADDR" in names:
-            attributes.append(("ADDR", _xclient_address(settings.client_address)))
+        if "ADDR" not in names:
+            return self._fail(failure, "backend's XCLIENT lacks ADDR")
+        attributes: list[tuple[str, str | bytes]] = [
+            ("ADDR", _xclient_address(settings.client_address))
+        ]
         if settings.client_port is not None and "PORT" in names:
             attributes.append(("PORT", str(settings.client_port)))
+        if settings.replay:
+            attributes += self._passthrough_attributes(names)
         if login is not None:
             if "LOGIN" not in names:
                 return self._fail(BackendFailure.REJECTED, "backend's XCLIENT lacks LOGIN")
             attributes.append(("LOGIN", login))
-        if not attributes:
-            return None
         self._xclient_done = True
         self._xclient_login_done = login is not None
         self._state = _CState.XCLIENT
         command = "XCLIENT " + " ".join(f"{name}={xtext(value)}" for name, value in attributes)
         return [Send(command.encode("ascii") + CRLF)]
 
+    def _passthrough_attributes(self, names: set[str]) -> list[tuple[str, str | bytes]]:
+        """NAME, HELO and PROTO of a pass-through client, where offered.
+
+        NAME is [UNAVAILABLE]: authgate does no reverse DNS lookups, so the
+        backend learns no client hostname (as with nginx without a
+        resolver). HELO is the name the client gave; PROTO says whether it
+        said EHLO or HELO."""
+        verb, _, helo = self._settings.replay[-1].rstrip(b"\r\n").partition(b" ")
+        attributes: list[tuple[str, str | bytes]] = []
+        if "NAME" in names:
+            attributes.append(("NAME", _UNAVAILABLE))
+        if "HELO" in names:
+            helo_ok = 0 < len(xtext(helo)) <= _XCLIENT_VALUE_MAX
+            attributes.append(("HELO", helo if helo_ok else _UNAVAILABLE))
+        if "PROTO" in names:
+            attributes.append(("PROTO", "ESMTP" if verb.upper() == b"EHLO" else "SMTP"))
+        return attributes
+
     def _on_xclient(self, reply: _Reply) -> list[ClientEvent]:
         # XCLIENT_README: success resets the session to the greeting stage
-        # and answers with a new 220 greeting; EHLO again.
+        # and answers with a new 220 greeting; EHLO again (pass-through:
+        # the client's own EHLO).
         if reply.code == 220:
-            return self._send_ehlo()
+            return self._send_replay() if self._settings.replay else self._send_ehlo()
         failure = BackendFailure.REJECTED if reply.code >= 500 else BackendFailure.UNAVAILABLE
         return self._fail(failure, f"XCLIENT: {reply.describe()}")
 
+    def _send_replay(self) -> list[ClientEvent]:
+        self._state = _CState.REPLAY
+        line = self._settings.replay[self._replayed]
+        self._replayed += 1
+        return [Send(line)]
+
+    def _on_replay(self, reply: _Reply) -> list[ClientEvent]:
+        if reply.code // 100 != 2:
+            return self._fail(BackendFailure.UNAVAILABLE, f"replayed HELO: {reply.describe()}")
+        line = self._settings.replay[self._replayed - 1]
+        if line[:4].upper() == b"EHLO":
+            self._keywords = tuple(text.strip() for text in reply.texts[1:] if text.strip())
+        if self._replayed < len(self._settings.replay):
+            return self._send_replay()
+        return self._logged_in()
+
     def _begin_auth(self) -> list[ClientEvent]:
         settings = self._settings
+        if settings.replay:
+            return self._send_replay()
         if settings.relay:
             self._state = _CState.READY
             if self._queued_auth is not None:
@@ -1000,5 +1079,6 @@ class SmtpClient:
         _CState.EHLO: _on_ehlo,
         _CState.STARTTLS: _on_starttls,
         _CState.XCLIENT: _on_xclient,
+        _CState.REPLAY: _on_replay,
         _CState.AUTH: _on_auth,
     }

@@ -14,9 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from collections.abc import Callable
 from typing import cast
 
 HIGH_WATER = 256 * 1024  # pause reading from the peer above this many buffered bytes
+
+# A splice filter for one direction: what was received -> (bytes for the
+# sink, bytes back to the source, close both sides).
+Through = Callable[[bytes], tuple[bytes, bytes, bool]]
 
 
 class ChannelClosed(ConnectionError):
@@ -40,6 +45,14 @@ class Channel(asyncio.Protocol):
         self._sink: Channel | None = None
         self._source: Channel | None = None
         self._half_close = True
+        # A filtered splice (SMTP): what we receive passes `_through` first.
+        self._through: Through | None = None
+        self._held = False  # reading paused: the filter holds much of our input
+        # True while the filter still holds input of ours for the sink: our
+        # EOF must not overtake it.
+        self.defer_eof: Callable[[], bool] | None = None
+        self._eof_deferred = False
+        self._wrote_eof = False
         self.ended: asyncio.Future[None] | None = None  # made by forward_to
         self.forwarded = 0
 
@@ -54,8 +67,21 @@ class Channel(asyncio.Protocol):
         sink = self._sink
         if sink is not None:
             self.forwarded += len(data)
-            if sink.transport is not None and not sink._lost:
-                sink.transport.write(data)
+            through = self._through
+            if through is None:
+                if sink.transport is not None and not sink._lost:
+                    sink.transport.write(data)
+                return
+            data, back, close = through(data)
+            if data:
+                sink._splice_write(data)
+            if back:
+                self._splice_write(back)
+            if close:
+                sink.close()
+                self.close()
+            elif sink._eof_deferred:
+                sink._pass_eof()  # what the filter held for us has gone out
             return
         self._buf += data
         if len(self._buf) > HIGH_WATER and not self._paused_reading and self.transport:
@@ -68,7 +94,8 @@ class Channel(asyncio.Protocol):
         self._wake()
         if self._sink is not None:
             if self._half_close:
-                self._sink.write_eof()
+                self._eof_deferred = True
+                self._pass_eof()
             self._end()
         # Keep a plain TCP transport open for writing: a half-closed client may
         # still be waiting for the rest of the backend's answer. (TLS has no
@@ -94,38 +121,77 @@ class Channel(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._write_paused = False
         source = self._source
-        if source is not None and source.transport is not None and not source._lost:
+        if (
+            source is not None
+            and source.transport is not None
+            and not source._lost
+            and not source._held
+        ):
             source.transport.resume_reading()
         for waiter in self._drain_waiters:
             if not waiter.done():
                 waiter.set_result(None)
         self._drain_waiters.clear()
 
-    def forward_to(self, sink: Channel, *, half_close: bool = True) -> None:
+    def forward_to(
+        self, sink: Channel, *, half_close: bool = True, through: Through | None = None
+    ) -> None:
         """From now on, hand every byte received straight to `sink`
-        (after what is already buffered). `ended` resolves at our EOF or
-        when the connection is lost; at our EOF `sink` is half-closed too,
-        unless `half_close` is False (the caller closes it anyway: one
-        shutdown() the fewer)."""
+        (after what is already buffered), through the filter `through` if
+        given. `ended` resolves at our EOF or when the connection is lost;
+        at our EOF `sink` is half-closed too, unless `half_close` is False
+        (the caller closes it anyway: one shutdown() the fewer)."""
         self.ended = asyncio.get_running_loop().create_future()
         self._half_close = half_close
-        if self._buf:
-            sink.write(bytes(self._buf))
-            self.forwarded += len(self._buf)
-            self._buf.clear()
+        self._through = through
         self._sink = sink
+        if self._buf:
+            pending = bytes(self._buf)
+            self._buf.clear()
+            self.data_received(pending)
         sink._source = self
         if self._paused_reading and self.transport is not None and not self._lost:
             self._paused_reading = False
-            self.transport.resume_reading()
+            if not self._held:
+                self.transport.resume_reading()
         if self._eof:
             if half_close:
-                sink.write_eof()
+                self._eof_deferred = True
+                self._pass_eof()
             self._end()
 
     def _end(self) -> None:
         if self.ended is not None and not self.ended.done():
             self.ended.set_result(None)
+
+    def _splice_write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not self._lost and not self._wrote_eof:
+            transport.write(data)
+
+    def _pass_eof(self) -> None:
+        """Half-close the sink after our EOF, unless the filter still holds
+        input of ours for it (then the next filtered write calls again)."""
+        if self._sink is None or (self.defer_eof is not None and self.defer_eof()):
+            return
+        self._eof_deferred = False
+        self._sink.write_eof()
+
+    def hold(self) -> None:
+        """Stop reading: a splice filter holds much of our input already."""
+        if not self._held:
+            self._held = True
+            if self.transport is not None and not self._lost:
+                self.transport.pause_reading()
+
+    def release(self) -> None:
+        """The filter holds little of our input again: read on."""
+        if self._held:
+            self._held = False
+            sink = self._sink
+            sink_full = sink is not None and sink._write_paused
+            if self.transport is not None and not self._lost and not sink_full:
+                self.transport.resume_reading()
 
     def _wake(self) -> None:
         if self._data_waiter is not None and not self._data_waiter.done():
@@ -191,6 +257,7 @@ class Channel(asyncio.Protocol):
     def write_eof(self) -> None:
         if self.can_write_eof():
             assert self.transport is not None
+            self._wrote_eof = True
             # The peer may already be gone (ENOTCONN): nothing left to tell it.
             with contextlib.suppress(OSError):
                 self.transport.write_eof()

@@ -13,6 +13,8 @@ import datetime
 import logging
 import ssl
 from collections import deque
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from authgate.config import ClientAddressForwarding, TLSMode
@@ -37,13 +39,13 @@ from authgate.protocols.base import (
     Splice,
     StartTLS,
 )
+from authgate.protocols.smtp_splice import Refused, SmtpSpliceFilter, SpliceEnded
 from authgate.proxy import proxy_protocol
 from authgate.proxy.auditing import AuditTrail
 from authgate.proxy.channel import Channel, ChannelClosed
 from authgate.proxy.lograte import LogThrottle
-from authgate.proxy.passthrough import swallow_smtp_replies
 from authgate.proxy.runtime import ListenerRuntime
-from authgate.proxy.splice import splice
+from authgate.proxy.splice import guarded, splice
 from authgate.proxy.upstream import LoginStep, Upstream, connect
 from authgate.sasl.base import (
     STORE_UNAVAILABLE,
@@ -108,6 +110,8 @@ class ClientSession:
         self._fingerprint: tuple[str, bytes] | None = None
         # Bytes the backend sent after its login reply: the client gets them first.
         self._pending_down = b""
+        # What the backend announced (SMTP EHLO keywords), for the splice filter.
+        self._backend_keywords: tuple[str, ...] = ()
         # The real client: from a trusted balancer's PROXY header, else the peer.
         self.peer = client or channel.peername()
         self.via_balancer = client is not None
@@ -127,6 +131,10 @@ class ClientSession:
         listener = runtime.listener
         limits = runtime.limits
         self.tag = f"{listener.name} {self.peer[0]}:{self.peer[1]}"
+        # RFC 4954 section 4: an SMTP AUTH line may be 12288 octets.
+        self._max_line = (
+            max(limits.max_line, 12288) if listener.protocol is Protocol.SMTP else limits.max_line
+        )
         self.machine: Any = runtime.parts.server(
             SessionSettings(
                 hostname=runtime.hostname,
@@ -136,10 +144,7 @@ class ClientSession:
                 tls_active=listener.tls is TLSMode.IMPLICIT,
                 relay=runtime.relay,
                 submission=listener.submission,
-                # RFC 4954 section 4: an SMTP AUTH line may be 12288 octets.
-                max_line=max(limits.max_line, 12288)
-                if listener.protocol is Protocol.SMTP
-                else limits.max_line,
+                max_line=self._max_line,
                 max_errors=limits.max_errors,
                 max_commands=limits.max_commands,
             )
@@ -454,6 +459,7 @@ class ClientSession:
         if isinstance(result, LoggedIn):
             self.upstream = upstream
             self._pending_down = result.pending
+            self._backend_keywords = result.capabilities
             events: list[Event] = self.machine.backend_ready(result.capabilities)
             return events
         upstream.close()
@@ -521,6 +527,7 @@ class ClientSession:
         elif isinstance(step, LoggedIn):
             await self._refuse_if_blocked()  # blocked while the backend checked
             self._pending_down = step.pending
+            self._backend_keywords = step.capabilities
             if self._relay_user is not None:
                 self.guard.success(self.address, self._relay_user)
             events = self.machine.relay_result(True)
@@ -535,25 +542,77 @@ class ClientSession:
         return events
 
     async def _splice(self, event: Splice) -> None:
-        if self.upstream is None:
-            # SMTP server-to-server pass-through: no login, replay EHLO.
-            upstream = await self._open_upstream(self._client_settings(None))
-            if isinstance(upstream, LoginFailed):
-                self.client.write(b"421 4.3.0 Service temporarily unavailable\r\n")
-                return
-            self.upstream = upstream
-            if not await swallow_smtp_replies(
-                upstream.channel, event.replay, self.runtime.limits.backend_timeout
-            ):
-                self.client.write(b"421 4.3.0 Service temporarily unavailable\r\n")
-                return
+        authenticated = self.upstream is not None
+        if self.upstream is None and not await self._pass_through(event):
+            # RFC 5321 section 3.8: 421 when the service cannot go on.
+            self.client.write(b"421 4.3.0 Service temporarily unavailable\r\n")
+            return
+        assert self.upstream is not None
         backend = self.upstream.channel
-        if self._pending_down:
-            self.client.write(self._pending_down)
-        if event.pending:
-            backend.write(event.pending)
+        through = None
+        pending_down, pending_up = self._pending_down, event.pending
+        if self.runtime.listener.protocol is Protocol.SMTP:
+            guard = self._smtp_guard(authenticated)
+            through = guarded(guard, self.client, self._guard_events)
+            # What is owed each way already goes through the filter too.
+            down = guard.from_backend(pending_down)
+            up = guard.from_client(pending_up)
+            self._guard_events([*down.events, *up.events])
+            pending_down = down.to_client + up.to_client
+            pending_up = down.to_backend + up.to_backend
+            if down.close or up.close:
+                self.client.write(pending_down)
+                with contextlib.suppress(ChannelClosed):
+                    await self.client.drain()
+                return
+        if pending_down:
+            self.client.write(pending_down)
+        if pending_up:
+            backend.write(pending_up)
         with contextlib.suppress(ChannelClosed):
             await self.client.drain()
-        up, down = await splice(self.client, backend)
-        log.info("%s: session ended (%d bytes up, %d down)", self.tag, up, down)
+        up_bytes, down_bytes = await splice(self.client, backend, through=through)
+        log.info("%s: session ended (%d bytes up, %d down)", self.tag, up_bytes, down_bytes)
         self.upstream = None
+
+    async def _pass_through(self, event: Splice) -> bool:
+        """SMTP server-to-server pass-through: connect, forward the client's
+        address (PROXY header or XCLIENT), replay its EHLO. False when the
+        backend could not be made ready (the client gets a 421)."""
+        settings = replace(self._client_settings(None), relay=False, replay=event.replay)
+        upstream = await self._open_upstream(settings)
+        if isinstance(upstream, LoginFailed):
+            return False
+        self.upstream = upstream
+        result = await upstream.advance()
+        if not isinstance(result, LoggedIn):
+            detail = result.detail if isinstance(result, LoginFailed) else "unexpected challenge"
+            log.warning("%s: pass-through to the backend failed: %s", self.tag, detail)
+            return False
+        self._pending_down = result.pending
+        self._backend_keywords = result.capabilities
+        return True
+
+    def _smtp_guard(self, authenticated: bool) -> SmtpSpliceFilter:
+        chunking = any(k.split()[0].upper() == "CHUNKING" for k in self._backend_keywords if k)
+        return SmtpSpliceFilter(
+            self.runtime.hostname,
+            authenticated=authenticated,
+            chunking=chunking,
+            max_line=self._max_line,
+            max_errors=self.runtime.limits.max_errors,
+            errors=self.machine.errors,
+        )
+
+    def _guard_events(self, events: Sequence[object]) -> None:
+        for event in events:
+            if isinstance(event, Refused):
+                log.warning(
+                    "%s: refused %s from the client after the hand-over: %s",
+                    self.tag,
+                    event.command,
+                    event.reply,
+                )
+                self._note("command-refused", command=event.command)
+            elif isinstance(event, SpliceEnded):
+                log.warning("%s: session ended by the SMTP filter: %s", self.tag, event.reason)

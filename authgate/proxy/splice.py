@@ -3,26 +3,96 @@
 Each channel hands what it receives straight to the other from its
 data_received callback (no task and no future per chunk); a full write
 buffer on one side pauses reading on the other, so memory stays bounded.
+
+A `Guard` (SMTP: `authgate.protocols.smtp_splice`) sees both directions in
+those same callbacks: it passes the client's bytes on, refuses some
+commands with replies of its own, and may hold client input until the
+backend has answered; while it holds more than `HIGH_WATER` octets the
+client is not read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
-from authgate.proxy.channel import Channel, ChannelClosed
+from authgate.proxy.channel import HIGH_WATER, Channel, ChannelClosed, Through
 
 
-async def splice(client: Channel, backend: Channel, *, linger: float = 30.0) -> tuple[int, int]:
+class GuardOutput(Protocol):
+    @property
+    def to_backend(self) -> bytes: ...
+
+    @property
+    def to_client(self) -> bytes: ...
+
+    @property
+    def events(self) -> Sequence[Any]: ...
+
+    @property
+    def close(self) -> bool: ...
+
+
+class Guard(Protocol):
+    """A sans-IO filter of one spliced session (both directions)."""
+
+    @property
+    def held(self) -> int: ...
+
+    def from_client(self, data: bytes) -> GuardOutput: ...
+
+    def from_backend(self, data: bytes) -> GuardOutput: ...
+
+
+def guarded(
+    guard: Guard, client: Channel, report: Callable[[Sequence[Any]], None]
+) -> tuple[Through, Through]:
+    """The two `Through` functions (client->backend, backend->client) that
+    run `guard` in the splice callbacks; `report` gets its events."""
+
+    def upstream(data: bytes) -> tuple[bytes, bytes, bool]:
+        out = guard.from_client(data)
+        if out.events:
+            report(out.events)
+        if guard.held > HIGH_WATER:
+            client.hold()
+        return out.to_backend, out.to_client, out.close
+
+    def downstream(data: bytes) -> tuple[bytes, bytes, bool]:
+        out = guard.from_backend(data)
+        if out.events:
+            report(out.events)
+        if guard.held <= HIGH_WATER:
+            client.release()
+        return out.to_client, out.to_backend, out.close
+
+    client.defer_eof = lambda: guard.held > 0
+    return upstream, downstream
+
+
+async def splice(
+    client: Channel,
+    backend: Channel,
+    *,
+    linger: float = 30.0,
+    through: tuple[Through, Through] | None = None,
+) -> tuple[int, int]:
     """Run both directions. When the backend ends, the session is over; when
     the client ends first (a half-close after QUIT, say), the backend gets
     `linger` seconds to finish its answer. Then both connections are closed.
+    `through` filters (client->backend, backend->client), from `guarded()`.
     Returns (bytes client->backend, bytes backend->client)."""
+    up, down = through if through is not None else (None, None)
     # The backend's end is the session's: the client is closed right after
     # (close() sends what is buffered, then the FIN), so no half-close there.
-    for source, sink, half_close in ((client, backend, True), (backend, client, False)):
+    for source, sink, half_close, filter_ in (
+        (client, backend, True, up),
+        (backend, client, False, down),
+    ):
         with contextlib.suppress(ChannelClosed):
-            source.forward_to(sink, half_close=half_close)
+            source.forward_to(sink, half_close=half_close, through=filter_)
     client_ended, backend_ended = client.ended, backend.ended
     assert client_ended is not None and backend_ended is not None
     try:

@@ -1102,10 +1102,33 @@ def test_xclient_addr_and_port(address: str, expected: str) -> None:
     )
 
 
-def test_xclient_skipped_when_not_offered() -> None:
+def test_xclient_configured_but_not_offered_fails() -> None:
+    # Never a silent fallback: the backend would see every client as authgate.
     backend = Backend(use_xclient=True, client_address="192.0.2.7")
     backend.says("220 b\r\n")
-    assert backend.says(EHLO_PLAIN).startswith(b"AUTH PLAIN ")
+    assert backend.says(EHLO_PLAIN) == b""
+    result = backend.result()
+    assert isinstance(result, LoginFailed) and result.failure is BackendFailure.UNAVAILABLE
+    assert "does not offer XCLIENT" in result.detail
+
+
+@pytest.mark.parametrize("login", [None, "bob"])
+def test_xclient_without_addr_is_refused(login: str | None) -> None:
+    # An XCLIENT without ADDR would leave the backend trusting the client's
+    # own XCLIENT after the splice: never send one.
+    backend = Backend(credentials=None, use_xclient=True, client_address="192.0.2.7", xclient_login=login)
+    backend.says("220 b\r\n")
+    assert backend.says("250-b\r\n250 XCLIENT NAME LOGIN PORT\r\n") == b""
+    result = backend.result()
+    assert isinstance(result, LoginFailed) and "lacks ADDR" in result.detail
+
+
+def test_xclient_login_always_carries_addr() -> None:
+    # Terminate mode without client_address forwarding still sends ADDR=.
+    backend = Backend(credentials=None, client_address="192.0.2.9", client_port=25000, xclient_login="bob")
+    backend.says("220 b\r\n")
+    sent = backend.says("250-b\r\n250 XCLIENT ADDR PORT LOGIN\r\n")
+    assert sent == b"XCLIENT ADDR=192.0.2.9 PORT=25000 LOGIN=bob\r\n"
 
 
 def test_xclient_login_without_credentials() -> None:
@@ -1128,8 +1151,9 @@ def test_xclient_login_without_credentials() -> None:
     [
         ("250-b\r\n250 AUTH PLAIN\r\n", None, BackendFailure.REJECTED),  # no XCLIENT
         ("250-b\r\n250 XCLIENT ADDR\r\n", None, BackendFailure.REJECTED),  # no LOGIN
-        ("250-b\r\n250 XCLIENT LOGIN\r\n", "550 5.7.0 not authorized\r\n", BackendFailure.REJECTED),
-        ("250-b\r\n250 XCLIENT LOGIN\r\n", "421 4.7.0 busy\r\n", BackendFailure.UNAVAILABLE),
+        ("250-b\r\n250 XCLIENT LOGIN\r\n", None, BackendFailure.REJECTED),  # no ADDR
+        ("250-b\r\n250 XCLIENT ADDR LOGIN\r\n", "550 5.7.0 not authorized\r\n", BackendFailure.REJECTED),
+        ("250-b\r\n250 XCLIENT ADDR LOGIN\r\n", "421 4.7.0 busy\r\n", BackendFailure.UNAVAILABLE),
     ],
 )
 def test_xclient_login_failures(
@@ -1142,6 +1166,80 @@ def test_xclient_login_failures(
         backend.says(xclient_reply)
     result = backend.result()
     assert isinstance(result, LoginFailed) and result.failure is failure
+
+
+# ---------------------------------------------------------- pass-through
+
+
+PASSTHROUGH_EHLO = "250-b\r\n250-XCLIENT NAME ADDR PROTO HELO REVERSE_NAME PORT LOGIN\r\n250 CHUNKING\r\n"
+
+
+@pytest.mark.parametrize(
+    ("replay", "expected"),
+    [
+        (b"EHLO mx.example.net\r\n", "HELO=mx.example.net PROTO=ESMTP"),
+        (b"HELO [192.0.2.1]\r\n", "HELO=[192.0.2.1] PROTO=SMTP"),
+        # xtext: "+" and "=" and non-ASCII octets are encoded.
+        (b"EHLO a+b=c\xc3\xa9\r\n", "HELO=a+2Bb+3Dc+C3+A9 PROTO=ESMTP"),
+        # XCLIENT_README: HELO values are at most 255 characters.
+        (b"EHLO " + b"h" * 256 + b"\r\n", "HELO=[UNAVAILABLE] PROTO=ESMTP"),
+    ],
+)
+def test_passthrough_xclient_then_replay(replay: bytes, expected: str) -> None:
+    backend = Backend(
+        credentials=None, relay=False, use_xclient=True, client_address="192.0.2.7",
+        client_port=40000, replay=(replay,),
+    )
+    assert backend.says("220 b\r\n") == b"EHLO proxy.example\r\n"
+    sent = backend.says(PASSTHROUGH_EHLO)
+    assert sent == f"XCLIENT ADDR=192.0.2.7 PORT=40000 NAME=[UNAVAILABLE] {expected}\r\n".encode()
+    assert len(sent) <= 512  # XCLIENT_README: within SMTP's command line limit
+    # XCLIENT's 220 is answered with the client's own EHLO/HELO, not ours.
+    assert backend.says("220 b ESMTP\r\n") == replay
+    assert backend.says("250-b\r\n250-PIPELINING\r\n250 CHUNKING\r\n") == b""
+    expected_keywords = ("PIPELINING", "CHUNKING") if replay.startswith(b"EHLO") else backend_keywords()
+    assert backend.result() == LoggedIn(expected_keywords)
+
+
+def backend_keywords() -> tuple[str, ...]:
+    return tuple(line[4:] for line in PASSTHROUGH_EHLO.splitlines()[1:])
+
+
+@pytest.mark.parametrize(
+    ("ehlo", "xclient", "detail"),
+    [
+        ("250-b\r\n250 PIPELINING\r\n", None, "does not offer XCLIENT"),
+        ("250-b\r\n250 XCLIENT NAME HELO\r\n", None, "lacks ADDR"),
+        (PASSTHROUGH_EHLO, "550 5.7.0 Error: insufficient authorization\r\n", "XCLIENT: 550"),
+    ],
+)
+def test_passthrough_without_xclient_fails(ehlo: str, xclient: str | None, detail: str) -> None:
+    backend = Backend(
+        credentials=None, relay=False, use_xclient=True, client_address="192.0.2.7",
+        replay=(b"EHLO mx.example.net\r\n",),
+    )
+    backend.says("220 b\r\n")
+    backend.says(ehlo)
+    if xclient is not None:
+        backend.says(xclient)
+    result = backend.result()
+    assert isinstance(result, LoginFailed) and detail in result.detail
+
+
+def test_passthrough_without_forwarding_replays_at_once() -> None:
+    # PROXY v2 (written by the driver) or no forwarding: no EHLO of ours.
+    backend = Backend(credentials=None, relay=False, replay=(b"EHLO mx.example.net\r\n",))
+    assert backend.says("220 b\r\n") == b"EHLO mx.example.net\r\n"
+    assert backend.says("250-b\r\n250 SIZE 100\r\nleft") == b""
+    assert backend.result() == LoggedIn(("SIZE 100",), pending=b"left")
+
+
+def test_passthrough_replay_refused() -> None:
+    backend = Backend(credentials=None, relay=False, replay=(b"HELO x\r\n",))
+    backend.says("220 b\r\n")
+    backend.says("554 5.7.1 go away\r\n")
+    result = backend.result()
+    assert isinstance(result, LoginFailed) and result.failure is BackendFailure.UNAVAILABLE
 
 
 def test_no_credentials_and_no_xclient_login() -> None:
