@@ -21,7 +21,14 @@ from authgate import config as config_mod
 from authgate.atrest import add_commands as add_atrest_commands
 from authgate.atrest import read_password
 from authgate.atrest.envelope import Keyring, keyring_path, unlock
-from authgate.config import BackendMode, Config, ConfigError, Listener, TLSMode
+from authgate.config import (
+    BackendMode,
+    ClientAddressForwarding,
+    Config,
+    ConfigError,
+    Listener,
+    TLSMode,
+)
 from authgate.credentials.base import CredentialStore
 from authgate.credentials.schemes import SchemeError
 from authgate.credentials.store import StoreError, UserStore, generate_secrets
@@ -31,7 +38,7 @@ from authgate.offers import ListenerOffer, listener_offer, load_store
 from authgate.password_policy import PasswordPolicy, format_violations
 from authgate.password_policy import add_commands as add_expiry_commands
 from authgate.password_policy import check as check_password
-from authgate.policy import Decision, Security
+from authgate.policy import Decision, Protocol, Security
 
 EXIT_USAGE = 2
 
@@ -94,6 +101,9 @@ def _check_listener(offer: ListenerOffer, hostname: str, out: TextIO) -> None:
         )
     if policy.allow_ntlm_legacy:
         _warn_ntlm_legacy(offer, outsider, out)
+    forwarding = _address_forwarding_warning(listener)
+    if forwarding:
+        print(f"  warning: {forwarding}", file=out)
 
 
 def _warn_ntlm_legacy(
@@ -122,6 +132,34 @@ def _warn_ntlm_legacy(
         " and one captured exchange gives the user's NT hash (enough to log in as them) to an"
         f" offline key search.{where} Turn it on only for clients that send nothing better.",
         file=out,
+    )
+
+
+def _address_forwarding_warning(listener: Listener) -> str | None:
+    """An SMTP backend that is not told the client's address sees every
+    client as authgate: for a Postfix whose mynetworks holds authgate's
+    address (127.0.0.1 by default), mail passed through is trusted mail."""
+    backend = listener.backend
+    if listener.protocol is not Protocol.SMTP:
+        return None
+    if backend.client_address is not ClientAddressForwarding.NONE:
+        return None
+    if listener.submission and backend.mode is BackendMode.TERMINATE and not backend.master_user:
+        return None  # XCLIENT LOGIN= carries ADDR= too
+    fix = (
+        'set client_address = "xclient" (Postfix smtpd_authorized_xclient_hosts) or '
+        '"proxy-v2" (Postfix smtpd_upstream_proxy_protocol)'
+    )
+    if not listener.submission:
+        return (
+            'mail passed through to the backend does not carry the client\'s address '
+            '(client_address = "none"): the backend sees every client as authgate\'s own '
+            "address, and a Postfix whose mynetworks holds it (127.0.0.1 by default) relays "
+            f"for anyone on the Internet; {fix}"
+        )
+    return (
+        'the backend is not told the client\'s address (client_address = "none"): its logs, '
+        f"limits and access rules see authgate's address for every client; {fix}"
     )
 
 

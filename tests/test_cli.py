@@ -138,6 +138,23 @@ def test_negotiate_shows_the_ntlm_legacy_switch(tmp_path: Path) -> None:
     assert "NTLMv1 / NTLM2 session responses: refused (allow_ntlm_legacy off)" in text.stdout
 
 
+def test_check_warns_about_smtp_backends_not_told_the_client(tmp_path: Path) -> None:
+    # Issue #10: a port-25 pass-through that forwards no address turns a
+    # Postfix whose mynetworks holds 127.0.0.1 into an open relay.
+    good = run_cli("check", "-c", str(EXAMPLES / "relay-postfix.toml"))
+    assert good.returncode == 0 and "client's address" not in good.stdout
+    text = (EXAMPLES / "relay-postfix.toml").read_text()
+    text = text.replace('client_address = "xclient"     # Postfix smtpd_authorized_xclient_hosts = 127.0.0.1', "")
+    bad = tmp_path / "relay.toml"
+    bad.write_text(text.replace('"../certs/', f'"{EXAMPLES.parent}/certs/'))
+    result = run_cli("check", "-c", str(bad))
+    assert result.returncode == 0
+    mx = result.stdout.split("listener mx:")[1]
+    assert "warning: mail passed through to the backend does not carry the client's address" in mx
+    assert "relays for anyone" in mx and 'client_address = "xclient"' in mx
+    assert "client's address" not in result.stdout.split("listener mx:")[0]  # submission forwards
+
+
 def test_check_bad_file_exits_2_with_key_path(tmp_path: Path) -> None:
     text = (EXAMPLES / "authgate.toml").read_text().replace('"fd00::/8"', '"10.0.0.0/33"')
     bad = tmp_path / "bad.toml"
