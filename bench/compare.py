@@ -234,18 +234,37 @@ async def run(plan: Plan, workdir: Path) -> dict[str, Any]:
         for number, size in enumerate(SIZES, start=1):
             measurements[f"fetch-{size // MIB}MiB"] = fetch(number)
         measurements["noop"] = lambda t: loadgen.measure_noop(t, user, count=plan.noops, pids=pids)
+        # The SMTP splice (with authgate's SMTP filter): messages go to
+        # another user's INBOX, so the fetched ones stay what they are.
+        smtp_targets = {
+            name: Target(t["host"], t["port"], tls=t["tls"], ca_file=info["ca_file"])
+            for name, t in info["smtp_targets"].items()
+        }
+        smtp_measurements: dict[str, Measure] = {
+            "smtp-data-1MiB": lambda t: loadgen.measure_smtp_data(
+                t,
+                user,
+                size=MIB,
+                recipient=f"{info['default_user']}@localhost",
+                duration=plan.fetch_seconds,
+                pids=pids,
+            ),
+            "smtp-noop": lambda t: loadgen.measure_smtp_noop(t, user, count=plan.noops, pids=pids),
+        }
 
         started = time.perf_counter()
         progress("compare: memory per held connection")
         collected = {"memory": await memory_phase(targets, user, pids, plan)}
-        for name, measure in measurements.items():
-            progress(f"compare: {name}")
-            samples = collected[name] = Samples()
-            # Rounds inside each figure: the samples of one figure are taken
-            # close together, A B C / B C A / C A B.
-            for round_index in range(plan.rounds):
-                for target in loadgen.rotation(round_index, TARGETS):
-                    samples.results[target].append(await bounded(measure(targets[target])))
+        for group, endpoints in ((measurements, targets), (smtp_measurements, smtp_targets)):
+            for name, measure in group.items():
+                progress(f"compare: {name}")
+                samples = collected[name] = Samples()
+                # Rounds inside each figure: the samples of one figure are taken
+                # close together, A B C / B C A / C A B.
+                for round_index in range(plan.rounds):
+                    for target in loadgen.rotation(round_index, TARGETS):
+                        result = await bounded(measure(endpoints[target]))
+                        samples.results[target].append(result)
         elapsed = time.perf_counter() - started
     finally:
         await stop_server(process)
@@ -263,6 +282,9 @@ ROWS = (
     Row("NOOP p50, ms", "noop", lambda r: r.p50_ms, "{:.3f}"),
     Row("NOOP p99, ms", "noop", lambda r: r.p99_ms, "{:.3f}"),
     Row("RSS per held connection, KiB", "memory", lambda r: r.per_connection_kib, "{:.1f}"),
+    Row("SMTP DATA 1 MiB, MiB/s", "smtp-data-1MiB", lambda r: r.mib_per_s, "{:.1f}"),
+    Row("SMTP NOOP p50, ms", "smtp-noop", lambda r: r.p50_ms, "{:.3f}"),
+    Row("SMTP NOOP p99, ms", "smtp-noop", lambda r: r.p99_ms, "{:.3f}"),
 )
 
 
@@ -306,6 +328,18 @@ COST_ROWS = (
         "{:.2f}",
     ),
     Row("target CPU µs per NOOP", "noop", lambda r: _target_cost(r, r.count, 1e6), "{:.0f}"),
+    Row(
+        "target CPU ms per MiB, SMTP DATA 1 MiB",
+        "smtp-data-1MiB",
+        lambda r: _target_cost(r, r.bytes_sent / MIB, 1e3),
+        "{:.2f}",
+    ),
+    Row(
+        "target CPU µs per SMTP NOOP",
+        "smtp-noop",
+        lambda r: _target_cost(r, r.count, 1e6),
+        "{:.0f}",
+    ),
 )
 
 
@@ -377,7 +411,8 @@ def report(outcome: dict[str, Any], plan: Plan, quick: bool) -> str:
         "",
         f"Medians of {plan.rounds} rounds; each round measures the three targets in turn,"
         " in an order that rotates every round.",
-        "direct: the embedded IMAP backend, cleartext. authgate: cleartext through authgate"
+        "direct: the embedded IMAP backend (SMTP rows: the embedded aiosmtpd backend),"
+        " cleartext. authgate: cleartext through authgate"
         " (terminate mode: it verifies the user, logs in to the backend with a master"
         " credential, splices). authgate TLS: implicit TLS to authgate, cleartext from authgate"
         " to the backend; the embedded backend has no TLS, so this column is compared with"

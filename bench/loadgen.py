@@ -632,6 +632,164 @@ async def measure_noop(
     )
 
 
+# --- SMTP through the splice: NOOP and DATA ------------------------------------------
+
+
+class SmtpConnection:
+    """One SMTP submission connection, just enough for the splice figures."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, target: Target) -> SmtpConnection:
+        context = target.ssl_context()
+        reader, writer = await asyncio.open_connection(
+            target.host,
+            target.port,
+            ssl=context,
+            server_hostname=(target.server_hostname or target.host) if context else None,
+            limit=_STREAM_LIMIT,
+        )
+        connection = cls(reader, writer)
+        try:
+            await connection.expect(220)
+            await connection.command(b"EHLO bench.client", 250)
+        except BaseException:
+            connection.writer.transport.abort()
+            raise
+        return connection
+
+    async def reply(self) -> int:
+        """The code of one complete (possibly multi-line) reply."""
+        while True:
+            line = await self.reader.readline()
+            if not line.endswith(b"\n"):
+                raise BenchError("connection closed by the server")
+            if line[3:4] != b"-":
+                return int(line[:3])
+
+    async def expect(self, code: int) -> None:
+        got = await self.reply()
+        if got != code:
+            raise BenchError(f"expected an SMTP {code} reply, got {got}")
+
+    async def command(self, line: bytes, code: int) -> None:
+        self.writer.write(line + b"\r\n")
+        await self.expect(code)
+
+    async def close(self) -> None:
+        with contextlib.suppress(BenchError, ConnectionError):
+            await self.command(b"QUIT", 221)
+        self.writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await self.writer.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def smtp_logged_in(target: Target, credentials: Credentials) -> AsyncIterator[SmtpConnection]:
+    connection = await SmtpConnection.open(target)
+    try:
+        await connection.command(b"AUTH PLAIN " + credentials.plain_initial_response(), 235)
+        yield connection
+    except BaseException:
+        connection.writer.transport.abort()
+        raise
+    await connection.close()
+
+
+def smtp_message(size: int) -> bytes:
+    """A message of `size` octets in 78-octet CRLF lines (no dot-stuffing needed)."""
+    header = b"Subject: bench\r\n\r\n"
+    line = b"x" * 76 + b"\r\n"
+    count, rest = divmod(max(size - len(header), 0), len(line))
+    tail = b"y" * max(rest - 2, 0) + b"\r\n" if rest else b""
+    return header + line * count + tail
+
+
+@dataclass(frozen=True)
+class SmtpDataResult:
+    messages: int
+    message_size: int
+    bytes_sent: int
+    mib_per_s: float  # message octets over the time of the timed transactions
+    usage: Usage
+
+
+async def measure_smtp_data(
+    target: Target,
+    credentials: Credentials,
+    *,
+    size: int,
+    recipient: str,
+    repeat: int = 3,
+    duration: float = 0.0,
+    warmup: int = 1,
+    pids: Sequence[int] = (),
+) -> SmtpDataResult:
+    """MAIL, RCPT, DATA and a `size`-octet message, over one logged-in
+    connection, `repeat` times and for at least `duration` seconds."""
+    message = smtp_message(size)
+    rcpt = f"RCPT TO:<{recipient}>".encode()
+
+    async def send(connection: SmtpConnection) -> None:
+        connection.writer.write(b"MAIL FROM:<bench@localhost>\r\n" + rcpt + b"\r\nDATA\r\n")
+        for code in (250, 250, 354):
+            await connection.expect(code)
+        connection.writer.write(message + b".\r\n")
+        await connection.writer.drain()
+        await connection.expect(250)
+
+    async with smtp_logged_in(target, credentials) as connection:
+        for _ in range(warmup):
+            await send(connection)
+        sent = 0
+        meter = _Meter(pids)
+        deadline = meter.wall + duration
+        while sent < repeat or time.perf_counter() < deadline:
+            await send(connection)
+            sent += 1
+        usage = meter.stop()
+    total = sent * len(message)
+    return SmtpDataResult(
+        messages=sent,
+        message_size=len(message),
+        bytes_sent=total,
+        mib_per_s=total / usage.wall_s / 2**20 if usage.wall_s else 0.0,
+        usage=usage,
+    )
+
+
+async def measure_smtp_noop(
+    target: Target,
+    credentials: Credentials,
+    *,
+    count: int = 1000,
+    warmup: int = 20,
+    pids: Sequence[int] = (),
+) -> NoopResult:
+    """`count` NOOPs one after the other on one authenticated SMTP connection."""
+    samples: list[float] = []
+    async with smtp_logged_in(target, credentials) as connection:
+        for _ in range(warmup):
+            await connection.command(b"NOOP", 250)
+        meter = _Meter(pids)
+        for _ in range(count):
+            begin = time.perf_counter_ns()
+            await connection.command(b"NOOP", 250)
+            samples.append((time.perf_counter_ns() - begin) / 1e6)
+        usage = meter.stop()
+    samples.sort()
+    return NoopResult(
+        count=count,
+        p50_ms=percentile(samples, 50),
+        p99_ms=percentile(samples, 99),
+        mean_ms=sum(samples) / len(samples) if samples else math.nan,
+        usage=usage,
+    )
+
+
 # --- CLI -----------------------------------------------------------------------------
 
 

@@ -47,6 +47,8 @@ ARGON2_USER = "bench-argon2"  # {ARGON2ID} only
 LAYOUT = (
     ListenerSpec("imap", "imap", "none"),
     ListenerSpec("imaps", "imap", "implicit"),
+    ListenerSpec("submission", "smtp", "none"),
+    ListenerSpec("smtps", "smtp", "implicit"),
 )
 
 
@@ -86,6 +88,7 @@ class BenchStack:
         """What a load generator needs, as JSON-able data."""
         stack = self.stack
         imap = stack.backends.imap
+        smtp = stack.backends.smtp
         return {
             "pids": [os.getpid()],
             "user": USER,
@@ -100,6 +103,20 @@ class BenchStack:
                 "authgate-tls": {
                     "host": stack["imaps"].host,
                     "port": stack["imaps"].port,
+                    "tls": True,
+                },
+            },
+            # The SMTP splice (authgate's SMTP filter on the client's side).
+            "smtp_targets": {
+                "direct": {"host": smtp.host, "port": smtp.port, "tls": False},
+                "authgate": {
+                    "host": stack["submission"].host,
+                    "port": stack["submission"].port,
+                    "tls": False,
+                },
+                "authgate-tls": {
+                    "host": stack["smtps"].host,
+                    "port": stack["smtps"].port,
                     "tls": True,
                 },
             },
