@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import socket
@@ -230,21 +231,57 @@ class Gateway:
     async def reload(self, runtimes: Iterable[ListenerRuntime], defence: DefenceSettings) -> None:
         """Apply a new configuration: same listeners swap settings in place;
         removed ones stop listening; new ones start. Failure counters and
-        blocks survive (a reload must not pardon an attacker)."""
-        self.guard.settings = defence
+        blocks survive (a reload must not pardon an attacker).
+
+        All or nothing: when a new or moved listener cannot bind, the ones
+        this reload opened are closed again, the ones it stopped listen
+        where they were, and the error is raised with every listener on its
+        old sockets and settings."""
         fresh = {rt.listener.name: rt for rt in runtimes}
-        for name in list(self._runtimes):
-            if name not in fresh or not _same_socket(self._runtimes[name], fresh[name]):
-                server = self._servers.pop(name)
+        old = dict(self._runtimes)
+        stop = [n for n in old if n not in fresh or not _same_socket(old[n], fresh[n])]
+        start = [n for n in fresh if n not in old or n in stop]
+        # To listen again where they were if this fails: the ports really
+        # bound (port 0 in the config would pick new ones).
+        stopped = {name: self._bound_runtime(old[name]) for name in stop}
+        # Stopped first: a listener that changes only its TLS mode or PROXY
+        # setting binds the very addresses it held.
+        for name in stop:
+            self._servers.pop(name).close()
+            del self._runtimes[name]
+        try:
+            for name in start:
+                self._runtimes[name] = fresh[name]
+                await self._listen(fresh[name])
+        except BaseException:
+            await self._roll_back(start, stopped)
+            raise
+        for name in stop:
+            log.info("listener %s stopped (removed or moved)", name)
+        self.guard.settings = defence
+        self._runtimes.update(fresh)
+
+    def _bound_runtime(self, runtime: ListenerRuntime) -> ListenerRuntime:
+        """`runtime` with its listener's addresses as its sockets are bound."""
+        sockets = self.all_addresses()[runtime.listener.name]
+        bound = tuple(Address(host, port) for host, port in sockets)
+        return dataclasses.replace(
+            runtime, listener=dataclasses.replace(runtime.listener, listen=bound)
+        )
+
+    async def _roll_back(self, started: list[str], stopped: dict[str, ListenerRuntime]) -> None:
+        for name in started:
+            server = self._servers.pop(name, None)
+            if server is not None:
                 server.close()
-                del self._runtimes[name]
-                log.info("listener %s stopped (removed or moved)", name)
-        for name, runtime in fresh.items():
-            if name in self._runtimes:
-                self._runtimes[name] = runtime
-            else:
-                self._runtimes[name] = runtime
+            self._runtimes.pop(name, None)
+        for name, runtime in stopped.items():
+            self._runtimes[name] = runtime
+            try:
                 await self._listen(runtime)
+            except OSError as exc:  # its addresses were taken meanwhile
+                del self._runtimes[name]
+                log.error("listener %s could not listen again after a failed reload: %s", name, exc)
 
     def addresses(self) -> dict[str, tuple[str, int]]:
         """Listener name -> bound (host, port) of its first socket: ports

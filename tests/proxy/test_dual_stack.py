@@ -246,3 +246,20 @@ async def test_reload_that_switches_proxy_protocol_re_creates_the_listener(setup
     for host, port in setup.gateway.all_addresses()["balanced"]:
         greeting = await asyncio.to_thread(greeting_through_balancer, host, port)
         assert b"LOGINDISABLED" in greeting, (host, greeting)
+
+
+async def test_a_reload_that_cannot_bind_keeps_the_running_listeners(setup: Setup) -> None:
+    # The moved listener's new address is taken: the reload fails as a
+    # whole, and the listener it would have moved still serves where it was
+    # (runner logs "reload failed, keeping the running configuration").
+    (_, port), _ = setup.gateway.all_addresses()["imap"]
+    squatter = socket.create_server(("127.0.0.3", 0))
+    try:
+        taken = squatter.getsockname()[1]
+        with pytest.raises(OSError):
+            await setup.reload(setup.config_text(f'["127.0.0.3:{taken}"]'))
+        assert setup.gateway.all_addresses()["imap"][0] == ("127.0.0.1", port)
+        assert await asyncio.to_thread(imap_login, "127.0.0.1", port) == "OK"
+        assert await asyncio.to_thread(imap_login, "::1", port) == "OK"
+    finally:
+        squatter.close()
