@@ -61,7 +61,13 @@ class Send:
 @dataclass(frozen=True)
 class StartTLS:
     """Flush what was sent, drop anything still buffered from the peer, run
-    the TLS handshake, then call `tls_started()`."""
+    the TLS handshake, then call `tls_started()`.
+
+    `discarded` (server machines): how many bytes the client had pipelined
+    behind its STARTTLS command, which the machine threw away unread: a
+    STARTTLS injection attempt (CVE-2011-0411), for the driver to log."""
+
+    discarded: int = 0
 
 
 # `Lookup` (from authgate.sasl.base): resolve its request against the

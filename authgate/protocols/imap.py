@@ -533,9 +533,10 @@ class ImapServer:
             return self._error(self._tagged(tag, b"BAD STARTTLS is not available"))
         # CVE-2011-0411: whatever the client pipelined after STARTTLS was
         # sent in plaintext; it must never run inside the TLS session.
+        discarded = len(self._buffer)
         self._buffer.clear()
         self._state = _State.TLS
-        return [self._tagged(tag, b"OK Begin TLS negotiation now"), StartTLS()]
+        return [self._tagged(tag, b"OK Begin TLS negotiation now"), StartTLS(discarded)]
 
     def _cmd_id(self, tag: bytes, args: list[_Token]) -> list[Event]:
         _check_id_arguments(args)

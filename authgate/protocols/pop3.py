@@ -389,10 +389,12 @@ class Pop3Server:
             return self._error(ERR_TLS_ACTIVE)  # RFC 2595 section 4
         if not self._settings.starttls_available:
             return self._error(ERR_NO_STLS)
-        # Anything pipelined behind STLS was sent in the clear: nothing more
-        # is read, and tls_started() throws it away (CVE-2011-0411).
+        # Anything pipelined behind STLS was sent in the clear: drop it
+        # (CVE-2011-0411).
+        discarded = len(self._lines)
+        self._lines.clear()
         self._state = ServerState.STARTTLS
-        return [Send(_line(OK_STLS)), StartTLS()]
+        return [Send(_line(OK_STLS)), StartTLS(discarded)]
 
     def _cmd_auth(self, argument: bytes) -> list[Event]:
         if not argument:

@@ -385,9 +385,10 @@ class SmtpServer:
             return self._error("502 5.5.1 STARTTLS not available")
         # Anything pipelined behind STARTTLS was sent in plaintext before the
         # handshake: drop it (CVE-2011-0411).
+        discarded = len(self._lines)
         self._lines.clear()
         self._state = _State.WAIT_TLS
-        return [_reply("220 2.0.0 Ready to start TLS"), StartTLS()]
+        return [_reply("220 2.0.0 Ready to start TLS"), StartTLS(discarded)]
 
     def _cmd_auth(self, arg: bytes) -> list[Event]:
         if not self._esmtp:

@@ -234,7 +234,7 @@ class ClientSession:
             self.client.write(event.data)
             return []
         if isinstance(event, StartTLS):
-            return await self._start_tls()
+            return await self._start_tls(event)
         # The address may have been blocked since this connection opened
         # (parallel connections guessing): asked again before every
         # credential is checked, and before any outcome is acted on, the
@@ -373,11 +373,13 @@ class ClientSession:
         )
         return status.state is ExpiryState.EXPIRED
 
-    async def _start_tls(self) -> list[Event]:
+    async def _start_tls(self, event: StartTLS) -> list[Event]:
         context = self.runtime.server_tls
         if context is None:
             raise RuntimeError("machine asked for STARTTLS on a listener without TLS")
-        dropped = await self.client.start_tls(
+        # What the machine had buffered behind the STARTTLS line, and what
+        # reached the channel before the handshake began: both thrown away.
+        dropped = event.discarded + await self.client.start_tls(
             context, server_side=True, timeout=self.runtime.limits.handshake_timeout
         )
         if dropped:

@@ -798,7 +798,8 @@ def test_starttls_discards_pipelined_commands() -> None:
     h = Harness(session())
     reply = h.send(b's STARTTLS\r\nx LOGIN alice "correct horse"\r\ny NOOP\r\n')
     assert reply == b"s OK Begin TLS negotiation now\r\n"
-    assert isinstance(h.events[-1], StartTLS)
+    # The driver is told how much was thrown away, to log the attempt.
+    assert h.events[-1] == StartTLS(discarded=len(b'x LOGIN alice "correct horse"\r\ny NOOP\r\n'))
     # Plaintext arriving before the handshake completes is dropped as well.
     assert h.send(b'z LOGIN alice "correct horse"\r\n') == b""
     assert h.handle(h.server.tls_started()) == b""
@@ -806,9 +807,16 @@ def test_starttls_discards_pipelined_commands() -> None:
     assert not h.of(Lookup) and not h.of(Authenticated)
 
 
+def test_clean_starttls_discards_nothing() -> None:
+    h = Harness(session())
+    h.send(b"s STARTTLS\r\n")
+    assert h.events[-1] == StartTLS(discarded=0)
+
+
 def test_starttls_forgets_a_partial_command() -> None:
     h = Harness(session())
     h.send(b"s STARTTLS\r\nx LOG")
+    assert h.events[-1] == StartTLS(discarded=5)
     h.handle(h.server.tls_started())
     assert h.send(b"c NOOP\r\n") == b"c OK NOOP completed\r\n"
 

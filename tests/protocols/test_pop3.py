@@ -570,7 +570,8 @@ def test_stls_injection_is_discarded() -> None:
     server = session.server
     reply = session.send(b"STLS\r\nUSER alice\r\nPASS correct horse battery\r\n")
     assert reply == b"+OK Begin TLS negotiation\r\n"
-    assert session.events[-1] == StartTLS()
+    # The driver is told how much was thrown away, to log the attempt.
+    assert session.events[-1] == StartTLS(discarded=len(b"USER alice\r\nPASS correct horse battery\r\n"))
     # Plaintext arriving during the handshake is dropped too.
     assert server.receive_data(b"USER bob\r\n") == []
     assert server.tls_started() == []
@@ -578,6 +579,12 @@ def test_stls_injection_is_discarded() -> None:
     assert session.send(b"PASS s3cret\r\n") == b"-ERR No USER given.\r\n"
     assert not session.of(Lookup) and not session.of(Authenticated)
     assert session.send(b"STLS\r\n") == b"-ERR Command not permitted when TLS active.\r\n"
+
+
+def test_clean_stls_discards_nothing() -> None:
+    session = greeted(make_settings(), auto_tls=False)
+    session.send(b"STLS\r\n")
+    assert session.events[-1] == StartTLS(discarded=0)
 
 
 def test_out_of_order_calls_raise() -> None:

@@ -621,16 +621,23 @@ def test_starttls_discards_pipelined_input() -> None:
     """CVE-2011-0411: commands in the same read as STARTTLS must not run."""
     talk = Talk(session(Security.NONE))
     ehlo(talk)
-    assert talk.send(f"STARTTLS\r\nAUTH PLAIN {plain('alice', USERS['alice'])}\r\n") == (
-        "220 2.0.0 Ready to start TLS\r\n"
-    )
-    assert isinstance(talk.events[-1], StartTLS)
+    injected = f"AUTH PLAIN {plain('alice', USERS['alice'])}\r\n"
+    assert talk.send("STARTTLS\r\n" + injected) == "220 2.0.0 Ready to start TLS\r\n"
+    # The driver is told how much was thrown away, to log the attempt.
+    assert talk.events[-1] == StartTLS(discarded=len(injected))
     # Plaintext arriving before the handshake is dropped too.
     assert talk.send("NOOP\r\n") == ""
     assert talk.call(talk.server.tls_started()) == ""
     assert talk.server.tls_active
     assert not talk.of(Lookup) and not talk.of(Authenticated)
     assert talk.say("NOOP").startswith("250 ")
+
+
+def test_clean_starttls_discards_nothing() -> None:
+    talk = Talk(session(Security.NONE))
+    ehlo(talk)
+    talk.send("STARTTLS\r\n")
+    assert talk.events[-1] == StartTLS(discarded=0)
 
 
 def test_after_starttls_ehlo_again() -> None:
