@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from authgate.policy import Decision, Refusal, choose_client_mechanism
+from authgate.policy import Decision, Refusal, choose_client_mechanism, client_ip
 from authgate.protocols.base import (
     Authenticated,
     AuthFailed,
@@ -1092,14 +1092,17 @@ class ImapClient:
             if "STARTTLS" not in offered:
                 return self._failed(BackendFailure.UNAVAILABLE, "backend does not offer STARTTLS")
             return self._command(b"STARTTLS", _ClientState.STARTTLS)
-        address = self._settings.client_address
+        address = client_ip(self._settings.client_address or "")
         if self._settings.use_id and "ID" in offered and address and not self._id_sent:
             self._id_sent = True
             # RFC 2971 ID; Dovecot takes the client's address from it when we
-            # are in its login_trusted_networks.
-            fields = [b'"x-originating-ip"', _quote(address)]
-            if self._settings.client_port is not None:
-                fields += [b'"x-originating-port"', _quote(str(self._settings.client_port))]
+            # are in its login_trusted_networks. Only an IP address, written
+            # in its canonical form, goes there: never text that could carry
+            # a line break or a quote (nginx CVE-2026-28753).
+            fields = [b'"x-originating-ip"', _quote(address.compressed)]
+            port = self._settings.client_port
+            if port is not None and 0 <= port <= 65535:
+                fields += [b'"x-originating-port"', _quote(str(port))]
             return self._command(b"ID (" + b" ".join(fields) + b")", _ClientState.ID)
         return self._ready()
 
