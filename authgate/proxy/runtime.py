@@ -18,6 +18,7 @@ from authgate.policy import Protocol
 from authgate.protocols.imap import ImapClient, ImapServer
 from authgate.protocols.pop3 import Pop3Client, Pop3Server
 from authgate.protocols.smtp import SmtpClient, SmtpServer
+from authgate.proxy import alpn
 from authgate.proxy import tls as tls_mod
 
 
@@ -87,13 +88,22 @@ def build_runtime(
     """Prepare every listener; raises TLSConfigError for unusable certificates."""
     from authgate.sasl.scram import tls_server_end_point
 
-    server_tls: ssl.SSLContext | None = None
+    cert, key = config.tls.cert, config.tls.key
     binding: bytes | None = None
-    if config.tls.cert is not None and config.tls.key is not None:
-        server_tls = tls_mod.server_context(config.tls.cert, config.tls.key)
-        binding = tls_server_end_point(tls_mod.leaf_certificate_der(config.tls.cert))
+    if cert is not None and key is not None:
+        binding = tls_server_end_point(tls_mod.leaf_certificate_der(cert))
     runtimes = []
+    # One context per protocol: each knows its protocol's ALPN identifiers.
+    contexts: dict[Protocol, ssl.SSLContext] = {}
     for listener in config.listeners:
+        server_tls = None
+        if listener.tls is not TLSMode.NONE and cert is not None and key is not None:
+            server_tls = contexts.get(listener.protocol)
+            if server_tls is None:
+                ids = alpn.PROTOCOL_IDS[listener.protocol.value]
+                server_tls = contexts[listener.protocol] = tls_mod.server_context(
+                    cert, key, alpn=ids
+                )
         backend = listener.backend
         backend_tls = None
         if backend.tls is not TLSMode.NONE:
@@ -105,7 +115,7 @@ def build_runtime(
                 offer=listener_offer(listener, store, config.hostname),
                 store=store,
                 parts=PROTOCOL_PARTS[listener.protocol],
-                server_tls=server_tls if listener.tls is not TLSMode.NONE else None,
+                server_tls=server_tls,
                 channel_binding=binding,
                 backend_tls=backend_tls,
                 limits=config.limits,

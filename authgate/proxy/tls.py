@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import asyncio.sslproto
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+
+from authgate.proxy.alpn import make_strict
 
 # asyncio's TLS transport gives every connection a 256 KiB receive buffer
 # (SSLProtocol.max_size, CPython 3.11+): ~290 KiB of RSS per idle IMAPS
@@ -34,8 +37,17 @@ class TLSConfigError(Exception):
     """Certificate or key cannot be used; a user-caused problem."""
 
 
-def server_context(cert: Path, key: Path) -> ssl.SSLContext:
-    """TLS 1.2 or newer, the ssl module's secure defaults, our certificate."""
+def server_context(cert: Path, key: Path, *, alpn: Sequence[str] = ()) -> ssl.SSLContext:
+    """TLS 1.2 or newer, the ssl module's secure defaults, our certificate.
+    With `alpn` (the listener protocol's identifiers), a client that offers
+    ALPN without any of them is refused (authgate.proxy.alpn)."""
+    ctx = _server_context(cert, key)
+    if alpn:
+        make_strict(ctx, alpn, session=_server_context(cert, key))
+    return ctx
+
+
+def _server_context(cert: Path, key: Path) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     # TLS 1.2: forward-secret AEAD suites only (Mozilla's "intermediate"
