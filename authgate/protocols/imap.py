@@ -891,7 +891,15 @@ class _ResponseReader:
 
 
 class ImapClient:
-    """IMAP client machine: log in to the backend (or relay a client's SASL)."""
+    """IMAP client machine: log in to the backend (or relay a client's SASL).
+
+    Nothing the backend says before its tagged login reply reaches the mail
+    client: untagged data (ALERT, REFERRAL, EXISTS, ...) is read and dropped,
+    PREAUTH and BYE end the login. A tagged reply or continuation that
+    arrives with the data we answered by sending a command ends the login
+    too: it answers a command the backend had not received yet. What follows
+    the tagged login reply is the session's (`LoggedIn.pending`).
+    """
 
     def __init__(self, settings: ClientSettings) -> None:
         self._settings = settings
@@ -927,6 +935,12 @@ class ImapClient:
                 events += self._failed(BackendFailure.UNAVAILABLE, "response too long")
                 break
             if line is None:
+                break
+            if not line.startswith(b"* ") and any(isinstance(e, Send) for e in events):
+                # A completion or continuation that came with the data we just
+                # answered with a command: it answers a command the backend
+                # had not received (our tags are easy to guess).
+                events += self._failed(BackendFailure.UNAVAILABLE, "backend answered out of turn")
                 break
             events += self._response(line)
         return events

@@ -593,6 +593,9 @@ class ClientState(enum.Enum):
     DONE = "done"
 
 
+# Waiting for the driver (the mail client's turn in relay mode, or PBKDF2
+# running off the loop): the backend has nothing to answer yet.
+_WAITING_ON_US = frozenset({ClientState.READY, ClientState.RELAY_WAIT, ClientState.DERIVE})
 _BEFORE_LOGIN = frozenset(
     {ClientState.GREETING, ClientState.CAPA, ClientState.STLS, ClientState.TLS_HANDSHAKE}
 )
@@ -626,6 +629,14 @@ class Pop3Client:
     After `LoginFailed` the machine is done, except in relay mode when the
     backend merely refused the credentials (-ERR): then `authenticate()` may
     be called again for the mail client's next attempt.
+
+    POP3 is lockstep and has no tags, so the backend may not speak out of
+    turn: a line that arrives together with the reply before it, once we
+    answered that reply with a command, would be read as the answer to a
+    command the backend had not seen yet (response injection); so would a
+    line that arrives while we wait for the mail client in relay mode. Both
+    end the login (UNAVAILABLE). After STLS's +OK such bytes are dropped, and
+    after the login they are `LoggedIn.pending`.
     """
 
     def __init__(self, settings: ClientSettings) -> None:
@@ -641,6 +652,7 @@ class Pop3Client:
         self._queued: tuple[str, InitialResponse] | None = None  # relay: early authenticate()
         self._password = ""  # USER/PASS: sent after USER's +OK
         self._derive: Derive | None = None
+        self._refused_once = False  # relay mode: a LoginFailed was reported, READY again
 
     @property
     def state(self) -> ClientState:
@@ -652,6 +664,13 @@ class Pop3Client:
         if self._state in (ClientState.DONE, ClientState.TLS_HANDSHAKE):
             # Before the handshake: response injection, never read it.
             return []
+        if self._state in _WAITING_ON_US and data:
+            if self._refused_once:
+                # The driver has this attempt's LoginFailed already; a backend
+                # that speaks unasked is not used for another.
+                self._state = ClientState.DONE
+                return []
+            return self._fail(BackendFailure.UNAVAILABLE, "backend spoke out of turn")
         self._lines.feed(data)
         return self._drain()
 
@@ -711,6 +730,9 @@ class Pop3Client:
                 return out + self._fail(BackendFailure.UNAVAILABLE, "backend line too long")
             if line is None:
                 break
+            if any(isinstance(event, Send) for event in out):
+                # It answered a command it had not received yet.
+                return out + self._fail(BackendFailure.UNAVAILABLE, "backend spoke out of turn")
             out += self._handle(line)
         return out
 
@@ -898,6 +920,7 @@ class Pop3Client:
         # connection: authenticate() may be called again.
         self._state = ClientState.READY
         self._held = None
+        self._refused_once = True
         return [LoginFailed(failure, _detail(line))]
 
     def _logged_in(self) -> list[ClientEvent]:

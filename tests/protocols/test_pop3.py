@@ -916,7 +916,8 @@ def test_client_long_initial_response_waits_for_challenge() -> None:
 )
 def test_client_auth_failures(reply: bytes, relay: bool, failure: BackendFailure) -> None:
     backend = Backend(client_settings(relay=relay, mechanisms=("PLAIN",)))
-    backend.reply(b"+OK\r\n+OK\r\nSASL PLAIN\r\n.\r\n")
+    backend.reply(b"+OK\r\n")  # greeting; CAPA is answered once asked
+    backend.reply(b"+OK\r\nSASL PLAIN\r\n.\r\n")
     if relay:
         backend.call(backend.client.authenticate("PLAIN", b"\0u\0p"))
     backend.reply(reply + b"\r\n")
@@ -937,7 +938,8 @@ def test_client_user_pass_fallback_when_capa_fails() -> None:
 def test_client_master_login_cannot_use_user_pass() -> None:
     creds = ClientCredentials("master", "mpw", authzid="alice")
     backend = Backend(client_settings(credentials=creds))
-    backend.reply(b"+OK\r\n+OK\r\nUSER\r\nTOP\r\n.\r\n")
+    backend.reply(b"+OK\r\n")  # greeting; CAPA is answered once asked
+    backend.reply(b"+OK\r\nUSER\r\nTOP\r\n.\r\n")
     assert backend.result() == LoginFailed(
         BackendFailure.REJECTED, "backend offers no SASL mechanism for a master login"
     )
@@ -946,14 +948,16 @@ def test_client_master_login_cannot_use_user_pass() -> None:
 
 def test_client_user_pass_only_with_cleartext_preference() -> None:
     backend = Backend(client_settings(mechanisms=("CRAM-MD5",)))
-    backend.reply(b"+OK\r\n+OK\r\nUSER\r\n.\r\n")
+    backend.reply(b"+OK\r\n")  # greeting; CAPA is answered once asked
+    backend.reply(b"+OK\r\nUSER\r\n.\r\n")
     result = backend.result()
     assert isinstance(result, LoginFailed) and result.failure is BackendFailure.REJECTED
 
 
 def test_client_nothing_usable() -> None:
     backend = Backend(client_settings(mechanisms=("CRAM-MD5",)))
-    backend.reply(b"+OK\r\n+OK\r\nSASL GSSAPI\r\n.\r\n")
+    backend.reply(b"+OK\r\n")  # greeting; CAPA is answered once asked
+    backend.reply(b"+OK\r\nSASL GSSAPI\r\n.\r\n")
     assert backend.result() == LoginFailed(
         BackendFailure.REJECTED, "backend offers no usable login mechanism"
     )
@@ -961,7 +965,8 @@ def test_client_nothing_usable() -> None:
 
 def test_client_malformed_challenge() -> None:
     backend = Backend(client_settings(mechanisms=("CRAM-MD5",)))
-    backend.reply(b"+OK\r\n+OK\r\nSASL CRAM-MD5\r\n.\r\n")
+    backend.reply(b"+OK\r\n")  # greeting; CAPA is answered once asked
+    backend.reply(b"+OK\r\nSASL CRAM-MD5\r\n.\r\n")
     assert backend.reply(b"+ !!notbase64\r\n") == b"*\r\n"
     assert backend.result() == LoginFailed(
         BackendFailure.UNAVAILABLE, "backend sent a malformed challenge"
@@ -970,7 +975,8 @@ def test_client_malformed_challenge() -> None:
 
 def test_client_mechanism_error_cancels() -> None:
     backend = Backend(client_settings(mechanisms=("PLAIN",)))
-    backend.reply(b"+OK\r\n+OK\r\nSASL PLAIN\r\n.\r\n")
+    backend.reply(b"+OK\r\n")  # greeting; CAPA is answered once asked
+    backend.reply(b"+OK\r\nSASL PLAIN\r\n.\r\n")
     assert backend.reply(b"+ " + b64("unexpected") + b"\r\n") == b"*\r\n"
     result = backend.result()
     assert isinstance(result, LoginFailed) and result.failure is BackendFailure.REJECTED
@@ -978,7 +984,8 @@ def test_client_mechanism_error_cancels() -> None:
 
 def test_client_success_without_mutual_auth_is_rejected() -> None:
     backend = Backend(client_settings(mechanisms=("SCRAM-SHA-256",)))
-    backend.reply(b"+OK\r\n+OK\r\nSASL SCRAM-SHA-256\r\n.\r\n")
+    backend.reply(b"+OK\r\n")  # greeting; CAPA is answered once asked
+    backend.reply(b"+OK\r\nSASL SCRAM-SHA-256\r\n.\r\n")
     backend.reply(b"+OK\r\n")  # success with no server-final: an impostor
     result = backend.result()
     assert isinstance(result, LoginFailed) and result.failure is BackendFailure.REJECTED
@@ -1000,7 +1007,8 @@ def test_client_stls_response_injection_discarded() -> None:
 
 def test_client_stls_not_offered() -> None:
     backend = Backend(client_settings(starttls=True))
-    backend.reply(b"+OK\r\n+OK\r\nSASL PLAIN\r\n.\r\n")
+    backend.reply(b"+OK\r\n")  # greeting; CAPA is answered once asked
+    backend.reply(b"+OK\r\nSASL PLAIN\r\n.\r\n")
     assert backend.result() == LoginFailed(
         BackendFailure.UNAVAILABLE, "backend does not offer STLS"
     )
@@ -1021,7 +1029,8 @@ def test_client_relay_queues_early_authenticate_and_relays() -> None:
 
 def test_client_relay_cancel_and_empty_initial() -> None:
     backend = Backend(client_settings(relay=True, credentials=None))
-    backend.reply(b"+OK\r\n+OK\r\nSASL LOGIN\r\n.\r\n")
+    backend.reply(b"+OK\r\n")  # greeting; CAPA is answered once asked
+    backend.reply(b"+OK\r\nSASL LOGIN\r\n.\r\n")
     assert backend.call(backend.client.authenticate("LOGIN", b"")) == b"AUTH LOGIN =\r\n"
     backend.reply(b"+ \r\n")
     assert backend.call(backend.client.respond(None)) == b"*\r\n"
@@ -1031,7 +1040,8 @@ def test_client_relay_cancel_and_empty_initial() -> None:
 
 def test_client_relay_plain_to_user_pass_backend() -> None:
     backend = Backend(client_settings(relay=True, credentials=None))
-    backend.reply(b"+OK\r\n+OK\r\nUSER\r\n.\r\n")
+    backend.reply(b"+OK\r\n")  # greeting; CAPA is answered once asked
+    backend.reply(b"+OK\r\nUSER\r\n.\r\n")
     assert backend.call(backend.client.authenticate("PLAIN", b"\0bob\0s3 cret")) == b"USER bob\r\n"
     assert backend.reply(b"+OK\r\n") == b"PASS s3 cret\r\n"
     backend.reply(b"-ERR [AUTH] nope\r\n")
@@ -1281,7 +1291,8 @@ def test_relay_end_to_end_wrong_password() -> None:
 
 def test_client_relay_can_retry_after_refusal() -> None:
     backend = Backend(client_settings(relay=True, credentials=None))
-    backend.reply(b"+OK\r\n+OK\r\nSASL PLAIN\r\n.\r\n")
+    backend.reply(b"+OK\r\n")  # greeting; CAPA is answered once asked
+    backend.reply(b"+OK\r\nSASL PLAIN\r\n.\r\n")
     backend.call(backend.client.authenticate("PLAIN", b"\0bob\0wrong"))
     backend.reply(b"-ERR [AUTH] Authentication failed.\r\n")
     assert backend.result().failure is BackendFailure.INVALID_CREDENTIALS
