@@ -1538,3 +1538,23 @@ def test_the_stores_name_for_the_user_is_the_session(line: bytes) -> None:
     h.send(line + b"\r\n")
     h.handle(h.server.resume(PasswordVerdict(False, "alice")))
     assert [e.authcid for e in h.of(AuthFailed)] == ["alice"]
+
+
+# ------------------------------------------------- client: replies out of turn
+
+
+def test_client_refuses_a_login_reply_sent_before_the_login() -> None:
+    """Our tags are predictable: a tagged OK in the same data as the greeting
+    answers an AUTHENTICATE the backend had not received."""
+    b = Backend(client_settings())
+    greeting = b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] hi\r\n"
+    assert b.feed(greeting + b"a1 OK [CAPABILITY IMAP4rev1] in\r\n").startswith(b"a1 AUTHENTICATE")
+    result = b.result()
+    assert isinstance(result, LoginFailed) and result.failure is BackendFailure.UNAVAILABLE
+
+
+def test_client_takes_the_same_reply_in_its_turn() -> None:
+    b = Backend(client_settings())
+    b.feed(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] hi\r\n")
+    b.feed(b"* OK [ALERT] dropped\r\na1 OK [CAPABILITY IMAP4rev1] in\r\n* 1 EXISTS\r\n")
+    assert b.result() == LoggedIn(("IMAP4rev1",), b"* 1 EXISTS\r\n")

@@ -571,7 +571,9 @@ def test_stls_injection_is_discarded() -> None:
     reply = session.send(b"STLS\r\nUSER alice\r\nPASS correct horse battery\r\n")
     assert reply == b"+OK Begin TLS negotiation\r\n"
     # The driver is told how much was thrown away, to log the attempt.
-    assert session.events[-1] == StartTLS(discarded=len(b"USER alice\r\nPASS correct horse battery\r\n"))
+    assert session.events[-1] == StartTLS(
+        discarded=len(b"USER alice\r\nPASS correct horse battery\r\n")
+    )
     # Plaintext arriving during the handshake is dropped too.
     assert server.receive_data(b"USER bob\r\n") == []
     assert server.tls_started() == []
@@ -1348,3 +1350,34 @@ def test_the_stores_name_for_the_user_is_the_session() -> None:
     server.receive_data(b"USER ALICE\r\nPASS pw\r\n")
     events = server.resume(PasswordVerdict(False, "alice"))
     assert [e.authcid for e in events if isinstance(e, AuthFailed)] == ["alice"]
+
+
+# ------------------------------------------------- client: replies out of turn
+
+
+def test_client_refuses_replies_sent_before_their_command() -> None:
+    backend = Backend(client_settings(mechanisms=("PLAIN",)))
+    assert backend.reply(b"+OK\r\n+OK\r\nSASL PLAIN\r\n.\r\n") == b"CAPA\r\n"
+    result = backend.result()
+    assert isinstance(result, LoginFailed) and result.failure is BackendFailure.UNAVAILABLE
+
+
+def test_client_relay_refuses_data_while_waiting_for_the_mail_client() -> None:
+    backend = Backend(client_settings(relay=True, credentials=None))
+    backend.reply(b"+OK\r\n")
+    backend.reply(b"+OK\r\nSASL PLAIN\r\n.\r\n")
+    assert backend.client.state is ClientState.READY
+    assert backend.reply(b"+OK logged in\r\n") == b""
+    result = backend.result()
+    assert isinstance(result, LoginFailed) and result.failure is BackendFailure.UNAVAILABLE
+
+
+def test_client_relay_after_a_refusal_unasked_data_ends_it_quietly() -> None:
+    backend = Backend(client_settings(relay=True, credentials=None))
+    backend.reply(b"+OK\r\n")
+    backend.reply(b"+OK\r\nSASL PLAIN\r\n.\r\n")
+    backend.call(backend.client.authenticate("PLAIN", b"\0bob\0wrong"))
+    backend.reply(b"-ERR [AUTH] Authentication failed.\r\n")
+    assert backend.reply(b"+OK surprise\r\n") == b""
+    assert backend.result().failure is BackendFailure.INVALID_CREDENTIALS  # one LoginFailed
+    assert backend.client.state is ClientState.DONE
