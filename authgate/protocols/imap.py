@@ -84,10 +84,13 @@ __all__ = ["ImapClient", "ImapServer"]
 
 CRLF = b"\r\n"
 
-# RFC 9051 section 9: tag = 1*<any ASTRING-CHAR except "+">. ASTRING-CHAR is
-# ATOM-CHAR or "]"; ATOM-CHAR is any 7-bit CHAR except CTL, SP, "(", ")",
-# "{", "%", "*", '"' and "\".
-_TAG = re.compile(rb"[!#$&'\x2c-\x5b\x5d-\x7a|}~]+")
+# RFC 9051 section 9 allows a tag of any ASTRING-CHAR but "+", which
+# includes "<", ">", "'", "&" and ":". We echo a tag in our replies, so a
+# line of HTML sent by a browser to this port ("<script>..."; ALPACA's
+# reflection attack) or an HTTP header name would come back: tags are
+# letters, digits, "-", "." and "_", the form real clients use and nginx
+# accepts. Any other tag gets an untagged BAD.
+_TAG = re.compile(rb"[A-Za-z0-9._-]+")
 # RFC 4422 section 3.1: a SASL mechanism name is 1 to 20 of A-Z 0-9 - _.
 _MECH_NAME = re.compile(rb"[A-Za-z0-9_-]{1,20}")
 # A line that ends in a literal's octet count: "{n}" (synchronising) or

@@ -331,9 +331,18 @@ def test_bad_commands(line: bytes, reply: bytes) -> None:
     assert not h.closed
 
 
-def test_tag_may_contain_closing_bracket() -> None:
+@pytest.mark.parametrize("tag", [b"A0001", b"1", b"1.17", b"x_y-Z9"])
+def test_plain_tags_are_echoed(tag: bytes) -> None:
     h = Harness(session())
-    assert h.send(b"a]1 NOOP\r\n") == b"a]1 OK NOOP completed\r\n"
+    assert h.send(tag + b" NOOP\r\n") == tag + b" OK NOOP completed\r\n"
+
+
+@pytest.mark.parametrize("tag", [b"a]1", b"Host:", b"<script>alert`1`</script>", b"a'b", b"a&b", b"a/b"])
+def test_tags_that_could_reflect_html_are_not_echoed(tag: bytes) -> None:
+    """RFC 9051 allows these tags; echoing them would let a browser's request
+    to this port reflect attacker-chosen HTML (ALPACA). Deliberately refused."""
+    h = Harness(session())
+    assert h.send(tag + b" NOOP\r\n") == b"* BAD Missing or invalid tag\r\n"
 
 
 # ------------------------------------------------------------ limits
