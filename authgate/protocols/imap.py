@@ -930,6 +930,11 @@ class ImapClient:
             # the handshake is discarded (response injection).
             return []
         self._reader.lines.feed(data)
+        return self._read()
+
+    def _read(self, *, answered: bool = False) -> list[ClientEvent]:
+        """Act on the buffered responses. `answered`: we have just sent
+        something, so what is buffered came before the backend saw it."""
         events: list[ClientEvent] = []
         while self._state in _CLIENT_READING:
             try:
@@ -939,7 +944,8 @@ class ImapClient:
                 break
             if line is None:
                 break
-            if not line.startswith(b"* ") and any(isinstance(e, Send) for e in events):
+            sent = answered or any(isinstance(e, Send) for e in events)
+            if sent and not line.startswith(b"* "):
                 # A completion or continuation that came with the data we just
                 # answered with a command: it answers a command the backend
                 # had not received (our tags are easy to guess).
@@ -984,7 +990,9 @@ class ImapClient:
             reply = derive.finish(key)
         except ClientAuthError as exc:
             return self._cancel(BackendFailure.REJECTED, str(exc))
-        return [self._sasl_line(reply), *self.receive_data(b"")]
+        # Untagged data the backend sent meanwhile is read now; a reply would
+        # be out of turn (it cannot answer what it has not received).
+        return [self._sasl_line(reply), *self._read(answered=True)]
 
     # ------------------------------------------------------------ responses
 

@@ -1567,3 +1567,23 @@ def test_client_takes_the_same_reply_in_its_turn() -> None:
     b.feed(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] hi\r\n")
     b.feed(b"* OK [ALERT] dropped\r\na1 OK [CAPABILITY IMAP4rev1] in\r\n* 1 EXISTS\r\n")
     assert b.result() == LoggedIn(("IMAP4rev1",), b"* 1 EXISTS\r\n")
+
+
+def test_client_refuses_a_reply_held_while_pbkdf2_ran() -> None:
+    """Bytes that came while our SCRAM proof was being computed were sent
+    before the backend had it: untagged ones are read, a completion is out of
+    turn."""
+    b = Backend(
+        client_settings(
+            mechanisms=("SCRAM-SHA-256",), credentials=ClientCredentials("alice", "pw")
+        )
+    )
+    sent = b.feed(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=SCRAM-SHA-256] hi\r\n")
+    nonce = base64.b64decode(sent.split()[-1]).decode().split("r=")[1]
+    salt = base64.b64encode(b"salt").decode()
+    b.feed(b"+ " + b64(f"r={nonce}SRV,s={salt},i=4096".encode()) + b"\r\n")
+    (derive,) = [e for e in b.events if isinstance(e, Derive)]
+    assert b.feed(b"* OK note\r\na1 OK [CAPABILITY IMAP4rev1] in\r\n") == b""
+    b.handle(b.client.derived(derive.compute()))
+    result = b.result()
+    assert isinstance(result, LoginFailed) and result.failure is BackendFailure.UNAVAILABLE

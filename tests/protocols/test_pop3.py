@@ -1381,3 +1381,17 @@ def test_client_relay_after_a_refusal_unasked_data_ends_it_quietly() -> None:
     assert backend.reply(b"+OK surprise\r\n") == b""
     assert backend.result().failure is BackendFailure.INVALID_CREDENTIALS  # one LoginFailed
     assert backend.client.state is ClientState.DONE
+
+
+def test_client_refuses_a_reply_sent_while_pbkdf2_ran() -> None:
+    backend = Backend(client_settings(mechanisms=("SCRAM-SHA-256",)))
+    backend.reply(b"+OK\r\n")
+    sent = backend.reply(b"+OK\r\nSASL SCRAM-SHA-256\r\n.\r\n")
+    nonce = base64.b64decode(sent.split()[-1]).decode().split("r=")[1]
+    salt = base64.b64encode(b"salt").decode()
+    backend.reply(b"+ " + base64.b64encode(f"r={nonce}SRV,s={salt},i=4096".encode()) + b"\r\n")
+    (derive,) = [e for e in backend.events if isinstance(e, Derive)]
+    assert backend.reply(b"+OK logged in\r\n") == b""  # before it had our proof
+    assert backend.call(backend.client.derived(derive.compute())) == b""
+    result = backend.result()
+    assert isinstance(result, LoginFailed) and result.failure is BackendFailure.UNAVAILABLE
