@@ -208,3 +208,33 @@ def test_proxy_v2_header_is_fixed_size_or_refused(
     src = ipaddress.ip_address(addresses.source[0])
     claimed = ipaddress.ip_address(source.split("%", 1)[0])
     assert src == claimed or getattr(src, "ipv4_mapped", None) == claimed
+
+
+@settings(max_examples=300)
+@given(ADDRESS, PORT, st.binary(max_size=600))
+def test_xclient_helo_of_a_pass_through_client_is_clean_and_capped(
+    address: str, port: int | None, helo: bytes
+) -> None:
+    """Pass-through (port 25): HELO= carries the name the client gave in its
+    EHLO, whatever bytes those were; NAME= is never looked up."""
+    client = SmtpClient(
+        ClientSettings(
+            hostname="gw.example",
+            client_address=address,
+            client_port=port,
+            use_xclient=True,
+            relay=True,
+            replay=(b"EHLO " + helo + b"\r\n",),
+        )
+    )
+    client.receive_data(b"220 backend ESMTP\r\n")
+    line = sent(client.receive_data(b"250-backend\r\n250 XCLIENT ADDR PORT NAME HELO PROTO\r\n"))
+    assert line.startswith(b"XCLIENT "), line
+    assert COMMAND_LINE.fullmatch(line), line
+    assert len(line) <= 512  # SMTP's command line limit (RFC 5321 section 4.5.3.1.4)
+    values = dict(a.partition(b"=")[::2] for a in line[len(b"XCLIENT ") : -2].split(b" "))
+    assert values[b"NAME"] == b"[UNAVAILABLE]"
+    given_name = helo.rstrip(b"\r\n")  # what a line can carry
+    assert (
+        values[b"HELO"] == b"[UNAVAILABLE]" or xtext_decode(values[b"HELO"].decode()) == given_name
+    )
