@@ -211,7 +211,7 @@ def test_proxy_v2_header_is_fixed_size_or_refused(
 
 
 @settings(max_examples=300)
-@given(ADDRESS, PORT, st.binary(max_size=600))
+@given(ADDRESS, PORT, st.one_of(st.binary(max_size=60), st.binary(min_size=90, max_size=600)))
 def test_xclient_helo_of_a_pass_through_client_is_clean_and_capped(
     address: str, port: int | None, helo: bytes
 ) -> None:
