@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Any, ClassVar
 
 import pytest
@@ -22,7 +21,6 @@ from authgate.protocols.base import (
     BackendFailure,
     ClientEvent,
     ClientSettings,
-    Close,
     Event,
     LoggedIn,
     LoginFailed,
@@ -46,50 +44,25 @@ from authgate.sasl.base import (
     Failure,
     FailureReason,
     Lookup,
-    LookupAnswer,
-    LookupRequest,
     PasswordCheck,
     PasswordVerdict,
-    ScramVerifier,
-    SecretForm,
-    SecretLookup,
     ServerContext,
     Success,
 )
-from authgate.sasl.cram_md5 import cram_md5_secret
-from authgate.sasl.digest_md5 import digest_ha1
-from authgate.sasl.ntlm import nt_hash
-from authgate.sasl.scram import make_verifier
+from authgate.testing.kit import (
+    BackendAnswer,
+    FakeBackend,
+    ServerDriver,
+    Store,
+    b64,
+    backend_ready,
+    resolve,
+)
 
-PASSWORDS = {"alice": "correct horse", "bob": 'pa"ss\\word'}
 ALL_MECHS = ("CRAM-MD5", "DIGEST-MD5", "NTLM", "LOGIN", "PLAIN")
 BACKEND_CAPS = ("IMAP4rev1", "IDLE", "NAMESPACE")
 CLIENT_IP = "192.0.2.7"
-
-
-@cache
-def _scram(password: str, hash_name: str) -> ScramVerifier:
-    return make_verifier(password, hash_name, 4096, salt=b"fixed salt for tests")
-
-
-def resolve(request: LookupRequest) -> LookupAnswer:
-    """A dict-backed credential store holding plaintext passwords."""
-    password = PASSWORDS.get(request.authcid)
-    if isinstance(request, PasswordCheck):
-        return password is not None and password == request.password
-    assert isinstance(request, SecretLookup)
-    if password is None:
-        return None
-    form = request.form
-    if form is SecretForm.PLAINTEXT:
-        return password
-    if form is SecretForm.CRAM_MD5:
-        return cram_md5_secret(password)
-    if form is SecretForm.DIGEST_MD5:
-        return digest_ha1(request.authcid, request.realm, password)
-    if form is SecretForm.NT_HASH:
-        return nt_hash(password)
-    return _scram(password, "sha1" if form is SecretForm.SCRAM_SHA_1 else "sha256")
+READY = backend_ready(BACKEND_CAPS)
 
 
 TLS_BINDING = b"tls-binding"  # the tls-server-end-point data of the pretend TLS session
@@ -113,69 +86,25 @@ def session(
     def context_for(tls: bool) -> ServerContext:
         # As the proxy's session does: binding data only with -PLUS offered.
         binds = tls and decide_for(tls).binds_channel
-        return ServerContext(channel_binding=("tls-server-end-point", TLS_BINDING) if binds else None)
+        return ServerContext(
+            channel_binding=("tls-server-end-point", TLS_BINDING) if binds else None
+        )
 
     kwargs.setdefault("starttls_available", True)
     kwargs.setdefault("sasl_context", context_for)
     return SessionSettings(hostname="mail.example", decide=decide_for, **kwargs)
 
 
-class Harness:
-    """Drives one ImapServer like the proxy would: answers lookups from the
-    dict store and backend logins with BACKEND_CAPS (unless told not to)."""
-
-    def __init__(
-        self,
-        settings: SessionSettings,
-        *,
-        auto_lookup: bool = True,
-        auto_backend: bool = True,
-        auto_tls: bool = False,
-    ) -> None:
-        self.server = ImapServer(settings)
-        self.auto_lookup = auto_lookup
-        self.auto_backend = auto_backend
-        self.auto_tls = auto_tls
-        self.events: list[Event] = []
-        self._out = bytearray()
-        self.greeting = self.handle(self.server.start())
-
-    def handle(self, events: list[Event]) -> bytes:
-        """Act on the events; return everything sent to the client."""
-        self._act(events)
-        return self.take()
-
-    def _act(self, events: list[Event]) -> None:
-        for event in events:
-            assert isinstance(event, Event)
-            self.events.append(event)
-            if isinstance(event, Send):
-                self._out += event.data
-            elif isinstance(event, Lookup) and self.auto_lookup:
-                self._act(self.server.resume(resolve(event.request)))
-            elif isinstance(event, Authenticated) and self.auto_backend:
-                self._act(self.server.backend_ready(BACKEND_CAPS))
-            elif isinstance(event, StartTLS) and self.auto_tls:
-                self._act(self.server.tls_started())
-
-    def send(self, data: bytes) -> bytes:
-        return self.handle(self.server.receive_data(data))
-
-    def take(self) -> bytes:
-        text = bytes(self._out)
-        self._out.clear()
-        return text
-
-    def of(self, kind: type[Any]) -> list[Any]:
-        return [e for e in self.events if isinstance(e, kind)]
-
-    @property
-    def closed(self) -> bool:
-        return any(isinstance(e, Close) for e in self.events)
-
-
-def b64(data: bytes) -> bytes:
-    return base64.b64encode(data)
+def harness(
+    settings: SessionSettings,
+    *,
+    lookups: bool = True,
+    tls: bool = False,
+    backend: BackendAnswer | None = READY,
+) -> ServerDriver:
+    """Drives one ImapServer like the proxy would: lookups answered from the
+    kit's store, backend logins with BACKEND_CAPS (unless told not to)."""
+    return ServerDriver(ImapServer(settings), lookups=lookups, tls=tls, backend=backend)
 
 
 def capabilities(reply: bytes) -> set[str]:
@@ -192,7 +121,7 @@ def capabilities(reply: bytes) -> set[str]:
 
 
 def test_greeting_names_host_and_capabilities() -> None:
-    h = Harness(session())
+    h = harness(session())
     assert h.greeting.startswith(b"* OK [CAPABILITY IMAP4rev1 ")
     assert h.greeting.endswith(b"] mail.example authgate ready\r\n")
     assert capabilities(h.greeting) == {
@@ -206,7 +135,7 @@ def test_greeting_names_host_and_capabilities() -> None:
 
 
 def test_mechanisms_are_listed_in_the_admins_order() -> None:
-    h = Harness(session(mechanisms=("PLAIN", "CRAM-MD5", "LOGIN")))
+    h = harness(session(mechanisms=("PLAIN", "CRAM-MD5", "LOGIN")))
     caps = h.send(b"a CAPABILITY\r\n").split(b"\r\n")[0].split()
     assert [c for c in caps if c.startswith(b"AUTH=")] == [
         b"AUTH=PLAIN",
@@ -236,18 +165,19 @@ def test_capability_list_under_each_policy(
     logindisabled: bool,
     starttls: bool,
 ) -> None:
-    h = Harness(session(security, exempt=exempt, tls_active=tls))
-    for reply in (h.greeting, h.send(b"t1 CAPABILITY\r\n")):
+    h = harness(session(security, exempt=exempt, tls_active=tls))
+    replies = (h.greeting, h.send(b"t1 CAPABILITY\r\n"))
+    for reply in replies:
         caps = capabilities(reply)
         assert {c[5:] for c in caps if c.startswith("AUTH=")} == expected_auth
         assert ("LOGINDISABLED" in caps) is logindisabled
         assert ("STARTTLS" in caps) is starttls
         assert {"IMAP4rev1", "SASL-IR", "ID", "LITERAL+"} <= caps
-    assert h.take() == b""
+    assert h.out == b"".join(replies)  # nothing else was sent
 
 
 def test_capabilities_change_after_starttls() -> None:
-    h = Harness(session(Security.REQUIRE_SECURE_AUTH), auto_tls=True)
+    h = harness(session(Security.REQUIRE_SECURE_AUTH), tls=True)
     before = capabilities(h.greeting)
     assert h.send(b"s STARTTLS\r\n") == b"s OK Begin TLS negotiation now\r\n"
     assert h.server.tls_active
@@ -258,21 +188,21 @@ def test_capabilities_change_after_starttls() -> None:
 
 
 def test_no_starttls_when_the_listener_cannot() -> None:
-    h = Harness(session(starttls_available=False))
+    h = harness(session(starttls_available=False))
     assert "STARTTLS" not in capabilities(h.greeting)
     assert h.send(b"s STARTTLS\r\n") == b"s BAD STARTTLS is not available\r\n"
     assert not h.of(StartTLS)
 
 
 def test_starttls_twice_is_refused() -> None:
-    h = Harness(session(), auto_tls=True)
+    h = harness(session(), tls=True)
     h.send(b"s STARTTLS\r\n")
     assert h.send(b"s2 STARTTLS\r\n") == b"s2 BAD TLS is already active\r\n"
     assert len(h.of(StartTLS)) == 1
 
 
 def test_only_challenge_response_mechanisms_disable_login_even_in_tls() -> None:
-    h = Harness(session(mechanisms=("CRAM-MD5", "NTLM"), tls_active=True))
+    h = harness(session(mechanisms=("CRAM-MD5", "NTLM"), tls_active=True))
     assert "LOGINDISABLED" in capabilities(h.greeting)
     assert h.send(b"l LOGIN alice x\r\n") == b"l NO [CANNOT] LOGIN is disabled\r\n"
 
@@ -281,7 +211,7 @@ def test_only_challenge_response_mechanisms_disable_login_even_in_tls() -> None:
 
 
 def test_noop_id_and_logout() -> None:
-    h = Harness(session())
+    h = harness(session())
     assert h.send(b"a NOOP\r\n") == b"a OK NOOP completed\r\n"
     assert h.send(b'b ID ("name" "Thunderbird" "version" NIL)\r\n') == (
         b'* ID ("name" "authgate")\r\nb OK ID completed\r\n'
@@ -297,12 +227,12 @@ def test_noop_id_and_logout() -> None:
     [b'x ID ("name")', b"x ID", b'x ID "name" "v"', b"x ID (name value)", b'x ID ("a" "b"'],
 )
 def test_malformed_id_is_bad(line: bytes) -> None:
-    h = Harness(session())
+    h = harness(session())
     assert h.send(line + b"\r\n") == b"x BAD Syntax error in arguments\r\n"
 
 
 def test_commands_are_case_insensitive_and_bare_lf_is_accepted() -> None:
-    h = Harness(session())
+    h = harness(session())
     assert h.send(b"a noop\n") == b"a OK NOOP completed\r\n"
     assert h.send(b"b Capability\r\n").startswith(b"* CAPABILITY IMAP4rev1")
 
@@ -326,14 +256,14 @@ def test_commands_are_case_insensitive_and_bare_lf_is_accepted() -> None:
     ],
 )
 def test_bad_commands(line: bytes, reply: bytes) -> None:
-    h = Harness(session())
+    h = harness(session())
     assert h.send(line + b"\r\n") == reply
     assert not h.closed
 
 
 @pytest.mark.parametrize("tag", [b"A0001", b"1", b"1.17", b"x_y-Z9"])
 def test_plain_tags_are_echoed(tag: bytes) -> None:
-    h = Harness(session())
+    h = harness(session())
     assert h.send(tag + b" NOOP\r\n") == tag + b" OK NOOP completed\r\n"
 
 
@@ -341,7 +271,7 @@ def test_plain_tags_are_echoed(tag: bytes) -> None:
 def test_tags_that_could_reflect_html_are_not_echoed(tag: bytes) -> None:
     """RFC 9051 allows these tags; echoing them would let a browser's request
     to this port reflect attacker-chosen HTML (ALPACA). Deliberately refused."""
-    h = Harness(session())
+    h = harness(session())
     assert h.send(tag + b" NOOP\r\n") == b"* BAD Missing or invalid tag\r\n"
 
 
@@ -349,7 +279,7 @@ def test_tags_that_could_reflect_html_are_not_echoed(tag: bytes) -> None:
 
 
 def test_too_many_errors_say_bye_and_close() -> None:
-    h = Harness(session(max_errors=3))
+    h = harness(session(max_errors=3))
     h.send(b"a FOO\r\nb BAR\r\n")
     assert not h.closed
     reply = h.send(b"c BAZ\r\nd NOOP\r\n")
@@ -359,7 +289,7 @@ def test_too_many_errors_say_bye_and_close() -> None:
 
 
 def test_failed_logins_count_as_errors() -> None:
-    h = Harness(session(max_errors=2))
+    h = harness(session(max_errors=2))
     h.send(b"a LOGIN alice wrong\r\n")
     reply = h.send(b"b LOGIN alice wrong2\r\n")
     assert reply.endswith(b"* BYE Too many errors\r\n")
@@ -368,20 +298,20 @@ def test_failed_logins_count_as_errors() -> None:
 
 
 def test_line_too_long_says_bye_and_closes() -> None:
-    h = Harness(session(max_line=64))
+    h = harness(session(max_line=64))
     reply = h.send(b"a LOGIN alice " + b"x" * 100 + b"\r\nb NOOP\r\n")
     assert reply == b"* BYE Line too long\r\n"
     assert h.closed
 
 
 def test_line_too_long_without_newline_closes_early() -> None:
-    h = Harness(session(max_line=64))
+    h = harness(session(max_line=64))
     assert h.send(b"a" * 70) == b"* BYE Line too long\r\n"
     assert h.closed
 
 
 def test_too_many_commands_before_login() -> None:
-    h = Harness(session(max_commands=3))
+    h = harness(session(max_commands=3))
     reply = h.send(b"a NOOP\r\nb NOOP\r\nc NOOP\r\nd NOOP\r\ne NOOP\r\n")
     assert reply.count(b"OK NOOP") == 3
     assert reply.endswith(b"* BYE Too many commands before login\r\n")
@@ -392,7 +322,7 @@ def test_too_many_commands_before_login() -> None:
 
 
 def test_login_success_then_splice_with_pipelined_commands() -> None:
-    h = Harness(session())
+    h = harness(session())
     reply = h.send(b'a1 LOGIN alice "correct horse"\r\na2 SELECT INBOX\r\na3 IDLE\r\n')
     assert reply == b"a1 OK [CAPABILITY IMAP4rev1 IDLE NAMESPACE] Logged in\r\n"
     (auth,) = h.of(Authenticated)
@@ -405,13 +335,13 @@ def test_login_success_then_splice_with_pipelined_commands() -> None:
 
 
 def test_login_with_escapes_in_quoted_password() -> None:
-    h = Harness(session())
+    h = harness(session())
     reply = h.send(b'a1 LOGIN "bob" "pa\\"ss\\\\word"\r\n')
     assert reply.startswith(b"a1 OK ")
 
 
 def test_login_wrong_password() -> None:
-    h = Harness(session())
+    h = harness(session())
     reply = h.send(b"a1 LOGIN alice wrong\r\n")
     assert reply == b"a1 NO [AUTHENTICATIONFAILED] Authentication failed\r\n"
     assert h.of(AuthFailed) == [AuthFailed("LOGIN-COMMAND", "invalid-credentials", "alice")]
@@ -420,7 +350,7 @@ def test_login_wrong_password() -> None:
 
 
 def test_login_empty_password_fails_without_a_lookup() -> None:
-    h = Harness(session())
+    h = harness(session())
     assert h.send(b'a1 LOGIN alice ""\r\n').startswith(b"a1 NO [AUTHENTICATIONFAILED]")
     assert not h.of(Lookup)
 
@@ -434,7 +364,7 @@ def test_login_empty_password_fails_without_a_lookup() -> None:
     ],
 )
 def test_login_refusals(security: Security, mechanisms: tuple[str, ...], reply: bytes) -> None:
-    h = Harness(session(security, mechanisms))
+    h = harness(session(security, mechanisms))
     assert h.send(b'a1 LOGIN alice "correct horse"\r\n') == b"a1 " + reply + b"\r\n"
     assert not h.of(Lookup)
     (failed,) = h.of(AuthFailed)
@@ -445,7 +375,7 @@ def test_login_refusals(security: Security, mechanisms: tuple[str, ...], reply: 
 
 
 def test_login_with_synchronising_literals() -> None:
-    h = Harness(session())
+    h = harness(session())
     assert h.send(b"a1 LOGIN {5}\r\n") == b"+ Ready for literal data\r\n"
     assert h.send(b"alice {13}\r\n") == b"+ Ready for literal data\r\n"
     assert h.send(b"correct horse\r\n").startswith(b"a1 OK [CAPABILITY ")
@@ -453,20 +383,17 @@ def test_login_with_synchronising_literals() -> None:
 
 
 def test_literal_bytes_may_arrive_in_pieces_and_hold_any_character() -> None:
-    PASSWORDS["carol"] = 'x "{3}\r\n) ('
-    try:
-        h = Harness(session())
-        pw = PASSWORDS["carol"].encode()
-        assert h.send(b"a1 LOGIN carol {%d}\r\n" % len(pw)) == b"+ Ready for literal data\r\n"
-        out = b"".join(h.send(bytes([b])) for b in pw)
-        assert out == b""
-        assert h.send(b"\r\n").startswith(b"a1 OK ")
-    finally:
-        del PASSWORDS["carol"]
+    password = 'x "{3}\r\n) ('
+    h = ServerDriver(ImapServer(session()), store=Store({"carol": password}), backend=READY)
+    pw = password.encode()
+    assert h.send(b"a1 LOGIN carol {%d}\r\n" % len(pw)) == b"+ Ready for literal data\r\n"
+    out = b"".join(h.send(bytes([b])) for b in pw)
+    assert out == b""
+    assert h.send(b"\r\n").startswith(b"a1 OK ")
 
 
 def test_login_with_non_synchronising_literals_in_one_packet() -> None:
-    h = Harness(session())
+    h = harness(session())
     reply = h.send(b"a1 LOGIN {5+}\r\nalice {13+}\r\ncorrect horse\r\na2 NOOP\r\n")
     assert reply.startswith(b"a1 OK ")
     assert b"+ Ready" not in reply
@@ -474,20 +401,20 @@ def test_login_with_non_synchronising_literals_in_one_packet() -> None:
 
 
 def test_too_large_synchronising_literal_is_refused_without_continuation() -> None:
-    h = Harness(session(max_line=100))
+    h = harness(session(max_line=100))
     assert h.send(b"a1 LOGIN alice {101}\r\n") == b"a1 BAD [TOOBIG] Literal too large\r\n"
     assert h.send(b"a2 NOOP\r\n") == b"a2 OK NOOP completed\r\n"
 
 
 def test_literals_count_toward_the_command_size() -> None:
-    h = Harness(session(max_line=100))
+    h = harness(session(max_line=100))
     assert h.send(b"a1 LOGIN {60}\r\n") == b"+ Ready for literal data\r\n"
     assert h.send(b"u" * 60 + b" {30}\r\n") == b"a1 BAD [TOOBIG] Literal too large\r\n"
     assert h.send(b"a2 NOOP\r\n") == b"a2 OK NOOP completed\r\n"
 
 
 def test_too_large_non_synchronising_literal_is_read_and_discarded() -> None:
-    h = Harness(session(max_line=100))
+    h = harness(session(max_line=100))
     big = b"y" * 500 + b"\r\nz9 LOGIN alice {13+}\r\n"  # looks like a command: must not run
     reply = h.send(b"a1 LOGIN alice {%d+}\r\n" % len(big) + big + b"\r\na2 NOOP\r\n")
     assert reply == b"a1 BAD [TOOBIG] Literal too large\r\na2 OK NOOP completed\r\n"
@@ -495,27 +422,27 @@ def test_too_large_non_synchronising_literal_is_read_and_discarded() -> None:
 
 
 def test_doomed_command_gets_no_continuation_for_a_later_literal() -> None:
-    h = Harness(session(max_line=100))
+    h = harness(session(max_line=100))
     reply = h.send(b"a1 LOGIN {200+}\r\n" + b"u" * 200 + b" {3}\r\n")
     assert reply == b"a1 BAD [TOOBIG] Literal too large\r\n"
     assert h.send(b"a2 NOOP\r\n") == b"a2 OK NOOP completed\r\n"
 
 
 def test_absurd_literal_size_is_too_big() -> None:
-    h = Harness(session())
+    h = harness(session())
     assert h.send(b"a1 LOGIN alice {99999999999999999999999}\r\n") == (
         b"a1 BAD [TOOBIG] Literal too large\r\n"
     )
 
 
 def test_literal_in_untagged_line() -> None:
-    h = Harness(session())
+    h = harness(session())
     assert h.send(b"{3}\r\n") == b"+ Ready for literal data\r\n"
     assert h.send(b"abc\r\n") == b"* BAD Missing or invalid tag\r\n"
 
 
 def test_literal_with_nul_is_bad() -> None:
-    h = Harness(session())
+    h = harness(session())
     reply = h.send(b"a1 LOGIN alice {3+}\r\na\0b\r\n")
     assert reply == b"a1 BAD Syntax error in arguments\r\n"
 
@@ -524,7 +451,7 @@ def test_literal_with_nul_is_bad() -> None:
 
 
 def test_authenticate_plain_with_initial_response() -> None:
-    h = Harness(session())
+    h = harness(session())
     ir = b64(b"\0alice\0correct horse")
     reply = h.send(b"a1 AUTHENTICATE PLAIN " + ir + b"\r\n")
     assert reply == b"a1 OK [CAPABILITY IMAP4rev1 IDLE NAMESPACE] Logged in\r\n"
@@ -532,13 +459,13 @@ def test_authenticate_plain_with_initial_response() -> None:
 
 
 def test_authenticate_plain_without_initial_response() -> None:
-    h = Harness(session())
+    h = harness(session())
     assert h.send(b"a1 AUTHENTICATE plain\r\n") == b"+ \r\n"
     assert h.send(b64(b"\0alice\0correct horse") + b"\r\n").startswith(b"a1 OK ")
 
 
 def test_authenticate_login_mechanism_prompts() -> None:
-    h = Harness(session())
+    h = harness(session())
     assert h.send(b"a1 AUTHENTICATE LOGIN\r\n") == b"+ " + b64(b"Username:") + b"\r\n"
     assert h.send(b64(b"alice") + b"\r\n") == b"+ " + b64(b"Password:") + b"\r\n"
     assert h.send(b64(b"correct horse") + b"\r\n").startswith(b"a1 OK ")
@@ -546,14 +473,14 @@ def test_authenticate_login_mechanism_prompts() -> None:
 
 def test_empty_initial_response_is_passed_as_empty(monkeypatch: pytest.MonkeyPatch) -> None:
     # PLAIN rejects an empty message: "=" reached it as b"", not as "no response".
-    h = Harness(session())
+    h = harness(session())
     assert h.send(b"a1 AUTHENTICATE PLAIN =\r\n") == b"a1 BAD Malformed authentication data\r\n"
     (failed,) = h.of(AuthFailed)
     assert failed == AuthFailed("PLAIN", "malformed", None)
 
 
 def test_cancel_in_initial_response_and_in_reply() -> None:
-    h = Harness(session())
+    h = harness(session())
     assert h.send(b"a1 AUTHENTICATE PLAIN *\r\n") == b"a1 BAD Authentication cancelled\r\n"
     assert h.send(b"a2 AUTHENTICATE CRAM-MD5\r\n").startswith(b"+ ")
     assert h.send(b"*\r\n") == b"a2 BAD Authentication cancelled\r\n"
@@ -561,7 +488,7 @@ def test_cancel_in_initial_response_and_in_reply() -> None:
 
 
 def test_bad_base64() -> None:
-    h = Harness(session())
+    h = harness(session())
     assert h.send(b"a1 AUTHENTICATE PLAIN AGFsaWNl$$\r\n") == (
         b"a1 BAD Malformed authentication data\r\n"
     )
@@ -571,7 +498,7 @@ def test_bad_base64() -> None:
 
 
 def test_wrong_password_via_sasl_names_the_user_but_not_the_password() -> None:
-    h = Harness(session())
+    h = harness(session())
     reply = h.send(b"a1 AUTHENTICATE PLAIN " + b64(b"\0alice\0nope") + b"\r\n")
     assert reply == b"a1 NO [AUTHENTICATIONFAILED] Authentication failed\r\n"
     assert h.of(AuthFailed) == [AuthFailed("PLAIN", "invalid-credentials", "alice")]
@@ -579,7 +506,7 @@ def test_wrong_password_via_sasl_names_the_user_but_not_the_password() -> None:
 
 
 def test_authorization_identity_is_refused() -> None:
-    h = Harness(session())
+    h = harness(session())
     reply = h.send(b"a1 AUTHENTICATE PLAIN " + b64(b"bob\0alice\0correct horse") + b"\r\n")
     assert reply == b"a1 NO [AUTHORIZATIONFAILED] Authorization failed\r\n"
 
@@ -652,7 +579,7 @@ def test_refusal_codes(
     reply: bytes,
     reason: str,
 ) -> None:
-    h = Harness(session(security, mechanisms, verifiable=verifiable, tls_active=tls))
+    h = harness(session(security, mechanisms, verifiable=verifiable, tls_active=tls))
     ir = b" " + b64(b"\0alice\0correct horse")
     assert h.send(b"a1 AUTHENTICATE " + mech.encode() + ir + b"\r\n") == b"a1 " + reply + b"\r\n"
     assert h.of(AuthFailed) == [AuthFailed(mech, reason, None)]
@@ -692,7 +619,7 @@ def test_every_failure_reason_has_its_code(
 ) -> None:
     monkeypatch.setattr(_FakeExchange, "outcome", Failure(reason, "detail never shown"))
     monkeypatch.setattr(imap, "SaslExchange", _FakeExchange)
-    h = Harness(session())
+    h = harness(session())
     assert h.send(b"a1 AUTHENTICATE NTLM =\r\n") == b"a1 " + reply + b"\r\n"
     assert h.of(AuthFailed) == [AuthFailed("NTLM", reason.value, None)]
 
@@ -700,7 +627,7 @@ def test_every_failure_reason_has_its_code(
 def test_initial_response_reaches_the_exchange_as_sent(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_FakeExchange, "started_with", [])
     monkeypatch.setattr(imap, "SaslExchange", _FakeExchange)
-    h = Harness(session())
+    h = harness(session())
     h.send(b"a1 AUTHENTICATE NTLM =\r\na2 AUTHENTICATE NTLM\r\na3 AUTHENTICATE NTLM TlRM\r\n")
     assert _FakeExchange.started_with == [b"=", None, b"TlRM"]
 
@@ -708,27 +635,27 @@ def test_initial_response_reaches_the_exchange_as_sent(monkeypatch: pytest.Monke
 def test_success_data_goes_out_as_a_final_challenge(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_FakeExchange, "outcome", Success("alice", None, b"v=proof"))
     monkeypatch.setattr(imap, "SaslExchange", _FakeExchange)
-    h = Harness(session())
+    h = harness(session())
     assert h.send(b"a1 AUTHENTICATE NTLM\r\n") == b"+ " + b64(b"v=proof") + b"\r\n"
     assert not h.of(Authenticated)
     assert h.send(b"\r\n").startswith(b"a1 OK [CAPABILITY ")
     assert h.of(Authenticated) == [Authenticated("alice", "alice", "NTLM")]
     # A non-empty answer to the final challenge is a protocol error.
-    h2 = Harness(session())
+    h2 = harness(session())
     h2.send(b"a1 AUTHENTICATE NTLM\r\n")
     assert h2.send(b"Zm9v\r\n") == b"a1 BAD Malformed authentication data\r\n"
     assert not h2.of(Authenticated)
 
 
 def test_session_tls_required_allows_only_a_few_commands() -> None:
-    h = Harness(session(Security.REQUIRE_ENCRYPTED))
+    h = harness(session(Security.REQUIRE_ENCRYPTED))
     assert h.send(b"a NOOP\r\n") == b"a OK NOOP completed\r\n"
     assert h.send(b"b CAPABILITY\r\n").endswith(b"b OK CAPABILITY completed\r\n")
     assert h.send(b"c ID NIL\r\n") == b"c NO [PRIVACYREQUIRED] Use STARTTLS first\r\n"
     assert h.send(b"d AUTHENTICATE PLAIN\r\n") == (
         b"d NO [PRIVACYREQUIRED] Authentication requires TLS\r\n"
     )
-    h2 = Harness(session(Security.REQUIRE_ENCRYPTED, starttls_available=False))
+    h2 = harness(session(Security.REQUIRE_ENCRYPTED, starttls_available=False))
     assert h2.send(b"c ID NIL\r\n") == b"c NO [PRIVACYREQUIRED] Encryption required\r\n"
 
 
@@ -736,47 +663,47 @@ def test_session_tls_required_allows_only_a_few_commands() -> None:
 
 
 def test_input_is_held_while_a_lookup_is_outstanding() -> None:
-    h = Harness(session(), auto_lookup=False)
+    h = harness(session(), lookups=False)
     assert h.send(b'a1 LOGIN alice "correct horse"\r\na2 NOOP\r\n') == b""
     assert h.send(b"a3 NOOP\r\n") == b""  # still waiting: nothing is executed
     (lookup,) = h.of(Lookup)
-    reply = h.handle(h.server.resume(resolve(lookup.request)))
+    reply = h.call(h.server.resume(resolve(lookup.request)))
     assert reply.startswith(b"a1 OK ")
     assert h.of(Splice) == [Splice(b"a2 NOOP\r\na3 NOOP\r\n")]
 
 
 def test_failed_lookup_resumes_pipelined_commands() -> None:
-    h = Harness(session(), auto_lookup=False)
+    h = harness(session(), lookups=False)
     h.send(b"a1 LOGIN alice wrong\r\na2 NOOP\r\n")
-    reply = h.handle(h.server.resume(False))
+    reply = h.call(h.server.resume(False))
     assert reply == (
         b"a1 NO [AUTHENTICATIONFAILED] Authentication failed\r\na2 OK NOOP completed\r\n"
     )
 
 
 def test_bytes_arriving_while_the_backend_logs_in_reach_the_splice() -> None:
-    h = Harness(session(), auto_backend=False)
+    h = harness(session(), backend=None)
     h.send(b"a1 AUTHENTICATE PLAIN " + b64(b"\0alice\0correct horse") + b"\r\na2 SEL")
     assert h.of(Authenticated)
     assert h.send(b"ECT INBOX\r\n") == b""
-    reply = h.handle(h.server.backend_ready(["IMAP4rev1", "BAD]CAP", "X\r\nY", "MOVE"]))
+    reply = h.call(h.server.backend_ready(["IMAP4rev1", "BAD]CAP", "X\r\nY", "MOVE"]))
     assert reply == b"a1 OK [CAPABILITY IMAP4rev1 MOVE] Logged in\r\n"
     assert h.of(Splice) == [Splice(b"a2 SELECT INBOX\r\n")]
 
 
 def test_backend_failure_keeps_the_session_unauthenticated() -> None:
-    h = Harness(session(), auto_backend=False)
+    h = harness(session(), backend=None)
     h.send(b'a1 LOGIN alice "correct horse"\r\n')
-    reply = h.handle(h.server.backend_failed(BackendFailure.UNAVAILABLE))
+    reply = h.call(h.server.backend_failed(BackendFailure.UNAVAILABLE))
     assert reply == b"a1 NO [UNAVAILABLE] Mail server unavailable, try again later\r\n"
     assert h.send(b"a2 NOOP\r\n") == b"a2 OK NOOP completed\r\n"
     assert not h.of(Splice)
 
 
 def test_backend_ready_without_capabilities() -> None:
-    h = Harness(session(), auto_backend=False)
+    h = harness(session(), backend=None)
     h.send(b'a1 LOGIN alice "correct horse"\r\n')
-    assert h.handle(h.server.backend_ready([])) == b"a1 OK Logged in\r\n"
+    assert h.call(h.server.backend_ready([])) == b"a1 OK Logged in\r\n"
 
 
 def test_calls_out_of_order_raise() -> None:
@@ -804,29 +731,29 @@ def test_calls_out_of_order_raise() -> None:
 
 def test_starttls_discards_pipelined_commands() -> None:
     """CVE-2011-0411: a command sent with STARTTLS must not run after TLS."""
-    h = Harness(session())
+    h = harness(session())
     reply = h.send(b's STARTTLS\r\nx LOGIN alice "correct horse"\r\ny NOOP\r\n')
     assert reply == b"s OK Begin TLS negotiation now\r\n"
     # The driver is told how much was thrown away, to log the attempt.
     assert h.events[-1] == StartTLS(discarded=len(b'x LOGIN alice "correct horse"\r\ny NOOP\r\n'))
     # Plaintext arriving before the handshake completes is dropped as well.
     assert h.send(b'z LOGIN alice "correct horse"\r\n') == b""
-    assert h.handle(h.server.tls_started()) == b""
+    assert h.call(h.server.tls_started()) == b""
     assert h.send(b"c NOOP\r\n") == b"c OK NOOP completed\r\n"
     assert not h.of(Lookup) and not h.of(Authenticated)
 
 
 def test_clean_starttls_discards_nothing() -> None:
-    h = Harness(session())
+    h = harness(session())
     h.send(b"s STARTTLS\r\n")
     assert h.events[-1] == StartTLS(discarded=0)
 
 
 def test_starttls_forgets_a_partial_command() -> None:
-    h = Harness(session())
+    h = harness(session())
     h.send(b"s STARTTLS\r\nx LOG")
     assert h.events[-1] == StartTLS(discarded=5)
-    h.handle(h.server.tls_started())
+    h.call(h.server.tls_started())
     assert h.send(b"c NOOP\r\n") == b"c OK NOOP completed\r\n"
 
 
@@ -834,32 +761,32 @@ def test_starttls_forgets_a_partial_command() -> None:
 
 
 def test_relay_plain_with_initial_response() -> None:
-    h = Harness(session(relay=True))
+    h = harness(session(relay=True))
     message = b"\0alice\0correct horse"
     assert h.send(b"a1 AUTHENTICATE PLAIN " + b64(message) + b"\r\na2 NOOP\r\n") == b""
     assert h.of(RelayAuth) == [RelayAuth("PLAIN", message)]
     assert not h.of(Lookup)
-    reply = h.handle(h.server.relay_result(True))
+    reply = h.call(h.server.relay_result(True))
     assert reply == b"a1 OK Logged in\r\n"
     assert h.of(Splice) == [Splice(b"a2 NOOP\r\n")]
 
 
 def test_relay_challenges_and_responses() -> None:
-    h = Harness(session(relay=True))
+    h = harness(session(relay=True))
     assert h.send(b"a1 AUTHENTICATE CRAM-MD5\r\n") == b""
     assert h.of(RelayAuth) == [RelayAuth("CRAM-MD5", NO_RESPONSE)]
-    assert h.handle(h.server.relay_challenge(b"<1.2@host>")) == b"+ " + b64(b"<1.2@host>") + b"\r\n"
+    assert h.call(h.server.relay_challenge(b"<1.2@host>")) == b"+ " + b64(b"<1.2@host>") + b"\r\n"
     assert h.send(b64(b"alice 0123") + b"\r\n") == b""
     assert h.of(RelayResponse) == [RelayResponse(b"alice 0123")]
-    reply = h.handle(h.server.backend_ready(["IMAP4rev1", "IDLE"]))
+    reply = h.call(h.server.backend_ready(["IMAP4rev1", "IDLE"]))
     assert reply == b"a1 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n"
 
 
 def test_relay_empty_initial_response_and_empty_reply() -> None:
-    h = Harness(session(relay=True))
+    h = harness(session(relay=True))
     h.send(b"a1 AUTHENTICATE LOGIN =\r\n")
     assert h.of(RelayAuth) == [RelayAuth("LOGIN", b"")]
-    h.handle(h.server.relay_challenge(b""))
+    h.call(h.server.relay_challenge(b""))
     h.send(b"\r\n")
     assert h.of(RelayResponse) == [RelayResponse(b"")]
 
@@ -872,13 +799,13 @@ def test_relay_empty_initial_response_and_empty_reply() -> None:
     ],
 )
 def test_relay_cancel_and_junk(client_line: bytes, reason: str, reply: bytes) -> None:
-    h = Harness(session(relay=True))
+    h = harness(session(relay=True))
     h.send(b"a1 AUTHENTICATE DIGEST-MD5\r\n")
-    h.handle(h.server.relay_challenge(b"nonce=..."))
+    h.call(h.server.relay_challenge(b"nonce=..."))
     assert h.send(client_line + b"\r\n") == b""
     assert h.of(RelayResponse) == [RelayResponse(None)]
     # Even if the backend claimed success, a cancelled exchange is no login.
-    assert h.handle(h.server.relay_result(True)) == reply
+    assert h.call(h.server.relay_result(True)) == reply
     assert h.of(AuthFailed) == [AuthFailed("DIGEST-MD5", reason, None)]
     assert not h.of(Splice)
 
@@ -893,34 +820,34 @@ def test_relay_cancel_and_junk(client_line: bytes, reason: str, reply: bytes) ->
     ],
 )
 def test_relay_failures(failure: BackendFailure | None, reply: bytes) -> None:
-    h = Harness(session(relay=True))
+    h = harness(session(relay=True))
     h.send(b"a1 AUTHENTICATE PLAIN " + b64(b"\0alice\0x") + b"\r\n")
-    assert h.handle(h.server.relay_result(False, failure)) == b"a1 " + reply + b"\r\n"
+    assert h.call(h.server.relay_result(False, failure)) == b"a1 " + reply + b"\r\n"
     assert len(h.of(AuthFailed)) == 1
     assert h.send(b"a2 NOOP\r\n") == b"a2 OK NOOP completed\r\n"
 
 
 def test_relay_login_command_becomes_plain() -> None:
-    h = Harness(session(relay=True))
+    h = harness(session(relay=True))
     h.send(b'a1 LOGIN alice "correct horse"\r\n')
     assert h.of(RelayAuth) == [RelayAuth("PLAIN", plain_message("alice", "correct horse"))]
     # A challenge has nowhere to go for LOGIN: the backend exchange is cancelled.
-    assert h.handle(h.server.relay_challenge(b"")) == b""
+    assert h.call(h.server.relay_challenge(b"")) == b""
     assert h.of(RelayResponse) == [RelayResponse(None)]
-    assert h.handle(h.server.relay_result(False, BackendFailure.INVALID_CREDENTIALS)) == (
+    assert h.call(h.server.relay_result(False, BackendFailure.INVALID_CREDENTIALS)) == (
         b"a1 NO [AUTHENTICATIONFAILED] Authentication failed\r\n"
     )
 
 
 def test_relay_respects_policy_before_contacting_the_backend() -> None:
-    h = Harness(session(Security.REQUIRE_SECURE_AUTH, relay=True))
+    h = harness(session(Security.REQUIRE_SECURE_AUTH, relay=True))
     assert h.send(b"a1 AUTHENTICATE PLAIN " + b64(b"\0alice\0x") + b"\r\n").startswith(
         b"a1 NO [PRIVACYREQUIRED]"
     )
     assert h.send(b"a2 AUTHENTICATE PLAIN *\r\n") == b"a2 NO [PRIVACYREQUIRED] " + (
         b"This mechanism requires TLS\r\n"
     )
-    h2 = Harness(session(relay=True))
+    h2 = harness(session(relay=True))
     assert h2.send(b"a3 AUTHENTICATE PLAIN ###\r\n").startswith(b"a3 BAD")
     assert not h.of(RelayAuth) and not h2.of(RelayAuth)
 
@@ -968,21 +895,21 @@ _COMMAND_WORDS = st.sampled_from(
 def test_random_bytes_never_crash_the_server(
     chunks: list[bytes], relay: bool, security: Security
 ) -> None:
-    h = Harness(session(security, relay=relay, max_line=64, max_errors=5), auto_tls=True)
+    h = harness(session(security, relay=relay, max_line=64, max_errors=5), tls=True)
     for chunk in chunks:
         if h.closed or h.of(Splice):
             break
         h.send(chunk)
         # Relay requests get a "no" so the machine keeps reading.
         while isinstance(h.events[-1], RelayAuth | RelayResponse):
-            h.handle(h.server.relay_result(False, BackendFailure.INVALID_CREDENTIALS))
+            h.call(h.server.relay_result(False, BackendFailure.INVALID_CREDENTIALS))
     assert all(isinstance(e, Event) for e in h.events)
 
 
 @settings(max_examples=300, deadline=None)
 @given(lines=st.lists(st.lists(_COMMAND_WORDS, max_size=8).map(b"".join), max_size=12))
 def test_every_command_line_gets_an_answer(lines: list[bytes]) -> None:
-    h = Harness(session(max_errors=4, max_commands=8), auto_tls=True)
+    h = harness(session(max_errors=4, max_commands=8), tls=True)
     for line in lines:
         if h.closed or h.of(Splice):
             break
@@ -1007,31 +934,9 @@ def client_settings(**kwargs: Any) -> ClientSettings:
     return ClientSettings(hostname="gw.example", **kwargs)
 
 
-class Backend:
+def fake_backend(settings: ClientSettings) -> FakeBackend:
     """A scripted backend: feed lines, collect what the client sends."""
-
-    def __init__(self, settings: ClientSettings) -> None:
-        self.client = ImapClient(settings)
-        self.events: list[ClientEvent] = []
-        self.sent = bytearray()
-
-    def feed(self, data: bytes) -> bytes:
-        return self.handle(self.client.receive_data(data))
-
-    def handle(self, events: list[ClientEvent]) -> bytes:
-        for event in events:
-            assert isinstance(event, ClientEvent)
-            self.events.append(event)
-            if isinstance(event, Send):
-                self.sent += event.data
-        out = bytes(self.sent)
-        self.sent.clear()
-        return out
-
-    def result(self) -> LoggedIn | LoginFailed | None:
-        done = [e for e in self.events if isinstance(e, LoggedIn | LoginFailed)]
-        assert len(done) <= 1
-        return done[0] if done else None
+    return FakeBackend(ImapClient(settings))
 
 
 ALICE = ClientCredentials("alice", "correct horse")  # CRAM-MD5 carries no authzid
@@ -1039,7 +944,7 @@ PLAIN_IR = b64(b"alice\0master\0master secret")
 
 
 def test_client_uses_greeting_capabilities_and_sasl_ir() -> None:
-    b = Backend(client_settings())
+    b = fake_backend(client_settings())
     sent = b.feed(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] hi\r\n")
     assert sent == b"a1 AUTHENTICATE PLAIN " + PLAIN_IR + b"\r\n"
     assert b.feed(b"a1 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n* 1 EXISTS\r\n") == b""
@@ -1047,7 +952,7 @@ def test_client_uses_greeting_capabilities_and_sasl_ir() -> None:
 
 
 def test_client_asks_capability_and_holds_initial_response_without_sasl_ir() -> None:
-    b = Backend(client_settings())
+    b = fake_backend(client_settings())
     assert b.feed(b"* OK ready\r\n") == b"a1 CAPABILITY\r\n"
     sent = b.feed(b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\na1 OK done\r\n")
     assert sent == b"a2 AUTHENTICATE PLAIN\r\n"
@@ -1059,7 +964,7 @@ def test_client_asks_capability_and_holds_initial_response_without_sasl_ir() -> 
 
 
 def test_client_takes_untagged_capability_sent_with_the_login_ok() -> None:
-    b = Backend(client_settings())
+    b = fake_backend(client_settings())
     b.feed(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] hi\r\n")
     b.feed(b"* CAPABILITY IMAP4rev1 QUOTA\r\na1 OK Logged in\r\n")
     assert b.result() == LoggedIn(("IMAP4rev1", "QUOTA"), b"")
@@ -1070,7 +975,7 @@ def test_client_takes_untagged_capability_sent_with_the_login_ok() -> None:
     [b"* PREAUTH [CAPABILITY IMAP4rev1] welcome\r\n", b"* BYE go away\r\n", b"HTTP/1.1 200\r\n"],
 )
 def test_client_refuses_greetings_other_than_ok(greeting: bytes) -> None:
-    b = Backend(client_settings())
+    b = fake_backend(client_settings())
     assert b.feed(greeting) == b""
     result = b.result()
     assert isinstance(result, LoginFailed) and result.failure is BackendFailure.UNAVAILABLE
@@ -1089,24 +994,24 @@ def test_client_refuses_greetings_other_than_ok(greeting: bytes) -> None:
     ],
 )
 def test_client_login_failures(reply: bytes, relay: bool, failure: BackendFailure) -> None:
-    b = Backend(client_settings(relay=relay))
+    b = fake_backend(client_settings(relay=relay))
     b.feed(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] hi\r\n")
     if relay:
-        b.handle(b.client.authenticate("PLAIN", b"\0alice\0pw"))
+        b.call(b.client.authenticate("PLAIN", b"\0alice\0pw"))
     b.feed(reply)
     result = b.result()
     assert isinstance(result, LoginFailed) and result.failure is failure
 
 
 def test_client_without_common_mechanism() -> None:
-    b = Backend(client_settings(mechanisms=("CRAM-MD5",)))
+    b = fake_backend(client_settings(mechanisms=("CRAM-MD5",)))
     b.feed(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hi\r\n")
     result = b.result()
     assert isinstance(result, LoginFailed) and result.failure is BackendFailure.REJECTED
 
 
 def test_client_cancels_when_the_mechanism_objects() -> None:
-    b = Backend(client_settings())
+    b = fake_backend(client_settings())
     b.feed(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] hi\r\n")
     # PLAIN has said everything: a further challenge is a ClientAuthError.
     assert b.feed(b"+ Zm9v\r\n") == b"*\r\n"
@@ -1116,7 +1021,7 @@ def test_client_cancels_when_the_mechanism_objects() -> None:
 
 @pytest.mark.parametrize("challenge", [b"+ not base64!\r\n", b"+ Ready for literal data\r\n"])
 def test_client_cancels_on_malformed_challenge(challenge: bytes) -> None:
-    b = Backend(client_settings(mechanisms=("CRAM-MD5",), credentials=ALICE))
+    b = fake_backend(client_settings(mechanisms=("CRAM-MD5",), credentials=ALICE))
     b.feed(b"* OK [CAPABILITY IMAP4rev1 AUTH=CRAM-MD5] hi\r\n")
     assert b.feed(challenge) == b"*\r\n"
     result = b.result()
@@ -1124,14 +1029,14 @@ def test_client_cancels_on_malformed_challenge(challenge: bytes) -> None:
 
 
 def test_client_rejects_continuation_outside_authenticate() -> None:
-    b = Backend(client_settings())
+    b = fake_backend(client_settings())
     b.feed(b"* OK hi\r\n+ \r\n")
     result = b.result()
     assert isinstance(result, LoginFailed) and result.failure is BackendFailure.UNAVAILABLE
 
 
 def test_client_sends_id_with_the_client_address_and_skips_literals() -> None:
-    b = Backend(client_settings(use_id=True, client_address="2001:db8::7", client_port=4711))
+    b = fake_backend(client_settings(use_id=True, client_address="2001:db8::7", client_port=4711))
     sent = b.feed(b"* OK [CAPABILITY IMAP4rev1 ID SASL-IR AUTH=PLAIN] hi\r\n")
     assert sent == b'a1 ID ("x-originating-ip" "2001:db8::7" "x-originating-port" "4711")\r\n'
     # The ID reply carries a literal whose bytes look like a tagged OK.
@@ -1142,73 +1047,75 @@ def test_client_sends_id_with_the_client_address_and_skips_literals() -> None:
 
 
 def test_client_sends_no_id_unless_offered_and_configured() -> None:
-    b = Backend(client_settings(use_id=True, client_address="192.0.2.1"))
+    b = fake_backend(client_settings(use_id=True, client_address="192.0.2.1"))
     assert b.feed(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hi\r\n").startswith(b"a1 AUTHENTICATE")
-    b2 = Backend(client_settings(client_address="192.0.2.1"))
+    b2 = fake_backend(client_settings(client_address="192.0.2.1"))
     assert b2.feed(b"* OK [CAPABILITY IMAP4rev1 ID AUTH=PLAIN] hi\r\n").startswith(
         b"a1 AUTHENTICATE"
     )
 
 
 def test_client_id_refusal_does_not_stop_the_login() -> None:
-    b = Backend(client_settings(use_id=True, client_address="192.0.2.1"))
+    b = fake_backend(client_settings(use_id=True, client_address="192.0.2.1"))
     b.feed(b"* OK [CAPABILITY IMAP4rev1 ID AUTH=PLAIN] hi\r\n")
     assert b.feed(b"a1 BAD no ID for you\r\n").startswith(b"a2 AUTHENTICATE PLAIN\r\n")
 
 
 def test_client_starttls_discards_injected_responses() -> None:
-    b = Backend(client_settings(starttls=True, mechanisms=("PLAIN", "CRAM-MD5"), credentials=ALICE))
+    b = fake_backend(
+        client_settings(starttls=True, mechanisms=("PLAIN", "CRAM-MD5"), credentials=ALICE)
+    )
     assert b.feed(b"* OK [CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN] hi\r\n") == (b"a1 STARTTLS\r\n")
     injected = b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\na2 OK injected\r\n"
     assert b.feed(b"a1 OK Begin TLS\r\n" + injected) == b""
     assert isinstance(b.events[-1], StartTLS)
     assert b.feed(injected) == b""  # still before the handshake
-    assert b.handle(b.client.tls_started()) == b"a2 CAPABILITY\r\n"
+    assert b.call(b.client.tls_started()) == b"a2 CAPABILITY\r\n"
     sent = b.feed(b"* CAPABILITY IMAP4rev1 AUTH=CRAM-MD5\r\na2 OK done\r\n")
     assert sent == b"a3 AUTHENTICATE CRAM-MD5\r\n"
 
 
 def test_client_requires_starttls_when_configured() -> None:
-    b = Backend(client_settings(starttls=True))
+    b = fake_backend(client_settings(starttls=True))
     b.feed(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hi\r\n")
     result = b.result()
     assert isinstance(result, LoginFailed) and result.failure is BackendFailure.UNAVAILABLE
-    b2 = Backend(client_settings(starttls=True))
+    b2 = fake_backend(client_settings(starttls=True))
     b2.feed(b"* OK [CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN] hi\r\n")
     b2.feed(b"a1 NO not now\r\n")
     assert isinstance(b2.result(), LoginFailed)
 
 
 def test_client_line_too_long() -> None:
-    b = Backend(client_settings(max_line=100))
+    b = fake_backend(client_settings(max_line=100))
     b.feed(b"* OK " + b"x" * 200 + b"\r\n")
     result = b.result()
     assert isinstance(result, LoginFailed) and result.failure is BackendFailure.UNAVAILABLE
 
 
 def test_client_relay_mode_queues_authenticate_until_ready() -> None:
-    b = Backend(ClientSettings(hostname="gw", relay=True))
-    assert b.handle(b.client.authenticate("cram-md5", NO_RESPONSE)) == b""
+    b = fake_backend(ClientSettings(hostname="gw", relay=True))
+    assert b.call(b.client.authenticate("cram-md5", NO_RESPONSE)) == b""
     assert b.feed(b"* OK hi\r\n") == b"a1 CAPABILITY\r\n"
     sent = b.feed(b"* CAPABILITY IMAP4rev1 AUTH=CRAM-MD5\r\na1 OK\r\n")
     assert sent == b"a2 AUTHENTICATE CRAM-MD5\r\n"
     b.feed(b"+ " + b64(b"<123@x>") + b"\r\n")
     assert b.events[-1] == RelayChallenge(b"<123@x>")
-    assert b.handle(b.client.respond(b"alice 00ff")) == b64(b"alice 00ff") + b"\r\n"
+    assert b.call(b.client.respond(b"alice 00ff")) == b64(b"alice 00ff") + b"\r\n"
     b.feed(b"+ \r\n")
-    assert b.handle(b.client.respond(None)) == b"*\r\n"
+    assert b.call(b.client.respond(None)) == b"*\r\n"
     b.feed(b"a2 BAD cancelled\r\n")
     result = b.result()
     assert isinstance(result, LoginFailed) and result.failure is BackendFailure.REJECTED
 
 
 def test_client_relay_initial_response_forms() -> None:
-    b = Backend(ClientSettings(hostname="gw", relay=True))
+    b = fake_backend(ClientSettings(hostname="gw", relay=True))
     b.feed(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=LOGIN AUTH=PLAIN] hi\r\n")
-    assert b.handle(b.client.authenticate("LOGIN", b"")) == b"a1 AUTHENTICATE LOGIN =\r\n"
-    b2 = Backend(ClientSettings(hostname="gw", relay=True))
+    assert b.call(b.client.authenticate("LOGIN", b"")) == b"a1 AUTHENTICATE LOGIN =\r\n"
+    b2 = fake_backend(ClientSettings(hostname="gw", relay=True))
     b2.feed(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hi\r\n")
-    assert b2.handle(b2.client.authenticate("PLAIN", b"\0a\0b")) == b"a1 AUTHENTICATE PLAIN\r\n"
+    assert b2.call(b2.client.authenticate("PLAIN", b"\0a\0b")) == b"a1 AUTHENTICATE PLAIN\r\n"
     assert b2.feed(b"+ \r\n") == b64(b"\0a\0b") + b"\r\n"  # answered by the client itself
     assert not [e for e in b2.events if isinstance(e, RelayChallenge)]
 
@@ -1259,16 +1166,16 @@ def test_random_backend_bytes_never_crash_the_client(
         use_id=True,
         client_address="192.0.2.1",
     )
-    b = Backend(settings_)
+    b = fake_backend(settings_)
     if relay:
-        b.handle(b.client.authenticate("PLAIN", NO_RESPONSE))
+        b.call(b.client.authenticate("PLAIN", NO_RESPONSE))
     for chunk in chunks:
         b.feed(chunk)
         last = b.events[-1] if b.events else None
         if isinstance(last, StartTLS):
-            b.handle(b.client.tls_started())
+            b.call(b.client.tls_started())
         elif isinstance(last, RelayChallenge):
-            b.handle(b.client.respond(b"x"))
+            b.call(b.client.respond(b"x"))
     assert all(isinstance(e, ClientEvent) for e in b.events)
 
 
@@ -1485,7 +1392,7 @@ LONG_PASSWORD = "é" * 513  # 1,026 octets of UTF-8: over the 1,024 cap
     ids=["login-quoted", "login-literal", "authenticate-plain", "authenticate-login"],
 )
 def test_password_over_the_cap_is_refused_without_a_lookup(lines: list[bytes]) -> None:
-    h = Harness(session())
+    h = harness(session())
     reply = h.send(b"".join(line + b"\r\n" for line in lines))
     assert reply.endswith(b"a1 NO [LIMIT] Password too long (at most 1024 octets)\r\n")
     assert h.of(Lookup) == []  # nothing was hashed
@@ -1495,7 +1402,7 @@ def test_password_over_the_cap_is_refused_without_a_lookup(lines: list[bytes]) -
 
 
 def test_password_at_the_cap_is_checked() -> None:
-    h = Harness(session())
+    h = harness(session())
     reply = h.send(b'a1 LOGIN alice "' + b"x" * MAX_PASSWORD_OCTETS + b'"\r\n')
     assert reply == b"a1 NO [AUTHENTICATIONFAILED] Authentication failed\r\n"
     assert len(h.of(Lookup)) == 1
@@ -1508,10 +1415,8 @@ def test_client_hands_scram_pbkdf2_to_the_driver() -> None:
     """The client machine does not run PBKDF2 itself: server-first yields a
     Derive (the driver runs it in a thread); nothing is sent until
     `derived()`, and backend bytes arriving meanwhile wait their turn."""
-    b = Backend(
-        client_settings(
-            mechanisms=("SCRAM-SHA-256",), credentials=ClientCredentials("alice", "pw")
-        )
+    b = fake_backend(
+        client_settings(mechanisms=("SCRAM-SHA-256",), credentials=ClientCredentials("alice", "pw"))
     )
     sent = b.feed(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=SCRAM-SHA-256] hi\r\n")
     assert sent.startswith(b"a1 AUTHENTICATE SCRAM-SHA-256 ")
@@ -1525,7 +1430,7 @@ def test_client_hands_scram_pbkdf2_to_the_driver() -> None:
     assert b.feed(b"* OK still there\r\n") == b""  # held, not read yet
     with pytest.raises(ProtocolStateError):
         b.client.respond(b"")
-    reply = b.handle(b.client.derived(derive.compute()))
+    reply = b.call(b.client.derived(derive.compute()))
     assert base64.b64decode(reply.strip()).startswith(f"c=biws,r={nonce}SRV,p=".encode())
     with pytest.raises(ProtocolStateError):
         b.client.derived(derive.compute())
@@ -1539,13 +1444,13 @@ def test_client_hands_scram_pbkdf2_to_the_driver() -> None:
 )
 def test_the_stores_name_for_the_user_is_the_session(line: bytes) -> None:
     # A directory answers "ALICE" with its entry's uid: that is who logs in.
-    h = Harness(session(), auto_lookup=False)
+    h = harness(session(), lookups=False)
     h.send(line + b"\r\n")
-    h.handle(h.server.resume(PasswordVerdict(True, "alice")))
+    h.call(h.server.resume(PasswordVerdict(True, "alice")))
     assert [(e.authcid, e.identity) for e in h.of(Authenticated)] == [("alice", "alice")]
-    h = Harness(session(), auto_lookup=False)
+    h = harness(session(), lookups=False)
     h.send(line + b"\r\n")
-    h.handle(h.server.resume(PasswordVerdict(False, "alice")))
+    h.call(h.server.resume(PasswordVerdict(False, "alice")))
     assert [e.authcid for e in h.of(AuthFailed)] == ["alice"]
 
 
@@ -1555,7 +1460,7 @@ def test_the_stores_name_for_the_user_is_the_session(line: bytes) -> None:
 def test_client_refuses_a_login_reply_sent_before_the_login() -> None:
     """Our tags are predictable: a tagged OK in the same data as the greeting
     answers an AUTHENTICATE the backend had not received."""
-    b = Backend(client_settings())
+    b = fake_backend(client_settings())
     greeting = b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] hi\r\n"
     assert b.feed(greeting + b"a1 OK [CAPABILITY IMAP4rev1] in\r\n").startswith(b"a1 AUTHENTICATE")
     result = b.result()
@@ -1563,7 +1468,7 @@ def test_client_refuses_a_login_reply_sent_before_the_login() -> None:
 
 
 def test_client_takes_the_same_reply_in_its_turn() -> None:
-    b = Backend(client_settings())
+    b = fake_backend(client_settings())
     b.feed(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] hi\r\n")
     b.feed(b"* OK [ALERT] dropped\r\na1 OK [CAPABILITY IMAP4rev1] in\r\n* 1 EXISTS\r\n")
     assert b.result() == LoggedIn(("IMAP4rev1",), b"* 1 EXISTS\r\n")
@@ -1573,7 +1478,7 @@ def test_client_refuses_a_reply_held_while_pbkdf2_ran() -> None:
     """Bytes that came while our SCRAM proof was being computed were sent
     before the backend had it: untagged ones are read, a completion is out of
     turn."""
-    b = Backend(
+    b = fake_backend(
         client_settings(
             mechanisms=("SCRAM-SHA-256",), credentials=ClientCredentials("alice", "pw")
         )
@@ -1584,6 +1489,6 @@ def test_client_refuses_a_reply_held_while_pbkdf2_ran() -> None:
     b.feed(b"+ " + b64(f"r={nonce}SRV,s={salt},i=4096".encode()) + b"\r\n")
     (derive,) = [e for e in b.events if isinstance(e, Derive)]
     assert b.feed(b"* OK note\r\na1 OK [CAPABILITY IMAP4rev1] in\r\n") == b""
-    b.handle(b.client.derived(derive.compute()))
+    b.call(b.client.derived(derive.compute()))
     result = b.result()
     assert isinstance(result, LoginFailed) and result.failure is BackendFailure.UNAVAILABLE
