@@ -36,7 +36,6 @@ Pure Python and `random`: no atheris or other fuzzing engine needed.
 from __future__ import annotations
 
 import argparse
-import base64
 import collections
 import contextlib
 import functools
@@ -54,15 +53,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any
 
 import authgate
-from authgate.credentials.schemes import StoredSecret, parse_secret
 from authgate.policy import ListenerPolicy, Security, decide
 from authgate.policy import Protocol as MailProtocol
 from authgate.protocols.base import (
     Authenticated,
-    AuthFailed,
     BackendFailure,
     ClientEvent,
     ClientSettings,
@@ -101,13 +98,23 @@ from authgate.sasl.base import (
     ServerContext,
     client_step,
 )
-from authgate.sasl.scram import make_verifier
+from authgate.testing.kit import (
+    PASSWORDS,
+    SECRET_SIZES,
+    ClientMachine,
+    InvariantError,
+    ServerMachine,
+    b64,
+    check_client_batch,
+    check_server_batch,
+    plain,
+    resolve,
+)
 
 HOST = "mail.example.test"
 GATEWAY = "gw.example.test"
 CLIENT_IP = "198.51.100.7"
-USERS = {"alice": "wonder land", "b\u00f6b": "p\u00e4ss w\u00f6rd"}
-CREDENTIALS = ClientCredentials("alice", USERS["alice"])
+CREDENTIALS = ClientCredentials("alice", PASSWORDS["alice"])
 # Stand-in for the tls-server-end-point hash of a certificate (RFC 5929).
 BINDING = hashlib.sha256(b"authgate fuzz certificate").digest()
 SERVICES = {"smtp": "smtp", "imap": "imap", "pop3": "pop"}
@@ -115,49 +122,9 @@ POLICY = {"smtp": MailProtocol.SMTP, "imap": MailProtocol.IMAP, "pop3": MailProt
 ALL_MECHANISMS = tuple(MECHANISMS)
 BACKEND_CAPABILITIES = ("IMAP4rev1", "IDLE", "UIDPLUS")
 
-MAX_SEND = 64 * 1024  # no single write of ours may be this big
 MAX_INPUT = 256 * 1024  # mutated inputs are cut to this size
 MAX_CALLBACKS = 200  # driver callbacks per input (relay loops end here)
 HANG_LIMIT = 1.0
-
-SERVER_EVENTS = (
-    Send,
-    StartTLS,
-    Lookup,
-    Authenticated,
-    RelayAuth,
-    RelayResponse,
-    Splice,
-    AuthFailed,
-    Close,
-)
-# Events after which the machine waits for the driver (or is finished):
-# nothing may follow them in the same batch.
-SERVER_LAST = (StartTLS, Lookup, Authenticated, RelayAuth, RelayResponse, Splice, Close)
-CLIENT_EVENTS = (Send, StartTLS, Derive, LoggedIn, LoginFailed, RelayChallenge)
-# A RelayChallenge may be followed by LoginFailed: a backend that sends more
-# after its challenge (unasked) ends the login in the same batch.
-CLIENT_LAST = (StartTLS, Derive, LoggedIn, LoginFailed)
-
-
-class ServerMachine(Protocol):
-    def start(self) -> list[Event]: ...
-    def receive_data(self, data: bytes) -> list[Event]: ...
-    def resume(self, answer: LookupAnswer) -> list[Event]: ...
-    def tls_started(self) -> list[Event]: ...
-    def backend_ready(self, capabilities: Sequence[str]) -> list[Event]: ...
-    def backend_failed(self, failure: BackendFailure) -> list[Event]: ...
-    def relay_challenge(self, data: bytes) -> list[Event]: ...
-    def relay_result(self, ok: bool, failure: BackendFailure | None = None) -> list[Event]: ...
-
-
-class ClientMachine(Protocol):
-    def receive_data(self, data: bytes) -> list[ClientEvent]: ...
-    def tls_started(self) -> list[ClientEvent]: ...
-    def authenticate(self, mechanism: str, initial: InitialResponse) -> list[ClientEvent]: ...
-    def respond(self, data: bytes | None) -> list[ClientEvent]: ...
-    def derived(self, key: bytes) -> list[ClientEvent]: ...
-
 
 SERVERS: dict[str, Callable[[SessionSettings], ServerMachine]] = {
     "smtp": SmtpServer,
@@ -169,10 +136,6 @@ CLIENTS: dict[str, Callable[[ClientSettings], ClientMachine]] = {
     "imap": ImapClient,
     "pop3": Pop3Client,
 }
-
-
-class InvariantError(AssertionError):
-    """A machine returned something the driver contract rules out."""
 
 
 class Hang(BaseException):
@@ -193,45 +156,6 @@ def fixed_random(label: str) -> Callable[[int], bytes]:
     return draw
 
 
-@functools.cache
-def _stored(user: str) -> StoredSecret | None:
-    password = USERS.get(user)
-    return None if password is None else parse_secret("{PLAIN}" + password)
-
-
-@functools.cache
-def _secret(user: str, form: SecretForm, realm: str) -> LookupAnswer:
-    # Cached: a SCRAM verifier costs a PBKDF2 run (the real store caches too).
-    password = USERS.get(user)
-    if password is not None and form in _SCRAM_HASHES:
-        # A fixed salt (the store would pick a random one): a saved input
-        # then replays in another process with the same server-first-message.
-        salt = hashlib.sha256(user.encode()).digest()[:16]
-        return make_verifier(password, _SCRAM_HASHES[form], salt=salt)
-    stored = _stored(user)
-    return None if stored is None else stored.secret_for(form, username=user, realm=realm)
-
-
-_SCRAM_HASHES = {SecretForm.SCRAM_SHA_1: "sha1", SecretForm.SCRAM_SHA_256: "sha256"}
-
-
-def resolve(request: LookupRequest) -> LookupAnswer:
-    """The credential store's real answer for USERS."""
-    if isinstance(request, PasswordCheck):
-        stored = _stored(request.authcid)
-        return stored is not None and stored.verify_password(request.password)
-    return _secret(request.authcid, request.form, request.realm)
-
-
-_SECRET_SIZES = {
-    SecretForm.CRAM_MD5: 32,
-    SecretForm.DIGEST_MD5: 16,
-    SecretForm.NT_HASH: 16,
-    SecretForm.SCRAM_SHA_1: 20,
-    SecretForm.SCRAM_SHA_256: 32,
-}
-
-
 def random_answer(request: LookupRequest, rng: random.Random) -> LookupAnswer:
     """A random answer of the type the request asks for (a store that is
     wrong about the user, but not a broken driver)."""
@@ -242,7 +166,7 @@ def random_answer(request: LookupRequest, rng: random.Random) -> LookupAnswer:
     form = request.form
     if form is SecretForm.PLAINTEXT:
         return "".join(chr(rng.randrange(0x20, 0x3000)) for _ in range(rng.randrange(12)))
-    size = _SECRET_SIZES[form]
+    size = SECRET_SIZES[form]
     if form in (SecretForm.SCRAM_SHA_1, SecretForm.SCRAM_SHA_256):
         key_size = size if rng.random() < 0.8 else rng.choice([0, size - 1, size + 1])
         return ScramVerifier(
@@ -252,10 +176,6 @@ def random_answer(request: LookupRequest, rng: random.Random) -> LookupAnswer:
             server_key=rng.randbytes(key_size),
         )
     return rng.randbytes(size)
-
-
-def _b64(data: str | bytes) -> bytes:
-    return base64.b64encode(data.encode() if isinstance(data, str) else data)
 
 
 # ------------------------------------------------------------- settings
@@ -413,8 +333,9 @@ def _scenarios() -> list[Variant]:
 
 def _hand_written() -> list[Recording]:
     """Sessions our client machines never produce."""
-    ir = _b64("\0alice\0wonder land")
-    user, password = _b64("alice"), _b64("wonder land")
+    secret = PASSWORDS["alice"].encode()
+    ir = plain("alice", PASSWORDS["alice"])
+    user, password = b64("alice"), b64(secret)
     smtp = [
         [b"EHLO client.example\r\n", b"AUTH PLAIN " + ir + b"\r\n"],
         [b"EHLO c\r\nAUTH LOGIN\r\n", user + b"\r\n", password + b"\r\n"],
@@ -428,9 +349,9 @@ def _hand_written() -> list[Recording]:
         [b"EHLO c\r\n", b"STARTTLS\r\nEHLO injected\r\n", b"EHLO c\r\n", b"AUTH PLAIN\r\n"],
     ]
     imap = [
-        [b"a1 CAPABILITY\r\n", b'a2 LOGIN alice "wonder land"\r\n'],
-        [b"a1 LOGIN {5}\r\n", b"alice {11}\r\n", b"wonder land\r\n"],
-        [b"a1 LOGIN {5+}\r\nalice {11+}\r\nwonder land\r\n"],
+        [b"a1 CAPABILITY\r\n", b'a2 LOGIN alice "%s"\r\n' % secret],
+        [b"a1 LOGIN {5}\r\n", b"alice {%d}\r\n" % len(secret), secret + b"\r\n"],
+        [b"a1 LOGIN {5+}\r\nalice {%d+}\r\n%s\r\n" % (len(secret), secret)],
         [
             b'a1 ID ("name" "x" "version" NIL)\r\n',
             b"a2 NOOP\r\n",
@@ -444,7 +365,7 @@ def _hand_written() -> list[Recording]:
         [b'a1 ID ("name" {3}\r\n', b"abc)\r\n", b"a2 ID NIL\r\n"],
     ]
     pop3 = [
-        [b"CAPA\r\n", b"USER alice\r\n", b"PASS wonder land\r\n"],
+        [b"CAPA\r\n", b"USER alice\r\n", b"PASS " + secret + b"\r\n"],
         [b"AUTH\r\n", b"AUTH PLAIN\r\n", ir + b"\r\n"],
         [b"AUTH PLAIN " + ir + b"\r\n"],
         [
@@ -453,7 +374,7 @@ def _hand_written() -> list[Recording]:
             b"AUTH LOGIN " + user + b"\r\n",
             password + b"\r\n",
         ],
-        [b"STAT\r\nLIST\r\nNOOP\r\n", b"USER alice\r\nPASS wonder land\r\n", b"QUIT\r\n"],
+        [b"STAT\r\nLIST\r\nNOOP\r\n", b"USER alice\r\nPASS " + secret + b"\r\n", b"QUIT\r\n"],
     ]
     out = [Recording(Variant("smtp"), to_server=s) for s in smtp]
     out += [Recording(Variant("imap"), to_server=s) for s in imap]
@@ -783,26 +704,6 @@ class FuzzInput:
         )
 
 
-def _check_batch(
-    events: Sequence[object], allowed: tuple[type, ...], last: tuple[type, ...]
-) -> None:
-    for index, event in enumerate(events):
-        if not isinstance(event, allowed):
-            raise InvariantError(f"not an event: {event!r}")
-        if isinstance(event, Send):
-            if not isinstance(event.data, bytes):
-                raise InvariantError("Send.data is not bytes")
-            if len(event.data) >= MAX_SEND:
-                raise InvariantError(f"Send of {len(event.data)} bytes")
-        if index == len(events) - 1:
-            continue
-        after = events[index + 1]
-        if isinstance(event, last) or (
-            isinstance(event, RelayChallenge) and not isinstance(after, LoginFailed)
-        ):
-            raise InvariantError(f"{type(event).__name__} is followed by {after!r}")
-
-
 def run_server_input(inp: FuzzInput) -> list[Event]:
     """Feed the chunks to a fresh server machine, answering its callbacks.
     Returns every event the machine emitted."""
@@ -820,7 +721,7 @@ def run_server_input(inp: FuzzInput) -> list[Event]:
             events = pending.popleft()
             if finished and events:
                 raise InvariantError(f"events after Close/Splice: {events!r}")
-            _check_batch(events, SERVER_EVENTS, SERVER_LAST)
+            check_server_batch(events)
             seen.extend(events)
             for event in events:
                 callbacks += 1
@@ -895,7 +796,7 @@ def run_client_input(inp: FuzzInput) -> list[ClientEvent]:
 
     def drive(events: list[ClientEvent]) -> None:
         nonlocal logged_in, failed
-        _check_batch(events, CLIENT_EVENTS, CLIENT_LAST)
+        check_client_batch(events)
         seen.extend(events)
         if any(isinstance(e, LoginFailed) for e in events):
             failed = True  # a RelayChallenge before it is moot

@@ -86,11 +86,20 @@ from authgate.sasl.base import (
     Success,
     client_step,
 )
+from authgate.testing.kit import (
+    CLIENT_EVENTS,
+    MAX_SEND,
+    PASSWORDS,
+    SECRET_SIZES,
+    WAITING,
+    ClientMachine,
+    ServerMachine,
+    check_server_batch,
+    resolve,
+)
 from bench import fuzz
-from bench.fuzz import BINDING, CLIENT_EVENTS, CREDENTIALS, HOST, MAX_SEND, SERVER_EVENTS, Variant
+from bench.fuzz import BINDING, CREDENTIALS, HOST, Variant
 
-# The driver must act on these before the machine reads again.
-WAITING = (Lookup, StartTLS, Authenticated, RelayAuth, RelayResponse)
 PROTOCOLS = ("smtp", "imap", "pop3")
 PASSWORD = CREDENTIALS.password
 
@@ -210,24 +219,15 @@ def pipelined(draw: st.DrawFn, lines: st.SearchStrategy[bytes]) -> list[bytes]:
     return [stream[a:b] for a, b in itertools.pairwise(bounds)]
 
 
-_SECRET_SIZES = {
-    SecretForm.CRAM_MD5: 32,
-    SecretForm.DIGEST_MD5: 16,
-    SecretForm.NT_HASH: 16,
-    SecretForm.SCRAM_SHA_1: 20,
-    SecretForm.SCRAM_SHA_256: 32,
-}
-
-
 def lookup_answers(request: LookupRequest) -> st.SearchStrategy[LookupAnswer]:
     """The store's real answer, or a random one of the type asked for."""
-    real = st.just(fuzz.resolve(request))
+    real = st.just(resolve(request))
     if isinstance(request, PasswordCheck):
         return st.one_of(real, st.booleans())
     form = request.form
     if form is SecretForm.PLAINTEXT:
         return st.one_of(real, st.none(), st.text(max_size=20))
-    size = _SECRET_SIZES[form]
+    size = SECRET_SIZES[form]
     if form in (SecretForm.SCRAM_SHA_1, SecretForm.SCRAM_SHA_256):
         keys = st.one_of(st.binary(min_size=size, max_size=size), st.binary(max_size=40))
         verifier = st.builds(
@@ -279,8 +279,8 @@ _SERVER_EXTRA = {
     "imap": [
         b"a1 CAPABILITY\r\n",
         b"a2 STARTTLS\r\n",
-        b"a3 LOGIN alice {11}\r\n",
-        b"wonder land\r\n",
+        b"a3 LOGIN alice {%d}\r\n" % len(PASSWORDS["alice"].encode()),
+        PASSWORDS["alice"].encode() + b"\r\n",
         b"a4 LOGIN {5+}\r\nalice {3+}\r\nbad\r\n",
         b"a5 AUTHENTICATE PLAIN\r\n",
         b"a6 AUTHENTICATE SCRAM-SHA-256\r\n",
@@ -296,7 +296,7 @@ _SERVER_EXTRA = {
         b"CAPA\r\n",
         b"STLS\r\n",
         b"USER alice\r\n",
-        b"PASS wonder land\r\n",
+        b"PASS %s\r\n" % PASSWORDS["alice"].encode(),
         b"AUTH\r\n",
         b"AUTH PLAIN\r\n",
         b"AUTH LOGIN\r\n",
@@ -318,7 +318,7 @@ class ServerSession(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.machine: fuzz.ServerMachine | None = None
+        self.machine: ServerMachine | None = None
         self.variant = Variant(self.PROTOCOL)
         self.waiting: Event | None = None
         self.relay_open = False  # RelayAuth emitted, no verdict given yet
@@ -330,20 +330,15 @@ class ServerSession(RuleBasedStateMachine):
     # ---------------------------------------------------------- bookkeeping
 
     @property
-    def m(self) -> fuzz.ServerMachine:
+    def m(self) -> ServerMachine:
         assert self.machine is not None
         return self.machine
 
     def take(self, events: list[Event]) -> None:
         """Check one batch against the contract and note what it asks for."""
-        assert isinstance(events, list)
-        for index, event in enumerate(events):
-            assert isinstance(event, SERVER_EVENTS), event
-            if isinstance(event, Send):
-                assert isinstance(event.data, bytes)
-                assert len(event.data) < MAX_SEND
+        check_server_batch(events)
+        for event in events:
             if isinstance(event, (*WAITING, Close, Splice)):
-                assert index == len(events) - 1, f"{event!r} is not last in {events!r}"
                 assert self.waiting is None
             if isinstance(event, WAITING):
                 self.waiting = event
@@ -650,7 +645,7 @@ class ClientSession(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.machine: fuzz.ClientMachine | None = None
+        self.machine: ClientMachine | None = None
         self.variant = Variant(self.PROTOCOL)
         self.waiting: ClientEvent | None = None
         self.logged_in = False
@@ -660,7 +655,7 @@ class ClientSession(RuleBasedStateMachine):
         self.script: list[bytes] = []
 
     @property
-    def m(self) -> fuzz.ClientMachine:
+    def m(self) -> ClientMachine:
         assert self.machine is not None
         return self.machine
 
@@ -924,7 +919,7 @@ def test_sasl_server_random_responses_after_valid_start(name: str, data: st.Data
         if isinstance(outcome, Lookup):
             request = outcome.request
             answer = (
-                fuzz.resolve(request)
+                resolve(request)
                 if real_store
                 else data.draw(lookup_answers(request), label="answer")
             )
@@ -966,7 +961,7 @@ def _scram_backend_with_extra_challenge(protocol: str) -> list[bytes]:
     return [*replies[:success], _EXTRA_CHALLENGE[protocol]]
 
 
-_CLIENT_CLASSES: dict[str, Callable[[Any], fuzz.ClientMachine]] = {
+_CLIENT_CLASSES: dict[str, Callable[[Any], ClientMachine]] = {
     "smtp": SmtpClient,
     "imap": ImapClient,
     "pop3": Pop3Client,
@@ -1010,7 +1005,7 @@ def test_pop3_client_extra_challenge_after_scram_server_final() -> None:
 # had no reply for BackendFailure.PASSWORD_EXPIRED (KeyError).
 
 
-def _relay_expired(machine: fuzz.ServerMachine, lines: bytes) -> list[Event]:
+def _relay_expired(machine: ServerMachine, lines: bytes) -> list[Event]:
     events = machine.start() + machine.receive_data(lines)
     assert isinstance(events[-1], RelayAuth)
     return events + machine.relay_result(False, BackendFailure.PASSWORD_EXPIRED)
@@ -1068,7 +1063,7 @@ def test_recorded_sessions_replay_against_fresh_machines(protocol: str) -> None:
                 event = pending.pop(0)
                 events.append(event)
                 if isinstance(event, Lookup):
-                    pending += server.resume(fuzz.resolve(event.request))
+                    pending += server.resume(resolve(event.request))
                 elif isinstance(event, StartTLS):
                     pending += server.tls_started()
         assert isinstance(events[-1], Authenticated), (rec.variant, events[-3:])

@@ -96,6 +96,16 @@ class Store:
 STORE = Store()
 resolve = STORE.resolve
 
+# The size of each stored secret form, for stores that answer wrongly but
+# with the right type (hostile-input tests, the fuzzer).
+SECRET_SIZES = {
+    SecretForm.CRAM_MD5: 32,
+    SecretForm.DIGEST_MD5: 16,
+    SecretForm.NT_HASH: 16,
+    SecretForm.SCRAM_SHA_1: 20,
+    SecretForm.SCRAM_SHA_256: 32,
+}
+
 
 # --------------------------------------------------------------- helpers
 
