@@ -1,0 +1,428 @@
+"""The contract every server dialect keeps (IMAP, POP3, SMTP), one test per
+rule, parametrised over the dialects.
+
+Where the machines differ today the difference is written down in
+`DIFFERENCES` below, each marked "to unify" (no reason anyone wrote down:
+the one core of issue #12 should make them agree) or "deliberate" (with
+the RFC reason). A test that pins a difference reads its expectation from
+that table, so unifying a behaviour means changing one line there.
+Adding a protocol means adding a `Dialect` and a line to each table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+
+from authgate.policy import Protocol, Security
+from authgate.protocols.base import (
+    Authenticated,
+    AuthFailed,
+    BackendFailure,
+    Close,
+    RelayAuth,
+    SessionSettings,
+    Splice,
+    StartTLS,
+)
+from authgate.protocols.imap import ImapServer
+from authgate.protocols.pop3 import Pop3Server
+from authgate.protocols.smtp import SmtpServer
+from authgate.sasl.base import NO_RESPONSE, STORE_UNAVAILABLE, Lookup, PasswordCheck
+from authgate.testing.kit import (
+    PASSWORDS,
+    BackendAnswer,
+    ServerDriver,
+    backend_fails,
+    backend_ready,
+    listener_settings,
+    plain,
+    plain_message,
+)
+
+HOST = "gate.example.test"
+CLIENT = "198.51.100.7"
+PASSWORD = PASSWORDS["alice"]
+GOOD_PLAIN = plain("alice", PASSWORD)
+WRONG_PLAIN = plain("alice", "not " + PASSWORD)
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What a test needs to speak one protocol to its server machine."""
+
+    name: str
+    machine: Callable[[SessionSettings], object]
+    protocol: Protocol
+    greeting: bytes  # how the greeting starts
+    tag: bytes  # IMAP commands carry a tag
+    hello: bytes  # what a client says before AUTH (SMTP: EHLO), may be empty
+    harmless: bytes  # a command that only gets an answer
+    starttls: bytes
+    auth: bytes  # the SASL command's verb
+    challenge: bytes  # an empty server challenge, as framed on the wire
+    success: bytes  # how the reply to a successful login starts
+    failed: bytes  # how the reply to a wrong password starts
+    needs_tls: bytes  # how the policy refusal of a cleartext mechanism starts
+    line_too_long: bytes  # the goodbye to an over-long line (starts with)
+    too_many_errors: bytes  # the goodbye after max_errors (starts with)
+
+    def command(self, text: bytes) -> bytes:
+        return self.tag + text + b"\r\n"
+
+    def auth_plain(self, initial: bytes | None = None) -> bytes:
+        verb = self.auth + b" PLAIN"
+        return self.command(verb if initial is None else verb + b" " + initial)
+
+
+IMAP = Dialect(
+    name="imap",
+    machine=ImapServer,
+    protocol=Protocol.IMAP,
+    greeting=b"* OK [CAPABILITY IMAP4rev1 ",
+    tag=b"a1 ",
+    hello=b"",
+    harmless=b"NOOP",
+    starttls=b"STARTTLS",
+    auth=b"AUTHENTICATE",
+    challenge=b"+ \r\n",
+    success=b"a1 OK ",
+    failed=b"a1 NO [AUTHENTICATIONFAILED] ",
+    needs_tls=b"a1 NO [PRIVACYREQUIRED] ",
+    line_too_long=b"* BYE ",
+    too_many_errors=b"* BYE ",
+)
+POP3 = Dialect(
+    name="pop3",
+    machine=Pop3Server,
+    protocol=Protocol.POP3,
+    greeting=b"+OK ",
+    tag=b"",
+    hello=b"",
+    harmless=b"CAPA",
+    starttls=b"STLS",
+    auth=b"AUTH",
+    challenge=b"+ \r\n",
+    success=b"+OK ",
+    failed=b"-ERR [AUTH] ",
+    needs_tls=b"-ERR [AUTH] ",
+    line_too_long=b"-ERR ",
+    too_many_errors=b"-ERR ",
+)
+SMTP = Dialect(
+    name="smtp",
+    machine=SmtpServer,
+    protocol=Protocol.SMTP,
+    greeting=b"220 ",
+    tag=b"",
+    hello=b"EHLO client.example\r\n",
+    harmless=b"NOOP",
+    starttls=b"STARTTLS",
+    auth=b"AUTH",
+    challenge=b"334 \r\n",
+    success=b"235 ",
+    failed=b"535 ",
+    needs_tls=b"538 ",
+    line_too_long=b"500 ",
+    too_many_errors=b"421 ",
+)
+DIALECTS = [IMAP, POP3, SMTP]
+each_dialect = pytest.mark.parametrize("dialect", DIALECTS, ids=lambda d: d.name)
+
+# ------------------------------------------------------------ differences
+#
+# Where the dialects behave differently today. "to unify": nobody wrote a
+# reason down, the one core should make them agree. "deliberate": a
+# protocol rule asks for it.
+
+TO_UNIFY = "to unify"
+DELIBERATE = "deliberate"
+
+
+@dataclass(frozen=True)
+class Difference:
+    kind: str  # TO_UNIFY or DELIBERATE
+    why: str
+    per_dialect: dict[str, object]
+
+
+DIFFERENCES = {
+    # The audit log of a cleartext login refused by policy: an AuthFailed
+    # in SMTP and IMAP, nothing in POP3.
+    "policy_refusal_emits_auth_failed": Difference(
+        TO_UNIFY,
+        "POP3 alone leaves a policy refusal out of the audit log",
+        {"imap": True, "pop3": False, "smtp": True},
+    ),
+    # A backend that cannot take the login (backend_failed): SMTP emits
+    # AuthFailed("backend-..."), IMAP and POP3 only reply.
+    "backend_failed_emits_auth_failed": Difference(
+        TO_UNIFY,
+        "only SMTP records a failed backend login as an AuthFailed",
+        {"imap": False, "pop3": False, "smtp": True},
+    ),
+    # The store unavailable (a temporary failure): one more error toward
+    # max_errors in IMAP and POP3, not in SMTP (454 is "not the client's
+    # fault").
+    "temporary_failure_counts_as_error": Difference(
+        TO_UNIFY,
+        "SMTP alone does not count a temporary failure toward max_errors",
+        {"imap": True, "pop3": True, "smtp": False},
+    ),
+    # The protocol's own cleartext login command and how it is checked:
+    # IMAP LOGIN asks a PasswordCheck itself; POP3 USER/PASS goes through
+    # the PLAIN exchange (which asks the same PasswordCheck); SMTP has none
+    # (RFC 5321 has no login command, only AUTH, RFC 4954).
+    "login_command": Difference(
+        TO_UNIFY,
+        "IMAP LOGIN checks the password itself, POP3 PASS through PLAIN",
+        {
+            "imap": (b'LOGIN alice "' + PASSWORD.encode() + b'"\r\n', "LOGIN-COMMAND"),
+            "pop3": (b"USER alice\r\nPASS " + PASSWORD.encode() + b"\r\n", "USER-PASS"),
+            "smtp": None,
+        },
+    ),
+    # What STARTTLS forgets that a test can see: SMTP the EHLO (RFC 3207
+    # 4.2: the client must EHLO again), POP3 a USER given before (RFC 2595
+    # 4: the session restarts in AUTHORIZATION), IMAP nothing it held.
+    "starttls_forgets": Difference(
+        DELIBERATE,
+        "each protocol's STARTTLS RFC names what is discarded (RFC 3207, 2595, 9051)",
+        {
+            "imap": None,
+            "pop3": (b"USER alice\r\n", b"PASS x\r\n", b"-ERR No USER given."),
+            "smtp": (b"", GOOD_PLAIN, b"503 "),
+        },
+    ),
+}
+
+
+def differs(key: str, dialect: Dialect) -> object:
+    return DIFFERENCES[key].per_dialect[dialect.name]
+
+
+def test_every_difference_names_every_dialect_and_a_kind() -> None:
+    for key, difference in DIFFERENCES.items():
+        assert set(difference.per_dialect) == {d.name for d in DIALECTS}, key
+        assert difference.kind in (TO_UNIFY, DELIBERATE), key
+        assert difference.why, key
+
+
+# --------------------------------------------------------------- drivers
+
+
+def driver(
+    dialect: Dialect,
+    security: Security = Security.NONE,
+    *,
+    backend: BackendAnswer | None = None,
+    lookups: bool = True,
+    hello: bool = True,
+    **settings: object,
+) -> ServerDriver:
+    """A greeted session (and, for SMTP, one past EHLO)."""
+    session = listener_settings(
+        dialect.protocol,
+        security,
+        ("PLAIN", "LOGIN", "CRAM-MD5"),
+        hostname=HOST,
+        client=CLIENT,
+        starttls_available=True,
+        **settings,
+    )
+    d = ServerDriver(
+        dialect.machine(session),
+        backend=backend_ready(()) if backend is None else backend,
+        lookups=lookups,
+    )
+    if hello and dialect.hello:
+        assert not d.send(dialect.hello).startswith((b"4", b"5"))
+    return d
+
+
+def reason_of(d: ServerDriver) -> list[str]:
+    return [f.reason for f in d.of(AuthFailed)]
+
+
+# -------------------------------------------------------- greeting, commands
+
+
+@each_dialect
+def test_greeting_then_commands(dialect: Dialect) -> None:
+    d = driver(dialect, hello=False)
+    assert d.greeting.startswith(dialect.greeting) and d.greeting.endswith(b"\r\n")
+    assert HOST.encode() in d.greeting
+    reply = d.send(dialect.command(dialect.harmless))
+    assert reply.endswith(b"\r\n") and not reply.startswith((b"-ERR", b"5"))
+    assert b" BAD " not in reply
+    assert not d.closed
+
+
+# ------------------------------------------------------------------ STARTTLS
+
+
+@each_dialect
+def test_starttls_discards_what_came_before_the_handshake(dialect: Dialect) -> None:
+    d = driver(dialect)
+    # A man in the middle appends a login behind STARTTLS (CVE-2011-0411).
+    injected = dialect.command(dialect.auth + b" PLAIN " + GOOD_PLAIN)
+    reply = d.send(dialect.command(dialect.starttls) + injected)
+    assert d.events[-1] == StartTLS()
+    assert reply.count(b"\r\n") == 1  # the STARTTLS reply, nothing for the injection
+    # Bytes during the handshake are dropped too.
+    assert d.server.receive_data(injected) == []
+    assert d.call(d.server.tls_started()) == b""
+    assert not d.of(Lookup) and not d.of(Authenticated)
+    assert d.server.tls_active
+
+
+@each_dialect
+def test_starttls_forgets_state(dialect: Dialect) -> None:
+    forgets = differs("starttls_forgets", dialect)
+    d = driver(dialect)
+    before = forgets[0] if isinstance(forgets, tuple) else b""
+    if before:
+        d.send(before)
+    d.send(dialect.command(dialect.starttls))
+    d.call(d.server.tls_started())
+    # A second STARTTLS inside TLS is refused, whatever the protocol.
+    reply = d.send(dialect.command(dialect.starttls))
+    assert reply.startswith((b"-ERR", b"5", b"a1 BAD", b"a1 NO"))
+    assert d.of(StartTLS) == [StartTLS()]
+    if isinstance(forgets, tuple):
+        _, after, refused = forgets
+        line = after if after.endswith(b"\r\n") else dialect.auth_plain(after)
+        assert d.send(line).startswith(refused)
+        assert not d.of(Authenticated)
+    else:
+        # Nothing to forget but the capabilities: a fresh login works.
+        assert d.send(dialect.auth_plain(GOOD_PLAIN)).startswith(dialect.success)
+
+
+# ----------------------------------------------------------- limits, errors
+
+
+@each_dialect
+def test_over_long_line_ends_with_goodbye_and_close(dialect: Dialect) -> None:
+    d = driver(dialect, max_line=64)
+    reply = d.send(dialect.tag + b"X" * 200 + b"\r\n")
+    assert reply.startswith(dialect.line_too_long)
+    assert d.events[-1] == Close()
+    assert d.server.receive_data(dialect.command(dialect.harmless)) == []
+
+
+@each_dialect
+def test_max_errors_bad_commands_end_the_session(dialect: Dialect) -> None:
+    d = driver(dialect, max_errors=3)
+    for _ in range(2):
+        d.send(dialect.command(b"BOGUS"))
+        assert not d.closed
+    reply = d.send(dialect.command(b"BOGUS"))
+    assert reply.split(b"\r\n")[1].startswith(dialect.too_many_errors)
+    assert d.events[-1] == Close()
+
+
+# ------------------------------------------------------------------- policy
+
+
+@each_dialect
+def test_cleartext_login_refused_without_tls(dialect: Dialect) -> None:
+    d = driver(dialect, Security.REQUIRE_SECURE_AUTH)
+    assert d.send(dialect.auth_plain(GOOD_PLAIN)).startswith(dialect.needs_tls)
+    assert not d.of(Lookup) and not d.of(Authenticated) and not d.closed
+    emits = differs("policy_refusal_emits_auth_failed", dialect)
+    assert reason_of(d) == (["mechanism-needs-tls"] if emits else [])
+
+
+# --------------------------------------------------------------- PLAIN login
+
+
+@each_dialect
+@pytest.mark.parametrize("form", ["initial-response", "challenge"])
+def test_plain_login_terminate(dialect: Dialect, form: str) -> None:
+    d = driver(dialect)
+    if form == "initial-response":
+        reply = d.send(dialect.auth_plain(GOOD_PLAIN))
+    else:
+        assert d.send(dialect.auth_plain()) == dialect.challenge
+        reply = d.send(GOOD_PLAIN + b"\r\n")
+    assert reply.startswith(dialect.success)
+    assert d.of(Lookup) and d.of(Authenticated) == [Authenticated("alice", "alice", "PLAIN")]
+    assert d.events[-1] == Splice()
+    assert not d.of(AuthFailed)
+
+
+@each_dialect
+@pytest.mark.parametrize("form", ["initial-response", "challenge"])
+def test_plain_login_relay(dialect: Dialect, form: str) -> None:
+    d = driver(dialect, relay=True)
+    initial = GOOD_PLAIN if form == "initial-response" else None
+    assert d.send(dialect.auth_plain(initial)) == b""
+    expected = plain_message("alice", PASSWORD) if initial else NO_RESPONSE
+    assert d.of(RelayAuth) == [RelayAuth("PLAIN", expected)]
+    assert d.events[-1] == RelayAuth("PLAIN", expected)
+    assert not d.of(Lookup)  # relay mode verifies nothing itself
+    assert d.call(d.server.relay_result(True)).startswith(dialect.success)
+    assert d.events[-1] == Splice()
+
+
+@each_dialect
+def test_cancel_fails_without_a_guess(dialect: Dialect) -> None:
+    d = driver(dialect)
+    assert d.send(dialect.auth_plain()) == dialect.challenge
+    reply = d.send(b"*\r\n")
+    assert reply.startswith((b"-ERR", b"5", b"a1 BAD"))
+    failed = d.of(AuthFailed)
+    assert [(f.mechanism, f.reason, f.authcid) for f in failed] == [("PLAIN", "cancelled", None)]
+    assert not d.of(Lookup)  # no password was tried: nothing for the lockout
+    # And the session goes on.
+    assert d.send(dialect.auth_plain(GOOD_PLAIN)).startswith(dialect.success)
+
+
+@each_dialect
+def test_wrong_password_is_invalid_credentials(dialect: Dialect) -> None:
+    d = driver(dialect)
+    assert d.send(dialect.auth_plain(WRONG_PLAIN)).startswith(dialect.failed)
+    assert d.of(AuthFailed) == [AuthFailed("PLAIN", "invalid-credentials", "alice")]
+    assert not d.of(Authenticated) and not d.closed
+
+
+# ------------------------------------------------------- today's differences
+
+
+@each_dialect
+def test_backend_failure_audit(dialect: Dialect) -> None:
+    d = driver(dialect, backend=backend_fails(BackendFailure.UNAVAILABLE))
+    reply = d.send(dialect.auth_plain(GOOD_PLAIN))
+    assert not reply.startswith(dialect.success) and not d.of(Splice)
+    emits = differs("backend_failed_emits_auth_failed", dialect)
+    assert reason_of(d) == (["backend-unavailable"] if emits else [])
+
+
+@each_dialect
+def test_temporary_failure_and_max_errors(dialect: Dialect) -> None:
+    d = driver(dialect, lookups=False, max_errors=2)
+    d.send(dialect.auth_plain(GOOD_PLAIN))
+    d.call(d.server.resume(STORE_UNAVAILABLE))
+    assert reason_of(d) == ["temporary"] and not d.closed
+    d.send(dialect.command(b"BOGUS"))  # one more error
+    assert d.closed is differs("temporary_failure_counts_as_error", dialect)
+
+
+@each_dialect
+def test_login_command(dialect: Dialect) -> None:
+    login = differs("login_command", dialect)
+    d = driver(dialect)
+    if login is None:
+        # SMTP: no such command; a LOGIN-looking line is just unknown.
+        assert d.send(b'LOGIN alice "x"\r\n').startswith(b"5")
+        assert not d.of(Lookup)
+        return
+    assert isinstance(login, tuple)
+    line, mechanism = login
+    d.send(dialect.tag + line)
+    lookups = d.of(Lookup)
+    assert len(lookups) == 1 and isinstance(lookups[0].request, PasswordCheck)
+    assert d.of(Authenticated) == [Authenticated("alice", "alice", mechanism)]
