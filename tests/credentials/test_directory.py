@@ -33,11 +33,11 @@ from authgate.credentials.directory import (
     DirectorySettings,
     DirectoryStore,
     DirectoryUnavailable,
-    _username_problem,
     escape_dn_value,
     escape_filter_value,
     parse_directory,
 )
+from authgate.credentials.directory.names import _username_problem
 from authgate.credentials.store import DIRECTORY_REASON
 from authgate.sasl import DEFAULT_ORDER, MECHANISMS
 from authgate.sasl.base import PasswordCheck, PasswordVerdict, SecretForm, SecretLookup
