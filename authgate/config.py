@@ -17,20 +17,17 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from authgate.defence import DefenceSettings
 from authgate.errors import ConfigError as ConfigError  # re-exported: callers catch it here
 from authgate.password_policy import PasswordPolicy, parse_policy
 from authgate.policy import ExemptNetworks, ListenerPolicy, Protocol, Security
 from authgate.sasl import DEFAULT_ORDER, MECHANISMS
+from authgate.settings import Table, number
 
 if TYPE_CHECKING:
     from authgate.credentials.directory import DirectorySettings
-
-E = TypeVar("E", bound=enum.Enum)
-T = TypeVar("T")
-
 
 # RFC 1123 host names; our name goes into greetings, EHLO and digest-uri.
 _HOSTNAME = re.compile(
@@ -169,30 +166,14 @@ _LIMIT_RANGES: dict[str, tuple[float, float]] = {
 }
 
 
-def _number(table: _Table, name: str, kind: type, low: float, high: float) -> float | int:
-    """A number in [low, high]; an int where `kind` is int."""
-    raw = table.data[name]
-    table.used.add(name)
-    if (
-        isinstance(raw, bool)
-        or not isinstance(raw, int | float)
-        or (kind is int and not isinstance(raw, int))
-    ):
-        raise table.error(name, f"{raw!r} is not {'an integer' if kind is int else 'a number'}")
-    if not low <= raw <= high:
-        raise table.error(name, f"{raw!r} is outside {low:g}..{high:g}")
-    value: float | int = kind(raw)
-    return value
-
-
-def _limits(table: _Table | None) -> Limits:
+def _limits(table: Table | None) -> Limits:
     if table is None:
         return Limits()
     values: dict[str, float | int] = {}
     for name, default in vars(Limits()).items():
         if table.has(name):
             kind = int if isinstance(default, int) else float
-            values[name] = _number(table, name, kind, *_LIMIT_RANGES[name])
+            values[name] = number(table, name, kind, *_LIMIT_RANGES[name])
     table.finish()
     return Limits(**values)  # type: ignore[arg-type]
 
@@ -211,7 +192,7 @@ _DEFENCE_NUMBERS: dict[str, tuple[type, float, float]] = {
 }
 
 
-def _defence(table: _Table | None) -> tuple[DefenceSettings, SharedDefence | None]:
+def _defence(table: Table | None) -> tuple[DefenceSettings, SharedDefence | None]:
     """[defence]: failure delay, escalating penalties, address blocks, the
     optional per-user lockout (off unless user_lockout_after is set), and
     optionally state shared in Redis."""
@@ -235,7 +216,7 @@ def _defence(table: _Table | None) -> tuple[DefenceSettings, SharedDefence | Non
     values: dict[str, object] = {}
     for name, (kind, low, high) in _DEFENCE_NUMBERS.items():
         if table.has(name):
-            values[name] = _number(table, name, kind, low, high)
+            values[name] = number(table, name, kind, low, high)
     if table.has("penalties"):
         raw = table.get("penalties", list, [])
         for i, item in enumerate(raw):
@@ -286,82 +267,6 @@ class Config:
 
 
 # ----------------------------------------------------------------- reading
-
-
-class _Table:
-    """A TOML table with its key path, for precise error messages."""
-
-    def __init__(self, data: Mapping[str, Any], path: str, source: Path) -> None:
-        self.data = data
-        self.path = path
-        self.source = source
-        self.used: set[str] = set()
-
-    def where(self, key: str | int) -> str:
-        if isinstance(key, int):
-            return f"{self.path}[{key}]"
-        return f"{self.path}.{key}" if self.path else key
-
-    def error(self, key: str | int, message: str) -> ConfigError:
-        return ConfigError(f"{self.source}: {self.where(key)}: {message}")
-
-    def has(self, key: str) -> bool:
-        return key in self.data
-
-    def get(self, key: str, kind: type[T], default: T) -> T:
-        self.used.add(key)
-        if key not in self.data:
-            return default
-        value = self.data[key]
-        # bool is an int subclass; a port of `true` is a mistake.
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise self.error(key, f"{value!r} is not a {_kind_name(kind)}")
-        return value
-
-    def require(self, key: str, kind: type[T]) -> T:
-        if key not in self.data:
-            raise self.error(key, "is required")
-        value = self.get(key, kind, None)
-        assert value is not None
-        return value
-
-    def choice(self, key: str, enum_type: type[E], default: E) -> E:
-        raw = self.get(key, str, default.value)
-        try:
-            return enum_type(raw)
-        except ValueError:
-            allowed = " | ".join(str(m.value) for m in enum_type)
-            raise self.error(key, f"{raw!r} is not one of {allowed}") from None
-
-    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
-        values = self.get(key, list, list(default))
-        for i, item in enumerate(values):
-            if not isinstance(item, str):
-                where = f"{self.where(key)}[{i}]"
-                raise ConfigError(f"{self.source}: {where}: {item!r} is not a string")
-        return tuple(values)
-
-    def table(self, key: str) -> _Table | None:
-        value = self.get(key, dict, None)
-        return None if value is None else _Table(value, self.where(key), self.source)
-
-    def path_value(self, key: str) -> Path | None:
-        raw = self.get(key, str, "")
-        if not raw:
-            return None
-        p = Path(raw).expanduser()
-        return p if p.is_absolute() else (self.source.parent / p)
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise self.error(unknown[0], "unknown key")
-
-
-def _kind_name(kind: type) -> str:
-    return {str: "string", int: "integer", bool: "boolean", list: "list", dict: "table"}.get(
-        kind, kind.__name__
-    )
 
 
 def parse_address(text: str, *, default_host: str | None = None) -> Address:
@@ -419,7 +324,7 @@ def _collision(address: Address, other: Address) -> str | None:
     return f"{wildcard} takes port {address.port} on every IPv{a.version} address"
 
 
-def _listen(table: _Table, bound: _Bound) -> tuple[Address, ...]:
+def _listen(table: Table, bound: _Bound) -> tuple[Address, ...]:
     """`listen`: "host:port", or a list of them for one listener on several
     sockets (IPv4 and IPv6: ["0.0.0.0:143", "[::]:143"]). An address given
     twice, here or by another listener, is an error; so is a specific
@@ -471,7 +376,7 @@ def _listen(table: _Table, bound: _Bound) -> tuple[Address, ...]:
     return tuple(addresses)
 
 
-def _mechanisms(table: _Table, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+def _mechanisms(table: Table, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
     names = table.strings(key, default)
     seen: list[str] = []
     for i, name in enumerate(names):
@@ -487,7 +392,7 @@ def _mechanisms(table: _Table, key: str, default: tuple[str, ...]) -> tuple[str,
     return tuple(seen)
 
 
-def _workers(root: _Table) -> int:
+def _workers(root: Table) -> int:
     """`workers = N` or "auto" (one per core)."""
     if not root.has("workers"):
         return 1
@@ -495,10 +400,10 @@ def _workers(root: _Table) -> int:
     if raw == "auto":
         root.used.add("workers")
         return os.cpu_count() or 1
-    return int(_number(root, "workers", int, 1, 256))
+    return int(number(root, "workers", int, 1, 256))
 
 
-def _networks(table: _Table, key: str) -> ExemptNetworks:
+def _networks(table: Table, key: str) -> ExemptNetworks:
     nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     for i, entry in enumerate(table.strings(key, ())):
         try:
@@ -523,7 +428,7 @@ def _is_host(text: str) -> bool:
     return inner == text or address.version == 6
 
 
-def _hostnames(table: _Table, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+def _hostnames(table: Table, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
     names = table.strings(key, default)
     for i, name in enumerate(names):
         if not _is_host(name):
@@ -534,7 +439,7 @@ def _hostnames(table: _Table, key: str, default: tuple[str, ...]) -> tuple[str, 
     return names
 
 
-def _policy(table: _Table | None, base: ListenerPolicy) -> ListenerPolicy:
+def _policy(table: Table | None, base: ListenerPolicy) -> ListenerPolicy:
     if table is None:
         return base
     security = table.choice("security", Security, base.security)
@@ -554,7 +459,7 @@ def _policy(table: _Table | None, base: ListenerPolicy) -> ListenerPolicy:
     )
 
 
-def _address(table: _Table, key: str) -> Address:
+def _address(table: Table, key: str) -> Address:
     raw = table.require(key, str)
     try:
         return parse_address(raw)
@@ -562,7 +467,7 @@ def _address(table: _Table, key: str) -> Address:
         raise table.error(key, str(exc)) from None
 
 
-def _backend(listener: _Table, protocol: Protocol) -> BackendSettings:
+def _backend(listener: Table, protocol: Protocol) -> BackendSettings:
     if not listener.has("backend"):
         raise listener.error("backend", "is required")
     if isinstance(listener.data["backend"], str):
@@ -610,7 +515,7 @@ def _backend(listener: _Table, protocol: Protocol) -> BackendSettings:
 
 
 def _listener(
-    table: _Table, base: ListenerPolicy, bound: _Bound, hostnames: tuple[str, ...]
+    table: Table, base: ListenerPolicy, bound: _Bound, hostnames: tuple[str, ...]
 ) -> Listener:
     name = table.require("name", str)
     if not table.has("protocol"):
@@ -662,7 +567,7 @@ def load(path: str | Path) -> Config:
 
 
 def from_dict(data: Mapping[str, Any], source: Path) -> Config:
-    root = _Table(data, "", source)
+    root = Table(data, "", source)
     base = _policy(
         root.table("policy"),
         ListenerPolicy(protocol=Protocol.IMAP, mechanisms=DEFAULT_ORDER),
@@ -707,7 +612,7 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
         where = f"listeners[{i}]"
         if not isinstance(item, dict):
             raise ConfigError(f"{source}: {where}: is not a table (use [[listeners]])")
-        listeners.append(_listener(_Table(item, where, source), base, bound, hostnames))
+        listeners.append(_listener(Table(item, where, source), base, bound, hostnames))
     workers = _workers(root)
     event_loop = root.choice("event_loop", EventLoop, EventLoop.ASYNCIO)
     if event_loop is EventLoop.UVLOOP and importlib.util.find_spec("uvloop") is None:

@@ -14,10 +14,8 @@ from typing import Any, Final
 import ldap  # type: ignore[import-untyped,unused-ignore]
 import ldap.dn  # type: ignore[import-untyped,unused-ignore]
 
-from authgate.config import _Table
-from authgate.credentials.directory.names import (
-    USER_PLACEHOLDER,
-)
+from authgate.credentials.directory.names import USER_PLACEHOLDER
+from authgate.settings import Table
 
 # RFC 4512 section 1.4: an attribute description is a descr or a numericoid.
 _ATTRIBUTE: Final = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,63}|[0-9]+(\.[0-9]+)+")
@@ -248,7 +246,7 @@ def parse_directory(
     paths (``ca_file``, ``bind_password_file``) are resolved against the
     file's folder. The bind password is never echoed in an error."""
     path = Path(source)
-    t = _Table(table, where, path)
+    t = Table(table, where, path)
     url = t.require("url", str)
     starttls = t.get("starttls", bool, False)
     allow_insecure = t.get("allow_insecure", bool, False)
@@ -303,7 +301,7 @@ def parse_directory(
 _TIMEOUTS: Final = {"connect_timeout": 5.0, "timeout": 10.0}
 
 
-def _seconds(table: _Table, key: str, default: float) -> float:
+def _seconds(table: Table, key: str, default: float) -> float:
     table.used.add(key)
     value = table.data.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 600:
