@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from authgate import config as config_mod
-from authgate.atrest import add_commands as add_atrest_commands
-from authgate.atrest import read_password
 from authgate.atrest.envelope import Keyring, keyring_path, unlock
+from authgate.commands import atrest as atrest_commands
+from authgate.commands import firewall as firewall_commands
+from authgate.commands import password_policy as password_policy_commands
 from authgate.config import (
     BackendMode,
     ClientAddressForwarding,
@@ -33,10 +34,8 @@ from authgate.credentials.base import CredentialStore
 from authgate.credentials.schemes import SchemeError
 from authgate.credentials.store import StoreError, UserStore, generate_secrets
 from authgate.errors import UserError
-from authgate.firewall import add_commands as add_firewall_commands
 from authgate.offers import ListenerOffer, listener_offer, load_store
 from authgate.password_policy import PasswordPolicy, format_violations
-from authgate.password_policy import add_commands as add_expiry_commands
 from authgate.password_policy import check as check_password
 from authgate.policy import Decision, Protocol, Security
 
@@ -380,7 +379,7 @@ def _keyring(args: argparse.Namespace, config: Config) -> Keyring | None:
     a prompt."""
     if not keyring_path(config.path.parent).exists():
         return None
-    password = read_password(getattr(args, "password_file", None))
+    password = atrest_commands.read_password(getattr(args, "password_file", None))
     return unlock(config.path.parent, password)
 
 
@@ -443,9 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _password_file_option(p)
     p.set_defaults(func=cmd_passwd)
-    add_atrest_commands(sub)
-    add_firewall_commands(sub)
-    add_expiry_commands(sub)
+    atrest_commands.add_commands(sub)
+    firewall_commands.add_commands(sub)
+    password_policy_commands.add_commands(sub)
     return parser
 
 

@@ -35,22 +35,17 @@ iptables rules that use nothing but the config's ports and addresses.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import enum
 import ipaddress
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
-from authgate import config as config_mod
-from authgate.config import BackendMode, Config, ConfigError, Listener, TLSMode
+from authgate.config import BackendMode, Config, Listener, TLSMode
 from authgate.credentials.base import CredentialStore
-from authgate.credentials.store import StoreError
-from authgate.errors import UserError
-from authgate.offers import listener_offer, load_store
+from authgate.offers import listener_offer
 from authgate.policy import (
     Decision,
     ExemptNetworks,
@@ -67,7 +62,6 @@ from authgate.sasl import MECHANISMS
 __all__ = [
     "Action",
     "PortEntry",
-    "add_commands",
     "port_table",
     "render_iptables",
     "render_nft",
@@ -644,43 +638,3 @@ def warnings(config: Config, store: CredentialStore | None = None) -> list[str]:
                 "may send cleartext passwords without TLS"
             )
     return found
-
-
-# ---------------------------------------------------------------- command
-
-
-def cmd_ports(args: argparse.Namespace) -> int:
-    try:
-        config = config_mod.load(args.config)
-        store = load_store(config)
-    except (ConfigError, StoreError) as exc:
-        raise UserError(str(exc)) from None
-    entries = port_table(config, store, include_standard=args.all)
-    warns = warnings(config, store)
-    if args.format == "nft":
-        sys.stdout.write(render_nft(entries, config.path, warns))
-    elif args.format == "iptables":
-        sys.stdout.write(render_iptables(entries, config.path, warns))
-    else:
-        sys.stdout.write(render_table(entries))
-        for warning in warns:
-            print(f"warning: {warning}")
-    return 0
-
-
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register `ports` on the CLI's subparsers."""
-    p = sub.add_parser("ports", help="which ports to open in the firewall, and why")
-    p.add_argument("-c", "--config", type=Path, required=True)
-    p.add_argument(
-        "--format",
-        choices=("table", "nft", "iptables"),
-        default="table",
-        help="a table, an nftables file, or iptables/ip6tables commands",
-    )
-    p.add_argument(
-        "--all",
-        action="store_true",
-        help="also list the standard services authgate does not serve (NNTP, LDAP, HTTP)",
-    )
-    p.set_defaults(func=cmd_ports)

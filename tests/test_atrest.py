@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from authgate import atrest, audit
-from authgate.atrest import commands, convert, envelope
+from authgate.atrest import convert, envelope
 from authgate.atrest.convert import Kind, SecretFile
 from authgate.atrest.envelope import (
     AtRestError,
@@ -47,6 +47,7 @@ from authgate.atrest.envelope import (
     ScryptParams,
     WrongPassword,
 )
+from authgate.commands import atrest as commands
 from authgate.errors import UserError
 
 WEAK = ScryptParams(log2_n=10)  # tests only
@@ -156,7 +157,7 @@ def weak_scrypt(monkeypatch: pytest.MonkeyPatch) -> None:
 def run(*argv: str) -> int:
     """The commands through a tiny local parser, the way cli.py registers them."""
     parser = argparse.ArgumentParser(prog="authgate")
-    atrest.add_commands(parser.add_subparsers(dest="command", required=True))
+    commands.add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(list(argv))
     status: int = args.func(args)
     return status
@@ -183,7 +184,7 @@ def records_without_prev(data: bytes, keyring: Keyring | None) -> list[dict[str,
 
 
 def encrypt_site(site: Site) -> Keyring:
-    files = convert.secret_files_from_config(site.config)
+    files = commands.secret_files_from_config(site.config)
     convert.encrypt_files(site.root, files, PASSWORD, params=WEAK)
     return atrest.unlock(site.root, PASSWORD)
 
@@ -192,7 +193,7 @@ def encrypt_site(site: Site) -> Keyring:
 
 
 def test_secret_files_from_config_resolves_and_dedupes(site: Site, tmp_path: Path) -> None:
-    files = convert.secret_files_from_config(site.config)
+    files = commands.secret_files_from_config(site.config)
     assert files == [
         SecretFile(site.users),
         SecretFile(site.master),
@@ -211,14 +212,14 @@ def test_secret_files_from_config_resolves_and_dedupes(site: Site, tmp_path: Pat
         + listener.format(name="a", port=1, path="m")
         + listener.format(name="b", port=2, path="./m")
     )
-    assert convert.secret_files_from_config(shared) == [
+    assert commands.secret_files_from_config(shared) == [
         SecretFile(tmp_path / "users.toml"),
         SecretFile(tmp_path / "m"),
     ]
     clash = tmp_path / "clash.toml"
     clash.write_text('[users]\nfile = "x"\n[audit]\nfile = "x"\n')
     with pytest.raises(AtRestError, match="both"):
-        convert.secret_files_from_config(clash)
+        commands.secret_files_from_config(clash)
 
 
 # ---------------------------------------------------------------- round trip
@@ -646,7 +647,7 @@ def test_password_file_first_line_only(tmp_path: Path) -> None:
     pw = tmp_path / "pw"
     pw.write_bytes(b"first line secret\r\nsecond\n")
     pw.chmod(0o600)
-    assert atrest.read_password(pw) == "first line secret"
+    assert commands.read_password(pw) == "first line secret"
 
 
 def test_no_terminal_and_no_password_is_a_user_error(
@@ -742,7 +743,7 @@ def test_resume_after_a_partial_run(site: Site) -> None:
     )
     done = {p: p.read_bytes() for p in (site.users, site.master)}
     outcomes = convert.encrypt_files(
-        site.root, convert.secret_files_from_config(site.config), PASSWORD
+        site.root, commands.secret_files_from_config(site.config), PASSWORD
     )
     actions = {o.file.path: o.action for o in outcomes}
     assert actions[site.users] is convert.Action.ALREADY

@@ -22,6 +22,7 @@ from authgate import atrest, audit
 from authgate.atrest import convert
 from authgate.atrest.envelope import Keyring, ScryptParams
 from authgate.audit import AuditError, AuditLog, LogForm, read_log
+from authgate.commands import atrest as atrest_commands
 from authgate.errors import UserError
 
 WEAK = ScryptParams(log2_n=10)  # tests only
@@ -394,7 +395,7 @@ def test_closed_log_refuses_records(tmp_path: Path) -> None:
 
 def run(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="authgate")
-    atrest.add_commands(parser.add_subparsers(dest="command", required=True))
+    atrest_commands.add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(list(argv))
     status: int = args.func(args)
     return status

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from authgate import config as config_mod
+from authgate.commands.firewall import add_commands
 from authgate.config import Config
 from authgate.credentials.store import UserStore
 from authgate.errors import UserError
@@ -22,7 +23,6 @@ from authgate.firewall import (
     Origin,
     PortEntry,
     _is_broad,
-    add_commands,
     port_table,
     render_iptables,
     render_nft,

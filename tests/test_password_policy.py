@@ -11,12 +11,12 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from authgate.commands.password_policy import add_commands
 from authgate.config import ConfigError
 from authgate.errors import UserError
 from authgate.password_policy import (
     ExpiryState,
     PasswordPolicy,
-    add_commands,
     check,
     expiry_status,
     format_violations,

@@ -33,9 +33,6 @@ For the proxy: `unlock(config_dir, password)` -> `Keyring`;
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 from authgate.atrest.envelope import (
     KEYRING_NAME,
     AtRestError,
@@ -63,34 +60,11 @@ __all__ = [
     "PlaintextRefused",
     "ScryptParams",
     "WrongPassword",
-    "add_commands",
     "create_keyring",
     "is_sealed",
     "keyring_path",
     "open_secret_file",
-    "read_password",
     "rewrap_keyring",
     "unlock",
     "write_secret_file",
 ]
-
-
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register the `encrypt`, `decrypt`, `rekey` and `log` sub-commands."""
-    from authgate.atrest.commands import add_commands as register
-
-    register(sub)
-
-
-def read_password(
-    password_file: Path | None,
-    *,
-    env_var: str = "AUTHGATE_PASSWORD",
-    prompt: str = "Admin password: ",
-) -> str:
-    """The admin password for `authgate run --password-file` and friends:
-    the file's first line, else $AUTHGATE_PASSWORD (then removed from the
-    environment), else a terminal prompt; UserError when none is possible."""
-    from authgate.atrest.commands import read_password as read
-
-    return read(password_file, env_var=env_var, prompt=prompt)

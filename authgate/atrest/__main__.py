@@ -3,6 +3,6 @@ their own (they are also sub-commands of `authgate`)."""
 
 import sys
 
-from authgate.atrest.commands import main
+from authgate.commands.atrest import main
 
 sys.exit(main())

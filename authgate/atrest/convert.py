@@ -43,17 +43,14 @@ from authgate.atrest.envelope import (
     test_pause,
     unlock,
 )
-from authgate.config import load as load_config
 
 __all__ = [
     "Action",
     "Kind",
     "Outcome",
     "SecretFile",
-    "audit_file_from_config",
     "decrypt_files",
     "encrypt_files",
-    "secret_files_from_config",
 ]
 
 
@@ -78,32 +75,6 @@ class Action(enum.Enum):
 class Outcome:
     file: SecretFile
     action: Action
-
-
-# ----------------------------------------------------------------- config
-
-
-def audit_file_from_config(config: Path) -> Path | None:
-    """`[audit] file`, resolved against the config's folder."""
-    return load_config(config).audit_file
-
-
-def secret_files_from_config(config: Path) -> list[SecretFile]:
-    """The files holding secrets that a config names: `[users] file`, every
-    listener's `backend.master_password_file`, `[audit] file`. Loading the
-    config reads none of them, so this works on files already encrypted."""
-    settings = load_config(config)
-    found: list[SecretFile] = []
-    if settings.users_file is not None:
-        found.append(SecretFile(settings.users_file))
-    for listener in settings.listeners:
-        if listener.backend.master_password_file is not None:
-            found.append(SecretFile(listener.backend.master_password_file))
-    if settings.shared_defence is not None:
-        found.append(SecretFile(settings.shared_defence.secret_file))
-    if settings.audit_file is not None:
-        found.append(SecretFile(settings.audit_file, Kind.AUDIT_LOG))
-    return _unique(found)
 
 
 def _unique(files: Sequence[SecretFile]) -> list[SecretFile]:

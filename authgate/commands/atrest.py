@@ -1,4 +1,4 @@
-"""The `encrypt`, `decrypt`, `rekey` and `log` sub-commands.
+"""The `encrypt`, `decrypt`, `rekey` and `log` sub-commands (authgate.atrest).
 
 The admin password comes from `--password-file PATH` (first line), else the
 AUTHGATE_PASSWORD environment variable, else a prompt on the terminal
@@ -26,10 +26,9 @@ from authgate.atrest.convert import (
     Kind,
     Outcome,
     SecretFile,
-    audit_file_from_config,
+    _unique,
     decrypt_files,
     encrypt_files,
-    secret_files_from_config,
 )
 from authgate.atrest.envelope import (
     TEST_SCRYPT_ENV,
@@ -41,6 +40,7 @@ from authgate.atrest.envelope import (
     scrypt_params_for_new_keyring,
     unlock,
 )
+from authgate.config import load as load_config
 from authgate.errors import UserError
 
 __all__ = [
@@ -48,8 +48,10 @@ __all__ = [
     "NEW_PASSWORD_ENV",
     "PASSWORD_ENV",
     "add_commands",
+    "audit_file_from_config",
     "main",
     "read_password",
+    "secret_files_from_config",
 ]
 
 # Names of environment variables, not passwords.
@@ -58,6 +60,29 @@ NEW_PASSWORD_ENV = "AUTHGATE_NEW_PASSWORD"  # noqa: S105
 # The keyring is only as strong as this password against offline guessing
 # (scrypt slows each guess, it cannot make a short password long).
 MIN_PASSWORD_LENGTH = 10
+
+
+def audit_file_from_config(config: Path) -> Path | None:
+    """`[audit] file`, resolved against the config's folder."""
+    return load_config(config).audit_file
+
+
+def secret_files_from_config(config: Path) -> list[SecretFile]:
+    """The files holding secrets that a config names: `[users] file`, every
+    listener's `backend.master_password_file`, `[audit] file`. Loading the
+    config reads none of them, so this works on files already encrypted."""
+    settings = load_config(config)
+    found: list[SecretFile] = []
+    if settings.users_file is not None:
+        found.append(SecretFile(settings.users_file))
+    for listener in settings.listeners:
+        if listener.backend.master_password_file is not None:
+            found.append(SecretFile(listener.backend.master_password_file))
+    if settings.shared_defence is not None:
+        found.append(SecretFile(settings.shared_defence.secret_file))
+    if settings.audit_file is not None:
+        found.append(SecretFile(settings.audit_file, Kind.AUDIT_LOG))
+    return _unique(found)
 
 
 def read_password(
