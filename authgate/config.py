@@ -17,14 +17,14 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from authgate.defence import DefenceSettings
 from authgate.errors import ConfigError as ConfigError  # re-exported: callers catch it here
 from authgate.password_policy import PasswordPolicy, parse_policy
 from authgate.policy import ExemptNetworks, ListenerPolicy, Protocol, Security
 from authgate.sasl import DEFAULT_ORDER, MECHANISMS
-from authgate.settings import Table, number
+from authgate.settings import Range, Table, number
 
 if TYPE_CHECKING:
     from authgate.credentials.directory import DirectorySettings
@@ -150,46 +150,30 @@ class Limits:
     backend_timeout: float = 30.0  # backend login exchange
     drain_timeout: float = 10.0  # on SIGTERM, sessions get this long to finish
 
-
-_LIMIT_RANGES: dict[str, tuple[float, float]] = {
-    "idle_timeout": (1, 86400),
-    "preauth_timeout": (1, 86400),
-    "handshake_timeout": (1, 600),
-    "max_line": (1024, 1 << 20),
-    "max_errors": (1, 1000),
-    "max_commands": (1, 100000),
-    "max_connections": (1, 10_000_000),
-    "max_connections_per_address": (1, 10_000_000),
-    "connect_timeout": (0.1, 600),
-    "backend_timeout": (0.1, 3600),
-    "drain_timeout": (0, 3600),
-}
+    RANGES: ClassVar[Mapping[str, Range]] = {
+        "idle_timeout": Range(1, 86400),
+        "preauth_timeout": Range(1, 86400),
+        "handshake_timeout": Range(1, 600),
+        "max_line": Range(1024, 1 << 20, integer=True),
+        "max_errors": Range(1, 1000, integer=True),
+        "max_commands": Range(1, 100000, integer=True),
+        "max_connections": Range(1, 10_000_000, integer=True),
+        "max_connections_per_address": Range(1, 10_000_000, integer=True),
+        "connect_timeout": Range(0.1, 600),
+        "backend_timeout": Range(0.1, 3600),
+        "drain_timeout": Range(0, 3600),
+    }
 
 
 def _limits(table: Table | None) -> Limits:
     if table is None:
         return Limits()
     values: dict[str, float | int] = {}
-    for name, default in vars(Limits()).items():
+    for name, bounds in Limits.RANGES.items():
         if table.has(name):
-            kind = int if isinstance(default, int) else float
-            values[name] = number(table, name, kind, *_LIMIT_RANGES[name])
+            values[name] = number(table, name, bounds)
     table.finish()
     return Limits(**values)  # type: ignore[arg-type]
-
-
-_DEFENCE_NUMBERS: dict[str, tuple[type, float, float]] = {
-    "failure_delay": (float, 0, 60),
-    "block_after": (int, 1, 1_000_000),
-    "block_window": (float, 1, 86400),
-    "block_for": (float, 1, 30 * 86400),
-    "ipv4_prefix": (int, 8, 32),
-    "ipv6_prefix": (int, 16, 128),
-    "user_lockout_after": (int, 1, 1_000_000),
-    "user_lockout_window": (float, 1, 30 * 86400),
-    "user_lockout_for": (float, 1, 30 * 86400),
-    "max_tracked": (int, 100, 100_000_000),
-}
 
 
 def _defence(table: Table | None) -> tuple[DefenceSettings, SharedDefence | None]:
@@ -214,14 +198,18 @@ def _defence(table: Table | None) -> tuple[DefenceSettings, SharedDefence | None
             raise table.error("secret_file", f"{str(secret_file)!r} is not a file")
         shared = SharedDefence(redis_url, secret_file)
     values: dict[str, object] = {}
-    for name, (kind, low, high) in _DEFENCE_NUMBERS.items():
+    for name, bounds in DefenceSettings.RANGES.items():
         if table.has(name):
-            values[name] = number(table, name, kind, low, high)
+            values[name] = number(table, name, bounds)
     if table.has("penalties"):
         raw = table.get("penalties", list, [])
+        delay = DefenceSettings.PENALTY
         for i, item in enumerate(raw):
-            if isinstance(item, bool) or not isinstance(item, int | float) or not 0 <= item <= 3600:
-                raise table.error("penalties", f"[{i}]: {item!r} is not a delay in 0..3600 seconds")
+            if not delay.is_kind(item) or not delay.contains(item):
+                raise table.error(
+                    "penalties",
+                    f"[{i}]: {item!r} is not a delay in {delay.low:g}..{delay.high:g} seconds",
+                )
         values["penalties"] = tuple(float(x) for x in raw)
     if table.has("trusted_networks"):
         values["trusted"] = _networks(table, "trusted_networks")
@@ -257,6 +245,8 @@ class Config:
     password_policy: PasswordPolicy = field(default_factory=PasswordPolicy)
     # Top-level `hostnames`: the default for every listener (Listener.hostnames).
     hostnames: tuple[str, ...] = ()
+
+    RANGES: ClassVar[Mapping[str, Range]] = {"workers": Range(1, 256, integer=True)}
 
     def listener(self, name: str) -> Listener:
         for listener in self.listeners:
@@ -400,7 +390,7 @@ def _workers(root: Table) -> int:
     if raw == "auto":
         root.used.add("workers")
         return os.cpu_count() or 1
-    return int(number(root, "workers", int, 1, 256))
+    return int(number(root, "workers", Config.RANGES["workers"]))
 
 
 def _networks(table: Table, key: str) -> ExemptNetworks:

@@ -41,11 +41,12 @@ import secrets
 import time
 import unicodedata
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Protocol, TypeVar
+from typing import ClassVar, Protocol, TypeVar
 
 from authgate.policy import ExemptNetworks, IPAddress, client_ip
+from authgate.settings import Range
 
 Clock = Callable[[], float]
 T = TypeVar("T")
@@ -78,6 +79,24 @@ class DefenceSettings:
     # flood of made-up user names cannot evict the address blocks.
     max_tracked: int = 100_000
 
+    # What a configuration may set ([defence] in authgate.toml). Settings
+    # built in code need only be sound (the checks below): tests use tiny
+    # caps and windows that no operator should.
+    RANGES: ClassVar[Mapping[str, Range]] = {
+        "failure_delay": Range(0, 60),
+        "block_after": Range(1, 1_000_000, integer=True),
+        "block_window": Range(1, 86400),
+        "block_for": Range(1, 30 * 86400),
+        # A /8 is as coarse as an IPv4 block may sensibly get.
+        "ipv4_prefix": Range(8, ipaddress.IPV4LENGTH, integer=True),
+        "ipv6_prefix": Range(16, ipaddress.IPV6LENGTH, integer=True),
+        "user_lockout_after": Range(1, 1_000_000, integer=True),
+        "user_lockout_window": Range(1, 30 * 86400),
+        "user_lockout_for": Range(1, 30 * 86400),
+        "max_tracked": Range(100, 100_000_000, integer=True),
+    }
+    PENALTY: ClassVar[Range] = Range(0, 3600)  # each of `penalties`
+
     def __post_init__(self) -> None:
         def seconds(name: str, value: float, *, positive: bool) -> None:
             ok = math.isfinite(value) and (value > 0 if positive else value >= 0)
@@ -98,10 +117,11 @@ class DefenceSettings:
             raise ValueError(
                 f"user_lockout_after must be >= 1 or unset, not {self.user_lockout_after!r}"
             )
-        if not 0 <= self.ipv4_prefix <= 32:
-            raise ValueError(f"ipv4_prefix must be 0..32, not {self.ipv4_prefix!r}")
-        if not 0 <= self.ipv6_prefix <= 128:
-            raise ValueError(f"ipv6_prefix must be 0..128, not {self.ipv6_prefix!r}")
+        # Sound: any prefix of the address (a configuration: RANGES).
+        for name, bits in (("ipv4", ipaddress.IPV4LENGTH), ("ipv6", ipaddress.IPV6LENGTH)):
+            prefix = getattr(self, f"{name}_prefix")
+            if not 0 <= prefix <= bits:
+                raise ValueError(f"{name}_prefix must be 0..{bits}, not {prefix!r}")
         if self.max_tracked < 1:
             raise ValueError(f"max_tracked must be >= 1, not {self.max_tracked!r}")
 

@@ -30,10 +30,10 @@ import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
-from authgate.errors import ConfigError
 from authgate.sasl.base import MAX_PASSWORD_OCTETS
+from authgate.settings import Range, Table
 
 __all__ = [
     "CLASS_NAMES",
@@ -85,12 +85,20 @@ class PasswordPolicy:
     expire_days: int | None = None  # None: passwords never expire
     warn_days: tuple[int, ...] = DEFAULT_WARN_DAYS  # descending
 
+    # What a configuration may set ([password_policy] in authgate.toml).
+    RANGES: ClassVar[Mapping[str, Range]] = {
+        "min_length": Range(1, 1024, integer=True),
+        "min_classes": Range(0, len(CLASS_NAMES), integer=True),
+        # Ten years: longer is a typo for "never" (omit the key for that).
+        "expire_days": Range(1, 3650, integer=True),
+    }
+
     def __post_init__(self) -> None:
         # parse_policy reports these with file and key path; this guards
         # policies built in code.
         if self.min_length < 0:
             raise ValueError("min_length must not be negative")
-        if not 0 <= self.min_classes <= len(CLASS_NAMES):
+        if not self.RANGES["min_classes"].contains(self.min_classes):
             raise ValueError(f"min_classes must be 0-{len(CLASS_NAMES)}")
         if self.expire_days is not None and self.expire_days < 1:
             raise ValueError("expire_days must be at least 1")
@@ -245,20 +253,20 @@ def parse_policy(table: Mapping[str, Any], source: Path, where: str = TABLE) -> 
     """Validate a `[password_policy]` TOML table; ConfigError names the file,
     the key path and the bad value. Relative paths are resolved against the
     file's folder."""
+    t = Table(table, where, source)
+    error = t.error
 
-    def error(key: str, message: str) -> ConfigError:
-        return ConfigError(f"{source}: {where}.{key}: {message}")
-
-    def integer(key: str, low: int, high: int) -> int | None:
+    def integer(key: str) -> int | None:
         if key not in table:
             return None
         value = table[key]
+        bounds = PasswordPolicy.RANGES[key]
         # bool is an int subclass: `min_length = true` is a mistake.
-        if not isinstance(value, int) or isinstance(value, bool):
+        if not bounds.is_kind(value):
             raise error(key, f"{value!r} is not an integer")
-        if not low <= value <= high:
-            raise error(key, f"{value!r} is not between {low} and {high}")
-        return value
+        if not bounds.contains(value):
+            raise error(key, f"{value!r} is not between {bounds.low:g} and {bounds.high:g}")
+        return int(value)
 
     def boolean(key: str, default: bool) -> bool:
         value = table.get(key, default)
@@ -270,10 +278,9 @@ def parse_policy(table: Mapping[str, Any], source: Path, where: str = TABLE) -> 
         if key not in _KEYS:
             raise error(key, f"unknown key (expected {', '.join(sorted(_KEYS))})")
 
-    min_length = integer("min_length", 1, 1024)
-    min_classes = integer("min_classes", 0, len(CLASS_NAMES))
-    # Ten years: longer is a typo for "never" (omit the key for that).
-    expire_days = integer("expire_days", 1, 3650)
+    min_length = integer("min_length")
+    min_classes = integer("min_classes")
+    expire_days = integer("expire_days")
 
     warn_days: tuple[int, ...] = DEFAULT_WARN_DAYS
     if "warn_days" in table:

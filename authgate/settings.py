@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from authgate.errors import ConfigError
 
-__all__ = ["Table", "number"]
+__all__ = ["Problem", "Range", "Table", "number"]
 
 E = TypeVar("E", bound=enum.Enum)
 T = TypeVar("T")
@@ -100,17 +101,45 @@ def _kind_name(kind: type) -> str:
     )
 
 
-def number(table: Table, name: str, kind: type, low: float, high: float) -> float | int:
-    """A number in [low, high]; an int where `kind` is int."""
+def number(table: Table, name: str, bounds: Range) -> float | int:
+    """The number at `name`, within `bounds`; an int where they want one."""
     raw = table.data[name]
     table.used.add(name)
-    if (
-        isinstance(raw, bool)
-        or not isinstance(raw, int | float)
-        or (kind is int and not isinstance(raw, int))
-    ):
-        raise table.error(name, f"{raw!r} is not {'an integer' if kind is int else 'a number'}")
-    if not low <= raw <= high:
-        raise table.error(name, f"{raw!r} is outside {low:g}..{high:g}")
-    value: float | int = kind(raw)
+    if not bounds.is_kind(raw):
+        raise table.error(name, f"{raw!r} is not {'an integer' if bounds.integer else 'a number'}")
+    if not bounds.contains(raw):
+        raise table.error(name, f"{raw!r} is outside {bounds.low:g}..{bounds.high:g}")
+    value: float | int = int(raw) if bounds.integer else float(raw)
     return value
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number setting may take, declared once, in its settings
+    class (`Limits.RANGES`, `DefenceSettings.RANGES`, ...), and read by the
+    parser that checks the TOML value."""
+
+    low: float
+    high: float
+    integer: bool = False
+    open_low: bool = False  # `low` itself is not allowed (0 < s)
+
+    def contains(self, value: float) -> bool:
+        above = self.low < value if self.open_low else self.low <= value
+        return above and value <= self.high
+
+    def is_kind(self, value: object) -> bool:
+        """A number of the right kind (bool is an int, but never a number here)."""
+        if isinstance(value, bool):
+            return False
+        return isinstance(value, int) if self.integer else isinstance(value, int | float)
+
+
+class Problem(ValueError):
+    """A settings class refusing its values, with the key it is about, so that
+    a parser can name the key path (`table.error(problem.key, problem.message)`)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message

@@ -9,26 +9,17 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import ldap  # type: ignore[import-untyped,unused-ignore]
 import ldap.dn  # type: ignore[import-untyped,unused-ignore]
 
 from authgate.credentials.directory.names import USER_PLACEHOLDER
-from authgate.settings import Table
+from authgate.settings import Problem, Range, Table
 
 # RFC 4512 section 1.4: an attribute description is a descr or a numericoid.
 _ATTRIBUTE: Final = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,63}|[0-9]+(\.[0-9]+)+")
 DEFAULT_PORTS: Final = {"ldap": 389, "ldaps": 636}
-
-
-class _Problem(ValueError):
-    """A settings problem, with the key it is about (for the config path)."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -123,77 +114,88 @@ class DirectorySettings:
     # `identity_attribute`); None: the template's {user} attribute, else uid.
     canonical_attribute: str | None = None
 
+    # What a configuration may set. Built in code, a timeout need only be
+    # positive (the check below).
+    RANGES: ClassVar[Mapping[str, Range]] = {
+        "connect_timeout": Range(0, 600, open_low=True),
+        "timeout": Range(0, 600, open_low=True),
+        "pool_size": Range(1, 64, integer=True),
+    }
+
     def __post_init__(self) -> None:
         try:
             endpoint = parse_url(self.url)
         except ValueError as exc:
-            raise _Problem("url", str(exc)) from None
+            raise Problem("url", str(exc)) from None
         if endpoint.scheme == "ldaps" and self.starttls:
-            raise _Problem("starttls", "ldaps:// is already TLS: drop starttls or use ldap://")
+            raise Problem("starttls", "ldaps:// is already TLS: drop starttls or use ldap://")
         plain = endpoint.scheme == "ldap" and not self.starttls
         if plain and not self.allow_insecure:
-            raise _Problem(
+            raise Problem(
                 "url",
                 f"{self.url!r} would send passwords unencrypted: use ldaps://, or "
                 "ldap:// with starttls = true",
             )
         if plain and not endpoint.loopback:
-            raise _Problem(
+            raise Problem(
                 "allow_insecure",
                 f"unencrypted LDAP is allowed to a loopback host only, not {endpoint.host!r}",
             )
         if self.allow_insecure and not plain:
-            raise _Problem("allow_insecure", "only means something for plain ldap://")
+            raise Problem("allow_insecure", "only means something for plain ldap://")
         if (self.bind_dn_template is None) == (self.search_base is None):
-            raise _Problem(
+            raise Problem(
                 "bind_dn_template", "give either bind_dn_template or search_base (not both)"
             )
         if self.bind_dn_template is not None:
             self._check_template(self.bind_dn_template)
             if self.bind_dn is not None or self.bind_password is not None:
-                raise _Problem("bind_dn", "is only used for a search (search_base)")
+                raise Problem("bind_dn", "is only used for a search (search_base)")
         else:
             assert self.search_base is not None
             problem = _dn_problem(self.search_base)
             if problem:
-                raise _Problem("search_base", problem)
+                raise Problem("search_base", problem)
             problem = _filter_problem(self.search_filter)
             if problem:
-                raise _Problem("search_filter", problem)
+                raise Problem("search_filter", problem)
             self._check_service_account()
         for key in ("connect_timeout", "timeout"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise _Problem(key, f"{value!r} is not a positive number of seconds")
-        if isinstance(self.pool_size, bool) or not 1 <= self.pool_size <= 64:
-            raise _Problem("pool_size", f"{self.pool_size!r} is not between 1 and 64")
+                raise Problem(key, f"{value!r} is not a positive number of seconds")
+        pool = self.RANGES["pool_size"]
+        if not pool.is_kind(self.pool_size) or not pool.contains(self.pool_size):
+            raise Problem(
+                "pool_size", f"{self.pool_size!r} is not between {pool.low:g} and {pool.high:g}"
+            )
         if self.canonical_attribute is not None and not _ATTRIBUTE.fullmatch(
             self.canonical_attribute
         ):
-            raise _Problem(
+            raise Problem(
                 "canonical_attribute",
                 f"{self.canonical_attribute!r} is not an attribute name (such as uid)",
             )
 
     def _check_template(self, template: str) -> None:
         if template.count(USER_PLACEHOLDER) != 1:
-            raise _Problem("bind_dn_template", f"must contain {USER_PLACEHOLDER} once")
+            raise Problem("bind_dn_template", f"must contain {USER_PLACEHOLDER} once")
         problem = _dn_problem(template.replace(USER_PLACEHOLDER, "x"))
         if problem:
-            raise _Problem("bind_dn_template", problem)
+            raise Problem("bind_dn_template", problem)
 
     def _check_service_account(self) -> None:
         if self.bind_dn is None:
             if self.bind_password is not None:
-                raise _Problem("bind_password", "given without bind_dn")
+                raise Problem("bind_password", "given without bind_dn")
             return
         problem = _dn_problem(self.bind_dn)
         if problem:
-            raise _Problem("bind_dn", problem)
+            raise Problem("bind_dn", problem)
         # An empty password would make the service bind an unauthenticated
         # (anonymous) one that some servers report as a success.
         if not self.bind_password:
-            raise _Problem("bind_password", "is required with bind_dn (and must not be empty)")
+            raise Problem("bind_password", "is required with bind_dn (and must not be empty)")
 
     @property
     def endpoint(self) -> Endpoint:
@@ -218,24 +220,6 @@ class DirectorySettings:
     @property
     def tls(self) -> bool:
         return self.endpoint.scheme == "ldaps" or self.starttls
-
-
-_KEYS: Final = (
-    "url",
-    "starttls",
-    "ca_file",
-    "allow_insecure",
-    "bind_dn_template",
-    "search_base",
-    "search_filter",
-    "bind_dn",
-    "bind_password",
-    "bind_password_file",
-    "connect_timeout",
-    "timeout",
-    "pool_size",
-    "canonical_attribute",
-)
 
 
 def parse_directory(
@@ -294,7 +278,7 @@ def parse_directory(
             pool_size=pool_size,
             canonical_attribute=canonical_attribute,
         )
-    except _Problem as exc:
+    except Problem as exc:
         raise t.error(exc.key, exc.message) from None
 
 
@@ -304,6 +288,7 @@ _TIMEOUTS: Final = {"connect_timeout": 5.0, "timeout": 10.0}
 def _seconds(table: Table, key: str, default: float) -> float:
     table.used.add(key)
     value = table.data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 600:
-        raise table.error(key, f"{value!r} is not a number of seconds (0 < s <= 600)")
+    bounds = DirectorySettings.RANGES[key]
+    if not bounds.is_kind(value) or not bounds.contains(value):
+        raise table.error(key, f"{value!r} is not a number of seconds (0 < s <= {bounds.high:g})")
     return float(value)
