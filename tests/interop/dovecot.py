@@ -634,7 +634,9 @@ def start_dovecot(
             import trustme
 
             ca = trustme.CA()
-            leaf = ca.issue_cert("localhost", HOST)
+            # A subject CN besides the subjectAltName: fetchmail 6.4 with
+            # `sslcertck` refuses a certificate whose subject has no CN.
+            leaf = ca.issue_cert("localhost", HOST, common_name="localhost")
             cert_path, key_path = root / "etc" / "cert.pem", root / "etc" / "key.pem"
             cert_path.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
             leaf.private_key_pem.write_to_path(str(key_path))
