@@ -14,13 +14,14 @@ the run and written to docs/interop.md (tests/interop/conftest.py).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import imaplib
 import poplib
 import smtplib
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,11 @@ from tests.interop.matrix import (
 pytestmark = pytest.mark.interop
 
 CASES = matrix.all_cases()
+# msmtp, fetchmail and gsasl in every cell, and the rotation's clients where
+# the rotation left them without a policy-`none` cell (their outcome beside
+# Dovecot's in the comparison table).
+GATEWAY_CASES = CASES + matrix.client_cases() + matrix.baseline_cases()
+DIRECT_CASES = matrix.direct_cases()
 
 # Pinned by hand from README's policy table, independent of `decide`:
 # (mode, policy, protocol, connection, client address, mechanism) -> login allowed.
@@ -104,9 +110,12 @@ def matrix_assets(tmp_path_factory: pytest.TempPathFactory, dovecot: DovecotInst
 def gateway(
     request: pytest.FixtureRequest, matrix_assets: Assets, dovecot: DovecotInstance
 ) -> Iterator[Gateway]:
-    """One `authgate run` per (backend mode, policy): request.param is "mode/policy"."""
-    mode, policy = str(request.param).split("/")
+    """One `authgate run` per (backend mode, policy): request.param is
+    "mode/policy", or "mode/policy/strict-ntlm" for one with
+    `allow_ntlm_legacy` left at its default (off)."""
+    mode, policy, *flags = str(request.param).split("/")
     gw = matrix.start_gateway(
+        ntlm_legacy=False if matrix.STRICT_NTLM in flags else None,
         authgate=matrix_assets.authgate,
         mode=mode,
         policy=policy,
@@ -141,13 +150,17 @@ def _loaded(config_path: Path) -> config_mod.Config:
     return config_mod.load(config_path)
 
 
-def derived_expectation(gw: Gateway, case: Case) -> bool:
-    """What `decide` says for the policy authgate loaded from this gateway's file."""
+def derived_expectation(gw: Gateway, case: Case) -> tuple[bool, str | None]:
+    """What `decide` says for the policy authgate loaded from this gateway's
+    file, and what keeps the client out although the policy lets it in
+    (matrix.client_limit: NTLMv1, a channel binding authgate cannot check)."""
     listener = _loaded(gw.config_path).listener(case.listener)
     assert listener.policy.mechanisms == matrix.MECHANISM_ORDER[case.mode]
     verifiable = listener.policy.mechanisms if case.mode == "terminate" else None
     decision = decide(listener.policy, case.source, tls=case.tls, verifiable=verifiable)
-    return matrix.expectation(decision, case.mech)
+    allowed = matrix.expectation(decision, case.mech)
+    limit = matrix.client_limit(case, listener.policy) if allowed else None
+    return allowed and limit is None, limit
 
 
 def target_for(gw: Gateway, case: Case, assets: Assets, dovecot: DovecotInstance) -> Target:
@@ -166,7 +179,7 @@ def target_for(gw: Gateway, case: Case, assets: Assets, dovecot: DovecotInstance
 
 @pytest.mark.parametrize(
     ("gateway", "case"),
-    [pytest.param(c.gateway, c, id=c.id) for c in CASES],
+    [pytest.param(c.gateway, c, id=c.id) for c in GATEWAY_CASES],
     indirect=["gateway"],
     # Module scope for the gateway parameter: pytest then runs each gateway's
     # cases together and starts every `authgate run` exactly once.
@@ -175,8 +188,10 @@ def target_for(gw: Gateway, case: Case, assets: Assets, dovecot: DovecotInstance
 def test_matrix(
     gateway: Gateway, case: Case, dovecot: DovecotInstance, matrix_assets: Assets
 ) -> None:
-    derived = derived_expectation(gateway, case)
-    pinned = KEY_EXPECTATIONS.get(case.key)
+    derived, limit = derived_expectation(gateway, case)
+    # The hand-pinned cells are about the policy: they hold for a client
+    # only when nothing but the policy decides (no client_limit).
+    pinned = KEY_EXPECTATIONS.get(case.key) if limit is None else None
     expected = derived if pinned is None else pinned
     row = Row(case, expected, hard_coded=pinned is not None)
     matrix.record(row)
@@ -195,6 +210,19 @@ def test_matrix(
             f"\n--- dovecot log ---\n{dovecot.log_text(dovecot_mark)[-3000:]}"
         )
 
+    verify_outcome(case, expected, attempt, dovecot, dovecot_mark, context)
+    row.passed = True
+
+
+def verify_outcome(
+    case: Case,
+    expected: bool,
+    attempt: matrix.Attempt,
+    dovecot: DovecotInstance,
+    dovecot_mark: int,
+    context: Callable[[], str],
+) -> None:
+    """The client's verdict, and Dovecot's side of it."""
     if expected:
         assert attempt.status == "ok", context()
         # Dovecot saw the login for this user, with the method authgate used.
@@ -212,6 +240,78 @@ def test_matrix(
         assert "Login: user=" not in dovecot.log_text(dovecot_mark), context()
         if case.protocol == "smtp" and attempt.msgid is not None:
             assert not any(attempt.msgid.encode() in m.data for m in dovecot.relay.messages)
+
+
+# ------------------------------------------------- straight against Dovecot
+
+
+class DirectAssets:
+    """The TLS Dovecot's CA on disk, and a folder for the clients' files."""
+
+    def __init__(self, root: Path, dovecot_tls: DovecotInstance) -> None:
+        assert dovecot_tls.ca_pem is not None
+        self.ca_file = root / "dovecot-ca.pem"
+        self.ca_file.write_bytes(dovecot_tls.ca_pem)
+        self.messages = root / "messages"
+        self.messages.mkdir()
+
+
+@pytest.fixture(scope="session")
+def direct_assets(
+    tmp_path_factory: pytest.TempPathFactory, dovecot_tls: DovecotInstance
+) -> DirectAssets:
+    return DirectAssets(tmp_path_factory.mktemp("direct"), dovecot_tls)
+
+
+def direct_port(case: Case, dovecot: DovecotInstance, dovecot_tls: DovecotInstance) -> int:
+    """`none`: the Dovecot without TLS; STARTTLS (used or not) and implicit
+    TLS: the Dovecot with TLS."""
+    service = matrix.dovecot_service(case.protocol)
+    if case.conn == "none":
+        return int(getattr(dovecot, service))
+    if case.implicit:
+        return int(getattr(dovecot_tls, service + "s"))
+    return int(getattr(dovecot_tls, service))
+
+
+def _no_forwarder(port: int) -> int:
+    raise AssertionError("the direct cells all connect from 127.0.0.1")
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in DIRECT_CASES])
+def test_direct(
+    case: Case,
+    dovecot: DovecotInstance,
+    dovecot_tls: DovecotInstance,
+    direct_assets: DirectAssets,
+) -> None:
+    """The same clients, mechanisms and transports straight against Dovecot:
+    the record shows where authgate's outcome differs from Dovecot's."""
+    expected = matrix.direct_expectation(case)
+    row = Row(case, expected, hard_coded=False)
+    matrix.record(row)
+    instance = dovecot if case.conn == "none" else dovecot_tls
+    mark = instance.log_size()
+    target = Target(
+        case=case,
+        port=direct_port(case, dovecot, dovecot_tls),
+        ca_file=direct_assets.ca_file,
+        password=instance.users[case.user],
+        workdir=direct_assets.messages,
+        forward=_no_forwarder,
+    )
+    attempt = matrix.RUNNERS[case.client](target)
+    row.observed = attempt.status
+
+    def context() -> str:
+        return (
+            f"{case.client} as {case.user} straight to Dovecot "
+            f"({'expected login' if expected else 'expected refusal'})"
+            f"\n--- client ---\n{attempt.transcript[-6000:]}"
+            f"\n--- dovecot log ---\n{instance.log_text(mark)[-3000:]}"
+        )
+
+    verify_outcome(case, expected, attempt, instance, mark, context)
     row.passed = True
 
 
@@ -227,7 +327,10 @@ def test_case_list_covers_the_matrix() -> None:
         for protocol in matrix.PROTOCOLS:
             mechs = matrix.mechanisms_for(mode, protocol)
             assert ("NTLM" in mechs) == (mode == "terminate")
+            assert ("SCRAM-SHA-256-PLUS" in mechs) == (mode == "terminate")
             for mech in mechs:
+                if mech not in matrix.CLIENTS[protocol]:
+                    continue  # -PLUS: only gsasl (test_client_cells_cover_every_transport)
                 cells = [c for c in CASES if (c.mode, c.protocol, c.mech) == (mode, protocol, mech)]
                 assert len(cells) == len(matrix.POLICIES) * len(matrix.CONNECTIONS) * 2
                 # Every client listed for this mechanism really gets cells.
@@ -247,9 +350,68 @@ def test_case_list_covers_the_matrix() -> None:
     assert set(KEY_EXPECTATIONS) <= keys
 
 
-def test_key_expectations_match_policy_decide(tmp_path: Path) -> None:
-    """The hand-pinned cells agree with `decide` on the generated configs."""
+def test_client_cells_cover_every_transport() -> None:
+    """msmtp, fetchmail and gsasl: every mechanism they list, on every
+    protocol and connection they support, under every policy and in both
+    backend modes (where the mode has the mechanism), from both addresses;
+    and straight against Dovecot, like every other client."""
+    cells = matrix.client_cases()
+    ids = [c.id for c in GATEWAY_CASES + DIRECT_CASES]
+    assert len(ids) == len(set(ids))
+    for client, protocols in matrix.FULL_CLIENTS.items():
+        for protocol, mechs in protocols.items():
+            for mech in mechs:
+                for mode in matrix.MODES:
+                    mine = [
+                        c
+                        for c in cells
+                        if (c.client, c.protocol, c.mech, c.mode) == (client, protocol, mech, mode)
+                    ]
+                    if mech not in matrix.mechanisms_for(mode, protocol):
+                        assert mine == []
+                        continue
+                    for policy in matrix.POLICIES:
+                        conns = {c.conn for c in mine if c.policy == policy}
+                        assert conns == set(matrix.connections_for(client)), (
+                            client,
+                            mech,
+                            mode,
+                            policy,
+                        )
+                    assert {c.source for c in mine} == set(matrix.SOURCES), (client, mech, mode)
+                direct = {
+                    c.conn
+                    for c in DIRECT_CASES
+                    if (c.client, c.protocol, c.mech) == (client, protocol, mech)
+                }
+                assert direct == set(matrix.connections_for(client)), (client, protocol, mech)
+    # gsasl has no implicit TLS; everyone else meets every listener kind.
+    assert "implicit" not in {c.conn for c in cells if c.client.startswith("gsasl")}
+    assert {c.conn for c in cells if c.client == "msmtp"} == set(matrix.CONNECTIONS)
+
+
+def test_every_client_has_an_authgate_outcome_beside_dovecots() -> None:
+    """For the comparison table: each direct cell has policy-`none` cells
+    through authgate in both modes (where the mode offers the mechanism)."""
+    through = {
+        (c.mode, c.protocol, c.conn, c.mech, c.client) for c in GATEWAY_CASES if c.policy == "none"
+    }
+    missing = []
+    for c in DIRECT_CASES:
+        for mode in matrix.MODES:
+            if c.mech not in matrix.mechanisms_for(mode, c.protocol):
+                continue
+            if mode == "relay" and (c.client, c.mech) in matrix.RELAY_EXCLUDED:
+                continue
+            if (mode, c.protocol, c.conn, c.mech, c.client) not in through:
+                missing.append((mode, c.protocol, c.conn, c.mech, c.client))
+    assert missing == []
+
+
+def _write_configs(tmp_path: Path) -> dict[str, Path]:
+    """The gateways' TOML ("mode/policy" -> file), as start_gateway writes it."""
     (tmp_path / "master.secret").write_text("x\n")
+    paths = {}
     for mode in matrix.MODES:
         for policy in matrix.POLICIES:
             path = tmp_path / f"{mode}-{policy}.toml"
@@ -266,8 +428,16 @@ def test_key_expectations_match_policy_decide(tmp_path: Path) -> None:
                     master=("authgate", tmp_path / "master.secret")
                     if mode == "terminate"
                     else None,
+                    ntlm_legacy=matrix.NTLM_LEGACY[mode],
                 )
             )
+            paths[f"{mode}/{policy}"] = path
+    return paths
+
+
+def test_key_expectations_match_policy_decide(tmp_path: Path) -> None:
+    """The hand-pinned cells agree with `decide` on the generated configs."""
+    _write_configs(tmp_path)
     disagree = []
     for key, pinned in KEY_EXPECTATIONS.items():
         mode, policy, protocol, conn, source, mech = key
@@ -280,6 +450,38 @@ def test_key_expectations_match_policy_decide(tmp_path: Path) -> None:
         if got != pinned:
             disagree.append((key, pinned, got))
     assert disagree == []
+
+
+def test_every_difference_from_dovecot_is_explained(tmp_path: Path) -> None:
+    """Where a client's expected outcome through authgate (policy `none`,
+    either mode) is not its expected outcome straight against Dovecot,
+    docs/interop.md must say why (matrix.DIFFERENCE_NOTES)."""
+    paths = _write_configs(tmp_path)
+    unexplained, explained = [], set()
+    for direct in DIRECT_CASES:
+        for mode in matrix.MODES:
+            if direct.mech not in matrix.mechanisms_for(mode, direct.protocol) or (
+                mode == "relay" and (direct.client, direct.mech) in matrix.RELAY_EXCLUDED
+            ):
+                continue
+            case = dataclasses.replace(direct, mode=mode)
+            listener = config_mod.load(paths[f"{mode}/none"]).listener(case.listener)
+            verifiable = listener.policy.mechanisms if mode == "terminate" else None
+            decision = decide(listener.policy, OUTSIDER, tls=case.tls, verifiable=verifiable)
+            through = matrix.expectation(decision, case.mech) and (
+                matrix.client_limit(case, listener.policy) is None
+            )
+            if through == matrix.direct_expectation(direct):
+                continue
+            notes = matrix.difference_notes(case.client, case.mech)
+            if not notes:
+                unexplained.append((mode, case.protocol, case.conn, case.mech, case.client))
+            explained.update(notes)
+    assert unexplained == []
+    assert explained <= set(matrix.DIFFERENCE_NOTES)
+    # No note is there for nothing: each is about some client's mechanism.
+    used = {n for c in DIRECT_CASES for n in matrix.difference_notes(c.client, c.mech)}
+    assert used == set(matrix.DIFFERENCE_NOTES)
 
 
 @pytest.mark.parametrize(
@@ -313,8 +515,6 @@ def test_wrong_password_is_refused(
         dovecot.wait_for_log(r"auth: .*shauser.*(Password mismatch|password mismatch)", since=mark)
     if attempt.msgid is not None:
         assert not any(attempt.msgid.encode() in m.data for m in dovecot.relay.messages)
-
-
 
 
 def _imap_retry(t: Target, password: str) -> str:
@@ -457,10 +657,20 @@ def _decoded_challenges(verbose: str) -> str:
     return "\n".join(out)
 
 
-@pytest.mark.parametrize("gateway", ["terminate/none"], indirect=True)
+@pytest.mark.parametrize("gateway", ["terminate/none/" + matrix.STRICT_NTLM], indirect=True)
 @pytest.mark.parametrize(
     ("client", "protocol"),
-    [("imtest", "imap"), ("pop3test", "pop3"), ("smtptest", "smtp"), ("swaks", "smtp")],
+    [
+        ("imtest", "imap"),
+        ("pop3test", "pop3"),
+        ("smtptest", "smtp"),
+        ("swaks", "smtp"),
+        ("msmtp", "smtp"),
+        ("fetchmail", "imap"),
+        ("fetchmail", "pop3"),
+        ("gsasl", "imap"),
+        ("gsasl", "smtp"),
+    ],
 )
 def test_ntlmv1_clients_are_refused(
     gateway: Gateway,
@@ -469,8 +679,10 @@ def test_ntlmv1_clients_are_refused(
     client: str,
     protocol: str,
 ) -> None:
-    """Cyrus' NTLM plugin and swaks' Authen::NTLM answer with NTLMv1, which
-    authgate refuses as too weak (curl's NTLMv2 logs in: matrix cells)."""
+    """Cyrus' NTLM plugin, swaks' Authen::NTLM, GNU SASL (msmtp, gsasl) and
+    fetchmail answer with NTLMv1, which authgate refuses as too weak unless
+    the listener has `allow_ntlm_legacy` (the matrix's terminate gateways
+    have it, and there these clients log in; curl's NTLMv2 logs in either way)."""
     case = Case("terminate", "none", protocol, "none", OUTSIDER, "NTLM", client, "plainuser")
     mark = gateway.log_size()
     dovecot_mark = dovecot.log_size()
@@ -479,6 +691,57 @@ def test_ntlmv1_clients_are_refused(
     assert "NTLM authentication failed: too-weak" in gateway.log_text(mark), gateway.log_text(mark)
     assert "Login: user=" not in dovecot.log_text(dovecot_mark)
     _note(f"{client} NTLM ({protocol})", True, "NTLMv1 response refused as too weak")
+
+
+@pytest.mark.parametrize("gateway", ["terminate/none"], indirect=True)
+@pytest.mark.parametrize(("client", "binding"), list(matrix.CLIENT_CHANNEL_BINDING.items()))
+@pytest.mark.parametrize("protocol", ["imap", "smtp"])
+def test_channel_bindings_authgate_cannot_check(
+    gateway: Gateway,
+    dovecot: DovecotInstance,
+    matrix_assets: Assets,
+    client: str,
+    binding: str,
+    protocol: str,
+) -> None:
+    """gsasl binds SCRAM-*-PLUS to `tls-exporter` on TLS 1.3 and to
+    `tls-unique` on TLS 1.2; authgate checks only `tls-server-end-point`, so
+    it refuses both and says why (the -PLUS cells of gsasl in the matrix)."""
+    assert binding not in matrix.AUTHGATE_CHANNEL_BINDINGS
+    case = Case(
+        "terminate",
+        "none",
+        protocol,
+        "starttls",
+        OUTSIDER,
+        "SCRAM-SHA-256-PLUS",
+        client,
+        "plainuser",
+    )
+    mark, dovecot_mark = gateway.log_size(), dovecot.log_size()
+    attempt = matrix.RUNNERS[client](target_for(gateway, case, matrix_assets, dovecot))
+    assert attempt.status == "refused", attempt.transcript
+    # The client-first message names the binding: GS2 header "p=<type>,,".
+    assert f"p={binding},," in _decoded_lines(attempt.transcript), attempt.transcript
+    log = gateway.log_text(mark)
+    assert "SCRAM-SHA-256-PLUS authentication failed" in log, log
+    assert "unsupported channel binding type" in log, log
+    assert "Login: user=" not in dovecot.log_text(dovecot_mark)
+    _note(f"{client} SCRAM-SHA-256-PLUS ({protocol})", True, f"{binding} binding refused")
+
+
+def _decoded_lines(transcript: str) -> str:
+    """Every line of a transcript that is base64 (a SASL message), decoded."""
+    import base64
+    import binascii
+
+    out = []
+    for line in transcript.splitlines():
+        try:
+            out.append(base64.b64decode(line.strip(), validate=True).decode("latin-1"))
+        except (binascii.Error, ValueError):
+            continue
+    return "\n".join(out)
 
 
 def test_forwarder_presents_the_exempt_address() -> None:
