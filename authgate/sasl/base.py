@@ -301,16 +301,81 @@ class ServerContext:
     random: Callable[[int], bytes] | None = None  # nonce source; os.urandom by default
 
 
-class MechanismState(enum.Enum):
-    """Shared stage bookkeeping: calling out of order is an error."""
-
-    INITIAL = "initial"
-    RUNNING = "running"
-    DONE = "done"
-
-
 class SaslProtocolError(RuntimeError):
     """The *driver* called a mechanism out of order: a bug in our code."""
+
+
+# ---------------------------------------------------------------- call order
+
+
+class Call(enum.Enum):
+    """The calls a driver makes on a mechanism. A `Stage` names the ones it
+    expects next."""
+
+    START = "start()"
+    STEP = "step()"
+    RESUME = "resume()"  # a server's Lookup answered
+    FINISH = "finish()"  # a client told of the server's success
+    DERIVED = "Derive.finish()"  # a client's Derive computed
+
+
+class StageError(SaslProtocolError):
+    """A call out of order. `expected` holds the calls the exchange was
+    waiting for (empty once it has ended), and the message names them."""
+
+    def __init__(self, owner: str, call: Call, expected: tuple[Call, ...], what: str) -> None:
+        if expected:
+            calls = " or ".join(c.value for c in expected)
+            brings = f" ({what})" if what else ""
+            text = f"{owner}: {call.value} called out of order, expected {calls}{brings}"
+        else:
+            text = f"{owner}: {call.value} called after the exchange ended"
+        super().__init__(text)
+        self.call = call
+        self.expected = expected
+
+
+class Stage:
+    """Where one exchange stands, named by the call it expects next.
+
+    scramp's idea (scramp/core.py): the stage *is* the next call, so a call
+    out of order is refused with an error that says which call was
+    expected, instead of running on half-set state. Every server and client
+    mechanism keeps one: each public method first `check`s its own call,
+    then says what may come next (`expect`) or that the exchange is over
+    (`end`). `what` names the message the next call brings ("the password",
+    "client-final-message"): it goes into the error, and a mechanism whose
+    `step` takes several messages in turn asks `awaits(what)` which one is due.
+    """
+
+    __slots__ = ("_expected", "_owner", "_what")
+
+    def __init__(self, owner: str) -> None:
+        self._owner = owner  # "PLAIN server", "SCRAM-SHA-256 client"
+        self._expected: tuple[Call, ...] = (Call.START,)
+        self._what = ""
+
+    def check(self, call: Call) -> None:
+        """Refuse `call` (StageError) unless it is one this stage expects."""
+        if call not in self._expected:
+            raise StageError(self._owner, call, self._expected, self._what)
+
+    def expect(self, *calls: Call, what: str = "") -> None:
+        """The calls that may come next (a client after its answer: another
+        challenge or the server's success), and the message they bring."""
+        self._expected, self._what = calls, what
+
+    def end(self) -> None:
+        """The exchange is over: every further call is refused."""
+        self._expected, self._what = (), ""
+
+    def awaits(self, what: str) -> bool:
+        """Whether the next call is to bring the message named `what`."""
+        return bool(self._expected) and self._what == what
+
+    @property
+    def ended(self) -> bool:
+        return not self._expected
 
 
 def malformed(detail: str) -> Failure:

@@ -21,7 +21,6 @@ holds it can answer any challenge. The store must protect it.
 
 from __future__ import annotations
 
-import enum
 import hmac
 import math
 import os
@@ -30,6 +29,7 @@ import struct
 
 from authgate.sasl.base import (
     NO_RESPONSE,
+    Call,
     Challenge,
     ClientAuthError,
     ClientContext,
@@ -42,6 +42,7 @@ from authgate.sasl.base import (
     SecretLookup,
     ServerContext,
     ServerOutcome,
+    Stage,
     Success,
     invalid,
     malformed,
@@ -167,13 +168,6 @@ _DUMMY_SECRET = bytes(CRAM_MD5_SECRET_LEN)
 _HOSTNAME = re.compile(r"[A-Za-z0-9.\-_\[\]:]+")
 
 
-class _ServerStage(enum.Enum):
-    INITIAL = enum.auto()
-    AWAIT_RESPONSE = enum.auto()
-    AWAIT_SECRET = enum.auto()
-    DONE = enum.auto()
-
-
 class CramMD5Server:
     name = "CRAM-MD5"
 
@@ -181,14 +175,10 @@ class CramMD5Server:
         if not _HOSTNAME.fullmatch(ctx.hostname):
             raise ValueError("server hostname is not usable in a CRAM-MD5 challenge")
         self._ctx = ctx
-        self._stage = _ServerStage.INITIAL
+        self._stage = Stage("CRAM-MD5 server")
         self._challenge = b""
         self._authcid = ""
         self._digest = b""
-
-    def _expect(self, stage: _ServerStage, call: str) -> None:
-        if self._stage is not stage:
-            raise SaslProtocolError(f"CRAM-MD5 server: {call}() called in stage {self._stage.name}")
 
     def _make_challenge(self) -> bytes:
         # RFC 2195 suggests "<random-digits.timestamp@host>". Being sans-IO we
@@ -201,19 +191,19 @@ class CramMD5Server:
         return f"<{left}.{right}@{self._ctx.hostname}>".encode("ascii")
 
     def start(self, initial: InitialResponse) -> ServerOutcome:
-        self._expect(_ServerStage.INITIAL, "start")
+        self._stage.check(Call.START)
         if initial is not NO_RESPONSE:
             # The server speaks first in CRAM-MD5 (RFC 2195 section 2): any
             # initial response, even an empty one, is a protocol error.
-            self._stage = _ServerStage.DONE
+            self._stage.end()
             return malformed("CRAM-MD5 does not allow an initial response")
         self._challenge = self._make_challenge()
-        self._stage = _ServerStage.AWAIT_RESPONSE
+        self._stage.expect(Call.STEP, what="'user digest'")
         return Challenge(self._challenge)
 
     def step(self, response: bytes) -> ServerOutcome:
-        self._expect(_ServerStage.AWAIT_RESPONSE, "step")
-        self._stage = _ServerStage.DONE
+        self._stage.check(Call.STEP)
+        self._stage.end()
         user_raw, sep, digest_hex = response.rpartition(b" ")
         if not sep or not user_raw:
             return malformed("CRAM-MD5 response must be 'user SP digest'")
@@ -227,12 +217,12 @@ class CramMD5Server:
             return malformed("CRAM-MD5 user name contains NUL")
         self._authcid = authcid
         self._digest = bytes.fromhex(digest_hex.decode("ascii"))
-        self._stage = _ServerStage.AWAIT_SECRET
+        self._stage.expect(Call.RESUME, what="the CRAM-MD5 secret")
         return Lookup(SecretLookup(authcid, SecretForm.CRAM_MD5))
 
     def resume(self, answer: LookupAnswer) -> ServerOutcome:
-        self._expect(_ServerStage.AWAIT_SECRET, "resume")
-        self._stage = _ServerStage.DONE
+        self._stage.check(Call.RESUME)
+        self._stage.end()
         if answer is None or answer is False:
             cram_md5_digest(_DUMMY_SECRET, self._challenge)
             return invalid()
@@ -261,19 +251,16 @@ class CramMD5Client:
         if not creds.username or "\x00" in creds.username:
             raise ValueError("CRAM-MD5 needs a user name without NUL")
         self._creds = creds
-        self._started = False
+        self._stage = Stage("CRAM-MD5 client")
         self._answered = False
-        self._finished = False
 
     def start(self) -> bytes | None:
-        if self._started:
-            raise SaslProtocolError("CRAM-MD5 client: start() called twice")
-        self._started = True
+        self._stage.check(Call.START)
+        self._stage.expect(Call.STEP, Call.FINISH, what="the challenge or the success")
         return None  # the server speaks first
 
     def step(self, challenge: bytes) -> bytes:
-        if not self._started or self._finished:
-            raise SaslProtocolError("CRAM-MD5 client: step() called out of order")
+        self._stage.check(Call.STEP)
         if self._answered:
             raise ClientAuthError("CRAM-MD5 server sent more than one challenge")
         if not challenge:
@@ -283,8 +270,7 @@ class CramMD5Client:
         return self._creds.username.encode("utf-8") + b" " + digest.hex().encode("ascii")
 
     def finish(self, additional: bytes | None) -> None:
-        if not self._started or self._finished:
-            raise SaslProtocolError("CRAM-MD5 client: finish() called out of order")
-        self._finished = True
+        self._stage.check(Call.FINISH)
+        self._stage.end()
         if additional:
             raise ClientAuthError("CRAM-MD5 server sent unexpected data with success")

@@ -28,7 +28,6 @@ to the realm.
 from __future__ import annotations
 
 import base64
-import enum
 import hashlib
 import hmac
 import ipaddress
@@ -39,6 +38,7 @@ from dataclasses import dataclass
 
 from authgate.sasl.base import (
     NO_RESPONSE,
+    Call,
     Challenge,
     ClientAuthError,
     ClientContext,
@@ -53,6 +53,7 @@ from authgate.sasl.base import (
     SecretLookup,
     ServerContext,
     ServerOutcome,
+    Stage,
     Success,
     check_authzid,
     invalid,
@@ -64,10 +65,12 @@ __all__ = [
     "MAX_RESPONSE_SIZE",
     "DigestMD5Client",
     "DigestMD5Server",
+    "DigestResponse",
     "DirectiveSyntaxError",
     "digest_ha1",
     "digest_uri_host",
     "format_directives",
+    "parse_digest_response",
     "parse_directives",
 ]
 
@@ -340,6 +343,11 @@ def _mismatch(detail: str) -> Failure:
     return Failure(FailureReason.DIGEST_URI_MISMATCH, detail)
 
 
+# What DigestMD5Server.step expects, in turn.
+_DIGEST_RESPONSE = "the digest-response"
+_ACK = "an empty reply to rspauth"
+
+
 # ------------------------------------------------------------------ server
 
 _REQUIRED_IN_RESPONSE = ("username", "nonce", "cnonce", "nc", "digest-uri", "response")
@@ -348,25 +356,96 @@ _RESPONSE_DIRECTIVES = frozenset(
 )
 
 
-class _ServerStage(enum.Enum):
-    INITIAL = "initial"
-    AWAIT_RESPONSE = "await-response"
-    AWAIT_SECRET = "await-secret"  # noqa: S105 - a stage name, not a password
-    AWAIT_ACK = "await-ack"  # rspauth sent, waiting for the empty reply
-    DONE = "done"
-
-
 @dataclass(frozen=True)
-class _ClientProof:
-    """What the digest-response committed to, kept while the store answers."""
+class DigestResponse:
+    """A digest-response (RFC 2831 section 2.1.2) that keeps to the grammar
+    and to what we offer: each directive once, the required ones present,
+    strings decoded, qop=auth. Whether it answers *our* challenge is
+    `DigestMD5Server`'s check; whether it proves the password, the store's."""
 
     username: str
-    authzid: str | None
+    realm: str | None  # None when the client sent no realm directive
+    nonce: bytes
     cnonce: bytes
-    authzid_raw: bytes | None
-    digest_uri: bytes
-    qop: bytes  # as sent, since it enters the digest
+    nc: bytes  # 8 hex digits
+    qop: bytes  # as sent, since it enters the digest ("auth" when absent)
+    digest_uri: str  # serv-type/host[/serv-name]
+    digest_uri_raw: bytes  # as sent, since it enters the digest
     response: bytes  # 32 lowercase hex digits
+    authzid: str | None
+    authzid_raw: bytes | None
+
+    @property
+    def service(self) -> str:
+        return self.digest_uri.split("/")[0]
+
+    @property
+    def host(self) -> str:
+        return self.digest_uri.split("/")[1]
+
+
+def parse_digest_response(data: bytes) -> DigestResponse | Failure:
+    """Read a digest-response, or a MALFORMED failure whose detail never
+    quotes the client's values. Pure: no state, no secret, no I/O."""
+    if len(data) >= MAX_RESPONSE_SIZE:
+        return malformed("digest-response too long")
+    try:
+        grouped = _group(parse_directives(data))
+    except DirectiveSyntaxError as exc:
+        return malformed(f"digest-response: {exc}")
+    # Section 2.1.2: every directive may appear at most once (realm may
+    # repeat only in the challenge). Two different usernames or nonces in
+    # one message would leave it to the parser which one "counts".
+    for name, values in grouped.items():
+        if len(values) > 1:
+            named = name if name in _RESPONSE_DIRECTIVES else "unknown"
+            return malformed(f"duplicate directive ({named})")
+    missing = [name for name in _REQUIRED_IN_RESPONSE if name not in grouped]
+    if missing:
+        return malformed(f"missing directive {missing[0]}")
+    one = {name: values[0] for name, values in grouped.items()}
+
+    charset = one.get("charset")
+    if charset is not None and charset.lower() != b"utf-8":
+        return malformed("charset must be utf-8")
+    # Without charset=utf-8 the strings are ISO 8859-1 (section 2.1.2).
+    encoding = "utf-8" if charset is not None else "iso-8859-1"
+    try:
+        username = one["username"].decode(encoding)
+        realm = one["realm"].decode(encoding) if "realm" in one else None
+        authzid_raw = one.get("authzid") or None  # authzid="" means none
+        authzid = authzid_raw.decode(encoding) if authzid_raw is not None else None
+        digest_uri = one["digest-uri"].decode(encoding)
+    except UnicodeDecodeError:
+        return malformed(f"a directive value is not valid {encoding}")
+    if not username:
+        return malformed("empty username")
+
+    qop = one.get("qop", _QOP_AUTH)
+    if qop.lower() != _QOP_AUTH:
+        return malformed("only qop=auth is offered")
+    if not _HEX8.fullmatch(one["nc"]):
+        return malformed("nc is not 8 hex digits")
+    if not _HEX32.fullmatch(one["response"]):
+        return malformed("response is not 32 hex digits")
+    if not one["cnonce"]:
+        return malformed("empty cnonce")
+    uri_parts = digest_uri.split("/")
+    if len(uri_parts) not in (2, 3) or not all(uri_parts[:2]):
+        return malformed("digest-uri is not serv-type/host[/serv-name]")
+    return DigestResponse(
+        username=username,
+        realm=realm,
+        nonce=one["nonce"],
+        cnonce=one["cnonce"],
+        nc=one["nc"],
+        qop=qop,
+        digest_uri=digest_uri,
+        digest_uri_raw=one["digest-uri"],
+        response=one["response"].lower(),
+        authzid=authzid,
+        authzid_raw=authzid_raw,
+    )
 
 
 class DigestMD5Server:
@@ -380,30 +459,26 @@ class DigestMD5Server:
             # Configuration error: caught when the mechanism is built, not
             # when a client is half-way through an exchange.
             raise ValueError("DIGEST-MD5 realm contains control characters")
-        self._stage = _ServerStage.INITIAL
+        self._stage = Stage("DIGEST-MD5 server")
         self._nonce = b""
-        self._proof: _ClientProof | None = None
-
-    def _expect(self, stage: _ServerStage, call: str) -> None:
-        if self._stage is not stage:
-            raise SaslProtocolError(
-                f"DIGEST-MD5 server: {call}() called in stage {self._stage.value}"
-            )
+        # The digest-response we accepted, kept while the store answers and
+        # until the client acknowledges our rspauth.
+        self._response: DigestResponse | None = None
 
     def _fail(self, failure: Failure) -> Failure:
-        self._stage = _ServerStage.DONE
-        self._proof = None
+        self._stage.end()
+        self._response = None
         return failure
 
     def start(self, initial: InitialResponse) -> ServerOutcome:
-        self._expect(_ServerStage.INITIAL, "start")
+        self._stage.check(Call.START)
         if initial is not NO_RESPONSE:
             # Server-first mechanism: any initial response, even an empty one,
             # breaks the exchange. A digest-response here would be RFC 2831
             # section 2.2 subsequent authentication, which we do not offer.
             return self._fail(malformed("DIGEST-MD5 does not take an initial response"))
         self._nonce = _fresh_nonce(self._ctx.random)
-        self._stage = _ServerStage.AWAIT_RESPONSE
+        self._stage.expect(Call.STEP, what=_DIGEST_RESPONSE)
         return Challenge(
             format_directives(
                 [
@@ -417,69 +492,36 @@ class DigestMD5Server:
         )
 
     def step(self, response: bytes) -> ServerOutcome:
-        if self._stage is _ServerStage.AWAIT_ACK:
+        self._stage.check(Call.STEP)
+        if self._stage.awaits(_ACK):
             return self._on_ack(response)
-        self._expect(_ServerStage.AWAIT_RESPONSE, "step")
         outcome = self._on_response(response)
         if isinstance(outcome, Failure):
             return self._fail(outcome)
-        self._stage = _ServerStage.AWAIT_SECRET
+        self._stage.expect(Call.RESUME, what="HA1 for the user and realm")
         return outcome
 
-    def _on_response(self, response: bytes) -> Failure | Lookup:
-        if len(response) >= MAX_RESPONSE_SIZE:
-            return malformed("digest-response too long")
-        try:
-            grouped = _group(parse_directives(response))
-        except DirectiveSyntaxError as exc:
-            return malformed(f"digest-response: {exc}")
-        # Section 2.1.2: every directive may appear at most once (realm may
-        # repeat only in the challenge). Two different usernames or nonces in
-        # one message would leave it to the parser which one "counts".
-        for name, values in grouped.items():
-            if len(values) > 1:
-                named = name if name in _RESPONSE_DIRECTIVES else "unknown"
-                return malformed(f"duplicate directive ({named})")
-        missing = [name for name in _REQUIRED_IN_RESPONSE if name not in grouped]
-        if missing:
-            return malformed(f"missing directive {missing[0]}")
-        one = {name: values[0] for name, values in grouped.items()}
+    def _on_response(self, data: bytes) -> Failure | Lookup:
+        """parse -> value -> check: the grammar first, then our state."""
+        response = parse_digest_response(data)
+        if isinstance(response, Failure):
+            return response
+        refusal = self._check(response)
+        if refusal is not None:
+            return refusal
+        self._response = response
+        return Lookup(
+            SecretLookup(response.username, SecretForm.DIGEST_MD5, realm=response.realm or "")
+        )
 
-        charset = one.get("charset")
-        if charset is not None and charset.lower() != b"utf-8":
-            return malformed("charset must be utf-8")
-        # Without charset=utf-8 the strings are ISO 8859-1 (section 2.1.2).
-        encoding = "utf-8" if charset is not None else "iso-8859-1"
-        try:
-            username = one["username"].decode(encoding)
-            realm = one["realm"].decode(encoding) if "realm" in one else ""
-            authzid_raw = one.get("authzid") or None  # authzid="" means none
-            authzid = authzid_raw.decode(encoding) if authzid_raw is not None else None
-            digest_uri = one["digest-uri"].decode(encoding)
-        except UnicodeDecodeError:
-            return malformed(f"a directive value is not valid {encoding}")
-        if not username:
-            return malformed("empty username")
-
-        qop = one.get("qop", _QOP_AUTH)
-        if qop.lower() != _QOP_AUTH:
-            return malformed("only qop=auth is offered")
-        if not _HEX8.fullmatch(one["nc"]):
-            return malformed("nc is not 8 hex digits")
-        if not _HEX32.fullmatch(one["response"]):
-            return malformed("response is not 32 hex digits")
-        if not one["cnonce"]:
-            return malformed("empty cnonce")
-        uri_parts = digest_uri.split("/")
-        if len(uri_parts) not in (2, 3) or not all(uri_parts[:2]):
-            return malformed("digest-uri is not serv-type/host[/serv-name]")
-
+    def _check(self, response: DigestResponse) -> Failure | None:
+        """Whether a well-formed digest-response answers our challenge."""
         # The nonce is single use: issued by this object for this exchange.
-        if not hmac.compare_digest(one["nonce"], self._nonce):
+        if not hmac.compare_digest(response.nonce, self._nonce):
             return invalid("nonce does not belong to this exchange")
         # Section 2.1.2: nc counts uses of the nonce; anything but the first
         # use is subsequent authentication or a replay.
-        if one["nc"] != _NC:
+        if response.nc != _NC:
             return invalid("nonce count must be 00000001")
         # Section 2.1.2 / 4: the server SHOULD check digest-uri, so that a
         # response made for another service or server cannot be relayed
@@ -487,29 +529,19 @@ class DigestMD5Server:
         # address of ours, since clients put there whatever name or address
         # they connected to. No password has been checked yet: a mismatch
         # is a misconfigured client (or a relayed response), not a guess.
-        service, host = uri_parts[0], uri_parts[1]
-        if service != self._ctx.service:
-            return _mismatch(f"digest-uri {_shown(digest_uri)} names another service")
-        if digest_uri_host(host) not in self._hosts:
-            return _mismatch(f"digest-uri {_shown(digest_uri)} names a host that is not ours")
-        if "realm" in one and realm != self._realm:
+        shown = _shown(response.digest_uri)
+        if response.service != self._ctx.service:
+            return _mismatch(f"digest-uri {shown} names another service")
+        if digest_uri_host(response.host) not in self._hosts:
+            return _mismatch(f"digest-uri {shown} names a host that is not ours")
+        if response.realm is not None and response.realm != self._realm:
             return invalid("realm was not offered")
-
-        self._proof = _ClientProof(
-            username=username,
-            authzid=authzid,
-            cnonce=one["cnonce"],
-            authzid_raw=authzid_raw,
-            digest_uri=one["digest-uri"],
-            qop=qop,
-            response=one["response"].lower(),
-        )
-        return Lookup(SecretLookup(username, SecretForm.DIGEST_MD5, realm=realm))
+        return None
 
     def resume(self, answer: LookupAnswer) -> ServerOutcome:
-        self._expect(_ServerStage.AWAIT_SECRET, "resume")
-        proof = self._proof
-        if proof is None:  # pragma: no cover - set whenever the stage is
+        self._stage.check(Call.RESUME)
+        response = self._response
+        if response is None:  # pragma: no cover - set whenever the stage is
             raise SaslProtocolError("DIGEST-MD5 server lost its pending response")
         if answer is None:
             # Unknown user (or no usable secret): verify against a random HA1
@@ -519,41 +551,36 @@ class DigestMD5Server:
             ha1, known = answer, True
         else:
             raise SaslProtocolError("DIGEST-MD5 lookup must be answered with 16 bytes or None")
-        expected = _response_value(
-            ha1,
-            self._nonce,
-            proof.cnonce,
-            proof.authzid_raw,
-            proof.digest_uri,
-            for_rspauth=False,
-            qop=proof.qop,
-        )
-        matches = hmac.compare_digest(expected, proof.response)
+        expected = self._digest(ha1, response, for_rspauth=False)
+        matches = hmac.compare_digest(expected, response.response)
         if not (matches and known):
             return self._fail(invalid())
-        rspauth = _response_value(
-            ha1,
-            self._nonce,
-            proof.cnonce,
-            proof.authzid_raw,
-            proof.digest_uri,
-            for_rspauth=True,
-            qop=proof.qop,
-        )
-        self._stage = _ServerStage.AWAIT_ACK
+        rspauth = self._digest(ha1, response, for_rspauth=True)
+        self._stage.expect(Call.STEP, what=_ACK)
         # Section 2.1.3: the server proves it knew HA1 too. Sent as a
         # challenge so that SMTP, IMAP and POP3 all carry it the same way.
         return Challenge(b"rspauth=" + rspauth)
 
-    def _on_ack(self, response: bytes) -> ServerOutcome:
-        proof = self._proof
-        self._stage = _ServerStage.DONE
-        self._proof = None
-        if proof is None:  # pragma: no cover - set whenever the stage is
+    def _digest(self, ha1: bytes, response: DigestResponse, *, for_rspauth: bool) -> bytes:
+        return _response_value(
+            ha1,
+            self._nonce,
+            response.cnonce,
+            response.authzid_raw,
+            response.digest_uri_raw,
+            for_rspauth=for_rspauth,
+            qop=response.qop,
+        )
+
+    def _on_ack(self, data: bytes) -> ServerOutcome:
+        response = self._response
+        self._stage.end()
+        self._response = None
+        if response is None:  # pragma: no cover - set whenever the stage is
             raise SaslProtocolError("DIGEST-MD5 server lost its pending response")
-        if response:
+        if data:
             return malformed("expected an empty response after rspauth")
-        return check_authzid(Success(proof.username, proof.authzid, additional=None))
+        return check_authzid(Success(response.username, response.authzid, additional=None))
 
 
 # ------------------------------------------------------------------ client
@@ -563,12 +590,10 @@ _CHALLENGE_DIRECTIVES = frozenset(
 )
 
 
-class _ClientStage(enum.Enum):
-    INITIAL = "initial"
-    AWAIT_CHALLENGE = "await-challenge"
-    AWAIT_RSPAUTH = "await-rspauth"
-    VERIFIED = "verified"
-    FAILED = "failed"
+# What DigestMD5Client.step expects, in turn.
+_DIGEST_CHALLENGE = "the digest-challenge"
+_RSPAUTH = "rspauth, as a challenge or with the success"
+_VERIFIED = "the success (rspauth checked)"
 
 
 class DigestMD5Client:
@@ -577,43 +602,39 @@ class DigestMD5Client:
     def __init__(self, creds: ClientCredentials, ctx: ClientContext) -> None:
         self._creds = creds
         self._ctx = ctx
-        self._stage = _ClientStage.INITIAL
+        self._stage = Stage("DIGEST-MD5 client")
         self._rspauth = b""
 
     def _error(self, detail: str) -> ClientAuthError:
-        self._stage = _ClientStage.FAILED
+        self._stage.end()
         self._rspauth = b""
         return ClientAuthError(f"DIGEST-MD5: {detail}")
 
     def start(self) -> bytes | None:
-        if self._stage is not _ClientStage.INITIAL:
-            raise SaslProtocolError("DIGEST-MD5 client: start() called twice")
-        self._stage = _ClientStage.AWAIT_CHALLENGE
+        self._stage.check(Call.START)
+        self._stage.expect(Call.STEP, Call.FINISH, what=_DIGEST_CHALLENGE)
         return None  # server first
 
     def step(self, challenge: bytes) -> bytes:
-        if self._stage is _ClientStage.AWAIT_CHALLENGE:
+        self._stage.check(Call.STEP)
+        if self._stage.awaits(_DIGEST_CHALLENGE):
             return self._answer_challenge(challenge)
-        if self._stage is _ClientStage.AWAIT_RSPAUTH:
+        if self._stage.awaits(_RSPAUTH):
             self._verify_rspauth(challenge)
             return b""
-        if self._stage is _ClientStage.VERIFIED:
-            raise self._error("unexpected challenge after rspauth")
-        raise SaslProtocolError(f"DIGEST-MD5 client: step() called in stage {self._stage.value}")
+        raise self._error("unexpected challenge after rspauth")
 
     def finish(self, additional: bytes | None) -> None:
-        if self._stage in (_ClientStage.INITIAL, _ClientStage.FAILED):
-            raise SaslProtocolError(
-                f"DIGEST-MD5 client: finish() called in stage {self._stage.value}"
-            )
-        if self._stage is _ClientStage.AWAIT_RSPAUTH and additional is not None:
+        self._stage.check(Call.FINISH)
+        if self._stage.awaits(_RSPAUTH) and additional is not None:
             # A protocol that carries "additional data with success" (RFC 4422
             # section 3.6) delivers rspauth here instead of as a challenge.
             self._verify_rspauth(additional)
-        elif self._stage is _ClientStage.VERIFIED and additional:
+        elif self._stage.awaits(_VERIFIED) and additional:
             raise self._error("unexpected additional data after rspauth")
-        if self._stage is not _ClientStage.VERIFIED:
+        if not self._stage.awaits(_VERIFIED):
             raise self._error("server reported success without a valid rspauth")
+        self._stage.end()
 
     def _answer_challenge(self, challenge: bytes) -> bytes:
         if len(challenge) >= MAX_CHALLENGE_SIZE:
@@ -691,7 +712,7 @@ class DigestMD5Client:
         except ValueError:
             # A nonce (from the server) or credential with control characters.
             raise self._error("cannot represent the response") from None
-        self._stage = _ClientStage.AWAIT_RSPAUTH
+        self._stage.expect(Call.STEP, Call.FINISH, what=_RSPAUTH)
         return message
 
     def _verify_rspauth(self, data: bytes) -> None:
@@ -704,4 +725,4 @@ class DigestMD5Client:
             raise self._error("expected exactly one rspauth of 32 hex digits")
         if not hmac.compare_digest(values[0].lower(), self._rspauth):
             raise self._error("server failed mutual authentication (wrong rspauth)")
-        self._stage = _ClientStage.VERIFIED
+        self._stage.expect(Call.STEP, Call.FINISH, what=_VERIFIED)

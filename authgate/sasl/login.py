@@ -8,11 +8,10 @@ prompt is skipped (draft section 2). LOGIN has no authorization identity.
 
 from __future__ import annotations
 
-import enum
-
 from authgate.sasl.base import (
     MAX_PASSWORD_OCTETS,
     NO_RESPONSE,
+    Call,
     Challenge,
     ClientAuthError,
     ClientContext,
@@ -21,9 +20,9 @@ from authgate.sasl.base import (
     Lookup,
     LookupAnswer,
     PasswordCheck,
-    SaslProtocolError,
     ServerContext,
     ServerOutcome,
+    Stage,
     Success,
     invalid,
     malformed,
@@ -51,12 +50,9 @@ def _decode(raw: bytes) -> str | None:
     return text
 
 
-class _ServerStage(enum.Enum):
-    INITIAL = enum.auto()
-    AWAIT_USERNAME = enum.auto()
-    AWAIT_PASSWORD = enum.auto()
-    AWAIT_CHECK = enum.auto()
-    DONE = enum.auto()
+# What LoginServer.step expects, in turn.
+_USERNAME = "the user name"
+_PASSWORD = "the password"  # noqa: S105 - names a message, holds none
 
 
 class LoginServer:
@@ -64,16 +60,12 @@ class LoginServer:
 
     def __init__(self, ctx: ServerContext) -> None:
         self._ctx = ctx
-        self._stage = _ServerStage.INITIAL
+        self._stage = Stage("LOGIN server")
         self._authcid = ""
 
-    def _expect(self, stages: tuple[_ServerStage, ...], call: str) -> None:
-        if self._stage not in stages:
-            raise SaslProtocolError(f"LOGIN server: {call}() called in stage {self._stage.name}")
-
     def start(self, initial: InitialResponse) -> ServerOutcome:
-        self._expect((_ServerStage.INITIAL,), "start")
-        self._stage = _ServerStage.AWAIT_USERNAME
+        self._stage.check(Call.START)
+        self._stage.expect(Call.STEP, what=_USERNAME)
         if initial is NO_RESPONSE:
             return Challenge(USERNAME_PROMPT)
         # An initial response is the user name; an empty one is an empty user
@@ -81,28 +73,28 @@ class LoginServer:
         return self.step(initial)
 
     def step(self, response: bytes) -> ServerOutcome:
-        self._expect((_ServerStage.AWAIT_USERNAME, _ServerStage.AWAIT_PASSWORD), "step")
-        if self._stage is _ServerStage.AWAIT_USERNAME:
+        self._stage.check(Call.STEP)
+        if self._stage.awaits(_USERNAME):
             authcid = _decode(response)
             if authcid is None:
-                self._stage = _ServerStage.DONE
+                self._stage.end()
                 return malformed("LOGIN user name is empty, not UTF-8 or contains NUL")
             self._authcid = authcid
-            self._stage = _ServerStage.AWAIT_PASSWORD
+            self._stage.expect(Call.STEP, what=_PASSWORD)
             return Challenge(PASSWORD_PROMPT)
         if len(response) > MAX_PASSWORD_OCTETS:
-            self._stage = _ServerStage.DONE
+            self._stage.end()
             return too_long("LOGIN")
         password = _decode(response)
         if password is None:
-            self._stage = _ServerStage.DONE
+            self._stage.end()
             return malformed("LOGIN password is empty, not UTF-8 or contains NUL")
-        self._stage = _ServerStage.AWAIT_CHECK
+        self._stage.expect(Call.RESUME, what="the password check")
         return Lookup(PasswordCheck(self._authcid, password))
 
     def resume(self, answer: LookupAnswer) -> ServerOutcome:
-        self._expect((_ServerStage.AWAIT_CHECK,), "resume")
-        self._stage = _ServerStage.DONE
+        self._stage.check(Call.RESUME)
+        self._stage.end()
         valid, canonical = password_answer(answer)
         if not valid:
             return invalid()
@@ -121,19 +113,16 @@ class LoginClient:
             if not value or "\x00" in value:
                 raise ValueError("LOGIN needs a non-empty user name and password without NUL")
         self._answers = (creds.username.encode("utf-8"), creds.password.encode("utf-8"))
-        self._started = False
+        self._stage = Stage("LOGIN client")
         self._sent = 0
-        self._finished = False
 
     def start(self) -> bytes | None:
-        if self._started:
-            raise SaslProtocolError("LOGIN client: start() called twice")
-        self._started = True
+        self._stage.check(Call.START)
+        self._stage.expect(Call.STEP, Call.FINISH, what="a prompt or the success")
         return None
 
     def step(self, challenge: bytes) -> bytes:
-        if not self._started or self._finished:
-            raise SaslProtocolError("LOGIN client: step() called out of order")
+        self._stage.check(Call.STEP)
         # Servers word the prompts differently ("User Name", localised text,
         # even empty), so answer by position rather than by prompt text.
         if self._sent >= len(self._answers):
@@ -143,8 +132,7 @@ class LoginClient:
         return answer
 
     def finish(self, additional: bytes | None) -> None:
-        if not self._started or self._finished:
-            raise SaslProtocolError("LOGIN client: finish() called out of order")
-        self._finished = True
+        self._stage.check(Call.FINISH)
+        self._stage.end()
         if additional:
             raise ClientAuthError("LOGIN server sent unexpected data with success")

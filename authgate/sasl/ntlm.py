@@ -34,7 +34,6 @@ Client: NTLMv2 only. The domain is what the user name carries
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import hmac
 import os
@@ -61,6 +60,7 @@ from authgate.sasl._ntlm_messages import (
 )
 from authgate.sasl.base import (
     NO_RESPONSE,
+    Call,
     Challenge,
     ClientAuthError,
     ClientContext,
@@ -75,6 +75,7 @@ from authgate.sasl.base import (
     SecretLookup,
     ServerContext,
     ServerOutcome,
+    Stage,
     Success,
     invalid,
     malformed,
@@ -191,12 +192,9 @@ def _challenge_bytes(random: Callable[[int], bytes]) -> bytes:
 # ---------------------------------------------------------------- server
 
 
-class _ServerStage(enum.Enum):
-    INITIAL = "initial"
-    AWAIT_NEGOTIATE = "await-negotiate"
-    AWAIT_AUTHENTICATE = "await-authenticate"
-    AWAIT_LOOKUP = "await-lookup"
-    DONE = "done"
+# What NTLMServer.step expects, in turn.
+_NEGOTIATE = "the NEGOTIATE message"
+_AUTHENTICATE = "the AUTHENTICATE message"
 
 
 def _netbios_name(hostname: str) -> str:
@@ -219,7 +217,7 @@ class NTLMServer:
             raise ValueError("timestamp must be a 64-bit FILETIME")
         self._ctx = ctx
         self._timestamp = timestamp
-        self._stage = _ServerStage.INITIAL
+        self._stage = Stage("NTLM server")
         self._server_challenge = b""
         self._challenge_flags = 0
         self._auth: AuthenticateMessage | None = None
@@ -227,27 +225,26 @@ class NTLMServer:
     # -- driver interface
 
     def start(self, initial: InitialResponse) -> ServerOutcome:
-        if self._stage is not _ServerStage.INITIAL:
-            raise SaslProtocolError("start() called twice")
+        self._stage.check(Call.START)
         if initial is NO_RESPONSE:
             # RFC 4422 section 5: ask for the initial response with an
             # empty challenge; the NEGOTIATE message comes back.
-            self._stage = _ServerStage.AWAIT_NEGOTIATE
+            self._stage.expect(Call.STEP, what=_NEGOTIATE)
             return Challenge(b"")
         return self._on_negotiate(initial)
 
     def step(self, response: bytes) -> ServerOutcome:
-        if self._stage is _ServerStage.AWAIT_NEGOTIATE:
+        self._stage.check(Call.STEP)
+        if self._stage.awaits(_NEGOTIATE):
             return self._on_negotiate(response)
-        if self._stage is _ServerStage.AWAIT_AUTHENTICATE:
-            return self._on_authenticate(response)
-        raise SaslProtocolError(f"step() called in stage {self._stage.value}")
+        return self._on_authenticate(response)
 
     def resume(self, answer: LookupAnswer) -> ServerOutcome:
-        if self._stage is not _ServerStage.AWAIT_LOOKUP or self._auth is None:
-            raise SaslProtocolError(f"resume() called in stage {self._stage.value}")
-        self._stage = _ServerStage.DONE
+        self._stage.check(Call.RESUME)
+        self._stage.end()
         auth = self._auth
+        if auth is None:  # pragma: no cover - set whenever the stage is
+            raise SaslProtocolError("NTLM server lost its AUTHENTICATE message")
         self._auth = None
         if answer is None:
             return invalid("unknown user or no NT hash stored")
@@ -263,7 +260,7 @@ class NTLMServer:
         try:
             negotiate = parse_negotiate(data)
         except NTLMFormatError as exc:
-            self._stage = _ServerStage.DONE
+            self._stage.end()
             return malformed(f"malformed NTLM message: {exc}")
 
         # Section 3.2.5.1.1: UNICODE when the client offers it (or offers no
@@ -305,13 +302,13 @@ class NTLMServer:
 
         self._server_challenge = _challenge_bytes(_random_source(self._ctx.random))
         self._challenge_flags = int(flags)
-        self._stage = _ServerStage.AWAIT_AUTHENTICATE
+        self._stage.expect(Call.STEP, what=_AUTHENTICATE)
         return Challenge(
             build_challenge(int(flags), self._server_challenge, target_name, tuple(target_info))
         )
 
     def _on_authenticate(self, data: bytes) -> ServerOutcome:
-        self._stage = _ServerStage.DONE
+        self._stage.end()
         try:
             auth = parse_authenticate(data)
         except NTLMFormatError as exc:
@@ -335,7 +332,7 @@ class NTLMServer:
             return malformed("NtChallengeResponse has an impossible length")
 
         self._auth = auth
-        self._stage = _ServerStage.AWAIT_LOOKUP
+        self._stage.expect(Call.RESUME, what="the user's NT hash")
         return Lookup(SecretLookup(auth.user, SecretForm.NT_HASH))
 
     # -- verification
@@ -365,12 +362,6 @@ class NTLMServer:
 # ---------------------------------------------------------------- client
 
 
-class _ClientStage(enum.Enum):
-    INITIAL = "initial"
-    SENT_NEGOTIATE = "sent-negotiate"
-    DONE = "done"
-
-
 # What we ask for: both charsets (the server picks), the NTLM family,
 # a TargetInfo to build the NTLMv2 blob from. Nothing for session security.
 _CLIENT_FLAGS = (
@@ -382,6 +373,12 @@ _CLIENT_FLAGS = (
     | Flag.EXTENDED_SESSIONSECURITY
     | Flag.TARGET_INFO
 )
+
+
+# What NTLMClient expects, in turn (a success may come at any time: only
+# after the AUTHENTICATE message is it one we can accept).
+_CHALLENGE = "the CHALLENGE message"
+_SUCCESS = "the success"
 
 
 class NTLMClient:
@@ -409,34 +406,34 @@ class NTLMClient:
         self._creds = creds
         self._ctx = ctx
         self._timestamp = timestamp or 0
-        self._stage = _ClientStage.INITIAL
+        self._stage = Stage("NTLM client")
         domain, sep, user = creds.username.partition("\\")
         self._domain, self._user = (domain, user) if sep else ("", creds.username)
 
     def start(self) -> bytes:
-        if self._stage is not _ClientStage.INITIAL:
-            raise SaslProtocolError("start() called twice")
-        self._stage = _ClientStage.SENT_NEGOTIATE
+        self._stage.check(Call.START)
+        self._stage.expect(Call.STEP, Call.FINISH, what=_CHALLENGE)
         return build_negotiate(int(_CLIENT_FLAGS))
 
     def step(self, challenge: bytes) -> bytes:
-        if self._stage is _ClientStage.INITIAL:
-            raise SaslProtocolError("step() before start()")
-        if self._stage is _ClientStage.DONE:
+        self._stage.check(Call.STEP)
+        if not self._stage.awaits(_CHALLENGE):
             raise ClientAuthError("server sent another challenge after the AUTHENTICATE message")
-        self._stage = _ClientStage.DONE
         try:
-            return self._authenticate(challenge)
+            message = self._authenticate(challenge)
         except NTLMFormatError as exc:
+            self._stage.end()  # a client that failed stays failed
             raise ClientAuthError(f"NTLM: {exc}") from None
+        self._stage.expect(Call.STEP, Call.FINISH, what=_SUCCESS)
+        return message
 
     def finish(self, additional: bytes | None) -> None:
         # NTLM in SASL has no server proof to check; `additional` carries
         # nothing. But a success before we answered the CHALLENGE means the
         # server never saw a proof from us: not an exchange we finished.
-        if self._stage is _ClientStage.INITIAL:
-            raise SaslProtocolError("finish() before start()")
-        if self._stage is not _ClientStage.DONE:
+        # (A second finish is harmless here: there is nothing to check.)
+        self._stage.check(Call.FINISH)
+        if not self._stage.awaits(_SUCCESS):
             raise ClientAuthError("server reported success before the NTLM exchange completed")
 
     def _authenticate(self, data: bytes) -> bytes:

@@ -9,11 +9,10 @@ Policy decides elsewhere whether PLAIN may be offered without TLS.
 
 from __future__ import annotations
 
-import enum
-
 from authgate.sasl.base import (
     MAX_PASSWORD_OCTETS,
     NO_RESPONSE,
+    Call,
     Challenge,
     ClientAuthError,
     ClientContext,
@@ -23,9 +22,9 @@ from authgate.sasl.base import (
     Lookup,
     LookupAnswer,
     PasswordCheck,
-    SaslProtocolError,
     ServerContext,
     ServerOutcome,
+    Stage,
     Success,
     check_authzid,
     invalid,
@@ -59,52 +58,40 @@ def _parse(message: bytes) -> tuple[str, str, str] | Failure:
     return authzid, authcid, passwd
 
 
-class _ServerStage(enum.Enum):
-    INITIAL = enum.auto()
-    AWAIT_MESSAGE = enum.auto()
-    AWAIT_CHECK = enum.auto()
-    DONE = enum.auto()
-
-
 class PlainServer:
     name = "PLAIN"
 
     def __init__(self, ctx: ServerContext) -> None:
         self._ctx = ctx
-        self._stage = _ServerStage.INITIAL
+        self._stage = Stage("PLAIN server")
         self._authcid = ""
         self._authzid: str | None = None
 
-    def _expect(self, stage: _ServerStage, call: str) -> None:
-        if self._stage is not stage:
-            raise SaslProtocolError(f"PLAIN server: {call}() called in stage {self._stage.name}")
-
     def start(self, initial: InitialResponse) -> ServerOutcome:
-        self._expect(_ServerStage.INITIAL, "start")
+        self._stage.check(Call.START)
+        self._stage.expect(Call.STEP, what="the PLAIN message")
         if initial is NO_RESPONSE:
             # RFC 4422 section 5: no initial response, so send an empty
             # challenge and the message comes back as the reply. An *empty*
             # initial response (b"") is different: it is a malformed message.
-            self._stage = _ServerStage.AWAIT_MESSAGE
             return Challenge(b"")
-        self._stage = _ServerStage.AWAIT_MESSAGE
         return self.step(initial)
 
     def step(self, response: bytes) -> ServerOutcome:
-        self._expect(_ServerStage.AWAIT_MESSAGE, "step")
+        self._stage.check(Call.STEP)
         parsed = _parse(response)
         if isinstance(parsed, Failure):
-            self._stage = _ServerStage.DONE
+            self._stage.end()
             return parsed
         authzid, authcid, passwd = parsed
         self._authcid = authcid
         self._authzid = authzid or None
-        self._stage = _ServerStage.AWAIT_CHECK
+        self._stage.expect(Call.RESUME, what="the password check")
         return Lookup(PasswordCheck(authcid, passwd))
 
     def resume(self, answer: LookupAnswer) -> ServerOutcome:
-        self._expect(_ServerStage.AWAIT_CHECK, "resume")
-        self._stage = _ServerStage.DONE
+        self._stage.check(Call.RESUME)
+        self._stage.end()
         valid, canonical = password_answer(answer)
         if not valid:
             return invalid()
@@ -128,19 +115,16 @@ class PlainClient:
         self._message = b"\x00".join(
             v.encode("utf-8") for v in (creds.authzid, creds.username, creds.password)
         )
-        self._started = False
+        self._stage = Stage("PLAIN client")
         self._answered = False
-        self._finished = False
 
     def start(self) -> bytes | None:
-        if self._started:
-            raise SaslProtocolError("PLAIN client: start() called twice")
-        self._started = True
+        self._stage.check(Call.START)
+        self._stage.expect(Call.STEP, Call.FINISH, what="an empty challenge or the success")
         return self._message
 
     def step(self, challenge: bytes) -> bytes:
-        if not self._started or self._finished:
-            raise SaslProtocolError("PLAIN client: step() called out of order")
+        self._stage.check(Call.STEP)
         # The only challenge PLAIN knows is the empty one a server sends when
         # the initial response could not be sent with the command.
         if challenge or self._answered:
@@ -149,8 +133,7 @@ class PlainClient:
         return self._message
 
     def finish(self, additional: bytes | None) -> None:
-        if not self._started or self._finished:
-            raise SaslProtocolError("PLAIN client: finish() called out of order")
-        self._finished = True
+        self._stage.check(Call.FINISH)
+        self._stage.end()
         if additional:
             raise ClientAuthError("PLAIN server sent unexpected data with success")

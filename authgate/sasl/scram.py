@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import enum
 import hashlib
 import hmac
 import os
@@ -40,6 +39,7 @@ from scramp.utils import ScramException, saslprep
 
 from authgate.sasl.base import (
     NO_RESPONSE,
+    Call,
     Challenge,
     ClientAuthError,
     ClientContext,
@@ -56,6 +56,7 @@ from authgate.sasl.base import (
     SecretLookup,
     ServerContext,
     ServerOutcome,
+    Stage,
     Success,
     check_authzid,
     invalid,
@@ -335,12 +336,9 @@ def tls_server_end_point(cert_der: bytes) -> bytes:
 _UNKNOWN_USER_KEY: Final = os.urandom(32)
 
 
-class _ServerStage(enum.Enum):
-    INITIAL = "initial"
-    AWAIT_CLIENT_FIRST = "await-client-first"  # after start(NO_RESPONSE)
-    AWAIT_VERIFIER = "await-verifier"  # Lookup returned
-    AWAIT_CLIENT_FINAL = "await-client-final"  # server-first sent
-    DONE = "done"
+# What a SCRAM server's step expects, in turn.
+_CLIENT_FIRST = "client-first-message"
+_CLIENT_FINAL = "client-final-message"
 
 
 class _ScramServer:
@@ -361,7 +359,7 @@ class _ScramServer:
         self._ctx = ctx
         self._nonce_part = nonce if nonce is not None else _new_nonce(ctx.random)
         self._unknown_key = unknown_user_key or _UNKNOWN_USER_KEY
-        self._stage = _ServerStage.INITIAL
+        self._stage = Stage(f"{self.name} server")
         self._gs2_header = ""
         self._cbind_data = b""
         self._authcid = ""
@@ -375,7 +373,7 @@ class _ScramServer:
     # -- driver interface
 
     def start(self, initial: InitialResponse) -> ServerOutcome:
-        self._expect(_ServerStage.INITIAL, "start")
+        self._stage.check(Call.START)
         if self.variant.plus and self._ctx.channel_binding is None:
             # PLUS must only be offered on TLS; the driver passed no binding data.
             return self._fail(
@@ -384,19 +382,19 @@ class _ScramServer:
                     f"{self.name} needs TLS channel binding data, and there is none",
                 )
             )
+        self._stage.expect(Call.STEP, what=_CLIENT_FIRST)
         if initial is NO_RESPONSE:
-            self._stage = _ServerStage.AWAIT_CLIENT_FIRST
             return Challenge(b"")
-        return self._guard(self._client_first, initial)
+        return self.step(initial)
 
     def step(self, response: bytes) -> ServerOutcome:
-        if self._stage is _ServerStage.AWAIT_CLIENT_FIRST:
+        self._stage.check(Call.STEP)
+        if self._stage.awaits(_CLIENT_FIRST):
             return self._guard(self._client_first, response)
-        self._expect(_ServerStage.AWAIT_CLIENT_FINAL, "step")
         return self._guard(self._client_final, response)
 
     def resume(self, answer: LookupAnswer) -> ServerOutcome:
-        self._expect(_ServerStage.AWAIT_VERIFIER, "resume")
+        self._stage.check(Call.RESUME)
         if answer is None:
             self._unknown_user = True
             answer = self._made_up_verifier()
@@ -412,17 +410,13 @@ class _ScramServer:
             )
         self._verifier = answer
         self._server_first = f"r={self._nonce},s={_b64(answer.salt)},i={answer.iterations}"
-        self._stage = _ServerStage.AWAIT_CLIENT_FINAL
+        self._stage.expect(Call.STEP, what=_CLIENT_FINAL)
         return Challenge(self._server_first.encode("ascii"))
 
     # -- internals
 
-    def _expect(self, stage: _ServerStage, call: str) -> None:
-        if self._stage is not stage:
-            raise SaslProtocolError(f"{self.name}: {call}() called in stage {self._stage.value}")
-
     def _fail(self, failure: Failure) -> Failure:
-        self._stage = _ServerStage.DONE
+        self._stage.end()
         return failure
 
     def _guard(self, handler: Callable[[bytes], ServerOutcome], data: bytes) -> ServerOutcome:
@@ -431,7 +425,7 @@ class _ScramServer:
         except _PeerError as exc:
             return self._fail(Failure(exc.reason, exc.detail))
         if isinstance(outcome, Success | Failure):
-            self._stage = _ServerStage.DONE
+            self._stage.end()
         return outcome
 
     def _client_first(self, data: bytes) -> ServerOutcome:
@@ -460,7 +454,7 @@ class _ScramServer:
         _check_nonce(attrs[1][1], "client nonce")
         self._nonce = attrs[1][1] + self._nonce_part
         self._client_first_bare = bare
-        self._stage = _ServerStage.AWAIT_VERIFIER
+        self._stage.expect(Call.RESUME, what="the SCRAM verifier")
         return Lookup(SecretLookup(self._authcid, self.variant.form))
 
     def _check_cbind_flag(self, flag: str) -> None:
@@ -511,7 +505,7 @@ class _ScramServer:
             raise _PeerError("client proof has the wrong length")
 
         verifier = self._verifier
-        assert verifier is not None  # AWAIT_CLIENT_FINAL implies it
+        assert verifier is not None  # set before client-final is awaited
         without_proof = text[: len(text) - len(attrs[-1][1]) - 3]  # drop ",p=..."
         auth_message = ",".join((self._client_first_bare, self._server_first, without_proof))
         auth_bytes = auth_message.encode()
@@ -563,13 +557,10 @@ class ScramSHA256PlusServer(_ScramServer):
 # ------------------------------------------------------------ client
 
 
-class _ClientStage(enum.Enum):
-    INITIAL = "initial"
-    AWAIT_SERVER_FIRST = "await-server-first"
-    AWAIT_DERIVATION = "await-derivation"  # a Derive is out: PBKDF2 off the loop
-    AWAIT_SERVER_FINAL = "await-server-final"
-    VERIFIED = "verified"  # server-final checked as a challenge
-    DONE = "done"
+# What a SCRAM client expects, in turn.
+_SERVER_FIRST = "server-first-message"
+_SERVER_FINAL = "server-final-message, as a challenge or with the success"
+_VERIFIED = "the success (server-final checked)"
 
 
 class _ScramClient:
@@ -584,7 +575,7 @@ class _ScramClient:
         self._creds = creds
         self._ctx = ctx
         self._cnonce = nonce if nonce is not None else _new_nonce(ctx.random)
-        self._stage = _ClientStage.INITIAL
+        self._stage = Stage(f"{self.name} client")
         self._gs2_header = ""
         self._cbind_data = b""
         self._client_first_bare = ""
@@ -594,8 +585,8 @@ class _ScramClient:
         self._server_signature = b""
 
     def start(self) -> bytes:
-        self._expect(_ClientStage.INITIAL, "start")
-        self._stage = _ClientStage.DONE  # until everything below succeeded
+        self._stage.check(Call.START)
+        self._stage.end()  # until everything below succeeded
         binding = self._ctx.channel_binding
         if self.variant.plus:
             if binding is None:
@@ -614,50 +605,42 @@ class _ScramClient:
             raise ClientAuthError(str(exc)) from None
         self._gs2_header = f"{flag},{authzid},"
         self._client_first_bare = f"n={_escape_saslname(username)},r={self._cnonce}"
-        self._stage = _ClientStage.AWAIT_SERVER_FIRST
+        self._stage.expect(Call.STEP, Call.FINISH, what=_SERVER_FIRST)
         return (self._gs2_header + self._client_first_bare).encode()
 
     def step(self, challenge: bytes) -> bytes | Derive:
         """server-first: a `Derive` (SaltedPassword is PBKDF2 at the
         server's count), whose `finish` makes client-final; server-final
         sent as a challenge: checked, answered with nothing."""
-        if self._stage is _ClientStage.AWAIT_SERVER_FIRST:
-            self._stage = _ClientStage.DONE  # until the message checked out
-            try:
-                derive = self._server_first(challenge)
-            except _PeerError as exc:
-                raise ClientAuthError(exc.detail) from None
-            self._stage = _ClientStage.AWAIT_DERIVATION
-            return derive
-        self._expect(_ClientStage.AWAIT_SERVER_FINAL, "step")
-        self._stage = _ClientStage.DONE
+        self._stage.check(Call.STEP)
+        first = self._stage.awaits(_SERVER_FIRST)
+        self._stage.end()  # until the message checked out
         try:
-            reply = self._verify_server_final(challenge)
+            reply = self._server_first(challenge) if first else self._verify_server_final(challenge)
         except _PeerError as exc:
             raise ClientAuthError(exc.detail) from None
-        self._stage = _ClientStage.VERIFIED
+        if first:
+            self._stage.expect(Call.DERIVED, what="SaltedPassword")
+        else:
+            self._stage.expect(Call.FINISH, what=_VERIFIED)
         return reply
 
     def finish(self, additional: bytes | None) -> None:
-        if self._stage is _ClientStage.DONE:
-            raise SaslProtocolError(f"{self.name}: finish() called in stage done")
-        stage, self._stage = self._stage, _ClientStage.DONE
-        if stage is _ClientStage.AWAIT_SERVER_FINAL and additional is not None:
+        self._stage.check(Call.FINISH)
+        final_due, verified = self._stage.awaits(_SERVER_FINAL), self._stage.awaits(_VERIFIED)
+        self._stage.end()
+        if final_due and additional is not None:
             try:
                 self._verify_server_final(additional)
             except _PeerError as exc:
                 raise ClientAuthError(exc.detail) from None
-        elif stage is _ClientStage.VERIFIED and additional is not None:
+        elif verified and additional is not None:
             # Already checked as a challenge; the same data again is harmless,
             # anything else is the server contradicting itself.
             if not hmac.compare_digest(additional, self._server_final):
                 raise ClientAuthError("server sent a second, different server-final-message")
-        elif stage is not _ClientStage.VERIFIED:
+        elif not verified:
             raise ClientAuthError("server reported success without proving it knows the password")
-
-    def _expect(self, stage: _ClientStage, call: str) -> None:
-        if self._stage is not stage:
-            raise SaslProtocolError(f"{self.name}: {call}() called in stage {self._stage.value}")
 
     def _server_first(self, data: bytes) -> Derive:
         text = _decode(data, "server-first-message")
@@ -693,7 +676,7 @@ class _ScramClient:
 
     def _client_final(self, salted: bytes) -> bytes:
         """client-final-message from SaltedPassword (RFC 5802 section 3)."""
-        self._expect(_ClientStage.AWAIT_DERIVATION, "finish")
+        self._stage.check(Call.DERIVED)
         if len(salted) != self.variant.digest_size:
             raise SaslProtocolError(f"{self.name}: the derived key has the wrong length")
         client_key = _hmac(self.variant, salted, b"Client Key")
@@ -707,7 +690,7 @@ class _ScramClient:
         signature = _hmac(self.variant, stored_key, auth_message)
         self._server_signature = _hmac(self.variant, server_key, auth_message)
         proof = _xor(client_key, signature)
-        self._stage = _ClientStage.AWAIT_SERVER_FINAL
+        self._stage.expect(Call.STEP, Call.FINISH, what=_SERVER_FINAL)
         return f"{without_proof},p={_b64(proof)}".encode("ascii")
 
     def _verify_server_final(self, data: bytes) -> bytes:
