@@ -78,8 +78,7 @@ from authgate.protocols.base import (
 from authgate.protocols.imap import ImapClient, ImapServer
 from authgate.protocols.pop3 import Pop3Client, Pop3Server
 from authgate.protocols.smtp import SmtpClient, SmtpServer
-from authgate.sasl import MECHANISMS
-from authgate.sasl import mechanism as mechanism_info
+from authgate.sasl import MECHANISMS, mechanism_info
 from authgate.sasl.base import (
     NO_RESPONSE,
     ClientAuthError,

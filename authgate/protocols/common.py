@@ -8,7 +8,7 @@ import base64
 import binascii
 from dataclasses import dataclass
 
-from authgate.sasl import mechanism as mechanism_info
+from authgate.sasl import mechanism_info
 from authgate.sasl.base import (
     NO_RESPONSE,
     STORE_UNAVAILABLE,

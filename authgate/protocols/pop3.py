@@ -48,8 +48,7 @@ from authgate.protocols.common import (
     b64encode,
     plain_message,
 )
-from authgate.sasl import MECHANISMS
-from authgate.sasl import mechanism as mechanism_info
+from authgate.sasl import MECHANISMS, mechanism_info
 from authgate.sasl.base import (
     MAX_PASSWORD_OCTETS,
     NO_RESPONSE,

@@ -44,7 +44,7 @@ from authgate.protocols.common import (
     b64decode_strict,
     b64encode,
 )
-from authgate.sasl import mechanism as mechanism_info
+from authgate.sasl import mechanism_info
 from authgate.sasl.base import (
     MAX_PASSWORD_OCTETS,
     NO_RESPONSE,

@@ -8,7 +8,7 @@ hard-codes mechanism names.
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from authgate.sasl.base import (
@@ -19,75 +19,82 @@ from authgate.sasl.base import (
     ServerContext,
     ServerMechanism,
 )
+from authgate.sasl.cram_md5 import CramMD5Client, CramMD5Server
+from authgate.sasl.digest_md5 import DigestMD5Client, DigestMD5Server
+from authgate.sasl.login import LoginClient, LoginServer
+from authgate.sasl.ntlm import NTLMClient, NTLMServer
+from authgate.sasl.plain import PlainClient, PlainServer
+from authgate.sasl.scram import (
+    ScramSHA1Client,
+    ScramSHA1PlusClient,
+    ScramSHA1PlusServer,
+    ScramSHA1Server,
+    ScramSHA256Client,
+    ScramSHA256PlusClient,
+    ScramSHA256PlusServer,
+    ScramSHA256Server,
+)
 
 
 @dataclass(frozen=True)
 class MechanismInfo:
     name: str
-    module: str  # authgate.sasl.<module>
-    server_class: str
-    client_class: str
+    server_class: Callable[[ServerContext], ServerMechanism]
+    client_class: Callable[[ClientCredentials, ClientContext], ClientMechanism]
     # PLAIN and LOGIN carry the password itself: they need TLS under
     # require-secure-auth, and any verifiable hash can check them.
-    cleartext: bool
+    cleartext: bool = False
     # Stored forms a server can verify this mechanism with (besides
     # plaintext, which serves everything). Empty for cleartext mechanisms.
     forms: frozenset[SecretForm] = frozenset()
     channel_binding: bool = False
 
     def server(self, ctx: ServerContext) -> ServerMechanism:
-        cls = getattr(importlib.import_module(f"authgate.sasl.{self.module}"), self.server_class)
-        server: ServerMechanism = cls(ctx)
-        return server
+        return self.server_class(ctx)
 
     def client(self, creds: ClientCredentials, ctx: ClientContext) -> ClientMechanism:
-        cls = getattr(importlib.import_module(f"authgate.sasl.{self.module}"), self.client_class)
-        client: ClientMechanism = cls(creds, ctx)
-        return client
-
-
-def _info(
-    name: str,
-    module: str,
-    prefix: str,
-    *,
-    cleartext: bool = False,
-    forms: tuple[SecretForm, ...] = (),
-    channel_binding: bool = False,
-) -> MechanismInfo:
-    return MechanismInfo(
-        name=name,
-        module=module,
-        server_class=f"{prefix}Server",
-        client_class=f"{prefix}Client",
-        cleartext=cleartext,
-        forms=frozenset(forms),
-        channel_binding=channel_binding,
-    )
+        return self.client_class(creds, ctx)
 
 
 MECHANISMS: dict[str, MechanismInfo] = {
     info.name: info
     for info in (
-        _info("PLAIN", "plain", "Plain", cleartext=True),
-        _info("LOGIN", "login", "Login", cleartext=True),
-        _info("CRAM-MD5", "cram_md5", "CramMD5", forms=(SecretForm.CRAM_MD5,)),
-        _info("DIGEST-MD5", "digest_md5", "DigestMD5", forms=(SecretForm.DIGEST_MD5,)),
-        _info("NTLM", "ntlm", "NTLM", forms=(SecretForm.NT_HASH,)),
-        _info("SCRAM-SHA-1", "scram", "ScramSHA1", forms=(SecretForm.SCRAM_SHA_1,)),
-        _info("SCRAM-SHA-256", "scram", "ScramSHA256", forms=(SecretForm.SCRAM_SHA_256,)),
-        _info(
+        MechanismInfo("PLAIN", PlainServer, PlainClient, cleartext=True),
+        MechanismInfo("LOGIN", LoginServer, LoginClient, cleartext=True),
+        MechanismInfo(
+            "CRAM-MD5", CramMD5Server, CramMD5Client, forms=frozenset({SecretForm.CRAM_MD5})
+        ),
+        MechanismInfo(
+            "DIGEST-MD5",
+            DigestMD5Server,
+            DigestMD5Client,
+            forms=frozenset({SecretForm.DIGEST_MD5}),
+        ),
+        MechanismInfo("NTLM", NTLMServer, NTLMClient, forms=frozenset({SecretForm.NT_HASH})),
+        MechanismInfo(
+            "SCRAM-SHA-1",
+            ScramSHA1Server,
+            ScramSHA1Client,
+            forms=frozenset({SecretForm.SCRAM_SHA_1}),
+        ),
+        MechanismInfo(
+            "SCRAM-SHA-256",
+            ScramSHA256Server,
+            ScramSHA256Client,
+            forms=frozenset({SecretForm.SCRAM_SHA_256}),
+        ),
+        MechanismInfo(
             "SCRAM-SHA-1-PLUS",
-            "scram",
-            "ScramSHA1Plus",
-            forms=(SecretForm.SCRAM_SHA_1,),
+            ScramSHA1PlusServer,
+            ScramSHA1PlusClient,
+            forms=frozenset({SecretForm.SCRAM_SHA_1}),
             channel_binding=True,
         ),
-        _info(
+        MechanismInfo(
             "SCRAM-SHA-256-PLUS",
-            "scram",
-            "ScramSHA256Plus",
-            forms=(SecretForm.SCRAM_SHA_256,),
+            ScramSHA256PlusServer,
+            ScramSHA256PlusClient,
+            forms=frozenset({SecretForm.SCRAM_SHA_256}),
             channel_binding=True,
         ),
     )
@@ -97,7 +104,7 @@ MECHANISMS: dict[str, MechanismInfo] = {
 DEFAULT_ORDER: tuple[str, ...] = ("CRAM-MD5", "DIGEST-MD5", "NTLM", "LOGIN", "PLAIN")
 
 
-def mechanism(name: str) -> MechanismInfo:
+def mechanism_info(name: str) -> MechanismInfo:
     """Look a mechanism up by its (case-insensitive) name; KeyError if unknown."""
     return MECHANISMS[name.upper()]
 

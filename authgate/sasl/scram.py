@@ -32,9 +32,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Final
 
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes
 from scramp.utils import ScramException, saslprep
 
 from authgate.sasl.base import (
@@ -310,6 +307,12 @@ def tls_server_end_point(cert_der: bytes) -> bytes:
     of its signature algorithm, MD5 and SHA-1 upgraded to SHA-256.
     ValueError when the certificate cannot be read or its signature uses no
     single hash (Ed25519/Ed448): RFC 5929 leaves that case undefined."""
+    # Imported here: X.509 parsing costs ~40 ms of import, and only a
+    # listener's set-up (and tests) ever reads a certificate.
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import hashes
+
     try:
         cert = x509.load_der_x509_certificate(cert_der)
         algorithm = cert.signature_hash_algorithm

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from authgate.sasl import mechanism
+from authgate.sasl import mechanism_info
 from authgate.sasl.base import ClientContext, ClientCredentials, client_step
 from authgate.testing.stack import ListenerSpec, Stack, embedded_stack
 
@@ -45,7 +45,7 @@ async def authenticate(stack: Stack, name: str, password: str) -> tuple[bytes, l
     ep = stack["imap"]
     reader, writer = await asyncio.open_connection(ep.host, ep.port)
     received = await reader.readline()
-    client = mechanism(name).client(
+    client = mechanism_info(name).client(
         ClientCredentials("alice", password), ClientContext(service="imap", hostname="localhost")
     )
     sent: list[bytes] = []

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from authgate.sasl import mechanism as mechanism_info
+from authgate.sasl import mechanism_info
 from authgate.sasl._ntlm_messages import (
     Flag,
     build_authenticate,

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from spnego._ntlm_raw.messages import Challenge as SpnegoChallenge
 
-from authgate.sasl import mechanism
+from authgate.sasl import mechanism_info
 from authgate.sasl._md4 import md4
 from authgate.sasl._ntlm_messages import (
     AvId,
@@ -413,7 +413,7 @@ def test_round_trip_unknown_user() -> None:
 
 
 def test_registry_builds_our_classes() -> None:
-    info = mechanism("ntlm")
+    info = mechanism_info("ntlm")
     assert isinstance(info.server(ServerContext()), NTLMServer)
     assert isinstance(info.client(ClientCredentials("a", "b"), ClientContext()), NTLMClient)
     assert info.forms == frozenset({SecretForm.NT_HASH})

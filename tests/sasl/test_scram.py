@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scramp.core import CBindData
 
-from authgate.sasl import mechanism
+from authgate.sasl import mechanism_info
 from authgate.sasl.base import (
     NO_RESPONSE,
     Challenge,
@@ -247,7 +247,7 @@ def test_round_trip(
 def test_registry_builds_our_classes(
     name: str, server_cls: ServerClass, client_cls: ClientClass, hash_name: str, plus: bool
 ) -> None:
-    info = mechanism(name)
+    info = mechanism_info(name)
     sctx, cctx = contexts(plus)
     assert type(info.server(sctx)) is server_cls
     assert type(info.client(ClientCredentials("a", "b"), cctx)) is client_cls
