@@ -6,7 +6,6 @@ import hashlib
 import hmac
 import re
 import smtplib
-from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -28,7 +27,6 @@ from authgate.sasl.base import (
     SecretForm,
     SecretLookup,
     ServerContext,
-    ServerOutcome,
     Success,
     run_exchange,
 )
@@ -39,23 +37,14 @@ from authgate.sasl.cram_md5 import (
     cram_md5_digest,
     cram_md5_secret,
 )
+from tests.sasl.kit import Resolver, drive, store
 
 RFC_CHALLENGE = b"<1896.697170952@postoffice.reston.mci.net>"
 RFC_RESPONSE = b"tim b913a602c7eda7a495b4e6e7334d3890"
 
 PASSWORDS = {"tim": "tanstaaftanstaaf", "zoë": "pässwörd 密码", "john doe": "pw with spaces"}
-Resolver = Callable[[LookupRequest], LookupAnswer]
-
-
-def resolve(request: LookupRequest) -> LookupAnswer:
-    assert isinstance(request, SecretLookup)
-    assert request.form is SecretForm.CRAM_MD5
-    password = PASSWORDS.get(request.authcid)
-    return None if password is None else cram_md5_secret(password)
-
-
-def resolve_false_for_unknown(request: LookupRequest) -> LookupAnswer:
-    return resolve(request) or False
+resolve = store(PASSWORDS, forms=[SecretForm.CRAM_MD5])
+resolve_false_for_unknown = store(PASSWORDS, forms=[SecretForm.CRAM_MD5], unknown=False)
 
 
 def client(username: str, password: str, authzid: str = "") -> CramMD5Client:
@@ -295,21 +284,6 @@ def test_response_parser(username: str, digest: bytes, upper: bool) -> None:
     assert outcome == Lookup(SecretLookup(username, SecretForm.CRAM_MD5))
 
 
-def _drive(
-    srv: CramMD5Server, initial: InitialResponse, replies: list[bytes], answer: LookupAnswer
-) -> ServerOutcome:
-    outcome = srv.start(initial)
-    feed = iter(replies)
-    while isinstance(outcome, Challenge | Lookup):
-        if isinstance(outcome, Lookup):
-            outcome = srv.resume(answer)
-            continue
-        reply = next(feed, None)
-        if reply is None:
-            return outcome
-        outcome = srv.step(reply)
-    return outcome
-
 
 cram_like = st.one_of(
     st.binary(max_size=60),
@@ -328,7 +302,7 @@ def test_random_input_never_crashes_or_succeeds(
     initial: InitialResponse, replies: list[bytes], answer: LookupAnswer
 ) -> None:
     srv = server()
-    outcome = _drive(srv, initial, replies, answer)
+    outcome = drive(srv, initial, replies, answer)
     # A random 32-byte secret matches a random digest with probability 2**-128.
     assert not isinstance(outcome, Success)
     if isinstance(outcome, Failure):

@@ -39,6 +39,7 @@ from authgate.sasl.digest_md5 import (
     format_directives,
     parse_directives,
 )
+from tests.sasl import kit
 
 HOST = "mail.example.org"
 SCTX = ServerContext(service="imap", hostname=HOST)
@@ -61,18 +62,7 @@ def store(
     passwords: dict[str, str], seen: list[LookupRequest] | None = None
 ) -> Callable[[LookupRequest], LookupAnswer]:
     """A dict-backed store answering DIGEST-MD5 lookups with HA1."""
-
-    def resolve(request: LookupRequest) -> LookupAnswer:
-        if seen is not None:
-            seen.append(request)
-        assert isinstance(request, SecretLookup)
-        assert request.form is SecretForm.DIGEST_MD5
-        password = passwords.get(request.authcid)
-        if password is None:
-            return None
-        return digest_ha1(request.authcid, request.realm, password)
-
-    return resolve
+    return kit.store(passwords, forms=[SecretForm.DIGEST_MD5], seen=seen)
 
 
 def raw_store(ha1_by_user: dict[str, bytes]) -> Callable[[LookupRequest], LookupAnswer]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -25,26 +23,14 @@ from authgate.sasl.base import (
     PasswordVerdict,
     SaslProtocolError,
     ServerContext,
-    ServerOutcome,
     Success,
     run_exchange,
 )
 from authgate.sasl.login import PASSWORD_PROMPT, USERNAME_PROMPT, LoginClient, LoginServer
+from tests.sasl.kit import Resolver, drive, store
 
-PASSWORDS = {"alice": "correct horse", "zoë": "pässwörd 密码"}
-Resolver = Callable[[LookupRequest], LookupAnswer]
-
-
-def resolve(request: LookupRequest) -> LookupAnswer:
-    assert isinstance(request, PasswordCheck)
-    return PASSWORDS.get(request.authcid) == request.password
-
-
-def resolve_none_for_unknown(request: LookupRequest) -> LookupAnswer:
-    assert isinstance(request, PasswordCheck)
-    if request.authcid not in PASSWORDS:
-        return None
-    return PASSWORDS[request.authcid] == request.password
+resolve = store()
+resolve_none_for_unknown = store(unknown=None)
 
 
 def client(username: str, password: str, authzid: str = "") -> LoginClient:
@@ -156,21 +142,6 @@ def test_any_credentials_round_trip(username: str, password: str, ir: bool) -> N
     assert seen == [PasswordCheck(username, password)]
 
 
-def _drive(
-    srv: LoginServer, initial: InitialResponse, replies: list[bytes], answer: LookupAnswer
-) -> ServerOutcome:
-    outcome = srv.start(initial)
-    feed = iter(replies)
-    while isinstance(outcome, Challenge | Lookup):
-        if isinstance(outcome, Lookup):
-            outcome = srv.resume(answer)
-            continue
-        reply = next(feed, None)
-        if reply is None:
-            return outcome
-        outcome = srv.step(reply)
-    return outcome
-
 
 @given(
     st.one_of(st.just(NO_RESPONSE), st.binary(max_size=30)),
@@ -181,7 +152,7 @@ def test_random_input_never_crashes_or_succeeds(
     initial: InitialResponse, replies: list[bytes], answer: LookupAnswer
 ) -> None:
     srv = server()
-    outcome = _drive(srv, initial, replies, answer)
+    outcome = drive(srv, initial, replies, answer)
     assert not isinstance(outcome, Success)
     if isinstance(outcome, Failure):
         with pytest.raises(SaslProtocolError):

@@ -39,7 +39,6 @@ from authgate.sasl.base import (
     Failure,
     FailureReason,
     Lookup,
-    LookupAnswer,
     LookupRequest,
     SaslProtocolError,
     SecretForm,
@@ -59,6 +58,7 @@ from authgate.sasl.ntlm import (
     ntlmv2_proof,
     ntowfv2,
 )
+from tests.sasl.kit import store
 
 # ---------------------------------------------------------------- [MS-NLMP] 4.2 vectors
 
@@ -103,11 +103,7 @@ USERS = {
 FLAG_BITS = [int(f) for f in Flag]
 
 
-def resolve(request: LookupRequest) -> LookupAnswer:
-    assert isinstance(request, SecretLookup)
-    assert request.form is SecretForm.NT_HASH
-    password = USERS.get(request.authcid)
-    return None if password is None else nt_hash(password)
+resolve = store(USERS, forms=[SecretForm.NT_HASH])
 
 
 def fixed(value: bytes) -> Callable[[int], bytes]:
@@ -372,14 +368,10 @@ def exchange(
     initial_response: bool = True,
     lookups: list[LookupRequest] | None = None,
 ) -> ServerOutcome:
-    def recording_resolve(request: LookupRequest) -> LookupAnswer:
-        if lookups is not None:
-            lookups.append(request)
-        return resolve(request)
-
     client = NTLMClient(ClientCredentials(username, password), ClientContext())
     server = NTLMServer(ServerContext(hostname="mx.example.org"))
-    return run_exchange(client, server, recording_resolve, initial_response=initial_response)
+    recording = store(USERS, forms=[SecretForm.NT_HASH], seen=lookups)
+    return run_exchange(client, server, recording, initial_response=initial_response)
 
 
 @pytest.mark.parametrize("initial_response", [True, False])

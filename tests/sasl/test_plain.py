@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import smtplib
-from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -26,26 +25,14 @@ from authgate.sasl.base import (
     PasswordVerdict,
     SaslProtocolError,
     ServerContext,
-    ServerOutcome,
     Success,
     run_exchange,
 )
 from authgate.sasl.plain import PlainClient, PlainServer
+from tests.sasl.kit import Resolver, drive, store
 
-PASSWORDS = {"alice": "correct horse", "zoë": "pässwörd 密码"}
-Resolver = Callable[[LookupRequest], LookupAnswer]
-
-
-def resolve(request: LookupRequest) -> LookupAnswer:
-    assert isinstance(request, PasswordCheck)
-    return PASSWORDS.get(request.authcid) == request.password
-
-
-def resolve_none_for_unknown(request: LookupRequest) -> LookupAnswer:
-    assert isinstance(request, PasswordCheck)
-    if request.authcid not in PASSWORDS:
-        return None
-    return PASSWORDS[request.authcid] == request.password
+resolve = store()
+resolve_none_for_unknown = store(unknown=None)
 
 
 def client(username: str, password: str, authzid: str = "") -> PlainClient:
@@ -207,21 +194,6 @@ def test_any_credentials_round_trip(username: str, password: str) -> None:
     assert seen == [PasswordCheck(username, password)]
 
 
-def _drive(
-    srv: PlainServer, initial: InitialResponse, replies: list[bytes], answer: LookupAnswer
-) -> ServerOutcome:
-    outcome = srv.start(initial)
-    feed = iter(replies)
-    while isinstance(outcome, Challenge | Lookup):
-        if isinstance(outcome, Lookup):
-            outcome = srv.resume(answer)
-            continue
-        reply = next(feed, None)
-        if reply is None:
-            return outcome
-        outcome = srv.step(reply)
-    return outcome
-
 
 @given(
     st.one_of(st.just(NO_RESPONSE), plain_like),
@@ -232,7 +204,7 @@ def test_random_input_never_crashes_or_succeeds(
     initial: InitialResponse, replies: list[bytes], answer: LookupAnswer
 ) -> None:
     srv = server()
-    outcome = _drive(srv, initial, replies, answer)
+    outcome = drive(srv, initial, replies, answer)
     assert not isinstance(outcome, Success)
     if isinstance(outcome, Failure):
         with pytest.raises(SaslProtocolError):

@@ -12,8 +12,6 @@ from hypothesis import strategies as st
 
 from authgate.sasl import MECHANISMS
 from authgate.sasl.base import (
-    NO_RESPONSE,
-    Challenge,
     ClientAuthError,
     ClientContext,
     ClientCredentials,
@@ -21,6 +19,7 @@ from authgate.sasl.base import (
     ServerContext,
 )
 from authgate.sasl.relayed import relayed_user
+from tests.sasl.kit import to_first_lookup
 
 NAMING = ["PLAIN", "LOGIN", "CRAM-MD5", "DIGEST-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256", "NTLM"]
 
@@ -37,16 +36,7 @@ def exchange(mechanism: str, user: str, password: str) -> tuple[list[bytes], str
     that lookup names."""
     info = MECHANISMS[mechanism]
     client = info.client(ClientCredentials(user, password), ClientContext())
-    server = info.server(ServerContext())
-    messages: list[bytes] = []
-    first = client.start()
-    if first is not None:
-        messages.append(first)
-    outcome = server.start(NO_RESPONSE if first is None else first)
-    while isinstance(outcome, Challenge):
-        message = client.step(outcome.data)
-        messages.append(message)
-        outcome = server.step(message)
+    messages, outcome = to_first_lookup(client, info.server(ServerContext()))
     assert isinstance(outcome, Lookup), outcome
     return messages, outcome.request.authcid
 

@@ -62,6 +62,7 @@ from authgate.sasl.scram import (
     parse_dovecot,
     tls_server_end_point,
 )
+from tests.sasl import kit
 
 ServerClass = type[ScramSHA1Server] | type[ScramSHA256Server]
 ClientClass = type[ScramSHA1Client] | type[ScramSHA256Client]
@@ -93,24 +94,13 @@ def binding() -> tuple[str, bytes]:
     return ("tls-server-end-point", tls_server_end_point(rsa_cert_der()))
 
 
-@cache
 def verifier(hash_name: str, password: str = PASSWORD) -> ScramVerifier:
-    return make_verifier(password, hash_name, salt=b"0123456789abcdef")
+    return kit.scram_verifier(hash_name, password)
 
 
 def resolver(users: dict[str, str]) -> Callable[[LookupRequest], LookupAnswer]:
     """A dict-backed credential store holding passwords, answering SCRAM lookups."""
-
-    def resolve(request: LookupRequest) -> LookupAnswer:
-        assert isinstance(request, SecretLookup)
-        assert request.form in (SecretForm.SCRAM_SHA_1, SecretForm.SCRAM_SHA_256)
-        password = users.get(request.authcid)
-        if password is None:
-            return None
-        hash_name = "sha1" if request.form is SecretForm.SCRAM_SHA_1 else "sha256"
-        return verifier(hash_name, password)
-
-    return resolve
+    return kit.store(users, forms=[SecretForm.SCRAM_SHA_1, SecretForm.SCRAM_SHA_256])
 
 
 def contexts(plus: bool) -> tuple[ServerContext, ClientContext]:
