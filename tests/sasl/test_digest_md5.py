@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from passlib.hash import htdigest
 
@@ -34,9 +34,11 @@ from authgate.sasl.base import (
 from authgate.sasl.digest_md5 import (
     DigestMD5Client,
     DigestMD5Server,
+    DigestResponse,
     DirectiveSyntaxError,
     digest_ha1,
     format_directives,
+    parse_digest_response,
     parse_directives,
 )
 from tests.sasl import kit
@@ -1027,3 +1029,125 @@ def test_random_rspauth_gives_client_auth_error(data: bytes) -> None:
     client.step(b'nonce="n",algorithm=md5-sess,charset=utf-8')
     with pytest.raises(ClientAuthError):
         client.step(data)
+
+
+# ------------------------------------------------------------ parse_digest_response
+
+_TEXT = st.text(
+    st.characters(min_codepoint=0x20, max_codepoint=0x2FF, blacklist_characters="\x7f"),
+    max_size=20,
+)
+_HEX = "0123456789abcdefABCDEF"
+
+
+@st.composite
+def digest_responses(draw: st.DrawFn) -> tuple[dict[str, bytes | None], bytes]:
+    """A well-formed digest-response in any directive order, and the
+    values written into it (None: the optional directive left out)."""
+    values: dict[str, bytes | None] = {
+        "username": draw(_TEXT.filter(bool)).encode(),
+        "realm": draw(st.none() | _TEXT.map(str.encode)),
+        "nonce": draw(quotable),
+        "cnonce": draw(quotable.filter(bool)),
+        "nc": draw(st.text(_HEX, min_size=8, max_size=8)).encode(),
+        "qop": draw(st.none() | st.sampled_from([b"auth", b"AUTH", b"Auth"])),
+        "digest-uri": "/".join(
+            draw(st.lists(_TEXT.filter(lambda t: bool(t) and "/" not in t), min_size=2, max_size=3))
+        ).encode(),
+        "response": draw(st.text(_HEX, min_size=32, max_size=32)).encode(),
+        "authzid": draw(st.none() | _TEXT.filter(bool).map(str.encode)),
+    }
+    unquoted = {"nc", "qop", "response"}
+    items = [("charset", b"utf-8", False)]
+    items += [(name, value, name not in unquoted) for name, value in values.items() if value is not None]
+    return values, format_directives(draw(st.permutations(items)))
+
+
+@settings(max_examples=300)
+@given(digest_responses())
+def test_parse_reads_back_every_directive(case: tuple[dict[str, bytes | None], bytes]) -> None:
+    values, data = case
+    parsed = parse_digest_response(data)
+    assert isinstance(parsed, DigestResponse), parsed
+    assert parsed.username.encode() == values["username"]
+    assert parsed.realm == (None if values["realm"] is None else values["realm"].decode())
+    assert (parsed.nonce, parsed.cnonce, parsed.nc) == (
+        values["nonce"],
+        values["cnonce"],
+        values["nc"],
+    )
+    assert parsed.qop == (values["qop"] or b"auth")
+    assert parsed.digest_uri_raw == values["digest-uri"]
+    assert parsed.digest_uri == parsed.digest_uri_raw.decode()
+    assert parsed.response == values["response"].lower()  # type: ignore[union-attr]
+    assert parsed.authzid_raw == values["authzid"]
+    assert (parsed.service, parsed.host) == tuple(parsed.digest_uri.split("/")[:2])
+
+
+@given(digest_responses(), st.sampled_from(sorted(dm._RESPONSE_DIRECTIVES)))
+def test_parse_refuses_any_directive_twice(
+    case: tuple[dict[str, bytes | None], bytes], name: str
+) -> None:
+    values, data = case
+    assume(name == "charset" or values.get(name) is not None)
+    twice = data + b"," + format_directives([(name, b"x", True)])
+    failure = failure_of(parse_digest_response(twice), FailureReason.MALFORMED)
+    assert failure.detail == f"duplicate directive ({name})"
+
+
+@given(digest_responses(), st.sampled_from(dm._REQUIRED_IN_RESPONSE))
+def test_parse_refuses_a_missing_required_directive(
+    case: tuple[dict[str, bytes | None], bytes], name: str
+) -> None:
+    _, data = case
+    kept = [(n, v, True) for n, v in parse_directives(data) if n != name]
+    failure = failure_of(parse_digest_response(format_directives(kept)), FailureReason.MALFORMED)
+    assert failure.detail == f"missing directive {name}"
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=600) | digest_responses().map(lambda case: case[1]))
+def test_parse_is_total(data: bytes) -> None:
+    parsed = parse_digest_response(data)
+    assert isinstance(parsed, DigestResponse) or parsed.reason is FailureReason.MALFORMED
+
+
+@given(
+    digest_responses(),
+    st.sampled_from(
+        [("nc", b"0000000x"), ("response", b"z" * 32), ("qop", b"auth-int"), ("charset", b"latin1")]
+    ),
+)
+def test_parse_failures_quote_no_value(
+    case: tuple[dict[str, bytes | None], bytes], broken: tuple[str, bytes]
+) -> None:
+    values, data = case
+    name, bad = broken
+    items = [(n, bad if n == name else v, True) for n, v in parse_directives(data)]
+    if name not in dict(parse_directives(data)):
+        items.append((name, bad, True))
+    failure = failure_of(parse_digest_response(format_directives(items)), FailureReason.MALFORMED)
+    for value in (*values.values(), bad):
+        if value is not None and len(value) >= 8:
+            assert value.decode("latin-1") not in failure.detail
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=300) | digest_responses().map(lambda case: case[1]))
+def test_server_step_is_parse_then_check(data: bytes) -> None:
+    # A grammar failure is the server's answer as it stands; a response that
+    # parses is judged against the exchange, never called malformed.
+    server, _ = started_server()
+    outcome = server.step(data)
+    parsed = parse_digest_response(data)
+    if isinstance(parsed, Failure):
+        assert outcome == parsed
+    elif isinstance(outcome, Failure):
+        assert outcome.reason in (
+            FailureReason.INVALID_CREDENTIALS,
+            FailureReason.DIGEST_URI_MISMATCH,
+        )
+    else:
+        assert outcome == Lookup(
+            SecretLookup(parsed.username, SecretForm.DIGEST_MD5, realm=parsed.realm or "")
+        )
