@@ -84,6 +84,14 @@ __all__ = ["ImapClient", "ImapServer"]
 
 CRLF = b"\r\n"
 
+# What the driver says, outside the dialogue, just before it closes the
+# connection: an untagged BYE (RFC 9051 section 7.1.5), with RFC 5530's
+# UNAVAILABLE where trying again later may work.
+BYE_BUSY = b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n"
+BYE_IDLE = b"* BYE Idle timeout, closing connection\r\n"
+BYE_BLOCKED = b"* BYE [UNAVAILABLE] Too many failed logins from your address, try again later\r\n"
+BYE_UNAVAILABLE = b"* BYE [UNAVAILABLE] Mail server unavailable, try again later\r\n"
+
 # RFC 9051 section 9 allows a tag of any ASTRING-CHAR but "+", which
 # includes "<", ">", "'", "&" and ":". We echo a tag in our replies, so a
 # line of HTML sent by a browser to this port ("<script>..."; ALPACA's

@@ -82,6 +82,13 @@ MAX_AUTH_LINE = 255
 # Mechanism label for USER/PASS in `Authenticated` and `AuthFailed`.
 USER_PASS = "USER-PASS"  # noqa: S105 (a label, not a password)
 
+# What the driver says, outside the dialogue, just before it closes the
+# connection: -ERR, with RFC 3206's SYS/TEMP where trying again later may work.
+BYE_BUSY = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
+BYE_IDLE = b"-ERR Idle timeout, closing connection\r\n"
+BYE_BLOCKED = b"-ERR [SYS/TEMP] Too many failed logins from your address, try again later\r\n"
+BYE_UNAVAILABLE = b"-ERR [SYS/TEMP] Mail server unavailable, try again later\r\n"
+
 
 def _line(text: str) -> bytes:
     return text.encode("utf-8") + CRLF

@@ -75,6 +75,14 @@ _MECHANISM_NAME = re.compile(rb"[A-Za-z0-9_-]{1,20}")
 # answers the server's empty challenge instead (RFC 4422 section 5).
 AUTH_LINE_LIMIT = 12288
 
+# What the driver says, outside the dialogue, just before it closes the
+# connection: RFC 5321 section 3.8 (421 when the service must shut the
+# transmission channel), enhanced codes from RFC 3463.
+BYE_BUSY = b"421 4.7.0 Too many connections, try again later\r\n"
+BYE_IDLE = b"421 4.4.2 Idle timeout, closing connection\r\n"
+BYE_BLOCKED = b"421 4.7.0 Too many failed logins from your address, try again later\r\n"
+BYE_UNAVAILABLE = b"421 4.3.0 Service temporarily unavailable\r\n"
+
 
 def _reply(text: str) -> Send:
     return Send(text.encode("ascii") + CRLF)

@@ -15,50 +15,56 @@ from authgate.credentials.base import CredentialStore
 from authgate.offers import ListenerOffer, listener_offer
 from authgate.password_policy import PasswordPolicy
 from authgate.policy import Protocol
-from authgate.protocols.imap import ImapClient, ImapServer
-from authgate.protocols.pop3 import Pop3Client, Pop3Server
-from authgate.protocols.smtp import SmtpClient, SmtpServer
+from authgate.protocols import imap, pop3, smtp
 from authgate.proxy import alpn
 from authgate.proxy import tls as tls_mod
 
 
 @dataclass(frozen=True)
 class ProtocolParts:
+    """What the driver takes from a protocol's module: its machines and the
+    lines it says itself, outside the dialogue, before closing."""
+
     server: Callable[..., Any]
     client: Callable[..., Any]
     sasl_service: str  # GSSAPI service name (DIGEST-MD5 digest-uri), RFC 2831
     busy: bytes  # the protocol's "try again later" greeting, when over a connection limit
     goodbye: bytes  # said to a client that stayed silent too long before authenticating
     blocked: bytes  # greeting for an address blocked by the brute-force defence
+    unavailable: bytes  # the backend could not be made ready for a hand-over
+    # The shortest command line the protocol must accept, whatever the
+    # configured max_line says (SMTP: RFC 4954's 12288-octet AUTH line).
+    min_line: int = 0
 
 
-# Replies with a reason (RFC 5321 section 3.8 421, RFC 5530 [UNAVAILABLE],
-# RFC 3206 [SYS/TEMP]) so well-behaved clients back off and retry.
 PROTOCOL_PARTS: dict[Protocol, ProtocolParts] = {
     Protocol.SMTP: ProtocolParts(
-        server=SmtpServer,
-        client=SmtpClient,
+        server=smtp.SmtpServer,
+        client=smtp.SmtpClient,
         sasl_service="smtp",
-        busy=b"421 4.7.0 Too many connections, try again later\r\n",
-        goodbye=b"421 4.4.2 Idle timeout, closing connection\r\n",
-        blocked=b"421 4.7.0 Too many failed logins from your address, try again later\r\n",
+        busy=smtp.BYE_BUSY,
+        goodbye=smtp.BYE_IDLE,
+        blocked=smtp.BYE_BLOCKED,
+        unavailable=smtp.BYE_UNAVAILABLE,
+        min_line=smtp.AUTH_LINE_LIMIT,
     ),
     Protocol.IMAP: ProtocolParts(
-        server=ImapServer,
-        client=ImapClient,
+        server=imap.ImapServer,
+        client=imap.ImapClient,
         sasl_service="imap",
-        busy=b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n",
-        goodbye=b"* BYE Idle timeout, closing connection\r\n",
-        blocked=b"* BYE [UNAVAILABLE] Too many failed logins from your address, try again later"
-        b"\r\n",
+        busy=imap.BYE_BUSY,
+        goodbye=imap.BYE_IDLE,
+        blocked=imap.BYE_BLOCKED,
+        unavailable=imap.BYE_UNAVAILABLE,
     ),
     Protocol.POP3: ProtocolParts(
-        server=Pop3Server,
-        client=Pop3Client,
+        server=pop3.Pop3Server,
+        client=pop3.Pop3Client,
         sasl_service="pop",
-        busy=b"-ERR [SYS/TEMP] Too many connections, try again later\r\n",
-        goodbye=b"-ERR Idle timeout, closing connection\r\n",
-        blocked=b"-ERR [SYS/TEMP] Too many failed logins from your address, try again later\r\n",
+        busy=pop3.BYE_BUSY,
+        goodbye=pop3.BYE_IDLE,
+        blocked=pop3.BYE_BLOCKED,
+        unavailable=pop3.BYE_UNAVAILABLE,
     ),
 }
 
@@ -80,6 +86,11 @@ class ListenerRuntime:
     @property
     def relay(self) -> bool:
         return self.listener.backend.mode is BackendMode.RELAY
+
+    @property
+    def max_line(self) -> int:
+        """The longest command line this listener's sessions read."""
+        return max(self.limits.max_line, self.parts.min_line)
 
 
 def build_runtime(
