@@ -1,8 +1,12 @@
 """One client connection: drive the protocol machine, then splice.
 
-The machine decides every byte of protocol text; this driver only acts on
-its events: send, start TLS, resolve a credential lookup off the event loop,
-log in to the backend, and finally splice the two connections.
+Two phases, each a function that returns a value: `_preauth()` acts on the
+machine's events (send, start TLS, resolve a credential lookup off the event
+loop, log in to the backend) and returns a `Handover`, or None when the
+session ends before one; `_splice(handover)` then connects the two sides.
+The machine decides every byte of protocol text in the dialogue; the few
+lines the driver says itself come from the protocol's module
+(`ListenerRuntime.parts`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import ssl
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeAlias
 
 from authgate.config import ClientAddressForwarding, TLSMode
 from authgate.credentials.base import CredentialsUnavailable
@@ -45,7 +49,7 @@ from authgate.proxy.auditing import AuditTrail
 from authgate.proxy.channel import Channel, ChannelClosed
 from authgate.proxy.lograte import LogThrottle
 from authgate.proxy.runtime import ListenerRuntime
-from authgate.proxy.splice import guarded, splice
+from authgate.proxy.splice import Handover, hand_over
 from authgate.proxy.upstream import LoginStep, Upstream, connect
 from authgate.sasl.base import (
     STORE_UNAVAILABLE,
@@ -72,13 +76,9 @@ GUESS_REASONS = frozenset(
     {FailureReason.INVALID_CREDENTIALS.value, FailureReason.AUTHZ_DENIED.value}
 )
 
-
-class _SessionOver(Exception):
-    """Internal: the machine said Close, or the session was spliced."""
-
-
-class _IdleTimeout(Exception):
-    """Internal: the client was silent too long before authenticating."""
+# What acting on one event leads to: the events to act on next (the hand-over
+# among them, in place of the machine's Splice), or None: the session is over.
+_Next: TypeAlias = Sequence[Event | Handover] | None
 
 
 class ClientSession:
@@ -108,10 +108,6 @@ class ClientSession:
         # (user, keyed hash of the password) of the last cleartext password
         # checked: lets the defence recognise a stale password sent again.
         self._fingerprint: tuple[str, bytes] | None = None
-        # Bytes the backend sent after its login reply: the client gets them first.
-        self._pending_down = b""
-        # What the backend announced (SMTP EHLO keywords), for the splice filter.
-        self._backend_keywords: tuple[str, ...] = ()
         # The real client: from a trusted balancer's PROXY header, else the peer.
         self.peer = client or channel.peername()
         self.via_balancer = client is not None
@@ -131,10 +127,6 @@ class ClientSession:
         listener = runtime.listener
         limits = runtime.limits
         self.tag = f"{listener.name} {self.peer[0]}:{self.peer[1]}"
-        # RFC 4954 section 4: an SMTP AUTH line may be 12288 octets.
-        self._max_line = (
-            max(limits.max_line, 12288) if listener.protocol is Protocol.SMTP else limits.max_line
-        )
         self.machine: Any = runtime.parts.server(
             SessionSettings(
                 hostname=runtime.hostname,
@@ -144,7 +136,7 @@ class ClientSession:
                 tls_active=listener.tls is TLSMode.IMPLICIT,
                 relay=runtime.relay,
                 submission=listener.submission,
-                max_line=self._max_line,
+                max_line=runtime.max_line,
                 max_errors=limits.max_errors,
                 max_commands=limits.max_commands,
             )
@@ -177,14 +169,9 @@ class ClientSession:
 
     async def run(self) -> None:
         try:
-            await self._run()
-        except _SessionOver:
-            pass
-        except _IdleTimeout:
-            log.info("%s: timeout before authentication", self.tag)
-            with contextlib.suppress(ChannelClosed):
-                self.client.write(self.runtime.parts.goodbye)
-                await asyncio.wait_for(self.client.drain(), 5)
+            handover = await self._preauth()
+            if handover is not None:
+                await self._splice(handover)
         except TimeoutError:
             log.info("%s: timed out", self.tag)
         except (ChannelClosed, ConnectionError, ssl.SSLError) as exc:
@@ -197,16 +184,25 @@ class ClientSession:
             if self.upstream is not None:
                 self.upstream.close()
 
-    async def _run(self) -> None:
-        await self._refuse_if_blocked()
+    async def _preauth(self) -> Handover | None:
+        """Drive the machine until it hands the client over to the backend,
+        or None: the session ended first (closed, refused, timed out)."""
+        if await self._blocked():
+            return None
         limits = self.runtime.limits
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limits.preauth_timeout
-        queue: deque[Event] = deque(self.machine.start())
+        queue: deque[Event | Handover] = deque(self.machine.start())
         first_read = True
         while True:
             while queue:
-                queue.extend(await self._handle(queue.popleft()))
+                item = queue.popleft()
+                if isinstance(item, Handover):
+                    return item
+                step = await self._handle(item)
+                if step is None:
+                    return None
+                queue.extend(step)
             await self.client.drain()
             # Idle timeout, and a cap on the whole pre-authentication phase
             # (a slow client trickling one byte a minute must not stay forever).
@@ -216,20 +212,27 @@ class ClientSession:
                     raise TimeoutError
                 data = await self.client.read(timeout=wait)
             except TimeoutError:
-                raise _IdleTimeout from None
+                await self._idle_goodbye()
+                return None
             if not data:
                 log.info("%s: client closed before authenticating", self.tag)
-                return
+                return None
             if first_read and self._spoofed_header(data):
-                return
+                return None
             first_read = False
-            if self._secret_looked_up:
-                # Mid-exchange with the user's secret at hand (SCRAM): this
-                # message may carry the proof the machine checks at once.
-                await self._refuse_if_blocked()
+            # Mid-exchange with the user's secret at hand (SCRAM): this
+            # message may carry the proof the machine checks at once.
+            if self._secret_looked_up and await self._blocked():
+                return None
             queue.extend(self.machine.receive_data(data))
 
-    async def _handle(self, event: Event) -> list[Event]:
+    async def _idle_goodbye(self) -> None:
+        log.info("%s: timeout before authentication", self.tag)
+        with contextlib.suppress(ChannelClosed):
+            self.client.write(self.runtime.parts.goodbye)
+            await asyncio.wait_for(self.client.drain(), 5)
+
+    async def _handle(self, event: Event) -> _Next:
         if isinstance(event, Send):
             self.client.write(event.data)
             return []
@@ -239,27 +242,28 @@ class ClientSession:
         # (parallel connections guessing): asked again before every
         # credential is checked, and before any outcome is acted on, the
         # same way for a right and a wrong one (no oracle).
+        checked = isinstance(event, Lookup | Authenticated | RelayAuth | RelayResponse)
+        if checked and await self._blocked():
+            return None
         if isinstance(event, Lookup):
-            await self._refuse_if_blocked()
             return await self._lookup(event.request)
         if isinstance(event, Authenticated):
-            await self._refuse_if_blocked()
             return await self._login_as(event)
         if isinstance(event, RelayAuth):
-            await self._refuse_if_blocked()
             return await self._relay_start(event)
         if isinstance(event, RelayResponse):
-            await self._refuse_if_blocked()
             return await self._relay_respond(event)
         if isinstance(event, AuthFailed):
-            await self._auth_failed(event)
-            return []
+            return await self._auth_failed(event)
         if isinstance(event, Splice):
-            await self._splice(event)
-            raise _SessionOver
+            # After a backend login the machine's Splice became a Handover
+            # (_logged_in); one that comes here is SMTP's pass-through.
+            if self.upstream is not None:
+                raise RuntimeError("Splice without a hand-over after a backend login")
+            return await self._pass_through(event)
         if isinstance(event, Close):
             await self.client.drain()
-            raise _SessionOver
+            return None
         raise RuntimeError(f"unhandled event {event!r}")
 
     async def _lookup(self, request: LookupRequest) -> list[Event]:
@@ -296,18 +300,19 @@ class ClientSession:
         events: list[Event] = self.machine.resume(answer)
         return events
 
-    async def _refuse_if_blocked(self) -> None:
-        """Blocked address: the protocol's blocked answer, then close."""
+    async def _blocked(self) -> bool:
+        """Blocked address: the protocol's blocked answer, and True (the
+        session is over)."""
         verdict = self.guard.check(self.address)
         if not verdict.blocked:
-            return
+            return False
         log.info("%s: refused, address blocked for %.0fs more", self.tag, verdict.retry_after)
         self._note("blocked", retry_after=int(verdict.retry_after))
         self.client.write(self.runtime.parts.blocked)
         await self.client.drain()
-        raise _SessionOver
+        return True
 
-    async def _auth_failed(self, event: AuthFailed) -> None:
+    async def _auth_failed(self, event: AuthFailed) -> _Next:
         self._secret_looked_up = False
         # Relay mode: the machines know the user of PLAIN-like exchanges
         # only; the driver read it for the other mechanisms that name one.
@@ -328,10 +333,11 @@ class ClientSession:
         )
         self._note("login-failed", user=user, mechanism=event.mechanism, reason=event.reason)
         if event.reason not in GUESS_REASONS:
-            return  # a refusal by policy, a cancel or a backend fault: not a guess
+            return []  # a refusal by policy, a cancel or a backend fault: not a guess
         # Blocked while this guess was being checked (by the address's
         # other connections): the blocked answer, as a right guess gets.
-        await self._refuse_if_blocked()
+        if await self._blocked():
+            return None
         fingerprint = None
         if self._fingerprint is not None and self._fingerprint[0] == user:
             fingerprint = self._fingerprint[1]
@@ -340,6 +346,7 @@ class ClientSession:
         # Sleeping here holds back this session's reply only; other sessions
         # run on. Dovecot and Kerio do the same against password guessing.
         await asyncio.sleep(delay)
+        return []
 
     def _spoofed_header(self, data: bytes) -> bool:
         """A PROXY header from a peer that is not a trusted balancer would let
@@ -444,7 +451,7 @@ class ClientSession:
             use_xclient=forwarding is ClientAddressForwarding.XCLIENT,
         )
 
-    async def _login_as(self, event: Authenticated) -> list[Event]:
+    async def _login_as(self, event: Authenticated) -> _Next:
         self._secret_looked_up = False
         log.info("%s: authenticated %r via %s", self.tag, event.identity, event.mechanism)
         self.guard.success(self.address, event.authcid)
@@ -460,10 +467,7 @@ class ClientSession:
         result = await upstream.advance()
         if isinstance(result, LoggedIn):
             self.upstream = upstream
-            self._pending_down = result.pending
-            self._backend_keywords = result.capabilities
-            events: list[Event] = self.machine.backend_ready(result.capabilities)
-            return events
+            return self._logged_in(result, self.machine.backend_ready(result.capabilities))
         upstream.close()
         if isinstance(result, RelayChallenge):  # cannot happen in terminate mode
             result = LoginFailed(BackendFailure.REJECTED, "unexpected challenge")
@@ -476,7 +480,7 @@ class ClientSession:
         events: list[Event] = self.machine.backend_failed(failure.failure)
         return events
 
-    async def _relay_start(self, event: RelayAuth) -> list[Event]:
+    async def _relay_start(self, event: RelayAuth) -> _Next:
         self._relay_mechanism = event.mechanism
         self._relay_messages = 0
         self._relay_user = None
@@ -492,7 +496,7 @@ class ClientSession:
             await self.upstream.advance(machine.authenticate(event.mechanism, event.initial))
         )
 
-    async def _relay_respond(self, event: RelayResponse) -> list[Event]:
+    async def _relay_respond(self, event: RelayResponse) -> _Next:
         assert self.upstream is not None
         if event.data is not None and self._relay_user_locked(event.data):
             return self._relay_refused()
@@ -522,17 +526,16 @@ class ClientSession:
         events: list[Event] = self.machine.relay_result(False, BackendFailure.INVALID_CREDENTIALS)
         return events
 
-    async def _relay_step(self, step: LoginStep) -> list[Event]:
+    async def _relay_step(self, step: LoginStep) -> _Next:
         events: list[Event]
         if isinstance(step, RelayChallenge):
             events = self.machine.relay_challenge(step.data)
         elif isinstance(step, LoggedIn):
-            await self._refuse_if_blocked()  # blocked while the backend checked
-            self._pending_down = step.pending
-            self._backend_keywords = step.capabilities
+            if await self._blocked():  # blocked while the backend checked
+                return None
             if self._relay_user is not None:
                 self.guard.success(self.address, self._relay_user)
-            events = self.machine.relay_result(True)
+            return self._logged_in(step, self.machine.relay_result(True))
         else:
             # The next attempt (real clients retry with another mechanism on
             # the same connection) starts on a fresh backend connection: a
@@ -543,65 +546,60 @@ class ClientSession:
             events = self.machine.relay_result(False, step.failure)
         return events
 
-    async def _splice(self, event: Splice) -> None:
-        authenticated = self.upstream is not None
-        if self.upstream is None and not await self._pass_through(event):
-            # RFC 5321 section 3.8: 421 when the service cannot go on.
-            self.client.write(b"421 4.3.0 Service temporarily unavailable\r\n")
-            return
-        assert self.upstream is not None
-        backend = self.upstream.channel
-        through = None
-        pending_down, pending_up = self._pending_down, event.pending
-        if self.runtime.listener.protocol is Protocol.SMTP:
-            guard = self._smtp_guard(authenticated)
-            through = guarded(guard, self.client, self._guard_events)
-            # What is owed each way already goes through the filter too.
-            down = guard.from_backend(pending_down)
-            up = guard.from_client(pending_up)
-            self._guard_events([*down.events, *up.events])
-            pending_down = down.to_client + up.to_client
-            pending_up = down.to_backend + up.to_backend
-            if down.close or up.close:
-                self.client.write(pending_down)
-                with contextlib.suppress(ChannelClosed):
-                    await self.client.drain()
-                return
-        if pending_down:
-            self.client.write(pending_down)
-        if pending_up:
-            backend.write(pending_up)
-        with contextlib.suppress(ChannelClosed):
-            await self.client.drain()
-        up_bytes, down_bytes = await splice(self.client, backend, through=through)
-        log.info("%s: session ended (%d bytes up, %d down)", self.tag, up_bytes, down_bytes)
-        self.upstream = None
+    def _logged_in(self, login: LoggedIn, events: list[Event]) -> list[Event | Handover]:
+        """The machine's answer to a backend login: its success reply, then
+        Splice, which becomes the Handover that carries on what the backend
+        sent behind its login reply."""
+        return [
+            self._handover(event, login, authenticated=True) if isinstance(event, Splice) else event
+            for event in events
+        ]
 
-    async def _pass_through(self, event: Splice) -> bool:
+    def _handover(self, event: Splice, login: LoggedIn, *, authenticated: bool) -> Handover:
+        assert self.upstream is not None
+        guard = None
+        if self.runtime.listener.protocol is Protocol.SMTP:
+            guard = self._smtp_guard(authenticated, login.capabilities)
+        return Handover(
+            self.client,
+            self.upstream.channel,
+            to_client=login.pending,
+            to_backend=event.pending,
+            guard=guard,
+        )
+
+    async def _pass_through(self, event: Splice) -> _Next:
         """SMTP server-to-server pass-through: connect, forward the client's
-        address (PROXY header or XCLIENT), replay its EHLO. False when the
-        backend could not be made ready (the client gets a 421)."""
+        address (PROXY header or XCLIENT), replay its EHLO. When the backend
+        cannot be made ready, the client hears the protocol's unavailable
+        line and the session is over."""
         settings = replace(self._client_settings(None), relay=False, replay=event.replay)
         upstream = await self._open_upstream(settings)
         if isinstance(upstream, LoginFailed):
-            return False
+            self.client.write(self.runtime.parts.unavailable)
+            return None
         self.upstream = upstream
         result = await upstream.advance()
         if not isinstance(result, LoggedIn):
             detail = result.detail if isinstance(result, LoginFailed) else "unexpected challenge"
             log.warning("%s: pass-through to the backend failed: %s", self.tag, detail)
-            return False
-        self._pending_down = result.pending
-        self._backend_keywords = result.capabilities
-        return True
+            self.client.write(self.runtime.parts.unavailable)
+            return None
+        return [self._handover(event, result, authenticated=False)]
 
-    def _smtp_guard(self, authenticated: bool) -> SmtpSpliceFilter:
-        chunking = any(k.split()[0].upper() == "CHUNKING" for k in self._backend_keywords if k)
+    async def _splice(self, handover: Handover) -> None:
+        counts = await hand_over(handover, self._guard_events)
+        if counts is not None:
+            log.info("%s: session ended (%d bytes up, %d down)", self.tag, *counts)
+
+    def _smtp_guard(self, authenticated: bool, keywords: Sequence[str]) -> SmtpSpliceFilter:
+        # What the backend announced (its EHLO keywords) decides BDAT.
+        chunking = any(k.split()[0].upper() == "CHUNKING" for k in keywords if k)
         return SmtpSpliceFilter(
             self.runtime.hostname,
             authenticated=authenticated,
             chunking=chunking,
-            max_line=self._max_line,
+            max_line=self.runtime.max_line,
             max_errors=self.runtime.limits.max_errors,
             errors=self.machine.errors,
         )

@@ -1,5 +1,9 @@
 """The authenticated session: bytes both ways until either side is done.
 
+Pre-authentication ends with a `Handover` (both connections, the bytes each
+side is still owed, the guard if the protocol has one); `hand_over()` takes
+it from there.
+
 Each channel hands what it receives straight to the other from its
 data_received callback (no task and no future per chunk); a full write
 buffer on one side pauses reading on the other, so memory stays bounded.
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from authgate.proxy.channel import HIGH_WATER, Channel, ChannelClosed, Through
@@ -104,3 +109,50 @@ async def splice(
         client.close()
         backend.close()
     return client.forwarded, backend.forwarded
+
+
+@dataclass(frozen=True)
+class Handover:
+    """What pre-authentication hands to the splice (wsproto's trailing_data,
+    both ways): the two connections and the bytes each side is owed, that
+    is what the backend sent behind its login reply (`to_client`) and what
+    the client pipelined behind its last command (`to_backend`). `guard`,
+    when the protocol has one, sees every byte of both directions, these
+    owed bytes first."""
+
+    client: Channel
+    backend: Channel
+    to_client: bytes = b""
+    to_backend: bytes = b""
+    guard: Guard | None = None
+
+
+async def hand_over(
+    handover: Handover, report: Callable[[Sequence[Any]], None]
+) -> tuple[int, int] | None:
+    """Deliver what each side is owed, then `splice()`; `report` gets the
+    guard's events. Returns the splice's byte counts, or None when the guard
+    ended the session on the owed bytes alone (its last words are sent)."""
+    client, backend = handover.client, handover.backend
+    to_client, to_backend = handover.to_client, handover.to_backend
+    through = None
+    if handover.guard is not None:
+        guard = handover.guard
+        through = guarded(guard, client, report)
+        down = guard.from_backend(to_client)
+        up = guard.from_client(to_backend)
+        report([*down.events, *up.events])
+        to_client = down.to_client + up.to_client
+        to_backend = down.to_backend + up.to_backend
+        if down.close or up.close:
+            client.write(to_client)
+            with contextlib.suppress(ChannelClosed):
+                await client.drain()
+            return None
+    if to_client:
+        client.write(to_client)
+    if to_backend:
+        backend.write(to_backend)
+    with contextlib.suppress(ChannelClosed):
+        await client.drain()
+    return await splice(client, backend, through=through)

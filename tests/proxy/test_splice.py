@@ -9,8 +9,9 @@ import socket
 
 import pytest
 
+from authgate.protocols.smtp_splice import Refused, SmtpSpliceFilter, SpliceEnded
 from authgate.proxy.channel import Channel
-from authgate.proxy.splice import splice
+from authgate.proxy.splice import Handover, hand_over, splice
 
 pytestmark = pytest.mark.asyncio
 
@@ -71,3 +72,60 @@ async def test_runs_on_the_loop_its_id_names(request: pytest.FixtureRequest) -> 
     # uvloop's: make sure the second really is uvloop.
     loop_module = type(asyncio.get_running_loop()).__module__
     assert loop_module.startswith("uvloop") == ("[uvloop]" in request.node.name)
+
+
+async def stream_for(sock: socket.socket) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection(sock=sock)
+
+
+async def test_hand_over_delivers_what_each_side_is_owed_first() -> None:
+    client_app, client_proxy = socket.socketpair()
+    backend_proxy, backend_app = socket.socketpair()
+    client = await channel_for(client_proxy)
+    backend = await channel_for(backend_proxy)
+    handover = Handover(client, backend, to_client=b"* 1 EXISTS\r\n", to_backend=b"a NOOP\r\n")
+    spliced = asyncio.ensure_future(hand_over(handover, lambda events: None))
+    client_reader, client_writer = await stream_for(client_app)
+    backend_reader, backend_writer = await stream_for(backend_app)
+    client_writer.write(b"b LOGOUT\r\n")
+    backend_writer.write(b"a OK done\r\n")
+    expected_up = b"a NOOP\r\nb LOGOUT\r\n"
+    expected_down = b"* 1 EXISTS\r\na OK done\r\n"
+    assert await asyncio.wait_for(backend_reader.readexactly(len(expected_up)), 10) == expected_up
+    assert await asyncio.wait_for(client_reader.readexactly(len(expected_down)), 10) == (
+        expected_down
+    )
+    backend_writer.close()
+    counts = await asyncio.wait_for(spliced, 10)
+    # The splice counts what it moved; the owed bytes were delivered before it.
+    assert counts == (len(b"b LOGOUT\r\n"), len(b"a OK done\r\n"))
+    assert await asyncio.wait_for(client_reader.read(), 10) == b""
+    client_writer.close()
+
+
+async def test_hand_over_guard_sees_the_owed_bytes_and_may_end_there() -> None:
+    client_app, client_proxy = socket.socketpair()
+    backend_proxy, backend_app = socket.socketpair()
+    client = await channel_for(client_proxy)
+    backend = await channel_for(backend_proxy)
+    # One error already made before the hand-over: the pipelined XCLIENT is
+    # the last one allowed.
+    guard = SmtpSpliceFilter(
+        "gate.example", authenticated=True, chunking=False, max_errors=2, errors=1
+    )
+    handover = Handover(client, backend, to_backend=b"XCLIENT ADDR=1.2.3.4\r\n", guard=guard)
+    reported: list[object] = []
+    counts = await asyncio.wait_for(hand_over(handover, reported.extend), 10)
+    assert counts is None  # never spliced
+    assert [type(event) for event in reported] == [Refused, SpliceEnded]
+    client.close()
+    backend.close()
+    client_reader, client_writer = await stream_for(client_app)
+    backend_reader, backend_writer = await stream_for(backend_app)
+    said = await asyncio.wait_for(client_reader.read(), 10)
+    assert said == (
+        b"550 5.7.0 XCLIENT not permitted\r\n421 4.7.0 gate.example Too many errors\r\n"
+    )
+    assert await asyncio.wait_for(backend_reader.read(), 10) == b""  # the backend got nothing
+    client_writer.close()
+    backend_writer.close()
