@@ -533,18 +533,28 @@ class ClientSession:
         elif isinstance(step, LoggedIn):
             if await self._blocked():  # blocked while the backend checked
                 return None
+            events = self.machine.relay_result(True)
+            if not any(isinstance(event, Splice) for event in events):
+                # The client cancelled (or sent junk) while the backend
+                # checked: the machine does not believe the backend's yes, so
+                # that logged-in connection must not serve a later attempt.
+                self._drop_upstream()
+                return events
             if self._relay_user is not None:
                 self.guard.success(self.address, self._relay_user)
-            return self._logged_in(step, self.machine.relay_result(True))
+            return self._logged_in(step, events)
         else:
             # The next attempt (real clients retry with another mechanism on
             # the same connection) starts on a fresh backend connection: a
             # client machine that saw a refusal is done.
-            if self.upstream is not None:
-                self.upstream.close()
-                self.upstream = None
+            self._drop_upstream()
             events = self.machine.relay_result(False, step.failure)
         return events
+
+    def _drop_upstream(self) -> None:
+        if self.upstream is not None:
+            self.upstream.close()
+            self.upstream = None
 
     def _logged_in(self, login: LoggedIn, events: list[Event]) -> list[Event | Handover]:
         """The machine's answer to a backend login: its success reply, then
