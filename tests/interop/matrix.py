@@ -11,9 +11,13 @@ This module holds everything `test_matrix.py` needs that is not a test:
 * `Gateway`: one `authgate run` subprocess with nine listeners (IMAP, POP3,
   SMTP submission, each with tls none / starttls / implicit),
 * one runner per client (curl, swaks, Cyrus imtest/pop3test/smtptest,
-  Python's imaplib/poplib/smtplib), each returning "ok" only after the
-  session reached the mailbox (IMAP SELECT + FETCH of the seed message, POP3
-  STAT + RETR, SMTP a message accepted),
+  Python's imaplib/poplib/smtplib, msmtp, fetchmail, gsasl), each returning
+  "ok" only after the session reached the mailbox (IMAP SELECT + FETCH of
+  the seed message, POP3 STAT + RETR, SMTP a message accepted) and
+  "refused" only when the client saw an authentication refusal. The
+  command-line clients' runners take a `Login` (host as the user would type
+  it, port, TLS, mechanism, credentials), so other tests
+  (test_sasl_clients.py) drive the very same command lines,
 * the result table, printed at the end of the run and written to
   docs/interop.md.
 
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import imaplib
 import os
 import platform
@@ -965,6 +970,44 @@ class Attempt:
 
 
 @dataclass(frozen=True)
+class Login:
+    """One run of a command-line client (Cyrus tools, swaks, msmtp,
+    fetchmail, gsasl): where it connects, how, and as whom.
+
+    `host` is the name or address as the user would type it: what the client
+    puts into DIGEST-MD5's digest-uri and checks the certificate against.
+    `tls` is what the client does: "none" (also on a STARTTLS listener it
+    leaves unused), "starttls" or "implicit". `source`: the client address
+    to connect from (None: the system's choice); a client that cannot bind
+    it connects to `forward(port)` instead, which reaches `port` from there.
+    """
+
+    protocol: str  # imap | pop3 | smtp
+    host: str
+    port: int
+    tls: str  # none | starttls | implicit
+    mech: str  # a SASL mechanism, or LOGIN_COMMAND / USER_PASS
+    user: str
+    password: str
+    ca_file: Path  # the CA that signed the server's certificate
+    workdir: Path  # scratch space for message files and client configs
+    subject: str = "authgate client test"  # of the message an SMTP client sends
+    source: str | None = None
+    forward: Callable[[int], int] | None = None
+
+    def unbound_port(self) -> int:
+        """The port for a client that cannot choose its source address."""
+        if self.source is None:
+            return self.port
+        assert self.forward is not None, self
+        return self.forward(self.port)
+
+    def scratch(self, suffix: str = "") -> Path:
+        """A fresh file name in `workdir`."""
+        return self.workdir / f"{self.protocol}-{uuid.uuid4().hex}{suffix}"
+
+
+@dataclass(frozen=True)
 class Target:
     """Where and how a client connects for one case."""
 
@@ -979,18 +1022,40 @@ class Target:
     def user(self) -> str:
         return self.case.user
 
+    def login(self) -> Login:
+        case = self.case
+        return Login(
+            protocol=case.protocol,
+            host=HOSTNAME,
+            port=self.port,
+            tls="implicit" if case.implicit else "starttls" if case.starttls else "none",
+            mech=case.mech,
+            user=case.user,
+            password=self.password,
+            ca_file=self.ca_file,
+            workdir=self.workdir,
+            subject=f"authgate matrix {case.id}",
+            source=case.source if case.exempt else None,
+            forward=self.forward,
+        )
 
-def make_message(case: Case) -> tuple[str, bytes]:
-    msgid = f"<matrix-{uuid.uuid4().hex}@authgate.test>"
+
+def _message(user: str, subject: str) -> tuple[str, bytes]:
+    """A small message with a unique Message-ID (to find it at the relay)."""
+    msgid = f"<interop-{uuid.uuid4().hex}@authgate.test>"
     body = (
-        f"From: {case.user}@example.test\r\n"
+        f"From: {user}@example.test\r\n"
         f"To: {RCPT}\r\n"
-        f"Subject: authgate matrix {case.id}\r\n"
+        f"Subject: {subject}\r\n"
         f"Message-ID: {msgid}\r\n"
         f"\r\n"
-        f"Sent by {case.client} through authgate ({case.mode}, {case.policy}).\r\n"
+        f"Sent through authgate.\r\n"
     ).encode("ascii")
     return msgid, body
+
+
+def make_message(case: Case) -> tuple[str, bytes]:
+    return _message(case.user, f"authgate matrix {case.id}")
 
 
 def _seed_seen(text: str, user: str) -> bool:
@@ -1079,42 +1144,42 @@ def run_curl(t: Target) -> Attempt:
 SWAKS_AUTH_FAILED = 28  # swaks(1) EXIT CODES: "error in authentication"
 
 
-def run_swaks(t: Target) -> Attempt:
-    case = t.case
+def run_swaks(login: Login) -> Attempt:
+    assert login.protocol == "smtp", login
     swaks = require_binary("swaks")
-    msgid = f"<matrix-{uuid.uuid4().hex}@authgate.test>"
+    msgid = f"<interop-{uuid.uuid4().hex}@authgate.test>"
     args = [
         swaks,
         "--server",
-        f"{HOSTNAME}:{t.port}",
+        f"{login.host}:{login.port}",
         "--timeout",
         str(int(TIMEOUT)),
         "--auth",
-        case.mech,
+        login.mech,
         "--auth-user",
-        t.user,
+        login.user,
         "--auth-password",
-        t.password,
+        login.password,
         "--from",
-        f"{t.user}@example.test",
+        f"{login.user}@example.test",
         "--to",
         RCPT,
         "--header",
         f"Message-Id: {msgid}",
         "--header",
-        f"Subject: authgate matrix {case.id}",
+        f"Subject: {login.subject}",
         "--tls-verify",
         "--tls-ca-path",
-        str(t.ca_file),
+        str(login.ca_file),
     ]
-    if case.starttls:
+    if login.tls == "starttls":
         args.append("--tls")
-    if case.implicit:
+    if login.tls == "implicit":
         args.append("--tls-on-connect")
-    if case.exempt:
-        args += ["--local-interface", case.source]
+    if login.source is not None:
+        args += ["--local-interface", login.source]
     rc, out = _run(args)
-    out = _redact(out, t.password)
+    out = _redact(out, login.password)
     if rc == 0:
         return Attempt("ok", out, msgid)
     if rc == SWAKS_AUTH_FAILED:
@@ -1124,46 +1189,62 @@ def run_swaks(t: Target) -> Attempt:
 
 # -- Cyrus imtest / pop3test / smtptest
 
+# What the Cyrus tools and gsasl send once logged in (no LOGOUT/QUIT: see
+# run_cyrus), and how their output proves the session reached the mailbox.
+_IMAP_SCRIPT = b"Z1 SELECT INBOX\r\nZ2 UID FETCH 1 BODY.PEEK[]\r\n"
 
-def run_cyrus(t: Target) -> Attempt:
+
+def _imap_proven(out: str, user: str) -> bool:
+    return re.search(r"^Z1 OK", out, re.M) is not None and _seed_seen(out, user)
+
+
+def _smtp_script(login: Login) -> tuple[str, bytes]:
+    """MAIL, RCPT and DATA with a fresh message: its Message-ID and the lines."""
+    msgid, message = _message(login.user, login.subject)
+    script = (
+        f"MAIL FROM:<{login.user}@example.test>\r\nRCPT TO:<{RCPT}>\r\nDATA\r\n".encode()
+        + message
+        + b".\r\n"
+    )
+    return msgid, script
+
+
+def run_cyrus(login: Login) -> Attempt:
     """The Cyrus tools print "Authenticated." on success and exit 0 either
-    way; after authenticating they copy stdin to the server."""
-    case = t.case
-    tool = {"imap": "imtest", "pop3": "pop3test", "smtp": "smtptest"}[case.protocol]
-    mech = {LOGIN_COMMAND: "login", USER_PASS: "user"}.get(case.mech, case.mech)
-    port = t.forward(t.port) if case.exempt else t.port
+    way; after authenticating they copy stdin to the server. They cannot
+    choose their source address (SourceForwarder)."""
+    tool = {"imap": "imtest", "pop3": "pop3test", "smtp": "smtptest"}[login.protocol]
+    mech = {LOGIN_COMMAND: "login", USER_PASS: "user"}.get(login.mech, login.mech)
+    port = login.unbound_port()
     # `-t ""`: STARTTLS without a client certificate; `-s`: implicit TLS.
     # Neither verifies the server certificate (the tools have no CA option).
-    args = [cyrus_tool(tool), "-p", str(port), "-m", mech, "-a", t.user, "-w", t.password]
-    if case.starttls:
+    args = [cyrus_tool(tool), "-p", str(port), "-m", mech, "-a", login.user, "-w", login.password]
+    if login.tls == "starttls":
         args += ["-t", ""]
-    if case.implicit:
+    if login.tls == "implicit":
         args.append("-s")
-    args.append(HOSTNAME)
+    args.append(login.host)
     # No LOGOUT/QUIT in the scripts: at the end of stdin the tool sends its
     # own. A second one would reach Dovecot after it closed the connection,
     # and the reset that provokes can discard the last replies in flight.
     msgid = None
-    if case.protocol == "imap":
-        script = b"Z1 SELECT INBOX\r\nZ2 UID FETCH 1 BODY.PEEK[]\r\n"
-    elif case.protocol == "pop3":
+    if login.protocol == "imap":
+        script = _IMAP_SCRIPT
+    elif login.protocol == "pop3":
         script = b"STAT\r\nRETR 1\r\n"
     else:
-        msgid, message = make_message(case)
-        script = (
-            f"MAIL FROM:<{t.user}@example.test>\r\nRCPT TO:<{RCPT}>\r\nDATA\r\n".encode()
-            + message
-            + b".\r\n"
-        )
+        msgid, script = _smtp_script(login)
     rc, out = _run(args, stdin=script)
-    out = _redact(out, t.password)
+    out = _redact(out, login.password)
     authenticated = re.search(r"^Authenticated\.", out, re.M) is not None
     if rc == 0 and authenticated:
-        if case.protocol == "imap":
-            proven = re.search(r"^Z1 OK", out, re.M) and _seed_seen(out, t.user)
-        elif case.protocol == "pop3":
+        if login.protocol == "imap":
+            proven = _imap_proven(out, login.user)
+        elif login.protocol == "pop3":
             # STAT: other interop tests may have delivered more mail; RETR 1 is the seed.
-            proven = re.search(r"^\+OK [1-9]\d* \d+", out, re.M) and _seed_seen(out, t.user)
+            proven = bool(re.search(r"^\+OK [1-9]\d* \d+", out, re.M)) and _seed_seen(
+                out, login.user
+            )
         else:
             proven = re.search(r"^250 2\.0\.0 .*\r?$", out, re.M) is not None
         return Attempt("ok" if proven else "error", out, msgid)
@@ -1353,41 +1434,42 @@ EX_UNAVAILABLE = 69  # "the server does not support authentication (method X)"
 EX_NOPERM = 77  # "authentication failed (method X)"
 
 
-def _secret_file(t: Target) -> Path:
+def _secret_file(login: Login) -> Path:
     """The password in a 0600 file of its own (not on the command line)."""
-    path = t.workdir / f"{uuid.uuid4().hex}.secret"
+    path = login.scratch(".secret")
     path.touch(0o600)
-    path.write_text(t.password + "\n")
+    path.write_text(login.password + "\n")
     return path
 
 
-def run_msmtp(t: Target) -> Attempt:
+def run_msmtp(login: Login) -> Attempt:
     """msmtp exits 0 only after the server accepted the message; it binds
     its source address itself (`--source-ip`)."""
-    case = t.case
+    assert login.protocol == "smtp", login
     msmtp = require_binary("msmtp")
-    msgid, message = make_message(case)
-    secret = _secret_file(t)
+    msgid, message = _message(login.user, login.subject)
+    secret = _secret_file(login)
     args = [
         msmtp,
         # --host: command-line settings only, no configuration file.
-        f"--host={HOSTNAME}",
-        f"--port={t.port}",
+        f"--host={login.host}",
+        f"--port={login.port}",
         f"--timeout={int(TIMEOUT)}",
         "--domain=client.example.test",
-        f"--auth={case.mech.lower()}",
-        f"--user={t.user}",
+        f"--auth={login.mech.lower()}",
+        f"--user={login.user}",
         f"--passwordeval=cat {secret}",
-        f"--from={t.user}@example.test",
-        f"--tls={'on' if case.tls else 'off'}",
-        f"--tls-starttls={'on' if case.starttls else 'off'}",
-        f"--tls-trust-file={t.ca_file}",
+        f"--from={login.user}@example.test",
+        f"--tls={'off' if login.tls == 'none' else 'on'}",
+        f"--tls-starttls={'on' if login.tls == 'starttls' else 'off'}",
+        f"--tls-trust-file={login.ca_file}",
+        "--debug",
     ]
-    if case.exempt:
-        args.append(f"--source-ip={case.source}")
+    if login.source is not None:
+        args.append(f"--source-ip={login.source}")
     args += ["--", RCPT]
     rc, out = _run(args, stdin=message)
-    out = _redact(out, t.password)
+    out = _redact(out, login.password)
     if rc == 0:
         return Attempt("ok", out, msgid)
     # A refusal of AUTH, or no such mechanism (or no AUTH at all) offered:
@@ -1412,31 +1494,32 @@ FETCHMAIL_AUTH = {
 }
 
 
-def run_fetchmail(t: Target) -> Attempt:
+def run_fetchmail(login: Login) -> Attempt:
     """One poll from a 0600 rcfile: `keep` (the seed message stays on the
     server), `fetchall` + `fetchlimit 1` (message 1, the seed, every time),
     delivered by an MDA into a file of its own. fetchmail cannot choose its
     source address: from the exempt address it goes through SourceForwarder."""
-    case = t.case
+    assert login.protocol in ("imap", "pop3"), login
     fetchmail = require_binary("fetchmail")
-    run = t.workdir / f"fetchmail-{uuid.uuid4().hex}"
+    run = login.scratch(".fetchmail")
     run.mkdir(mode=0o700)
     delivered = run / "delivered.eml"
-    port = t.forward(t.port) if case.exempt else t.port
-    if case.implicit:
-        tls = f"ssl sslcertck sslcertfile '{t.ca_file}'"
-    elif case.starttls:
+    port = login.unbound_port()
+    # Its certificate check compares names only: connect by a name, not an IP.
+    if login.tls == "implicit":
+        tls = f"ssl sslcertck sslcertfile '{login.ca_file}'"
+    elif login.tls == "starttls":
         # An sslproto without `ssl`: STARTTLS (STLS) is required.
-        tls = f"sslproto 'TLS1.2+' sslcertck sslcertfile '{t.ca_file}'"
+        tls = f"sslproto 'TLS1.2+' sslcertck sslcertfile '{login.ca_file}'"
     else:
         tls = "sslproto ''"  # no TLS, even where STARTTLS is offered
     rcfile = run / "fetchmailrc"
     rcfile.touch(0o600)  # fetchmail refuses an rcfile others can read
     rcfile.write_text(
         "set no syslog\n"
-        f"poll {HOSTNAME} with proto {case.protocol.upper()} service {port}"
-        f" auth {FETCHMAIL_AUTH[case.mech]} timeout {int(TIMEOUT)}\n"
-        f'  user "{t.user}" there with password "{t.password}" is "nobody" here\n'
+        f"poll {login.host} with proto {login.protocol.upper()} service {port}"
+        f" auth {FETCHMAIL_AUTH[login.mech]} timeout {int(TIMEOUT)}\n"
+        f'  user "{login.user}" there with password "{login.password}" is "nobody" here\n'
         f"  {tls} keep fetchall fetchlimit 1\n"
         f"  mda \"cat > '{delivered}'\"\n"
     )
@@ -1452,9 +1535,9 @@ def run_fetchmail(t: Target) -> Attempt:
         str(run / "pid"),
     ]
     rc, out = _run(args)
-    out = _redact(out, t.password)
+    out = _redact(out, login.password)
     body = delivered.read_text("utf-8", "replace") if delivered.exists() else ""
-    if rc == 0 and _seed_seen(body, t.user):
+    if rc == 0 and _seed_seen(body, login.user):
         return Attempt("ok", out + f"\n--- delivered ---\n{body}")
     if rc == FETCHMAIL_AUTHFAIL:
         return Attempt("refused", out)
@@ -1537,15 +1620,15 @@ def _smtp_data_reply(out: str) -> str | None:
     return found[1] if found else None
 
 
-def run_gsasl(t: Target) -> Attempt:
+def run_gsasl(login: Login, *, tls12: bool = False) -> Attempt:
     """gsasl prints the whole exchange; after a successful authentication
     it copies stdin to the server and prints what comes back, so the same
     IMAP/SMTP script as the Cyrus tools proves the session. It has no
-    implicit TLS and cannot bind a source address (SourceForwarder)."""
-    case = t.case
-    assert not case.implicit, case
+    implicit TLS and no POP3, and cannot bind a source address
+    (SourceForwarder). `tls12`: held at TLS 1.2 (GSASL_TLS12)."""
+    assert login.protocol in ("imap", "smtp") and login.tls != "implicit", login
     gsasl = require_binary("gsasl")
-    port = t.forward(t.port) if case.exempt else t.port
+    port = login.unbound_port()
     args = [
         # gsasl reads stdin with getline() but waits for it with poll(): a
         # line left in stdio's buffer would wait for more input that never
@@ -1553,43 +1636,40 @@ def run_gsasl(t: Target) -> Attempt:
         require_binary("stdbuf"),
         "-i0",
         gsasl,
-        f"--{case.protocol}",
-        f"--connect={HOSTNAME}:{port}",
+        f"--{login.protocol}",
+        f"--connect={login.host}:{port}",
+        # The name it checks the certificate against and puts in digest-uri.
+        f"--hostname={login.host}",
         "--mechanism",
-        case.mech,
+        login.mech,
         "--authentication-id",
-        t.user,
+        login.user,
         "--password",
-        t.password,
+        login.password,
         # No realm of our own (NTLM and DIGEST-MD5 would ask for one).
         "--realm=",
-        f"--x509-ca-file={t.ca_file}",
-        "--starttls" if case.starttls else "--no-starttls",
+        f"--x509-ca-file={login.ca_file}",
+        "--starttls" if login.tls == "starttls" else "--no-starttls",
     ]
-    if case.mech == "DIGEST-MD5":
+    if login.mech == "DIGEST-MD5":
         # gsasl asks for DIGEST-MD5's quality of protection (default
         # qop-int); only `auth` leaves the session spliceable.
         args.append("--quality-of-protection=qop-auth")
-    if case.mech.startswith("SCRAM-") and not case.mech.endswith("-PLUS") and case.tls:
+    if login.mech.startswith("SCRAM-") and not login.mech.endswith("-PLUS") and login.tls != "none":
         # gsasl 2.2.0 fails on its own (before sending anything) when it has
         # TLS channel-binding data but runs a non-PLUS SCRAM: it sets the
         # binding name with the 'y' flag, which its own validator rejects.
         args.append("--no-cb")
-    if case.client == "gsasl-tls12":
+    if tls12:
         args.append(f"--priority={GSASL_TLS12}")
     msgid = None
-    if case.protocol == "imap":
-        script = b"Z1 SELECT INBOX\r\nZ2 UID FETCH 1 BODY.PEEK[]\r\n"
+    if login.protocol == "imap":
+        script = _IMAP_SCRIPT
 
         def done(out: str) -> bool:
             return re.search(r"^Z2 (OK|NO|BAD)", out, re.M) is not None
     else:
-        msgid, message = make_message(case)
-        script = (
-            f"MAIL FROM:<{t.user}@example.test>\r\nRCPT TO:<{RCPT}>\r\nDATA\r\n".encode()
-            + message
-            + b".\r\n"
-        )
+        msgid, script = _smtp_script(login)
 
         def done(out: str) -> bool:
             return (
@@ -1601,11 +1681,11 @@ def run_gsasl(t: Target) -> Attempt:
             )
 
     rc, out = _session(args, script, lambda out: "Client authentication finished" in out, done)
-    out = _redact(out, t.password)
+    out = _redact(out, login.password)
     authenticated = "Client authentication finished" in out
     if rc == 0 and authenticated:
-        if case.protocol == "imap":
-            proven = re.search(r"^Z1 OK", out, re.M) is not None and _seed_seen(out, t.user)
+        if login.protocol == "imap":
+            proven = _imap_proven(out, login.user)
         else:
             proven = _smtp_data_reply(out) == "250"
         return Attempt("ok" if proven else "error", out, msgid)
@@ -1616,28 +1696,34 @@ def run_gsasl(t: Target) -> Attempt:
         # A refusal: the server's tagged NO (or BAD: RFC 9051 lets it end an
         # AUTHENTICATE whose data it cannot take) or SMTP 5xx to the
         # exchange; gsasl exits 1.
-        command = f". AUTHENTICATE {case.mech}" if case.protocol == "imap" else f"AUTH {case.mech}"
+        imap = login.protocol == "imap"
+        command = f". AUTHENTICATE {login.mech}" if imap else f"AUTH {login.mech}"
         exchange = out.partition(f"\n{command}")[2]
-        if rc == 1 and case.protocol == "imap" and re.search(r"^\. (NO|BAD) ", exchange, re.M):
+        if rc == 1 and imap and re.search(r"^\. (NO|BAD) ", exchange, re.M):
             return Attempt("refused", out, msgid)
-        if rc == 1 and case.protocol == "smtp" and re.search(r"^5\d\d ", exchange, re.M):
+        if rc == 1 and not imap and re.search(r"^5\d\d ", exchange, re.M):
             return Attempt("refused", out, msgid)
     return Attempt("error", out, msgid)
 
 
+def _by_login(runner: Callable[[Login], Attempt]) -> Callable[[Target], Attempt]:
+    """A command-line client's runner, told where to connect for a case."""
+    return lambda t: runner(t.login())
+
+
 RUNNERS: dict[str, Callable[[Target], Attempt]] = {
     "curl": run_curl,
-    "swaks": run_swaks,
-    "imtest": run_cyrus,
-    "pop3test": run_cyrus,
-    "smtptest": run_cyrus,
+    "swaks": _by_login(run_swaks),
+    "imtest": _by_login(run_cyrus),
+    "pop3test": _by_login(run_cyrus),
+    "smtptest": _by_login(run_cyrus),
     "imaplib": run_imaplib,
     "poplib": run_poplib,
     "smtplib": run_smtplib,
-    "msmtp": run_msmtp,
-    "fetchmail": run_fetchmail,
-    "gsasl": run_gsasl,
-    "gsasl-tls12": run_gsasl,
+    "msmtp": _by_login(run_msmtp),
+    "fetchmail": _by_login(run_fetchmail),
+    "gsasl": _by_login(run_gsasl),
+    "gsasl-tls12": _by_login(functools.partial(run_gsasl, tls12=True)),
 }
 
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.interop import clients, matrix
-from tests.interop.clients import Login
+from tests.interop import matrix
 from tests.interop.dovecot import DovecotInstance
+from tests.interop.matrix import Login
 from tests.netutil import free_port
 
 pytestmark = pytest.mark.interop
@@ -261,10 +261,10 @@ def marks(gw: Running, dovecot: DovecotInstance) -> tuple[int, int]:
 
 # (client, runner, protocols it speaks, TLS modes it can use)
 DIGEST_CLIENTS: list[tuple[str, Runner, tuple[str, ...], tuple[str, ...]]] = [
-    ("cyrus", clients.cyrus, PROTOCOLS, TLS_MODES),
-    ("msmtp", clients.msmtp, ("smtp",), TLS_MODES),
-    ("swaks", clients.swaks, ("smtp",), TLS_MODES),
-    ("gsasl", clients.gsasl, ("imap", "smtp"), ("none", "starttls")),
+    ("cyrus", matrix.run_cyrus, PROTOCOLS, TLS_MODES),
+    ("msmtp", matrix.run_msmtp, ("smtp",), TLS_MODES),
+    ("swaks", matrix.run_swaks, ("smtp",), TLS_MODES),
+    ("gsasl", matrix.run_gsasl, ("imap", "smtp"), ("none", "starttls")),
 ]
 
 DIGEST_CASES = [
@@ -302,7 +302,7 @@ def test_digest_md5_name_not_ours_is_refused_as_a_mismatch(
     ours: imtest is refused, and the log names the host it used. Its
     address (127.0.0.1) still works there."""
     before = marks(running, dovecot)
-    refused = clients.cyrus(
+    refused = matrix.run_cyrus(
         running.login("imap-nonames", SECOND_NAME, "DIGEST-MD5", dovecot.users[USER])
     )
     log = running.gateway.log_text(before[0])
@@ -315,17 +315,17 @@ def test_digest_md5_name_not_ours_is_refused_as_a_mismatch(
     assert "Login: user=" not in dovecot.log_text(before[1])
     login = running.login("imap-nonames", "127.0.0.1", "DIGEST-MD5", dovecot.users[USER])
     before = marks(running, dovecot)
-    assert_logged_in(clients.cyrus(login), login, running, dovecot, before)
+    assert_logged_in(matrix.run_cyrus(login), login, running, dovecot, before)
 
 
 # ------------------------------------------------------------ NTLM legacy
 
 NTLM_CLIENTS: list[tuple[str, Runner, tuple[str, ...], tuple[str, ...]]] = [
-    ("cyrus", clients.cyrus, PROTOCOLS, TLS_MODES),
-    ("msmtp", clients.msmtp, ("smtp",), TLS_MODES),
-    ("gsasl", clients.gsasl, ("imap", "smtp"), ("none", "starttls")),
-    ("fetchmail", clients.fetchmail, ("imap", "pop3"), TLS_MODES),
-    ("swaks", clients.swaks, ("smtp",), TLS_MODES),
+    ("cyrus", matrix.run_cyrus, PROTOCOLS, TLS_MODES),
+    ("msmtp", matrix.run_msmtp, ("smtp",), TLS_MODES),
+    ("gsasl", matrix.run_gsasl, ("imap", "smtp"), ("none", "starttls")),
+    ("fetchmail", matrix.run_fetchmail, ("imap", "pop3"), TLS_MODES),
+    ("swaks", matrix.run_swaks, ("smtp",), TLS_MODES),
 ]
 
 NTLM_CASES = [
@@ -360,10 +360,10 @@ def test_legacy_ntlm_clients_need_the_switch(
 @pytest.mark.parametrize(
     ("runner", "protocol"),
     [
-        pytest.param(clients.cyrus, "imap", id="cyrus-imap"),
-        pytest.param(clients.msmtp, "smtp", id="msmtp-smtp"),
-        pytest.param(clients.fetchmail, "pop3", id="fetchmail-pop3"),
-        pytest.param(clients.swaks, "smtp", id="swaks-smtp"),
+        pytest.param(matrix.run_cyrus, "imap", id="cyrus-imap"),
+        pytest.param(matrix.run_msmtp, "smtp", id="msmtp-smtp"),
+        pytest.param(matrix.run_fetchmail, "pop3", id="fetchmail-pop3"),
+        pytest.param(matrix.run_swaks, "smtp", id="swaks-smtp"),
     ],
 )
 def test_legacy_ntlm_still_checks_the_password(
