@@ -643,19 +643,8 @@ def render_config(
         f'exempt_networks = ["{EXEMPT_NETWORK}"]',
         *(["allow_ntlm_legacy = true"] if ntlm_legacy else []),
         "",
-        # The matrix is about interoperability, not the brute-force defence:
-        # wrong-password tests must not wait out its delays and penalties.
-        "[defence]",
-        "failure_delay = 0.0",
-        "penalties = []",
-        "",
-        "[tls]",
-        f'cert = "{certs / "server.pem"}"',
-        f'key = "{certs / "server.key"}"',
-        "",
+        *common_sections(certs, users_file),
     ]
-    if users_file is not None:
-        lines += ["[users]", f'file = "{users_file}"', ""]
     for name, protocol, tls in listener_names():
         lines += [
             "[[listeners]]",
@@ -671,6 +660,26 @@ def render_config(
             lines += [f'master_user = "{master[0]}"', f'master_password_file = "{master[1]}"']
         lines.append("")
     return "\n".join(lines)
+
+
+def common_sections(certs: Path, users_file: Path | None) -> list[str]:
+    """The [defence], [tls] and (with a users file) [users] tables of an
+    interop test's authgate configuration."""
+    lines = [
+        # The interop tests are about interoperability, not the brute-force
+        # defence: wrong-password tests must not wait out its delays and penalties.
+        "[defence]",
+        "failure_delay = 0.0",
+        "penalties = []",
+        "",
+        "[tls]",
+        f'cert = "{certs / "server.pem"}"',
+        f'key = "{certs / "server.key"}"',
+        "",
+    ]
+    if users_file is not None:
+        lines += ["[users]", f'file = "{users_file}"', ""]
+    return lines
 
 
 class GatewayDied(AssertionError):
@@ -827,30 +836,38 @@ def _start_once(
             stderr=subprocess.STDOUT,
         )
     gateway = Gateway(mode, policy, config_path, log_path, ports, process)
-    deadline = time.monotonic() + startup_timeout
-    pending = dict(ports)
+    addresses = {name: ("127.0.0.1", port) for name, port in ports.items()}
+    return gateway if wait_listening(gateway, addresses, startup_timeout) else None
+
+
+def wait_listening(gateway: Gateway, addresses: dict[str, tuple[str, int]], timeout: float) -> bool:
+    """Wait until authgate accepts on every listener's (host, port): True;
+    False when it exited because a port was taken (start it again on
+    others). A gateway that died otherwise, or is not listening after
+    `timeout` seconds, fails the test (and is stopped)."""
+    deadline = time.monotonic() + timeout
+    pending = dict(addresses)
     while pending:
-        if process.poll() is not None and "address already in use" in gateway.log_text():
-            return None
+        if gateway.process.poll() is not None and "address already in use" in gateway.log_text():
+            return False
         gateway.assert_alive()
-        for name, port in list(pending.items()):
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", port), timeout=0.5),
-            ):
+        for name, address in list(pending.items()):
+            with contextlib.suppress(OSError), socket.create_connection(address, timeout=0.5):
                 del pending[name]
         if pending and time.monotonic() > deadline:
             gateway.stop()
             raise AssertionError(
-                f"authgate did not listen on {sorted(pending)} within {startup_timeout}s:\n"
+                f"authgate did not listen on {sorted(pending)} within {timeout}s:\n"
                 + gateway.log_text()[-8000:]
             )
         if pending:
             time.sleep(0.05)
-    return gateway
+    return True
 
 
-def make_users_file(authgate: str, path: Path, users: dict[str, str]) -> None:
+def make_users_file(
+    authgate: str, path: Path, users: dict[str, str], realm: str = HOSTNAME
+) -> None:
     """The terminate-mode users file, written by `authgate passwd` itself."""
     for user, password in users.items():
         result = subprocess.run(
@@ -861,7 +878,7 @@ def make_users_file(authgate: str, path: Path, users: dict[str, str]) -> None:
                 "--users",
                 str(path),
                 "--realm",
-                HOSTNAME,
+                realm,
                 "--password-stdin",
             ],
             input=password + "\n",

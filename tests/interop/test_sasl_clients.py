@@ -14,11 +14,8 @@ Dovecot (terminate mode: authgate verifies): what interop issue #11 found.
 
 from __future__ import annotations
 
-import contextlib
 import re
-import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,17 +81,7 @@ def render(
         f"mechanisms = [{mechanisms}]",
         "allow_ntlm_legacy = false",
         "",
-        "[defence]",
-        "failure_delay = 0.0",
-        "penalties = []",
-        "",
-        "[tls]",
-        f'cert = "{certs / "server.pem"}"',
-        f'key = "{certs / "server.key"}"',
-        "",
-        "[users]",
-        f'file = "{users_file}"',
-        "",
+        *matrix.common_sections(certs, users_file),
     ]
     backends = {"imap": dovecot.imap, "pop3": dovecot.pop3, "smtp": dovecot.submission}
     for d in defs:
@@ -139,12 +126,6 @@ class Running:
         )
 
 
-def _accepts(host: str, port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
-        return True
-    return False
-
-
 def start(workdir: Path, dovecot: DovecotInstance, defs: list[ListenerDef]) -> Running:
     """`authgate run` with `defs` on fresh ports (retried when a port picked
     free was taken before authgate bound it)."""
@@ -152,24 +133,7 @@ def start(workdir: Path, dovecot: DovecotInstance, defs: list[ListenerDef]) -> R
     certs = workdir / "certs"
     ca_file = matrix.make_certs(authgate, certs)
     users_file = workdir / "users.toml"
-    for user, password in dovecot.users.items():
-        result = subprocess.run(
-            [
-                authgate,
-                "passwd",
-                user,
-                "--password-stdin",
-                "--users",
-                str(users_file),
-                "--realm",
-                HOSTNAME,
-            ],
-            input=password + "\n",
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
+    matrix.make_users_file(authgate, users_file, dovecot.users, realm=HOSTNAME)
     master_file = workdir / "master.secret"
     master_file.write_text(dovecot.master[1] + "\n")
     master_file.chmod(0o600)
@@ -188,19 +152,7 @@ def start(workdir: Path, dovecot: DovecotInstance, defs: list[ListenerDef]) -> R
                 stderr=subprocess.STDOUT,
             )
         gateway = matrix.Gateway("terminate", "sasl", config_path, log_path, ports, process)
-        deadline = time.monotonic() + 20
-        pending = {d.name: d for d in defs}
-        while pending:
-            if process.poll() is not None and "address already in use" in gateway.log_text():
-                break
-            gateway.assert_alive()
-            for name, d in list(pending.items()):
-                if _accepts(d.host, ports[name]):
-                    del pending[name]
-            if pending:
-                assert time.monotonic() < deadline, gateway.log_text()[-4000:]
-                time.sleep(0.05)
-        if not pending:
+        if matrix.wait_listening(gateway, {d.name: (d.host, ports[d.name]) for d in defs}, 20):
             return Running(gateway, {d.name: d for d in defs}, ca_file, scratch)
     raise AssertionError("authgate could not bind its ports in 3 attempts")
 
