@@ -699,6 +699,26 @@ class Gateway:
     # Cyrus tools from the exempt address: authgate port -> forwarder.
     forwarders: dict[int, SourceForwarder] = field(default_factory=dict, repr=False)
 
+    @classmethod
+    def launch(
+        cls,
+        authgate: str,
+        mode: str,
+        policy: str,
+        config_path: Path,
+        log_path: Path,
+        ports: dict[str, int],
+    ) -> Gateway:
+        """`authgate run -c config_path`, its output into `log_path`."""
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [authgate, "run", "-c", str(config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        return cls(mode, policy, config_path, log_path, ports, process)
+
     def crashes(self) -> list[str]:
         """'internal error' and traceback lines in authgate's log."""
         try:
@@ -827,15 +847,7 @@ def _start_once(
             ntlm_legacy=ntlm_legacy,
         )
     )
-    log_path = workdir / f"{name}.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [authgate, "run", "-c", str(config_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    gateway = Gateway(mode, policy, config_path, log_path, ports, process)
+    gateway = Gateway.launch(authgate, mode, policy, config_path, workdir / f"{name}.log", ports)
     addresses = {name: ("127.0.0.1", port) for name, port in ports.items()}
     return gateway if wait_listening(gateway, addresses, startup_timeout) else None
 

@@ -15,7 +15,6 @@ Dovecot (terminate mode: authgate verifies): what interop issue #11 found.
 from __future__ import annotations
 
 import re
-import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,14 +143,7 @@ def start(workdir: Path, dovecot: DovecotInstance, defs: list[ListenerDef]) -> R
     for _ in range(3):
         ports = {d.name: free_port() for d in defs}
         config_path.write_text(render(defs, ports, dovecot, certs, users_file, master_file))
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [authgate, "run", "-c", str(config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        gateway = matrix.Gateway("terminate", "sasl", config_path, log_path, ports, process)
+        gateway = matrix.Gateway.launch(authgate, "terminate", "sasl", config_path, log_path, ports)
         if matrix.wait_listening(gateway, {d.name: (d.host, ports[d.name]) for d in defs}, 20):
             return Running(gateway, {d.name: d for d in defs}, ca_file, scratch)
     raise AssertionError("authgate could not bind its ports in 3 attempts")
