@@ -85,6 +85,22 @@ def b64encode(data: bytes) -> bytes:
     return base64.b64encode(data)
 
 
+def decode_initial(initial: bytes | None) -> InitialResponse | Failure:
+    """An initial response as the client sent it on its AUTH line: None (no
+    response), "=" (an empty one: RFC 4954 section 4, RFC 5034 section 4,
+    RFC 4959 section 3), "*" (cancelled) or base64."""
+    if initial is None:
+        return NO_RESPONSE
+    if initial == b"=":
+        return b""
+    if initial == b"*":
+        return Failure(FailureReason.CANCELLED, "client cancelled")
+    decoded = b64decode_strict(initial)
+    if decoded is None:
+        return Failure(FailureReason.MALFORMED, "initial response is not base64")
+    return decoded
+
+
 @dataclass(frozen=True)
 class SendChallenge:
     """Send this challenge (raw bytes; the protocol base64-encodes it)."""
@@ -107,19 +123,9 @@ class SaslExchange:
     def start(self, initial: bytes | None) -> ExchangeStep:
         """`initial`: the base64 initial response as sent ("=" means empty),
         or None when the client sent none."""
-        first: InitialResponse
-        if initial is None:
-            first = NO_RESPONSE
-        elif initial == b"=":
-            first = b""
-        elif initial == b"*":
-            return self._finish(Failure(FailureReason.CANCELLED, "client cancelled"))
-        else:
-            decoded = b64decode_strict(initial)
-            if decoded is None:
-                failure = Failure(FailureReason.MALFORMED, "initial response is not base64")
-                return self._finish(failure)
-            first = decoded
+        first = decode_initial(initial)
+        if isinstance(first, Failure):
+            return self._finish(first)
         return self._translate(self._mech.start(first))
 
     def respond(self, line: bytes) -> ExchangeStep:

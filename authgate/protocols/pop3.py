@@ -18,10 +18,8 @@ import enum
 import re
 from collections.abc import Callable, Sequence
 
-from authgate.policy import Decision, Refusal, choose_client_mechanism
+from authgate.policy import Refusal, choose_client_mechanism
 from authgate.protocols.base import (
-    Authenticated,
-    AuthFailed,
     BackendFailure,
     ClientEvent,
     ClientSettings,
@@ -30,24 +28,18 @@ from authgate.protocols.base import (
     LoggedIn,
     LoginFailed,
     ProtocolStateError,
-    RelayAuth,
     RelayChallenge,
-    RelayResponse,
     Send,
     SessionSettings,
-    Splice,
     StartTLS,
 )
 from authgate.protocols.common import (
-    ExchangeStep,
     LineBuffer,
     LineTooLong,
-    SaslExchange,
-    SendChallenge,
     b64decode_strict,
     b64encode,
-    plain_message,
 )
+from authgate.protocols.server import Attempt, ServerCore, ServerState
 from authgate.sasl import MECHANISMS, mechanism_info
 from authgate.sasl.base import (
     MAX_PASSWORD_OCTETS,
@@ -55,15 +47,9 @@ from authgate.sasl.base import (
     ClientAuthError,
     ClientMechanism,
     Derive,
-    Failure,
     FailureReason,
     InitialResponse,
-    Lookup,
-    LookupAnswer,
-    PasswordVerdict,
     SaslProtocolError,
-    ServerContext,
-    Success,
 )
 
 __all__ = ["Pop3Client", "Pop3Server"]
@@ -176,55 +162,25 @@ _TRANSACTION_COMMANDS = frozenset(
 _SESSION_TLS_EXEMPT = frozenset({b"CAPA", b"STLS", b"QUIT"})
 
 
-class ServerState(enum.Enum):
-    NEW = "new"  # start() not called yet
-    AUTHORIZATION = "authorization"  # reading commands
-    SASL = "sasl"  # sent a challenge, reading the client's response line
-    SASL_FINAL = "sasl-final"  # sent additional data as a final challenge
-    LOOKUP = "lookup"  # a Lookup is outstanding
-    BACKEND = "backend"  # Authenticated is outstanding
-    RELAY = "relay"  # RelayAuth / RelayResponse is outstanding
-    RELAY_SASL = "relay-sasl"  # relayed a challenge, reading the client's response
-    STARTTLS = "starttls"  # StartTLS is outstanding
-    SPLICED = "spliced"  # done: the driver owns the connection
-    CLOSED = "closed"
-
-
-# States in which the machine reads lines from its buffer; in the others it
-# holds everything received until the driver calls back (pipelining).
-_READING = frozenset(
-    {ServerState.AUTHORIZATION, ServerState.SASL, ServerState.SASL_FINAL, ServerState.RELAY_SASL}
-)
-
 _Handler = Callable[[bytes], list[Event]]
 
 
-class Pop3Server:
-    """POP3 AUTHORIZATION state toward a mail client.
+class Pop3Server(ServerCore):
+    """POP3 AUTHORIZATION state toward a mail client: the POP3 dialect of
+    `ServerCore`.
 
     A failed backend login (`backend_failed`) answers [SYS/TEMP] and leaves
     the session un-authenticated: the client may try again or QUIT.
     """
 
+    NAME = "POP3 server"
+    LINE_TOO_LONG = _line(ERR_LINE_TOO_LONG)
+    TOO_MANY_ERRORS = _line(ERR_TOO_MANY_ERRORS)
+    TOO_MANY_COMMANDS = _line(ERR_TOO_MANY_COMMANDS)
+
     def __init__(self, settings: SessionSettings) -> None:
-        self._settings = settings
-        self._state = ServerState.NEW
-        self._tls_active = settings.tls_active
-        self._lines = LineBuffer(settings.max_line)
-        self._errors = 0
-        self._commands = 0
+        super().__init__(settings)
         self._user: str | None = None  # USER given, waiting for PASS
-        # The running authentication: SASL exchange (terminate mode), the
-        # label for events, and the authcid when we know it (USER/PASS).
-        self._exchange: SaslExchange | None = None
-        self._mechanism = ""
-        self._authcid: str | None = None
-        # Relay mode: the client's reply could not be relayed (bad base64,
-        # "*"), or a challenge came for USER/PASS, which has no way to carry
-        # it: we cancelled at the backend and owe the client this reply.
-        self._relay_local_failure: FailureReason | None = None
-        self._relay_cleartext = False
-        self._success: Success | None = None  # waiting for the reply to a final challenge
         self._commands_table: dict[bytes, _Handler] = {
             b"CAPA": self._cmd_capa,
             b"STLS": self._cmd_stls,
@@ -233,122 +189,43 @@ class Pop3Server:
             b"QUIT": self._cmd_quit,
         }
 
-    # ------------------------------------------------------------ driver API
+    # --------------------------------------------------------- dialect hooks
 
-    @property
-    def tls_active(self) -> bool:
-        return self._tls_active
-
-    @property
-    def state(self) -> ServerState:
-        return self._state
-
-    def start(self) -> list[Event]:
-        self._expect(ServerState.NEW, "start")
-        self._state = ServerState.AUTHORIZATION
+    def _greeting(self) -> list[Event]:
         return [Send(_line(GREETING.format(host=self._settings.hostname)))]
 
-    def receive_data(self, data: bytes) -> list[Event]:
-        if self._state is ServerState.CLOSED:
-            return []  # in flight before the driver closed: ignore
-        if self._state is ServerState.STARTTLS:
-            # Plaintext that arrives before the handshake must never be
-            # executed after it (CVE-2011-0411): drop it, rather than let it
-            # pile up unread until tls_started() clears the buffer.
-            return []
-        if self._state in (ServerState.NEW, ServerState.SPLICED):
-            raise ProtocolStateError(f"POP3 server: receive_data() in state {self._state.value}")
-        self._lines.feed(data)
-        return self._drain()
-
-    def resume(self, answer: LookupAnswer) -> list[Event]:
-        self._expect(ServerState.LOOKUP, "resume")
-        assert self._exchange is not None
-        if isinstance(answer, PasswordVerdict) and answer.identity is not None:
-            self._authcid = answer.identity  # a failure is logged under the store's name
-        return self._sasl_step(self._exchange.resume(answer)) + self._drain()
-
-    def tls_started(self) -> list[Event]:
-        self._expect(ServerState.STARTTLS, "tls_started")
-        self._tls_active = True
-        # RFC 2595 section 4 / CVE-2011-0411: forget everything said in the
-        # clear, including bytes pipelined behind STLS.
-        self._lines.clear()
+    def _forget_after_tls(self) -> None:
+        # RFC 2595 section 4: the session restarts in AUTHORIZATION; a USER
+        # given in the clear is forgotten.
         self._user = None
-        self._state = ServerState.AUTHORIZATION
-        return []
 
-    def backend_ready(self, capabilities: Sequence[str]) -> list[Event]:
+    def _challenge(self, data: bytes) -> Send:
+        return Send(_challenge_line(data))
+
+    def _failure_reply(self, attempt: Attempt, reason: FailureReason) -> Send:
+        return Send(_line(FAILURE_REPLIES[reason]))
+
+    def _refusal_reply(self, attempt: Attempt, refusal: Refusal) -> Send:
+        if attempt.mechanism == USER_PASS and refusal is Refusal.NOT_AVAILABLE:
+            return Send(_line(ERR_USER_DISABLED))
+        return Send(_line(_REFUSAL_REPLIES[refusal]))
+
+    def _backend_failed_reply(self, attempt: Attempt, failure: BackendFailure) -> Send:
+        if failure is BackendFailure.PASSWORD_EXPIRED:
+            return Send(_line(FAILURE_REPLIES[FailureReason.EXPIRED]))
+        return Send(_line(ERR_BACKEND))
+
+    def _success_reply(self, attempt: Attempt, capabilities: Sequence[str]) -> Send:
         # POP3's success reply carries no capabilities (the client asks CAPA
         # again in the TRANSACTION state, which goes to the backend).
-        self._expect(ServerState.BACKEND, "backend_ready")
-        return self._splice()
+        return Send(_line(OK_LOGGED_IN))
 
-    def backend_failed(self, failure: BackendFailure) -> list[Event]:
-        self._expect(ServerState.BACKEND, "backend_failed")
-        # Not the client's fault: no AuthFailed, no error counted.
-        self._reset_auth()
-        reply = (
-            FAILURE_REPLIES[FailureReason.EXPIRED]
-            if failure is BackendFailure.PASSWORD_EXPIRED
-            else ERR_BACKEND
-        )
-        return [Send(_line(reply)), *self._drain()]
-
-    def relay_challenge(self, data: bytes) -> list[Event]:
-        self._expect(ServerState.RELAY, "relay_challenge")
-        if self._relay_cleartext:
-            # USER/PASS relayed as PLAIN has no way to show the client a
-            # challenge: cancel at the backend, fail toward the client.
-            self._relay_local_failure = FailureReason.MALFORMED
-            return [RelayResponse(None)]
-        self._state = ServerState.RELAY_SASL
-        return [Send(_challenge_line(data)), *self._drain()]
-
-    def relay_result(self, ok: bool, failure: BackendFailure | None = None) -> list[Event]:
-        if self._state not in (ServerState.RELAY, ServerState.RELAY_SASL):
-            raise ProtocolStateError(f"POP3 server: relay_result() in state {self._state.value}")
-        local = self._relay_local_failure
-        if ok and local is None:
-            return self._splice()
-        if local is not None:
-            out = self._auth_failed(local.value, FAILURE_REPLIES[local])
-        elif failure is BackendFailure.UNAVAILABLE:
-            out = self._auth_failed(failure.value, ERR_TEMP)
-        else:
-            reason = (failure or BackendFailure.INVALID_CREDENTIALS).value
-            out = self._auth_failed(reason, ERR_FAILED)
-        return out + self._drain()
-
-    # ------------------------------------------------------------ line input
-
-    def _drain(self) -> list[Event]:
-        """Handle buffered lines while the machine may read."""
-        out: list[Event] = []
-        while self._state in _READING:
-            try:
-                line = self._lines.next_line()
-            except LineTooLong:
-                return out + self._goodbye(ERR_LINE_TOO_LONG)
-            if line is None:
-                break
-            out += self._handle_line(line)
-        return out
-
-    def _handle_line(self, line: bytes) -> list[Event]:
-        if self._state is ServerState.SASL:
-            assert self._exchange is not None
-            return self._sasl_step(self._exchange.respond(line))
-        if self._state is ServerState.SASL_FINAL:
-            return self._sasl_final_reply(line)
-        if self._state is ServerState.RELAY_SASL:
-            return self._relay_reply(line)
-        return self._command(line)
+    # -------------------------------------------------------------- commands
 
     def _command(self, line: bytes) -> list[Event]:
-        self._commands += 1
-        if self._commands > self._settings.max_commands:
-            return self._goodbye(ERR_TOO_MANY_COMMANDS)
+        goodbye = self._count_command()
+        if goodbye is not None:
+            return goodbye
         # RFC 1939 section 3: a case-insensitive keyword, then arguments
         # separated by single spaces.
         raw_keyword, _, argument = line.partition(b" ")
@@ -358,17 +235,15 @@ class Pop3Server:
         if keyword not in _SESSION_TLS_EXEMPT and self._decide().session_tls_required:
             # require-encrypted: no session at all before TLS.
             no_stls = not self._settings.starttls_available
-            return self._error(ERR_SESSION_TLS_NO_STLS if no_stls else ERR_SESSION_TLS)
+            return self._error(Send(_line(ERR_SESSION_TLS_NO_STLS if no_stls else ERR_SESSION_TLS)))
         if keyword == b"PASS":
             return self._cmd_pass(argument, user)
         handler = self._commands_table.get(keyword)
         if handler is not None:
             return handler(argument)
         if keyword in _TRANSACTION_COMMANDS:
-            return self._error(ERR_NOT_LOGGED_IN)
-        return self._error(ERR_UNKNOWN)
-
-    # -------------------------------------------------------------- commands
+            return self._error(Send(_line(ERR_NOT_LOGGED_IN)))
+        return self._error(Send(_line(ERR_UNKNOWN)))
 
     def _cmd_capa(self, argument: bytes) -> list[Event]:
         """RFC 2449 section 5: what authgate itself supports before login;
@@ -390,17 +265,12 @@ class Pop3Server:
 
     def _cmd_stls(self, argument: bytes) -> list[Event]:
         if argument:
-            return self._error(ERR_SYNTAX)
+            return self._error(Send(_line(ERR_SYNTAX)))
         if self._tls_active:
-            return self._error(ERR_TLS_ACTIVE)  # RFC 2595 section 4
+            return self._error(Send(_line(ERR_TLS_ACTIVE)))  # RFC 2595 section 4
         if not self._settings.starttls_available:
-            return self._error(ERR_NO_STLS)
-        # Anything pipelined behind STLS was sent in the clear: drop it
-        # (CVE-2011-0411).
-        discarded = len(self._lines)
-        self._lines.clear()
-        self._state = ServerState.STARTTLS
-        return [Send(_line(OK_STLS)), StartTLS(discarded)]
+            return self._error(Send(_line(ERR_NO_STLS)))
+        return self._begin_tls(Send(_line(OK_STLS)))
 
     def _cmd_auth(self, argument: bytes) -> list[Event]:
         if not argument:
@@ -409,176 +279,41 @@ class Pop3Server:
             return [Send(_multiline("+OK", self._decide().offered))]
         words = argument.split(b" ")
         if len(words) > 2 or not _MECH_NAME.fullmatch(words[0]):
-            return self._error(ERR_SYNTAX if len(words) > 2 else ERR_UNSUPPORTED)
-        mechanism = words[0].decode("ascii").upper()
-        refusal = self._decide().refusal(mechanism)
-        if refusal is not None:
-            return self._error(_REFUSAL_REPLIES[refusal])
+            return self._error(Send(_line(ERR_SYNTAX if len(words) > 2 else ERR_UNSUPPORTED)))
         # RFC 5034 section 4: the initial response is optional; "=" is empty.
         initial = words[1] if len(words) == 2 and words[1] else None
-        self._mechanism, self._authcid = mechanism, None
-        if self._settings.relay:
-            return self._relay_start(mechanism, initial)
-        self._exchange = SaslExchange(mechanism, self._sasl_context())
-        return self._sasl_step(self._exchange.start(initial))
+        return self._authenticate(Attempt(words[0].decode("ascii").upper()), initial)
 
     def _cmd_user(self, argument: bytes) -> list[Event]:
-        refused = self._login_refused()
+        refused = self._refuse_login(Attempt(USER_PASS))
         if refused is not None:
-            return self._error(refused)
+            return refused
         try:
             name = argument.decode("utf-8")
         except UnicodeDecodeError:
-            return self._error(ERR_SYNTAX)
+            return self._error(Send(_line(ERR_SYNTAX)))
         if not name:
-            return self._error(ERR_SYNTAX)
+            return self._error(Send(_line(ERR_SYNTAX)))
         self._user = name
         return [Send(_line(OK_USER))]
 
     def _cmd_pass(self, argument: bytes, user: str | None) -> list[Event]:
         if user is None:
-            return self._error(ERR_NO_USER)
-        refused = self._login_refused()
+            return self._error(Send(_line(ERR_NO_USER)))
+        refused = self._refuse_login(Attempt(USER_PASS, authcid=user))
         if refused is not None:
-            return self._error(refused)
+            return refused
         # RFC 1939 section 7: the password is the rest of the line, spaces
         # included (clients send passphrases with spaces unquoted).
         try:
             password = argument.decode("utf-8")
         except UnicodeDecodeError:
-            return self._error(ERR_SYNTAX)
-        self._mechanism, self._authcid = USER_PASS, user
-        message = plain_message(user, password)
-        if self._settings.relay:
-            self._relay_cleartext = True
-            self._state = ServerState.RELAY
-            return [RelayAuth("PLAIN", message)]
-        # USER/PASS is PLAIN without the framing: run it through the PLAIN
-        # mechanism so checks (empty fields, NUL, UTF-8) and the PasswordCheck
-        # lookup live in one place.
-        self._exchange = SaslExchange("PLAIN", self._sasl_context())
-        return self._sasl_step(self._exchange.start(b64encode(message)))
+            return self._error(Send(_line(ERR_SYNTAX)))
+        return self._login(Attempt(USER_PASS, authcid=user), user, password)
 
     def _cmd_quit(self, argument: bytes) -> list[Event]:
         self._state = ServerState.CLOSED
         return [Send(_line(OK_BYE)), Close()]
-
-    # ---------------------------------------------------- SASL, terminate mode
-
-    def _sasl_step(self, step: ExchangeStep) -> list[Event]:
-        if isinstance(step, SendChallenge):
-            self._state = ServerState.SASL
-            return [Send(_challenge_line(step.data))]
-        if isinstance(step, Lookup):
-            # Who is trying: the defence counts the failure against this
-            # user (lockout, stale password), the audit log names them.
-            self._authcid = step.request.authcid or self._authcid
-            self._state = ServerState.LOOKUP
-            return [step]
-        if isinstance(step, Failure):
-            return self._auth_failed(
-                step.reason.value, FAILURE_REPLIES[step.reason], detail=step.detail
-            )
-        if step.additional is not None:
-            # RFC 5034 has no "additional data with success" (RFC 4422
-            # section 3.6): send it as a final challenge; the client answers
-            # with an empty line, then gets +OK.
-            self._state = ServerState.SASL_FINAL
-            self._success = step
-            return [Send(_challenge_line(step.additional))]
-        return self._authenticated(step)
-
-    def _sasl_final_reply(self, line: bytes) -> list[Event]:
-        if line.strip() == b"*":
-            return self._auth_failed(FailureReason.CANCELLED.value, ERR_CANCELLED)
-        if line.strip():
-            return self._auth_failed(FailureReason.MALFORMED.value, ERR_MALFORMED)
-        assert self._success is not None
-        return self._authenticated(self._success)
-
-    def _authenticated(self, success: Success) -> list[Event]:
-        self._state = ServerState.BACKEND
-        return [Authenticated(success.authcid, success.identity, self._mechanism)]
-
-    # ------------------------------------------------------------ relay mode
-
-    def _relay_start(self, mechanism: str, initial: bytes | None) -> list[Event]:
-        first: InitialResponse
-        if initial is None:
-            first = NO_RESPONSE
-        elif initial == b"=":
-            first = b""
-        elif initial == b"*":
-            return self._auth_failed(FailureReason.CANCELLED.value, ERR_CANCELLED)
-        else:
-            decoded = b64decode_strict(initial)
-            if decoded is None:
-                return self._auth_failed(FailureReason.MALFORMED.value, ERR_MALFORMED)
-            first = decoded
-        self._relay_cleartext = False
-        self._state = ServerState.RELAY
-        return [RelayAuth(mechanism, first)]
-
-    def _relay_reply(self, line: bytes) -> list[Event]:
-        self._state = ServerState.RELAY
-        text = line.strip()
-        if text == b"*":
-            self._relay_local_failure = FailureReason.CANCELLED
-            return [RelayResponse(None)]
-        decoded = b64decode_strict(text)
-        if decoded is None:
-            # Already started at the backend: cancel there, and tell the
-            # client what was wrong once the backend has answered.
-            self._relay_local_failure = FailureReason.MALFORMED
-            return [RelayResponse(None)]
-        return [RelayResponse(decoded)]
-
-    # --------------------------------------------------------------- helpers
-
-    def _expect(self, state: ServerState, call: str) -> None:
-        if self._state is not state:
-            raise ProtocolStateError(f"POP3 server: {call}() in state {self._state.value}")
-
-    def _decide(self) -> Decision:
-        return self._settings.decide(self._tls_active)
-
-    def _sasl_context(self) -> ServerContext:
-        return self._settings.sasl_context(self._tls_active)
-
-    def _login_refused(self) -> str | None:
-        refusal = self._decide().login_refusal()
-        if refusal is None:
-            return None
-        return ERR_USER_DISABLED if refusal is Refusal.NOT_AVAILABLE else _REFUSAL_REPLIES[refusal]
-
-    def _reset_auth(self) -> None:
-        self._state = ServerState.AUTHORIZATION
-        self._exchange = None
-        self._relay_local_failure = None
-        self._relay_cleartext = False
-
-    def _splice(self) -> list[Event]:
-        self._state = ServerState.SPLICED
-        return [Send(_line(OK_LOGGED_IN)), Splice(pending=self._lines.take_rest())]
-
-    def _auth_failed(self, reason: str, reply: str, *, detail: str = "") -> list[Event]:
-        event = AuthFailed(self._mechanism, reason, self._authcid, detail)
-        self._reset_auth()
-        return [event, *self._error(reply)]
-
-    def _error(self, reply: str) -> list[Event]:
-        """A bad command or failed authentication: reply, count, and say
-        goodbye at the limit (nginx-style max_errors against ALPACA-type
-        cross-protocol abuse and guessing)."""
-        self._errors += 1
-        out: list[Event] = [Send(_line(reply))]
-        if self._errors >= self._settings.max_errors:
-            out += self._goodbye(ERR_TOO_MANY_ERRORS)
-        return out
-
-    def _goodbye(self, reply: str) -> list[Event]:
-        self._state = ServerState.CLOSED
-        return [Send(_line(reply)), Close()]
 
 
 # ====================================================================== client

@@ -154,14 +154,14 @@ DIFFERENCES = {
     "policy_refusal_emits_auth_failed": Difference(
         TO_UNIFY,
         "POP3 alone leaves a policy refusal out of the audit log",
-        {"imap": True, "pop3": False, "smtp": True},
+        {"imap": True, "pop3": True, "smtp": True},
     ),
     # A backend that cannot take the login (backend_failed): SMTP emits
     # AuthFailed("backend-..."), IMAP and POP3 only reply.
     "backend_failed_emits_auth_failed": Difference(
         TO_UNIFY,
         "only SMTP records a failed backend login as an AuthFailed",
-        {"imap": False, "pop3": False, "smtp": True},
+        {"imap": False, "pop3": True, "smtp": True},
     ),
     # The store unavailable (a temporary failure): one more error toward
     # max_errors in IMAP and POP3, not in SMTP (454 is "not the client's
@@ -169,7 +169,7 @@ DIFFERENCES = {
     "temporary_failure_counts_as_error": Difference(
         TO_UNIFY,
         "SMTP alone does not count a temporary failure toward max_errors",
-        {"imap": True, "pop3": True, "smtp": False},
+        {"imap": True, "pop3": False, "smtp": False},
     ),
     # The protocol's own cleartext login command and how it is checked:
     # IMAP LOGIN asks a PasswordCheck itself; POP3 USER/PASS goes through

@@ -191,7 +191,11 @@ def test_plaintext_refused_without_tls() -> None:
     assert session.send(b"AUTH PLAIN " + plain("alice", PASSWORDS["alice"]) + b"\r\n") == expected
     assert session.send(b"USER alice\r\n") == expected
     assert not session.of(Lookup)  # nothing was checked
-    assert not session.of(AuthFailed)  # a policy refusal is not a failed login
+    # Every refused attempt is in the audit log (not a guess for the defence).
+    assert [(f.mechanism, f.reason) for f in session.of(AuthFailed)] == [
+        ("PLAIN", "mechanism-needs-tls"),
+        ("USER-PASS", "mechanism-needs-tls"),
+    ]
     assert not session.of(Close)
     session.send(b"AUTH LOGIN\r\n")
     assert session.of(Close) == [Close()]  # third error (max_errors=3): goodbye
@@ -240,7 +244,7 @@ def test_session_tls_required_without_stls_then_quit() -> None:
 def test_error_replies(command: bytes, reply: str) -> None:
     session = greeted(make_settings(mechanisms=(*ALL_MECHS, "SCRAM-SHA-256-PLUS")))
     assert session.send(command + b"\r\n") == (reply + "\r\n").encode()
-    assert session.server.state is ServerState.AUTHORIZATION
+    assert session.server.state is ServerState.COMMAND
 
 
 def test_stls_when_unavailable_or_active() -> None:
@@ -343,7 +347,7 @@ def test_auth_cram_md5_wrong_password() -> None:
     # The user named in the exchange: the defence counts it against alice.
     assert session.of(AuthFailed) == [AuthFailed("CRAM-MD5", "invalid-credentials", "alice")]
     assert session.out.endswith(b"-ERR [AUTH] Authentication failed.\r\n")
-    assert session.server.state is ServerState.AUTHORIZATION
+    assert session.server.state is ServerState.COMMAND
 
 
 @pytest.mark.parametrize(
@@ -364,7 +368,7 @@ def test_sasl_cancel_and_malformed(lines: list[bytes], reason: str, reply: str) 
     assert [f.reason for f in session.of(AuthFailed)] == [reason]
     assert session.out.endswith((reply + "\r\n").encode())
     assert not session.of(Lookup)
-    assert session.server.state is ServerState.AUTHORIZATION
+    assert session.server.state is ServerState.COMMAND
 
 
 def test_temporary_store_failure_is_sys_temp() -> None:
@@ -418,8 +422,9 @@ def test_backend_failed_keeps_session_unauthenticated() -> None:
     session.send(b"USER alice\r\nPASS correct horse\r\n")
     reply = session.call(session.server.backend_failed(BackendFailure.UNAVAILABLE))
     assert reply == (ERR_BACKEND + "\r\n").encode() and ERR_BACKEND.startswith("-ERR [SYS/TEMP] ")
-    assert not session.of(AuthFailed)  # the client did nothing wrong
-    assert session.server.state is ServerState.AUTHORIZATION
+    # In the audit log, but not a guess: the client did nothing wrong.
+    assert session.of(AuthFailed) == [AuthFailed("USER-PASS", "backend-unavailable", "alice")]
+    assert session.server.state is ServerState.COMMAND
     session.send(b"USER alice\r\nPASS correct horse\r\n")
     assert len(session.of(Authenticated)) == 2
     assert login_ok(session) == b"+OK Logged in.\r\n"
@@ -600,7 +605,7 @@ def test_relay_challenges_and_responses() -> None:
     reply = session.call(session.server.relay_result(False, BackendFailure.INVALID_CREDENTIALS))
     assert reply == (ERR_FAILED + "\r\n").encode()
     assert session.of(AuthFailed) == [AuthFailed("CRAM-MD5", "invalid-credentials", None)]
-    assert session.server.state is ServerState.AUTHORIZATION
+    assert session.server.state is ServerState.COMMAND
 
 
 def test_relay_empty_challenge_and_cancel() -> None:
@@ -628,7 +633,7 @@ def test_relay_local_refusals_do_not_reach_backend() -> None:
     session = relay_session(max_errors=10)
     session.send(b"AUTH PLAIN *\r\nAUTH PLAIN @@\r\nAUTH FOO\r\n")
     assert not session.of(RelayAuth)
-    assert [f.reason for f in session.of(AuthFailed)] == ["cancelled", "malformed"]
+    assert [f.reason for f in session.of(AuthFailed)] == ["cancelled", "malformed", "not-available"]
 
 
 def test_relay_user_pass_becomes_plain() -> None:
@@ -637,7 +642,7 @@ def test_relay_user_pass_becomes_plain() -> None:
     assert session.of(RelayAuth) == [RelayAuth("PLAIN", b"\0alice\0two words")]
     reply = session.call(session.server.relay_result(False, BackendFailure.UNAVAILABLE))
     assert reply == (ERR_TEMP + "\r\n").encode()
-    assert session.of(AuthFailed) == [AuthFailed("USER-PASS", "unavailable", "alice")]
+    assert session.of(AuthFailed) == [AuthFailed("USER-PASS", "temporary", "alice")]
 
 
 def test_relay_user_pass_cannot_take_a_challenge() -> None:

@@ -1,0 +1,433 @@
+"""The server core every protocol dialect shares, sans-IO.
+
+`ServerCore` owns what SMTP, IMAP and POP3 agree on before authentication:
+the one state enum, the input loop, the driver API of `authgate.protocols
+.base` (start, receive_data, resume, tls_started, backend_ready,
+backend_failed, relay_challenge, relay_result), the SASL exchange (initial
+response, challenges, final challenge, relay), the policy hooks, and the
+rules for `AuthFailed` and `max_errors`. A dialect subclass supplies its
+command table and every byte of protocol text (greeting, replies, codes,
+challenge framing, goodbyes); the core writes none.
+
+The rules, the same in every dialect:
+- Every attempt that ends without a login emits one `AuthFailed`: a policy
+  refusal (reason: the `Refusal`), a failed exchange (the `FailureReason`),
+  and a backend that could not take the login ("backend-<BackendFailure>").
+  The audit log then sees every attempt; the defence counts only the
+  reasons that are guesses (authgate.proxy.session.GUESS_REASONS).
+- A refusal, a bad command and a failed exchange count toward
+  `max_errors`; a temporary failure (credential store or backend
+  unavailable) and a failed backend login do not: they are not the
+  client's doing (RFC 4954 section 6's 454, RFC 3206's [SYS/TEMP] and RFC
+  5530's UNAVAILABLE all tell the client to try again later), and closing
+  the session for them would turn our outage into the client's error.
+- A cleartext login command (IMAP LOGIN, POP3 USER+PASS) runs through the
+  PLAIN mechanism, so its checks (empty fields, NUL, UTF-8, length) and its
+  `PasswordCheck` live once; in relay mode it is relayed as PLAIN.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from authgate.policy import Decision, Refusal
+from authgate.protocols.base import (
+    Authenticated,
+    AuthFailed,
+    BackendFailure,
+    Close,
+    Event,
+    ProtocolStateError,
+    RelayAuth,
+    RelayResponse,
+    Send,
+    SessionSettings,
+    Splice,
+    StartTLS,
+)
+from authgate.protocols.common import (
+    ExchangeStep,
+    LineBuffer,
+    LineTooLong,
+    SaslExchange,
+    SendChallenge,
+    b64decode_strict,
+    b64encode,
+    decode_initial,
+    plain_message,
+)
+from authgate.sasl.base import (
+    Failure,
+    FailureReason,
+    Lookup,
+    LookupAnswer,
+    PasswordVerdict,
+    ServerContext,
+    Success,
+)
+
+
+class ServerState(enum.Enum):
+    NEW = "new"  # start() not called yet
+    COMMAND = "command"  # reading commands
+    SASL = "sasl"  # sent a challenge, reading the client's response line
+    SASL_FINAL = "sasl-final"  # sent success data as a final challenge, reading ""
+    RELAY_SASL = "relay-sasl"  # relay: sent the backend's challenge, reading the line
+    LOOKUP = "lookup"  # a Lookup is outstanding
+    BACKEND = "backend"  # Authenticated is outstanding
+    RELAY = "relay"  # RelayAuth / RelayResponse is outstanding
+    STARTTLS = "starttls"  # StartTLS is outstanding
+    SPLICED = "spliced"  # Splice emitted: the driver owns the connection
+    CLOSED = "closed"  # Close emitted
+
+
+# States in which the machine reads its buffer; in the others it holds what
+# it received until the driver calls back (pipelining).
+READING = frozenset(
+    {ServerState.COMMAND, ServerState.SASL, ServerState.SASL_FINAL, ServerState.RELAY_SASL}
+)
+
+
+@dataclass
+class Attempt:
+    """The authentication in progress."""
+
+    mechanism: str  # SASL name, or the dialect's label for its login command
+    tag: bytes = b""  # IMAP: the command's tag, for the tagged reply
+    authcid: str | None = None
+    exchange: SaslExchange | None = None
+    success: Success | None = None  # held while the final challenge is answered
+    aborted: FailureReason | None = None  # relay: the client cancelled / sent junk
+    cleartext: bool = False  # relay: a login command, which cannot carry a challenge
+
+
+class ServerCore:
+    """The shared server machine; a dialect subclass fills in the hooks."""
+
+    # "POP3 server" etc., for ProtocolStateError messages.
+    NAME: ClassVar[str]
+    # Whole goodbye lines (wire bytes) the core sends before Close.
+    LINE_TOO_LONG: ClassVar[bytes]
+    TOO_MANY_ERRORS: ClassVar[bytes]
+    TOO_MANY_COMMANDS: ClassVar[bytes]
+
+    def __init__(self, settings: SessionSettings) -> None:
+        self._settings = settings
+        self._state = ServerState.NEW
+        self._tls_active = settings.tls_active
+        self._lines = LineBuffer(settings.max_line)
+        self._errors = 0
+        self._commands = 0
+        self._attempt: Attempt | None = None
+
+    # ------------------------------------------------------------ driver API
+
+    @property
+    def tls_active(self) -> bool:
+        return self._tls_active
+
+    @property
+    def state(self) -> ServerState:
+        return self._state
+
+    def start(self) -> list[Event]:
+        self._expect({ServerState.NEW}, "start")
+        self._state = ServerState.COMMAND
+        return self._greeting()
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        if self._state in (ServerState.NEW, ServerState.SPLICED):
+            raise ProtocolStateError(f"{self.NAME}: receive_data() in state {self._state.value}")
+        if self._state in (ServerState.CLOSED, ServerState.STARTTLS):
+            # CLOSED: in flight before the driver closed. STARTTLS: plaintext
+            # that arrives before the handshake must never be executed after
+            # it (CVE-2011-0411): drop it rather than let it pile up unread.
+            return []
+        self._lines.feed(data)
+        return self._pump()
+
+    def resume(self, answer: LookupAnswer) -> list[Event]:
+        self._expect({ServerState.LOOKUP}, "resume")
+        attempt = self._current()
+        if isinstance(answer, PasswordVerdict) and answer.identity is not None:
+            attempt.authcid = answer.identity  # a failure is logged under the store's name
+        assert attempt.exchange is not None
+        return self._sasl_step(attempt.exchange.resume(answer)) + self._pump()
+
+    def tls_started(self) -> list[Event]:
+        self._expect({ServerState.STARTTLS}, "tls_started")
+        # Forget everything said in the clear, including bytes pipelined
+        # behind STARTTLS (CVE-2011-0411); the dialect forgets its own state.
+        self._tls_active = True
+        self._lines.clear()
+        self._state = ServerState.COMMAND
+        self._forget_after_tls()
+        return []
+
+    def backend_ready(self, capabilities: Sequence[str]) -> list[Event]:
+        self._expect({ServerState.BACKEND}, "backend_ready")
+        return self._logged_in(capabilities)
+
+    def backend_failed(self, failure: BackendFailure) -> list[Event]:
+        self._expect({ServerState.BACKEND}, "backend_failed")
+        attempt = self._current()
+        reply = self._backend_failed_reply(attempt, failure)
+        self._reset_auth()
+        # Not the client's fault: recorded, not counted toward max_errors.
+        failed = AuthFailed(attempt.mechanism, f"backend-{failure.value}", attempt.authcid)
+        return [failed, reply, *self._pump()]
+
+    def relay_challenge(self, data: bytes) -> list[Event]:
+        self._expect({ServerState.RELAY}, "relay_challenge")
+        attempt = self._current()
+        if attempt.cleartext or attempt.aborted is not None:
+            # A login command has nowhere to carry a challenge, and a client
+            # that already cancelled is not asked again: cancel at the backend.
+            if attempt.aborted is None:
+                attempt.aborted = FailureReason.MALFORMED
+            return [RelayResponse(None)]
+        self._state = ServerState.RELAY_SASL
+        return [self._challenge(data), *self._pump()]
+
+    def relay_result(self, ok: bool, failure: BackendFailure | None = None) -> list[Event]:
+        self._expect({ServerState.RELAY, ServerState.RELAY_SASL}, "relay_result")
+        attempt = self._current()
+        if ok and attempt.aborted is None:
+            return self._logged_in(())
+        if attempt.aborted is not None:
+            reason = attempt.aborted
+        elif failure is BackendFailure.UNAVAILABLE:
+            reason = FailureReason.TEMPORARY
+        else:
+            reason = FailureReason.INVALID_CREDENTIALS
+        return self._fail(Failure(reason)) + self._pump()
+
+    # ------------------------------------------------------- dialect hooks
+
+    def _greeting(self) -> list[Event]:
+        raise NotImplementedError
+
+    def _command(self, line: bytes) -> list[Event]:
+        """One command line in the COMMAND state."""
+        raise NotImplementedError
+
+    def _challenge(self, data: bytes) -> Send:
+        """A SASL challenge (raw bytes), framed for the wire."""
+        raise NotImplementedError
+
+    def _failure_reply(self, attempt: Attempt, reason: FailureReason) -> Send:
+        raise NotImplementedError
+
+    def _refusal_reply(self, attempt: Attempt, refusal: Refusal) -> Send:
+        raise NotImplementedError
+
+    def _backend_failed_reply(self, attempt: Attempt, failure: BackendFailure) -> Send:
+        raise NotImplementedError
+
+    def _success_reply(self, attempt: Attempt, capabilities: Sequence[str]) -> Send:
+        raise NotImplementedError
+
+    def _forget_after_tls(self) -> None:
+        """What the dialect forgets at STARTTLS beyond the buffered bytes."""
+
+    def _next_line(self) -> bytes | None:
+        """The next input unit for `_on_line` (IMAP reads literals here)."""
+        return self._lines.next_line()
+
+    # ------------------------------------------------------------ input loop
+
+    def _pump(self) -> list[Event]:
+        """Handle buffered input until it runs out or the machine must wait."""
+        out: list[Event] = []
+        while self._state in READING:
+            try:
+                line = self._next_line()
+            except LineTooLong:
+                return out + self._goodbye(self.LINE_TOO_LONG)
+            if line is None:
+                break
+            out += self._on_line(line)
+        return out
+
+    def _on_line(self, line: bytes) -> list[Event]:
+        match self._state:
+            case ServerState.SASL:
+                exchange = self._current().exchange
+                assert exchange is not None
+                return self._sasl_step(exchange.respond(line))
+            case ServerState.SASL_FINAL:
+                return self._sasl_final_line(line)
+            case ServerState.RELAY_SASL:
+                return self._relay_line(line)
+            case _:
+                return self._command(line)
+
+    def _count_command(self) -> list[Event] | None:
+        """Count one command; the goodbye once there were too many."""
+        self._commands += 1
+        if self._commands > self._settings.max_commands:
+            return self._goodbye(self.TOO_MANY_COMMANDS)
+        return None
+
+    # ------------------------------------------------------- authentication
+
+    def _authenticate(self, attempt: Attempt, initial: bytes | None) -> list[Event]:
+        """A SASL command: `initial` is the initial response as sent
+        (base64, "=" for empty, "*" to cancel) or None."""
+        self._attempt = attempt
+        refusal = self._decide().refusal(attempt.mechanism)
+        if refusal is not None:
+            return self._refuse(refusal)
+        if self._settings.relay:
+            first = decode_initial(initial)
+            if isinstance(first, Failure):
+                return self._fail(first)
+            self._state = ServerState.RELAY
+            return [RelayAuth(attempt.mechanism, first)]
+        exchange = SaslExchange(attempt.mechanism, self._sasl_context())
+        attempt.exchange = exchange
+        return self._sasl_step(exchange.start(initial))
+
+    def _refuse_login(self, attempt: Attempt) -> list[Event] | None:
+        """The policy's refusal of a cleartext login command, if any."""
+        refusal = self._decide().login_refusal()
+        if refusal is None:
+            return None
+        self._attempt = attempt
+        return self._refuse(refusal)
+
+    def _login(self, attempt: Attempt, user: str, password: str) -> list[Event]:
+        """A cleartext login command the policy allowed: PLAIN without the
+        framing, run through the PLAIN mechanism (or relayed as PLAIN)."""
+        self._attempt = attempt
+        message = plain_message(user, password)
+        if self._settings.relay:
+            attempt.cleartext = True
+            self._state = ServerState.RELAY
+            return [RelayAuth("PLAIN", message)]
+        exchange = SaslExchange("PLAIN", self._sasl_context())
+        attempt.exchange = exchange
+        return self._sasl_step(exchange.start(b64encode(message)))
+
+    def _sasl_step(self, step: ExchangeStep) -> list[Event]:
+        attempt = self._current()
+        if isinstance(step, SendChallenge):
+            self._state = ServerState.SASL
+            return [self._challenge(step.data)]
+        if isinstance(step, Lookup):
+            # Who is trying: the defence counts the failure against this
+            # user (lockout, stale password), the audit log names them.
+            attempt.authcid = step.request.authcid or attempt.authcid
+            self._state = ServerState.LOOKUP
+            return [step]
+        if isinstance(step, Failure):
+            return self._fail(step)
+        attempt.authcid = step.authcid
+        if step.additional is not None:
+            # None of the three has "additional data with success" (RFC 4422
+            # section 3.6): send it as a final challenge that the client
+            # answers with an empty line.
+            attempt.success = step
+            self._state = ServerState.SASL_FINAL
+            return [self._challenge(step.additional)]
+        return self._authenticated(step)
+
+    def _sasl_final_line(self, line: bytes) -> list[Event]:
+        success = self._current().success
+        assert success is not None
+        line = line.strip()
+        if line == b"*":
+            return self._fail(Failure(FailureReason.CANCELLED, "client cancelled"))
+        if line:
+            return self._fail(Failure(FailureReason.MALFORMED, "response is not empty"))
+        return self._authenticated(success)
+
+    def _relay_line(self, line: bytes) -> list[Event]:
+        attempt = self._current()
+        self._state = ServerState.RELAY
+        line = line.strip()
+        if line == b"*":
+            attempt.aborted = FailureReason.CANCELLED
+            return [RelayResponse(None)]
+        decoded = b64decode_strict(line)
+        if decoded is None:
+            # Already started at the backend: cancel there, and tell the
+            # client what was wrong once the backend has answered.
+            attempt.aborted = FailureReason.MALFORMED
+            return [RelayResponse(None)]
+        return [RelayResponse(decoded)]
+
+    # -------------------------------------------------------------- outcomes
+
+    def _authenticated(self, success: Success) -> list[Event]:
+        self._state = ServerState.BACKEND
+        return [Authenticated(success.authcid, success.identity, self._current().mechanism)]
+
+    def _logged_in(self, capabilities: Sequence[str]) -> list[Event]:
+        reply = self._success_reply(self._current(), capabilities)
+        self._attempt = None
+        self._state = ServerState.SPLICED
+        # Everything the client pipelined behind its login is for the backend.
+        return [reply, Splice(pending=self._lines.take_rest())]
+
+    def _refuse(self, refusal: Refusal) -> list[Event]:
+        attempt = self._current()
+        reply = self._refusal_reply(attempt, refusal)
+        self._reset_auth()
+        return [AuthFailed(attempt.mechanism, refusal.value, attempt.authcid), *self._error(reply)]
+
+    def _fail(self, failure: Failure) -> list[Event]:
+        attempt = self._current()
+        reply = self._failure_reply(attempt, failure.reason)
+        self._reset_auth()
+        reason = failure.reason.value
+        failed = AuthFailed(attempt.mechanism, reason, attempt.authcid, failure.detail)
+        if failure.reason is FailureReason.TEMPORARY:
+            return [failed, reply]  # our trouble, not the client's: not counted
+        return [failed, *self._error(reply)]
+
+    def _reset_auth(self) -> None:
+        self._attempt = None
+        self._state = ServerState.COMMAND
+
+    def _error(self, reply: Send) -> list[Event]:
+        """A bad command or failed authentication: reply, count, and say
+        goodbye at the limit (nginx-style max_errors against ALPACA-type
+        cross-protocol abuse and guessing)."""
+        self._errors += 1
+        if self._errors >= self._settings.max_errors:
+            return [reply, *self._goodbye(self.TOO_MANY_ERRORS)]
+        return [reply]
+
+    def _goodbye(self, line: bytes) -> list[Event]:
+        self._state = ServerState.CLOSED
+        self._attempt = None
+        return [Send(line), Close()]
+
+    def _begin_tls(self, reply: Send) -> list[Event]:
+        # Anything pipelined behind STARTTLS was sent in the clear: drop it
+        # (CVE-2011-0411) and tell the driver how much, to log the attempt.
+        discarded = len(self._lines)
+        self._lines.clear()
+        self._state = ServerState.STARTTLS
+        return [reply, StartTLS(discarded)]
+
+    # --------------------------------------------------------------- helpers
+
+    def _expect(self, states: set[ServerState], call: str) -> None:
+        if self._state not in states:
+            raise ProtocolStateError(f"{self.NAME}: {call}() in state {self._state.value}")
+
+    def _current(self) -> Attempt:
+        if self._attempt is None:  # pragma: no cover - every waiting state sets it
+            raise ProtocolStateError(f"{self.NAME}: no authentication in progress")
+        return self._attempt
+
+    def _decide(self) -> Decision:
+        return self._settings.decide(self._tls_active)
+
+    def _sasl_context(self) -> ServerContext:
+        return self._settings.sasl_context(self._tls_active)
