@@ -60,8 +60,9 @@ from authgate.protocols.base import (
     Splice,
     StartTLS,
 )
-from authgate.protocols.imap import ImapClient, ImapServer
+from authgate.protocols.imap import ImapClient
 from authgate.protocols.pop3 import Pop3Client
+from authgate.protocols.server import ServerCore
 from authgate.protocols.smtp import SmtpClient
 from authgate.sasl import MECHANISMS, mechanism_info
 from authgate.sasl.base import (
@@ -369,12 +370,12 @@ class ServerSession(RuleBasedStateMachine):
             return {"backend_ready", "backend_failed"}
         if isinstance(waiting, RelayAuth | RelayResponse):
             calls = {"relay_challenge", "relay_result"}
-            if isinstance(self.machine, ImapServer):
+            if isinstance(self.machine, ServerCore):
                 calls.add("backend_ready")  # documented: relay OK with capabilities
             return calls
         if self.early_verdict_allowed():
             calls = {"relay_result"}
-            if isinstance(self.machine, ImapServer):
+            if isinstance(self.machine, ServerCore):
                 calls.add("backend_ready")
             return calls
         return set()

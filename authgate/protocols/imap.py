@@ -28,10 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from authgate.policy import Decision, Refusal, choose_client_mechanism, client_ip
+from authgate.policy import Refusal, choose_client_mechanism, client_ip
 from authgate.protocols.base import (
-    Authenticated,
-    AuthFailed,
     BackendFailure,
     ClientEvent,
     ClientSettings,
@@ -40,43 +38,29 @@ from authgate.protocols.base import (
     LoggedIn,
     LoginFailed,
     ProtocolStateError,
-    RelayAuth,
     RelayChallenge,
-    RelayResponse,
     Send,
     SessionSettings,
-    Splice,
     StartTLS,
 )
 from authgate.protocols.common import (
-    ExchangeStep,
     LineBuffer,
     LineTooLong,
-    SaslExchange,
-    SendChallenge,
     b64decode_strict,
     b64encode,
-    plain_message,
 )
+from authgate.protocols.server import Attempt, ServerCore, ServerState
 from authgate.sasl import mechanism_info
 from authgate.sasl.base import (
     MAX_PASSWORD_OCTETS,
     NO_RESPONSE,
-    STORE_UNAVAILABLE,
     ClientAuthError,
     ClientMechanism,
     Derive,
     Failure,
     FailureReason,
     InitialResponse,
-    Lookup,
-    LookupAnswer,
-    PasswordCheck,
-    PasswordVerdict,
     SaslProtocolError,
-    ServerContext,
-    Success,
-    password_answer,
     too_long,
 )
 
@@ -230,22 +214,6 @@ def _capability_code(capabilities: tuple[str, ...]) -> bytes:
 # ===================================================================== server
 
 
-class _State(enum.Enum):
-    NEW = "new"  # start() not called yet
-    COMMAND = "command"  # reading tagged commands
-    SASL = "sasl"  # AUTHENTICATE: sent a challenge, reading the response line
-    SASL_FINAL = "sasl-final"  # sent success data as a final challenge, reading ""
-    RELAY_SASL = "relay-sasl"  # relay: sent the backend's challenge, reading the line
-    LOOKUP = "lookup"  # a Lookup is outstanding
-    BACKEND = "backend"  # Authenticated is outstanding
-    RELAY = "relay"  # RelayAuth / RelayResponse is outstanding
-    TLS = "tls"  # StartTLS is outstanding
-    DONE = "done"  # Splice emitted
-    CLOSED = "closed"  # Close emitted
-
-
-_READING = frozenset({_State.COMMAND, _State.SASL, _State.SASL_FINAL, _State.RELAY_SASL})
-
 # RFC 9051 section 7.1 / RFC 5530 response codes for each refusal.
 _REFUSAL_REPLY: dict[Refusal, bytes] = {
     Refusal.TLS_REQUIRED: b"NO [PRIVACYREQUIRED] Authentication requires TLS",
@@ -276,6 +244,8 @@ _FAILURE_REPLY: dict[FailureReason, bytes] = {
     FailureReason.TOO_LONG: b"NO [LIMIT] Password too long (at most %d octets)"
     % MAX_PASSWORD_OCTETS,
 }
+# Mechanism label for the LOGIN command in `Authenticated` and `AuthFailed`.
+LOGIN_COMMAND = "LOGIN-COMMAND"
 _BACKEND_FAILED_REPLY = b"NO [UNAVAILABLE] Mail server unavailable, try again later"
 
 # RFC 9051 section 6.2.1 (and RFC 2595 section 3.1 for LOGINDISABLED): what
@@ -294,160 +264,69 @@ class _Command:
     oversized: bool = False  # a non-synchronising literal was too big: discard
 
 
-@dataclass
-class _Attempt:
-    """The authentication in progress."""
+class ImapServer(ServerCore):
+    """IMAP server machine for the not-authenticated state: the IMAP
+    dialect of `ServerCore` (tags, literals, response codes)."""
 
-    tag: bytes
-    mechanism: str  # SASL name, or "LOGIN-COMMAND"
-    exchange: SaslExchange | None = None
-    authcid: str | None = None
-    success: Success | None = None  # held while the final challenge is answered
-    aborted: FailureReason | None = None  # relay: the client cancelled / sent junk
-
-
-class ImapServer:
-    """IMAP server machine for the not-authenticated state."""
+    NAME = "IMAP server"
+    LINE_TOO_LONG = b"* BYE Line too long" + CRLF
+    TOO_MANY_ERRORS = b"* BYE Too many errors" + CRLF
+    TOO_MANY_COMMANDS = b"* BYE Too many commands before login" + CRLF
 
     def __init__(self, settings: SessionSettings) -> None:
-        self._settings = settings
-        self._state = _State.NEW
-        self._tls_active = settings.tls_active
-        self._buffer = LineBuffer(settings.max_line)
-        self._command: _Command | None = None
+        super().__init__(settings)
+        self._reading: _Command | None = None  # a command with literals, being read
         self._literal_needed = 0
         self._literal = bytearray()
-        self._attempt: _Attempt | None = None
-        self._errors = 0
-        self._commands = 0
 
-    @property
-    def tls_active(self) -> bool:
-        return self._tls_active
+    # --------------------------------------------------------- dialect hooks
 
-    # ------------------------------------------------------------ driver API
-
-    def start(self) -> list[Event]:
-        self._expect({_State.NEW}, "start")
-        self._state = _State.COMMAND
+    def _greeting(self) -> list[Event]:
         host = self._settings.hostname.encode("utf-8", "replace")
         line = b"* OK [CAPABILITY " + self._capabilities() + b"] " + host + b" authgate ready"
         return [Send(line + CRLF)]
 
-    def receive_data(self, data: bytes) -> list[Event]:
-        if self._state is _State.NEW or self._state is _State.DONE:
-            raise ProtocolStateError(f"IMAP server: receive_data() in state {self._state.value}")
-        if self._state in (_State.CLOSED, _State.TLS):
-            # TLS: plaintext that arrives while the handshake is pending is
-            # exactly what a STARTTLS injection (CVE-2011-0411) looks like.
-            return []
-        self._buffer.feed(data)
-        return self._pump()
+    @staticmethod
+    def _challenge(data: bytes) -> Send:
+        # RFC 9051 section 7.5: continue-req = "+" SP base64; an empty
+        # challenge is "+ " alone.
+        return Send(b"+ " + b64encode(data) + CRLF)
 
-    def resume(self, answer: LookupAnswer) -> list[Event]:
-        self._expect({_State.LOOKUP}, "resume")
-        attempt = self._current()
-        if isinstance(answer, PasswordVerdict) and answer.identity is not None:
-            attempt.authcid = answer.identity  # the store's name for the user, from now on
-        if attempt.exchange is None:  # the LOGIN command's PasswordCheck
-            if answer is STORE_UNAVAILABLE:
-                events = self._fail(Failure(FailureReason.TEMPORARY, "store unavailable"))
-            elif password_answer(answer)[0] and attempt.authcid:
-                events = self._authenticated(attempt.authcid, attempt.authcid)
-            else:
-                events = self._fail(Failure(FailureReason.INVALID_CREDENTIALS))
-        else:
-            events = self._sasl_step(attempt.exchange.resume(answer))
-        return events + self._pump()
+    def _failure_reply(self, attempt: Attempt, reason: FailureReason) -> Send:
+        return self._tagged(attempt.tag, _FAILURE_REPLY[reason])
 
-    def tls_started(self) -> list[Event]:
-        self._expect({_State.TLS}, "tls_started")
-        # RFC 9051 section 6.2.1: forget everything from before the
-        # handshake; the capability list changes (no STARTTLS, maybe AUTH=).
-        self._buffer.clear()
-        self._tls_active = True
-        self._state = _State.COMMAND
-        return []
+    def _refusal_reply(self, attempt: Attempt, refusal: Refusal) -> Send:
+        table = _LOGIN_REFUSAL_REPLY if attempt.mechanism == LOGIN_COMMAND else _REFUSAL_REPLY
+        return self._tagged(attempt.tag, table[refusal])
 
-    def backend_ready(self, capabilities: Sequence[str]) -> list[Event]:
-        self._expect({_State.BACKEND, _State.RELAY, _State.RELAY_SASL}, "backend_ready")
-        if self._state is not _State.BACKEND and self._current().aborted is not None:
-            return self.relay_result(False)
-        return self._logged_in(capabilities)
+    def _backend_failed_reply(self, attempt: Attempt, failure: BackendFailure) -> Send:
+        if failure is BackendFailure.PASSWORD_EXPIRED:
+            return self._tagged(attempt.tag, _FAILURE_REPLY[FailureReason.EXPIRED])
+        return self._tagged(attempt.tag, _BACKEND_FAILED_REPLY)
 
-    def backend_failed(self, failure: BackendFailure) -> list[Event]:
-        self._expect({_State.BACKEND}, "backend_failed")
-        tag = self._current().tag
-        self._attempt = None
-        self._state = _State.COMMAND
-        reply = (
-            _FAILURE_REPLY[FailureReason.EXPIRED]
-            if failure is BackendFailure.PASSWORD_EXPIRED
-            else _BACKEND_FAILED_REPLY
-        )
-        return [self._tagged(tag, reply), *self._pump()]
+    def _success_reply(self, attempt: Attempt, capabilities: Sequence[str]) -> Send:
+        code = _capability_code(tuple(capabilities))
+        return self._tagged(attempt.tag, b"OK " + code + b"Logged in")
 
-    def relay_challenge(self, data: bytes) -> list[Event]:
-        self._expect({_State.RELAY}, "relay_challenge")
-        attempt = self._current()
-        if attempt.mechanism == "LOGIN-COMMAND" or attempt.aborted is not None:
-            # A LOGIN command has nowhere to carry a challenge, and a client
-            # that already cancelled is not asked again: cancel at the backend.
-            return [RelayResponse(None)]
-        self._state = _State.RELAY_SASL
-        return [self._challenge(data), *self._pump()]
-
-    def relay_result(self, ok: bool, failure: BackendFailure | None = None) -> list[Event]:
-        self._expect({_State.RELAY, _State.RELAY_SASL}, "relay_result")
-        attempt = self._current()
-        if ok and attempt.aborted is None:
-            return self._logged_in(())
-        if attempt.aborted is not None:
-            reason = attempt.aborted
-        elif failure is BackendFailure.UNAVAILABLE:
-            reason = FailureReason.TEMPORARY
-        else:
-            reason = FailureReason.INVALID_CREDENTIALS
-        return self._fail(Failure(reason)) + self._pump()
+    def _next_line(self) -> bytes | None:
+        # A command's literals (RFC 9051 section 4.3) are read whole, then
+        # the rest of its line.
+        while self._literal_needed:
+            if not self._read_literal():
+                return None
+        return self._lines.next_line()
 
     # ------------------------------------------------------------- framing
 
-    def _expect(self, states: set[_State], call: str) -> None:
-        if self._state not in states:
-            raise ProtocolStateError(f"IMAP server: {call}() in state {self._state.value}")
-
-    def _current(self) -> _Attempt:
-        if self._attempt is None:  # pragma: no cover - every waiting state sets it
-            raise ProtocolStateError("IMAP server: no authentication in progress")
-        return self._attempt
-
-    def _pump(self) -> list[Event]:
-        """Handle buffered input until it runs out or we must wait."""
-        events: list[Event] = []
-        while self._state in _READING:
-            if self._literal_needed:
-                if not self._read_literal():
-                    break
-                continue
-            try:
-                line = self._buffer.next_line()
-            except LineTooLong:
-                events += self._goodbye(b"Line too long")
-                break
-            if line is None:
-                break
-            events += self._LINE_HANDLERS[self._state](self, line)
-        return events
-
     def _read_literal(self) -> bool:
         """Take literal bytes from the buffer; True once the literal is whole."""
-        available = self._buffer.take_rest()
+        available = self._lines.take_rest()
         if not available:
             return False
         take, rest = available[: self._literal_needed], available[self._literal_needed :]
-        self._buffer.feed(rest)
+        self._lines.feed(rest)
         self._literal_needed -= len(take)
-        command = self._command
+        command = self._reading
         assert command is not None
         if not command.oversized:
             self._literal += take
@@ -458,15 +337,15 @@ class ImapServer:
         self._literal.clear()
         return True
 
-    def _command_line(self, line: bytes) -> list[Event]:
-        command = self._command or _Command()
-        self._command = command
+    def _command(self, line: bytes) -> list[Event]:
+        command = self._reading or _Command()
+        self._reading = command
         if not command.oversized:  # a doomed command keeps only its tag line
             command.segments.append(line)
             command.size += len(line)
         announced = _LITERAL_AT_END.search(line)
         if announced is None:
-            self._command = None
+            self._reading = None
             if command.oversized:
                 return self._too_big(command)
             return self._execute(command.segments)
@@ -478,7 +357,7 @@ class ImapServer:
             if not plus:
                 # RFC 9051 section 7.5: refuse instead of sending "+"; the
                 # client then does not send the literal at all.
-                self._command = None
+                self._reading = None
                 return self._too_big(command)
             # RFC 7888 section 4: a non-synchronising literal arrives anyway;
             # read and discard it (and the rest of the command), then refuse.
@@ -500,9 +379,9 @@ class ImapServer:
     # ------------------------------------------------------------ commands
 
     def _execute(self, segments: list[bytes]) -> list[Event]:
-        self._commands += 1
-        if self._commands > self._settings.max_commands:
-            return self._goodbye(b"Too many commands before login")
+        goodbye = self._count_command()
+        if goodbye is not None:
+            return goodbye
         tag, _, rest = segments[0].partition(b" ")
         if not _TAG.fullmatch(tag):
             return self._error(Send(b"* BAD Missing or invalid tag" + CRLF))
@@ -510,7 +389,7 @@ class ImapServer:
         handler = self._COMMANDS.get(name.upper())
         if handler is None:
             return self._error(self._tagged(tag, b"BAD Unknown command or not valid now"))
-        if self._decision().session_tls_required and name.upper() not in _ALLOWED_BEFORE_TLS:
+        if self._decide().session_tls_required and name.upper() not in _ALLOWED_BEFORE_TLS:
             return self._error(self._tagged(tag, self._privacy_text()))
         try:
             args = _tokenize([arguments, *segments[1:]])
@@ -529,7 +408,7 @@ class ImapServer:
 
     def _cmd_logout(self, tag: bytes, args: list[_Token]) -> list[Event]:
         _no_arguments(args)
-        self._state = _State.CLOSED
+        self._state = ServerState.CLOSED
         return [
             Send(b"* BYE Logging out" + CRLF),
             self._tagged(tag, b"OK LOGOUT completed"),
@@ -542,12 +421,7 @@ class ImapServer:
             return self._error(self._tagged(tag, b"BAD TLS is already active"))
         if not self._settings.starttls_available:
             return self._error(self._tagged(tag, b"BAD STARTTLS is not available"))
-        # CVE-2011-0411: whatever the client pipelined after STARTTLS was
-        # sent in plaintext; it must never run inside the TLS session.
-        discarded = len(self._buffer)
-        self._buffer.clear()
-        self._state = _State.TLS
-        return [self._tagged(tag, b"OK Begin TLS negotiation now"), StartTLS(discarded)]
+        return self._begin_tls(self._tagged(tag, b"OK Begin TLS negotiation now"))
 
     def _cmd_id(self, tag: bytes, args: list[_Token]) -> list[Event]:
         _check_id_arguments(args)
@@ -559,20 +433,17 @@ class ImapServer:
         if len(args) != 2:
             raise _SyntaxError
         user, password = _astring(args[0]), _astring(args[1])
-        attempt = _Attempt(tag, "LOGIN-COMMAND", authcid=user or None)
+        attempt = Attempt(LOGIN_COMMAND, tag, authcid=user or None)
+        refused = self._refuse_login(attempt)
+        if refused is not None:
+            return refused
         self._attempt = attempt
-        refusal = self._decision().login_refusal()
-        if refusal is not None:
-            return self._refuse(refusal, _LOGIN_REFUSAL_REPLY[refusal])
+        # Fields PLAIN could not carry are a failed login (NO), not a BAD.
         if not user or not password or "\0" in user + password:
             return self._fail(Failure(FailureReason.INVALID_CREDENTIALS))
-        if self._settings.relay:
-            self._state = _State.RELAY
-            return [RelayAuth("PLAIN", plain_message(user, password))]
-        if len(args[1].value) > MAX_PASSWORD_OCTETS:
+        if len(args[1].value) > MAX_PASSWORD_OCTETS and not self._settings.relay:
             return self._fail(too_long("LOGIN command"))
-        self._state = _State.LOOKUP
-        return [Lookup(PasswordCheck(user, password))]
+        return self._login(attempt, user, password)
 
     def _cmd_authenticate(self, tag: bytes, args: list[_Token]) -> list[Event]:
         if not 1 <= len(args) <= 2 or any(t.kind is not _Kind.ATOM for t in args):
@@ -581,15 +452,7 @@ class ImapServer:
             raise _SyntaxError
         name = args[0].value.decode("ascii").upper()
         initial = args[1].value if len(args) == 2 else None
-        self._attempt = _Attempt(tag, name)
-        refusal = self._decision().refusal(name)
-        if refusal is not None:
-            return self._refuse(refusal, _REFUSAL_REPLY[refusal])
-        if self._settings.relay:
-            return self._relay_start(name, initial)
-        exchange = SaslExchange(name, self._sasl_context())
-        self._attempt.exchange = exchange
-        return self._sasl_step(exchange.start(initial))
+        return self._authenticate(Attempt(name, tag), initial)
 
     _COMMANDS: ClassVar[dict[bytes, Callable[[ImapServer, bytes, list[_Token]], list[Event]]]] = {
         b"CAPABILITY": _cmd_capability,
@@ -601,132 +464,10 @@ class ImapServer:
         b"AUTHENTICATE": _cmd_authenticate,
     }
 
-    # ---------------------------------------------------------------- SASL
-
-    def _sasl_context(self) -> ServerContext:
-        return self._settings.sasl_context(self._tls_active)
-
-    def _sasl_step(self, step: ExchangeStep) -> list[Event]:
-        attempt = self._current()
-        if isinstance(step, SendChallenge):
-            self._state = _State.SASL
-            return [self._challenge(step.data)]
-        if isinstance(step, Lookup):
-            attempt.authcid = step.request.authcid or attempt.authcid
-            self._state = _State.LOOKUP
-            return [step]
-        if isinstance(step, Failure):
-            return self._fail(step)
-        attempt.authcid = step.authcid
-        if step.additional is not None:
-            # IMAP has no "additional data with success" (RFC 9051 section
-            # 6.2.2, RFC 4422 section 4): send it as a last challenge that
-            # the client answers with an empty line.
-            attempt.success = step
-            self._state = _State.SASL_FINAL
-            return [self._challenge(step.additional)]
-        return self._authenticated(step.authcid, step.identity)
-
-    def _sasl_line(self, line: bytes) -> list[Event]:
-        exchange = self._current().exchange
-        assert exchange is not None
-        return self._sasl_step(exchange.respond(line))
-
-    def _sasl_final_line(self, line: bytes) -> list[Event]:
-        success = self._current().success
-        assert success is not None
-        line = line.strip()
-        if line == b"*":
-            return self._fail(Failure(FailureReason.CANCELLED))
-        if line:
-            return self._fail(Failure(FailureReason.MALFORMED))
-        return self._authenticated(success.authcid, success.identity)
-
-    def _relay_start(self, name: str, initial: bytes | None) -> list[Event]:
-        first: InitialResponse
-        if initial is None:
-            first = NO_RESPONSE
-        elif initial == b"=":  # RFC 4959 section 3: "=" is an empty response
-            first = b""
-        elif initial == b"*":
-            return self._fail(Failure(FailureReason.CANCELLED))
-        else:
-            decoded = b64decode_strict(initial)
-            if decoded is None:
-                return self._fail(Failure(FailureReason.MALFORMED))
-            first = decoded
-        self._state = _State.RELAY
-        return [RelayAuth(name, first)]
-
-    def _relay_line(self, line: bytes) -> list[Event]:
-        attempt = self._current()
-        self._state = _State.RELAY
-        line = line.strip()
-        if line == b"*":
-            attempt.aborted = FailureReason.CANCELLED
-            return [RelayResponse(None)]
-        decoded = b64decode_strict(line)
-        if decoded is None:
-            # Cancel at the backend; the client hears BAD once it agrees.
-            attempt.aborted = FailureReason.MALFORMED
-            return [RelayResponse(None)]
-        return [RelayResponse(decoded)]
-
-    _LINE_HANDLERS: ClassVar[dict[_State, Callable[[ImapServer, bytes], list[Event]]]] = {
-        _State.COMMAND: _command_line,
-        _State.SASL: _sasl_line,
-        _State.SASL_FINAL: _sasl_final_line,
-        _State.RELAY_SASL: _relay_line,
-    }
-
-    # ------------------------------------------------------------- outcomes
-
-    def _authenticated(self, authcid: str, identity: str) -> list[Event]:
-        self._state = _State.BACKEND
-        return [Authenticated(authcid, identity, self._current().mechanism)]
-
-    def _logged_in(self, capabilities: Sequence[str]) -> list[Event]:
-        tag = self._current().tag
-        code = _capability_code(tuple(capabilities))
-        self._attempt = None
-        self._state = _State.DONE
-        return [self._tagged(tag, b"OK " + code + b"Logged in"), Splice(self._buffer.take_rest())]
-
-    def _refuse(self, refusal: Refusal, reply: bytes) -> list[Event]:
-        attempt = self._current()
-        self._attempt = None
-        self._state = _State.COMMAND
-        failed = AuthFailed(attempt.mechanism, refusal.value, attempt.authcid)
-        return [failed, *self._error(self._tagged(attempt.tag, reply))]
-
-    def _fail(self, failure: Failure) -> list[Event]:
-        attempt = self._current()
-        self._attempt = None
-        self._state = _State.COMMAND
-        failed = AuthFailed(
-            attempt.mechanism, failure.reason.value, attempt.authcid, failure.detail
-        )
-        return [failed, *self._error(self._tagged(attempt.tag, _FAILURE_REPLY[failure.reason]))]
-
-    def _error(self, reply: Send) -> list[Event]:
-        """Send an error reply; say goodbye once the client made too many."""
-        self._errors += 1
-        if self._errors >= self._settings.max_errors:
-            return [reply, *self._goodbye(b"Too many errors")]
-        return [reply]
-
-    def _goodbye(self, text: bytes) -> list[Event]:
-        self._state = _State.CLOSED
-        self._attempt = None
-        return [Send(b"* BYE " + text + CRLF), Close()]
-
     # -------------------------------------------------------------- helpers
 
-    def _decision(self) -> Decision:
-        return self._settings.decide(self._tls_active)
-
     def _capabilities(self) -> bytes:
-        decision = self._decision()
+        decision = self._decide()
         caps = ["IMAP4rev1", "SASL-IR", "LITERAL+", "ID"]
         if self._settings.starttls_available and not self._tls_active:
             caps.append("STARTTLS")
@@ -743,12 +484,6 @@ class ImapServer:
     @staticmethod
     def _tagged(tag: bytes, text: bytes) -> Send:
         return Send(tag + b" " + text + CRLF)
-
-    @staticmethod
-    def _challenge(data: bytes) -> Send:
-        # RFC 9051 section 7.5: continue-req = "+" SP base64; an empty
-        # challenge is "+ " alone.
-        return Send(b"+ " + b64encode(data) + CRLF)
 
     def _bad_or_untagged(self, tag: bytes | None, text: bytes) -> Send:
         return self._tagged(tag, text) if tag is not None else Send(b"* " + text + CRLF)

@@ -168,7 +168,13 @@ class ServerCore:
         return []
 
     def backend_ready(self, capabilities: Sequence[str]) -> list[Event]:
-        self._expect({ServerState.BACKEND}, "backend_ready")
+        # Relay mode too: a driver that knows the backend's capabilities may
+        # call this instead of relay_result(True), for a success reply that
+        # carries them (IMAP's OK [CAPABILITY ...]).
+        relaying = {ServerState.RELAY, ServerState.RELAY_SASL}
+        self._expect({ServerState.BACKEND, *relaying}, "backend_ready")
+        if self._state in relaying and self._current().aborted is not None:
+            return self.relay_result(False)
         return self._logged_in(capabilities)
 
     def backend_failed(self, failure: BackendFailure) -> list[Event]:

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from authgate.policy import ExemptNetworks, ListenerPolicy, Protocol, Security, decide
-from authgate.protocols import imap
+from authgate.protocols import server as core
 from authgate.protocols.base import (
     Authenticated,
     AuthFailed,
@@ -618,7 +618,7 @@ def test_every_failure_reason_has_its_code(
     monkeypatch: pytest.MonkeyPatch, reason: FailureReason, reply: bytes
 ) -> None:
     monkeypatch.setattr(_FakeExchange, "outcome", Failure(reason, "detail never shown"))
-    monkeypatch.setattr(imap, "SaslExchange", _FakeExchange)
+    monkeypatch.setattr(core, "SaslExchange", _FakeExchange)  # the core runs every exchange
     h = harness(session())
     assert h.send(b"a1 AUTHENTICATE NTLM =\r\n") == b"a1 " + reply + b"\r\n"
     assert h.of(AuthFailed) == [AuthFailed("NTLM", reason.value, None)]
@@ -626,7 +626,7 @@ def test_every_failure_reason_has_its_code(
 
 def test_initial_response_reaches_the_exchange_as_sent(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_FakeExchange, "started_with", [])
-    monkeypatch.setattr(imap, "SaslExchange", _FakeExchange)
+    monkeypatch.setattr(core, "SaslExchange", _FakeExchange)  # the core runs every exchange
     h = harness(session())
     h.send(b"a1 AUTHENTICATE NTLM =\r\na2 AUTHENTICATE NTLM\r\na3 AUTHENTICATE NTLM TlRM\r\n")
     assert _FakeExchange.started_with == [b"=", None, b"TlRM"]
@@ -634,7 +634,7 @@ def test_initial_response_reaches_the_exchange_as_sent(monkeypatch: pytest.Monke
 
 def test_success_data_goes_out_as_a_final_challenge(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_FakeExchange, "outcome", Success("alice", None, b"v=proof"))
-    monkeypatch.setattr(imap, "SaslExchange", _FakeExchange)
+    monkeypatch.setattr(core, "SaslExchange", _FakeExchange)  # the core runs every exchange
     h = harness(session())
     assert h.send(b"a1 AUTHENTICATE NTLM\r\n") == b"+ " + b64(b"v=proof") + b"\r\n"
     assert not h.of(Authenticated)
@@ -831,11 +831,13 @@ def test_relay_login_command_becomes_plain() -> None:
     h = harness(session(relay=True))
     h.send(b'a1 LOGIN alice "correct horse"\r\n')
     assert h.of(RelayAuth) == [RelayAuth("PLAIN", plain_message("alice", "correct horse"))]
-    # A challenge has nowhere to go for LOGIN: the backend exchange is cancelled.
+    # A challenge has nowhere to go for LOGIN: the backend exchange is
+    # cancelled, and the client hears that the exchange could not be carried
+    # (as POP3 USER/PASS does), not that its password was wrong.
     assert h.call(h.server.relay_challenge(b"")) == b""
     assert h.of(RelayResponse) == [RelayResponse(None)]
     assert h.call(h.server.relay_result(False, BackendFailure.INVALID_CREDENTIALS)) == (
-        b"a1 NO [AUTHENTICATIONFAILED] Authentication failed\r\n"
+        b"a1 BAD Malformed authentication data\r\n"
     )
 
 
