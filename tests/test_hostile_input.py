@@ -57,6 +57,7 @@ from authgate.protocols.base import (
     RelayChallenge,
     RelayResponse,
     Send,
+    ServerMachine,
     Splice,
     StartTLS,
 )
@@ -93,7 +94,6 @@ from authgate.testing.kit import (
     SECRET_SIZES,
     WAITING,
     ClientMachine,
-    ServerMachine,
     check_server_batch,
     resolve,
 )

@@ -30,8 +30,9 @@ Invariants every machine keeps:
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from authgate.policy import Decision
 from authgate.sasl.base import (
@@ -40,6 +41,7 @@ from authgate.sasl.base import (
     Derive,
     InitialResponse,
     Lookup,
+    LookupAnswer,
     ServerContext,
 )
 
@@ -144,6 +146,26 @@ Event = (
     | AuthFailed
     | Close
 )
+
+
+# --------------------------------------------------------- server machines
+
+
+class ServerMachine(Protocol):
+    """What the driver may call on a server machine (the module docstring's
+    API). ImapServer, Pop3Server and SmtpServer satisfy it; mypy checks
+    that where the contract tests list them."""
+
+    @property
+    def tls_active(self) -> bool: ...
+    def start(self) -> list[Event]: ...
+    def receive_data(self, data: bytes) -> list[Event]: ...
+    def resume(self, answer: LookupAnswer) -> list[Event]: ...
+    def tls_started(self) -> list[Event]: ...
+    def backend_ready(self, capabilities: Sequence[str]) -> list[Event]: ...
+    def backend_failed(self, failure: BackendFailure) -> list[Event]: ...
+    def relay_challenge(self, data: bytes) -> list[Event]: ...
+    def relay_result(self, ok: bool, failure: BackendFailure | None = None) -> list[Event]: ...
 
 
 # ----------------------------------------------------- backend client events

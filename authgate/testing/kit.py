@@ -36,10 +36,14 @@ from authgate.protocols.base import (
     RelayChallenge,
     RelayResponse,
     Send,
+    ServerMachine,
     SessionSettings,
     Splice,
     StartTLS,
 )
+from authgate.protocols.imap import ImapServer
+from authgate.protocols.pop3 import Pop3Server
+from authgate.protocols.smtp import SmtpServer
 from authgate.sasl.base import (
     Derive,
     InitialResponse,
@@ -227,17 +231,6 @@ def check_client_batch(events: Sequence[object]) -> None:
     _check_batch(events, CLIENT_EVENTS, CLIENT_LAST)
 
 
-class ServerMachine(Protocol):
-    def start(self) -> list[Event]: ...
-    def receive_data(self, data: bytes) -> list[Event]: ...
-    def resume(self, answer: LookupAnswer) -> list[Event]: ...
-    def tls_started(self) -> list[Event]: ...
-    def backend_ready(self, capabilities: Sequence[str]) -> list[Event]: ...
-    def backend_failed(self, failure: BackendFailure) -> list[Event]: ...
-    def relay_challenge(self, data: bytes) -> list[Event]: ...
-    def relay_result(self, ok: bool, failure: BackendFailure | None = None) -> list[Event]: ...
-
-
 class ClientMachine(Protocol):
     def receive_data(self, data: bytes) -> list[ClientEvent]: ...
     def tls_started(self) -> list[ClientEvent]: ...
@@ -262,6 +255,14 @@ def backend_ready(capabilities: Sequence[str] = ()) -> BackendAnswer:
 def backend_fails(failure: BackendFailure) -> BackendAnswer:
     """A backend whose login fails with `failure`."""
     return lambda machine, event: machine.backend_failed(failure)
+
+
+# Every server dialect the driver API types (mypy checks each against it).
+SERVER_MACHINES: dict[MailProtocol, Callable[[SessionSettings], ServerMachine]] = {
+    MailProtocol.IMAP: ImapServer,
+    MailProtocol.POP3: Pop3Server,
+    MailProtocol.SMTP: SmtpServer,
+}
 
 
 class ServerDriver:

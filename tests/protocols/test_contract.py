@@ -23,6 +23,7 @@ from authgate.protocols.base import (
     BackendFailure,
     Close,
     RelayAuth,
+    ServerMachine,
     SessionSettings,
     Splice,
     StartTLS,
@@ -54,7 +55,7 @@ class Dialect:
     """What a test needs to speak one protocol to its server machine."""
 
     name: str
-    machine: Callable[[SessionSettings], object]
+    machine: Callable[[SessionSettings], ServerMachine]  # mypy checks each dialect
     protocol: Protocol
     greeting: bytes  # how the greeting starts
     tag: bytes  # IMAP commands carry a tag
