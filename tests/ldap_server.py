@@ -46,6 +46,7 @@ from pathlib import Path
 
 import trustme
 
+from tests.logfile import AppendedLog
 from tests.netutil import free_port
 
 HOST = "127.0.0.1"
@@ -120,7 +121,7 @@ def _find(candidates: tuple[str, ...], what: str) -> str:
 
 
 @dataclass
-class SlapdInstance:
+class SlapdInstance(AppendedLog):
     """A running slapd: where it listens, who can bind, and its log."""
 
     root: Path
@@ -148,18 +149,7 @@ class SlapdInstance:
     def dn(self, uid: str) -> str:
         return user_dn(uid, self.users[uid][0])
 
-    # -- the log
-
-    def log_size(self) -> int:
-        try:
-            return self.log_path.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def log_text(self, since: int = 0) -> str:
-        with self.log_path.open("rb") as handle:
-            handle.seek(since)
-            return handle.read().decode("utf-8", "replace")
+    # -- the log (log_size, log_text: AppendedLog)
 
     def wait_for_log(self, pattern: str, since: int = 0, timeout: float = 5.0) -> re.Match[str]:
         """slapd writes its log a moment after answering: wait for a line."""

@@ -50,6 +50,7 @@ from email import message_from_bytes
 from email.message import Message
 from pathlib import Path
 
+from tests.logfile import AppendedLog
 from tests.netutil import HOST, free_port
 
 POSTFIX = "/usr/sbin/postfix"
@@ -95,7 +96,7 @@ class PostfixError(RuntimeError):
 
 
 @dataclass
-class PostfixInstance:
+class PostfixInstance(AppendedLog):
     root: Path
     ports: dict[str, int]
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
@@ -108,19 +109,6 @@ class PostfixInstance:
     def log_path(self) -> Path:
         return self.root / "maillog"
 
-    def log_size(self) -> int:
-        try:
-            return self.log_path.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def log_text(self, since: int = 0) -> str:
-        try:
-            with self.log_path.open("rb") as handle:
-                handle.seek(since)
-                return handle.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
 
     def wait_for_log(self, pattern: str, since: int = 0, timeout: float = 15.0) -> re.Match[str]:
         """The first match of `pattern` in the log written after `since`."""

@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from authgate.sasl.cram_md5 import cram_md5_secret
+from tests.logfile import AppendedLog
 from tests.netutil import free_port
 
 HOST = "127.0.0.1"
@@ -189,7 +190,7 @@ class RelaySink:
 
 
 @dataclass
-class DovecotInstance:
+class DovecotInstance(AppendedLog):
     """A running Dovecot: where it listens, who can log in, and its files."""
 
     root: Path
@@ -226,21 +227,6 @@ class DovecotInstance:
     def maildir(self, user: str) -> Path:
         return self.home(user) / "Maildir"
 
-    def log_size(self) -> int:
-        """Current length of the log, to read only what a test caused."""
-        try:
-            return self.log_path.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def log_text(self, since: int = 0) -> str:
-        """Dovecot's log (everything from offset `since`)."""
-        try:
-            with self.log_path.open("rb") as f:
-                f.seek(since)
-                return f.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
 
     def wait_for_log(self, pattern: str, since: int = 0, timeout: float = 5.0) -> re.Match[str]:
         """Wait until the log (from `since`) matches the regex `pattern`.

@@ -56,6 +56,7 @@ from typing import Any
 
 from tests.interop.dovecot import AUTH_MECHANISMS as DOVECOT_AUTH_MECHANISMS
 from tests.interop.dovecot import SEED_SUBJECT, DovecotInstance, free_port
+from tests.logfile import AppendedLog
 
 TIMEOUT = 10.0  # every client: connect, TLS, authenticate, prove the session
 PROCESS_TIMEOUT = 20.0  # hard limit for a client subprocess (its own limit is 10 s)
@@ -687,7 +688,7 @@ class GatewayDied(AssertionError):
 
 
 @dataclass
-class Gateway:
+class Gateway(AppendedLog):
     """One `authgate run` subprocess."""
 
     mode: str
@@ -734,19 +735,6 @@ class Gateway:
             self.forwarders[port] = SourceForwarder(("127.0.0.1", port), EXEMPT)
         return self.forwarders[port].port
 
-    def log_size(self) -> int:
-        try:
-            return self.log_path.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def log_text(self, since: int = 0) -> str:
-        try:
-            with self.log_path.open("rb") as f:
-                f.seek(since)
-                return f.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
 
     def assert_alive(self) -> None:
         rc = self.process.poll()
