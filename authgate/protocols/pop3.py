@@ -14,45 +14,36 @@ to hold or expose that way. Clients that want challenge-response use SASL.
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-from authgate.policy import Refusal, choose_client_mechanism
+from authgate.policy import Refusal
 from authgate.protocols.base import (
     BackendFailure,
     ClientEvent,
     ClientSettings,
     Close,
     Event,
-    LoggedIn,
     LoginFailed,
-    ProtocolStateError,
-    RelayChallenge,
     Send,
     SessionSettings,
-    StartTLS,
 )
+from authgate.protocols.client import ClientCore, ClientState, MalformedReply
 from authgate.protocols.common import (
-    LineBuffer,
-    LineTooLong,
     b64decode_strict,
     b64encode,
 )
 from authgate.protocols.server import Attempt, ServerCore, ServerState
-from authgate.sasl import MECHANISMS, mechanism_info
+from authgate.sasl import MECHANISMS
 from authgate.sasl.base import (
     MAX_PASSWORD_OCTETS,
     NO_RESPONSE,
-    ClientAuthError,
-    ClientMechanism,
-    Derive,
     FailureReason,
     InitialResponse,
-    SaslProtocolError,
 )
 
-__all__ = ["Pop3Client", "Pop3Server"]
+__all__ = ["ClientState", "Pop3Client", "Pop3Server"]
 
 CRLF = b"\r\n"
 
@@ -318,45 +309,12 @@ class Pop3Server(ServerCore):
 
 # ====================================================================== client
 
-
-class ClientState(enum.Enum):
-    GREETING = "greeting"
-    CAPA = "capa"  # before login (again after STLS)
-    STLS = "stls"
-    TLS_HANDSHAKE = "tls-handshake"
-    READY = "ready"  # relay mode: waiting for authenticate()
-    AUTH = "auth"  # AUTH sent, reading challenges / the verdict
-    DERIVE = "derive"  # Derive emitted (SCRAM's PBKDF2), waiting for derived()
-    RELAY_WAIT = "relay-wait"  # relay mode: waiting for respond()
-    USER = "user"
-    PASS = "pass"  # noqa: S105 (a state name)
-    POST_CAPA = "post-capa"  # logged in, collecting the TRANSACTION-state CAPA
-    DONE = "done"
-
-
-# Waiting for the driver (the mail client's turn in relay mode, or PBKDF2
-# running off the loop): the backend has nothing to answer yet.
-_WAITING_ON_US = frozenset({ClientState.READY, ClientState.RELAY_WAIT, ClientState.DERIVE})
-_BEFORE_LOGIN = frozenset(
-    {ClientState.GREETING, ClientState.CAPA, ClientState.STLS, ClientState.TLS_HANDSHAKE}
-)
-_CLIENT_READING = frozenset(
-    {
-        ClientState.GREETING,
-        ClientState.CAPA,
-        ClientState.STLS,
-        ClientState.AUTH,
-        ClientState.USER,
-        ClientState.PASS,
-        ClientState.POST_CAPA,
-    }
-)
-
 # RFC 2449 section 8 / RFC 3206: codes that mean "try again later" rather
 # than "these credentials are refused".
 _TEMPORARY_CODES = ("SYS/TEMP", "IN-USE", "LOGIN-DELAY")
 _RESPONSE_CODE = re.compile(r"-ERR \[([^\]]*)\]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_MAX_CAPA_LINES = 200  # a CAPA list longer than this is no POP3 server's
 
 
 def _detail(line: bytes) -> str:
@@ -364,184 +322,87 @@ def _detail(line: bytes) -> str:
     return _CONTROL.sub("?", line[:200].decode("utf-8", "replace"))
 
 
-class Pop3Client:
-    """authgate logging in to a backend POP3 server (terminate or relay).
+@dataclass(frozen=True)
+class _Reply:
+    line: bytes  # the status line (or a "+ " challenge)
+    capabilities: tuple[str, ...] | None = None  # a multi-line CAPA reply's lines
+
+
+class Pop3Client(ClientCore[_Reply]):
+    """authgate logging in to a backend POP3 server (terminate or relay):
+    a dialect of `ClientCore` (authgate.protocols.client).
 
     After `LoginFailed` the machine is done, except in relay mode when the
     backend merely refused the credentials (-ERR): then `authenticate()` may
-    be called again for the mail client's next attempt.
-
-    POP3 is lockstep and has no tags, so the backend may not speak out of
-    turn: a line that arrives together with the reply before it, once we
-    answered that reply with a command, would be read as the answer to a
-    command the backend had not seen yet (response injection); so would a
-    line that arrives while we wait for the mail client in relay mode. Both
-    end the login (UNAVAILABLE). After STLS's +OK such bytes are dropped, and
-    after the login they are `LoggedIn.pending`.
+    be called again for the mail client's next attempt (RFC 1939 section 4:
+    the server stays in the AUTHORIZATION state).
     """
 
+    NAME = "POP3 client"
+
     def __init__(self, settings: ClientSettings) -> None:
-        self._settings = settings
-        self._state = ClientState.GREETING
-        self._lines = LineBuffer(settings.max_line)
-        self._tls_done = False
-        self._caps: list[str] = []
-        self._caps_known = False
+        super().__init__(settings)
+        self._caps: tuple[str, ...] = ()
         self._collecting: list[str] | None = None  # multi-line CAPA in progress
-        self._mech: ClientMechanism | None = None
-        self._held: bytes | None = None  # initial response too long for the AUTH line
-        self._queued: tuple[str, InitialResponse] | None = None  # relay: early authenticate()
         self._password = ""  # USER/PASS: sent after USER's +OK
-        self._derive: Derive | None = None
         self._refused_once = False  # relay mode: a LoginFailed was reported, READY again
 
-    @property
-    def state(self) -> ClientState:
-        return self._state
+    # -------------------------------------------------------------- framing
 
-    # ------------------------------------------------------------ driver API
+    def _next_reply(self) -> _Reply | None:
+        while (line := self._lines.next_line()) is not None:
+            if self._collecting is None:
+                if self._state in _CAPA_STATES and _is_ok(line):
+                    self._collecting = []
+                    continue
+                return _Reply(line)
+            if line == b".":
+                caps, self._collecting = self._collecting, None
+                return _Reply(b"+OK", tuple(caps))
+            if len(self._collecting) >= _MAX_CAPA_LINES:
+                raise MalformedReply("CAPA reply too long")
+            # RFC 1939 section 3: undo byte-stuffing.
+            text = line[1:] if line.startswith(b".") else line
+            self._collecting.append(text.decode("utf-8", "replace"))
+        return None
 
-    def receive_data(self, data: bytes) -> list[ClientEvent]:
-        if self._state in (ClientState.DONE, ClientState.TLS_HANDSHAKE):
-            # Before the handshake: response injection, never read it.
-            return []
-        if self._state in _WAITING_ON_US and data:
-            if self._refused_once:
-                # The driver has this attempt's LoginFailed already; a backend
-                # that speaks unasked is not used for another.
-                self._state = ClientState.DONE
-                return []
-            return self._fail(BackendFailure.UNAVAILABLE, "backend spoke out of turn")
-        self._lines.feed(data)
-        return self._drain()
+    def _forget_after_tls(self) -> None:
+        self._collecting = None
 
-    def tls_started(self) -> list[ClientEvent]:
-        if self._state is not ClientState.TLS_HANDSHAKE:
-            raise ProtocolStateError(f"POP3 client: tls_started() in state {self._state.value}")
-        self._tls_done = True
-        self._lines.clear()
+    # ------------------------------------------------------------- replies
+
+    def _on_greeting(self, reply: _Reply) -> list[ClientEvent]:
+        if not _is_ok(reply.line):
+            return self._fail(BackendFailure.UNAVAILABLE, "greeting: " + _detail(reply.line))
+        return self._send(b"CAPA", ClientState.CAPABILITY, self._on_capa)
+
+    def _after_tls(self) -> list[ClientEvent]:
         # RFC 2595 section 4: capabilities may differ under TLS; ask again.
-        self._state = ClientState.CAPA
-        return [Send(b"CAPA" + CRLF), *self._drain()]
+        return self._send(b"CAPA", ClientState.CAPABILITY, self._on_capa)
 
-    def authenticate(self, mechanism: str, initial: InitialResponse) -> list[ClientEvent]:
-        if not self._settings.relay or self._queued is not None:
-            raise ProtocolStateError("POP3 client: authenticate() outside relay mode or twice")
-        if self._state is ClientState.READY:
-            return self._relay_start(mechanism.upper(), initial) + self._drain()
-        if self._state in _BEFORE_LOGIN:
-            # The mail client can be faster than our backend connection:
-            # start once the backend's capabilities are known.
-            self._queued = (mechanism.upper(), initial)
-            return []
-        if self._state is ClientState.DONE:
-            return []  # already failed; the driver has the LoginFailed
-        raise ProtocolStateError(f"POP3 client: authenticate() in state {self._state.value}")
+    def _on_capa(self, reply: _Reply) -> list[ClientEvent]:
+        if reply.capabilities is not None:
+            return self._capabilities(reply.capabilities)
+        if _is_err(reply.line):
+            # RFC 2449 section 5: a server without CAPA; USER/PASS is the
+            # RFC 1939 baseline we can still try.
+            return self._capabilities(None)
+        return self._fail(BackendFailure.UNAVAILABLE, "CAPA reply: " + _detail(reply.line))
 
-    def respond(self, data: bytes | None) -> list[ClientEvent]:
-        if self._state is ClientState.DONE:
-            return []
-        if self._state is not ClientState.RELAY_WAIT:
-            raise ProtocolStateError(f"POP3 client: respond() in state {self._state.value}")
-        self._state = ClientState.AUTH
-        return [Send(self._response_line(data)), *self._drain()]
-
-    def derived(self, key: bytes) -> list[ClientEvent]:
-        """The result of the `Derive` we emitted, computed off the loop."""
-        if self._state is ClientState.DONE:
-            return []
-        if self._state is not ClientState.DERIVE or self._derive is None:
-            raise ProtocolStateError(f"POP3 client: derived() in state {self._state.value}")
-        derive, self._derive = self._derive, None
-        self._state = ClientState.AUTH
-        try:
-            reply = derive.finish(key)
-        except ClientAuthError as exc:
-            return [Send(b"*" + CRLF), *self._fail(BackendFailure.REJECTED, str(exc))]
-        return [Send(self._response_line(reply)), *self._drain()]
-
-    # ------------------------------------------------------------ line input
-
-    def _drain(self) -> list[ClientEvent]:
-        out: list[ClientEvent] = []
-        while self._state in _CLIENT_READING:
-            try:
-                line = self._lines.next_line()
-            except LineTooLong:
-                return out + self._fail(BackendFailure.UNAVAILABLE, "backend line too long")
-            if line is None:
-                break
-            if any(isinstance(event, Send) for event in out):
-                # It answered a command it had not received yet.
-                return out + self._fail(BackendFailure.UNAVAILABLE, "backend spoke out of turn")
-            out += self._handle(line)
-        return out
-
-    def _handle(self, line: bytes) -> list[ClientEvent]:
-        match self._state:
-            case ClientState.GREETING:
-                return self._on_greeting(line)
-            case ClientState.CAPA | ClientState.POST_CAPA:
-                return self._on_capa(line)
-            case ClientState.STLS:
-                return self._on_stls(line)
-            case ClientState.AUTH:
-                return self._on_auth(line)
-            case ClientState.USER:
-                return self._on_user(line)
-            case _:
-                return self._on_pass(line)
-
-    def _on_greeting(self, line: bytes) -> list[ClientEvent]:
-        if not _is_ok(line):
-            return self._fail(BackendFailure.UNAVAILABLE, "greeting: " + _detail(line))
-        self._state = ClientState.CAPA
-        return [Send(b"CAPA" + CRLF)]
-
-    def _on_capa(self, line: bytes) -> list[ClientEvent]:
-        if self._collecting is None:
-            if _is_ok(line):
-                self._collecting = []
-                return []
-            if _is_err(line):
-                # RFC 2449 section 5: a server without CAPA; USER/PASS is
-                # the RFC 1939 baseline we can still try.
-                return self._capabilities(["USER"], known=False)
-            return self._fail(BackendFailure.UNAVAILABLE, "CAPA reply: " + _detail(line))
-        if line == b".":
-            caps, self._collecting = self._collecting, None
-            return self._capabilities(caps, known=True)
-        # RFC 1939 section 3: undo byte-stuffing.
-        text = line[1:] if line.startswith(b".") else line
-        self._collecting.append(text.decode("utf-8", "replace"))
-        return []
-
-    def _capabilities(self, caps: list[str], *, known: bool) -> list[ClientEvent]:
-        if self._state is ClientState.POST_CAPA:
-            self._state = ClientState.DONE
-            return [LoggedIn(tuple(caps) if known else (), self._lines.take_rest())]
-        self._caps, self._caps_known = caps, known
+    def _capabilities(self, caps: tuple[str, ...] | None) -> list[ClientEvent]:
+        if self._state is ClientState.POST_LOGIN:
+            return self._logged_in(caps or ())
+        self._caps = caps if caps is not None else ("USER",)
         if self._settings.starttls and not self._tls_done:
-            if known and not self._has_capability("STLS"):
+            if caps is not None and not self._has_capability("STLS"):
                 return self._fail(BackendFailure.UNAVAILABLE, "backend does not offer STLS")
-            self._state = ClientState.STLS
-            return [Send(b"STLS" + CRLF)]
-        if self._settings.relay:
-            self._state = ClientState.READY
-            if self._queued is not None:
-                mechanism, initial = self._queued
-                return self._relay_start(mechanism, initial)
-            return []
-        return self._login()
+            return self._send(b"STLS", ClientState.STARTTLS, self._on_stls)
+        return self._ready()
 
-    def _on_stls(self, line: bytes) -> list[ClientEvent]:
-        if not _is_ok(line):
-            return self._fail(BackendFailure.UNAVAILABLE, "STLS refused: " + _detail(line))
-        # Anything the backend sent behind its +OK is plaintext it could
-        # not have meant for the TLS session (response injection): nothing
-        # more is read, and tls_started() throws it away.
-        self._state = ClientState.TLS_HANDSHAKE
-        return [StartTLS()]
+    def _on_stls(self, reply: _Reply) -> list[ClientEvent]:
+        if not _is_ok(reply.line):
+            return self._fail(BackendFailure.UNAVAILABLE, "STLS refused: " + _detail(reply.line))
+        return self._start_tls()
 
     # ----------------------------------------------------------------- login
 
@@ -550,14 +411,9 @@ class Pop3Client:
         creds = self._settings.credentials
         if creds is None:
             return self._fail(BackendFailure.REJECTED, "no credentials for the POP3 backend")
-        chosen = choose_client_mechanism(self._sasl_offers(), self._settings.mechanisms)
-        if chosen is not None:
-            self._mech = mechanism_info(chosen).client(creds, self._settings.sasl_context)
-            try:
-                initial = self._mech.start()
-            except ClientAuthError as exc:
-                return self._fail(BackendFailure.REJECTED, str(exc))
-            return self._send_auth(chosen, NO_RESPONSE if initial is None else initial)
+        started = self._master_login(self._sasl_offers())
+        if started is not None:
+            return started
         if not self._has_capability("USER"):
             return self._fail(BackendFailure.REJECTED, "backend offers no usable login mechanism")
         if creds.authzid:
@@ -577,12 +433,10 @@ class Pop3Client:
         if not username or _UNSENDABLE.search(username + password):
             return self._fail(BackendFailure.REJECTED, "credentials cannot be sent with USER/PASS")
         self._password = password
-        self._state = ClientState.USER
-        return [Send(_line("USER " + username))]
+        return self._send(b"USER " + username.encode(), ClientState.LOGIN, self._on_user)
 
-    def _send_auth(self, mechanism: str, initial: InitialResponse) -> list[ClientEvent]:
-        command = b"AUTH " + mechanism.encode("ascii")
-        self._held = None
+    def _auth_command(self, name: str, initial: InitialResponse) -> list[ClientEvent]:
+        command = b"AUTH " + name.encode("ascii")
         if initial is not NO_RESPONSE:
             # RFC 5034 section 4: "=" stands for an empty initial response.
             argument = b64encode(initial) or b"="
@@ -590,67 +444,32 @@ class Pop3Client:
                 command += b" " + argument
             else:
                 self._held = initial  # sent after the server's empty challenge
-        self._state = ClientState.AUTH
-        return [Send(command + CRLF)]
+        return self._send(command, ClientState.AUTH, self._on_auth)
 
-    def _on_auth(self, line: bytes) -> list[ClientEvent]:
+    def _on_auth(self, reply: _Reply) -> list[ClientEvent]:
+        line = reply.line
         if line == b"+" or line.startswith(b"+ "):
-            challenge = b64decode_strict(line[2:].strip())
-            if challenge is None:
-                return [
-                    Send(b"*" + CRLF),
-                    *self._fail(BackendFailure.UNAVAILABLE, "backend sent a malformed challenge"),
-                ]
-            return self._on_challenge(challenge)
+            return self._challenge(b64decode_strict(line[2:].strip()))
         if _is_ok(line):
-            if self._mech is not None:
-                try:
-                    self._mech.finish(None)
-                except ClientAuthError as exc:
-                    # Logged in, but the backend did not prove itself: do
-                    # not use this connection.
-                    return self._fail(BackendFailure.REJECTED, str(exc))
-            return self._logged_in()
+            return self._verified() or self._after_login()
         if _is_err(line):
             return self._refused(line)
         return self._fail(BackendFailure.UNAVAILABLE, "AUTH reply: " + _detail(line))
 
-    def _on_challenge(self, challenge: bytes) -> list[ClientEvent]:
-        if self._held is not None:
-            # RFC 4422 section 4: the initial response that did not fit on
-            # the AUTH line answers the first challenge.
-            held, self._held = self._held, None
-            return [Send(self._response_line(held))]
-        if self._mech is None:
-            self._state = ClientState.RELAY_WAIT
-            return [RelayChallenge(challenge)]
-        try:
-            reply = self._mech.step(challenge)
-        except (ClientAuthError, SaslProtocolError) as exc:
-            # SaslProtocolError: a challenge the mechanism cannot take any
-            # more (one after SCRAM's server-final): the backend misbehaves.
-            return [Send(b"*" + CRLF), *self._fail(BackendFailure.REJECTED, str(exc))]
-        if isinstance(reply, Derive):
-            # Slow (PBKDF2): the driver computes it off the event loop.
-            self._state, self._derive = ClientState.DERIVE, reply
-            return [reply]
-        return [Send(self._response_line(reply))]
-
-    def _on_user(self, line: bytes) -> list[ClientEvent]:
-        if _is_ok(line):
-            self._state = ClientState.PASS
+    def _on_user(self, reply: _Reply) -> list[ClientEvent]:
+        if _is_ok(reply.line):
             password, self._password = self._password, ""
-            return [Send(_line("PASS " + password))]
-        if _is_err(line):
-            return self._refused(line)
-        return self._fail(BackendFailure.UNAVAILABLE, "USER reply: " + _detail(line))
+            return self._send(b"PASS " + password.encode(), ClientState.LOGIN, self._on_pass)
+        if _is_err(reply.line):
+            return self._refused(reply.line)
+        return self._fail(BackendFailure.UNAVAILABLE, "USER reply: " + _detail(reply.line))
 
-    def _on_pass(self, line: bytes) -> list[ClientEvent]:
-        if _is_ok(line):
-            return self._logged_in()
-        if _is_err(line):
-            return self._refused(line)
-        return self._fail(BackendFailure.UNAVAILABLE, "PASS reply: " + _detail(line))
+    def _on_pass(self, reply: _Reply) -> list[ClientEvent]:
+        if _is_ok(reply.line):
+            return self._after_login()
+        if _is_err(reply.line):
+            return self._refused(reply.line)
+        return self._fail(BackendFailure.UNAVAILABLE, "PASS reply: " + _detail(reply.line))
 
     def _refused(self, line: bytes) -> list[ClientEvent]:
         failure = self._classify(line)
@@ -664,20 +483,26 @@ class Pop3Client:
         self._refused_once = True
         return [LoginFailed(failure, _detail(line))]
 
-    def _logged_in(self) -> list[ClientEvent]:
+    def _unasked(self) -> list[ClientEvent]:
+        if self._refused_once:
+            # The driver has this attempt's LoginFailed already; a backend
+            # that speaks unasked is not used for another.
+            self._state = ClientState.FAILED
+            return []
+        return super()._unasked()
+
+    def _after_login(self) -> list[ClientEvent]:
         # Dovecot and others list TRANSACTION-state capabilities after login
         # (RFC 2449 section 5: CAPA is valid in both states).
-        self._state = ClientState.POST_CAPA
-        return [Send(b"CAPA" + CRLF)]
+        return self._send(b"CAPA", ClientState.POST_LOGIN, self._on_capa)
 
     # ------------------------------------------------------------ relay mode
 
-    def _relay_start(self, mechanism: str, initial: InitialResponse) -> list[ClientEvent]:
-        self._queued = None
-        cleartext = self._plain_as_user_pass(mechanism, initial)
+    def _relay_start(self, name: str, initial: InitialResponse) -> list[ClientEvent]:
+        cleartext = self._plain_as_user_pass(name, initial)
         if cleartext is not None:
             return self._send_user(*cleartext)
-        return self._send_auth(mechanism, initial)
+        return super()._relay_start(name, initial)
 
     def _plain_as_user_pass(
         self, mechanism: str, initial: InitialResponse
@@ -714,27 +539,14 @@ class Pop3Client:
     def _classify(self, line: bytes) -> BackendFailure:
         match = _RESPONSE_CODE.match(line.decode("utf-8", "replace"))
         code = match.group(1).upper() if match else ""
-        if code.startswith(_TEMPORARY_CODES):
-            return BackendFailure.UNAVAILABLE
-        # Relay mode: the mail client's credentials were refused. Terminate
-        # mode: the backend refused *our* (master) login.
-        return (
-            BackendFailure.INVALID_CREDENTIALS
-            if self._settings.relay
-            else (BackendFailure.REJECTED)
-        )
-
-    @staticmethod
-    def _response_line(data: bytes | None) -> bytes:
-        # RFC 5034 section 4: "*" cancels; an empty response is an empty line.
-        return (b"*" if data is None else b64encode(data)) + CRLF
+        return self._refusal(temporary=code.startswith(_TEMPORARY_CODES))
 
     def _fail(self, failure: BackendFailure, detail: str) -> list[ClientEvent]:
-        self._state = ClientState.DONE
         self._password = ""
-        return [LoginFailed(failure, detail)]
+        return super()._fail(failure, detail)
 
 
+_CAPA_STATES = frozenset({ClientState.CAPABILITY, ClientState.POST_LOGIN})
 _UNSENDABLE = re.compile("[\r\n\0]")
 
 

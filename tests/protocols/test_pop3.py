@@ -904,7 +904,7 @@ def test_client_stls_response_injection_discarded() -> None:
     assert backend.events[-1] == StartTLS()
     assert backend.feed(b"+OK\r\nSASL INJECTED\r\n.\r\n") == b""  # during the handshake
     assert backend.call(backend.client.tls_started()) == b"CAPA\r\n"
-    assert backend.client.state is ClientState.CAPA
+    assert backend.client.state is ClientState.CAPABILITY
     assert backend.feed(b"+OK\r\nSASL PLAIN\r\n.\r\n").startswith(b"AUTH PLAIN ")
 
 
@@ -1205,7 +1205,7 @@ def test_client_relay_can_retry_after_refusal() -> None:
     )
     # A malformed reply, unlike a refusal, ends the machine.
     backend.feed(b"what?\r\n")
-    assert state_of(backend.client) is ClientState.DONE
+    assert state_of(backend.client) is ClientState.FAILED
 
 
 def state_of(client: Pop3Client) -> ClientState:
@@ -1281,7 +1281,7 @@ def test_client_relay_after_a_refusal_unasked_data_ends_it_quietly() -> None:
     backend.feed(b"-ERR [AUTH] Authentication failed.\r\n")
     assert backend.feed(b"+OK surprise\r\n") == b""
     assert backend.result().failure is BackendFailure.INVALID_CREDENTIALS  # one LoginFailed
-    assert backend.client.state is ClientState.DONE
+    assert backend.client.state is ClientState.FAILED
 
 
 def test_client_refuses_a_reply_sent_while_pbkdf2_ran() -> None:
