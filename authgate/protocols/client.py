@@ -112,6 +112,9 @@ READING = frozenset(
 )
 # Waiting for the driver: the backend has nothing to answer.
 WAITING_ON_US = frozenset({ClientState.READY, ClientState.RELAY_WAIT, ClientState.DERIVE})
+# Relay mode waiting for the mail client: a non-lockstep backend's untagged
+# data is still read (and a tagged reply is out of turn).
+_RELAY_IDLE = frozenset({ClientState.READY, ClientState.RELAY_WAIT})
 # Before the login starts: a relay authenticate() is queued until READY.
 BEFORE_LOGIN = frozenset(
     {
@@ -259,7 +262,7 @@ class ClientCore(Generic[R]):
         """Act on the buffered replies. `answered`: we have just sent
         something, so what is buffered came before the backend saw it."""
         out: list[ClientEvent] = []
-        while self._state in READING:
+        while self._state in READING or (not self.LOCKSTEP and self._state in _RELAY_IDLE):
             try:
                 reply = self._next_reply()
             except LineTooLong:

@@ -28,21 +28,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from authgate.policy import Refusal, choose_client_mechanism, client_ip
+from authgate.policy import Refusal, client_ip
 from authgate.protocols.base import (
     BackendFailure,
     ClientEvent,
     ClientSettings,
     Close,
     Event,
-    LoggedIn,
-    LoginFailed,
-    ProtocolStateError,
-    RelayChallenge,
     Send,
     SessionSettings,
-    StartTLS,
 )
+from authgate.protocols.client import ClientCore, ClientState
 from authgate.protocols.common import (
     LineBuffer,
     LineTooLong,
@@ -50,17 +46,12 @@ from authgate.protocols.common import (
     b64encode,
 )
 from authgate.protocols.server import Attempt, ServerCore, ServerState
-from authgate.sasl import mechanism_info
 from authgate.sasl.base import (
     MAX_PASSWORD_OCTETS,
     NO_RESPONSE,
-    ClientAuthError,
-    ClientMechanism,
-    Derive,
     Failure,
     FailureReason,
     InitialResponse,
-    SaslProtocolError,
     too_long,
 )
 
@@ -520,33 +511,6 @@ def _check_id_arguments(args: list[_Token]) -> None:
 # ===================================================================== client
 
 
-class _ClientState(enum.Enum):
-    GREETING = "greeting"
-    CAPABILITY = "capability"  # sent CAPABILITY before login
-    STARTTLS = "starttls"  # sent STARTTLS
-    TLS = "tls"  # StartTLS emitted, waiting for tls_started()
-    ID = "id"  # sent ID
-    READY = "ready"  # relay mode: waiting for authenticate()
-    AUTHENTICATE = "authenticate"  # sent AUTHENTICATE
-    DERIVE = "derive"  # Derive emitted (SCRAM's PBKDF2), waiting for derived()
-    RELAY_WAIT = "relay-wait"  # relay: RelayChallenge emitted, waiting for respond()
-    POST_CAPABILITY = "post-capability"  # logged in, asked CAPABILITY
-    DONE = "done"
-    FAILED = "failed"
-
-
-_CLIENT_READING = frozenset(
-    {
-        _ClientState.GREETING,
-        _ClientState.CAPABILITY,
-        _ClientState.STARTTLS,
-        _ClientState.ID,
-        _ClientState.READY,
-        _ClientState.AUTHENTICATE,
-        _ClientState.RELAY_WAIT,
-        _ClientState.POST_CAPABILITY,
-    }
-)
 _RESP_CODE = re.compile(rb"\[([^\]]*)\]")
 
 
@@ -598,8 +562,8 @@ class _ResponseReader:
     section 4.3). Literal data is skipped, never buffered: we only need each
     response's first line."""
 
-    def __init__(self, max_line: int) -> None:
-        self.lines = LineBuffer(max_line)
+    def __init__(self, lines: LineBuffer) -> None:
+        self.lines = lines
         self._skip = 0
         self._first: bytes | None = None
 
@@ -630,14 +594,14 @@ class _ResponseReader:
             first, self._first = self._first, None
             return first
 
-    def clear(self) -> None:
-        self.lines.clear()
+    def reset(self) -> None:
         self._skip = 0
         self._first = None
 
 
-class ImapClient:
-    """IMAP client machine: log in to the backend (or relay a client's SASL).
+class ImapClient(ClientCore[bytes]):
+    """IMAP client machine: log in to the backend (or relay a client's SASL),
+    a dialect of `ClientCore` (authgate.protocols.client).
 
     Nothing the backend says before its tagged login reply reaches the mail
     client: untagged data (ALERT, REFERRAL, EXISTS, ...) is read and dropped,
@@ -647,174 +611,88 @@ class ImapClient:
     the tagged login reply is the session's (`LoggedIn.pending`).
     """
 
+    NAME = "IMAP client"
+    # RFC 9051 section 7: the server may send untagged data at any time; only
+    # a tagged reply or a continuation must wait for our command.
+    LOCKSTEP = False
+
     def __init__(self, settings: ClientSettings) -> None:
-        self._settings = settings
-        self._state = _ClientState.GREETING
-        self._reader = _ResponseReader(settings.max_line)
+        super().__init__(settings)
+        self._reader = _ResponseReader(self._lines)
         self._next_tag = 0
         self._tag = b""
+        self._on_status: Callable[[_Status], list[ClientEvent]] = self._tagged_capability
         self._capabilities: tuple[str, ...] = ()
         self._untagged_caps: tuple[str, ...] | None = None
-        self._tls_done = False
         self._id_sent = False
-        self._mechanism: ClientMechanism | None = None
-        self._held_initial: bytes | None = None  # sent on the first "+" (no SASL-IR)
-        self._relay_request: tuple[str, InitialResponse] | None = None
-        self._derive: Derive | None = None
 
-    # ------------------------------------------------------------ driver API
+    # -------------------------------------------------------------- framing
 
-    def receive_data(self, data: bytes) -> list[ClientEvent]:
-        if self._state is _ClientState.DERIVE:
-            self._reader.lines.feed(data)  # read once our answer is out
-            return []
-        if self._state not in _CLIENT_READING:
-            # TLS: anything the backend sent after its STARTTLS OK but before
-            # the handshake is discarded (response injection).
-            return []
-        self._reader.lines.feed(data)
-        return self._read()
+    def _next_reply(self) -> bytes | None:
+        return self._reader.next_response()
 
-    def _read(self, *, answered: bool = False) -> list[ClientEvent]:
-        """Act on the buffered responses. `answered`: we have just sent
-        something, so what is buffered came before the backend saw it."""
-        events: list[ClientEvent] = []
-        while self._state in _CLIENT_READING:
-            try:
-                line = self._reader.next_response()
-            except LineTooLong:
-                events += self._failed(BackendFailure.UNAVAILABLE, "response too long")
-                break
-            if line is None:
-                break
-            sent = answered or any(isinstance(e, Send) for e in events)
-            if sent and not line.startswith(b"* "):
-                # A completion or continuation that came with the data we just
-                # answered with a command: it answers a command the backend
-                # had not received (our tags are easy to guess).
-                events += self._failed(BackendFailure.UNAVAILABLE, "backend answered out of turn")
-                break
-            events += self._response(line)
-        return events
+    def _may_come_unasked(self, reply: bytes) -> bool:
+        return reply.startswith(b"* ")
 
-    def tls_started(self) -> list[ClientEvent]:
-        if self._state is not _ClientState.TLS:
-            raise ProtocolStateError(f"IMAP client: tls_started() in state {self._state.value}")
-        self._reader.clear()
-        self._tls_done = True
+    def _forget_after_tls(self) -> None:
+        self._reader.reset()
+
+    def _after_tls(self) -> list[ClientEvent]:
         # RFC 9051 section 6.2.1: capabilities from before TLS are void.
-        return self._command(b"CAPABILITY", _ClientState.CAPABILITY)
-
-    def authenticate(self, mechanism: str, initial: InitialResponse) -> list[ClientEvent]:
-        if not self._settings.relay or self._relay_request is not None:
-            raise ProtocolStateError("IMAP client: authenticate() outside relay mode or twice")
-        self._relay_request = (mechanism.upper(), initial)
-        if self._state is _ClientState.READY:
-            return self._start_auth()
-        return []
-
-    def respond(self, data: bytes | None) -> list[ClientEvent]:
-        if self._state is _ClientState.FAILED:
-            return []
-        if self._state is not _ClientState.RELAY_WAIT:
-            raise ProtocolStateError(f"IMAP client: respond() in state {self._state.value}")
-        self._state = _ClientState.AUTHENTICATE
-        return [self._sasl_line(data)]
-
-    def derived(self, key: bytes) -> list[ClientEvent]:
-        """The result of the `Derive` we emitted, computed off the loop."""
-        if self._state is _ClientState.FAILED:
-            return []
-        if self._state is not _ClientState.DERIVE or self._derive is None:
-            raise ProtocolStateError(f"IMAP client: derived() in state {self._state.value}")
-        derive, self._derive = self._derive, None
-        self._state = _ClientState.AUTHENTICATE
-        try:
-            reply = derive.finish(key)
-        except ClientAuthError as exc:
-            return self._cancel(BackendFailure.REJECTED, str(exc))
-        # Untagged data the backend sent meanwhile is read now; a reply would
-        # be out of turn (it cannot answer what it has not received).
-        return [self._sasl_line(reply), *self._read(answered=True)]
+        return self._command(b"CAPABILITY", ClientState.CAPABILITY, self._tagged_capability)
 
     # ------------------------------------------------------------ responses
 
-    def _response(self, line: bytes) -> list[ClientEvent]:
-        if self._state is _ClientState.GREETING:
-            return self._greeting(line)
-        if line.startswith(b"+"):
-            return self._continuation(line[2:] if line.startswith(b"+ ") else line[1:])
-        if line.startswith(b"* "):
-            return self._untagged(line[2:])
-        tag, _, rest = line.partition(b" ")
-        if tag != self._tag or self._state in (_ClientState.READY, _ClientState.RELAY_WAIT):
-            return self._failed(BackendFailure.UNAVAILABLE, "unexpected tagged response")
-        return self._TAGGED[self._state](self, _parse_status(rest))
+    def _on_reply(self, reply: bytes) -> list[ClientEvent]:
+        if self._state is ClientState.GREETING:
+            return self._on_greeting(reply)
+        if reply.startswith(b"+"):
+            return self._continuation(reply[2:] if reply.startswith(b"+ ") else reply[1:])
+        if reply.startswith(b"* "):
+            return self._untagged(reply[2:])
+        tag, _, rest = reply.partition(b" ")
+        if tag != self._tag or self._state in (ClientState.READY, ClientState.RELAY_WAIT):
+            return self._fail(BackendFailure.UNAVAILABLE, "unexpected tagged response")
+        return self._on_status(_parse_status(rest))
 
-    def _greeting(self, line: bytes) -> list[ClientEvent]:
-        if not line.startswith(b"* "):
-            return self._failed(BackendFailure.UNAVAILABLE, "malformed greeting")
-        status = _parse_status(line[2:])
+    def _on_greeting(self, reply: bytes) -> list[ClientEvent]:
+        if not reply.startswith(b"* "):
+            return self._fail(BackendFailure.UNAVAILABLE, "malformed greeting")
+        status = _parse_status(reply[2:])
         if status.status != b"OK":
             # PREAUTH: someone is logged in already, not as the user; BYE:
             # the backend refuses us. Either way no login can happen here.
-            return self._failed(BackendFailure.UNAVAILABLE, f"greeting: {status.describe()}")
+            return self._fail(BackendFailure.UNAVAILABLE, f"greeting: {status.describe()}")
         capabilities = status.capabilities()
         if capabilities is None:
-            return self._command(b"CAPABILITY", _ClientState.CAPABILITY)
+            return self._command(b"CAPABILITY", ClientState.CAPABILITY, self._tagged_capability)
         self._capabilities = capabilities
         return self._proceed()
 
     def _untagged(self, text: bytes) -> list[ClientEvent]:
         name, _, rest = text.partition(b" ")
         if name.upper() == b"BYE":
-            return self._failed(BackendFailure.UNAVAILABLE, f"BYE {_printable(rest)}")
+            return self._fail(BackendFailure.UNAVAILABLE, f"BYE {_printable(rest)}")
         if name.upper() == b"CAPABILITY":
             self._untagged_caps = _parse_capabilities(rest)
         return []  # anything else (ID reply, OK notes) is of no interest
 
     def _continuation(self, text: bytes) -> list[ClientEvent]:
-        if self._state is not _ClientState.AUTHENTICATE:
-            return self._failed(BackendFailure.UNAVAILABLE, "unexpected continuation")
-        challenge = b64decode_strict(text)
-        if challenge is None:
-            return self._cancel(BackendFailure.UNAVAILABLE, "challenge is not base64")
-        if self._held_initial is not None:
-            # RFC 4422 section 4 / RFC 9051 section 6.2.2: without SASL-IR the
-            # initial response answers the first (empty) challenge.
-            held, self._held_initial = self._held_initial, None
-            return [self._sasl_line(held)]
-        if self._settings.relay:
-            self._state = _ClientState.RELAY_WAIT
-            return [RelayChallenge(challenge)]
-        assert self._mechanism is not None
-        try:
-            reply = self._mechanism.step(challenge)
-        except ClientAuthError as exc:
-            return self._cancel(BackendFailure.REJECTED, str(exc))
-        except SaslProtocolError:
-            return self._cancel(BackendFailure.UNAVAILABLE, "unexpected challenge")
-        if isinstance(reply, Derive):
-            # Slow (PBKDF2): the driver computes it off the event loop.
-            self._state, self._derive = _ClientState.DERIVE, reply
-            return [reply]
-        return [self._sasl_line(reply)]
+        if self._state is not ClientState.AUTH:
+            return self._fail(BackendFailure.UNAVAILABLE, "unexpected continuation")
+        return self._challenge(b64decode_strict(text))
 
     def _tagged_capability(self, status: _Status) -> list[ClientEvent]:
         capabilities = status.capabilities() or self._untagged_caps
         if status.status != b"OK" or capabilities is None:
-            return self._failed(BackendFailure.UNAVAILABLE, "CAPABILITY failed")
+            return self._fail(BackendFailure.UNAVAILABLE, "CAPABILITY failed")
         self._capabilities = capabilities
         return self._proceed()
 
     def _tagged_starttls(self, status: _Status) -> list[ClientEvent]:
         if status.status != b"OK":
-            return self._failed(BackendFailure.UNAVAILABLE, f"STARTTLS: {status.describe()}")
-        # Response injection: what the backend sent after its OK, in the
-        # clear, must not be read as if it came through TLS.
-        self._reader.clear()
-        self._state = _ClientState.TLS
-        return [StartTLS()]
+            return self._fail(BackendFailure.UNAVAILABLE, f"STARTTLS: {status.describe()}")
+        return self._start_tls()
 
     def _tagged_id(self, status: _Status) -> list[ClientEvent]:
         # The ID reply does not matter: a backend that refuses it (or does
@@ -823,33 +701,23 @@ class ImapClient:
 
     def _tagged_authenticate(self, status: _Status) -> list[ClientEvent]:
         if status.status != b"OK":
-            return self._failed(self._rejection(status), f"AUTHENTICATE: {status.describe()}")
-        if self._mechanism is not None:
-            try:
-                # IMAP has no additional data with success: a SCRAM or
-                # DIGEST-MD5 proof came as the last challenge (step()).
-                self._mechanism.finish(None)
-            except (ClientAuthError, SaslProtocolError) as exc:
-                detail = str(exc) if isinstance(exc, ClientAuthError) else "mutual auth missing"
-                return self._failed(BackendFailure.REJECTED, detail)
-        capabilities = status.capabilities()
+            return self._fail(self._classify(status), f"AUTHENTICATE: {status.describe()}")
+        # IMAP has no additional data with success: a SCRAM or DIGEST-MD5
+        # proof came as the last challenge.
+        unverified = self._verified()
+        if unverified is not None:
+            return unverified
         # Some servers send an untagged CAPABILITY before the tagged OK.
-        capabilities = capabilities or self._untagged_caps
+        capabilities = status.capabilities() or self._untagged_caps
         if capabilities is None:
-            return self._command(b"CAPABILITY", _ClientState.POST_CAPABILITY)
+            return self._command(
+                b"CAPABILITY", ClientState.POST_LOGIN, self._tagged_post_capability
+            )
         return self._logged_in(capabilities)
 
     def _tagged_post_capability(self, status: _Status) -> list[ClientEvent]:
         capabilities = status.capabilities() or self._untagged_caps or ()
         return self._logged_in(capabilities if status.status == b"OK" else ())
-
-    _TAGGED: ClassVar[dict[_ClientState, Callable[[ImapClient, _Status], list[ClientEvent]]]] = {
-        _ClientState.CAPABILITY: _tagged_capability,
-        _ClientState.STARTTLS: _tagged_starttls,
-        _ClientState.ID: _tagged_id,
-        _ClientState.AUTHENTICATE: _tagged_authenticate,
-        _ClientState.POST_CAPABILITY: _tagged_post_capability,
-    }
 
     # ---------------------------------------------------------------- steps
 
@@ -858,8 +726,8 @@ class ImapClient:
         offered = {c.upper() for c in self._capabilities}
         if self._settings.starttls and not self._tls_done:
             if "STARTTLS" not in offered:
-                return self._failed(BackendFailure.UNAVAILABLE, "backend does not offer STARTTLS")
-            return self._command(b"STARTTLS", _ClientState.STARTTLS)
+                return self._fail(BackendFailure.UNAVAILABLE, "backend does not offer STARTTLS")
+            return self._command(b"STARTTLS", ClientState.STARTTLS, self._tagged_starttls)
         address = client_ip(self._settings.client_address or "")
         if self._settings.use_id and "ID" in offered and address and not self._id_sent:
             self._id_sent = True
@@ -871,37 +739,18 @@ class ImapClient:
             port = self._settings.client_port
             if port is not None and 0 <= port <= 65535:
                 fields += [b'"x-originating-port"', _quote(str(port))]
-            return self._command(b"ID (" + b" ".join(fields) + b")", _ClientState.ID)
+            command = b"ID (" + b" ".join(fields) + b")"
+            return self._command(command, ClientState.NEGOTIATE, self._tagged_id)
         return self._ready()
 
-    def _ready(self) -> list[ClientEvent]:
-        if self._settings.relay:
-            self._state = _ClientState.READY
-            return self._start_auth() if self._relay_request is not None else []
-        credentials = self._settings.credentials
-        if credentials is None:
-            return self._failed(BackendFailure.REJECTED, "no credentials for the backend login")
+    def _login(self) -> list[ClientEvent]:
         offers = [c[5:] for c in self._capabilities if c.upper().startswith("AUTH=")]
-        name = choose_client_mechanism(offers, self._settings.mechanisms)
-        if name is None:
-            return self._failed(BackendFailure.REJECTED, "no common SASL mechanism")
-        try:
-            self._mechanism = mechanism_info(name).client(credentials, self._settings.sasl_context)
-            initial = self._mechanism.start()
-        except KeyError:
-            return self._failed(BackendFailure.REJECTED, f"{name} is not implemented")
-        except (ValueError, ClientAuthError) as exc:
-            return self._failed(BackendFailure.REJECTED, f"{name}: {exc}")
-        return self._send_authenticate(name, NO_RESPONSE if initial is None else initial)
+        started = self._master_login(offers)
+        if started is None:
+            return self._fail(BackendFailure.REJECTED, "no common SASL mechanism")
+        return started
 
-    def _start_auth(self) -> list[ClientEvent]:
-        assert self._relay_request is not None
-        name, initial = self._relay_request
-        if not _MECH_NAME.fullmatch(name.encode("ascii", "replace")):
-            return self._failed(BackendFailure.REJECTED, "malformed mechanism name")
-        return self._send_authenticate(name, initial)
-
-    def _send_authenticate(self, name: str, initial: InitialResponse) -> list[ClientEvent]:
+    def _auth_command(self, name: str, initial: InitialResponse) -> list[ClientEvent]:
         command = b"AUTHENTICATE " + name.encode("ascii")
         sasl_ir = "SASL-IR" in {c.upper() for c in self._capabilities}
         if initial is not NO_RESPONSE:
@@ -909,36 +758,23 @@ class ImapClient:
                 # RFC 4959 section 3: "=" stands for an empty initial response.
                 command += b" " + (b64encode(initial) if initial else b"=")
             else:
-                self._held_initial = initial
-        return self._command(command, _ClientState.AUTHENTICATE)
+                self._held = initial
+        return self._command(command, ClientState.AUTH, self._tagged_authenticate)
 
-    def _sasl_line(self, data: bytes | None) -> Send:
-        if data is None:
-            return Send(b"*" + CRLF)
-        return Send(b64encode(data) + CRLF)
-
-    def _cancel(self, failure: BackendFailure, detail: str) -> list[ClientEvent]:
-        return [Send(b"*" + CRLF), *self._failed(failure, detail)]
-
-    def _rejection(self, status: _Status) -> BackendFailure:
+    def _classify(self, status: _Status) -> BackendFailure:
+        # RFC 5530 UNAVAILABLE: temporary; a relayed NO: the client's
+        # credentials; BAD (or NO to our master login): refused.
         if status.code_name() == b"UNAVAILABLE":
             return BackendFailure.UNAVAILABLE
-        if self._settings.relay and status.status == b"NO":
-            return BackendFailure.INVALID_CREDENTIALS
-        return BackendFailure.REJECTED
+        if status.status != b"NO":
+            return BackendFailure.REJECTED
+        return self._refusal(temporary=False)
 
-    def _command(self, command: bytes, state: _ClientState) -> list[ClientEvent]:
+    def _command(
+        self, command: bytes, state: ClientState, on_status: Callable[[_Status], list[ClientEvent]]
+    ) -> list[ClientEvent]:
         self._next_tag += 1
         self._tag = b"a%d" % self._next_tag
-        self._state = state
+        self._on_status = on_status
         self._untagged_caps = None  # only a reply to *this* command counts
-        return [Send(self._tag + b" " + command + CRLF)]
-
-    def _logged_in(self, capabilities: tuple[str, ...]) -> list[ClientEvent]:
-        self._state = _ClientState.DONE
-        return [LoggedIn(capabilities, self._reader.lines.take_rest())]
-
-    def _failed(self, failure: BackendFailure, detail: str) -> list[ClientEvent]:
-        self._state = _ClientState.FAILED
-        self._mechanism = None
-        return [LoginFailed(failure, detail)]
+        return self._send(self._tag + b" " + command, state, self._on_reply)
