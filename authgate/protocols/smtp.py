@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from authgate.policy import Refusal, choose_client_mechanism, client_ip
+from authgate.policy import Refusal, client_ip
 from authgate.protocols.base import (
     Authenticated,
     AuthFailed,
@@ -24,17 +24,15 @@ from authgate.protocols.base import (
     ClientSettings,
     Close,
     Event,
-    LoggedIn,
-    LoginFailed,
     ProtocolStateError,
     RelayAuth,
-    RelayChallenge,
     RelayResponse,
     Send,
     SessionSettings,
     Splice,
     StartTLS,
 )
+from authgate.protocols.client import ClientCore, ClientState, MalformedReply
 from authgate.protocols.common import (
     ExchangeStep,
     LineBuffer,
@@ -44,20 +42,15 @@ from authgate.protocols.common import (
     b64decode_strict,
     b64encode,
 )
-from authgate.sasl import mechanism_info
 from authgate.sasl.base import (
     MAX_PASSWORD_OCTETS,
     NO_RESPONSE,
-    ClientAuthError,
-    ClientMechanism,
-    Derive,
     Failure,
     FailureReason,
     InitialResponse,
     Lookup,
     LookupAnswer,
     PasswordVerdict,
-    SaslProtocolError,
     ServerContext,
     Success,
 )
@@ -620,10 +613,6 @@ def _relay_authcid(mechanism: str, data: InitialResponse) -> str | None:
 # ================================================================== client
 
 
-class _ReplyError(Exception):
-    """The backend's reply is not RFC 5321 syntax."""
-
-
 @dataclass(frozen=True)
 class _Reply:
     code: int
@@ -652,15 +641,15 @@ class _ReplyReader:
     def feed(self, line: bytes) -> _Reply | None:
         match = _REPLY_LINE.fullmatch(line)
         if match is None:
-            raise _ReplyError("reply line does not start with a reply code")
+            raise MalformedReply("reply line does not start with a reply code")
         code = int(match.group(1))
         separator, text = match.group(2), match.group(3)
         if not separator and text:
-            raise _ReplyError("reply code not followed by space or hyphen")
+            raise MalformedReply("reply code not followed by space or hyphen")
         if self._texts and code != self._code:
-            raise _ReplyError("multi-line reply changes its reply code")
+            raise MalformedReply("multi-line reply changes its reply code")
         if len(self._texts) >= _MAX_REPLY_LINES:
-            raise _ReplyError("multi-line reply is too long")
+            raise MalformedReply("multi-line reply is too long")
         self._code = code
         self._texts.append(text.decode("ascii", "replace"))
         if separator == b"-":
@@ -669,32 +658,6 @@ class _ReplyReader:
         self._texts = []
         return reply
 
-
-class _CState(enum.Enum):
-    GREETING = "greeting"
-    EHLO = "ehlo"
-    STARTTLS = "starttls"
-    WAIT_TLS = "wait-tls"
-    XCLIENT = "xclient"
-    REPLAY = "replay"  # pass-through: the client's own EHLO/HELO, replayed
-    READY = "ready"  # relay mode: waiting for authenticate()
-    AUTH = "auth"  # waiting for the reply to AUTH or to a response
-    CHALLENGE = "challenge"  # relay mode: waiting for respond()
-    DERIVE = "derive"  # Derive emitted (SCRAM's PBKDF2), waiting for derived()
-    LOGGED_IN = "logged-in"
-    FAILED = "failed"
-
-
-_AWAITING_REPLY = frozenset(
-    {
-        _CState.GREETING,
-        _CState.EHLO,
-        _CState.STARTTLS,
-        _CState.XCLIENT,
-        _CState.REPLAY,
-        _CState.AUTH,
-    }
-)
 
 # XCLIENT_README: NAME and HELO values may be up to 255 characters, and the
 # whole XCLIENT line must stay within SMTP's 512-octet command limit. With a
@@ -720,9 +683,10 @@ def _xclient_address(address: str | None) -> str:
     return f"IPV6:{ip.compressed}" if ip.version == 6 else str(ip)
 
 
-class SmtpClient:
+class SmtpClient(ClientCore[_Reply]):
     """authgate logging in to an SMTP backend (submission with AUTH), or
-    handing a server-to-server client over to it (pass-through).
+    handing a server-to-server client over to it (pass-through): a dialect
+    of `ClientCore` (authgate.protocols.client).
 
     Sequence: greeting (220) -> EHLO -> [STARTTLS -> EHLO] -> [XCLIENT ->
     220 -> EHLO] -> AUTH (terminate mode), or wait for `authenticate()`
@@ -741,122 +705,34 @@ class SmtpClient:
     splice. A backend whose XCLIENT lacks ADDR is refused, and so is one
     without XCLIENT when forwarding is configured (never a silent fallback
     to a backend that sees every client as authgate's own address).
-
-    The backend may not speak out of turn: a reply that arrives before we
-    sent the command it would answer ends the login (UNAVAILABLE), except
-    after STARTTLS's 220, where such bytes are discarded (response
-    injection), and after 235, where they are `LoggedIn.pending`.
     """
 
+    NAME = "SMTP client"
+
     def __init__(self, settings: ClientSettings) -> None:
-        self._settings = settings
-        self._state = _CState.GREETING
-        self._lines = LineBuffer(settings.max_line)
+        super().__init__(settings)
         self._reader = _ReplyReader()
         self._keywords: tuple[str, ...] = ()
-        self._tls_done = False
         self._xclient_done = False
         self._xclient_login_done = False
         self._replayed = 0  # pass-through: replay lines sent so far
-        self._mech: ClientMechanism | None = None
-        self._held: bytes | None = None  # initial response too long for the AUTH line
-        self._queued_auth: tuple[str, InitialResponse] | None = None
-        self._derive: Derive | None = None
 
-    # ------------------------------------------------------------ driver API
+    # -------------------------------------------------------------- framing
 
-    def receive_data(self, data: bytes) -> list[ClientEvent]:
-        if self._state is _CState.LOGGED_IN:
-            raise ProtocolStateError("SMTP client: receive_data() after LoggedIn")
-        if self._state in (_CState.FAILED, _CState.WAIT_TLS):
-            return []  # WAIT_TLS: plaintext injected before the handshake
-        if self._state in (_CState.READY, _CState.CHALLENGE, _CState.DERIVE) and data:
-            return self._fail(BackendFailure.UNAVAILABLE, "backend sent an unsolicited reply")
-        self._lines.feed(data)
-        out: list[ClientEvent] = []
-        while self._state in _AWAITING_REPLY:
-            try:
-                line = self._lines.next_line()
-                reply = None if line is None else self._reader.feed(line)
-            except LineTooLong:
-                return out + self._fail(BackendFailure.UNAVAILABLE, "backend reply line too long")
-            except _ReplyError as exc:
-                return out + self._fail(BackendFailure.UNAVAILABLE, f"malformed reply: {exc}")
-            if line is None:
-                break
-            if reply is None:
-                continue
-            out += self._REPLY_HANDLERS[self._state](self, reply)
-            waiting = self._state in _AWAITING_REPLY | {
-                _CState.READY,
-                _CState.CHALLENGE,
-                _CState.DERIVE,
-            }
-            if waiting and len(self._lines):
-                # It answered a command we had not sent yet. A Derive still
-                # out is moot: the login is over.
-                out = [e for e in out if not isinstance(e, Derive)]
-                return out + self._fail(BackendFailure.UNAVAILABLE, "backend spoke out of turn")
-        return out
+    def _next_reply(self) -> _Reply | None:
+        while (line := self._lines.next_line()) is not None:
+            reply = self._reader.feed(line)
+            if reply is not None:
+                return reply
+        return None
 
-    def tls_started(self) -> list[ClientEvent]:
-        self._expect(_CState.WAIT_TLS, "tls_started")
-        self._tls_done = True
-        self._lines.clear()  # response injection: nothing from before the handshake
+    def _forget_after_tls(self) -> None:
         self._reader = _ReplyReader()
+
+    def _after_tls(self) -> list[ClientEvent]:
         return self._send_ehlo()
 
-    def authenticate(self, mechanism: str, initial: InitialResponse) -> list[ClientEvent]:
-        if not self._settings.relay:
-            raise ProtocolStateError("SMTP client: authenticate() outside relay mode")
-        if self._queued_auth is not None or self._state not in (
-            _CState.GREETING,
-            _CState.EHLO,
-            _CState.STARTTLS,
-            _CState.WAIT_TLS,
-            _CState.XCLIENT,
-            _CState.READY,
-        ):
-            raise ProtocolStateError(f"SMTP client: authenticate() in state {self._state.value}")
-        if self._state is _CState.READY:
-            return self._send_auth(mechanism.upper(), initial)
-        self._queued_auth = (mechanism.upper(), initial)
-        return []
-
-    def respond(self, data: bytes | None) -> list[ClientEvent]:
-        self._expect(_CState.CHALLENGE, "respond")
-        self._state = _CState.AUTH
-        if data is None:
-            return [Send(b"*" + CRLF)]  # RFC 4954 section 4: cancel
-        return [Send(b64encode(data) + CRLF)]
-
-    def derived(self, key: bytes) -> list[ClientEvent]:
-        """The result of the `Derive` we emitted, computed off the loop."""
-        if self._state is _CState.FAILED:
-            return []
-        self._expect(_CState.DERIVE, "derived")
-        derive, self._derive = self._derive, None
-        assert derive is not None
-        self._state = _CState.AUTH
-        try:
-            response = derive.finish(key)
-        except ClientAuthError as exc:
-            return self._cancel(str(exc))
-        return [Send(b64encode(response) + CRLF)]
-
-    # ------------------------------------------------------------- internals
-
-    def _expect(self, state: _CState, call: str) -> None:
-        if self._state is not state:
-            raise ProtocolStateError(f"SMTP client: {call}() in state {self._state.value}")
-
-    def _fail(self, failure: BackendFailure, detail: str) -> list[ClientEvent]:
-        self._state = _CState.FAILED
-        self._lines.clear()
-        return [LoginFailed(failure, detail)]
-
-    def _cancel(self, detail: str) -> list[ClientEvent]:
-        return [Send(b"*" + CRLF), *self._fail(BackendFailure.REJECTED, detail)]
+    # ---------------------------------------------------------------- steps
 
     def _offer(self, keyword: str) -> tuple[str, ...] | None:
         """The parameters of an EHLO keyword, or None when not offered."""
@@ -870,8 +746,8 @@ class SmtpClient:
         return None
 
     def _send_ehlo(self) -> list[ClientEvent]:
-        self._state = _CState.EHLO
-        return [Send(f"EHLO {self._settings.hostname}".encode("ascii") + CRLF)]
+        ehlo = f"EHLO {self._settings.hostname}".encode("ascii")
+        return self._send(ehlo, ClientState.CAPABILITY, self._on_ehlo)
 
     def _on_greeting(self, reply: _Reply) -> list[ClientEvent]:
         if reply.code != 220:
@@ -891,22 +767,19 @@ class SmtpClient:
         if self._settings.starttls and not self._tls_done:
             if self._offer("STARTTLS") is None:
                 return self._fail(BackendFailure.UNAVAILABLE, "backend does not offer STARTTLS")
-            self._state = _CState.STARTTLS
-            return [Send(b"STARTTLS" + CRLF)]
+            return self._send(b"STARTTLS", ClientState.STARTTLS, self._on_starttls)
         if not self._xclient_done:
             xclient = self._xclient()
             if xclient is not None:
                 return xclient
-        return self._begin_auth()
+        if self._settings.replay:
+            return self._send_replay()
+        return self._ready()
 
     def _on_starttls(self, reply: _Reply) -> list[ClientEvent]:
         if reply.code != 220:
             return self._fail(BackendFailure.UNAVAILABLE, f"STARTTLS: {reply.describe()}")
-        # Bytes after the 220 were sent before the handshake: response
-        # injection (the reverse of CVE-2011-0411). Drop them.
-        self._lines.clear()
-        self._state = _CState.WAIT_TLS
-        return [StartTLS()]
+        return self._start_tls()
 
     def _xclient(self) -> list[ClientEvent] | None:
         """Send XCLIENT when configured; None when it is not."""
@@ -938,9 +811,8 @@ class SmtpClient:
             attributes.append(("LOGIN", login))
         self._xclient_done = True
         self._xclient_login_done = login is not None
-        self._state = _CState.XCLIENT
         command = "XCLIENT " + " ".join(f"{name}={xtext(value)}" for name, value in attributes)
-        return [Send(command.encode("ascii") + CRLF)]
+        return self._send(command.encode("ascii"), ClientState.NEGOTIATE, self._on_xclient)
 
     def _passthrough_attributes(self, names: set[str]) -> list[tuple[str, str | bytes]]:
         """NAME, HELO and PROTO of a pass-through client, where offered.
@@ -970,10 +842,9 @@ class SmtpClient:
         return self._fail(failure, f"XCLIENT: {reply.describe()}")
 
     def _send_replay(self) -> list[ClientEvent]:
-        self._state = _CState.REPLAY
         line = self._settings.replay[self._replayed]
         self._replayed += 1
-        return [Send(line)]
+        return self._send(line.rstrip(b"\r\n"), ClientState.NEGOTIATE, self._on_replay)
 
     def _on_replay(self, reply: _Reply) -> list[ClientEvent]:
         if reply.code // 100 != 2:
@@ -983,39 +854,20 @@ class SmtpClient:
             self._keywords = tuple(text.strip() for text in reply.texts[1:] if text.strip())
         if self._replayed < len(self._settings.replay):
             return self._send_replay()
-        return self._logged_in()
+        return self._logged_in(self._keywords)
 
-    def _begin_auth(self) -> list[ClientEvent]:
-        settings = self._settings
-        if settings.replay:
-            return self._send_replay()
-        if settings.relay:
-            self._state = _CState.READY
-            if self._queued_auth is not None:
-                queued, self._queued_auth = self._queued_auth, None
-                return self._send_auth(*queued)
-            return []
+    def _login(self) -> list[ClientEvent]:
         if self._xclient_login_done:
             # XCLIENT LOGIN= made the session authenticated as the user.
-            return self._logged_in()
-        if settings.credentials is None:
+            return self._logged_in(self._keywords)
+        if self._settings.credentials is None:
             return self._fail(BackendFailure.REJECTED, "no credentials and no XCLIENT LOGIN")
-        name = choose_client_mechanism(self._offer("AUTH") or (), settings.mechanisms)
-        if name is None:
+        started = self._master_login(self._offer("AUTH") or ())
+        if started is None:
             return self._fail(BackendFailure.REJECTED, "backend offers none of our mechanisms")
-        try:
-            self._mech = mechanism_info(name).client(settings.credentials, settings.sasl_context)
-        except ValueError as exc:
-            # e.g. a master login (authzid) with LOGIN, which cannot carry one.
-            return self._fail(BackendFailure.REJECTED, f"cannot log in with {name}: {exc}")
-        try:
-            first = self._mech.start()
-        except ClientAuthError as exc:
-            return self._fail(BackendFailure.REJECTED, f"{name}: {exc}")
-        return self._send_auth(name, NO_RESPONSE if first is None else first)
+        return started
 
-    def _send_auth(self, name: str, initial: InitialResponse) -> list[ClientEvent]:
-        self._state = _CState.AUTH
+    def _auth_command(self, name: str, initial: InitialResponse) -> list[ClientEvent]:
         command = b"AUTH " + name.encode("ascii")
         if initial == b"":
             command += b" ="  # RFC 4954 section 4: an empty initial response
@@ -1025,69 +877,23 @@ class SmtpClient:
                 self._held = initial
             else:
                 command += b" " + encoded
-        return [Send(command + CRLF)]
+        return self._send(command, ClientState.AUTH, self._on_auth)
 
     def _on_auth(self, reply: _Reply) -> list[ClientEvent]:
-        relay = self._settings.relay
         if reply.code == 334:
-            return self._on_challenge(reply)
+            text = reply.texts[-1].strip().encode("ascii", "replace")
+            return self._challenge(b64decode_strict(text))
         if reply.code == 235:
-            if self._mech is not None:
-                try:
-                    # SMTP has no data with success: anything (SCRAM's
-                    # server-final) came as a challenge already.
-                    self._mech.finish(None)
-                except ClientAuthError as exc:
-                    # Authenticated, but the backend did not prove itself: unusable.
-                    return self._fail(BackendFailure.REJECTED, f"backend not verified: {exc}")
-            return self._logged_in()
-        if 400 <= reply.code < 500:
-            return self._fail(BackendFailure.UNAVAILABLE, f"AUTH: {reply.describe()}")
-        if reply.code == 535 and relay:
-            return self._fail(BackendFailure.INVALID_CREDENTIALS, f"AUTH: {reply.describe()}")
-        if reply.code >= 500:
-            return self._fail(BackendFailure.REJECTED, f"AUTH: {reply.describe()}")
-        return self._fail(BackendFailure.UNAVAILABLE, f"AUTH: unexpected {reply.describe()}")
+            # SMTP has no data with success: anything (SCRAM's server-final)
+            # came as a challenge already.
+            return self._verified() or self._logged_in(self._keywords)
+        return self._fail(self._classify(reply), f"AUTH: {reply.describe()}")
 
-    def _on_challenge(self, reply: _Reply) -> list[ClientEvent]:
-        challenge = b64decode_strict(reply.texts[-1].strip().encode("ascii", "replace"))
-        if challenge is None:
-            return [Send(b"*" + CRLF), *self._fail(BackendFailure.UNAVAILABLE, "bad challenge")]
-        if self._held is not None:
-            # RFC 4422 section 5: the initial response that did not fit the
-            # AUTH line answers the first, empty, challenge.
-            held, self._held = self._held, None
-            if challenge:
-                return [
-                    Send(b"*" + CRLF),
-                    *self._fail(BackendFailure.UNAVAILABLE, "backend's first challenge not empty"),
-                ]
-            return [Send(b64encode(held) + CRLF)]
-        if self._settings.relay:
-            self._state = _CState.CHALLENGE
-            return [RelayChallenge(challenge)]
-        assert self._mech is not None
-        try:
-            response = self._mech.step(challenge)
-        except (ClientAuthError, SaslProtocolError) as exc:
-            # SaslProtocolError: a challenge the mechanism cannot take any
-            # more (one after SCRAM's server-final): the backend misbehaves.
-            return self._cancel(str(exc))
-        if isinstance(response, Derive):
-            # Slow (PBKDF2): the driver computes it off the event loop.
-            self._state, self._derive = _CState.DERIVE, response
-            return [response]
-        return [Send(b64encode(response) + CRLF)]
-
-    def _logged_in(self) -> list[ClientEvent]:
-        self._state = _CState.LOGGED_IN
-        return [LoggedIn(self._keywords, pending=self._lines.take_rest())]
-
-    _REPLY_HANDLERS: ClassVar[dict[_CState, Callable[[SmtpClient, _Reply], list[ClientEvent]]]] = {
-        _CState.GREETING: _on_greeting,
-        _CState.EHLO: _on_ehlo,
-        _CState.STARTTLS: _on_starttls,
-        _CState.XCLIENT: _on_xclient,
-        _CState.REPLAY: _on_replay,
-        _CState.AUTH: _on_auth,
-    }
+    def _classify(self, reply: _Reply) -> BackendFailure:
+        # RFC 4954 section 6: 454 and other 4xx are temporary; only 535 says
+        # the credentials are wrong; other 5xx refuse the login itself.
+        if 400 <= reply.code < 500 or reply.code < 400:
+            return BackendFailure.UNAVAILABLE
+        if reply.code == 535:
+            return self._refusal(temporary=False)
+        return BackendFailure.REJECTED
