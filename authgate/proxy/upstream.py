@@ -11,12 +11,12 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import Iterable
-from typing import Protocol as TypingProtocol
 
 from authgate.config import BackendSettings, ClientAddressForwarding, TLSMode
 from authgate.protocols.base import (
     BackendFailure,
     ClientEvent,
+    ClientMachine,
     LoggedIn,
     LoginFailed,
     RelayChallenge,
@@ -25,23 +25,9 @@ from authgate.protocols.base import (
 )
 from authgate.proxy.channel import Channel, ChannelClosed, open_channel
 from authgate.proxy.proxy_protocol import build_v2
-from authgate.sasl.base import Derive, InitialResponse
+from authgate.sasl.base import Derive
 
 LoginStep = LoggedIn | LoginFailed | RelayChallenge
-
-
-class ClientMachine(TypingProtocol):
-    """What authgate.protocols' *Client classes provide."""
-
-    def receive_data(self, data: bytes) -> list[ClientEvent]: ...
-
-    def tls_started(self) -> list[ClientEvent]: ...
-
-    def authenticate(self, mechanism: str, initial: InitialResponse) -> list[ClientEvent]: ...
-
-    def respond(self, data: bytes | None) -> list[ClientEvent]: ...
-
-    def derived(self, key: bytes) -> list[ClientEvent]: ...
 
 
 async def connect(

@@ -18,7 +18,7 @@ import functools
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import Any
 
 from authgate.credentials.schemes import parse_secret
 from authgate.policy import Decision, ExemptNetworks, ListenerPolicy, Security, decide
@@ -46,7 +46,6 @@ from authgate.protocols.pop3 import Pop3Server
 from authgate.protocols.smtp import SmtpServer
 from authgate.sasl.base import (
     Derive,
-    InitialResponse,
     Lookup,
     LookupAnswer,
     LookupRequest,
@@ -229,14 +228,6 @@ def check_server_batch(events: Sequence[object]) -> None:
 def check_client_batch(events: Sequence[object]) -> None:
     """Raise InvariantError unless `events` is one valid client batch."""
     _check_batch(events, CLIENT_EVENTS, CLIENT_LAST)
-
-
-class ClientMachine(Protocol):
-    def receive_data(self, data: bytes) -> list[ClientEvent]: ...
-    def tls_started(self) -> list[ClientEvent]: ...
-    def authenticate(self, mechanism: str, initial: InitialResponse) -> list[ClientEvent]: ...
-    def respond(self, data: bytes | None) -> list[ClientEvent]: ...
-    def derived(self, key: bytes) -> list[ClientEvent]: ...
 
 
 # ------------------------------------------------------ the server driver
