@@ -62,6 +62,7 @@ from authgate.protocols.base import (
     Authenticated,
     BackendFailure,
     ClientEvent,
+    ClientMachine,
     ClientSettings,
     Close,
     Event,
@@ -100,7 +101,6 @@ from authgate.sasl.base import (
 from authgate.testing.kit import (
     PASSWORDS,
     SECRET_SIZES,
-    ClientMachine,
     InvariantError,
     ServerMachine,
     b64,

@@ -48,6 +48,7 @@ from authgate.protocols.base import (
     AuthFailed,
     BackendFailure,
     ClientEvent,
+    ClientMachine,
     Close,
     Event,
     LoggedIn,
@@ -93,7 +94,6 @@ from authgate.testing.kit import (
     PASSWORDS,
     SECRET_SIZES,
     WAITING,
-    ClientMachine,
     check_server_batch,
     resolve,
 )
