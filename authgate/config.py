@@ -15,7 +15,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -23,6 +23,7 @@ from authgate.defence import DefenceSettings
 from authgate.errors import ConfigError as ConfigError  # re-exported: callers catch it here
 from authgate.password_policy import PasswordPolicy, parse_policy
 from authgate.policy import ExemptNetworks, ListenerPolicy, Protocol, Security
+from authgate.routing import Backend
 from authgate.sasl import DEFAULT_ORDER, MECHANISMS
 from authgate.settings import Range, Table, number
 
@@ -127,11 +128,42 @@ class Listener:
     # Our other names and addresses (besides `hostname` and the address a
     # client connected to): a DIGEST-MD5 digest-uri may name any of them.
     hostnames: tuple[str, ...] = ()
+    # The backend (or pool) users go to without a per-user choice: a
+    # [backends] entry, or the listener's own `backend` (then `backend`
+    # above is its only member). The listener's mode is this backend's.
+    default_backend: Backend | None = None
+
+    @property
+    def route_default(self) -> Backend:
+        if self.default_backend is not None:
+            return self.default_backend
+        return Backend(name=f"{self.name}.backend", members=(self.backend,), named=False)
 
     @property
     def listen_text(self) -> str:
         """The addresses as configured, for messages: "0.0.0.0:143, [::]:143"."""
         return ", ".join(str(address) for address in self.listen)
+
+
+@dataclass(frozen=True)
+class RoutingSettings:
+    """[routing]: where users go besides their listener's default backend
+    (authgate.routing)."""
+
+    # user/domain -> backend name (TOML), re-read on SIGHUP.
+    table: Path | None = None
+    # The directory attribute's host names -> backend names.
+    hosts: Mapping[str, str] = field(default_factory=dict)
+    # How long a failed connect or a timeout marks an address down.
+    down_for: float = 30.0
+    # Seconds between active checks (connect, read the greeting) of each
+    # pool member; 0: off. Single backends: `health_check` on the backend.
+    pool_health_check: float = 10.0
+
+    RANGES: ClassVar[Mapping[str, Range]] = {
+        "down_for": Range(1, 3600),
+        "pool_health_check": Range(0, 3600),
+    }
 
 
 @dataclass(frozen=True)
@@ -245,6 +277,9 @@ class Config:
     password_policy: PasswordPolicy = field(default_factory=PasswordPolicy)
     # Top-level `hostnames`: the default for every listener (Listener.hostnames).
     hostnames: tuple[str, ...] = ()
+    # [backends.NAME]: named backends and pools, for listeners and routing.
+    backends: Mapping[str, Backend] = field(default_factory=dict)
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
 
     RANGES: ClassVar[Mapping[str, Range]] = {"workers": Range(1, 256, integer=True)}
 
@@ -457,13 +492,9 @@ def _address(table: Table, key: str) -> Address:
         raise table.error(key, str(exc)) from None
 
 
-def _backend(listener: Table, protocol: Protocol) -> BackendSettings:
-    if not listener.has("backend"):
-        raise listener.error("backend", "is required")
-    if isinstance(listener.data["backend"], str):
-        return BackendSettings(address=_address(listener, "backend"))
-    table = listener.table("backend")
-    assert table is not None
+def _backend_settings(table: Table, address: Address) -> BackendSettings:
+    """The keys every backend has (a listener's own, or a [backends] entry);
+    the protocol-specific checks are _check_backend's."""
     master_user = table.get("master_user", str, "") or None
     master_password = table.get("master_password", str, "") or None
     password_file = table.path_value("master_password_file")
@@ -472,17 +503,9 @@ def _backend(listener: Table, protocol: Protocol) -> BackendSettings:
             raise table.error("master_password_file", "give master_password or the file, not both")
         if not password_file.is_file():
             raise table.error("master_password_file", f"{str(password_file)!r} is not a file")
-    mode = table.choice("mode", BackendMode, BackendMode.TERMINATE)
-    forwarding = table.choice(
-        "client_address", ClientAddressForwarding, ClientAddressForwarding.NONE
-    )
-    if forwarding is ClientAddressForwarding.XCLIENT and protocol is not Protocol.SMTP:
-        raise table.error("client_address", "'xclient' is an SMTP extension")
-    if forwarding is ClientAddressForwarding.ID and protocol is not Protocol.IMAP:
-        raise table.error("client_address", "'id' is an IMAP extension")
-    settings = BackendSettings(
-        address=_address(table, "address"),
-        mode=mode,
+    return BackendSettings(
+        address=address,
+        mode=table.choice("mode", BackendMode, BackendMode.TERMINATE),
         tls=table.choice("tls", TLSMode, TLSMode.NONE),
         ca_file=table.path_value("ca_file"),
         verify=table.get("verify", bool, True),
@@ -490,22 +513,143 @@ def _backend(listener: Table, protocol: Protocol) -> BackendSettings:
         master_user=master_user,
         master_password=master_password,
         master_password_file=password_file,
-        client_address=forwarding,
+        client_address=table.choice(
+            "client_address", ClientAddressForwarding, ClientAddressForwarding.NONE
+        ),
         mechanisms=_mechanisms(table, "mechanisms", ("PLAIN",)),
         password_storage=table.choice("password_storage", PasswordStorage, PasswordStorage.UNKNOWN),
     )
-    table.finish()
-    if mode is BackendMode.TERMINATE and master_user is None and protocol is not Protocol.SMTP:
-        raise table.error(
-            "master_user",
+
+
+def _check_backend(
+    where: Table, key: str | None, settings: BackendSettings, protocol: Protocol
+) -> None:
+    """What a backend must have to serve a listener of `protocol`. `key`:
+    where to point (a listener's `backend = "name"`), or None: the keys of
+    the listener's own backend table."""
+    forwarding = settings.client_address
+    named = "[backends] entry: client_address " if key else ""
+    if forwarding is ClientAddressForwarding.XCLIENT and protocol is not Protocol.SMTP:
+        raise where.error(key or "client_address", f"{named}'xclient' is an SMTP extension")
+    if forwarding is ClientAddressForwarding.ID and protocol is not Protocol.IMAP:
+        raise where.error(key or "client_address", f"{named}'id' is an IMAP extension")
+    terminate = settings.mode is BackendMode.TERMINATE
+    if terminate and settings.master_user is None and protocol is not Protocol.SMTP:
+        raise where.error(
+            key or "master_user",
             "terminate mode logs in to the backend as the user with a master credential: "
             "set master_user and master_password (or use mode = 'relay')",
         )
-    return settings
+
+
+def _named_backend(table: Table) -> Backend:
+    """[backends.NAME]: `address = "host:port"` or a pool, `addresses = [...]`."""
+    name = table.path.rpartition(".")[2]
+    if not name or not name.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(f"{table.source}: {table.path}: name it with letters, digits, - and _")
+    if table.has("address") == table.has("addresses"):
+        raise table.error("address", 'give address = "host:port" or a pool, addresses = [...]')
+    addresses: list[Address] = []
+    if table.has("address"):
+        addresses.append(_address(table, "address"))
+    else:
+        raw = table.strings("addresses", ())
+        if not raw:
+            raise table.error("addresses", "is an empty list: give at least one host:port")
+        for i, item in enumerate(raw):
+            try:
+                address = parse_address(item)
+            except ValueError as exc:
+                raise table.error(f"addresses[{i}]", str(exc)) from None
+            if address in addresses:
+                raise table.error(f"addresses[{i}]", f"{item!r} is listed twice")
+            if not address.port:
+                raise table.error(f"addresses[{i}]", "a backend needs a real port, not 0")
+            addresses.append(address)
+    interval = float(
+        number(table, "health_check", Range(0, 3600)) if table.has("health_check") else -1
+    )
+    settings = _backend_settings(table, addresses[0])
+    table.finish()
+    members = tuple(replace(settings, address=a) for a in addresses)
+    return Backend(name=name, members=members, health_check=interval)
+
+
+def _backends(root: Table) -> dict[str, Backend]:
+    table = root.table("backends")
+    if table is None:
+        return {}
+    found: dict[str, Backend] = {}
+    for name in table.data:
+        entry = table.table(name)
+        if entry is None:
+            raise table.error(name, "is not a table (use [backends.NAME])")
+        found[name] = _named_backend(entry)
+    table.finish()
+    return found
+
+
+def _routing(root: Table, backends: Mapping[str, Backend]) -> RoutingSettings:
+    table = root.table("routing")
+    if table is None:
+        return RoutingSettings()
+    path = table.path_value("table")
+    if path is not None and not path.is_file():
+        raise table.error("table", f"{str(path)!r} is not a file")
+    hosts: dict[str, str] = {}
+    hosts_table = table.table("hosts")
+    if hosts_table is not None:
+        for host, name in hosts_table.data.items():
+            if not isinstance(name, str) or name not in backends:
+                have = ", ".join(sorted(backends)) or "none"
+                raise hosts_table.error(host, f"{name!r} is not a [backends] name (have: {have})")
+            hosts[host.lower().rstrip(".")] = name
+            hosts_table.used.add(host)
+    values: dict[str, float] = {}
+    for name, bounds in RoutingSettings.RANGES.items():
+        if table.has(name):
+            values[name] = float(number(table, name, bounds))
+    table.finish()
+    return RoutingSettings(table=path, hosts=hosts, **values)
+
+
+def _backend(
+    listener: Table, protocol: Protocol, backends: Mapping[str, Backend]
+) -> tuple[BackendSettings, Backend | None]:
+    """A listener's `backend`: a [backends] name, "host:port", or a table."""
+    if not listener.has("backend"):
+        raise listener.error("backend", "is required")
+    raw = listener.data["backend"]
+    if isinstance(raw, str):
+        listener.used.add("backend")
+        named = backends.get(raw)
+        if named is not None:
+            for member in named.members:
+                _check_backend(listener, "backend", member, protocol)
+            return named.settings, named
+        try:
+            address = parse_address(raw)
+        except ValueError as exc:
+            have = ", ".join(sorted(backends)) or "none"
+            raise listener.error(
+                "backend",
+                f"{raw!r} is neither a [backends] name (have: {have}) nor host:port ({exc})",
+            ) from None
+        return BackendSettings(address=address), None
+    table = listener.table("backend")
+    assert table is not None
+    settings = _backend_settings(table, _address(table, "address"))
+    table.finish()
+    _check_backend(table, None, settings, protocol)
+    return settings, None
 
 
 def _listener(
-    table: Table, base: ListenerPolicy, bound: _Bound, hostnames: tuple[str, ...]
+    table: Table,
+    base: ListenerPolicy,
+    bound: _Bound,
+    hostnames: tuple[str, ...],
+    backends: Mapping[str, Backend],
 ) -> Listener:
     name = table.require("name", str)
     if not table.has("protocol"):
@@ -520,12 +664,16 @@ def _listener(
         server_to_server=protocol is Protocol.SMTP and not submission,
         allow_ntlm_legacy=base.allow_ntlm_legacy,
     )
+    listen = _listen(table, bound)
+    tls = table.choice("tls", TLSMode, TLSMode.NONE)
+    backend, default_backend = _backend(table, protocol, backends)
     listener = Listener(
         name=name,
         protocol=protocol,
-        listen=_listen(table, bound),
-        tls=table.choice("tls", TLSMode, TLSMode.NONE),
-        backend=_backend(table, protocol),
+        listen=listen,
+        tls=tls,
+        backend=backend,
+        default_backend=default_backend,
         policy=_policy(table.table("policy"), defaults),
         submission=submission,
         proxy_protocol=table.get("proxy_protocol", bool, False),
@@ -595,6 +743,8 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
         assert policy_table is not None
         password_policy = parse_policy(policy_table.data, source)
     hostnames = _hostnames(root, "hostnames", ())
+    backends = _backends(root)
+    routing = _routing(root, backends)
     raw_listeners = root.get("listeners", list, [])
     listeners: list[Listener] = []
     bound: _Bound = []
@@ -602,7 +752,7 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
         where = f"listeners[{i}]"
         if not isinstance(item, dict):
             raise ConfigError(f"{source}: {where}: is not a table (use [[listeners]])")
-        listeners.append(_listener(Table(item, where, source), base, bound, hostnames))
+        listeners.append(_listener(Table(item, where, source), base, bound, hostnames, backends))
     workers = _workers(root)
     event_loop = root.choice("event_loop", EventLoop, EventLoop.ASYNCIO)
     if event_loop is EventLoop.UVLOOP and importlib.util.find_spec("uvloop") is None:
@@ -627,6 +777,7 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
             raise ConfigError(
                 f"{source}: listeners[{i}].tls: {listener.tls.value!r} needs [tls] cert and key"
             )
+    _check_no_loop(listeners, backends, bound, source)
     return Config(
         path=source,
         hostname=hostname,
@@ -642,7 +793,56 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
         event_loop=event_loop,
         password_policy=password_policy,
         hostnames=hostnames,
+        backends=backends,
+        routing=routing,
     )
+
+
+def _is_us(backend: Address, bound: _Bound) -> str | None:
+    """Where a listener binds the address `backend` connects to, if it does
+    (a backend that is authgate itself would recurse). Host names are not
+    resolved here; the driver also refuses a connection that lands on one
+    of its own sockets (authgate.proxy.loop)."""
+    host = "127.0.0.1" if backend.host.lower() == "localhost" else backend.host
+    target = _ip(host)
+    for address, where in bound:
+        if address.port != backend.port:
+            continue
+        mine = _ip(address.host)
+        if mine is None or target is None:
+            if address.host.lower() == backend.host.lower():
+                return where
+            continue
+        if mine == target:
+            return where
+        if (
+            mine.is_unspecified
+            and mine.version == target.version
+            and (target.is_loopback or target.is_unspecified)
+        ):
+            return where
+    return None
+
+
+def _check_no_loop(
+    listeners: list[Listener], backends: Mapping[str, Backend], bound: _Bound, source: Path
+) -> None:
+    for i, listener in enumerate(listeners):
+        for member in listener.route_default.members:
+            where = _is_us(member.address, bound)
+            if where is not None:
+                raise ConfigError(
+                    f"{source}: listeners[{i}].backend: {str(member.address)!r} is authgate "
+                    f"itself ({where}): a session would loop back into the gateway"
+                )
+    for name, backend in backends.items():
+        for member in backend.members:
+            where = _is_us(member.address, bound)
+            if where is not None:
+                raise ConfigError(
+                    f"{source}: backends.{name}: {str(member.address)!r} is authgate itself "
+                    f"({where}): a session would loop back into the gateway"
+                )
 
 
 def _check_unique(

@@ -1,0 +1,250 @@
+"""Per-user backend routing: named backends and pools in the config, the
+order of per-user choices, rendezvous hashing, health, the routing table."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from authgate.config import Address, BackendSettings, ConfigError, from_dict
+from authgate.routing import (
+    Backend,
+    Health,
+    RouteTable,
+    RoutingError,
+    TableError,
+    UserHints,
+    choose,
+    parse_table,
+    rendezvous_order,
+)
+
+SOURCE = Path("/etc/authgate/authgate.toml")
+
+
+def config(**extra: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "users": {"file": "users.toml"},
+        "backends": {
+            "store1": {"address": "127.0.0.1:1143", "master_user": "m", "master_password": "p"},
+            "store2": {"address": "127.0.0.1:2143", "master_user": "m", "master_password": "p"},
+            "submit": {"addresses": ["127.0.0.1:1587", "127.0.0.1:2587"]},
+        },
+        "listeners": [
+            {"name": "imap", "protocol": "imap", "listen": "127.0.0.1:143", "backend": "store1"},
+            {"name": "sub", "protocol": "smtp", "listen": "127.0.0.1:587", "backend": "submit"},
+        ],
+    }
+    data.update(extra)
+    return data
+
+
+def test_named_backends_and_pools() -> None:
+    cfg = from_dict(config(), SOURCE)
+    imap, sub = cfg.listeners
+    assert imap.route_default.name == "store1" and not imap.route_default.pool
+    assert imap.backend.address == Address("127.0.0.1", 1143)
+    assert imap.backend.master_user == "m"
+    assert sub.route_default.pool
+    assert [m.address.port for m in sub.route_default.members] == [1587, 2587]
+    assert set(cfg.backends) == {"store1", "store2", "submit"}
+
+
+def test_single_host_port_form_still_works() -> None:
+    data = config()
+    data["listeners"][1]["backend"] = "127.0.0.1:25"
+    sub = from_dict(data, SOURCE).listeners[1]
+    assert sub.default_backend is None
+    assert sub.route_default.members == (BackendSettings(Address("127.0.0.1", 25)),)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda d: d["listeners"][0].update(backend="stor1"),
+            "listeners[0].backend: 'stor1' is neither a [backends] name (have: store1, store2, "
+            "submit) nor host:port",
+        ),
+        (
+            lambda d: d["backends"]["store2"].update(addresses=["127.0.0.1:9"]),
+            "backends.store2.address: give address",
+        ),
+        (
+            lambda d: d["backends"]["submit"].update(addresses=[]),
+            "backends.submit.addresses: is an empty list",
+        ),
+        (
+            lambda d: d["backends"]["submit"].update(addresses=["127.0.0.1:1", "127.0.0.1:1"]),
+            "backends.submit.addresses[1]: '127.0.0.1:1' is listed twice",
+        ),
+        (
+            lambda d: d["backends"]["store1"].update(adress="x"),
+            "backends.store1.adress: unknown key",
+        ),
+        (
+            lambda d: d["backends"]["store1"].pop("master_user"),
+            "listeners[0].backend: terminate mode logs in to the backend as the user",
+        ),
+        (
+            lambda d: d["backends"]["store2"].update(address="127.0.0.1:143"),
+            "backends.store2: '127.0.0.1:143' is authgate itself (listeners[0].listen)",
+        ),
+        (
+            lambda d: d.update(routing={"hosts": {"mail2.example.org": "nowhere"}}),
+            "routing.hosts.mail2.example.org: 'nowhere' is not a [backends] name",
+        ),
+        (
+            lambda d: d.update(routing={"down_for": 0}),
+            "routing.down_for: 0 is outside 1..3600",
+        ),
+        (
+            lambda d: d.update(routing={"table": "/nonexistent/routes.toml"}),
+            "routing.table: '/nonexistent/routes.toml' is not a file",
+        ),
+    ],
+)
+def test_config_errors_name_the_key(change: Any, message: str) -> None:
+    data = config()
+    change(data)
+    with pytest.raises(ConfigError) as info:
+        from_dict(data, SOURCE)
+    assert message in str(info.value)
+
+
+def test_listener_on_wildcard_is_caught_as_a_loop() -> None:
+    data = config()
+    data["listeners"][0]["listen"] = "0.0.0.0:1143"
+    with pytest.raises(ConfigError, match=r"'127\.0\.0\.1:1143' is authgate itself"):
+        from_dict(data, SOURCE)
+
+
+def _backend(name: str, *ports: int) -> Backend:
+    return Backend(name, tuple(BackendSettings(Address("127.0.0.1", p)) for p in ports))
+
+
+BACKENDS = {
+    "store1": _backend("store1", 1143),
+    "store2": _backend("store2", 2143),
+    "pool": _backend("pool", 1, 2, 3),
+}
+
+
+def test_choice_order_entry_directory_table_default() -> None:
+    table = RouteTable(users={"carol@x.org": "store1"}, domains={"y.org": "store2"})
+    hosts = {"mail2.example.org": "store2"}
+    default = BACKENDS["pool"]
+
+    def pick(user: str, hints: UserHints | None = None) -> tuple[str, str]:
+        hints = hints or UserHints()
+        route = choose(user, default, BACKENDS, hints=hints, table=table, hosts=hosts)
+        return route.backend.name, route.why
+
+    assert pick("carol@x.org", UserHints(entry="store2")) == ("store2", "users file entry")
+    assert pick("carol@x.org", UserHints(directory_host="MAIL2.example.org.")) == (
+        "store2",
+        "directory attribute (mail2.example.org)",
+    )
+    assert pick("carol@x.org") == ("store1", "routing table (user)")
+    assert pick("dave@Y.org") == ("store2", "routing table (domain y.org)")
+    assert pick("erin@z.org") == ("pool", "the listener's default backend")
+    with pytest.raises(RoutingError, match="'gone', which is not in"):
+        pick("x", UserHints(entry="gone"))
+    with pytest.raises(RoutingError, match="does not map"):
+        pick("x", UserHints(directory_host="elsewhere"))
+
+
+def test_pinned_user_never_moves_to_another_store() -> None:
+    health = Health()
+    health.mark_down(Address("127.0.0.1", 2143), now=100, down_for=30, why="refused")
+    route = choose(
+        "bob", BACKENDS["store1"], BACKENDS, hints=UserHints(entry="store2"), health=health, now=110
+    )
+    assert route.backend.name == "store2" and not route.available
+    later = choose(
+        "bob", BACKENDS["store1"], BACKENDS, hints=UserHints(entry="store2"), health=health, now=131
+    )
+    assert [m.address.port for m in later.candidates] == [2143]
+
+
+def test_pool_fails_over_to_the_next_member() -> None:
+    pool = BACKENDS["pool"]
+    first = choose("alice", pool, BACKENDS).candidates
+    health = Health()
+    health.mark_down(first[0].address, now=0, down_for=30, why="timeout")
+    after = choose("alice", pool, BACKENDS, health=health, now=1).candidates
+    assert after == first[1:]
+
+
+def test_health_marks_and_expires() -> None:
+    health = Health()
+    address = Address("127.0.0.1", 9)
+    assert health.mark_down(address, 0, 10, "refused") is True
+    assert health.mark_down(address, 1, 10, "refused") is False  # already down: no new log line
+    assert health.down(5) == {"127.0.0.1:9": "refused"}
+    assert not health.is_up(address, 10.9)
+    assert health.is_up(address, 11.1)
+    assert health.mark_up(address) is False
+
+
+members = st.lists(st.integers(min_value=1, max_value=65535), min_size=2, max_size=12, unique=True)
+users = st.lists(st.text(min_size=1, max_size=30), min_size=1, max_size=60, unique=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(members, users, st.data())
+def test_removing_one_member_moves_only_its_users(
+    ports: list[int], names: list[str], data: st.DataObject
+) -> None:
+    addresses = [Address("10.0.0.1", p) for p in ports]
+    removed = data.draw(st.sampled_from(addresses))
+    rest = [a for a in addresses if a != removed]
+    for user in names:
+        before = rendezvous_order(user, addresses, str)[0]
+        after = rendezvous_order(user, rest, str)[0]
+        if before != removed:
+            assert after == before  # nobody else moves
+        # and the removed member's users go to their second choice
+        else:
+            assert after == rendezvous_order(user, addresses, str)[1]
+
+
+@settings(max_examples=100, deadline=None)
+@given(members, st.text(max_size=30))
+def test_order_does_not_depend_on_the_listed_order(ports: list[int], user: str) -> None:
+    addresses = [Address("10.0.0.1", p) for p in ports]
+    assert rendezvous_order(user, addresses, str) == rendezvous_order(
+        user, list(reversed(addresses)), str
+    )
+
+
+def test_pool_spreads_users() -> None:
+    pool = [Address("127.0.0.1", p) for p in (1, 2, 3)]
+    firsts = [rendezvous_order(f"user{i}", pool, str)[0] for i in range(300)]
+    assert all(firsts.count(a) > 60 for a in pool)
+
+
+def test_routing_table_file() -> None:
+    text = '[users]\n"Bob@x.org" = "store2"\n[domains]\n"Y.org." = "store1"\n'
+    table = parse_table(text, "routes.toml", ["store1", "store2"])
+    assert table.lookup("Bob@x.org") == ("store2", "routing table (user)")
+    assert table.lookup("someone@y.ORG") == ("store1", "routing table (domain y.org)")
+    assert table.lookup("nobody") is None
+    with pytest.raises(TableError, match=r"routes.toml: users.'a': 'store3' is not a \[backends\]"):
+        parse_table('[users]\na = "store3"\n', "routes.toml", ["store1"])
+    with pytest.raises(TableError, match="unknown key"):
+        parse_table('[user]\na = "store1"\n', "routes.toml", ["store1"])
+    with pytest.raises(TableError, match="not valid TOML"):
+        parse_table("[users\n", "routes.toml", ["store1"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_routing_table_parser_never_crashes(text: str) -> None:
+    with contextlib.suppress(TableError):
+        parse_table(text, "routes.toml", ["store1"])
