@@ -69,8 +69,7 @@ class Channel(asyncio.Protocol):
             self.forwarded += len(data)
             through = self._through
             if through is None:
-                if sink.transport is not None and not sink._lost:
-                    sink.transport.write(data)
+                sink._splice_write(data)
                 return
             data, back, close = through(data)
             if data:

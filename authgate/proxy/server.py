@@ -9,7 +9,7 @@ import errno
 import logging
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,6 +193,11 @@ class Gateway:
         self._per_address: dict[str, int] = {}  # defence key -> connections
         # Warnings a flood could repeat without end go through this.
         self.notices = LogThrottle()
+        # Makes the client-side channel of each accepted connection, by
+        # listener name. The pytest plugin swaps in a Channel subclass that
+        # records transcripts and plays hostile-server scenarios
+        # (authgate.testing.transcripts, authgate.testing.scenarios).
+        self.channel_factory: Callable[[str], Channel] = _plain_channel
 
     @property
     def runtimes(self) -> list[ListenerRuntime]:
@@ -384,7 +389,7 @@ class Gateway:
             connection.handed = True
             # Made here, not taken from the call's result: uvloop returns its
             # own SSLProtocol there on TLS connections.
-            channel = Channel()
+            channel = self.channel_factory(listener.name)
             try:
                 await asyncio.get_running_loop().connect_accepted_socket(
                     lambda: channel,
@@ -487,6 +492,10 @@ class Gateway:
             await server.wait_closed()
         await self.audit.close()
         self._servers.clear()
+
+
+def _plain_channel(listener: str) -> Channel:
+    return Channel()
 
 
 async def _first_bytes(sock: socket.socket, timeout: float) -> bytes:

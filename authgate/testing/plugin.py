@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import secrets
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -190,10 +190,46 @@ def is_async_test(function: Callable[..., object] | None) -> bool | None:
     return inspect.iscoroutinefunction(inner)
 
 
+# The stacks a test started, for its report.
+STACKS = pytest.StashKey[list["Stack"]]()
+# A failing test's report shows at most this many connections (the latest).
+REPORT_CONNECTIONS = 20
+REPORT_SECTION = "authgate transcripts"
+
+
+def transcripts_section(stacks: Sequence[Stack]) -> str | None:
+    """The report section of a failing test: its stacks' transcripts."""
+    from authgate.testing.transcripts import render
+
+    transcripts = [t for stack in stacks for t in stack.transcripts]
+    if not transcripts:
+        return None
+    shown = transcripts[-REPORT_CONNECTIONS:]
+    text = render(shown)
+    if len(shown) < len(transcripts):
+        text = f"(the last {len(shown)} of {len(transcripts)} connections)\n\n" + text
+    return text
+
+
 if HAVE_PYTEST_ASYNCIO:
 
     def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", MARKER_HELP)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        """A failing test's report gets a section with the transcripts of
+        every connection its stacks saw (pytest prints it under the failure,
+        and --junitxml keeps it in system-out)."""
+        report: pytest.TestReport = yield
+        if report.when == "call" and report.failed:
+            stacks: list[Stack] = item.stash.get(STACKS, [])
+            section = transcripts_section(stacks)
+            if section is not None:
+                report.sections.append((REPORT_SECTION, section))
+        return report
 
     @pytest.fixture(scope="session")
     def authgate_certs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -225,6 +261,9 @@ if HAVE_PYTEST_ASYNCIO:
             )
         from authgate.testing.stack import ALL_MECHANISMS, embedded_stack
 
+        # The report hook below prints these stacks' transcripts when the test fails.
+        stacks: list[Stack] = []
+        request.node.stash[STACKS] = stacks
         async with contextlib.AsyncExitStack() as running:
 
             async def start(
@@ -250,9 +289,13 @@ if HAVE_PYTEST_ASYNCIO:
                 if settings["mechanisms"] is None:
                     settings["mechanisms"] = ALL_MECHANISMS
                 workdir = tmp_path_factory.mktemp("authgate")
-                return await running.enter_async_context(
-                    embedded_stack(workdir, host=HOST, certs_dir=authgate_certs_dir, **settings)
+                stack = await running.enter_async_context(
+                    embedded_stack(
+                        workdir, host=HOST, certs_dir=authgate_certs_dir, record=True, **settings
+                    )
                 )
+                stacks.append(stack)
+                return stack
 
             yield start
 

@@ -12,16 +12,18 @@ import asyncio
 import contextlib
 import secrets
 import ssl
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from authgate import config as config_mod
 from authgate.certs import ensure_dev_certificates
 from authgate.credentials.store import UserStore, generate_secrets
+from authgate.proxy.channel import Channel
 from authgate.proxy.server import Gateway
 from authgate.runner import start_gateway, verification_pool
 from authgate.testing.backends import Backends, seed_mailbox, start_backends
+from authgate.testing.transcripts import RecordingChannel, Transcript
 
 MASTER_USER = "authgate"
 ALL_MECHANISMS = ("SCRAM-SHA-256", "CRAM-MD5", "DIGEST-MD5", "NTLM", "LOGIN", "PLAIN")
@@ -66,9 +68,36 @@ class Stack:
     users: dict[str, str]
     mail_root: Path
     backends: Backends
+    # One per client connection, in the order they were accepted (recording
+    # stacks only: the plugin's).
+    transcripts: list[Transcript] = field(default_factory=list)
 
     def __getitem__(self, name: str) -> Endpoint:
         return self.endpoints[name]
+
+    def transcripts_of(self, listener: str) -> list[Transcript]:
+        """The transcripts of one listener's connections."""
+        if listener not in self.endpoints:
+            raise KeyError(f"no listener {listener!r} (have: {', '.join(self.endpoints)})")
+        return [t for t in self.transcripts if t.listener == listener]
+
+    def last_transcript(self, listener: str | None = None) -> Transcript:
+        """The latest connection's transcript (of `listener`, if named)."""
+        found = self.transcripts if listener is None else self.transcripts_of(listener)
+        if not found:
+            raise LookupError(f"no connection was made to {listener or 'the stack'}")
+        return found[-1]
+
+    async def settled(self, timeout: float = 5.0) -> bool:
+        """Wait (at most `timeout` s in all) until every recorded
+        connection has ended, so that a transcript holds the client's last
+        bytes; whether they all did."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for transcript in list(self.transcripts):
+            if not await transcript.wait_ended(max(0.0, deadline - loop.time())):
+                return False
+        return True
 
     def ssl_context(self) -> ssl.SSLContext:
         """A client context that trusts the stack's CA."""
@@ -140,8 +169,10 @@ async def embedded_stack(
     messages: Mapping[str, Sequence[bytes]] | None = None,
     extra_config: str = "",
     allow_ntlm_legacy: bool = False,
+    record: bool = False,
 ) -> AsyncIterator[Stack]:
-    """Start backends and authgate; stop both on exit."""
+    """Start backends and authgate; stop both on exit. `record`: keep a
+    transcript of every client connection (`Stack.transcripts`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     certs = (certs_dir or workdir / "certs").resolve()
     ca_file = ensure_dev_certificates(certs)
@@ -188,8 +219,26 @@ async def embedded_stack(
                 spec.name: Endpoint(spec.name, spec.protocol, spec.tls, *bound[spec.name])
                 for spec in layout
             }
-            yield Stack(gateway, endpoints, ca_file, config_file, dict(users), mail_root, backends)
+            stack = Stack(
+                gateway, endpoints, ca_file, config_file, dict(users), mail_root, backends
+            )
+            if record:
+                gateway.channel_factory = recording_factory(stack)
+            yield stack
         finally:
             await gateway.stop(drain=1.0)
     finally:
         await backends.close()
+
+
+def recording_factory(stack: Stack) -> Callable[[str], Channel]:
+    """The gateway's channel factory for a recording stack."""
+
+    def make(listener: str) -> Channel:
+        transcript = Transcript(
+            listener, stack.endpoints[listener].protocol, number=len(stack.transcripts) + 1
+        )
+        stack.transcripts.append(transcript)
+        return RecordingChannel(transcript)
+
+    return make
