@@ -30,6 +30,7 @@ class Protocol(enum.Enum):
     SMTP = "smtp"
     IMAP = "imap"
     POP3 = "pop3"
+    LDAP = "ldap"
 
 
 class Refusal(enum.Enum):
