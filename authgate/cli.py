@@ -19,6 +19,7 @@ from typing import Any, TextIO
 
 from authgate import config as config_mod
 from authgate.atrest.envelope import Keyring, keyring_path, unlock
+from authgate.commands import apps as apps_commands
 from authgate.commands import atrest as atrest_commands
 from authgate.commands import firewall as firewall_commands
 from authgate.commands import password_policy as password_policy_commands
@@ -277,9 +278,14 @@ def _read_password(args: argparse.Namespace) -> str:
     return password
 
 
-def cmd_passwd(args: argparse.Namespace) -> int:
+def _open_users(
+    args: argparse.Namespace,
+) -> tuple[UserStore, Path, str | None, PasswordPolicy]:
+    """The users file of --users or of -c's config, loaded (unlocked when it
+    is encrypted at rest; an empty store when it does not exist yet), with
+    the config's hostname and password policy."""
     users_file: Path | None = args.users
-    realm = args.realm
+    realm: str | None = None
     policy = PasswordPolicy()
     keyring = None
     if users_file is None:
@@ -289,7 +295,7 @@ def cmd_passwd(args: argparse.Namespace) -> int:
         if config.users_file is None:
             raise UserError(f"{config.path}: no [users] file is configured")
         users_file = config.users_file
-        realm = realm or config.hostname
+        realm = config.hostname
         policy = config.password_policy
         keyring = _keyring(args, config)
     existing = users_file
@@ -298,7 +304,30 @@ def cmd_passwd(args: argparse.Namespace) -> int:
         if existing.exists()
         else UserStore()
     )
-    realm = realm or store.realm or "localhost"
+    return store, existing, realm, policy
+
+
+def _open_users_file(args: argparse.Namespace) -> tuple[UserStore, Path]:
+    store, users_file, _realm, _policy = _open_users(args)
+    return store, users_file
+
+
+def _users_file_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", type=Path, help="config whose [users] file to change")
+    parser.add_argument("--users", type=Path, help="the users file (instead of -c)")
+    _password_file_option(parser)
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    store, existing, config_realm, policy = _open_users(args)
+    users_file = existing
+    if args.app is not None:
+        return apps_commands.create_app_password(
+            store, users_file, args.user, args.app, args.protocols
+        )
+    if args.protocols is not None:
+        raise UserError("--protocols limits an app password: give --app LABEL too")
+    realm = args.realm or config_realm or store.realm or "localhost"
     password = _read_password(args)
     user = store.user(args.user)
     problems = check_password(policy, password, args.user, user.full_name if user else None)
@@ -432,16 +461,21 @@ def build_parser() -> argparse.ArgumentParser:
     _password_file_option(p)
     p.set_defaults(func=cmd_negotiate)
 
-    p = sub.add_parser("passwd", help="set a user's password in the users file")
+    p = sub.add_parser("passwd", help="set a user's password, or create an app password")
     p.add_argument("user")
-    p.add_argument("-c", "--config", type=Path, help="config whose [users] file to change")
-    p.add_argument("--users", type=Path, help="the users file (instead of -c)")
     p.add_argument("--realm", help="DIGEST-MD5 realm (default: the config's hostname)")
     p.add_argument(
         "--password-stdin", action="store_true", help="read the password from standard input"
     )
-    _password_file_option(p)
+    p.add_argument(
+        "--app", metavar="LABEL", help="generate an app password labelled LABEL (shown once)"
+    )
+    p.add_argument(
+        "--protocols", metavar="P,P", help="limit the app password to these (imap,pop3,smtp)"
+    )
+    _users_file_options(p)
     p.set_defaults(func=cmd_passwd)
+    apps_commands.add_commands(sub, _open_users_file, _users_file_options)
     atrest_commands.add_commands(sub)
     firewall_commands.add_commands(sub)
     password_policy_commands.add_commands(sub)

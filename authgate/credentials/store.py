@@ -32,11 +32,22 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final
 
 from authgate.atrest.envelope import Keyring, unseal_secret, write_secret_file
+from authgate.credentials.apps import (
+    AppPassword,
+    AppUsage,
+    UsageLog,
+    dump_app,
+    label_problem,
+    load_app,
+    new_app_password,
+    protocols_problem,
+    usage_path,
+)
 from authgate.credentials.schemes import (
     SchemeError,
     StoredSecret,
@@ -48,6 +59,7 @@ from authgate.sasl.base import (
     LookupAnswer,
     LookupRequest,
     PasswordCheck,
+    PasswordVerdict,
     ScramVerifier,
     SecretForm,
     SecretLookup,
@@ -85,7 +97,9 @@ DIRECTORY_REASON: Final = "directory users are verified by LDAP bind"
 MAX_LISTED_USERS: Final = 20
 
 _TOP_KEYS: Final = frozenset({"realm", "users"})
-_USER_KEYS: Final = frozenset({"secrets", "realm", "full_name", "password_changed"})
+_USER_KEYS: Final = frozenset(
+    {"secrets", "realm", "full_name", "password_changed", "password_login", "apps"}
+)
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _SCRAM_FORMS: Final = frozenset({SecretForm.SCRAM_SHA_1, SecretForm.SCRAM_SHA_256})
 _FORM_SCHEMES: Final[dict[SecretForm, str]] = {
@@ -117,6 +131,13 @@ class User:
     realm: str | None = None
     full_name: str | None = None
     password_changed: datetime.date | None = None
+    # App passwords (authgate.credentials.apps), and whether the main
+    # password may still log in (False: only app passwords, OAuth, EXTERNAL).
+    apps: tuple[AppPassword, ...] = ()
+    password_login: bool = True
+
+    def app(self, label: str) -> AppPassword | None:
+        return next((a for a in self.apps if a.label == label), None)
 
 
 @dataclass(frozen=True)
@@ -238,6 +259,7 @@ class UserStore:
         self._dummy: tuple[StoredSecret, ...] | None = None
         self._generation = 0
         self._keyring: Keyring | None = None  # set by load(): save() seals with it
+        self._usage = UsageLog(None)  # app passwords' last use; load() gives it a file
         for user in users:
             self._users[user.name] = user
 
@@ -262,6 +284,7 @@ class UserStore:
         store = cls.loads(text, source=source, executor=executor)
         store._path = Path(path)
         store._keyring = keyring
+        store._usage = UsageLog.load(usage_path(Path(path)), keyring)
         return store
 
     @classmethod
@@ -329,7 +352,7 @@ class UserStore:
         """Answer a mechanism's lookup. Blocking (password hashing): call it
         in a thread, e.g. through `aresolve`."""
         if isinstance(request, PasswordCheck):
-            return self._check_password(request.authcid, request.password)
+            return self._check_password(request.authcid, request.password, request.protocol)
         if isinstance(request, SecretLookup):
             return self._lookup(request.authcid, request.form, request.realm)
         raise TypeError(f"not a lookup request: {type(request).__name__}")
@@ -341,26 +364,85 @@ class UserStore:
         hashing never blocks the loop. A check with a fast form (plaintext,
         a digest, NTLM, CRAM-MD5: microseconds, holding the GIL anyway) is
         answered at once: the hop to a thread costs more than the check."""
-        if self._quick(request):
-            return self.resolve(request)
         chosen = executor or self._executor
-        if chosen is None:
-            return await asyncio.to_thread(self.resolve, request)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(chosen, self.resolve, request)
+        if self._quick(request):
+            answer = self.resolve(request)
+        elif chosen is None:
+            answer = await asyncio.to_thread(self.resolve, request)
+        else:
+            answer = await loop.run_in_executor(chosen, self.resolve, request)
+        if isinstance(answer, PasswordVerdict) and answer.app_password and answer.identity:
+            assert isinstance(request, PasswordCheck)
+            self._usage.note(answer.identity, answer.app_password, request.client)
+            # A small file write, in a thread: never on the event loop.
+            await loop.run_in_executor(chosen, self._usage.save)
+        return answer
+
+    # -- app passwords
+
+    def app_usage(self, name: str, label: str) -> AppUsage | None:
+        """When and from where app password `label` of `name` was last used."""
+        return self._usage.get(name, label)
+
+    def add_app_password(
+        self, name: str, label: str, protocols: Sequence[str] | None = None
+    ) -> str:
+        """Generate an app password for existing user `name` and store its
+        hash; returns the password (to be shown once). StoreError if the
+        user is unknown, the label taken or bad, or a protocol unknown."""
+        source = str(self._path) if self._path is not None else "<users>"
+        where = f"users.{_toml_key(name)}.apps"
+        problem = label_problem(label) or (
+            protocols_problem(p.lower() for p in protocols) if protocols is not None else None
+        )
+        if problem is not None:
+            raise StoreError(source, where, problem)
+        with self._lock:
+            user = self._users.get(name)
+            if user is None:
+                raise StoreError(source, f"users.{_toml_key(name)}", "no such user")
+            if user.app(label) is not None:
+                raise StoreError(source, where, f"an app password labelled {label!r} exists")
+            password, app = new_app_password(label, protocols)
+            self._users[name] = replace(user, apps=(*user.apps, app))
+            self._forget(name)
+        self._usage.forget(name, label)
+        return password
+
+    def revoke_app_password(self, name: str, label: str) -> bool:
+        with self._lock:
+            user = self._users.get(name)
+            if user is None or user.app(label) is None:
+                return False
+            self._users[name] = replace(user, apps=tuple(a for a in user.apps if a.label != label))
+            self._forget(name)
+        self._usage.forget(name, label)
+        return True
+
+    def set_password_login(self, name: str, allowed: bool) -> None:
+        with self._lock:
+            user = self._users.get(name)
+            if user is None:
+                source = str(self._path) if self._path is not None else "<users>"
+                raise StoreError(source, f"users.{_toml_key(name)}", "no such user")
+            self._users[name] = replace(user, password_login=allowed)
+            self._forget(name)
+
+    def save_usage(self) -> None:
+        """Write the app passwords' last-use file (blocking)."""
+        self._usage.save()
 
     def _quick(self, request: LookupRequest) -> bool:
         if isinstance(request, PasswordCheck):
             user = self.user(request.authcid)
             if user is not None:
-                candidates = user.secrets
-            else:
-                with self._lock:
-                    dummy = self._dummy
-                if dummy is None:
-                    return False  # the decoy is built in the worker thread, never here
-                candidates = dummy
-            checker = _cheapest_checker(candidates)
+                return all(s.quick_to_verify for s in _password_checkers(user))
+            with self._lock:
+                dummy = self._dummy
+            if dummy is None:
+                return False  # the decoy is built in the worker thread, never here
+            checker = _cheapest_checker(dummy)
             return checker is None or checker.quick_to_verify
         if isinstance(request, SecretLookup):
             # Stored forms are read, not computed; only deriving a SCRAM
@@ -371,7 +453,7 @@ class UserStore:
                 return (request.authcid, request.form) in self._scram_cache
         return False
 
-    def _check_password(self, name: str, password: str) -> bool:
+    def _check_password(self, name: str, password: str, protocol: str = "") -> LookupAnswer:
         user = self.user(name)
         if user is None:
             # Spend what a known user with a wrong password costs, so the
@@ -380,12 +462,25 @@ class UserStore:
             if dummy is not None:
                 dummy.verify_password(password)
             return False
+        # Every app password is tried (no early exit: the time taken does not
+        # tell which label matched, or how many there are beyond the count).
+        matched: AppPassword | None = None
+        for app in user.apps:
+            if app.secret.verify_password(password) and matched is None:
+                matched = app
+        if matched is not None:
+            # One limited to other protocols is a wrong password here.
+            return PasswordVerdict(matched.allows(protocol), name, matched.label)
+        if not user.password_login:
+            return False
         checker = _cheapest_checker(user.secrets)
         return checker is not None and checker.verify_password(password)
 
     def _lookup(self, name: str, form: SecretForm, realm: str) -> LookupAnswer:
         user = self.user(name)
-        if user is None:
+        if user is None or not user.password_login:
+            # password_login = false: the main password, in any form, no
+            # longer logs in; app passwords serve cleartext mechanisms only.
             return None
         # A stored form first: it is what the admin put there, and cheap.
         for secret in user.secrets:
@@ -529,6 +624,8 @@ class UserStore:
                 full_name=old.full_name if old is not None else None,
                 password_changed=password_changed
                 or (old.password_changed if old is not None else None),
+                apps=old.apps if old is not None else (),
+                password_login=old.password_login if old is not None else True,
             )
             self._users[name] = user
             self._forget(name)
@@ -567,9 +664,14 @@ class UserStore:
                 lines.append(f"realm = {_toml_string(user.realm)}")
             if user.password_changed is not None:
                 lines.append(f"password_changed = {user.password_changed.isoformat()}")
+            if not user.password_login:
+                lines.append("password_login = false")
             lines.append("secrets = [")
             lines += [f"    {_toml_string(s.encoded)}," for s in user.secrets]
             lines.append("]")
+            for app in user.apps:
+                lines += ["", f"[[users.{_toml_key(user.name)}.apps]]"]
+                lines += dump_app(app, _toml_string)
         return "\n".join(lines) + "\n"
 
     def save(self, path: str | os.PathLike[str] | None = None) -> Path:
@@ -598,6 +700,17 @@ def _make_dummy(users: Sequence[User]) -> tuple[StoredSecret, ...]:
         return tuple(s.imitation() for s in model.secrets if s.can_verify_password)
     noise = _secrets.token_urlsafe(18)
     return (parse_secret(hash_password(noise, DEFAULT_WRITE_SCHEMES[0])),)
+
+
+def _password_checkers(user: User) -> list[StoredSecret]:
+    """The secrets a password check of `user` may run: every app password,
+    then the cheapest main secret unless password_login is off."""
+    checkers = [app.secret for app in user.apps]
+    if user.password_login:
+        main = _cheapest_checker(user.secrets)
+        if main is not None:
+            checkers.append(main)
+    return checkers
 
 
 def _cheapest_checker(secrets: Iterable[StoredSecret]) -> StoredSecret | None:
@@ -642,7 +755,21 @@ def _load_user(source: str, name: str, value: object, realm: str | None) -> User
     if not isinstance(texts, list):
         raise StoreError(source, f"{where}.secrets", "must be an array of strings")
     secrets = _parse_secrets(source, where, name, texts, user_realm, realm)
-    return User(name, secrets, user_realm, full_name, changed)
+    password_login = value.get("password_login", True)
+    if not isinstance(password_login, bool):
+        raise StoreError(source, f"{where}.password_login", "must be true or false")
+    raw_apps = value.get("apps", [])
+    if not isinstance(raw_apps, list):
+        raise StoreError(source, f"{where}.apps", "must be an array of tables ([[...apps]])")
+    apps: list[AppPassword] = []
+    for index, raw in enumerate(raw_apps):
+        app = load_app(raw)
+        if isinstance(app, str):
+            raise StoreError(source, f"{where}.apps[{index}]", app)
+        if any(a.label == app.label for a in apps):
+            raise StoreError(source, f"{where}.apps[{index}]", f"label {app.label!r} repeated")
+        apps.append(app)
+    return User(name, secrets, user_realm, full_name, changed, tuple(apps), password_login)
 
 
 def _load_date(source: str, key: str, value: object) -> datetime.date | None:

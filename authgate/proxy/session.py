@@ -105,6 +105,8 @@ class ClientSession:
         self._relay_user: str | None = None
         # Terminate mode: a secret was looked up for the attempt in progress.
         self._secret_looked_up = False
+        # The label of the app password the attempt in progress matched.
+        self._app_password: str | None = None
         # (user, keyed hash of the password) of the last cleartext password
         # checked: lets the defence recognise a stale password sent again.
         self._fingerprint: tuple[str, bytes] | None = None
@@ -271,6 +273,11 @@ class ClientSession:
         if store is None:  # relay mode never verifies locally
             raise RuntimeError("credential lookup on a listener without a store")
         answer: LookupAnswer
+        if isinstance(request, PasswordCheck):
+            # App passwords may be limited to protocols; their use is
+            # recorded with the client's address.
+            protocol = self.runtime.listener.protocol.value
+            request = replace(request, protocol=protocol, client=self.peer[0])
         if self.guard.user_locked(request.authcid, self.address):
             # A locked user fails like a wrong password: no oracle for guessers.
             log.info("%s: user %r is locked out", self.tag, request.authcid)
@@ -288,6 +295,9 @@ class ClientSession:
             if answer.valid and self.guard.user_locked(identity, self.address):
                 log.info("%s: user %r is locked out", self.tag, identity)
                 answer = PasswordVerdict(False, identity)
+        self._app_password = None
+        if isinstance(answer, PasswordVerdict) and answer.valid:
+            self._app_password = answer.app_password
         if isinstance(request, PasswordCheck) and answer is not STORE_UNAVAILABLE:
             valid, canonical = password_answer(answer)
             if not valid:
@@ -453,14 +463,22 @@ class ClientSession:
 
     async def _login_as(self, event: Authenticated) -> _Next:
         self._secret_looked_up = False
-        log.info("%s: authenticated %r via %s", self.tag, event.identity, event.mechanism)
+        app, self._app_password = self._app_password, None
+        via = f" with app password {app!r}" if app else ""
+        log.info("%s: authenticated %r via %s%s", self.tag, event.identity, event.mechanism, via)
         self.guard.success(self.address, event.authcid)
         if self._password_expired(event.authcid):
             log.info("%s: password of %r has expired", self.tag, event.authcid)
             self._note("password-expired", user=event.authcid, mechanism=event.mechanism)
             expired: list[Event] = self.machine.backend_failed(BackendFailure.PASSWORD_EXPIRED)
             return expired
-        self._note("login", user=event.identity, authcid=event.authcid, mechanism=event.mechanism)
+        self._note(
+            "login",
+            user=event.identity,
+            authcid=event.authcid,
+            mechanism=event.mechanism,
+            app=app,  # the app password's label, never the secret
+        )
         upstream = await self._open_upstream(self._client_settings(event.identity))
         if isinstance(upstream, LoginFailed):
             return self._backend_failed(upstream)

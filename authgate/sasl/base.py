@@ -126,6 +126,11 @@ class PasswordCheck:
 
     authcid: str
     password: str = field(repr=False)
+    # Filled in by the driver, not the mechanism: the listener's protocol
+    # ("imap", ...) and the client's address. An app password may be limited
+    # to protocols, and its last use is recorded with the address.
+    protocol: str = ""
+    client: str = ""
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,9 @@ class PasswordVerdict:
 
     valid: bool
     identity: str | None = None
+    # The label of the app password that matched (never the secret): the
+    # audit log names it.
+    app_password: str | None = None
 
 
 def password_answer(answer: LookupAnswer) -> tuple[bool, str | None]:
