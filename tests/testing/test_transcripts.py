@@ -17,7 +17,7 @@ from authgate.testing.transcripts import TranscriptAssertion
 
 pytest_plugins = ["pytester"]
 
-PASSWORD = "s3cret-Pw"  # noqa: S105 - a test user's password
+PASSWORD = "s3cret-Pw"
 
 
 def imap_starttls_login(stack: Stack) -> None:
