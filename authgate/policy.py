@@ -31,6 +31,7 @@ class Protocol(enum.Enum):
     IMAP = "imap"
     POP3 = "pop3"
     LDAP = "ldap"
+    NNTP = "nntp"
 
 
 class Refusal(enum.Enum):

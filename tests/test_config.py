@@ -116,7 +116,7 @@ def test_good_config(tmp_path: Path) -> None:
         (('"NTLM", "LOGIN"', '"NTLM", "ntlm"'), "policy.mechanisms[3]: 'ntlm' is listed twice"),
         (('listen = "127.0.0.1:1143"', 'listen = "127.0.0.1:99999"'), "listeners[0].listen"),
         (('listen = "127.0.0.1:1143"', 'listen = "::1:143"'), "listeners[0].listen"),
-        (('protocol = "imap"', 'protocol = "nntp"'), "listeners[0].protocol: 'nntp'"),
+        (('protocol = "imap"', 'protocol = "gopher"'), "listeners[0].protocol: 'gopher'"),
         (('name = "smtp"', 'name = "imap"'), "listeners[1].name: 'imap' is already used"),
         (('tls = "starttls"', 'tls = "starttls"\ntimeout = 3'), "listeners[0].timeout: unknown key"),
         (('master_user = "proxy"\n', ""), "listeners[0].backend.master_user"),

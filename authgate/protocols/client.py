@@ -365,14 +365,15 @@ class ClientCore(Generic[R]):
             return [reply]
         return [self._response(reply)]
 
-    def _verified(self) -> list[ClientEvent] | None:
+    def _verified(self, additional: bytes | None = None) -> list[ClientEvent] | None:
         """The backend said yes: None when it also proved itself (mutual
-        authentication: SCRAM's server signature came as a challenge, since
-        none of the three protocols has additional data with success)."""
+        authentication: SCRAM's server signature came as a challenge in
+        SMTP, IMAP and POP3, as `additional` data with success in NNTP's
+        283, RFC 4643 section 2.4.1)."""
         if self._mech is None:
             return None
         try:
-            self._mech.finish(None)
+            self._mech.finish(additional)
         except (ClientAuthError, SaslProtocolError) as exc:
             # Logged in, but the backend did not prove itself: unusable.
             detail = str(exc) if isinstance(exc, ClientAuthError) else "mutual auth missing"

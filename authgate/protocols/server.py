@@ -113,6 +113,15 @@ class ServerCore:
     LINE_TOO_LONG: ClassVar[bytes]
     TOO_MANY_ERRORS: ClassVar[bytes]
     TOO_MANY_COMMANDS: ClassVar[bytes]
+    # Dialect settings, each with its RFC reason where a dialect sets it:
+    # SUCCESS_DATA: the success reply can carry SASL "additional data with
+    # success" (RFC 4422 section 3.6; NNTP's 283, RFC 4643 section 2.4.1),
+    # so no final challenge is sent; the reply hook finds the data in
+    # `attempt.success`. EMPTY_RESPONSE: how a client spells an empty SASL
+    # response on its own line (NNTP: "=", RFC 4643 section 2.4.1), if not
+    # as an empty line.
+    SUCCESS_DATA: ClassVar[bool] = False
+    EMPTY_RESPONSE: ClassVar[bytes | None] = None
 
     def __init__(self, settings: SessionSettings) -> None:
         self._settings = settings
@@ -259,6 +268,9 @@ class ServerCore:
         return out
 
     def _on_line(self, line: bytes) -> list[Event]:
+        sasl = self._state in (ServerState.SASL, ServerState.RELAY_SASL)
+        if sasl and self.EMPTY_RESPONSE is not None and line.strip() == self.EMPTY_RESPONSE:
+            line = b""
         match self._state:
             case ServerState.SASL:
                 exchange = self._current().exchange
@@ -332,11 +344,11 @@ class ServerCore:
         if isinstance(step, Failure):
             return self._fail(step)
         attempt.authcid = step.authcid
-        if step.additional is not None:
-            # None of the three has "additional data with success" (RFC 4422
-            # section 3.6): send it as a final challenge that the client
-            # answers with an empty line.
-            attempt.success = step
+        attempt.success = step
+        if step.additional is not None and not self.SUCCESS_DATA:
+            # SMTP, IMAP and POP3 have no "additional data with success"
+            # (RFC 4422 section 3.6): send it as a final challenge that the
+            # client answers with an empty line.
             self._state = ServerState.SASL_FINAL
             return [self._challenge(step.additional)]
         return self._authenticated(step)

@@ -38,11 +38,14 @@ log = logging.getLogger("authgate.tls")
 
 # IANA's "TLS Application-Layer Protocol Negotiation (ALPN) Protocol IDs"
 # registry lists "imap" and "pop3" (reference RFC 2595). SMTP has no
-# registered identifier; "smtp" is the one nginx and Exim use.
+# registered identifier; "smtp" is the one nginx and Exim use. NNTP has
+# "nntp" (reading) and "nnsp" (transit) in the registry (RFC 8143): a
+# reader gateway takes "nntp".
 PROTOCOL_IDS: dict[str, tuple[str, ...]] = {
     "imap": ("imap",),
     "pop3": ("pop3",),
     "smtp": ("smtp",),
+    "nntp": ("nntp",),
 }
 
 NO_APPLICATION_PROTOCOL = 120  # RFC 7301 section 3.2 alert

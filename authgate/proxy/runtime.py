@@ -15,7 +15,7 @@ from authgate.credentials.base import CredentialStore
 from authgate.offers import ListenerOffer, listener_offer
 from authgate.password_policy import PasswordPolicy
 from authgate.policy import Protocol
-from authgate.protocols import imap, pop3, smtp
+from authgate.protocols import imap, nntp, pop3, smtp
 from authgate.proxy import alpn
 from authgate.proxy import tls as tls_mod
 
@@ -65,6 +65,15 @@ PROTOCOL_PARTS: dict[Protocol, ProtocolParts] = {
         goodbye=pop3.BYE_IDLE,
         blocked=pop3.BYE_BLOCKED,
         unavailable=pop3.BYE_UNAVAILABLE,
+    ),
+    Protocol.NNTP: ProtocolParts(
+        server=nntp.NntpServer,
+        client=nntp.NntpClient,
+        sasl_service="nntp",  # the GSSAPI service name INN's nnrpd uses too
+        busy=nntp.BYE_BUSY,
+        goodbye=nntp.BYE_IDLE,
+        blocked=nntp.BYE_BLOCKED,
+        unavailable=nntp.BYE_UNAVAILABLE,
     ),
 }
 

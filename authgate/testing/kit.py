@@ -42,6 +42,7 @@ from authgate.protocols.base import (
     StartTLS,
 )
 from authgate.protocols.imap import ImapServer
+from authgate.protocols.nntp import NntpServer
 from authgate.protocols.pop3 import Pop3Server
 from authgate.protocols.smtp import SmtpServer
 from authgate.sasl.base import (
@@ -253,6 +254,7 @@ SERVER_MACHINES: dict[MailProtocol, Callable[[SessionSettings], ServerMachine]] 
     MailProtocol.IMAP: ImapServer,
     MailProtocol.POP3: Pop3Server,
     MailProtocol.SMTP: SmtpServer,
+    MailProtocol.NNTP: NntpServer,
 }
 
 

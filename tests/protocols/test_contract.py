@@ -1,4 +1,4 @@
-"""The contract every server dialect keeps (IMAP, POP3, SMTP), one test per
+"""The contract every server dialect keeps (IMAP, POP3, SMTP, NNTP), one test per
 rule, parametrised over the dialects.
 
 Where the machines differ today the difference is written down in
@@ -29,6 +29,7 @@ from authgate.protocols.base import (
     StartTLS,
 )
 from authgate.protocols.imap import ImapServer
+from authgate.protocols.nntp import NntpServer
 from authgate.protocols.pop3 import Pop3Server
 from authgate.protocols.smtp import SmtpServer
 from authgate.sasl.base import NO_RESPONSE, STORE_UNAVAILABLE, Lookup, PasswordCheck
@@ -129,7 +130,24 @@ SMTP = Dialect(
     line_too_long=b"500 ",
     too_many_errors=b"421 ",
 )
-DIALECTS = [IMAP, POP3, SMTP]
+NNTP = Dialect(
+    name="nntp",
+    machine=NntpServer,
+    protocol=Protocol.NNTP,
+    greeting=b"200 ",
+    tag=b"",
+    hello=b"",
+    harmless=b"CAPABILITIES",
+    starttls=b"STARTTLS",
+    auth=b"AUTHINFO SASL",
+    challenge=b"383 =\r\n",
+    success=b"281 ",
+    failed=b"481 ",
+    needs_tls=b"483 ",
+    line_too_long=b"400 ",
+    too_many_errors=b"400 ",
+)
+DIALECTS = [IMAP, POP3, SMTP, NNTP]
 each_dialect = pytest.mark.parametrize("dialect", DIALECTS, ids=lambda d: d.name)
 
 # ------------------------------------------------------------ differences
@@ -158,14 +176,14 @@ DIFFERENCES = {
     "policy_refusal_emits_auth_failed": Difference(
         UNIFIED,
         "every refused attempt is in the audit log (the defence counts only guesses)",
-        {"imap": True, "pop3": True, "smtp": True},
+        {"imap": True, "pop3": True, "smtp": True, "nntp": True},
     ),
     # A backend that cannot take the login (backend_failed): was
     # AuthFailed("backend-...") in SMTP, only a reply in IMAP and POP3.
     "backend_failed_emits_auth_failed": Difference(
         UNIFIED,
         "a login that ends without a session is in the audit log, as backend-<failure>",
-        {"imap": True, "pop3": True, "smtp": True},
+        {"imap": True, "pop3": True, "smtp": True, "nntp": True},
     ),
     # The store unavailable (a temporary failure): was one more error
     # toward max_errors in IMAP and POP3, not in SMTP.
@@ -173,18 +191,23 @@ DIFFERENCES = {
         UNIFIED,
         "our outage is not the client's error: 454 (RFC 4954 6), [SYS/TEMP] (RFC 3206),"
         " [UNAVAILABLE] (RFC 5530) all say try again later",
-        {"imap": False, "pop3": False, "smtp": False},
+        {"imap": False, "pop3": False, "smtp": False, "nntp": False},
     ),
     # The protocol's own cleartext login command: IMAP LOGIN and POP3
     # USER/PASS both run through the core's PLAIN exchange (IMAP LOGIN used
     # to ask its own PasswordCheck); SMTP has none.
     "login_command": Difference(
         DELIBERATE,
-        "RFC 9051 6.2.3 LOGIN, RFC 1939 7 USER/PASS; RFC 5321 has only AUTH (RFC 4954)",
+        "RFC 9051 6.2.3 LOGIN, RFC 1939 7 USER/PASS, RFC 4643 2.3 AUTHINFO USER/PASS;"
+        " RFC 5321 has only AUTH (RFC 4954)",
         {
             "imap": (b'LOGIN alice "' + PASSWORD.encode() + b'"\r\n', "LOGIN-COMMAND"),
             "pop3": (b"USER alice\r\nPASS " + PASSWORD.encode() + b"\r\n", "USER-PASS"),
             "smtp": None,
+            "nntp": (
+                b"AUTHINFO USER alice\r\nAUTHINFO PASS " + PASSWORD.encode() + b"\r\n",
+                "AUTHINFO-USER",
+            ),
         },
     ),
     # What STARTTLS forgets that a test can see: SMTP the EHLO (RFC 3207
@@ -192,11 +215,12 @@ DIFFERENCES = {
     # 4: the session restarts in AUTHORIZATION), IMAP nothing it held.
     "starttls_forgets": Difference(
         DELIBERATE,
-        "each protocol's STARTTLS RFC names what is discarded (RFC 3207, 2595, 9051)",
+        "each protocol's STARTTLS RFC names what is discarded (RFC 3207, 2595, 9051, 4642)",
         {
             "imap": None,
             "pop3": (b"USER alice\r\n", b"PASS x\r\n", b"-ERR No USER given."),
             "smtp": (b"", GOOD_PLAIN, b"503 "),
+            "nntp": (b"AUTHINFO USER alice\r\n", b"AUTHINFO PASS x\r\n", b"482 "),
         },
     ),
 }
@@ -379,7 +403,7 @@ def test_cancel_fails_without_a_guess(dialect: Dialect) -> None:
     d = driver(dialect)
     assert d.send(dialect.auth_plain()) == dialect.challenge
     reply = d.send(b"*\r\n")
-    assert reply.startswith((b"-ERR", b"5", b"a1 BAD"))
+    assert reply.startswith((b"-ERR", b"5", b"a1 BAD", b"481 "))
     failed = d.of(AuthFailed)
     assert [(f.mechanism, f.reason, f.authcid) for f in failed] == [("PLAIN", "cancelled", None)]
     assert not d.of(Lookup)  # no password was tried: nothing for the lockout
