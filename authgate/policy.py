@@ -32,6 +32,7 @@ class Protocol(enum.Enum):
     POP3 = "pop3"
     LDAP = "ldap"
     NNTP = "nntp"
+    MANAGESIEVE = "managesieve"
 
 
 class Refusal(enum.Enum):

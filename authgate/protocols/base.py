@@ -249,6 +249,11 @@ class SessionSettings:
     max_line: int = 8192  # longest command line / SASL response line
     max_errors: int = 3  # bad commands + failed auths before goodbye
     max_commands: int = 100  # commands before authentication
+    # ManageSieve: the backend's capabilities ("NAME value" each), read when
+    # the greeting is written: its Sieve-language ones ("SIEVE", "NOTIFY",
+    # ...) go in our capability list (RFC 5804 section 1.7). The driver
+    # learns them from the backend before it calls start().
+    backend_capabilities: Callable[[], Sequence[str]] = field(default=lambda: ())
 
 
 @dataclass(frozen=True)
@@ -279,3 +284,7 @@ class ClientSettings:
     # with 2xx, then report LoggedIn.
     replay: tuple[bytes, ...] = ()
     max_line: int = 65536
+    # ManageSieve: log in to nothing; once the backend's capabilities are
+    # known (after STARTTLS, if set) report them as LoggedIn.capabilities,
+    # for the capability list of our own greeting.
+    capabilities_only: bool = False

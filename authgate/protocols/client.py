@@ -369,7 +369,8 @@ class ClientCore(Generic[R]):
         """The backend said yes: None when it also proved itself (mutual
         authentication: SCRAM's server signature came as a challenge in
         SMTP, IMAP and POP3, as `additional` data with success in NNTP's
-        283, RFC 4643 section 2.4.1)."""
+        283 (RFC 4643 section 2.4.1) and ManageSieve's OK (SASL ...) (RFC
+        5804 section 2.1))."""
         if self._mech is None:
             return None
         try:
@@ -402,12 +403,12 @@ class ClientCore(Generic[R]):
         return [LoginFailed(failure, detail)]
 
     def _cancel(self, failure: BackendFailure, detail: str) -> list[ClientEvent]:
-        return [Send(CANCEL), *self._fail(failure, detail)]
+        return [self._response(None), *self._fail(failure, detail)]
 
-    @staticmethod
-    def _response(data: bytes | None) -> Send:
+    def _response(self, data: bytes | None) -> Send:
         """A SASL response line: base64 (an empty response is an empty
-        line), or "*" to cancel."""
+        line), or "*" to cancel. A dialect hook: ManageSieve sends them as
+        strings (RFC 5804 section 2.1)."""
         return Send(CANCEL if data is None else b64encode(data) + CRLF)
 
     def _expect(self, states: set[ClientState], call: str) -> None:

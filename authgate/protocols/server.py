@@ -174,7 +174,7 @@ class ServerCore:
         self._lines.clear()
         self._state = ServerState.COMMAND
         self._forget_after_tls()
-        return []
+        return self._after_tls()
 
     def backend_ready(self, capabilities: Sequence[str]) -> list[Event]:
         # Relay mode too: a driver that knows the backend's capabilities may
@@ -248,6 +248,18 @@ class ServerCore:
     def _forget_after_tls(self) -> None:
         """What the dialect forgets at STARTTLS beyond the buffered bytes."""
 
+    def _after_tls(self) -> list[Event]:
+        """What the server says unasked once TLS is up (ManageSieve: its
+        capabilities again, RFC 5804 section 2.2); nothing in the others."""
+        return []
+
+    def _unframe_response(self, line: bytes) -> bytes | None:
+        """The client's SASL response (base64 text, or "*") carried by one
+        input unit; None when the framing itself is wrong. A line as it is
+        in SMTP, IMAP and POP3; a quoted string or literal in ManageSieve
+        (RFC 5804 section 2.1)."""
+        return line
+
     def _next_line(self) -> bytes | None:
         """The next input unit for `_on_line` (IMAP reads literals here)."""
         return self._lines.next_line()
@@ -268,20 +280,26 @@ class ServerCore:
         return out
 
     def _on_line(self, line: bytes) -> list[Event]:
+        if self._state is ServerState.COMMAND:
+            return self._command(line)
+        response = self._unframe_response(line)
         sasl = self._state in (ServerState.SASL, ServerState.RELAY_SASL)
-        if sasl and self.EMPTY_RESPONSE is not None and line.strip() == self.EMPTY_RESPONSE:
-            line = b""
+        empty = self.EMPTY_RESPONSE
+        if sasl and empty is not None and response is not None and response.strip() == empty:
+            response = b""
         match self._state:
             case ServerState.SASL:
+                if response is None:
+                    return self._fail(Failure(FailureReason.MALFORMED, "response is not a string"))
                 exchange = self._current().exchange
                 assert exchange is not None
-                return self._sasl_step(exchange.respond(line))
+                return self._sasl_step(exchange.respond(response))
             case ServerState.SASL_FINAL:
-                return self._sasl_final_line(line)
-            case ServerState.RELAY_SASL:
-                return self._relay_line(line)
+                if response is None:
+                    return self._fail(Failure(FailureReason.MALFORMED, "response is not a string"))
+                return self._sasl_final_line(response)
             case _:
-                return self._command(line)
+                return self._relay_line(response)
 
     def _count_command(self) -> list[Event] | None:
         """Count one command; the goodbye once there were too many."""
@@ -363,9 +381,12 @@ class ServerCore:
             return self._fail(Failure(FailureReason.MALFORMED, "response is not empty"))
         return self._authenticated(success)
 
-    def _relay_line(self, line: bytes) -> list[Event]:
+    def _relay_line(self, line: bytes | None) -> list[Event]:
         attempt = self._current()
         self._state = ServerState.RELAY
+        if line is None:
+            attempt.aborted = FailureReason.MALFORMED
+            return [RelayResponse(None)]
         line = line.strip()
         if line == b"*":
             attempt.aborted = FailureReason.CANCELLED

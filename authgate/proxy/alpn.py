@@ -46,6 +46,8 @@ PROTOCOL_IDS: dict[str, tuple[str, ...]] = {
     "pop3": ("pop3",),
     "smtp": ("smtp",),
     "nntp": ("nntp",),
+    # Registered by IANA with reference RFC 5804.
+    "managesieve": ("managesieve",),
 }
 
 NO_APPLICATION_PROTOCOL = 120  # RFC 7301 section 3.2 alert

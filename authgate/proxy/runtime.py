@@ -15,7 +15,7 @@ from authgate.credentials.base import CredentialStore
 from authgate.offers import ListenerOffer, listener_offer
 from authgate.password_policy import PasswordPolicy
 from authgate.policy import Protocol
-from authgate.protocols import imap, nntp, pop3, smtp
+from authgate.protocols import imap, managesieve, nntp, pop3, smtp
 from authgate.proxy import alpn
 from authgate.proxy import tls as tls_mod
 
@@ -35,6 +35,9 @@ class ProtocolParts:
     # The shortest command line the protocol must accept, whatever the
     # configured max_line says (SMTP: RFC 4954's 12288-octet AUTH line).
     min_line: int = 0
+    # The greeting lists capabilities the backend has (ManageSieve's
+    # "SIEVE"): the driver asks the backend before greeting a client.
+    greeting_from_backend: bool = False
 
 
 PROTOCOL_PARTS: dict[Protocol, ProtocolParts] = {
@@ -74,6 +77,17 @@ PROTOCOL_PARTS: dict[Protocol, ProtocolParts] = {
         goodbye=nntp.BYE_IDLE,
         blocked=nntp.BYE_BLOCKED,
         unavailable=nntp.BYE_UNAVAILABLE,
+    ),
+    Protocol.MANAGESIEVE: ProtocolParts(
+        server=managesieve.ManageSieveServer,
+        client=managesieve.ManageSieveClient,
+        # RFC 5804 section 2.1: the GSSAPI service name is "sieve".
+        sasl_service="sieve",
+        busy=managesieve.BYE_BUSY,
+        goodbye=managesieve.BYE_IDLE,
+        blocked=managesieve.BYE_BLOCKED,
+        unavailable=managesieve.BYE_UNAVAILABLE,
+        greeting_from_backend=True,
     ),
 }
 

@@ -42,6 +42,7 @@ from authgate.protocols.base import (
     StartTLS,
 )
 from authgate.protocols.imap import ImapServer
+from authgate.protocols.managesieve import ManageSieveServer
 from authgate.protocols.nntp import NntpServer
 from authgate.protocols.pop3 import Pop3Server
 from authgate.protocols.smtp import SmtpServer
@@ -255,6 +256,7 @@ SERVER_MACHINES: dict[MailProtocol, Callable[[SessionSettings], ServerMachine]] 
     MailProtocol.POP3: Pop3Server,
     MailProtocol.SMTP: SmtpServer,
     MailProtocol.NNTP: NntpServer,
+    MailProtocol.MANAGESIEVE: ManageSieveServer,
 }
 
 

@@ -1,4 +1,4 @@
-"""The contract every server dialect keeps (IMAP, POP3, SMTP, NNTP), one test per
+"""The contract every server dialect keeps (IMAP, POP3, SMTP, NNTP, ManageSieve), one test per
 rule, parametrised over the dialects.
 
 Where the machines differ today the difference is written down in
@@ -29,6 +29,7 @@ from authgate.protocols.base import (
     StartTLS,
 )
 from authgate.protocols.imap import ImapServer
+from authgate.protocols.managesieve import ManageSieveServer
 from authgate.protocols.nntp import NntpServer
 from authgate.protocols.pop3 import Pop3Server
 from authgate.protocols.smtp import SmtpServer
@@ -70,13 +71,24 @@ class Dialect:
     needs_tls: bytes  # how the policy refusal of a cleartext mechanism starts
     line_too_long: bytes  # the goodbye to an over-long line (starts with)
     too_many_errors: bytes  # the goodbye after max_errors (starts with)
+    refused: tuple[bytes, ...]  # how a refused command's reply may start
+    # ManageSieve: the mechanism, the initial response and every SASL
+    # response are strings (RFC 5804 section 2.1), not atoms or bare lines.
+    strings: bool = False
 
     def command(self, text: bytes) -> bytes:
         return self.tag + text + b"\r\n"
 
+    def string(self, value: bytes) -> bytes:
+        return b'"' + value + b'"' if self.strings else value
+
     def auth_plain(self, initial: bytes | None = None) -> bytes:
-        verb = self.auth + b" PLAIN"
-        return self.command(verb if initial is None else verb + b" " + initial)
+        verb = self.auth + b" " + self.string(b"PLAIN")
+        return self.command(verb if initial is None else verb + b" " + self.string(initial))
+
+    def response(self, data: bytes) -> bytes:
+        """A SASL response (base64 or "*") as the client frames it."""
+        return self.string(data) + b"\r\n"
 
 
 IMAP = Dialect(
@@ -95,6 +107,7 @@ IMAP = Dialect(
     needs_tls=b"a1 NO [PRIVACYREQUIRED] ",
     line_too_long=b"* BYE ",
     too_many_errors=b"* BYE ",
+    refused=(b"a1 BAD", b"a1 NO"),
 )
 POP3 = Dialect(
     name="pop3",
@@ -112,6 +125,7 @@ POP3 = Dialect(
     needs_tls=b"-ERR [AUTH] ",
     line_too_long=b"-ERR ",
     too_many_errors=b"-ERR ",
+    refused=(b"-ERR",),
 )
 SMTP = Dialect(
     name="smtp",
@@ -129,6 +143,7 @@ SMTP = Dialect(
     needs_tls=b"538 ",
     line_too_long=b"500 ",
     too_many_errors=b"421 ",
+    refused=(b"5",),
 )
 NNTP = Dialect(
     name="nntp",
@@ -146,8 +161,28 @@ NNTP = Dialect(
     needs_tls=b"483 ",
     line_too_long=b"400 ",
     too_many_errors=b"400 ",
+    refused=(b"4", b"5"),
 )
-DIALECTS = [IMAP, POP3, SMTP, NNTP]
+MANAGESIEVE = Dialect(
+    name="managesieve",
+    machine=ManageSieveServer,
+    protocol=Protocol.MANAGESIEVE,
+    greeting=b'"IMPLEMENTATION" "authgate"\r\n',
+    tag=b"",
+    hello=b"",
+    harmless=b"NOOP",
+    starttls=b"STARTTLS",
+    auth=b"AUTHENTICATE",
+    challenge=b'""\r\n',
+    success=b"OK ",
+    failed=b'NO "Authentication failed',
+    needs_tls=b"NO (ENCRYPT-NEEDED) ",
+    line_too_long=b"BYE ",
+    too_many_errors=b"BYE ",
+    refused=(b"NO ",),
+    strings=True,
+)
+DIALECTS = [IMAP, POP3, SMTP, NNTP, MANAGESIEVE]
 each_dialect = pytest.mark.parametrize("dialect", DIALECTS, ids=lambda d: d.name)
 
 # ------------------------------------------------------------ differences
@@ -176,14 +211,14 @@ DIFFERENCES = {
     "policy_refusal_emits_auth_failed": Difference(
         UNIFIED,
         "every refused attempt is in the audit log (the defence counts only guesses)",
-        {"imap": True, "pop3": True, "smtp": True, "nntp": True},
+        {"imap": True, "pop3": True, "smtp": True, "nntp": True, "managesieve": True},
     ),
     # A backend that cannot take the login (backend_failed): was
     # AuthFailed("backend-...") in SMTP, only a reply in IMAP and POP3.
     "backend_failed_emits_auth_failed": Difference(
         UNIFIED,
         "a login that ends without a session is in the audit log, as backend-<failure>",
-        {"imap": True, "pop3": True, "smtp": True, "nntp": True},
+        {"imap": True, "pop3": True, "smtp": True, "nntp": True, "managesieve": True},
     ),
     # The store unavailable (a temporary failure): was one more error
     # toward max_errors in IMAP and POP3, not in SMTP.
@@ -191,7 +226,7 @@ DIFFERENCES = {
         UNIFIED,
         "our outage is not the client's error: 454 (RFC 4954 6), [SYS/TEMP] (RFC 3206),"
         " [UNAVAILABLE] (RFC 5530) all say try again later",
-        {"imap": False, "pop3": False, "smtp": False, "nntp": False},
+        {"imap": False, "pop3": False, "smtp": False, "nntp": False, "managesieve": False},
     ),
     # The protocol's own cleartext login command: IMAP LOGIN and POP3
     # USER/PASS both run through the core's PLAIN exchange (IMAP LOGIN used
@@ -199,7 +234,8 @@ DIFFERENCES = {
     "login_command": Difference(
         DELIBERATE,
         "RFC 9051 6.2.3 LOGIN, RFC 1939 7 USER/PASS, RFC 4643 2.3 AUTHINFO USER/PASS;"
-        " RFC 5321 has only AUTH (RFC 4954)",
+        " RFC 5321 has only AUTH (RFC 4954),"
+        " RFC 5804 only AUTHENTICATE",
         {
             "imap": (b'LOGIN alice "' + PASSWORD.encode() + b'"\r\n', "LOGIN-COMMAND"),
             "pop3": (b"USER alice\r\nPASS " + PASSWORD.encode() + b"\r\n", "USER-PASS"),
@@ -208,6 +244,7 @@ DIFFERENCES = {
                 b"AUTHINFO USER alice\r\nAUTHINFO PASS " + PASSWORD.encode() + b"\r\n",
                 "AUTHINFO-USER",
             ),
+            "managesieve": None,
         },
     ),
     # What STARTTLS forgets that a test can see: SMTP the EHLO (RFC 3207
@@ -221,6 +258,21 @@ DIFFERENCES = {
             "pop3": (b"USER alice\r\n", b"PASS x\r\n", b"-ERR No USER given."),
             "smtp": (b"", GOOD_PLAIN, b"503 "),
             "nntp": (b"AUTHINFO USER alice\r\n", b"AUTHINFO PASS x\r\n", b"482 "),
+            "managesieve": None,
+        },
+    ),
+    # What the server says unasked once the handshake is done: ManageSieve
+    # sends its capabilities again (RFC 5804 section 2.2); the others wait
+    # for the client to ask (RFC 3207 4.2, RFC 2595 4, RFC 9051 6.2.1).
+    "says_after_tls": Difference(
+        DELIBERATE,
+        "RFC 5804 2.2: the server re-issues its capability list after TLS, unasked",
+        {
+            "imap": b"",
+            "pop3": b"",
+            "smtp": b"",
+            "nntp": b"",
+            "managesieve": b'"IMPLEMENTATION" "authgate"',
         },
     ),
 }
@@ -296,14 +348,16 @@ def test_greeting_then_commands(dialect: Dialect) -> None:
 def test_starttls_discards_what_came_before_the_handshake(dialect: Dialect) -> None:
     d = driver(dialect)
     # A man in the middle appends a login behind STARTTLS (CVE-2011-0411).
-    injected = dialect.command(dialect.auth + b" PLAIN " + GOOD_PLAIN)
+    injected = dialect.auth_plain(GOOD_PLAIN)
     reply = d.send(dialect.command(dialect.starttls) + injected)
     # ... and the driver is told how much was thrown away, to log the attempt.
     assert d.events[-1] == StartTLS(discarded=len(injected))
     assert reply.count(b"\r\n") == 1  # the STARTTLS reply, nothing for the injection
     # Bytes during the handshake are dropped too.
     assert d.server.receive_data(injected) == []
-    assert d.call(d.server.tls_started()) == b""
+    said = differs("says_after_tls", dialect)
+    after = d.call(d.server.tls_started())
+    assert after.startswith(said) if said else after == b""
     assert not d.of(Lookup) and not d.of(Authenticated)
     assert d.server.tls_active
 
@@ -319,7 +373,7 @@ def test_starttls_forgets_state(dialect: Dialect) -> None:
     d.call(d.server.tls_started())
     # A second STARTTLS inside TLS is refused, whatever the protocol.
     reply = d.send(dialect.command(dialect.starttls))
-    assert reply.startswith((b"-ERR", b"5", b"a1 BAD", b"a1 NO"))
+    assert reply.startswith(dialect.refused)
     assert d.of(StartTLS) == [StartTLS()]
     if isinstance(forgets, tuple):
         _, after, refused = forgets
@@ -377,7 +431,7 @@ def test_plain_login_terminate(dialect: Dialect, form: str) -> None:
         reply = d.send(dialect.auth_plain(GOOD_PLAIN))
     else:
         assert d.send(dialect.auth_plain()) == dialect.challenge
-        reply = d.send(GOOD_PLAIN + b"\r\n")
+        reply = d.send(dialect.response(GOOD_PLAIN))
     assert reply.startswith(dialect.success)
     assert d.of(Lookup) and d.of(Authenticated) == [Authenticated("alice", "alice", "PLAIN")]
     assert d.events[-1] == Splice()
@@ -402,8 +456,8 @@ def test_plain_login_relay(dialect: Dialect, form: str) -> None:
 def test_cancel_fails_without_a_guess(dialect: Dialect) -> None:
     d = driver(dialect)
     assert d.send(dialect.auth_plain()) == dialect.challenge
-    reply = d.send(b"*\r\n")
-    assert reply.startswith((b"-ERR", b"5", b"a1 BAD", b"481 "))
+    reply = d.send(dialect.response(b"*"))
+    assert reply.startswith(dialect.refused)
     failed = d.of(AuthFailed)
     assert [(f.mechanism, f.reason, f.authcid) for f in failed] == [("PLAIN", "cancelled", None)]
     assert not d.of(Lookup)  # no password was tried: nothing for the lockout
@@ -446,8 +500,8 @@ def test_login_command(dialect: Dialect) -> None:
     login = differs("login_command", dialect)
     d = driver(dialect)
     if login is None:
-        # SMTP: no such command; a LOGIN-looking line is just unknown.
-        assert d.send(b'LOGIN alice "x"\r\n').startswith(b"5")
+        # SMTP, ManageSieve: no such command; a LOGIN-looking line is just unknown.
+        assert d.send(b'LOGIN alice "x"\r\n').startswith(dialect.refused)
         assert not d.of(Lookup)
         return
     assert isinstance(login, tuple)
