@@ -492,7 +492,14 @@ def _address(table: Table, key: str) -> Address:
         raise table.error(key, str(exc)) from None
 
 
-def _backend_settings(table: Table, address: Address) -> BackendSettings:
+def _default_mode(protocol: Protocol) -> BackendMode:
+    """LDAP is only ever relayed (see _check_backend)."""
+    return BackendMode.RELAY if protocol is Protocol.LDAP else BackendMode.TERMINATE
+
+
+def _backend_settings(
+    table: Table, address: Address, default_mode: BackendMode = BackendMode.TERMINATE
+) -> BackendSettings:
     """The keys every backend has (a listener's own, or a [backends] entry);
     the protocol-specific checks are _check_backend's."""
     master_user = table.get("master_user", str, "") or None
@@ -505,7 +512,7 @@ def _backend_settings(table: Table, address: Address) -> BackendSettings:
             raise table.error("master_password_file", f"{str(password_file)!r} is not a file")
     return BackendSettings(
         address=address,
-        mode=table.choice("mode", BackendMode, BackendMode.TERMINATE),
+        mode=table.choice("mode", BackendMode, default_mode),
         tls=table.choice("tls", TLSMode, TLSMode.NONE),
         ca_file=table.path_value("ca_file"),
         verify=table.get("verify", bool, True),
@@ -534,6 +541,13 @@ def _check_backend(
     if forwarding is ClientAddressForwarding.ID and protocol is not Protocol.IMAP:
         raise where.error(key or "client_address", f"{named}'id' is an IMAP extension")
     terminate = settings.mode is BackendMode.TERMINATE
+    if terminate and protocol is Protocol.LDAP:
+        raise where.error(
+            key or "mode",
+            "terminate mode does not apply to LDAP: the directory verifies each bind itself "
+            "and has no master-user login to act as the user; use mode = 'relay' "
+            "(authgate polices every bind and relays it)",
+        )
     if terminate and settings.master_user is None and protocol is not Protocol.SMTP:
         raise where.error(
             key or "master_user",
@@ -635,10 +649,10 @@ def _backend(
                 "backend",
                 f"{raw!r} is neither a [backends] name (have: {have}) nor host:port ({exc})",
             ) from None
-        return BackendSettings(address=address), None
+        return BackendSettings(address=address, mode=_default_mode(protocol)), None
     table = listener.table("backend")
     assert table is not None
-    settings = _backend_settings(table, _address(table, "address"))
+    settings = _backend_settings(table, _address(table, "address"), _default_mode(protocol))
     table.finish()
     _check_backend(table, None, settings, protocol)
     return settings, None
@@ -653,7 +667,7 @@ def _listener(
 ) -> Listener:
     name = table.require("name", str)
     if not table.has("protocol"):
-        raise table.error("protocol", "is required (smtp | imap | pop3 | nntp | managesieve)")
+        raise table.error("protocol", "is required (smtp | imap | pop3 | nntp | managesieve | ldap)")
     protocol = table.choice("protocol", Protocol, Protocol.IMAP)
     submission = table.get("submission", bool, protocol is Protocol.SMTP)
     defaults = ListenerPolicy(

@@ -230,9 +230,10 @@ def _outside_ports(listener: Listener) -> str:
     return ", ".join(ports)
 
 
-# The mail-access protocols whose cleartext/STARTTLS port the page denies
-# when the implicit-TLS one is open (IMAP 143 vs 993, POP3 110 vs 995).
-_SECURED_VERSION: Final = {Protocol.IMAP: "IMAPS", Protocol.POP3: "POP3S"}
+# The protocols whose cleartext/STARTTLS port the page denies when the
+# implicit-TLS one is open (IMAP 143 vs 993, POP3 110 vs 995, LDAP 389 vs
+# 636: the page denies 389 and allows 636).
+_SECURED_VERSION: Final = {Protocol.IMAP: "IMAPS", Protocol.POP3: "POP3S", Protocol.LDAP: "LDAPS"}
 
 
 def _secured_versions(listeners: Sequence[Listener]) -> dict[Protocol, list[Listener]]:
@@ -298,9 +299,11 @@ def _listener_entry(
         # (A cleartext listener that would be denied anyway keeps its reason.)
         where = " and ".join(f"{_label(x)} on {_outside_ports(x)}" for x in secured)
         starttls = listener.tls is TLSMode.STARTTLS
+        # RFC 8314 is about mail; for LDAP the admin page's own table says so.
+        prefers = "the page's table" if listener.protocol is Protocol.LDAP else "RFC 8314"
         why = (
             f"{'STARTTLS' if starttls else 'no TLS'}; use {where}: TLS from the first byte, "
-            "as RFC 8314 prefers"
+            f"as {prefers} prefers"
         )
         if starttls:
             why += " (STARTTLS upgrades have had injection and stripping bugs)"

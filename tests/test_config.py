@@ -105,40 +105,87 @@ def test_good_config(tmp_path: Path) -> None:
     ("change", "message"),
     [
         (
-            ('exempt_networks = ["192.168.0.0/16", "fd00::/8"]', 'exempt_networks = ["10.0.0.0/33"]'),
+            (
+                'exempt_networks = ["192.168.0.0/16", "fd00::/8"]',
+                'exempt_networks = ["10.0.0.0/33"]',
+            ),
             "policy.exempt_networks[0]: '10.0.0.0/33' is not a network",
         ),
         (
             ('security = "require-secure-auth"', 'security = "paranoid"'),
             "policy.security: 'paranoid' is not one of none | require-secure-auth | require-encrypted",
         ),
-        (('"NTLM", "LOGIN"', '"NTLM", "GSSAPI"'), "policy.mechanisms[3]: 'GSSAPI' is not a mechanism"),
+        (
+            ('"NTLM", "LOGIN"', '"NTLM", "GSSAPI"'),
+            "policy.mechanisms[3]: 'GSSAPI' is not a mechanism",
+        ),
         (('"NTLM", "LOGIN"', '"NTLM", "ntlm"'), "policy.mechanisms[3]: 'ntlm' is listed twice"),
         (('listen = "127.0.0.1:1143"', 'listen = "127.0.0.1:99999"'), "listeners[0].listen"),
         (('listen = "127.0.0.1:1143"', 'listen = "::1:143"'), "listeners[0].listen"),
         (('protocol = "imap"', 'protocol = "gopher"'), "listeners[0].protocol: 'gopher'"),
         (('name = "smtp"', 'name = "imap"'), "listeners[1].name: 'imap' is already used"),
-        (('tls = "starttls"', 'tls = "starttls"\ntimeout = 3'), "listeners[0].timeout: unknown key"),
+        (
+            ('tls = "starttls"', 'tls = "starttls"\ntimeout = 3'),
+            "listeners[0].timeout: unknown key",
+        ),
         (('master_user = "proxy"\n', ""), "listeners[0].backend.master_user"),
-        (('address = "localhost:110"\nmode', 'address = "localhost:110"\nclient_address = "xclient"\nmode'),
-         "listeners[2].backend.client_address: 'xclient' is an SMTP extension"),
-        (("[users]\nfile = \"users.toml\"\n", ""), "listeners[0].backend.mode: terminate mode"),
+        (
+            (
+                'address = "localhost:110"\nmode',
+                'address = "localhost:110"\nclient_address = "xclient"\nmode',
+            ),
+            "listeners[2].backend.client_address: 'xclient' is an SMTP extension",
+        ),
+        (('[users]\nfile = "users.toml"\n', ""), "listeners[0].backend.mode: terminate mode"),
         (("submission = false", "submission = 1"), "listeners[1].submission: 1 is not a boolean"),
-        (('hostname = "mail.example.org"', 'hostname = "mail example"'), "hostname: 'mail example' is not a DNS host name"),
-        (('hostname = "mail.example.org"', 'hostname = "mäil.example"'), "hostname: 'mäil.example' is not a DNS host name"),
-        (('hostname = "mail.example.org"', 'hostname = "mail.example.org"\nhostnames = ["imap.example.org", "smtp/x"]'),
-         "hostnames[1]: 'smtp/x' is not a DNS host name or an IP address"),
-        (('hostname = "mail.example.org"', 'hostname = "mail.example.org"\nhostnames = "imap.example.org"'),
-         "hostnames: 'imap.example.org' is not a list"),
-        (('name = "smtp"', 'name = "smtp"\nhostnames = ["[192.0.2.1]"]'),
-         "listeners[1].hostnames[0]: '[192.0.2.1]' is not a DNS host name or an IP address"),
-        (('name = "smtp"', 'name = "smtp"\nhostnames = [25]'), "listeners[1].hostnames[0]: 25 is not a string"),
-        (('security = "require-secure-auth"', 'security = "require-secure-auth"\nallow_ntlm_legacy = "yes"'),
-         "policy.allow_ntlm_legacy: 'yes' is not a boolean"),
-        (('exempt_networks = []', 'exempt_networks = []\nallow_ntlm_legacy = 1'),
-         "listeners[1].policy.allow_ntlm_legacy: 1 is not a boolean"),
-        (('security = "require-secure-auth"', 'security = "require-secure-auth"\nallow_ntlm_lgacy = true'),
-         "policy.allow_ntlm_lgacy: unknown key"),
+        (
+            ('hostname = "mail.example.org"', 'hostname = "mail example"'),
+            "hostname: 'mail example' is not a DNS host name",
+        ),
+        (
+            ('hostname = "mail.example.org"', 'hostname = "mäil.example"'),
+            "hostname: 'mäil.example' is not a DNS host name",
+        ),
+        (
+            (
+                'hostname = "mail.example.org"',
+                'hostname = "mail.example.org"\nhostnames = ["imap.example.org", "smtp/x"]',
+            ),
+            "hostnames[1]: 'smtp/x' is not a DNS host name or an IP address",
+        ),
+        (
+            (
+                'hostname = "mail.example.org"',
+                'hostname = "mail.example.org"\nhostnames = "imap.example.org"',
+            ),
+            "hostnames: 'imap.example.org' is not a list",
+        ),
+        (
+            ('name = "smtp"', 'name = "smtp"\nhostnames = ["[192.0.2.1]"]'),
+            "listeners[1].hostnames[0]: '[192.0.2.1]' is not a DNS host name or an IP address",
+        ),
+        (
+            ('name = "smtp"', 'name = "smtp"\nhostnames = [25]'),
+            "listeners[1].hostnames[0]: 25 is not a string",
+        ),
+        (
+            (
+                'security = "require-secure-auth"',
+                'security = "require-secure-auth"\nallow_ntlm_legacy = "yes"',
+            ),
+            "policy.allow_ntlm_legacy: 'yes' is not a boolean",
+        ),
+        (
+            ("exempt_networks = []", "exempt_networks = []\nallow_ntlm_legacy = 1"),
+            "listeners[1].policy.allow_ntlm_legacy: 1 is not a boolean",
+        ),
+        (
+            (
+                'security = "require-secure-auth"',
+                'security = "require-secure-auth"\nallow_ntlm_lgacy = true',
+            ),
+            "policy.allow_ntlm_lgacy: unknown key",
+        ),
     ],
 )
 def test_errors_name_file_key_path_and_value(
@@ -177,7 +224,8 @@ def test_hostnames_at_the_top_and_per_listener(tmp_path: Path) -> None:
 def test_allow_ntlm_legacy_is_off_by_default_and_per_listener(tmp_path: Path) -> None:
     assert {x.policy.allow_ntlm_legacy for x in load(write(tmp_path, GOOD)).listeners} == {False}
     text = GOOD.replace(
-        'security = "require-secure-auth"', 'security = "require-secure-auth"\nallow_ntlm_legacy = true'
+        'security = "require-secure-auth"',
+        'security = "require-secure-auth"\nallow_ntlm_legacy = true',
     ).replace("exempt_networks = []", "exempt_networks = []\nallow_ntlm_legacy = false")
     imap, smtp, pop3 = load(write(tmp_path, text)).listeners
     assert imap.policy.allow_ntlm_legacy and pop3.policy.allow_ntlm_legacy
@@ -185,15 +233,19 @@ def test_allow_ntlm_legacy_is_off_by_default_and_per_listener(tmp_path: Path) ->
 
 
 def test_secret_not_in_errors(tmp_path: Path) -> None:
-    path = write(tmp_path, GOOD.replace('master_password = "s3cret"', 'master_password = 42'))
+    path = write(tmp_path, GOOD.replace('master_password = "s3cret"', "master_password = 42"))
     with pytest.raises(ConfigError) as err:
         load(path)
     assert "listeners[0].backend.master_password: 42 is not a string" in str(err.value)
 
 
 def test_tls_listener_needs_certificate(tmp_path: Path) -> None:
-    path = write(tmp_path, GOOD.replace('[tls]\ncert = "certs/server.pem"\nkey = "certs/server.key"\n', ""))
-    with pytest.raises(ConfigError, match=r"listeners\[0\].tls: 'starttls' needs \[tls\] cert and key"):
+    path = write(
+        tmp_path, GOOD.replace('[tls]\ncert = "certs/server.pem"\nkey = "certs/server.key"\n', "")
+    )
+    with pytest.raises(
+        ConfigError, match=r"listeners\[0\].tls: 'starttls' needs \[tls\] cert and key"
+    ):
         load(path)
 
 
@@ -226,21 +278,30 @@ def test_master_password_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "host", "port"),
-    [("127.0.0.1:25", "127.0.0.1", 25), ("[::1]:143", "::1", 143), ("localhost:110", "localhost", 110)],
+    [
+        ("127.0.0.1:25", "127.0.0.1", 25),
+        ("[::1]:143", "::1", 143),
+        ("localhost:110", "localhost", 110),
+    ],
 )
 def test_parse_address(text: str, host: str, port: int) -> None:
     addr = parse_address(text)
     assert (addr.host, addr.port) == (host, port)
 
 
-@pytest.mark.parametrize("text", ["127.0.0.1", "::1:25", "[::1]", "[nope]:25", ":25", "h:65536", "h:x"])
+@pytest.mark.parametrize(
+    "text", ["127.0.0.1", "::1:25", "[::1]", "[nope]:25", ":25", "h:65536", "h:x"]
+)
 def test_parse_address_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_address(text)
 
 
 def test_users_file_and_directory_are_exclusive(tmp_path: Path) -> None:
-    text = GOOD + '[directory]\nurl = "ldaps://ldap.example.org"\nbind_dn_template = "uid={user},dc=example,dc=org"\n'
+    text = (
+        GOOD
+        + '[directory]\nurl = "ldaps://ldap.example.org"\nbind_dn_template = "uid={user},dc=example,dc=org"\n'
+    )
     with pytest.raises(ConfigError, match=r"directory: give \[users\] or \[directory\], not both"):
         load(write(tmp_path, text))
 
@@ -377,7 +438,9 @@ def _conflict(a: Address, b: Address) -> bool:
     return x == y or (x.version == y.version and (x.is_unspecified or y.is_unspecified))
 
 
-@given(st.lists(st.one_of(LISTEN_ITEMS, st.lists(LISTEN_ITEMS, max_size=4)), min_size=1, max_size=3))
+@given(
+    st.lists(st.one_of(LISTEN_ITEMS, st.lists(LISTEN_ITEMS, max_size=4)), min_size=1, max_size=3)
+)
 def test_any_listen_values_load_or_fail_with_a_key_path(listens: list[object]) -> None:
     try:
         cfg = from_dict(listeners_with(*listens), SOURCE)
@@ -416,3 +479,50 @@ def test_hostnames_refuse_what_no_client_can_send(text: str) -> None:
     # no "/" (digest-uri's separator), no white space or control characters.
     if config_mod._is_host(text):
         assert text and "/" not in text and text.isprintable() and " " not in text
+
+
+# ------------------------------------------------------------------ LDAP
+
+
+def _ldap_listener(backend: str) -> str:
+    return f"""
+[[listeners]]
+name = "ldap"
+protocol = "ldap"
+listen = "127.0.0.1:0"
+{backend}
+"""
+
+
+def test_ldap_listener_is_relayed_by_default(tmp_path: Path) -> None:
+    for backend in (
+        'backend = "127.0.0.1:1389"',
+        '[listeners.backend]\naddress = "127.0.0.1:1389"',
+    ):
+        cfg = load(write(tmp_path, _ldap_listener(backend)))
+        (listener,) = cfg.listeners
+        assert listener.protocol is Protocol.LDAP
+        assert listener.backend.mode is BackendMode.RELAY
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            'mode = "terminate"',
+            r"listeners\[0\]\.backend\.mode: terminate mode does not apply to LDAP",
+        ),
+        ('client_address = "xclient"', "'xclient' is an SMTP extension"),
+        ('client_address = "id"', "'id' is an IMAP extension"),
+    ],
+)
+def test_ldap_backend_errors(tmp_path: Path, extra: str, message: str) -> None:
+    backend = f'[listeners.backend]\naddress = "127.0.0.1:1389"\n{extra}'
+    with pytest.raises(ConfigError, match=message):
+        load(write(tmp_path, _ldap_listener(backend)))
+
+
+def test_ldap_backend_may_take_a_proxy_header(tmp_path: Path) -> None:
+    backend = '[listeners.backend]\naddress = "127.0.0.1:1389"\nclient_address = "proxy-v2"'
+    (listener,) = load(write(tmp_path, _ldap_listener(backend))).listeners
+    assert listener.backend.client_address.value == "proxy-v2"

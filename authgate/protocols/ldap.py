@@ -97,6 +97,12 @@ BYE_UNAVAILABLE: Final = ber.notice_of_disconnection(
 BYE_ERRORS: Final = ber.notice_of_disconnection(ResultCode.UNAVAILABLE, "Too many errors")
 
 
+def no_client_machine(*_: object) -> None:
+    """LDAP has no backend login to drive: the relay forwards the client's
+    own binds (terminate mode is refused by the config)."""
+    raise ProtocolStateError("LDAP is relayed message by message: no backend login machine")
+
+
 def bye_protocol_error(why: str) -> bytes:
     return ber.notice_of_disconnection(ResultCode.PROTOCOL_ERROR, why)
 

@@ -48,6 +48,9 @@ PROTOCOL_IDS: dict[str, tuple[str, ...]] = {
     "nntp": ("nntp",),
     # Registered by IANA with reference RFC 5804.
     "managesieve": ("managesieve",),
+    # LDAP has no registered identifier either; "ldap" is the obvious one
+    # (libldap and python-ldap send no ALPN at all, and are served).
+    "ldap": ("ldap",),
 }
 
 NO_APPLICATION_PROTOCOL = 120  # RFC 7301 section 3.2 alert

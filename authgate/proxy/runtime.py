@@ -15,7 +15,7 @@ from authgate.credentials.base import CredentialStore
 from authgate.offers import ListenerOffer, listener_offer
 from authgate.password_policy import PasswordPolicy
 from authgate.policy import Protocol
-from authgate.protocols import imap, managesieve, nntp, pop3, smtp
+from authgate.protocols import imap, ldap, managesieve, nntp, pop3, smtp
 from authgate.proxy import alpn
 from authgate.proxy import tls as tls_mod
 
@@ -88,6 +88,18 @@ PROTOCOL_PARTS: dict[Protocol, ProtocolParts] = {
         blocked=managesieve.BYE_BLOCKED,
         unavailable=managesieve.BYE_UNAVAILABLE,
         greeting_from_backend=True,
+    ),
+    # LDAP is one message-aware relay for the whole session
+    # (authgate.proxy.ldap_session), not a pre-authentication machine and
+    # a backend login: these factories make its relay and refuse the other.
+    Protocol.LDAP: ProtocolParts(
+        server=ldap.LdapRelay,
+        client=ldap.no_client_machine,
+        sasl_service="ldap",
+        busy=ldap.BYE_BUSY,
+        goodbye=ldap.BYE_IDLE,
+        blocked=ldap.BYE_BLOCKED,
+        unavailable=ldap.BYE_UNAVAILABLE,
     ),
 }
 

@@ -15,9 +15,11 @@ from typing import Any
 
 from authgate.config import Address, TLSMode
 from authgate.defence import DefenceSettings, Guard
+from authgate.policy import Protocol
 from authgate.proxy import proxy_protocol
 from authgate.proxy.auditing import AuditTrail
 from authgate.proxy.channel import Channel
+from authgate.proxy.ldap_session import LdapSession
 from authgate.proxy.lograte import LogThrottle
 from authgate.proxy.runtime import ListenerRuntime
 from authgate.proxy.session import ClientSession
@@ -400,7 +402,10 @@ class Gateway:
             except (OSError, ssl.SSLError) as exc:
                 log.info("%s %s: connection failed: %s", listener.name, host, exc)
                 return
-            session = ClientSession(
+            # LDAP binds again at any time: a message-aware relay for the
+            # whole session instead of pre-authentication and a splice.
+            factory = LdapSession if listener.protocol is Protocol.LDAP else ClientSession
+            session = factory(
                 runtime, channel, self.guard, self.audit, client=client, notices=self.notices
             )
             await session.run()
