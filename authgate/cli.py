@@ -351,7 +351,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load_config(args.config)
     keyring = _keyring(args, config)
     store: CredentialStore | None = _wrap(lambda: load_store(config, verification_pool(), keyring))
-    setup_logging()
+    setup_logging(config.log_level.number, config.log_format)
     try:
         return run(config, store, keyring)
     except TLSConfigError as exc:

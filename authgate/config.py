@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from authgate.defence import DefenceSettings
 from authgate.errors import ConfigError as ConfigError  # re-exported: callers catch it here
+from authgate.logs import LogFormat, LogLevel
 from authgate.password_policy import PasswordPolicy, parse_policy
 from authgate.policy import ExemptNetworks, ListenerPolicy, Protocol, Security
 from authgate.routing import Backend
@@ -280,6 +281,9 @@ class Config:
     # [backends.NAME]: named backends and pools, for listeners and routing.
     backends: Mapping[str, Backend] = field(default_factory=dict)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
+    # authgate's own log on stderr (authgate.logs); a change takes a restart.
+    log_format: LogFormat = LogFormat.TEXT
+    log_level: LogLevel = LogLevel.INFO
 
     RANGES: ClassVar[Mapping[str, Range]] = {"workers": Range(1, 256, integer=True)}
 
@@ -769,6 +773,8 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
         listeners.append(_listener(Table(item, where, source), base, bound, hostnames, backends))
     workers = _workers(root)
     event_loop = root.choice("event_loop", EventLoop, EventLoop.ASYNCIO)
+    log_format = root.choice("log_format", LogFormat, LogFormat.TEXT)
+    log_level = root.choice("log_level", LogLevel, LogLevel.INFO)
     if event_loop is EventLoop.UVLOOP and importlib.util.find_spec("uvloop") is None:
         raise root.error(
             "event_loop",
@@ -809,6 +815,8 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
         hostnames=hostnames,
         backends=backends,
         routing=routing,
+        log_format=log_format,
+        log_level=log_level,
     )
 
 

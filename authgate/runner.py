@@ -14,7 +14,6 @@ import logging
 import os
 import resource
 import signal
-import sys
 import time
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -27,22 +26,13 @@ from authgate.audit import AuditLog
 from authgate.config import Config, EventLoop
 from authgate.credentials.base import CredentialStore
 from authgate.defence import Guard
+from authgate.logs import setup_logging as setup_logging  # the CLI's entry
 from authgate.offers import load_store
 from authgate.proxy.auditing import AuditTrail
 from authgate.proxy.runtime import ListenerRuntime, build_runtime
 from authgate.proxy.server import Gateway
 
 log = logging.getLogger("authgate")
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # aiosmtpd (the embedded demo backend) logs every SMTP command at INFO.
-    logging.getLogger("mail.log").setLevel(max(level, logging.WARNING))
 
 
 def raise_open_files_limit() -> int:

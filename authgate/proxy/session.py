@@ -24,6 +24,7 @@ from typing import Any, TypeAlias
 from authgate.config import ClientAddressForwarding, TLSMode
 from authgate.credentials.base import CredentialsUnavailable
 from authgate.defence import Guard
+from authgate.logs import LoginRecord, Outcome, failure_outcome, log_login
 from authgate.password_policy import ExpiryState, expiry_status
 from authgate.policy import Decision, IPAddress, Protocol, client_ip
 from authgate.protocols.base import (
@@ -113,6 +114,10 @@ class ClientSession:
         # The real client: from a trusted balancer's PROXY header, else the peer.
         self.peer = client or channel.peername()
         self.via_balancer = client is not None
+        # When the attempt in progress began (its first lookup or relayed
+        # message): a login record's duration is authgate's part of it.
+        self._attempt_started: float | None = None
+        self._backend_tried: str | None = None  # the backend the attempt involved
         # Parsed once: the policy and the defence each ask about it.
         # (Not an IP, a Unix socket say: the text; policy and defence cope.)
         self.address: IPAddress | str = client_ip(self.peer[0]) or self.peer[0]
@@ -247,6 +252,8 @@ class ClientSession:
         checked = isinstance(event, Lookup | Authenticated | RelayAuth | RelayResponse)
         if checked and await self._blocked():
             return None
+        if self._attempt_started is None and isinstance(event, Lookup | RelayAuth | Authenticated):
+            self._attempt_started = asyncio.get_running_loop().time()
         if isinstance(event, Lookup):
             return await self._lookup(event.request)
         if isinstance(event, Authenticated):
@@ -318,6 +325,7 @@ class ClientSession:
             return False
         log.info("%s: refused, address blocked for %.0fs more", self.tag, verdict.retry_after)
         self._note("blocked", retry_after=int(verdict.retry_after))
+        self._login_outcome(Outcome.BLOCKED, reason="address-blocked")
         self.client.write(self.runtime.parts.blocked)
         await self.client.drain()
         return True
@@ -342,6 +350,9 @@ class ClientSession:
             why,
         )
         self._note("login-failed", user=user, mechanism=event.mechanism, reason=event.reason)
+        self._login_outcome(
+            failure_outcome(event.reason), user=user, mechanism=event.mechanism, reason=event.reason
+        )
         if event.reason not in GUESS_REASONS:
             return []  # a refusal by policy, a cancel or a backend fault: not a guess
         # Blocked while this guess was being checked (by the address's
@@ -375,7 +386,38 @@ class ClientSession:
         kind = f"{self.runtime.listener.name}:proxy-header-spoofed"
         self.notices.warning(log, kind, "%s: refused, %s", self.tag, why)
         self._note("proxy-header-refused")
+        self._login_outcome(Outcome.REFUSED, reason="proxy-header-refused")
         return True
+
+    def _login_outcome(
+        self,
+        outcome: Outcome,
+        *,
+        user: str | None = None,
+        mechanism: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """The one login record of an attempt's outcome (authgate.logs)."""
+        now = asyncio.get_running_loop().time()
+        started = self._attempt_started
+        self._attempt_started = None
+        tls = self.client.tls
+        backend, self._backend_tried = self._backend_tried, None
+        log_login(
+            LoginRecord(
+                outcome=outcome.value,
+                listener=self.runtime.listener.name,
+                client=self.peer[0],
+                client_port=self.peer[1],
+                proxy=self.client.peername()[0] if self.via_balancer else None,
+                user=user,
+                mechanism=mechanism,
+                tls=None if tls is None else tls.version(),
+                reason=reason,
+                backend=backend,
+                duration_ms=0 if started is None else round((now - started) * 1000),
+            )
+        )
 
     def _note(self, event: str, **fields: str | int | None) -> None:
         self.audit.note(event, listener=self.runtime.listener.name, client=self.peer[0], **fields)
@@ -413,6 +455,7 @@ class ClientSession:
     async def _open_upstream(self, settings: ClientSettings) -> Upstream | LoginFailed:
         runtime = self.runtime
         backend = runtime.listener.backend
+        self._backend_tried = str(backend.address)
         try:
             channel = await connect(
                 backend,
@@ -485,6 +528,7 @@ class ClientSession:
         result = await upstream.advance()
         if isinstance(result, LoggedIn):
             self.upstream = upstream
+            self._login_outcome(Outcome.OK, user=event.identity, mechanism=event.mechanism)
             return self._logged_in(result, self.machine.backend_ready(result.capabilities))
         upstream.close()
         if isinstance(result, RelayChallenge):  # cannot happen in terminate mode
@@ -501,6 +545,7 @@ class ClientSession:
     async def _relay_start(self, event: RelayAuth) -> _Next:
         self._relay_mechanism = event.mechanism
         self._relay_messages = 0
+        self._backend_tried = str(self.runtime.listener.backend.address)
         self._relay_user = None
         if isinstance(event.initial, bytes) and self._relay_user_locked(event.initial):
             return self._relay_refused()
@@ -560,6 +605,7 @@ class ClientSession:
                 return events
             if self._relay_user is not None:
                 self.guard.success(self.address, self._relay_user)
+            self._login_outcome(Outcome.OK, user=self._relay_user, mechanism=self._relay_mechanism)
             return self._logged_in(step, events)
         else:
             # The next attempt (real clients retry with another mechanism on

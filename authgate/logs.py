@@ -1,0 +1,181 @@
+"""authgate's own log: the format (`log_format = "text" | "json"`), the
+level (`log_level`), and the one record written per login outcome.
+
+Every login attempt ends in exactly one record on the `authgate.login`
+logger, with the same fields every time (LOGIN_FIELDS), so a log shipper
+or fail2ban can act on it without parsing prose::
+
+    2026-12-02 15:00:00,000 WARNING authgate.login: login outcome=failed
+    listener=imap client=203.0.113.5 client_port=40000 proxy=- user=alice
+    mechanism=PLAIN tls=TLSv1.3 reason=invalid-credentials backend=-
+    duration_ms=12
+
+(one line). `client` is the address to act on: the real client, read from
+a trusted balancer's PROXY header when there is one (`proxy` then names
+the balancer). A field with no value is `-` in text and null in JSON.
+Values are facts about the connection, never a secret; a user name with a
+space, quote or control character in it is JSON-quoted, so it cannot fake
+a field or a line.
+
+A leaf module: the standard library only.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any, Final
+
+__all__ = [
+    "LOGIN_FIELDS",
+    "JsonFormatter",
+    "LogFormat",
+    "LogLevel",
+    "LoginRecord",
+    "Outcome",
+    "log_login",
+    "setup_logging",
+]
+
+login_log = logging.getLogger("authgate.login")
+
+TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class LogFormat(enum.Enum):
+    TEXT = "text"
+    JSON = "json"
+
+
+class LogLevel(enum.Enum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+    @property
+    def number(self) -> int:
+        return int(getattr(logging, self.name))
+
+
+class Outcome(enum.Enum):
+    """How a login attempt ended."""
+
+    OK = "ok"  # authenticated and logged in at the backend
+    FAILED = "failed"  # wrong user or password (a guess)
+    REFUSED = "refused"  # by policy before any password was checked
+    BLOCKED = "blocked"  # the address is blocked by the defence
+    CANCELLED = "cancelled"  # the client cancelled the exchange
+    ERROR = "error"  # malformed input, store or backend trouble
+
+
+# Failure reasons (AuthFailed.reason) that are a policy's refusal, not a guess.
+# (authgate.policy.Refusal values and the sasl FailureReasons a policy decides.)
+_REFUSALS: Final = frozenset(
+    {
+        "not-available",
+        "tls-required",
+        "mechanism-needs-tls",
+        "channel-binding-unavailable",
+        "too-weak",
+        "encryption-required",
+        "digest-uri-mismatch",
+        "too-long",
+        "expired",
+        "backend-password-expired",
+    }
+)
+_GUESSES: Final = frozenset({"invalid-credentials", "authz-denied"})
+
+
+def failure_outcome(reason: str) -> Outcome:
+    """The outcome of a failed attempt by its reason."""
+    if reason in _GUESSES:
+        return Outcome.FAILED
+    if reason in _REFUSALS:
+        return Outcome.REFUSED
+    if reason == "cancelled":
+        return Outcome.CANCELLED
+    return Outcome.ERROR
+
+
+@dataclass(frozen=True, slots=True)
+class LoginRecord:
+    """The fixed fields of one login outcome (None: no value)."""
+
+    outcome: str
+    listener: str
+    client: str
+    client_port: int | None
+    proxy: str | None  # the trusted balancer the client came through
+    user: str | None
+    mechanism: str | None
+    tls: str | None  # "TLSv1.3", or None for a cleartext connection
+    reason: str | None
+    backend: str | None  # host:port of the backend, once one was involved
+    duration_ms: int
+
+
+LOGIN_FIELDS: Final = tuple(LoginRecord.__dataclass_fields__)
+
+
+def _text_value(value: object) -> str:
+    if value is None:
+        return "-"
+    text = str(value)
+    if not text or text == "-" or not text.isprintable() or " " in text or '"' in text:
+        return json.dumps(text, ensure_ascii=True)
+    return text
+
+
+def login_message(record: LoginRecord) -> str:
+    fields = asdict(record)
+    return "login " + " ".join(f"{name}={_text_value(fields[name])}" for name in LOGIN_FIELDS)
+
+
+def log_login(record: LoginRecord) -> None:
+    """Write the record: INFO for a login, WARNING for anything else."""
+    level = logging.INFO if record.outcome == Outcome.OK.value else logging.WARNING
+    if login_log.isEnabledFor(level):
+        login_log.log(level, "%s", login_message(record), extra={"login": record})
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and for a
+    login record its fields at the top level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        moment = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        out: dict[str, Any] = {
+            "time": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        login = getattr(record, "login", None)
+        if isinstance(login, LoginRecord):
+            out["event"] = "login"
+            out.update(asdict(login))
+        if record.exc_info:
+            out["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=True, separators=(",", ":"))
+
+
+def setup_logging(level: int = logging.INFO, fmt: LogFormat = LogFormat.TEXT) -> None:
+    """Log to stderr in the given format (replacing earlier handlers)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt is LogFormat.JSON:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    # aiosmtpd (the embedded demo backend) logs every SMTP command at INFO.
+    logging.getLogger("mail.log").setLevel(max(level, logging.WARNING))
