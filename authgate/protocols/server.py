@@ -24,6 +24,18 @@ The rules, the same in every dialect:
 - A cleartext login command (IMAP LOGIN, POP3 USER+PASS) runs through the
   PLAIN mechanism, so its checks (empty fields, NUL, UTF-8, length) and its
   `PasswordCheck` live once; in relay mode it is relayed as PLAIN.
+- An over-long line ends the session; inside an exchange it also ends the
+  attempt (`AuthFailed` "malformed").
+- Relay mode names the user of a relayed PLAIN or LOGIN (`relayed_authcid`)
+  for the audit log and the per-user defence, and maps the backend's answer
+  as `backend_failed` does: unavailable is temporary, an expired password
+  is "expired", any other no (with or without a reason) refuses the
+  credentials.
+
+Where protocols must differ, the difference is a named class setting below
+(`SASL_LINE_TOO_LONG`, `GOODBYE_NAMES_HOST`, `MISSING_BINDING_IS_UNKNOWN`)
+with its RFC reason, and a row of tests/protocols/test_contract.py's
+DIFFERENCES table.
 """
 
 from __future__ import annotations
@@ -62,6 +74,7 @@ from authgate.protocols.common import (
 from authgate.sasl.base import (
     Failure,
     FailureReason,
+    InitialResponse,
     Lookup,
     LookupAnswer,
     PasswordVerdict,
@@ -91,6 +104,34 @@ READING = frozenset(
 )
 
 
+# What the client's failure is when the backend decides (relay mode); a
+# refusal without a reason is a refusal of the credentials.
+_RELAY_FAILURES: dict[BackendFailure | None, FailureReason] = {
+    BackendFailure.UNAVAILABLE: FailureReason.TEMPORARY,
+    BackendFailure.PASSWORD_EXPIRED: FailureReason.EXPIRED,
+}
+
+
+def relayed_authcid(mechanism: str, data: InitialResponse) -> str | None:
+    """The user name in a relayed PLAIN message or LOGIN's first answer, for
+    AuthFailed and the defence (never the password: only that field is
+    decoded). None for other mechanisms and for what does not parse."""
+    if not isinstance(data, bytes):
+        return None
+    if mechanism == "PLAIN":
+        fields = data.split(b"\x00")
+        if len(fields) != 3:
+            return None
+        data = fields[1]
+    elif mechanism != "LOGIN":
+        return None
+    try:
+        name = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return name if name and name.isprintable() else None
+
+
 @dataclass
 class Attempt:
     """The authentication in progress."""
@@ -101,6 +142,7 @@ class Attempt:
     exchange: SaslExchange | None = None
     success: Success | None = None  # held while the final challenge is answered
     aborted: FailureReason | None = None  # relay: the client cancelled / sent junk
+    relayed: int = 0  # relay: responses passed on to the backend
     cleartext: bool = False  # relay: a login command, which cannot carry a challenge
 
 
@@ -109,7 +151,8 @@ class ServerCore:
 
     # "POP3 server" etc., for ProtocolStateError messages.
     NAME: ClassVar[str]
-    # Whole goodbye lines (wire bytes) the core sends before Close.
+    # Whole goodbye lines (wire bytes) the core sends before Close. With
+    # GOODBYE_NAMES_HOST, "{host}" in TOO_MANY_* is the listener's hostname.
     LINE_TOO_LONG: ClassVar[bytes]
     TOO_MANY_ERRORS: ClassVar[bytes]
     TOO_MANY_COMMANDS: ClassVar[bytes]
@@ -122,6 +165,29 @@ class ServerCore:
     # as an empty line.
     SUCCESS_DATA: ClassVar[bool] = False
     EMPTY_RESPONSE: ClassVar[bytes | None] = None
+
+    # ---- dialect settings: the deliberate differences, each with its reason.
+    # tests/protocols/test_contract.py's DIFFERENCES has a row for each.
+
+    # The goodbye to an over-long line inside a SASL exchange; None: the
+    # same LINE_TOO_LONG as for a command. SMTP: RFC 4954 section 6 gives
+    # the exchange its own reply, "500 5.5.6 Authentication Exchange line
+    # is too long"; IMAP and POP3 have no such code (one BYE / -ERR).
+    SASL_LINE_TOO_LONG: ClassVar[bytes | None] = None
+    # Whether the goodbyes for too many errors / commands name the host.
+    # SMTP: RFC 5321 sections 3.8 and 4.2.3 write a 421 as "421 <domain>
+    # ... closing transmission channel"; IMAP's BYE (RFC 9051 7.1.5) and
+    # POP3's -ERR (RFC 1939 3) carry free text, where we name nothing.
+    GOODBYE_NAMES_HOST: ClassVar[bool] = False
+    # A mechanism that fails for want of encryption inside TLS lacks channel
+    # binding data (a *-PLUS mechanism the TLS layer cannot bind): answered
+    # as an unknown mechanism when True. SMTP: 538 (RFC 4954 section 6)
+    # would tell a client already in TLS to encrypt, which it cannot do;
+    # 504 5.5.4 "Unrecognized authentication type" makes it try another
+    # mechanism. IMAP and POP3 keep their encryption reply: [PRIVACYREQUIRED]
+    # (RFC 5530 3) and [AUTH] (RFC 3206 4) make clients give up on the
+    # mechanism, not loop, and neither has a code for "unknown" on failure.
+    MISSING_BINDING_IS_UNKNOWN: ClassVar[bool] = False
 
     def __init__(self, settings: SessionSettings) -> None:
         self._settings = settings
@@ -141,6 +207,12 @@ class ServerCore:
     @property
     def state(self) -> ServerState:
         return self._state
+
+    @property
+    def errors(self) -> int:
+        """Errors counted so far against `max_errors` (SMTP's splice goes on
+        counting from here)."""
+        return self._errors
 
     def start(self) -> list[Event]:
         self._expect({ServerState.NEW}, "start")
@@ -212,12 +284,13 @@ class ServerCore:
         attempt = self._current()
         if ok and attempt.aborted is None:
             return self._logged_in(())
+        # A backend that accepts after the client cancelled is not believed:
+        # the client thinks it is unauthenticated. No Splice follows, so the
+        # driver drops that backend connection.
         if attempt.aborted is not None:
             reason = attempt.aborted
-        elif failure is BackendFailure.UNAVAILABLE:
-            reason = FailureReason.TEMPORARY
         else:
-            reason = FailureReason.INVALID_CREDENTIALS
+            reason = _RELAY_FAILURES.get(failure, FailureReason.INVALID_CREDENTIALS)
         return self._fail(Failure(reason)) + self._pump()
 
     # ------------------------------------------------------- dialect hooks
@@ -273,7 +346,7 @@ class ServerCore:
             try:
                 line = self._next_line()
             except LineTooLong:
-                return out + self._goodbye(self.LINE_TOO_LONG)
+                return out + self._line_too_long()
             if line is None:
                 break
             out += self._on_line(line)
@@ -301,11 +374,19 @@ class ServerCore:
             case _:
                 return self._relay_line(response)
 
+    def _line_too_long(self) -> list[Event]:
+        if self._state is ServerState.COMMAND or self._attempt is None:
+            return self._goodbye(self.LINE_TOO_LONG)
+        # The attempt ends without a login: in the audit log like any other.
+        attempt = self._attempt
+        failed = AuthFailed(attempt.mechanism, FailureReason.MALFORMED.value, attempt.authcid)
+        return [failed, *self._goodbye(self.SASL_LINE_TOO_LONG or self.LINE_TOO_LONG)]
+
     def _count_command(self) -> list[Event] | None:
         """Count one command; the goodbye once there were too many."""
         self._commands += 1
         if self._commands > self._settings.max_commands:
-            return self._goodbye(self.TOO_MANY_COMMANDS)
+            return self._goodbye(self._named(self.TOO_MANY_COMMANDS))
         return None
 
     # ------------------------------------------------------- authentication
@@ -321,6 +402,7 @@ class ServerCore:
             first = decode_initial(initial)
             if isinstance(first, Failure):
                 return self._fail(first)
+            attempt.authcid = attempt.authcid or relayed_authcid(attempt.mechanism, first)
             self._state = ServerState.RELAY
             return [RelayAuth(attempt.mechanism, first)]
         exchange = SaslExchange(attempt.mechanism, self._sasl_context())
@@ -397,6 +479,9 @@ class ServerCore:
             # client what was wrong once the backend has answered.
             attempt.aborted = FailureReason.MALFORMED
             return [RelayResponse(None)]
+        if not attempt.relayed and attempt.authcid is None:
+            attempt.authcid = relayed_authcid(attempt.mechanism, decoded)
+        attempt.relayed += 1
         return [RelayResponse(decoded)]
 
     # -------------------------------------------------------------- outcomes
@@ -420,7 +505,14 @@ class ServerCore:
 
     def _fail(self, failure: Failure) -> list[Event]:
         attempt = self._current()
-        reply = self._failure_reply(attempt, failure.reason)
+        if (
+            failure.reason is FailureReason.ENCRYPTION_REQUIRED
+            and self._tls_active
+            and self.MISSING_BINDING_IS_UNKNOWN
+        ):
+            reply = self._refusal_reply(attempt, Refusal.NOT_AVAILABLE)
+        else:
+            reply = self._failure_reply(attempt, failure.reason)
         self._reset_auth()
         reason = failure.reason.value
         failed = AuthFailed(attempt.mechanism, reason, attempt.authcid, failure.detail)
@@ -438,13 +530,20 @@ class ServerCore:
         cross-protocol abuse and guessing)."""
         self._errors += 1
         if self._errors >= self._settings.max_errors:
-            return [reply, *self._goodbye(self.TOO_MANY_ERRORS)]
+            return [reply, *self._goodbye(self._named(self.TOO_MANY_ERRORS))]
         return [reply]
 
     def _goodbye(self, line: bytes) -> list[Event]:
         self._state = ServerState.CLOSED
         self._attempt = None
+        self._lines.clear()
         return [Send(line), Close()]
+
+    def _named(self, line: bytes) -> bytes:
+        """A goodbye line with the hostname put in (GOODBYE_NAMES_HOST)."""
+        if not self.GOODBYE_NAMES_HOST:
+            return line
+        return line.replace(b"{host}", self._settings.hostname.encode("ascii", "replace"))
 
     def _begin_tls(self, reply: Send) -> list[Event]:
         # Anything pipelined behind STARTTLS was sent in the clear: drop it

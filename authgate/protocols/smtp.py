@@ -9,51 +9,24 @@ Postfix's XCLIENT_README (passing the real client to the backend).
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 from authgate.policy import Refusal, client_ip
 from authgate.protocols.base import (
-    Authenticated,
-    AuthFailed,
     BackendFailure,
     ClientEvent,
     ClientSettings,
-    Close,
     Event,
-    ProtocolStateError,
-    RelayAuth,
-    RelayResponse,
     Send,
     SessionSettings,
     Splice,
-    StartTLS,
 )
 from authgate.protocols.client import ClientCore, ClientState, MalformedReply
-from authgate.protocols.common import (
-    ExchangeStep,
-    LineBuffer,
-    LineTooLong,
-    SaslExchange,
-    SendChallenge,
-    b64decode_strict,
-    b64encode,
-)
-from authgate.sasl.base import (
-    MAX_PASSWORD_OCTETS,
-    NO_RESPONSE,
-    Failure,
-    FailureReason,
-    InitialResponse,
-    Lookup,
-    LookupAnswer,
-    PasswordVerdict,
-    ServerContext,
-    Success,
-)
+from authgate.protocols.common import b64decode_strict, b64encode
+from authgate.protocols.server import Attempt, ServerCore, ServerState
+from authgate.sasl.base import MAX_PASSWORD_OCTETS, FailureReason, InitialResponse
 
 __all__ = ["SmtpClient", "SmtpServer"]
 
@@ -95,25 +68,6 @@ def _challenge(data: bytes) -> Send:
 
 # ================================================================== server
 
-
-class _State(enum.Enum):
-    NEW = "new"  # start() not called yet
-    COMMAND = "command"  # reading commands
-    SASL = "sasl"  # reading the client's answer to a 334 challenge
-    SASL_FINAL = "sasl-final"  # reading the empty answer to the success data
-    RELAY_RESPONSE = "relay-response"  # relay mode: reading the answer to a challenge
-    WAIT_LOOKUP = "wait-lookup"  # a Lookup is outstanding
-    WAIT_BACKEND = "wait-backend"  # Authenticated is outstanding
-    WAIT_RELAY = "wait-relay"  # RelayAuth / RelayResponse is outstanding
-    WAIT_TLS = "wait-tls"  # StartTLS is outstanding
-    SPLICED = "spliced"  # done: the driver connects client and backend
-    CLOSED = "closed"
-
-
-# States in which buffered client lines are processed; in every other state
-# input is only buffered (pipelining) until the driver calls back.
-_READING = frozenset({_State.COMMAND, _State.SASL, _State.SASL_FINAL, _State.RELAY_RESPONSE})
-
 _AUTH_OK = "235 2.7.0 Authentication successful"
 _AUTH_TEMPFAIL = "454 4.7.0 Temporary authentication failure"
 _AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
@@ -150,14 +104,6 @@ _FAILURE_REPLIES: dict[FailureReason, str] = {
     FailureReason.TOO_LONG: f"501 5.5.4 Password too long (at most {MAX_PASSWORD_OCTETS} octets)",
 }
 
-# What the client's failure is when the backend decides (relay mode).
-_RELAY_FAILURES: dict[BackendFailure, FailureReason] = {
-    BackendFailure.UNAVAILABLE: FailureReason.TEMPORARY,
-    BackendFailure.REJECTED: FailureReason.INVALID_CREDENTIALS,
-    BackendFailure.INVALID_CREDENTIALS: FailureReason.INVALID_CREDENTIALS,
-    BackendFailure.PASSWORD_EXPIRED: FailureReason.EXPIRED,
-}
-
 
 def _valid_helo(arg: bytes) -> bool:
     # A domain or address literal. No control characters: a CR could end
@@ -165,24 +111,19 @@ def _valid_helo(arg: bytes) -> bool:
     return bool(arg) and not any(c < 0x20 or c == 0x7F for c in arg)
 
 
-class SmtpServer:
+_Handler = Callable[["SmtpServer", bytes], list[Event]]
+
+
+class SmtpServer(ServerCore):
     """The SMTP server side until the client is authenticated (or, on a
-    server-to-server listener, starts a mail transaction).
+    server-to-server listener, starts a mail transaction): the SMTP dialect
+    of `ServerCore` (EHLO, reply codes, pass-through to a backend).
 
     Replies follow RFC 5321 with RFC 3463 enhanced codes (advertised as
-    ENHANCEDSTATUSCODES). Choices where the RFCs leave room:
-
-    * After `backend_failed()` the client gets 454 4.7.0 and the
-      session continues unauthenticated (it may retry AUTH); this does not
-      count as a client error. `AuthFailed.reason` is then
-      "backend-<BackendFailure value>": the user's credentials were fine,
-      so the brute-force defence should not count it.
-    * Errors (bad commands, refusals, failed authentications except
-      temporary ones) count against `max_errors`. The reply to the last
-      error is sent, followed by "421 4.7.0" and `Close` (as Postfix does).
-    * The driver should stop reading from the client while a `Lookup`,
-      `Authenticated`, `RelayAuth`/`RelayResponse` or `StartTLS` is
-      outstanding: input fed meanwhile is buffered without a bound.
+    ENHANCEDSTATUSCODES). After `backend_failed()` the client gets 454 4.7.0
+    and the session continues unauthenticated (it may retry AUTH); the
+    reply to the error that reaches `max_errors` is followed by "421 4.7.0"
+    and `Close` (as Postfix does). The rules behind both are the core's.
 
     Server-to-server listeners (`settings.submission` False): a MAIL command
     without authentication ends this machine with
@@ -199,232 +140,123 @@ class SmtpServer:
     as everywhere else.
     """
 
+    NAME = "SMTP server"
+    # RFC 5321 section 4.5.3.1.4: "500 Line too long".
+    LINE_TOO_LONG = b"500 5.5.2 Line too long" + CRLF
+    SASL_LINE_TOO_LONG = b"500 5.5.6 Authentication Exchange line is too long" + CRLF
+    TOO_MANY_ERRORS = b"421 4.7.0 {host} Too many errors" + CRLF
+    TOO_MANY_COMMANDS = b"421 4.7.0 {host} Too many commands" + CRLF
+    GOODBYE_NAMES_HOST = True
+    MISSING_BINDING_IS_UNKNOWN = True
+
     def __init__(self, settings: SessionSettings) -> None:
-        self._settings = settings
-        self._state = _State.NEW
-        self._lines = LineBuffer(settings.max_line)
-        self._tls = settings.tls_active
+        super().__init__(settings)
         self._line = b""  # the command line being handled
         self._helo: bytes | None = None  # argument of the last EHLO/HELO
         self._esmtp = False  # the client said EHLO (not HELO)
-        self._errors = 0
-        self._commands = 0
-        # The authentication in progress:
-        self._mechanism = ""
-        self._authcid: str | None = None
-        self._exchange: SaslExchange | None = None
-        self._success: Success | None = None  # waiting for the client's empty reply
-        self._relay_replies = 0
-        self._relay_abort: FailureReason | None = None  # client cancelled / sent junk
 
-    @property
-    def tls_active(self) -> bool:
-        return self._tls
+    # --------------------------------------------------------- dialect hooks
 
-    @property
-    def errors(self) -> int:
-        """Errors counted so far against `max_errors` (the splice goes on counting)."""
-        return self._errors
-
-    # ------------------------------------------------------------ driver API
-
-    def start(self) -> list[Event]:
-        self._expect(_State.NEW, "start")
-        self._state = _State.COMMAND
+    def _greeting(self) -> list[Event]:
         # The banner names no version (nothing to look up in a CVE list).
         return [_reply(f"220 {self._settings.hostname} ESMTP authgate")]
 
-    def receive_data(self, data: bytes) -> list[Event]:
-        if self._state in (_State.NEW, _State.SPLICED):
-            raise ProtocolStateError(f"SMTP server: receive_data() in state {self._state.value}")
-        if self._state in (_State.CLOSED, _State.WAIT_TLS):
-            # WAIT_TLS: plaintext after STARTTLS but before the handshake is
-            # what CVE-2011-0411 injects; it must never be executed.
-            return []
-        self._lines.feed(data)
-        return self._process()
-
-    def resume(self, answer: LookupAnswer) -> list[Event]:
-        self._expect(_State.WAIT_LOOKUP, "resume")
-        assert self._exchange is not None
-        if isinstance(answer, PasswordVerdict) and answer.identity is not None:
-            self._authcid = answer.identity  # a failure is logged under the store's name
-        return self._exchange_step(self._exchange.resume(answer)) + self._process()
-
-    def tls_started(self) -> list[Event]:
-        self._expect(_State.WAIT_TLS, "tls_started")
-        self._tls = True
-        self._lines.clear()
+    def _forget_after_tls(self) -> None:
         # RFC 3207 section 4.2: forget everything the client said before;
         # it must EHLO again, and the capabilities change.
         self._helo = None
         self._esmtp = False
-        self._state = _State.COMMAND
-        return []
 
-    def backend_ready(self, capabilities: Sequence[str]) -> list[Event]:
+    def _challenge(self, data: bytes) -> Send:
+        return _challenge(data)
+
+    def _failure_reply(self, attempt: Attempt, reason: FailureReason) -> Send:
+        return _reply(_FAILURE_REPLIES[reason])
+
+    def _refusal_reply(self, attempt: Attempt, refusal: Refusal) -> Send:
+        return _reply(_REFUSAL_REPLIES[refusal])
+
+    def _backend_failed_reply(self, attempt: Attempt, failure: BackendFailure) -> Send:
+        if failure is BackendFailure.PASSWORD_EXPIRED:
+            return _reply(_FAILURE_REPLIES[FailureReason.EXPIRED])
+        return _reply(_AUTH_TEMPFAIL)
+
+    def _success_reply(self, attempt: Attempt, capabilities: Sequence[str]) -> Send:
         # SMTP has no capability list in the 235 reply: the client keeps the
         # EHLO reply it has, so `capabilities` is not used here.
-        self._expect(_State.WAIT_BACKEND, "backend_ready")
-        return self._splice_authenticated()
-
-    def backend_failed(self, failure: BackendFailure) -> list[Event]:
-        self._expect(_State.WAIT_BACKEND, "backend_failed")
-        self._state = _State.COMMAND
-        reply = (
-            _FAILURE_REPLIES[FailureReason.EXPIRED]
-            if failure is BackendFailure.PASSWORD_EXPIRED
-            else _AUTH_TEMPFAIL
-        )
-        events: list[Event] = [
-            AuthFailed(self._mechanism, f"backend-{failure.value}", self._authcid),
-            _reply(reply),
-        ]
-        return events + self._process()
-
-    def relay_challenge(self, data: bytes) -> list[Event]:
-        self._expect(_State.WAIT_RELAY, "relay_challenge")
-        self._state = _State.RELAY_RESPONSE
-        return [_challenge(data), *self._process()]
-
-    def relay_result(self, ok: bool, failure: BackendFailure | None = None) -> list[Event]:
-        self._expect(_State.WAIT_RELAY, "relay_result")
-        abort, self._relay_abort = self._relay_abort, None
-        if ok and abort is None:
-            return self._splice_authenticated()
-        # A backend that accepts after the client cancelled is not believed:
-        # the client thinks it is unauthenticated. No Splice follows, so the
-        # driver drops that backend connection.
-        if abort is not None:
-            reason = abort
-        else:
-            reason = _RELAY_FAILURES[failure or BackendFailure.UNAVAILABLE]
-        return self._auth_failure(reason) + self._process()
-
-    # ------------------------------------------------------------ input loop
-
-    def _expect(self, state: _State, call: str) -> None:
-        if self._state is not state:
-            raise ProtocolStateError(f"SMTP server: {call}() in state {self._state.value}")
-
-    def _process(self) -> list[Event]:
-        out: list[Event] = []
-        while self._state in _READING:
-            try:
-                line = self._lines.next_line()
-            except LineTooLong:
-                out += self._line_too_long()
-                break
-            if line is None:
-                break
-            out += self._LINE_HANDLERS[self._state](self, line)
-        return out
-
-    def _line_too_long(self) -> list[Event]:
-        if self._state is _State.COMMAND:
-            # RFC 5321 section 4.5.3.1.4: "500 Line too long".
-            return self._goodbye("500 5.5.2 Line too long")
-        # RFC 4954 section 6 has its own code for an over-long SASL response.
-        failed = AuthFailed(self._mechanism, FailureReason.MALFORMED.value, self._authcid)
-        return [failed, *self._goodbye("500 5.5.6 Authentication Exchange line is too long")]
-
-    def _goodbye(self, text: str) -> list[Event]:
-        self._state = _State.CLOSED
-        self._lines.clear()
-        return [_reply(text), Close()]
-
-    def _error(self, text: str) -> list[Event]:
-        self._errors += 1
-        out: list[Event] = [_reply(text)]
-        if self._errors >= self._settings.max_errors:
-            # Cross-protocol attacks (ALPACA) feed us another protocol's
-            # lines: cut them short rather than answer each one.
-            out += self._goodbye(f"421 4.7.0 {self._settings.hostname} Too many errors")
-        return out
+        return _reply(_AUTH_OK)
 
     # -------------------------------------------------------------- commands
 
     def _command(self, line: bytes) -> list[Event]:
-        self._commands += 1
-        if self._commands > self._settings.max_commands:
-            return self._goodbye(f"421 4.7.0 {self._settings.hostname} Too many commands")
+        goodbye = self._count_command()
+        if goodbye is not None:
+            return goodbye
         self._line = line
         verb, _, arg = line.partition(b" ")
         handler = _COMMANDS.get(verb.upper())
         if handler is None:
-            return self._error("500 5.5.2 Command unrecognized")
+            return self._error(_reply("500 5.5.2 Command unrecognized"))
         return handler(self, arg.strip())
 
     def _cmd_ehlo(self, arg: bytes) -> list[Event]:
         if not _valid_helo(arg):
-            return self._error("501 5.5.4 Syntax: EHLO hostname")
+            return self._error(_reply("501 5.5.4 Syntax: EHLO hostname"))
         self._helo, self._esmtp = arg, True
         keywords = ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"]
         # No SIZE: the backend's limit is unknown here, and a wrong one
         # would be worse than none (the backend still enforces its own).
-        if self._settings.starttls_available and not self._tls:
+        if self._settings.starttls_available and not self._tls_active:
             keywords.append("STARTTLS")
-        offered = self._settings.decide(self._tls).offered
+        offered = self._decide().offered
         if offered:
             keywords.append("AUTH " + " ".join(offered))
         return [_multiline(250, [self._settings.hostname, *keywords])]
 
     def _cmd_helo(self, arg: bytes) -> list[Event]:
         if not _valid_helo(arg):
-            return self._error("501 5.5.4 Syntax: HELO hostname")
+            return self._error(_reply("501 5.5.4 Syntax: HELO hostname"))
         self._helo, self._esmtp = arg, False
         return [_reply(f"250 {self._settings.hostname}")]
 
     def _cmd_starttls(self, arg: bytes) -> list[Event]:
         if arg:
-            return self._error("501 5.5.4 Syntax error (no parameters allowed)")  # RFC 3207 s. 4
-        if self._tls:
+            # RFC 3207 section 4: STARTTLS takes no parameters.
+            return self._error(_reply("501 5.5.4 Syntax error (no parameters allowed)"))
+        if self._tls_active:
             # RFC 3207 section 4.2: a second STARTTLS is out of sequence -> 503.
-            return self._error("503 5.5.1 TLS already active")
+            return self._error(_reply("503 5.5.1 TLS already active"))
         if not self._settings.starttls_available:
             # Never advertised on this listener: "not implemented" (RFC 5321 4.2.4).
-            return self._error("502 5.5.1 STARTTLS not available")
-        # Anything pipelined behind STARTTLS was sent in plaintext before the
-        # handshake: drop it (CVE-2011-0411).
-        discarded = len(self._lines)
-        self._lines.clear()
-        self._state = _State.WAIT_TLS
-        return [_reply("220 2.0.0 Ready to start TLS"), StartTLS(discarded)]
+            return self._error(_reply("502 5.5.1 STARTTLS not available"))
+        return self._begin_tls(_reply("220 2.0.0 Ready to start TLS"))
 
     def _cmd_auth(self, arg: bytes) -> list[Event]:
         if not self._esmtp:
             # RFC 4954 section 4: AUTH is an extension; it exists only after
             # EHLO (and again only after the EHLO that follows STARTTLS).
-            return self._error("503 5.5.1 Send EHLO first")
+            return self._error(_reply("503 5.5.1 Send EHLO first"))
         parts = arg.split()
         if not 1 <= len(parts) <= 2 or not _MECHANISM_NAME.fullmatch(parts[0]):
-            return self._error("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
-        name = parts[0].decode("ascii").upper()
+            return self._error(_reply("501 5.5.4 Syntax: AUTH mechanism [initial-response]"))
         initial = parts[1] if len(parts) == 2 else None
-        self._mechanism, self._authcid = name, None
-        refusal = self._settings.decide(self._tls).refusal(name)
-        if refusal is not None:
-            return [AuthFailed(name, refusal.value), *self._error(_REFUSAL_REPLIES[refusal])]
-        if self._settings.relay:
-            return self._relay_start(name, initial)
-        self._exchange = SaslExchange(name, self._sasl_context())
-        return self._exchange_step(self._exchange.start(initial))
+        return self._authenticate(Attempt(parts[0].decode("ascii").upper()), initial)
 
     def _cmd_mail(self, arg: bytes) -> list[Event]:
         if self._helo is None:
             # RFC 5321 section 4.1.4: a transaction needs EHLO/HELO first.
-            return self._error("503 5.5.1 Send HELO/EHLO first")
+            return self._error(_reply("503 5.5.1 Send HELO/EHLO first"))
         if arg[:5].upper() != b"FROM:":
-            return self._error("501 5.5.4 Syntax: MAIL FROM:<address>")
-        decision = self._settings.decide(self._tls)
+            return self._error(_reply("501 5.5.4 Syntax: MAIL FROM:<address>"))
+        decision = self._decide()
         submission = self._settings.submission
         if decision.session_tls_required or (submission and decision.tls_required):
-            return self._error(_STARTTLS_FIRST)
+            return self._error(_reply(_STARTTLS_FIRST))
         if submission:
-            return self._error("530 5.7.0 Authentication required")
+            return self._error(_reply("530 5.7.0 Authentication required"))
         # Server-to-server mail: hand the client to the backend unauthenticated
         # (see the class docstring for what the driver does with this).
-        self._state = _State.SPLICED
+        self._state = ServerState.SPLICED
         verb = b"EHLO" if self._esmtp else b"HELO"
         pending = self._line + CRLF + self._lines.take_rest()
         return [Splice(pending=pending, replay=(verb + b" " + self._helo + CRLF,))]
@@ -445,133 +277,14 @@ class SmtpServer:
 
     def _cmd_expn(self, arg: bytes) -> list[Event]:
         # RFC 5321 section 3.5.2 lets a server disable EXPN: 502.
-        return self._error("502 5.5.1 EXPN not available")
+        return self._error(_reply("502 5.5.1 EXPN not available"))
 
     def _cmd_out_of_sequence(self, arg: bytes) -> list[Event]:
-        return self._error("503 5.5.1 Need MAIL command")
+        return self._error(_reply("503 5.5.1 Need MAIL command"))
 
     def _cmd_quit(self, arg: bytes) -> list[Event]:
-        self._state = _State.CLOSED
-        self._lines.clear()
-        return [_reply(f"221 2.0.0 {self._settings.hostname} Bye"), Close()]
+        return self._goodbye(f"221 2.0.0 {self._settings.hostname} Bye".encode("ascii") + CRLF)
 
-    # --------------------------------------------------------- terminate mode
-
-    def _sasl_context(self) -> ServerContext:
-        return self._settings.sasl_context(self._tls)
-
-    def _exchange_step(self, step: ExchangeStep) -> list[Event]:
-        if isinstance(step, SendChallenge):
-            self._state = _State.SASL
-            return [_challenge(step.data)]
-        if isinstance(step, Lookup):
-            self._authcid = step.request.authcid
-            self._state = _State.WAIT_LOOKUP
-            return [step]
-        if isinstance(step, Success):
-            self._authcid = step.authcid
-            if step.additional is not None:
-                # RFC 4954 has no "additional data with success": send it as
-                # one more challenge; the client answers with an empty line.
-                self._success = step
-                self._state = _State.SASL_FINAL
-                return [_challenge(step.additional)]
-            return self._authenticated(step)
-        return self._sasl_failure(step)
-
-    def _sasl_response(self, line: bytes) -> list[Event]:
-        assert self._exchange is not None
-        return self._exchange_step(self._exchange.respond(line))
-
-    def _sasl_final_ack(self, line: bytes) -> list[Event]:
-        assert self._success is not None
-        success, self._success = self._success, None
-        answer = line.strip()
-        if answer == b"":
-            return self._authenticated(success)
-        # "*": the client rejected our proof (e.g. SCRAM server signature).
-        reason = FailureReason.CANCELLED if answer == b"*" else FailureReason.MALFORMED
-        return self._auth_failure(reason)
-
-    def _sasl_failure(self, failure: Failure) -> list[Event]:
-        if failure.reason is FailureReason.ENCRYPTION_REQUIRED and self._tls:
-            # Inside TLS this means channel binding data is missing (a *-PLUS
-            # mechanism): asking for encryption would make no sense.
-            failed = AuthFailed(
-                self._mechanism, failure.reason.value, self._authcid, failure.detail
-            )
-            self._reset_auth()
-            return [failed, *self._error(_UNKNOWN_MECHANISM)]
-        return self._auth_failure(failure.reason, failure.detail)
-
-    def _authenticated(self, success: Success) -> list[Event]:
-        self._state = _State.WAIT_BACKEND
-        return [Authenticated(success.authcid, success.identity, self._mechanism)]
-
-    def _splice_authenticated(self) -> list[Event]:
-        self._state = _State.SPLICED
-        # Everything the client pipelined behind AUTH is for the backend.
-        return [_reply(_AUTH_OK), Splice(pending=self._lines.take_rest())]
-
-    def _auth_failure(self, reason: FailureReason, detail: str = "") -> list[Event]:
-        failed = AuthFailed(self._mechanism, reason.value, self._authcid, detail)
-        self._reset_auth()
-        if reason is FailureReason.TEMPORARY:
-            return [failed, _reply(_AUTH_TEMPFAIL)]  # not the client's fault
-        return [failed, *self._error(_FAILURE_REPLIES[reason])]
-
-    def _reset_auth(self) -> None:
-        self._exchange = None
-        self._success = None
-        self._state = _State.COMMAND
-
-    # ------------------------------------------------------------ relay mode
-
-    def _relay_start(self, name: str, initial: bytes | None) -> list[Event]:
-        first: InitialResponse
-        if initial is None:
-            first = NO_RESPONSE
-        elif initial == b"=":
-            first = b""  # RFC 4954 section 4: "=" is an empty initial response
-        elif initial == b"*":
-            return self._auth_failure(FailureReason.CANCELLED)
-        else:
-            decoded = b64decode_strict(initial)
-            if decoded is None:
-                return self._auth_failure(FailureReason.MALFORMED)
-            first = decoded
-        self._relay_replies = 0
-        self._relay_abort = None
-        self._authcid = _relay_authcid(name, first)
-        self._state = _State.WAIT_RELAY
-        return [RelayAuth(name, first)]
-
-    def _relay_response(self, line: bytes) -> list[Event]:
-        answer = line.strip()
-        data: bytes | None = None
-        if answer == b"*":
-            self._relay_abort = FailureReason.CANCELLED
-        else:
-            data = b64decode_strict(answer)
-            if data is None:
-                # The backend cannot be sent junk: cancel there, tell the
-                # client what was wrong when the backend has answered.
-                self._relay_abort = FailureReason.MALFORMED
-        if data is not None and self._relay_replies == 0 and self._authcid is None:
-            self._authcid = _relay_authcid(self._mechanism, data)
-        self._relay_replies += 1
-        self._state = _State.WAIT_RELAY
-        return [RelayResponse(data)]
-
-    _LINE_HANDLERS: ClassVar[dict[_State, Callable[[SmtpServer, bytes], list[Event]]]] = {
-        _State.COMMAND: _command,
-        _State.SASL: _sasl_response,
-        _State.SASL_FINAL: _sasl_final_ack,
-        _State.RELAY_RESPONSE: _relay_response,
-    }
-
-
-_Handler = Callable[[SmtpServer, bytes], list[Event]]
 
 _COMMANDS: dict[bytes, _Handler] = {
     b"EHLO": SmtpServer._cmd_ehlo,
@@ -589,25 +302,6 @@ _COMMANDS: dict[bytes, _Handler] = {
     b"EXPN": SmtpServer._cmd_expn,
     b"QUIT": SmtpServer._cmd_quit,
 }
-
-
-def _relay_authcid(mechanism: str, data: InitialResponse) -> str | None:
-    """The user name in a relayed PLAIN message or LOGIN's first answer, for
-    AuthFailed (never the password: only that field is decoded)."""
-    if not isinstance(data, bytes):
-        return None
-    if mechanism == "PLAIN":
-        fields = data.split(b"\x00")
-        if len(fields) != 3:
-            return None
-        data = fields[1]
-    elif mechanism != "LOGIN":
-        return None
-    try:
-        name = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    return name if name and name.isprintable() else None
 
 
 # ================================================================== client

@@ -28,6 +28,7 @@ from authgate.protocols.base import (
     Splice,
     StartTLS,
 )
+from authgate.protocols.common import b64encode
 from authgate.protocols.imap import ImapServer
 from authgate.protocols.managesieve import ManageSieveServer
 from authgate.protocols.nntp import NntpServer
@@ -275,6 +276,66 @@ DIFFERENCES = {
             "managesieve": b'"IMPLEMENTATION" "authgate"',
         },
     ),
+    # An over-long line inside a SASL exchange: the goodbye is the dialect's
+    # SASL_LINE_TOO_LONG setting (how the reply starts).
+    "sasl_line_too_long": Difference(
+        DELIBERATE,
+        "RFC 4954 6 gives SMTP's exchange its own 500 5.5.6; IMAP (RFC 9051 7.1.5 BYE) and"
+        " POP3 (RFC 1939 3 -ERR) have one goodbye for any over-long line",
+        {"imap": b"* BYE Line too long", "pop3": b"-ERR Line too long.", "smtp": b"500 5.5.6 "},
+    ),
+    # ... and the attempt it ends: was an AuthFailed("malformed") in SMTP,
+    # nothing in IMAP and POP3.
+    "sasl_line_too_long_emits_auth_failed": Difference(
+        UNIFIED,
+        "every attempt that ends without a login is in the audit log",
+        {"imap": True, "pop3": True, "smtp": True},
+    ),
+    # Whether the goodbye after max_errors / max_commands names the host
+    # (the core's GOODBYE_NAMES_HOST setting).
+    "goodbye_names_host": Difference(
+        DELIBERATE,
+        "RFC 5321 3.8 and 4.2.3 write a 421 as \"421 <domain> ...\"; IMAP's BYE and POP3's"
+        " -ERR carry free text",
+        {"imap": False, "pop3": False, "smtp": True},
+    ),
+    # A *-PLUS mechanism inside TLS without channel binding data fails for
+    # want of encryption: how the reply starts (the core's
+    # MISSING_BINDING_IS_UNKNOWN setting).
+    "missing_binding_inside_tls": Difference(
+        DELIBERATE,
+        "SMTP's 538 (RFC 4954 6) would ask a client already in TLS to encrypt: 504 5.5.4"
+        " (unrecognized type) makes it try another mechanism; IMAP's [PRIVACYREQUIRED]"
+        " (RFC 5530 3) and POP3's [AUTH] (RFC 3206 4) have no code for unknown on failure",
+        {"imap": b"a1 NO [PRIVACYREQUIRED] ", "pop3": b"-ERR [AUTH] ", "smtp": b"504 5.5.4 "},
+    ),
+    # Relay mode: was the user of a relayed PLAIN / LOGIN named in
+    # AuthFailed? SMTP yes, IMAP and POP3 no (so the per-user defence did
+    # not see relayed guesses there).
+    "relay_names_the_user": Difference(
+        UNIFIED,
+        "the defence counts a relayed guess against its user as it does a local one",
+        {"imap": True, "pop3": True, "smtp": True},
+    ),
+    # Relay mode: relay_result(False) with no BackendFailure was a temporary
+    # failure in SMTP, a refusal of the credentials in IMAP and POP3.
+    "relay_refusal_without_reason": Difference(
+        UNIFIED,
+        "the backend said no: a refusal of the credentials (a driver that knows it was an"
+        " outage says UNAVAILABLE)",
+        {
+            "imap": "invalid-credentials",
+            "pop3": "invalid-credentials",
+            "smtp": "invalid-credentials",
+        },
+    ),
+    # Relay mode: the backend's "password expired" was "expired" in SMTP,
+    # "invalid-credentials" in IMAP and POP3.
+    "relay_password_expired": Difference(
+        UNIFIED,
+        "the client is told its password expired, as backend_failed(PASSWORD_EXPIRED) does",
+        {"imap": "expired", "pop3": "expired", "smtp": "expired"},
+    ),
 }
 
 
@@ -301,13 +362,14 @@ def driver(
     backend: BackendAnswer | None = None,
     lookups: bool = True,
     hello: bool = True,
+    mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN", "CRAM-MD5"),
     **settings: object,
 ) -> ServerDriver:
     """A greeted session (and, for SMTP, one past EHLO)."""
     session = listener_settings(
         dialect.protocol,
         security,
-        ("PLAIN", "LOGIN", "CRAM-MD5"),
+        mechanisms,
         hostname=HOST,
         client=CLIENT,
         starttls_available=True,
@@ -510,3 +572,77 @@ def test_login_command(dialect: Dialect) -> None:
     lookups = d.of(Lookup)
     assert len(lookups) == 1 and isinstance(lookups[0].request, PasswordCheck)
     assert d.of(Authenticated) == [Authenticated("alice", "alice", mechanism)]
+
+
+# ----------------------------------------------- named dialect settings
+
+
+@each_dialect
+def test_sasl_line_too_long(dialect: Dialect) -> None:
+    d = driver(dialect, max_line=64)
+    assert d.send(dialect.auth_plain()) == dialect.challenge
+    assert d.send(b"A" * 100 + b"\r\n").startswith(differs("sasl_line_too_long", dialect))
+    assert d.events[-1] == Close()
+    emits = differs("sasl_line_too_long_emits_auth_failed", dialect)
+    assert d.of(AuthFailed) == ([AuthFailed("PLAIN", "malformed")] if emits else [])
+    assert not d.of(Lookup)
+
+
+@each_dialect
+@pytest.mark.parametrize("limit", ["max_errors", "max_commands"])
+def test_goodbye_names_host(dialect: Dialect, limit: str) -> None:
+    d = driver(dialect, **{limit: 1})
+    command = dialect.command(b"BOGUS" if limit == "max_errors" else dialect.harmless)
+    reply = d.send(command * 2)
+    goodbye = reply.rstrip(b"\r\n").rsplit(b"\r\n", 1)[-1]
+    assert goodbye.startswith(dialect.too_many_errors)
+    assert d.events[-1] == Close()
+    assert (HOST.encode() in goodbye) is differs("goodbye_names_host", dialect)
+
+
+@each_dialect
+def test_missing_channel_binding_inside_tls(dialect: Dialect) -> None:
+    # A real *-PLUS mechanism on a TLS session whose SASL context carries no
+    # binding data (no `binding` for listener_settings): SCRAM refuses it.
+    d = driver(dialect, tls_active=True, mechanisms=("SCRAM-SHA-256-PLUS",))
+    reply = d.send(dialect.command(dialect.auth + b" SCRAM-SHA-256-PLUS"))
+    assert reply.startswith(differs("missing_binding_inside_tls", dialect))
+    assert reason_of(d) == ["encryption-required"]
+    assert not d.of(Lookup) and not d.closed
+
+
+@each_dialect
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_relay_names_the_user(dialect: Dialect, mechanism: str) -> None:
+    d = driver(dialect, relay=True)
+    if mechanism == "PLAIN":
+        d.send(dialect.auth_plain(GOOD_PLAIN))
+    else:
+        d.send(dialect.command(dialect.auth + b" LOGIN"))
+        d.call(d.server.relay_challenge(b"Username:"))
+        d.send(b64encode(b"alice") + b"\r\n")
+        d.call(d.server.relay_challenge(b"Password:"))
+        d.send(b64encode(b"wrong") + b"\r\n")
+    d.call(d.server.relay_result(False, BackendFailure.INVALID_CREDENTIALS))
+    named = differs("relay_names_the_user", dialect)
+    assert d.of(AuthFailed) == [
+        AuthFailed(mechanism, "invalid-credentials", "alice" if named else None)
+    ]
+    assert "wrong" not in repr(d.of(AuthFailed))  # only the user's field is decoded
+
+
+@each_dialect
+@pytest.mark.parametrize(
+    ("failure", "key"),
+    [
+        (None, "relay_refusal_without_reason"),
+        (BackendFailure.PASSWORD_EXPIRED, "relay_password_expired"),
+    ],
+)
+def test_relay_failure_reasons(dialect: Dialect, failure: BackendFailure | None, key: str) -> None:
+    d = driver(dialect, relay=True)
+    d.send(dialect.auth_plain(WRONG_PLAIN))
+    reply = d.call(d.server.relay_result(False, failure))
+    assert not reply.startswith(dialect.success) and not d.of(Splice)
+    assert reason_of(d) == [differs(key, dialect)]
+    assert not d.closed

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from authgate.policy import ExemptNetworks, ListenerPolicy, Protocol, Security, decide
-from authgate.protocols import smtp
+from authgate.protocols import server as core
 from authgate.protocols.base import (
     Authenticated,
     AuthFailed,
@@ -366,7 +366,8 @@ class FakeExchange:
 
 
 def fake_exchange(monkeypatch: pytest.MonkeyPatch, outcome: Failure | Success) -> None:
-    monkeypatch.setattr(smtp, "SaslExchange", lambda name, ctx: FakeExchange(outcome))
+    # The core runs every exchange.
+    monkeypatch.setattr(core, "SaslExchange", lambda name, ctx: FakeExchange(outcome))
 
 
 @pytest.mark.parametrize(
@@ -729,8 +730,11 @@ def test_relay_client_abort_cancels_at_backend(answer: str, reply: str, reason: 
 @pytest.mark.parametrize(
     ("failure", "reply"),
     [
-        (None, "454 4.7.0 "),
+        # A refusal without a reason refuses the credentials, in every
+        # dialect (the contract's relay_refusal_without_reason; was 454 here).
+        (None, "535 5.7.8 "),
         (BackendFailure.UNAVAILABLE, "454 4.7.0 "),
+        (BackendFailure.PASSWORD_EXPIRED, "535 5.7.8 Authentication credentials invalid: password"),
         (BackendFailure.REJECTED, "535 5.7.8 "),
     ],
 )
