@@ -282,14 +282,20 @@ DIFFERENCES = {
         DELIBERATE,
         "RFC 4954 6 gives SMTP's exchange its own 500 5.5.6; IMAP (RFC 9051 7.1.5 BYE) and"
         " POP3 (RFC 1939 3 -ERR) have one goodbye for any over-long line",
-        {"imap": b"* BYE Line too long", "pop3": b"-ERR Line too long.", "smtp": b"500 5.5.6 "},
+        {
+            "imap": b"* BYE Line too long",
+            "pop3": b"-ERR Line too long.",
+            "smtp": b"500 5.5.6 ",
+            "nntp": b"400 Line too long",
+            "managesieve": b'BYE "Line too long."',
+        },
     ),
     # ... and the attempt it ends: was an AuthFailed("malformed") in SMTP,
     # nothing in IMAP and POP3.
     "sasl_line_too_long_emits_auth_failed": Difference(
         UNIFIED,
         "every attempt that ends without a login is in the audit log",
-        {"imap": True, "pop3": True, "smtp": True},
+        {"imap": True, "pop3": True, "smtp": True, "nntp": True, "managesieve": True},
     ),
     # Whether the goodbye after max_errors / max_commands names the host
     # (the core's GOODBYE_NAMES_HOST setting).
@@ -297,7 +303,7 @@ DIFFERENCES = {
         DELIBERATE,
         "RFC 5321 3.8 and 4.2.3 write a 421 as \"421 <domain> ...\"; IMAP's BYE and POP3's"
         " -ERR carry free text",
-        {"imap": False, "pop3": False, "smtp": True},
+        {"imap": False, "pop3": False, "smtp": True, "nntp": False, "managesieve": False},
     ),
     # A *-PLUS mechanism inside TLS without channel binding data fails for
     # want of encryption: how the reply starts (the core's
@@ -307,7 +313,13 @@ DIFFERENCES = {
         "SMTP's 538 (RFC 4954 6) would ask a client already in TLS to encrypt: 504 5.5.4"
         " (unrecognized type) makes it try another mechanism; IMAP's [PRIVACYREQUIRED]"
         " (RFC 5530 3) and POP3's [AUTH] (RFC 3206 4) have no code for unknown on failure",
-        {"imap": b"a1 NO [PRIVACYREQUIRED] ", "pop3": b"-ERR [AUTH] ", "smtp": b"504 5.5.4 "},
+        {
+            "imap": b"a1 NO [PRIVACYREQUIRED] ",
+            "pop3": b"-ERR [AUTH] ",
+            "smtp": b"504 5.5.4 ",
+            "nntp": b"483 ",
+            "managesieve": b"NO (ENCRYPT-NEEDED) ",
+        },
     ),
     # Relay mode: was the user of a relayed PLAIN / LOGIN named in
     # AuthFailed? SMTP yes, IMAP and POP3 no (so the per-user defence did
@@ -315,7 +327,7 @@ DIFFERENCES = {
     "relay_names_the_user": Difference(
         UNIFIED,
         "the defence counts a relayed guess against its user as it does a local one",
-        {"imap": True, "pop3": True, "smtp": True},
+        {"imap": True, "pop3": True, "smtp": True, "nntp": True, "managesieve": True},
     ),
     # Relay mode: relay_result(False) with no BackendFailure was a temporary
     # failure in SMTP, a refusal of the credentials in IMAP and POP3.
@@ -323,18 +335,14 @@ DIFFERENCES = {
         UNIFIED,
         "the backend said no: a refusal of the credentials (a driver that knows it was an"
         " outage says UNAVAILABLE)",
-        {
-            "imap": "invalid-credentials",
-            "pop3": "invalid-credentials",
-            "smtp": "invalid-credentials",
-        },
+        dict.fromkeys(["imap", "pop3", "smtp", "nntp", "managesieve"], "invalid-credentials"),
     ),
     # Relay mode: the backend's "password expired" was "expired" in SMTP,
     # "invalid-credentials" in IMAP and POP3.
     "relay_password_expired": Difference(
         UNIFIED,
         "the client is told its password expired, as backend_failed(PASSWORD_EXPIRED) does",
-        {"imap": "expired", "pop3": "expired", "smtp": "expired"},
+        dict.fromkeys(["imap", "pop3", "smtp", "nntp", "managesieve"], "expired"),
     ),
 }
 
@@ -581,7 +589,7 @@ def test_login_command(dialect: Dialect) -> None:
 def test_sasl_line_too_long(dialect: Dialect) -> None:
     d = driver(dialect, max_line=64)
     assert d.send(dialect.auth_plain()) == dialect.challenge
-    assert d.send(b"A" * 100 + b"\r\n").startswith(differs("sasl_line_too_long", dialect))
+    assert d.send(dialect.response(b"A" * 100)).startswith(differs("sasl_line_too_long", dialect))
     assert d.events[-1] == Close()
     emits = differs("sasl_line_too_long_emits_auth_failed", dialect)
     assert d.of(AuthFailed) == ([AuthFailed("PLAIN", "malformed")] if emits else [])
@@ -605,7 +613,7 @@ def test_missing_channel_binding_inside_tls(dialect: Dialect) -> None:
     # A real *-PLUS mechanism on a TLS session whose SASL context carries no
     # binding data (no `binding` for listener_settings): SCRAM refuses it.
     d = driver(dialect, tls_active=True, mechanisms=("SCRAM-SHA-256-PLUS",))
-    reply = d.send(dialect.command(dialect.auth + b" SCRAM-SHA-256-PLUS"))
+    reply = d.send(dialect.command(dialect.auth + b" " + dialect.string(b"SCRAM-SHA-256-PLUS")))
     assert reply.startswith(differs("missing_binding_inside_tls", dialect))
     assert reason_of(d) == ["encryption-required"]
     assert not d.of(Lookup) and not d.closed
@@ -618,11 +626,11 @@ def test_relay_names_the_user(dialect: Dialect, mechanism: str) -> None:
     if mechanism == "PLAIN":
         d.send(dialect.auth_plain(GOOD_PLAIN))
     else:
-        d.send(dialect.command(dialect.auth + b" LOGIN"))
+        d.send(dialect.command(dialect.auth + b" " + dialect.string(b"LOGIN")))
         d.call(d.server.relay_challenge(b"Username:"))
-        d.send(b64encode(b"alice") + b"\r\n")
+        d.send(dialect.response(b64encode(b"alice")))
         d.call(d.server.relay_challenge(b"Password:"))
-        d.send(b64encode(b"wrong") + b"\r\n")
+        d.send(dialect.response(b64encode(b"wrong")))
     d.call(d.server.relay_result(False, BackendFailure.INVALID_CREDENTIALS))
     named = differs("relay_names_the_user", dialect)
     assert d.of(AuthFailed) == [
