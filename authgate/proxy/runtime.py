@@ -4,8 +4,9 @@ connection does no file I/O and no expensive set-up."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +105,35 @@ PROTOCOL_PARTS: dict[Protocol, ProtocolParts] = {
 }
 
 
+class GreetingCache:
+    """What the backend announces, for a greeting that repeats part of it
+    (ManageSieve's "SIEVE" list, RFC 5804 section 1.7): asked once and kept
+    for `ttl` seconds, so a client's connection does not cost a backend
+    connection of its own before it authenticates. A failed ask is not
+    kept: the next client asks again."""
+
+    def __init__(self, ttl: float = 60.0) -> None:
+        self.ttl = ttl
+        self._value: tuple[str, ...] | None = None
+        self._expires = 0.0
+        self._lock = asyncio.Lock()
+
+    async def get(
+        self, ask: Callable[[], Awaitable[tuple[str, ...] | None]]
+    ) -> tuple[str, ...] | None:
+        loop = asyncio.get_running_loop()
+        if self._value is not None and loop.time() < self._expires:
+            return self._value
+        # One ask at a time: the clients that arrive meanwhile wait for it.
+        async with self._lock:
+            if self._value is not None and loop.time() < self._expires:
+                return self._value
+            value = await ask()
+            if value is not None:
+                self._value, self._expires = value, loop.time() + self.ttl
+            return value
+
+
 @dataclass(frozen=True)
 class ListenerRuntime:
     listener: Listener
@@ -117,6 +147,7 @@ class ListenerRuntime:
     limits: Limits
     password_policy: PasswordPolicy
     master_password: str | None = field(default=None, repr=False)
+    greeting_cache: GreetingCache = field(default_factory=GreetingCache, repr=False, compare=False)
 
     @property
     def relay(self) -> bool:

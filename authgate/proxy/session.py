@@ -131,6 +131,9 @@ class ClientSession:
         if local_ip is not None and not local_ip.is_unspecified:
             self._aliases += (str(local_ip),)
         self.upstream: Upstream | None = None
+        # What the backend announced, for a greeting that repeats it
+        # (ProtocolParts.greeting_from_backend), read before start().
+        self._backend_capabilities: tuple[str, ...] = ()
         listener = runtime.listener
         limits = runtime.limits
         self.tag = f"{listener.name} {self.peer[0]}:{self.peer[1]}"
@@ -146,6 +149,7 @@ class ClientSession:
                 max_line=runtime.max_line,
                 max_errors=limits.max_errors,
                 max_commands=limits.max_commands,
+                backend_capabilities=lambda: self._backend_capabilities,
             )
         )
 
@@ -195,6 +199,8 @@ class ClientSession:
         """Drive the machine until it hands the client over to the backend,
         or None: the session ended first (closed, refused, timed out)."""
         if await self._blocked():
+            return None
+        if self.runtime.parts.greeting_from_backend and not await self._ask_backend():
             return None
         limits = self.runtime.limits
         loop = asyncio.get_running_loop()
@@ -474,6 +480,34 @@ class ClientSession:
             server_name=backend.server_name or backend.address.host,
             timeout=runtime.limits.backend_timeout,
         )
+
+    async def _ask_backend(self) -> bool:
+        """Learn the backend's capabilities for our greeting (from the
+        listener's cache, else from a connection that logs in to nothing).
+        False: the backend cannot be reached; the client heard the
+        protocol's unavailable line and the session is over."""
+        capabilities = await self.runtime.greeting_cache.get(self._probe_backend)
+        if capabilities is None:
+            self.client.write(self.runtime.parts.unavailable)
+            await self.client.drain()
+            return False
+        self._backend_capabilities = capabilities
+        return True
+
+    async def _probe_backend(self) -> tuple[str, ...] | None:
+        settings = replace(self._client_settings(None), relay=False, capabilities_only=True)
+        upstream = await self._open_upstream(settings)
+        if isinstance(upstream, LoginFailed):
+            return None
+        try:
+            result = await upstream.advance()
+        finally:
+            upstream.close()
+        if not isinstance(result, LoggedIn):
+            detail = result.detail if isinstance(result, LoginFailed) else "unexpected challenge"
+            log.warning("%s: backend capabilities unavailable: %s", self.tag, detail)
+            return None
+        return result.capabilities
 
     def _client_settings(self, identity: str | None) -> ClientSettings:
         backend = self.runtime.listener.backend

@@ -36,11 +36,19 @@ def dovecot_tls() -> Iterator[DovecotInstance]:
         yield instance
 
 
+@pytest.fixture(scope="session")
+def dovecot_sieve() -> Iterator[DovecotInstance]:
+    """A running Dovecot with TLS and ManageSieve (dovecot-managesieved):
+    `sieve` offers STARTTLS, `sieve_haproxy` takes a PROXY header."""
+    with start_dovecot(tls=True, sieve=True) as instance:
+        yield instance
+
+
 @pytest.fixture(autouse=True)
 def _dovecot_log_mark(request: pytest.FixtureRequest) -> None:
     # Only for tests that use an instance: never start Dovecot just for this.
     marks: dict[str, tuple[DovecotInstance, int]] = {}
-    for name in ("dovecot", "dovecot_tls"):
+    for name in ("dovecot", "dovecot_tls", "dovecot_sieve"):
         if name in request.fixturenames:
             instance: DovecotInstance = request.getfixturevalue(name)
             marks[name] = (instance, instance.log_size())

@@ -71,7 +71,10 @@ from tests.netutil import free_port
 HOST = "127.0.0.1"
 DOVECOT_BIN = "dovecot"
 DOVECOT_PATHS = ("/usr/sbin/dovecot", "/usr/local/sbin/dovecot")
-INSTALL_HINT = "run ./dev test as root to install Dovecot (dovecot-core, dovecot-imapd, dovecot-pop3d, dovecot-submissiond)"
+INSTALL_HINT = (
+    "run ./dev test as root to install Dovecot (dovecot-core, dovecot-imapd, dovecot-pop3d,"
+    " dovecot-submissiond, dovecot-managesieved, dovecot-sieve)"
+)
 
 # Every mechanism Dovecot 2.3.19 offers that the gateway may want to exercise
 # against a real backend.  All of them are built into that version's auth
@@ -214,6 +217,10 @@ class DovecotInstance(AppendedLog):
     imaps: int | None = None
     pop3s: int | None = None
     submissions: int | None = None
+    # With `sieve=True` (dovecot-managesieved): ManageSieve, plain (STARTTLS
+    # in the TLS variant) and behind haproxy.
+    sieve: int | None = None
+    sieve_haproxy: int | None = None
     ca_pem: bytes | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
@@ -277,6 +284,8 @@ class DovecotInstance(AppendedLog):
             "imaps",
             "pop3s",
             "submissions",
+            "sieve",
+            "sieve_haproxy",
         ]
         result = {}
         for name in names:
@@ -351,7 +360,8 @@ def render_config(
     auth_penalty: bool,
     extra_config: str = "",
 ) -> str:
-    """The full dovecot.conf text for an instance rooted at `root`."""
+    """The full dovecot.conf text for an instance rooted at `root` (with
+    ManageSieve when `ports` has a "sieve" entry)."""
     tls = tls_files is not None
     if tls:
         assert tls_files is not None
@@ -396,9 +406,23 @@ def render_config(
     # reading its settings when SIGTERM arrives blocks shutdown for ~5 s.
     login_tuning = "  service_count = 0\n  process_min_avail = 1"
     nl = "\n"
+    protocols = "imap pop3 submission"
+    sieve_block = ""
+    if "sieve" in ports:
+        # Pigeonhole's ManageSieve; scripts live in the user's home, the
+        # active one is the ~/.dovecot.sieve symlink (Debian's default form).
+        protocols += " sieve"
+        sieve_listeners = [
+            _listener("sieve", ports["sieve"]),
+            _listener("sieve_haproxy", ports["sieve_haproxy"], haproxy=True),
+        ]
+        sieve_block = (
+            f"service managesieve-login {{\n{login_tuning}\n{nl.join(sieve_listeners)}\n}}\n"
+            "plugin {\n  sieve = file:~/sieve;active=~/.dovecot.sieve\n}\n"
+        )
     return f"""\
 # Written by tests/interop/dovecot.py: self-contained, nothing is included.
-protocols = imap pop3 submission
+protocols = {protocols}
 listen = {HOST}
 base_dir = {root}/run
 state_dir = {root}/state
@@ -464,7 +488,7 @@ service submission-login {{
 {login_tuning}
 {nl.join(sub_listeners)}
 }}
-{extra_config}
+{sieve_block}{extra_config}
 """
 
 
@@ -512,7 +536,12 @@ def _accepts(port: int) -> bool:
 
 
 # What each plain listener says first once its login process is up.
-_GREETINGS = {"imap": b"* OK", "pop3": b"+OK", "submission": b"220 "}
+_GREETINGS = {
+    "imap": b"* OK",
+    "pop3": b"+OK",
+    "submission": b"220 ",
+    "sieve": b'"IMPLEMENTATION"',
+}
 
 
 def _greets(port: int, prefix: bytes) -> bool:
@@ -553,6 +582,7 @@ def start_dovecot(
     auth_penalty: bool = False,
     extra_config: str = "",
     startup_timeout: float = STARTUP_TIMEOUT,
+    sieve: bool = False,
 ) -> Iterator[DovecotInstance]:
     """Run a private Dovecot for the duration of the `with` block.
 
@@ -608,6 +638,8 @@ def start_dovecot(
         ]
         if tls:
             port_names += ["imaps", "pop3s", "submissions"]
+        if sieve:
+            port_names += ["sieve", "sieve_haproxy"]
         ports: dict[str, int] = {}
         while len(ports) < len(port_names):
             port = free_port()
@@ -676,6 +708,8 @@ def start_dovecot(
             imaps=ports.get("imaps"),
             pop3s=ports.get("pop3s"),
             submissions=ports.get("submissions"),
+            sieve=ports.get("sieve"),
+            sieve_haproxy=ports.get("sieve_haproxy"),
             ca_pem=ca_pem,
             process=process,
         )
