@@ -671,7 +671,9 @@ def _listener(
 ) -> Listener:
     name = table.require("name", str)
     if not table.has("protocol"):
-        raise table.error("protocol", "is required (smtp | imap | pop3 | nntp | managesieve | ldap)")
+        raise table.error(
+            "protocol", "is required (smtp | imap | pop3 | nntp | managesieve | ldap)"
+        )
     protocol = table.choice("protocol", Protocol, Protocol.IMAP)
     submission = table.get("submission", bool, protocol is Protocol.SMTP)
     defaults = ListenerPolicy(
