@@ -12,6 +12,13 @@ Registered through the ``pytest11`` entry point ``authgate`` (disable with
     exempt 127.0.0.2/32, user alice with a random password in
     ``stack.users["alice"]``, one welcome message), changed per test with
     ``@pytest.mark.authgate(...)`` (same keywords as the factory).
+
+Every stack records a transcript of each client connection
+(``stack.transcripts``, authgate.testing.transcripts); a failing test's
+report shows them. ``scenario="..."`` makes the stack's server side
+misbehave on purpose (authgate.testing.scenarios: STARTTLS stripping,
+response injection, PREAUTH, bad certificates, ...), for testing how a
+client copes with a hostile server.
 ``authgate_ssl_context``
     A client ``ssl.SSLContext`` trusting the stack's CA.
 ``authgate_certs_dir``
@@ -64,11 +71,15 @@ MARKER_KEYWORDS = (
     "messages",
     "brute_force_delays",
     "allow_ntlm_legacy",
+    "scenario",
+    "scenario_options",
 )
 MARKER_HELP = (
     "authgate(security='require-secure-auth', mechanisms=[...], exempt=['127.0.0.2/32'], "
-    "users={'alice': 'pw'}, messages={'alice': [b'...']}, allow_ntlm_legacy=False): "
-    "settings of the `authgate` fixture's stack for this test"
+    "users={'alice': 'pw'}, messages={'alice': [b'...']}, allow_ntlm_legacy=False, "
+    "scenario='strip-starttls', scenario_options={'delay': 0.3}): "
+    "settings of the `authgate` fixture's stack for this test (scenario: a hostile-server "
+    "scenario, see authgate.testing.scenarios)"
 )
 
 
@@ -97,6 +108,8 @@ class AuthgateFactory(Protocol):
         messages: Mapping[str, Sequence[bytes]] | None = None,
         brute_force_delays: bool = False,
         allow_ntlm_legacy: bool = False,
+        scenario: str | None = None,
+        scenario_options: Mapping[str, object] | None = None,
     ) -> Stack: ...
 
 
@@ -153,6 +166,8 @@ def resolve_settings(
     messages: Mapping[str, Sequence[bytes]] | None = None,
     brute_force_delays: bool = False,
     allow_ntlm_legacy: bool = False,
+    scenario: str | None = None,
+    scenario_options: Mapping[str, object] | None = None,
 ) -> dict[str, Any]:
     """Check every argument and fill in the defaults: the keyword arguments
     for `embedded_stack` (mechanisms None: every mechanism the stack serves).
@@ -160,8 +175,16 @@ def resolve_settings(
     Test stacks answer a failed login at once; `brute_force_delays=True`
     keeps the real defence (a 2 s failure delay, growing per address), for
     testing how a client copes with it. `allow_ntlm_legacy=True` lets an
-    NTLMv1 or NTLM2-session-response client in (the config key of that name)."""
+    NTLMv1 or NTLM2-session-response client in (the config key of that name).
+    `scenario` names a hostile-server scenario (authgate.testing.scenarios),
+    `scenario_options` its knobs (delay, line_bytes)."""
     check_policy(origin, security, mechanisms, exempt, allow_ntlm_legacy)
+    if scenario is not None or scenario_options is not None:
+        from authgate.testing import scenarios
+
+        if scenario is not None:
+            scenarios.get(origin, scenario)
+        scenarios.ScenarioOptions.parse(origin, scenario_options)
     if users is None:
         users = {DEFAULT_USER: secrets.token_urlsafe(12)}
     if messages is None:
@@ -175,6 +198,8 @@ def resolve_settings(
         "messages": messages,
         "extra_config": "" if brute_force_delays else NO_DELAYS,
         "allow_ntlm_legacy": allow_ntlm_legacy,
+        "scenario": scenario,
+        "scenario_options": scenario_options,
     }
 
 
@@ -275,6 +300,8 @@ if HAVE_PYTEST_ASYNCIO:
                 messages: Mapping[str, Sequence[bytes]] | None = None,
                 brute_force_delays: bool = False,
                 allow_ntlm_legacy: bool = False,
+                scenario: str | None = None,
+                scenario_options: Mapping[str, object] | None = None,
             ) -> Stack:
                 settings = resolve_settings(
                     "authgate_factory",
@@ -285,6 +312,8 @@ if HAVE_PYTEST_ASYNCIO:
                     messages=messages,
                     brute_force_delays=brute_force_delays,
                     allow_ntlm_legacy=allow_ntlm_legacy,
+                    scenario=scenario,
+                    scenario_options=scenario_options,
                 )
                 if settings["mechanisms"] is None:
                     settings["mechanisms"] = ALL_MECHANISMS

@@ -22,6 +22,7 @@ from authgate.credentials.store import UserStore, generate_secrets
 from authgate.proxy.channel import Channel
 from authgate.proxy.server import Gateway
 from authgate.runner import start_gateway, verification_pool
+from authgate.testing import scenarios
 from authgate.testing.backends import Backends, seed_mailbox, start_backends
 from authgate.testing.transcripts import RecordingChannel, Transcript
 
@@ -71,6 +72,7 @@ class Stack:
     # One per client connection, in the order they were accepted (recording
     # stacks only: the plugin's).
     transcripts: list[Transcript] = field(default_factory=list)
+    scenario: scenarios.Scenario | None = None  # the hostile-server scenario played
 
     def __getitem__(self, name: str) -> Endpoint:
         return self.endpoints[name]
@@ -170,12 +172,25 @@ async def embedded_stack(
     extra_config: str = "",
     allow_ntlm_legacy: bool = False,
     record: bool = False,
+    scenario: str | None = None,
+    scenario_options: Mapping[str, object] | None = None,
 ) -> AsyncIterator[Stack]:
     """Start backends and authgate; stop both on exit. `record`: keep a
-    transcript of every client connection (`Stack.transcripts`)."""
+    transcript of every client connection (`Stack.transcripts`).
+    `scenario`: a hostile-server scenario (authgate.testing.scenarios) on
+    every listener, recorded."""
+    chosen = None if scenario is None else scenarios.get("embedded_stack", scenario)
+    options = scenarios.ScenarioOptions.parse("embedded_stack", scenario_options)
     workdir.mkdir(parents=True, exist_ok=True)
-    certs = (certs_dir or workdir / "certs").resolve()
-    ca_file = ensure_dev_certificates(certs)
+    if chosen is not None and chosen.certificate is not None:
+        # The client is told to trust ca_file; the server shows a bad certificate.
+        certs = (workdir / "scenario-certs").resolve()
+        _, _, ca_file = await asyncio.to_thread(
+            scenarios.write_bad_certificate, chosen.certificate, certs
+        )
+    else:
+        certs = (certs_dir or workdir / "certs").resolve()
+        ca_file = ensure_dev_certificates(certs)
     mail_root = workdir / "mail"
     for user in users:
         seed_mailbox(mail_root, user, list((messages or {}).get(user, ())))
@@ -222,8 +237,9 @@ async def embedded_stack(
             stack = Stack(
                 gateway, endpoints, ca_file, config_file, dict(users), mail_root, backends
             )
-            if record:
-                gateway.channel_factory = recording_factory(stack)
+            stack.scenario = chosen
+            if record or chosen is not None:
+                gateway.channel_factory = recording_factory(stack, chosen, options)
             yield stack
         finally:
             await gateway.stop(drain=1.0)
@@ -231,14 +247,21 @@ async def embedded_stack(
         await backends.close()
 
 
-def recording_factory(stack: Stack) -> Callable[[str], Channel]:
-    """The gateway's channel factory for a recording stack."""
+def recording_factory(
+    stack: Stack,
+    scenario: scenarios.Scenario | None = None,
+    options: scenarios.ScenarioOptions | None = None,
+) -> Callable[[str], Channel]:
+    """The gateway's channel factory for a recording stack (playing
+    `scenario`, when it is one that rewrites the dialogue)."""
 
     def make(listener: str) -> Channel:
-        transcript = Transcript(
-            listener, stack.endpoints[listener].protocol, number=len(stack.transcripts) + 1
-        )
+        protocol = stack.endpoints[listener].protocol
+        transcript = Transcript(listener, protocol, number=len(stack.transcripts) + 1)
         stack.transcripts.append(transcript)
-        return RecordingChannel(transcript)
+        if scenario is None or scenario.certificate is not None:
+            return RecordingChannel(transcript)
+        lens = scenarios.Lens(scenario, protocol, options or scenarios.ScenarioOptions())
+        return scenarios.ScenarioChannel(transcript, lens)
 
     return make

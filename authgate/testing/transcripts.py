@@ -83,9 +83,12 @@ class Transcript:
     def record(self, sender: Direction, data: bytes) -> None:
         if not data or self.truncated:
             return
-        if self._size + len(data) > MAX_RECORDED:
-            self.truncated = True
-            return
+        room = MAX_RECORDED - self._size
+        if len(data) > room:
+            self.truncated = True  # keep what fits: the start of a huge line says what it was
+            data = data[:room]
+            if not data:
+                return
         self._size += len(data)
         self.chunks.append(Chunk(sender, bytes(data), self.tls))
 
