@@ -1,0 +1,208 @@
+"""A real INN 2.7 news server (Debian `inn2`) on loopback, for the NNTP
+interop tests.
+
+Only the reader side runs: INN's `nnrpd` in daemon mode (`-D -f`) on a high
+port, with its own `inn.conf` (named by the INNCONF environment variable),
+`readers.conf`, active file, history, overview and tradspool articles under
+one temporary directory. The spool is built without innd: the article file
+is written into the tradspool tree and `makehistory -O` builds the history
+and the overview from it, so nnrpd serves `local.test` with one article.
+
+readers.conf authenticates AUTHINFO USER/PASS with `ckpasswd -f` against a
+crypt(3) password file holding two accounts: the reader (relay mode: the
+reader's own password reaches INN) and one proxy account (terminate mode:
+authgate verifies the reader itself and logs in to INN as that account).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from passlib.hash import sha512_crypt
+
+from tests.netutil import HOST, free_port
+
+INN_BIN = Path("/usr/lib/news/bin")
+NNRPD = INN_BIN / "nnrpd"
+MAKEHISTORY = INN_BIN / "makehistory"
+
+GROUP = "local.test"
+MESSAGE_ID = "<hello-through-authgate@authgate.test>"
+SUBJECT = "Hello through authgate"
+BODY = "An article read through authgate."
+READER = ("reader", "reader-News-pw1")
+PROXY = ("authgate-proxy", "proxy-News-pw1")
+
+_ARTICLE = f"""Path: authgate.test!not-for-mail
+From: reader@authgate.test
+Newsgroups: {GROUP}
+Subject: {SUBJECT}
+Date: Wed, 02 Dec 2026 12:00:00 +0000
+Message-ID: {MESSAGE_ID}
+Xref: authgate.test {GROUP}:1
+
+{BODY}
+"""
+
+# inn.conf keys that name directories: all of them under our temp dir.
+_PATHS = {
+    "pathetc": "etc",
+    "pathdb": "db",
+    "pathspool": "spool",
+    "patharticles": "spool/articles",
+    "pathoverview": "spool/overview",
+    "pathtmp": "tmp",
+    "pathincoming": "tmp",
+    "pathoutgoing": "tmp",
+    "patharchive": "tmp",
+    "pathlog": "log",
+    "pathrun": "run",
+    "pathhttp": "http",
+}
+
+
+class InnMissing(AssertionError):
+    """INN is not installed or did not start: the tests fail (never skip)."""
+
+
+@dataclass
+class InnInstance:
+    root: Path
+    port: int
+    process: subprocess.Popen[bytes] = field(repr=False)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (HOST, self.port)
+
+    def log_text(self) -> str:
+        parts = []
+        for path in [*sorted((self.root / "log").glob("*")), self.root / "nnrpd.out"]:
+            if path.is_file():
+                parts.append(f"== {path.name}\n" + path.read_text("utf-8", "replace")[-4000:])
+        return "\n".join(parts)
+
+
+def _inn_conf(root: Path) -> str:
+    lines = []
+    for line in Path("/etc/news/inn.conf").read_text().splitlines():
+        key = line.partition(":")[0].strip()
+        if key in _PATHS or key in ("domain", "port", "bindaddress", "pathhost"):
+            continue
+        lines.append(line)
+    lines += [f"{key}: {root / sub}" for key, sub in _PATHS.items()]
+    lines += ["domain: authgate.test", "pathhost: inn.authgate.test"]
+    return "\n".join(lines) + "\n"
+
+
+def _crypt(password: str) -> str:
+    # 5000 rounds (the crypt(3) default), not passlib's 656000: ckpasswd
+    # runs once per login and the tests log in often.
+    return str(sha512_crypt.using(rounds=5000).hash(password))
+
+
+def _build(root: Path) -> None:
+    for sub in ("etc", "db", "spool/articles/local/test", "spool/overview", "tmp", "log",
+                "run", "http"):  # fmt: skip
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    etc = root / "etc"
+    (etc / "inn.conf").write_text(_inn_conf(root))
+    (etc / "storage.conf").write_text("method tradspool {\n    newsgroups: *\n    class: 0\n}\n")
+    (etc / "passwd").write_text(
+        "".join(f"{user}:{_crypt(password)}\n" for user, password in (READER, PROXY))
+    )
+    (etc / "readers.conf").write_text(
+        f"""auth "accounts" {{
+    auth: "ckpasswd -f {etc / "passwd"}"
+}}
+access "accounts" {{
+    users: "*"
+    newsgroups: "*"
+    access: R
+}}
+"""
+    )
+    (root / "db" / "active").write_text(f"{GROUP} 0000000001 0000000001 y\n")
+    (root / "db" / "active.times").write_text("")
+    (root / "db" / "newsgroups").write_text(f"{GROUP}\tauthgate's test group\n")
+    (root / "spool/articles/local/test/1").write_text(_ARTICLE)
+    # INN's programs run as user news when started as root: the tree is theirs.
+    for directory, _, files in os.walk(root):
+        for name in [directory, *(os.path.join(directory, f) for f in files)]:
+            shutil.chown(name, "news", "news")
+    env = {**os.environ, "INNCONF": str(etc / "inn.conf")}
+    done = subprocess.run(
+        [str(MAKEHISTORY), "-O", "-s", "100"], env=env, capture_output=True, timeout=60
+    )
+    if done.returncode != 0:
+        raise InnMissing(f"makehistory failed: {done.stderr.decode('utf-8', 'replace')}")
+
+
+def _wait_for_greeting(port: int, process: subprocess.Popen[bytes], deadline: float) -> None:
+    last = ""
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise InnMissing(f"nnrpd exited with status {process.returncode}")
+        try:
+            with socket.create_connection((HOST, port), timeout=2) as sock:
+                greeting = sock.makefile("rb").readline()
+                if greeting.startswith((b"200", b"201")):
+                    sock.sendall(b"QUIT\r\n")
+                    return
+                last = greeting.decode("utf-8", "replace")
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.05)
+    raise InnMissing(f"nnrpd did not greet on port {port}: {last}")
+
+
+@contextlib.contextmanager
+def start_inn() -> Iterator[InnInstance]:
+    """nnrpd serving `local.test` (one article) on a loopback port."""
+    if not NNRPD.exists() or not MAKEHISTORY.exists():
+        raise InnMissing("INN is not installed: apt-get install inn2 (./dev test does)")
+    root = Path(tempfile.mkdtemp(prefix="authgate-inn-"))
+    root.chmod(0o755)  # nnrpd may drop to user news: it must reach its files
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        _build(root)
+        port = free_port()
+        env = {**os.environ, "INNCONF": str(root / "etc" / "inn.conf")}
+        with (root / "nnrpd.out").open("wb") as out:
+            # -D: daemon (listens, forks a child per connection); -f: stay
+            # in the foreground, so this process is the one we stop.
+            process = subprocess.Popen(
+                [str(NNRPD), "-D", "-f", "-b", HOST, "-p", str(port)],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        instance = InnInstance(root, port, process)
+        try:
+            _wait_for_greeting(port, process, time.monotonic() + 20)
+        except InnMissing as exc:
+            raise InnMissing(f"{exc}\n{instance.log_text()}") from None
+        yield instance
+    finally:
+        if process is not None and process.poll() is None:
+            # The daemon and the children it forked for connections: its
+            # own session, so one signal to its group reaches them all.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, 15)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, 9)
+                process.wait(5)
+        shutil.rmtree(root, ignore_errors=True)

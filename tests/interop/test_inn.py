@@ -1,0 +1,282 @@
+"""authgate in front of a real INN 2.7 (tests/interop/inn.py), driven by two
+real news readers: Python's nntplib and Perl's Net::NNTP.
+
+Each proof reads the article of `local.test` through authgate: relay mode
+(the reader's AUTHINFO USER/PASS reaches INN, whose readers.conf checks it)
+and terminate mode (authgate checks the reader, then logs in to INN with its
+one proxy account), in the clear from the exempt address, with STARTTLS and
+with implicit TLS (563's role); and the policy's refusal, 483, from a
+non-exempt address in the clear, with INN never asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import subprocess
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from authgate import config as config_mod
+from authgate.certs import ensure_dev_certificates
+from authgate.credentials.store import UserStore, generate_secrets
+from authgate.offers import load_store
+from authgate.proxy.server import Gateway
+from authgate.runner import start_gateway
+from tests.interop.inn import (
+    BODY,
+    GROUP,
+    MESSAGE_ID,
+    PROXY,
+    READER,
+    SUBJECT,
+    InnInstance,
+    start_inn,
+)
+
+with warnings.catch_warnings():
+    # nntplib is deprecated (PEP 594, gone in 3.13), but 3.11 has it and it
+    # is a real news reader.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import nntplib
+
+pytestmark = [pytest.mark.interop, pytest.mark.asyncio]
+
+EXEMPT = "127.0.0.2"
+NOT_EXEMPT = "127.0.0.1"
+USER, PASSWORD = READER
+
+
+@pytest.fixture(scope="module")
+def inn() -> Iterator[InnInstance]:
+    with start_inn() as instance:
+        yield instance
+
+
+@dataclass
+class Setup:
+    gateway: Gateway
+    ca_file: Path
+    inn: InnInstance
+
+    def address(self, listener: str) -> tuple[str, int]:
+        return self.gateway.addresses()[listener]
+
+    def context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
+
+@pytest_asyncio.fixture
+async def setup(tmp_path: Path, inn: InnInstance) -> AsyncIterator[Setup]:
+    ca = ensure_dev_certificates(tmp_path / "certs")
+    store = UserStore(realm="localhost")
+    store.set_user_secrets(USER, generate_secrets(USER, PASSWORD, "localhost"))
+    store.save(tmp_path / "users.toml")
+    listeners = ""
+    for mode in ("relay", "terminate"):
+        for tls in ("starttls", "implicit"):
+            listeners += f"""
+[[listeners]]
+name = "{mode}-{tls}"
+protocol = "nntp"
+listen = "127.0.0.1:0"
+tls = "{tls}"
+[listeners.backend]
+address = "127.0.0.1:{inn.port}"
+mode = "{mode}"
+"""
+            if mode == "terminate":
+                # INN has no master users: one proxy account in readers.conf.
+                listeners += f'master_user = "{PROXY[0]}"\nmaster_password = "{PROXY[1]}"\n'
+    path = tmp_path / "authgate.toml"
+    path.write_text(
+        'hostname = "localhost"\n'
+        '[policy]\nsecurity = "require-secure-auth"\nmechanisms = ["CRAM-MD5", "PLAIN"]\n'
+        f'exempt_networks = ["{EXEMPT}/32"]\n'
+        '[users]\nfile = "users.toml"\n'
+        f'[tls]\ncert = "{ca.parent / "server.pem"}"\nkey = "{ca.parent / "server.key"}"\n'
+        "[defence]\nfailure_delay = 0\npenalties = []\n" + listeners
+    )
+    config = config_mod.load(path)
+    running = await start_gateway(config, load_store(config))
+    try:
+        yield Setup(running, ca, inn)
+    finally:
+        await running.stop(drain=1)
+
+
+# ------------------------------------------------------------------ nntplib
+
+
+class _FromAddress(nntplib.NNTP):
+    """nntplib's reader from a chosen loopback address."""
+
+    source = NOT_EXEMPT
+
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout, (self.source, 0))
+
+
+def _reader(source: str) -> type[nntplib.NNTP]:
+    return type("Reader", (_FromAddress,), {"source": source})
+
+
+def nntplib_read(
+    address: tuple[str, int], *, source: str, tls: str, context: ssl.SSLContext
+) -> tuple[str, list[bytes]]:
+    """Log in with nntplib and read article 1 of the group: (the GROUP
+    reply's group name, the article's lines)."""
+    host, port = address
+    if tls == "implicit":
+        client: nntplib.NNTP = nntplib.NNTP_SSL(host, port, ssl_context=context, timeout=15)
+    else:
+        client = _reader(source)(host, port, timeout=15)
+    with client:
+        if tls == "starttls":
+            assert "STARTTLS" in client.getcapabilities()
+            client.starttls(context)  # asks CAPABILITIES again (RFC 4642)
+            assert "STARTTLS" not in client.getcapabilities()
+        client.login(USER, PASSWORD, usenetrc=False)
+        _, _, _, _, name = client.group(GROUP)
+        _, info = client.article(1)
+        return name, info.lines
+
+
+@pytest.mark.parametrize("mode", ["relay", "terminate"])
+@pytest.mark.parametrize(
+    ("tls", "source"),
+    [("none", EXEMPT), ("starttls", NOT_EXEMPT), ("implicit", NOT_EXEMPT)],
+)
+async def test_nntplib_reads_an_article(setup: Setup, mode: str, tls: str, source: str) -> None:
+    listener = f"{mode}-{'implicit' if tls == 'implicit' else 'starttls'}"
+    name, lines = await asyncio.to_thread(
+        nntplib_read, setup.address(listener), source=source, tls=tls, context=setup.context()
+    )
+    assert name == GROUP
+    assert f"Message-ID: {MESSAGE_ID}".encode() in lines
+    assert f"Subject: {SUBJECT}".encode() in lines and BODY.encode() in lines
+
+
+@pytest.mark.parametrize("mode", ["relay", "terminate"])
+async def test_nntplib_cleartext_from_a_non_exempt_address_is_483(
+    setup: Setup, mode: str
+) -> None:
+    def attempt() -> str:
+        host, port = setup.address(f"{mode}-starttls")
+        with _reader(NOT_EXEMPT)(host, port, timeout=15) as client:
+            caps = client.getcapabilities()
+            assert caps.get("AUTHINFO") == ["SASL"] and caps.get("SASL") == ["CRAM-MD5"]
+            with pytest.raises(nntplib.NNTPTemporaryError) as refused:
+                client.login(USER, PASSWORD, usenetrc=False)
+            # Reader commands still need a login.
+            with pytest.raises(nntplib.NNTPTemporaryError, match=r"^480"):
+                client.group(GROUP)
+            return str(refused.value)
+
+    assert (await asyncio.to_thread(attempt)).startswith("483 ")
+
+
+async def test_nntplib_wrong_password_is_481(setup: Setup) -> None:
+    def attempt() -> str:
+        host, port = setup.address("relay-starttls")
+        with _reader(EXEMPT)(host, port, timeout=15) as client:
+            with pytest.raises(nntplib.NNTPTemporaryError) as refused:  # any 4xx
+                client.login(USER, "not-" + PASSWORD, usenetrc=False)
+            return str(refused.value)
+
+    # INN said no (relay mode): authgate passes its verdict on as 481.
+    assert (await asyncio.to_thread(attempt)).startswith("481 ")
+
+
+# ---------------------------------------------------------------- Net::NNTP
+
+_PERL = r"""
+use strict; use warnings;
+use Net::NNTP;
+my ($host, $port, $tls, $source, $ca, $user, $pass, $group) = @ARGV;
+my %ssl = (SSL_ca_file => $ca, SSL_verifycn_name => 'localhost');
+my $nntp = Net::NNTP->new(Host => $host, Port => $port, LocalAddr => $source, Timeout => 15,
+    ($tls eq 'implicit' ? (SSL => 1, %ssl) : ())) or die "connect: $@\n";
+if ($tls eq 'starttls') { $nntp->starttls(%ssl) or die "starttls: " . $nntp->message; }
+$nntp->authinfo($user, $pass) or die "authinfo: " . $nntp->code . " " . $nntp->message;
+$nntp->group($group) or die "group: " . $nntp->message;
+my $article = $nntp->article(1) or die "article: " . $nntp->message;
+print @$article;
+$nntp->quit;
+"""
+
+
+def perl_read(
+    address: tuple[str, int], *, source: str, tls: str, ca_file: Path, password: str = PASSWORD
+) -> subprocess.CompletedProcess[str]:
+    host, port = address
+    return subprocess.run(
+        ["perl", "-e", _PERL, host, str(port), tls, source, str(ca_file), USER, password, GROUP],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("mode", ["relay", "terminate"])
+@pytest.mark.parametrize(
+    ("tls", "source"),
+    [("none", EXEMPT), ("starttls", NOT_EXEMPT), ("implicit", NOT_EXEMPT)],
+)
+async def test_net_nntp_reads_an_article(setup: Setup, mode: str, tls: str, source: str) -> None:
+    listener = f"{mode}-{'implicit' if tls == 'implicit' else 'starttls'}"
+    done = await asyncio.to_thread(
+        perl_read, setup.address(listener), source=source, tls=tls, ca_file=setup.ca_file
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"Message-ID: {MESSAGE_ID}" in done.stdout and BODY in done.stdout
+
+
+async def test_net_nntp_cleartext_from_a_non_exempt_address_is_483(setup: Setup) -> None:
+    done = await asyncio.to_thread(
+        perl_read, setup.address("terminate-starttls"), source=NOT_EXEMPT, tls="none",
+        ca_file=setup.ca_file,
+    )  # fmt: skip
+    assert done.returncode != 0 and done.stderr.startswith("authinfo: 483 "), done.stderr
+
+
+# ----------------------------------------------------- AUTHINFO SASL, by hand
+
+
+def sasl_plain_read(address: tuple[str, int], source: str) -> list[bytes]:
+    """Neither reader speaks AUTHINFO SASL: a few lines of our own, with the
+    initial response (RFC 4643 section 2.4.2), then GROUP and ARTICLE."""
+    import base64
+
+    with socket.create_connection(address, timeout=15, source_address=(source, 0)) as sock:
+        stream = sock.makefile("rwb")
+
+        def command(line: bytes) -> bytes:
+            stream.write(line + b"\r\n")
+            stream.flush()
+            return stream.readline()
+
+        assert stream.readline().startswith(b"200 ")
+        initial = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
+        assert command(b"AUTHINFO SASL PLAIN " + initial).startswith(b"281 ")
+        assert command(b"GROUP " + GROUP.encode()).startswith(b"211 ")
+        assert command(b"ARTICLE 1").startswith(b"220 ")
+        lines = []
+        while (line := stream.readline()) not in (b".\r\n", b""):
+            lines.append(line.rstrip(b"\r\n"))
+        command(b"QUIT")
+        return lines
+
+
+@pytest.mark.parametrize("mode", ["relay", "terminate"])
+async def test_authinfo_sasl_plain_reads_an_article(setup: Setup, mode: str) -> None:
+    # Relay: authgate sends the PLAIN message to INN as AUTHINFO USER/PASS,
+    # which readers.conf checks (INN's own SASL uses Cyrus SASL's users).
+    lines = await asyncio.to_thread(sasl_plain_read, setup.address(f"{mode}-starttls"), EXEMPT)
+    assert f"Message-ID: {MESSAGE_ID}".encode() in lines
