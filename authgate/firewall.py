@@ -97,7 +97,8 @@ class PortEntry:
 
 
 # The seed's table, for the services authgate does not serve (with --all).
-# The mail services come from the config's listeners instead.
+# The mail services come from the config's listeners instead, and so do
+# NNTP and LDAP rows once the config has a listener of that protocol.
 _STANDARD: Final[tuple[tuple[str, int, Action, str], ...]] = (
     ("NNTP", 119, Action.DENY, "cleartext news; clients use NNTPS 563"),
     ("NNTPS", 563, Action.ALLOW, "news over implicit TLS"),
@@ -106,6 +107,13 @@ _STANDARD: Final[tuple[tuple[str, int, Action, str], ...]] = (
     ("HTTP", 80, Action.DENY, "cleartext web logins; clients use HTTPS 443"),
     ("HTTPS", 443, Action.ALLOW, "web over implicit TLS"),
 )
+# The standard rows a listener of the protocol serves instead (HTTP: none).
+_STANDARD_PROTOCOL: Final = {
+    "NNTP": Protocol.NNTP,
+    "NNTPS": Protocol.NNTP,
+    "LDAP": Protocol.LDAP,
+    "LDAPS": Protocol.LDAP,
+}
 
 # Ranges that are never "the Internet": an exemption inside them is a LAN
 # decision. Our own list because ipaddress's is_private calls 0.0.0.0/0
@@ -233,7 +241,12 @@ def _outside_ports(listener: Listener) -> str:
 # The protocols whose cleartext/STARTTLS port the page denies when the
 # implicit-TLS one is open (IMAP 143 vs 993, POP3 110 vs 995, LDAP 389 vs
 # 636: the page denies 389 and allows 636).
-_SECURED_VERSION: Final = {Protocol.IMAP: "IMAPS", Protocol.POP3: "POP3S", Protocol.LDAP: "LDAPS"}
+_SECURED_VERSION: Final = {
+    Protocol.IMAP: "IMAPS",
+    Protocol.POP3: "POP3S",
+    Protocol.LDAP: "LDAPS",
+    Protocol.NNTP: "NNTPS",  # the page denies 119 and allows 563
+}
 
 
 def _secured_versions(listeners: Sequence[Listener]) -> dict[Protocol, list[Listener]]:
@@ -299,8 +312,9 @@ def _listener_entry(
         # (A cleartext listener that would be denied anyway keeps its reason.)
         where = " and ".join(f"{_label(x)} on {_outside_ports(x)}" for x in secured)
         starttls = listener.tls is TLSMode.STARTTLS
-        # RFC 8314 is about mail; for LDAP the admin page's own table says so.
-        prefers = "the page's table" if listener.protocol is Protocol.LDAP else "RFC 8314"
+        # RFC 8314 is about mail; for LDAP and NNTP the admin page's own table says so.
+        page = listener.protocol in (Protocol.LDAP, Protocol.NNTP)
+        prefers = "the page's table" if page else "RFC 8314"
         why = (
             f"{'STARTTLS' if starttls else 'no TLS'}; use {where}: TLS from the first byte, "
             f"as {prefers} prefers"
@@ -422,8 +436,9 @@ def port_table(
     entries += _backend_entries(config.listeners)
     if include_standard:
         used = {e.port for e in entries}
+        served = {listener.protocol for listener in config.listeners}
         for service, port, action, why in _STANDARD:
-            if port not in used:
+            if port not in used and _STANDARD_PROTOCOL.get(service) not in served:
                 entries.append(
                     PortEntry(
                         service, port, action, f"not served by authgate: {why}", Origin.STANDARD

@@ -283,3 +283,49 @@ def test_passwd_enforces_the_password_policy(tmp_path: Path) -> None:
     assert "user name" in result.stderr
     assert "erin1" not in result.stderr
     assert not users.exists()
+
+
+NNTP_CONFIG = """hostname = "news.example.org"
+[policy]
+security = "require-secure-auth"
+mechanisms = ["CRAM-MD5", "PLAIN"]
+exempt_networks = ["10.0.0.0/8"]
+[users]
+file = "users.toml"
+[tls]
+cert = "server.pem"
+key = "server.key"
+[[listeners]]
+name = "news"
+protocol = "nntp"
+listen = "0.0.0.0:119"
+tls = "starttls"
+[listeners.backend]
+address = "127.0.0.1:1119"
+mode = "relay"
+[[listeners]]
+name = "newss"
+protocol = "nntp"
+listen = "0.0.0.0:563"
+tls = "implicit"
+[listeners.backend]
+address = "127.0.0.1:1119"
+master_user = "authgate-proxy"
+master_password = "x"
+"""
+
+
+def test_check_and_negotiate_an_nntp_listener(tmp_path: Path) -> None:
+    (tmp_path / "users.toml").write_text('realm = "news.example.org"\n')
+    config = tmp_path / "authgate.toml"
+    config.write_text(NNTP_CONFIG)
+    checked = run_cli("check", "-c", str(config))
+    assert checked.returncode == 0, checked.stderr
+    assert "listener news: nntp on 0.0.0.0:119 (tls starttls)" in checked.stdout
+    assert "without TLS:             offers CRAM-MD5; cleartext login refused" in checked.stdout
+    args = ("negotiate", "-c", str(config), "--json", "--listener", "news")
+    outsider = json.loads(run_cli(*args, "--client-ip", "192.0.2.1").stdout)
+    assert outsider["protocol"] == "nntp" and outsider["offered"] == ["CRAM-MD5"]
+    assert outsider["cleartext_login"] is False  # AUTHINFO USER gets 483
+    exempt = json.loads(run_cli(*args, "--client-ip", "10.1.2.3").stdout)
+    assert exempt["offered"] == ["CRAM-MD5", "PLAIN"] and exempt["cleartext_login"] is True

@@ -321,6 +321,34 @@ def test_standard_services_only_with_all() -> None:
     assert all(e.why.startswith("not served by authgate") for e in standard)
 
 
+def test_nntp_rows_come_from_the_listeners_when_there_are_any(tmp_path: Path) -> None:
+    config = make_config(
+        tmp_path,
+        {"name": "news", "protocol": "nntp", "listen": "0.0.0.0:119", "tls": "starttls",
+         "backend": "127.0.0.1:1119"},
+        {"name": "newss", "protocol": "nntp", "listen": "0.0.0.0:563", "tls": "implicit",
+         "backend": "127.0.0.1:1119"},
+    )  # fmt: skip
+    entries = port_table(config, include_standard=True)
+    assert summary(entries) == [
+        ("NNTP (news)", 119, Action.DENY),  # beside 563, as the page has it
+        ("NNTPS (newss)", 563, Action.ALLOW),
+        ("LDAP", 389, Action.DENY),
+        ("LDAPS", 636, Action.ALLOW),
+        ("HTTP", 80, Action.DENY),  # --all keeps what authgate does not serve
+        ("HTTPS", 443, Action.ALLOW),
+    ]
+    assert entries[0].why.startswith("STARTTLS; use NNTPS (newss) on 563: TLS from the first")
+    assert "the page's table prefers" in entries[0].why
+    # An NNTP listener on another port replaces the standard rows too.
+    other = make_config(
+        tmp_path,
+        {"name": "news", "protocol": "nntp", "listen": "0.0.0.0:10119", "tls": "starttls"},
+    )
+    services = [e.service for e in port_table(other, include_standard=True)]
+    assert "NNTP" not in services and "NNTPS" not in services and "HTTP" in services
+
+
 def test_plaintext_listeners_under_require_encrypted(tmp_path: Path) -> None:
     config = make_config(
         tmp_path,
