@@ -213,9 +213,15 @@ def _outsider(policy: ListenerPolicy, verifiable: Verifiable) -> Decision:
     return decide(plain, "192.0.2.1", tls=False, verifiable=verifiable)
 
 
+# How the page (and RFC 5804) spell a service whose name is not just its
+# protocol's in capitals.
+_SERVICE_NAMES: Final = {Protocol.MANAGESIEVE: "ManageSieve"}
+
+
 def _label(listener: Listener) -> str:
     implicit = listener.tls is TLSMode.IMPLICIT
-    label = listener.protocol.value.upper() + ("S" if implicit else "")
+    name = _SERVICE_NAMES.get(listener.protocol, listener.protocol.value.upper())
+    label = name + ("S" if implicit else "")
     if listener.protocol is Protocol.SMTP and listener.submission and not implicit:
         label = "submission"
     elif listener.protocol is Protocol.SMTP and not listener.submission:

@@ -80,7 +80,7 @@ def test_check_names_the_hosts_digest_md5_accepts(tmp_path: Path) -> None:
 def test_check_shows_the_ntlm_legacy_switch_and_warns_when_on(tmp_path: Path) -> None:
     config = example_copy(tmp_path)
     result = run_cli("check", "-c", str(config))
-    assert result.stdout.count("NTLM accepts: NTLMv2 only (allow_ntlm_legacy off") == 4
+    assert result.stdout.count("NTLM accepts: NTLMv2 only (allow_ntlm_legacy off") == 5
     assert "allow_ntlm_legacy is on" not in result.stdout
     text = config.read_text().replace(
         'security = "require-secure-auth"', 'security = "require-secure-auth"\nallow_ntlm_legacy = true'
@@ -89,7 +89,7 @@ def test_check_shows_the_ntlm_legacy_switch_and_warns_when_on(tmp_path: Path) ->
     result = run_cli("check", "-c", str(config))
     assert result.returncode == 0, result.stderr
     sections = {x.split(":", 1)[0]: x for x in result.stdout.split("\nlistener ")[1:]}
-    for name in ("imap", "imaps", "pop3s"):
+    for name in ("imap", "imaps", "pop3s", "sieve"):
         assert "NTLM accepts: NTLMv2, NTLMv1 and NTLM2 session responses" in sections[name]
         assert "warning: allow_ntlm_legacy is on: NTLMv1 and NTLM2 session responses" in sections[name]
     # imap offers NTLM before STARTTLS: the warning says so; implicit TLS does not need it.
@@ -217,6 +217,15 @@ def test_negotiate_exempt_client(client: str) -> None:
     assert data["exempt"] is True
     assert data["chosen"] == "PLAIN"
     assert data["cleartext_login"] is True
+
+
+def test_negotiate_managesieve_listener() -> None:
+    # The sidecar example's sieve listener: require-secure-auth, as IMAP.
+    data = negotiate("--listener", "sieve", "--client-ip", "203.0.113.5", "--client-mechs", "PLAIN")
+    assert data["protocol"] == "managesieve"
+    assert "PLAIN" not in data["offered"] and data["chosen"] is None
+    data = negotiate("--listener", "sieve", "--client-ip", "203.0.113.5", "--tls", "--client-mechs", "PLAIN")
+    assert data["chosen"] == "PLAIN"
 
 
 def test_negotiate_require_encrypted_without_tls() -> None:

@@ -106,9 +106,12 @@ def test_table_for_the_sidecar_example() -> None:
         ("IMAPS (imaps)", 993, Action.ALLOW),
         ("POP3S (pop3s)", 995, Action.ALLOW),
         ("submission (submission)", 587, Action.ALLOW),
+        ("ManageSieve (sieve)", 4190, Action.ALLOW),
     ]
     why = {e.port: e.why for e in entries}
     assert why[993] == why[995] == "implicit TLS: encrypted from the first byte"
+    # RFC 5804 has no implicit-TLS port to send Sieve clients to instead.
+    assert why[4190].startswith("STARTTLS; require-secure-auth: passwords only after the upgrade")
     assert why[587] == (
         "STARTTLS; require-encrypted: nothing authenticates before TLS, so clients must upgrade"
     )
@@ -239,6 +242,26 @@ def test_starttls_is_allowed_without_an_implicit_tls_listener_of_its_protocol(
     assert imap.why.endswith("; no IMAPS listener to send clients to instead")
     assert pop3.action is Action.DENY
     assert local.action is Action.LOCAL
+
+
+def test_managesieve_row_on_4190(tmp_path: Path) -> None:
+    # RFC 5804 has no implicit-TLS port: STARTTLS on 4190 is the one way in.
+    config = make_config(
+        tmp_path,
+        {"name": "sieve", "protocol": "managesieve", "listen": "0.0.0.0:4190", "tls": "starttls"},
+        security="require-secure-auth",
+    )
+    (entry,) = port_table(config)
+    assert summary([entry]) == [("ManageSieve (sieve)", 4190, Action.ALLOW)]
+    assert entry.why.startswith("STARTTLS; require-secure-auth: passwords only after the upgrade")
+    assert "CRAM-MD5" in entry.why
+    # Without TLS and with cleartext mechanisms only, it is closed like IMAP 143 would be.
+    config = make_config(
+        tmp_path,
+        {"name": "sieve", "protocol": "managesieve", "listen": "0.0.0.0:4190"},
+        security="none",
+    )
+    assert summary(port_table(config)) == [("ManageSieve (sieve)", 4190, Action.DENY)]
 
 
 def test_cleartext_port_beside_implicit_tls_is_denied_too(tmp_path: Path) -> None:
@@ -561,7 +584,7 @@ def test_nft_output_for_the_examples_only_opens_their_ports() -> None:
         ("ip", ("192.168.0.0/16",), None, None, (143,), "accept"),
         ("ip6", ("fd00::/8",), None, None, (143,), "accept"),
         (None, (), None, None, (143,), "drop"),
-        (None, (), None, None, (993, 995, 587), "accept"),
+        (None, (), None, None, (993, 995, 587, 4190), "accept"),
     ]
     config = example("authgate")
     rules = nft_rules(render_nft(port_table(config, include_standard=True), config.path))
@@ -569,7 +592,7 @@ def test_nft_output_for_the_examples_only_opens_their_ports() -> None:
         ((143,), "accept"),
         ((143,), "accept"),
         ((143,), "drop"),
-        ((993, 995, 587, 563, 636, 443), "accept"),
+        ((993, 995, 587, 4190, 563, 636, 443), "accept"),
         ((119, 389, 80), "drop"),
     ]
 
@@ -775,7 +798,7 @@ def test_ports_command_formats(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_command(["ports", "-c", path, "--all"]) == 0
     assert "NNTPS" in capsys.readouterr().out
     assert run_command(["ports", "-c", path, "--format", "nft"]) == 0
-    assert nft_rules(capsys.readouterr().out)[-1][4] == (993, 995, 587)
+    assert nft_rules(capsys.readouterr().out)[-1][4] == (993, 995, 587, 4190)
     assert run_command(["ports", "-c", path, "--format", "iptables"]) == 0
     out = capsys.readouterr().out
     assert "iptables -A AUTHGATE -p tcp --dport 993 -j ACCEPT" in out
