@@ -260,6 +260,28 @@ class SharedDefence:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """[metrics]: the HTTP listener for /metrics, /healthz, /readyz and the
+    status page (off unless `listen` is set)."""
+
+    listen: Address | None = None
+
+
+def _metrics(table: Table | None) -> MetricsSettings:
+    if table is None:
+        return MetricsSettings()
+    raw = table.get("listen", str, "")
+    listen = None
+    if raw:
+        try:
+            listen = parse_address(raw)
+        except ValueError as exc:
+            raise table.error("listen", str(exc)) from None
+    table.finish()
+    return MetricsSettings(listen=listen)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     hostname: str
@@ -284,6 +306,7 @@ class Config:
     # authgate's own log on stderr (authgate.logs); a change takes a restart.
     log_format: LogFormat = LogFormat.TEXT
     log_level: LogLevel = LogLevel.INFO
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     RANGES: ClassVar[Mapping[str, Range]] = {"workers": Range(1, 256, integer=True)}
 
@@ -777,6 +800,7 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
     event_loop = root.choice("event_loop", EventLoop, EventLoop.ASYNCIO)
     log_format = root.choice("log_format", LogFormat, LogFormat.TEXT)
     log_level = root.choice("log_level", LogLevel, LogLevel.INFO)
+    metrics = _metrics(root.table("metrics"))
     if event_loop is EventLoop.UVLOOP and importlib.util.find_spec("uvloop") is None:
         raise root.error(
             "event_loop",
@@ -819,6 +843,7 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
         routing=routing,
         log_format=log_format,
         log_level=log_level,
+        metrics=metrics,
     )
 
 

@@ -13,7 +13,9 @@ import importlib.metadata
 import logging
 import os
 import resource
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from authgate import config as config_mod
+from authgate import metrics
 from authgate.atrest.envelope import Keyring, open_secret_file
 from authgate.audit import AuditLog
 from authgate.config import Config, EventLoop
@@ -136,8 +139,10 @@ async def _reloader(
             await gateway.reload(runtimes, config.defence)
         except Exception as exc:  # any problem: keep serving the old settings
             log.error("reload failed, keeping the running configuration: %s", exc)
+            metrics.recorder().reload(ok=False)
         else:
             log.info("reloaded: %d listener(s)", len(runtimes))
+            metrics.recorder().reload(ok=True)
 
 
 def run(config: Config, store: CredentialStore | None, keyring: Keyring | None) -> int:
@@ -148,6 +153,8 @@ def run(config: Config, store: CredentialStore | None, keyring: Keyring | None) 
     limit = raise_open_files_limit()
     log.info("open files limit %d: room for about %d proxied sessions", limit, (limit - 64) // 2)
     if config.workers == 1:
+        if config.metrics.listen is not None:
+            metrics.enable()
         run_loop(config, serve(config, store, keyring))
         return 0
     if config.shared_defence is None:
@@ -157,7 +164,16 @@ def run(config: Config, store: CredentialStore | None, keyring: Keyring | None) 
             config.workers,
         )
     build_runtime(config, store, keyring)  # certificates etc.: fail here, not in every worker
-    return _supervise(config, store, keyring)
+    samples = None
+    if config.metrics.listen is not None:
+        # The workers' samples, in files one scrape adds up; fresh each start.
+        samples = Path(tempfile.mkdtemp(prefix="authgate-metrics-"))
+        metrics.enable(samples)
+    try:
+        return _supervise(config, store, keyring)
+    finally:
+        if samples is not None:
+            shutil.rmtree(samples, ignore_errors=True)
 
 
 def run_loop(config: Config, main: Coroutine[Any, Any, None]) -> None:
@@ -217,6 +233,7 @@ def _supervise(config: Config, store: CredentialStore | None, keyring: Keyring |
         if pid not in children:
             continue
         number, started = children.pop(pid)
+        metrics.worker_died(pid)
         if stopping:
             continue
         failed = True
@@ -241,12 +258,26 @@ async def serve(
     encrypted at rest; it stays in memory for reloads (a rekey changes only
     its wrapping)."""
     gateway = await start_gateway(config, store, keyring, reuse_port=reuse_port)
+    admin = None
+    if config.metrics.listen is not None:
+        from authgate.proxy.admin import AdminServer
+
+        recorder = metrics.recorder()
+        admin = AdminServer(
+            gateway,
+            recorder if isinstance(recorder, metrics.Recorder) else None,
+            config.metrics.listen,
+            reuse_port=reuse_port,
+        )
+        await admin.start()
     reload_requested = asyncio.Event()
     reloader = asyncio.ensure_future(_reloader(gateway, config.path, keyring, reload_requested))
     try:
         await wait_for_stop_signal(reload_requested)
     finally:
         reloader.cancel()
+        if admin is not None:
+            await admin.stop()
     drain = config.limits.drain_timeout
     log.info("stopping: no new connections; %d session(s) get %gs", gateway.session_count, drain)
     await gateway.stop(drain=drain)

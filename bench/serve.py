@@ -6,7 +6,8 @@ Runs in a process of its own so that the load generator's CPU time is not
 charged to the servers, and vice versa. Prints one JSON line on stdout once
 everything listens (endpoints, credentials, the pids whose RSS and CPU time
 belong to the target), then serves until SIGTERM/SIGINT (or, with --stdin,
-until stdin reaches EOF).
+until stdin reaches EOF). With AUTHGATE_BENCH_METRICS=1 in the environment
+the metrics are counted ([metrics] on), to measure what they cost.
 
 Three users with the same password, differing in what authgate stores for
 them: ``bench`` only ``{SSHA512}`` (a cheap salted hash: its logins show what
@@ -198,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    if os.environ.get("AUTHGATE_BENCH_METRICS") == "1":
+        # What [metrics] costs the login path: every session counts, as
+        # under `authgate run` with [metrics] listen (nobody scrapes here).
+        from authgate import metrics
+
+        metrics.enable()
     raise_fd_limit()
     asyncio.run(serve(args.workdir, args.certs, sizes, args.stdin))
     return 0

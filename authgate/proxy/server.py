@@ -15,6 +15,7 @@ from typing import Any
 
 from authgate.config import Address, TLSMode
 from authgate.defence import DefenceSettings, Guard
+from authgate.metrics import recorder
 from authgate.policy import Protocol
 from authgate.proxy import proxy_protocol
 from authgate.proxy.auditing import AuditTrail
@@ -57,6 +58,7 @@ class _Connection:
     """An accepted socket and the places it is counted until it ends."""
 
     sock: socket.socket
+    listener: str = ""  # its listener's name (for the metrics)
     keys: list[str] = field(default_factory=list)  # per-address counts it holds
     # Given to an asyncio transport, which closes it from then on.
     handed: bool = False
@@ -334,9 +336,12 @@ class Gateway:
         if key is not None and self._over_address_cap(runtime, key):
             self._refuse(runtime, sock, host, "too many connections from this address")
             return
-        connection = _Connection(sock)
+        connection = _Connection(sock, listener=name)
         if key is not None:
             self._count(connection, key)
+        metrics = recorder()
+        metrics.connection_accepted(name)
+        metrics.session_started(name)
         task = asyncio.ensure_future(self._serve(runtime, connection, host, balancer))
         self._sessions.add(task)
         task.add_done_callback(lambda t: self._session_done(t, connection))
@@ -354,6 +359,7 @@ class Gateway:
         retry. Before a TLS handshake there is no way to say anything: close."""
         name = runtime.listener.name
         self.notices.warning(log, f"{name}:{why}", "%s %s: refused, %s", name, host, why)
+        recorder().connection_refused(name, why.replace(" ", "-"))
         if runtime.listener.tls is not TLSMode.IMPLICIT:
             # A fresh socket's send buffer is empty: this short line fits.
             with contextlib.suppress(OSError):
@@ -401,7 +407,11 @@ class Gateway:
                 )
             except (OSError, ssl.SSLError) as exc:
                 log.info("%s %s: connection failed: %s", listener.name, host, exc)
+                if implicit:
+                    recorder().tls_handshake(listener.name, ok=False)
                 return
+            if implicit:
+                recorder().tls_handshake(listener.name, ok=True)
             # LDAP binds again at any time: a message-aware relay for the
             # whole session instead of pre-authentication and a splice.
             factory = LdapSession if listener.protocol is Protocol.LDAP else ClientSession
@@ -460,6 +470,7 @@ class Gateway:
 
     def _session_done(self, task: asyncio.Task[None], connection: _Connection) -> None:
         self._sessions.discard(task)
+        recorder().session_ended(connection.listener)
         for key in connection.keys:
             left = self._per_address.get(key, 1) - 1
             if left > 0:

@@ -25,6 +25,7 @@ from authgate.config import ClientAddressForwarding, TLSMode
 from authgate.credentials.base import CredentialsUnavailable
 from authgate.defence import Guard
 from authgate.logs import LoginRecord, Outcome, failure_outcome, log_login
+from authgate.metrics import recorder
 from authgate.password_policy import ExpiryState, expiry_status
 from authgate.policy import Decision, IPAddress, Protocol, client_ip
 from authgate.protocols.base import (
@@ -179,8 +180,14 @@ class ClientSession:
     # ------------------------------------------------------------ main loop
 
     async def run(self) -> None:
+        metrics = recorder()
+        name = self.runtime.listener.name
         try:
-            handover = await self._preauth()
+            metrics.preauth_started(name)
+            try:
+                handover = await self._preauth()
+            finally:
+                metrics.preauth_ended(name)
             if handover is not None:
                 await self._splice(handover)
         except TimeoutError:
@@ -331,6 +338,7 @@ class ClientSession:
             return False
         log.info("%s: refused, address blocked for %.0fs more", self.tag, verdict.retry_after)
         self._note("blocked", retry_after=int(verdict.retry_after))
+        recorder().blocked(self.runtime.listener.name)
         self._login_outcome(Outcome.BLOCKED, reason="address-blocked")
         self.client.write(self.runtime.parts.blocked)
         await self.client.drain()
@@ -370,6 +378,8 @@ class ClientSession:
             fingerprint = self._fingerprint[1]
         self._fingerprint = None
         delay = self.guard.failure(self.address, user, fingerprint)
+        if delay > 0:
+            recorder().penalty(self.runtime.listener.name, delay)
         # Sleeping here holds back this session's reply only; other sessions
         # run on. Dovecot and Kerio do the same against password guessing.
         await asyncio.sleep(delay)
@@ -409,6 +419,10 @@ class ClientSession:
         self._attempt_started = None
         tls = self.client.tls
         backend, self._backend_tried = self._backend_tried, None
+        duration = 0.0 if started is None else now - started
+        recorder().login(
+            self.runtime.listener.name, mechanism or "-", outcome.value, reason or "", duration
+        )
         log_login(
             LoginRecord(
                 outcome=outcome.value,
@@ -421,7 +435,7 @@ class ClientSession:
                 tls=None if tls is None else tls.version(),
                 reason=reason,
                 backend=backend,
-                duration_ms=0 if started is None else round((now - started) * 1000),
+                duration_ms=round(duration * 1000),
             )
         )
 
@@ -444,9 +458,14 @@ class ClientSession:
             raise RuntimeError("machine asked for STARTTLS on a listener without TLS")
         # What the machine had buffered behind the STARTTLS line, and what
         # reached the channel before the handshake began: both thrown away.
-        dropped = event.discarded + await self.client.start_tls(
-            context, server_side=True, timeout=self.runtime.limits.handshake_timeout
-        )
+        try:
+            dropped = event.discarded + await self.client.start_tls(
+                context, server_side=True, timeout=self.runtime.limits.handshake_timeout
+            )
+        except BaseException:
+            recorder().tls_handshake(self.runtime.listener.name, ok=False)
+            raise
+        recorder().tls_handshake(self.runtime.listener.name, ok=True)
         if dropped:
             log.warning(
                 "%s: dropped %d bytes sent before the TLS handshake (STARTTLS injection?)",
@@ -472,6 +491,7 @@ class ClientSession:
             )
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             log.warning("%s: backend %s unreachable: %s", self.tag, backend.address, exc)
+            recorder().backend_failure(str(backend.address), "connect")
             return LoginFailed(BackendFailure.UNAVAILABLE, str(exc))
         return Upstream(
             channel,
@@ -573,6 +593,8 @@ class ClientSession:
         log.warning(
             "%s: backend login failed (%s): %s", self.tag, failure.failure.value, failure.detail
         )
+        if failure.failure is not BackendFailure.UNAVAILABLE:  # (counted at connect)
+            recorder().backend_failure(str(self.runtime.listener.backend.address), "login")
         events: list[Event] = self.machine.backend_failed(failure.failure)
         return events
 
@@ -699,6 +721,7 @@ class ClientSession:
         counts = await hand_over(handover, self._guard_events)
         if counts is not None:
             log.info("%s: session ended (%d bytes up, %d down)", self.tag, *counts)
+            recorder().spliced(self.runtime.listener.name, *counts)
 
     def _smtp_guard(self, authenticated: bool, keywords: Sequence[str]) -> SmtpSpliceFilter:
         # What the backend announced (its EHLO keywords) decides BDAT.
