@@ -58,6 +58,8 @@ from typing import Any
 import authgate
 from authgate.policy import ListenerPolicy, Security, decide
 from authgate.policy import Protocol as MailProtocol
+from authgate.protocols import ber
+from authgate.protocols import ldap as ldap_proto
 from authgate.protocols.base import (
     Authenticated,
     BackendFailure,
@@ -835,7 +837,151 @@ def run_client_input(inp: FuzzInput) -> list[ClientEvent]:
     return seen
 
 
-def run_input(inp: FuzzInput) -> Sequence[Event | ClientEvent]:
+# ------------------------------------------------------------------ LDAP
+#
+# LDAP is a relay for the whole session (authgate.protocols.ldap), not a
+# server machine and a client machine: its target is "ldap". The inputs
+# are hand-written sessions (BER built with the one BER module) mutated
+# like the others; the driver answers every message it forwards with a
+# random backend response (bind results 0, 14, 49, search entries, junk).
+
+
+def _ldap_simple(msgid: int, dn: bytes, password: bytes) -> bytes:
+    body = ber.encode_int(3) + ber.encode(4, dn) + ber.encode(0x80, password)
+    return ber.message(msgid, ber.encode(ber.BIND_REQUEST, body))
+
+
+def _ldap_sasl(msgid: int, mechanism: bytes, credentials: bytes | None = None) -> bytes:
+    sasl = ber.encode(4, mechanism) + (b"" if credentials is None else ber.encode(4, credentials))
+    body = ber.encode_int(3) + ber.encode(4, b"") + ber.encode(0xA3, sasl)
+    return ber.message(msgid, ber.encode(ber.BIND_REQUEST, body))
+
+
+def _ldap_search(msgid: int) -> bytes:
+    return ber.message(msgid, ber.encode(0x63, ber.encode(4, b"dc=example,dc=org")))
+
+
+def ldap_sessions() -> list[Recording]:
+    """Client sessions for the LDAP relay (each chunk one client write)."""
+    alice = b"uid=alice,ou=people,dc=example,dc=org"
+    password = PASSWORDS["alice"].encode()
+    unbind = ber.message(9, ber.encode(ber.UNBIND_REQUEST, b""))
+    abandon = ber.message(8, ber.encode(ber.ABANDON_REQUEST, b"\x03"))
+    whoami = ber.message(
+        7, ber.encode(ber.EXTENDED_REQUEST, ber.encode(0x80, b"1.3.6.1.4.1.4203.1.11.3"))
+    )
+    sessions = [
+        [ber.starttls_request(1), _ldap_simple(2, alice, password), _ldap_search(3), unbind],
+        [_ldap_simple(1, b"", b""), _ldap_search(2), _ldap_simple(3, alice, password)],
+        [_ldap_sasl(1, b"CRAM-MD5"), _ldap_sasl(2, b"CRAM-MD5", b"alice 0123456789abcdef")],
+        [_ldap_sasl(1, b"PLAIN", b"\0alice\0" + password), whoami, unbind],
+        [ber.starttls_request(1) + _ldap_simple(2, alice, password), _ldap_search(3)],
+        [_ldap_search(1) + _ldap_search(2) + abandon, _ldap_simple(4, alice, b""), whoami],
+        [
+            _ldap_sasl(1, b"DIGEST-MD5"),
+            _ldap_sasl(2, b"SCRAM-SHA-256-PLUS", b"p=tls-unique,,n=a,r=x"),
+        ],
+    ]
+    return [
+        Recording(Variant("ldap", security=security.value), to_server=chunks, hand_written=True)
+        for chunks in sessions
+        for security in Security
+    ]
+
+
+def _ldap_backend_answer(rng: random.Random, data: bytes) -> bytes:
+    """A random backend response to the forwarded message `data`."""
+    try:
+        sent = ber.parse_message(data)
+    except ber.BerError:
+        return rng.randbytes(rng.randrange(20))
+    msgid = sent.message_id if rng.random() < 0.9 else rng.randrange(5)
+    roll = rng.random()
+    if sent.op == ber.BIND_REQUEST or roll < 0.2:
+        code = rng.choice([0, 0, 14, 49, 49, 53, 7])
+        answer = ber.response(msgid, ber.BIND_RESPONSE, code)
+    elif roll < 0.5:
+        entry = ber.message(msgid, ber.encode(ber.SEARCH_RESULT_ENTRY, ber.encode(4, b"uid=a")))
+        answer = entry + ber.response(msgid, ber.SEARCH_RESULT_DONE, 0)
+    else:
+        answer = ber.response(msgid, ber.RESPONSE_TO.get(sent.op, ber.EXTENDED_RESPONSE), 0)
+    if rng.random() < 0.1:
+        answer = Mutator(rng).mutate_bytes(answer)
+    return answer
+
+
+_LDAP_ACTIONS = (
+    ldap_proto.ToClient,
+    ldap_proto.ToBackend,
+    ldap_proto.Bind,
+    ldap_proto.BindRefused,
+    ldap_proto.BindDone,
+    ldap_proto.ResetBackend,
+    StartTLS,
+    ldap_proto.Close,
+)
+
+
+def run_ldap_input(inp: FuzzInput) -> list[Any]:
+    """Feed the chunks to a fresh LDAP relay, answering every forwarded
+    message from a random backend. Invariants: only actions; StartTLS and
+    Close end their batch; nothing after Close; a simple bind or PLAIN is
+    forwarded without TLS only when the policy allows cleartext."""
+    rng = random.Random(inp.seed)
+    variant = inp.variant
+    policy = ListenerPolicy(
+        MailProtocol.LDAP, Security(variant.security), variant.server_mechanisms
+    )
+    machine = ldap_proto.LdapRelay(
+        ldap_proto.LdapSettings(
+            decide=lambda tls: decide(policy, "192.0.2.1", tls=tls),
+            starttls_available=not variant.tls_active,
+            tls_active=variant.tls_active,
+            max_errors=variant.max_errors,
+        )
+    )
+    seen: list[Any] = []
+    closed = False
+
+    def check(actions: list[Any]) -> None:
+        nonlocal closed
+        if closed and actions:
+            raise InvariantError(f"actions after Close: {actions!r}")
+        for i, action in enumerate(actions):
+            if not isinstance(action, _LDAP_ACTIONS):
+                raise InvariantError(f"not an LDAP action: {action!r}")
+            if isinstance(action, StartTLS | ldap_proto.Close) and i != len(actions) - 1:
+                raise InvariantError(f"{action!r} is not the last of its batch")
+            cleartext = isinstance(action, ldap_proto.Bind) and action.mechanism in (
+                "SIMPLE",
+                "PLAIN",
+            )
+            if cleartext and not machine.settings.decide(machine.tls).cleartext_login:
+                raise InvariantError(f"cleartext bind forwarded against the policy: {action!r}")
+        seen.extend(actions)
+        if actions and isinstance(actions[-1], ldap_proto.Close):
+            closed = True
+
+    for chunk in inp.chunks:
+        if closed:
+            break
+        queue = [machine.receive_client(chunk)]
+        while queue and not closed:
+            actions = queue.pop(0)
+            check(actions)
+            for action in actions:
+                if isinstance(action, ldap_proto.Bind) and rng.random() < 0.1:
+                    queue.append(machine.bind_refused(action.message_id))
+                elif isinstance(action, ldap_proto.ToBackend | ldap_proto.Bind):
+                    queue.append(machine.receive_backend(_ldap_backend_answer(rng, action.data)))
+                elif isinstance(action, StartTLS):
+                    queue.append(machine.tls_started())
+    return seen
+
+
+def run_input(inp: FuzzInput) -> Sequence[Any]:
+    if inp.target == "ldap":
+        return run_ldap_input(inp)
     if inp.target == "server":
         return run_server_input(inp)
     return run_client_input(inp)
@@ -846,6 +992,8 @@ def run_input(inp: FuzzInput) -> Sequence[Event | ClientEvent]:
 
 def make_input(corpus: Corpus, rng: random.Random) -> FuzzInput:
     mutator = Mutator(rng)
+    if rng.random() < 0.15:
+        return make_ldap_input(mutator, rng)
     target = "server" if rng.random() < 0.6 else "client"
     pool = corpus.server if target == "server" else corpus.client
     # Recorded sessions vary the mechanism, hand-written ones the commands:
@@ -876,6 +1024,24 @@ def make_input(corpus: Corpus, rng: random.Random) -> FuzzInput:
     knobs["max_line"] = rng.choice([8192, 8192, 8192, 512])
     knobs["max_errors"] = rng.choice([3, 5, 20])
     return FuzzInput(target, replace(variant, **knobs), rng.getrandbits(32), tuple(chunks))
+
+
+def make_ldap_input(mutator: Mutator, rng: random.Random) -> FuzzInput:
+    pool = LDAP_CORPUS
+    rec = rng.choice(pool)
+    chunks = list(rec.to_server)
+    if rng.random() > 0.05:
+        chunks = mutator.mutate(chunks, [r.to_server for r in pool])
+    knobs: dict[str, Any] = {
+        "tls_active": rng.random() < 0.1,
+        "max_errors": rng.choice([3, 5, 20]),
+    }
+    if rng.random() < 0.3:
+        knobs["server_mechanisms"] = tuple(rng.sample(ALL_MECHANISMS, rng.randrange(1, 5)))
+    return FuzzInput("ldap", replace(rec.variant, **knobs), rng.getrandbits(32), tuple(chunks))
+
+
+LDAP_CORPUS = ldap_sessions()
 
 
 # --------------------------------------------------------------- running

@@ -22,6 +22,7 @@ nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -42,7 +43,9 @@ from hypothesis.stateful import (
     rule,
 )
 
-from authgate.policy import Security
+from authgate.policy import ListenerPolicy, Protocol, Security, decide
+from authgate.protocols import ber
+from authgate.protocols import ldap as ldap_proto
 from authgate.protocols.base import (
     Authenticated,
     AuthFailed,
@@ -1099,8 +1102,9 @@ def test_fuzz_counts_and_saves_crashes(tmp_path: Path, monkeypatch: pytest.Monke
     stats = fuzz.run(30.0, seed=1, crash_dir=tmp_path, max_inputs=25)
     assert (stats.inputs, stats.crashes, stats.hangs) == (25, 25, 0)
     assert stats.summary() == "25 inputs, 25 crashes, 0 hangs"
-    # One file per distinct crash (signature and target protocol/side).
-    assert 1 <= len(stats.saved) <= 6 and all(p.parent == tmp_path for p in stats.saved)
+    # One file per distinct crash (signature and target protocol/side:
+    # three protocols, two sides, and the LDAP relay).
+    assert 1 <= len(stats.saved) <= 7 and all(p.parent == tmp_path for p in stats.saved)
     saved = json.loads(stats.saved[0].read_text())
     assert saved["kind"] == "crash" and "IndexError: boom" in saved["error"]
     inp = fuzz.FuzzInput.from_json(saved)
@@ -1133,3 +1137,48 @@ def test_fuzz_inputs_are_reproducible() -> None:
         assert fuzz.FuzzInput.from_json(json.loads(json.dumps(inp.to_json()))) == inp
         first = fuzz.run_input(inp)
         assert fuzz.run_input(inp) == first
+
+
+# ------------------------------------------------------------------ LDAP
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(fuzz.LDAP_CORPUS),
+    st.integers(min_value=0, max_value=2**32 - 1),
+    st.booleans(),
+)
+def test_ldap_relay_survives_mutated_sessions(
+    recording: fuzz.Recording, seed: int, tls_active: bool
+) -> None:
+    """The LDAP relay (BER framing, binds, StartTLS) fed mutated sessions
+    and random backend answers keeps the fuzzer's invariants: only actions,
+    StartTLS/Close last in a batch, nothing after Close, no cleartext bind
+    forwarded against the policy."""
+    rng = random.Random(seed)
+    chunks = fuzz.Mutator(rng).mutate(
+        list(recording.to_server), [r.to_server for r in fuzz.LDAP_CORPUS]
+    )
+    variant = dataclasses.replace(recording.variant, tls_active=tls_active)
+    fuzz.run_ldap_input(fuzz.FuzzInput("ldap", variant, seed, tuple(chunks)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=400), st.binary(max_size=400))
+def test_ldap_relay_random_bytes_both_ways(client: bytes, backend: bytes) -> None:
+    """Random bytes from the client and from the backend: actions only, and
+    nothing the client sent is forwarded unless it parsed as a request."""
+    machine = ldap_proto.LdapRelay(
+        ldap_proto.LdapSettings(
+            decide=lambda tls: decide(
+                ListenerPolicy(Protocol.LDAP, Security.REQUIRE_SECURE_AUTH), "192.0.2.1", tls=tls
+            ),
+            starttls_available=True,
+            tls_active=False,
+        )
+    )
+    for action in machine.receive_client(client) + machine.receive_backend(backend):
+        if isinstance(action, ldap_proto.ToBackend | ldap_proto.Bind):
+            assert ber.parse_message(action.data).op in ldap_proto.REQUESTS
+        if isinstance(action, StartTLS):
+            machine.tls_started()

@@ -251,12 +251,14 @@ class LdapRelay:
 
     def bind_refused(self, message_id: int) -> list[Action]:
         """The driver refused a `Bind` (the user is locked out): it fails
-        like a wrong password, and the backend never sees it."""
-        pending = self._state.binds.pop(message_id, None)
+        like a wrong password, and the backend never sees it. (A client that
+        reused the message ID in the same write may have replaced the
+        pending entry already: the answer is the same.)"""
+        self._state.binds.pop(message_id, None)
         self._state.outstanding.discard(message_id)
         self._state.sasl = None
-        if pending is None:
-            raise ProtocolStateError(f"bind_refused for unknown message {message_id}")
+        if self._closed:
+            return []
         reply = ber.response(
             message_id, ber.BIND_RESPONSE, ResultCode.INVALID_CREDENTIALS, "Invalid credentials"
         )

@@ -13,6 +13,7 @@ import asyncio
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ import pytest_asyncio
 from authgate import audit
 from authgate import config as config_mod
 from authgate.certs import ensure_dev_certificates
+from authgate.protocols import ber
 from authgate.proxy.server import Gateway
 from authgate.runner import start_gateway
 from tests.ldap_server import STAFF, SUFFIX, SlapdInstance, start_slapd
@@ -311,3 +313,61 @@ async def test_python_ldap_wrong_password_counts_as_a_failed_login(
     await asyncio.to_thread(session, certs)
     (failed,) = await wait_for_audit(tmp_path, "login-failed")
     assert (failed["user"], failed["reason"]) == (slapd.dn("alice"), "invalid-credentials")
+
+
+# ------------------------------------------------------ StartTLS injection
+
+
+async def _read_message(reader: asyncio.StreamReader) -> ber.Message:
+    """One whole LDAPMessage from the stream."""
+    buffer = b""
+    while True:
+        header = ber.read_header(buffer)
+        if header is not None and len(buffer) >= header.total:
+            assert len(buffer) == header.total, "more than one message in this read"
+            return ber.parse_message(buffer)
+        need = 1 if header is None else header.total - len(buffer)
+        buffer += await asyncio.wait_for(reader.readexactly(need), 10)
+
+
+async def test_bytes_after_starttls_are_never_executed_inside_tls(
+    gateway: Gateway, slapd: SlapdInstance, certs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """StartTLS and a bind in one segment: authgate answers StartTLS, drops
+    the bind (it never reaches slapd), and inside TLS the session is
+    anonymous (Who am I? says nobody)."""
+    mark = slapd.log_size()
+    host, port = gateway.addresses()["ldap"]
+    reader, writer = await asyncio.open_connection(host, port)
+    injected = ber.message(
+        2,
+        ber.encode(
+            ber.BIND_REQUEST,
+            ber.encode_int(3)
+            + ber.encode(4, slapd.dn("carol").encode())
+            + ber.encode(0x80, slapd.password("carol").encode()),
+        ),
+    )
+    writer.write(ber.starttls_request(1) + injected)  # one write: one segment on loopback
+    answer = await _read_message(reader)
+    assert (answer.message_id, answer.op, ber.parse_result(answer.body).code) == (
+        1,
+        ber.EXTENDED_RESPONSE,
+        0,
+    )
+    context = ssl.create_default_context(cafile=str(certs / "demo-ca.pem"))
+    await writer.start_tls(context, server_hostname="localhost")
+    whoami_oid = b"1.3.6.1.4.1.4203.1.11.3"
+    writer.write(ber.message(3, ber.encode(ber.EXTENDED_REQUEST, ber.encode(0x80, whoami_oid))))
+    reply = await _read_message(reader)
+    assert reply.message_id == 3 and ber.parse_result(reply.body).code == 0
+    # RFC 4532: the authzId is the responseValue [11]; absent or empty: anonymous.
+    values = [content for tag, content in ber.elements(reply.body) if tag == 0x8B]
+    assert values in ([], [b""])
+    writer.close()
+    await asyncio.sleep(0.2)  # slapd logs a moment after answering
+    assert slapd.binds(mark) == []
+    assert any(
+        "dropped" in r.getMessage() and "STARTTLS injection" in r.getMessage()
+        for r in caplog.records
+    )
