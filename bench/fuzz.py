@@ -104,10 +104,10 @@ from authgate.testing.kit import (
     PASSWORDS,
     SECRET_SIZES,
     InvariantError,
+    ServerDriver,
     ServerMachine,
     b64,
     check_client_batch,
-    check_server_batch,
     plain,
     resolve,
 )
@@ -706,54 +706,36 @@ class FuzzInput:
 
 
 def run_server_input(inp: FuzzInput) -> list[Event]:
-    """Feed the chunks to a fresh server machine, answering its callbacks.
-    Returns every event the machine emitted."""
+    """Feed the chunks to a fresh server machine, answering its callbacks
+    through the kit's ServerDriver (which checks every batch against the
+    driver contract). Returns every event the machine emitted."""
     rng = random.Random(inp.seed)
-    seen: list[Event] = []
     machine = SERVERS[inp.variant.protocol](server_settings(inp.variant))
-    finished = False  # Close or Splice seen
     callbacks = 0
     relay_mech: ClientMechanism | None = None
 
-    def drive(batch: list[Event]) -> None:
-        nonlocal finished, callbacks, relay_mech
-        pending = collections.deque([batch])
-        while pending:
-            events = pending.popleft()
-            if finished and events:
-                raise InvariantError(f"events after Close/Splice: {events!r}")
-            check_server_batch(events)
-            seen.extend(events)
-            for event in events:
-                callbacks += 1
-                if isinstance(event, Close | Splice):
-                    finished = True
-                elif isinstance(event, Lookup):
-                    answer = (
-                        resolve(event.request)
-                        if rng.random() < 0.75
-                        else random_answer(event.request, rng)
-                    )
-                    pending.append(machine.resume(answer))
-                elif isinstance(event, StartTLS):
-                    pending.append(machine.tls_started())
-                elif isinstance(event, Authenticated):
-                    if rng.random() < 0.6:
-                        caps = rng.sample(["IMAP4rev1", "IDLE", "a]b", "\r\n", "X" * 100, ""], 3)
-                        pending.append(machine.backend_ready(caps))
-                    else:
-                        pending.append(machine.backend_failed(rng.choice(list(BackendFailure))))
-                elif isinstance(event, RelayAuth | RelayResponse):
-                    if isinstance(event, RelayAuth):
-                        relay_mech = _relay_client(event.mechanism, inp.variant)
-                    pending.append(_relay_verdict(machine, rng, relay_mech, callbacks))
+    def lookup(request: LookupRequest) -> LookupAnswer:
+        return resolve(request) if rng.random() < 0.75 else random_answer(request, rng)
 
-    drive(machine.start())
+    def backend(server: ServerMachine, event: Authenticated) -> list[Event]:
+        if rng.random() < 0.6:
+            caps = rng.sample(["IMAP4rev1", "IDLE", "a]b", "\r\n", "X" * 100, ""], 3)
+            return server.backend_ready(caps)
+        return server.backend_failed(rng.choice(list(BackendFailure)))
+
+    def relay(server: ServerMachine, event: RelayAuth | RelayResponse) -> list[Event]:
+        nonlocal callbacks, relay_mech
+        callbacks += 1
+        if isinstance(event, RelayAuth):
+            relay_mech = _relay_client(event.mechanism, inp.variant)
+        return _relay_verdict(server, rng, relay_mech, callbacks)
+
+    driver = ServerDriver(machine, store=lookup, tls=True, backend=backend, relay=relay)
     for chunk in inp.chunks:
-        if finished:
+        if driver.finished:
             break
-        drive(machine.receive_data(chunk))
-    return seen
+        driver.send(chunk)
+    return driver.events
 
 
 def _relay_client(name: str, variant: Variant) -> ClientMechanism | None:

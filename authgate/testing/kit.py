@@ -1,10 +1,12 @@
 """The test kit for the sans-IO machines: drive them without sockets.
 
-One synchronous driver for any server machine (`ServerDriver`), one fake
-backend for any client machine (`FakeBackend`), a credential store built
-from shared test passwords (`Store`, `PASSWORDS`), the driver contract
-(`check_server_batch`, `check_client_batch`) and small helpers. Used by the
-protocol tests, the hostile-input tests and `bench.fuzz`.
+One synchronous driver for any server machine (`ServerDriver`, generic over
+the dialect), one fake backend for any client machine (`FakeBackend`), one
+credential store built from the shared test passwords (`Store`, `store`,
+`PASSWORDS`, `secret`), the same drive for a SASL mechanism alone (`drive`,
+`to_first_lookup`), the driver contract (`check_server_batch`,
+`check_client_batch`) and small helpers. Used by the protocol tests, the
+SASL tests, the hostile-input tests and `bench.fuzz`.
 
 It lives in the package, not in tests/, because `bench/fuzz.py` needs it
 and tests/test_hostile_input.py imports `bench.fuzz`: a kit in tests/
@@ -14,11 +16,12 @@ would make tests and bench import each other.
 from __future__ import annotations
 
 import base64
+import enum
 import functools
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from authgate.credentials.schemes import parse_secret
 from authgate.policy import Decision, ExemptNetworks, ListenerPolicy, Security, decide
@@ -47,20 +50,30 @@ from authgate.protocols.nntp import NntpServer
 from authgate.protocols.pop3 import Pop3Server
 from authgate.protocols.smtp import SmtpServer
 from authgate.sasl.base import (
+    NO_RESPONSE,
+    Challenge,
+    ClientMechanism,
     Derive,
+    InitialResponse,
     Lookup,
     LookupAnswer,
     LookupRequest,
     PasswordCheck,
+    ScramVerifier,
     SecretForm,
+    SecretLookup,
     ServerContext,
+    ServerMechanism,
+    ServerOutcome,
+    client_step,
 )
 from authgate.sasl.scram import make_verifier
 
 # ------------------------------------------------------------ passwords
 
 # One set for every test: ASCII with a space (alice), the characters IMAP
-# must quote or escape (bob), non-ASCII that SASLprep leaves alone (zoë).
+# must quote or escape (bob), non-ASCII that SASLprep leaves alone and
+# DIGEST-MD5's ISO 8859-1 rule must handle (zoë).
 PASSWORDS: dict[str, str] = {
     "alice": "correct horse",
     "bob": 'pa"ss\\word',
@@ -69,33 +82,80 @@ PASSWORDS: dict[str, str] = {
 SCRAM_ITERATIONS = 4096
 _SCRAM_HASHES = {SecretForm.SCRAM_SHA_1: "sha1", SecretForm.SCRAM_SHA_256: "sha256"}
 
+# What answers a machine's Lookup: the store's resolve, or a test's own.
+Resolver = Callable[[LookupRequest], LookupAnswer]
+
 
 @functools.cache
-def _secret(user: str, password: str, form: SecretForm, realm: str) -> LookupAnswer:
-    # Cached: a SCRAM verifier costs a PBKDF2 run (the real store caches too).
+def scram_verifier(hash_name: str, password: str, user: str = "") -> ScramVerifier:
+    """A SCRAM verifier with a salt fixed per user (a store would draw one):
+    a recorded exchange replays against a fresh machine, in another process
+    too. Cached: it costs a PBKDF2 run (the real store caches too)."""
+    salt = hashlib.sha256(user.encode()).digest()[:16]
+    return make_verifier(password, hash_name, SCRAM_ITERATIONS, salt=salt)
+
+
+@functools.cache
+def secret(form: SecretForm, password: str, authcid: str = "", realm: str = "") -> LookupAnswer:
+    """`password` in the stored `form` a SecretLookup asks for, derived as
+    the real store derives it from a plaintext entry."""
     if form in _SCRAM_HASHES:
-        # A salt fixed per user (a store would draw one): a recorded SCRAM
-        # exchange replays against a fresh machine, in another process too.
-        salt = hashlib.sha256(user.encode()).digest()[:16]
-        return make_verifier(password, _SCRAM_HASHES[form], SCRAM_ITERATIONS, salt=salt)
-    return parse_secret("{PLAIN}" + password).secret_for(form, username=user, realm=realm)
+        return scram_verifier(_SCRAM_HASHES[form], password, authcid)
+    return parse_secret("{PLAIN}" + password).secret_for(form, username=authcid, realm=realm)
+
+
+class _AsTheStore(enum.Enum):
+    AS_THE_STORE = "as the store"
 
 
 class Store:
     """A credential store holding plaintext passwords: answers a machine's
-    `Lookup` the way the real store does (password checks, every stored
-    secret form)."""
+    `Lookup` the way the real store does (a PasswordCheck True or False, a
+    SecretLookup with the password in the form asked for; an unknown user
+    False or None).
 
-    def __init__(self, passwords: dict[str, str] | None = None) -> None:
+    For the SASL tests: with `forms`, only secret lookups in one of those
+    forms are expected (anything else fails the test); `unknown` is what an
+    unknown user gets instead; every request is appended to `seen`."""
+
+    def __init__(
+        self,
+        passwords: dict[str, str] | None = None,
+        *,
+        forms: Iterable[SecretForm] | None = None,
+        unknown: LookupAnswer | _AsTheStore = _AsTheStore.AS_THE_STORE,
+        seen: list[LookupRequest] | None = None,
+    ) -> None:
         self.passwords = PASSWORDS if passwords is None else passwords
+        self._forms = None if forms is None else frozenset(forms)
+        self._unknown = unknown
+        self._seen = seen
 
     def resolve(self, request: LookupRequest) -> LookupAnswer:
+        if self._seen is not None:
+            self._seen.append(request)
+        if self._forms is not None:  # a secret lookup, and only in these forms
+            assert isinstance(request, SecretLookup), request
+            assert request.form in self._forms, request.form
         password = self.passwords.get(request.authcid)
+        if password is None and self._unknown is not _AsTheStore.AS_THE_STORE:
+            return self._unknown
         if isinstance(request, PasswordCheck):
             return password is not None and password == request.password
         if password is None:
             return None
-        return _secret(request.authcid, password, request.form, request.realm)
+        return secret(request.form, password, request.authcid, request.realm)
+
+
+def store(
+    passwords: dict[str, str] | None = None,
+    *,
+    forms: Iterable[SecretForm] | None = None,
+    unknown: LookupAnswer | _AsTheStore = _AsTheStore.AS_THE_STORE,
+    seen: list[LookupRequest] | None = None,
+) -> Resolver:
+    """A `Store`'s resolve, for tests that only need the function."""
+    return Store(passwords, forms=forms, unknown=unknown, seen=seen).resolve
 
 
 STORE = Store()
@@ -232,6 +292,49 @@ def check_client_batch(events: Sequence[object]) -> None:
     _check_batch(events, CLIENT_EVENTS, CLIENT_LAST)
 
 
+# ------------------------------------------------- driving a mechanism
+
+
+def drive(
+    server: ServerMechanism,
+    initial: InitialResponse,
+    replies: Iterable[bytes],
+    answer: LookupAnswer,
+) -> ServerOutcome:
+    """Feed a SASL server mechanism an initial response, then `replies` to
+    its challenges, and `answer` to every lookup, until it ends or the
+    replies run out."""
+    outcome = server.start(initial)
+    pending = iter(replies)
+    while True:
+        if isinstance(outcome, Lookup):
+            outcome = server.resume(answer)
+        elif isinstance(outcome, Challenge):
+            reply = next(pending, None)
+            if reply is None:
+                return outcome
+            outcome = server.step(reply)
+        else:
+            return outcome
+
+
+def to_first_lookup(
+    client: ClientMechanism, server: ServerMechanism
+) -> tuple[list[bytes], ServerOutcome]:
+    """Run a client mechanism against a server one up to the server's first
+    lookup (or its end): the client's messages and the server's outcome."""
+    messages: list[bytes] = []
+    first = client.start()
+    if first is not None:
+        messages.append(first)
+    outcome = server.start(NO_RESPONSE if first is None else first)
+    while isinstance(outcome, Challenge):
+        message = client_step(client, outcome.data)
+        messages.append(message)
+        outcome = server.step(message)
+    return messages, outcome
+
+
 # ------------------------------------------------------ the server driver
 
 # What the fake backend does when a server machine hands over a login:
@@ -260,11 +363,16 @@ SERVER_MACHINES: dict[MailProtocol, Callable[[SessionSettings], ServerMachine]] 
 }
 
 
-class ServerDriver:
-    """Drives one server machine the way the proxy does, synchronously.
+M = TypeVar("M", bound=ServerMachine)
 
-    Every batch is checked against the driver contract. `Lookup`s are
-    answered from `store` (unless `lookups` is off), `StartTLS` with
+
+class ServerDriver(Generic[M]):
+    """Drives one server machine (any dialect) the way the proxy does,
+    synchronously.
+
+    Every batch is checked against the driver contract, and nothing may
+    follow Close or Splice. `Lookup`s are answered from `store` (a `Store`
+    or any resolver function; unless `lookups` is off), `StartTLS` with
     `tls_started()` when `tls` is on (the handshake "succeeds" at once),
     `Authenticated` by the `backend` callback and `RelayAuth`/`RelayResponse`
     by the `relay` callback (None leaves them to the test). Collects every
@@ -272,16 +380,16 @@ class ServerDriver:
 
     def __init__(
         self,
-        machine: Any,
+        machine: M,
         *,
-        store: Store = STORE,
+        store: Store | Resolver = STORE,
         lookups: bool = True,
         tls: bool = False,
         backend: BackendAnswer | None = None,
         relay: RelayAnswer | None = None,
     ) -> None:
-        self.server = machine
-        self.store = store
+        self.server: M = machine
+        self.resolve = store.resolve if isinstance(store, Store) else store
         self.lookups = lookups
         self.tls = tls
         self.backend = backend
@@ -309,21 +417,31 @@ class ServerDriver:
         return self.send(line + "\r\n").decode()
 
     def _act(self, events: list[Event]) -> None:
-        check_server_batch(events)
-        if events and self.closed:
-            raise InvariantError(f"events after Close: {events!r}")
-        for event in events:
-            self.events.append(event)
+        # A loop, not recursion: a long pipelined input can make a long
+        # chain of callbacks (the fuzzer's). The contract puts a waiting
+        # event last in its batch, so the order is the proxy's.
+        batch: list[Event] | None = events
+        while batch is not None:
+            check_server_batch(batch)
+            if batch and self.finished:
+                raise InvariantError(f"events after Close or Splice: {batch!r}")
+            self.events += batch
+            batch = self._answer(batch)
+
+    def _answer(self, batch: list[Event]) -> list[Event] | None:
+        """Take in one batch; the machine's next batch if the driver answered."""
+        for event in batch:
             if isinstance(event, Send):
                 self.out += event.data
             elif isinstance(event, Lookup) and self.lookups:
-                self._act(self.server.resume(self.store.resolve(event.request)))
+                return self.server.resume(self.resolve(event.request))
             elif isinstance(event, StartTLS) and self.tls:
-                self._act(self.server.tls_started())
+                return self.server.tls_started()
             elif isinstance(event, Authenticated) and self.backend is not None:
-                self._act(self.backend(self.server, event))
+                return self.backend(self.server, event)
             elif isinstance(event, RelayAuth | RelayResponse) and self.relay is not None:
-                self._act(self.relay(self.server, event))
+                return self.relay(self.server, event)
+        return None
 
     def of(self, kind: type[Any]) -> list[Any]:
         return [e for e in self.events if isinstance(e, kind)]
@@ -331,6 +449,11 @@ class ServerDriver:
     @property
     def closed(self) -> bool:
         return any(isinstance(e, Close) for e in self.events)
+
+    @property
+    def finished(self) -> bool:
+        """Close or Splice: the machine is done, the driver owns the rest."""
+        return any(isinstance(e, Close | Splice) for e in self.events)
 
 
 # ------------------------------------------------------- the fake backend

@@ -22,6 +22,7 @@ from authgate.protocols.base import (
     AuthFailed,
     BackendFailure,
     Close,
+    ProtocolStateError,
     RelayAuth,
     ServerMachine,
     SessionSettings,
@@ -395,6 +396,32 @@ def driver(
 
 def reason_of(d: ServerDriver) -> list[str]:
     return [f.reason for f in d.of(AuthFailed)]
+
+
+# ------------------------------------------------------------ driver API
+
+
+@each_dialect
+def test_out_of_order_calls_raise(dialect: Dialect) -> None:
+    """Every driver call outside the state it belongs to is the driver's
+    bug: ProtocolStateError, whatever the dialect."""
+    server = dialect.machine(listener_settings(dialect.protocol, hostname=HOST, client=CLIENT))
+    with pytest.raises(ProtocolStateError):
+        server.receive_data(dialect.command(dialect.harmless))
+    server.start()
+    with pytest.raises(ProtocolStateError):
+        server.start()
+    calls: list[Callable[[], object]] = [
+        lambda: server.resume(True),
+        lambda: server.tls_started(),
+        lambda: server.backend_ready(()),
+        lambda: server.backend_failed(BackendFailure.UNAVAILABLE),
+        lambda: server.relay_challenge(b""),
+        lambda: server.relay_result(True),
+    ]
+    for call in calls:
+        with pytest.raises(ProtocolStateError):
+            call()
 
 
 # -------------------------------------------------------- greeting, commands

@@ -5,7 +5,7 @@ mode, the backend client, and client-against-server round trips."""
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -704,26 +704,6 @@ def test_backend_ready_without_capabilities() -> None:
     h = harness(session(), backend=None)
     h.send(b'a1 LOGIN alice "correct horse"\r\n')
     assert h.call(h.server.backend_ready([])) == b"a1 OK Logged in\r\n"
-
-
-def test_calls_out_of_order_raise() -> None:
-    server = ImapServer(session())
-    with pytest.raises(ProtocolStateError):
-        server.receive_data(b"a NOOP\r\n")
-    server.start()
-    with pytest.raises(ProtocolStateError):
-        server.start()
-    calls: list[Callable[[], object]] = [
-        lambda: server.resume(True),
-        lambda: server.tls_started(),
-        lambda: server.backend_ready(()),
-        lambda: server.backend_failed(BackendFailure.UNAVAILABLE),
-        lambda: server.relay_challenge(b""),
-        lambda: server.relay_result(True),
-    ]
-    for call in calls:
-        with pytest.raises(ProtocolStateError):
-            call()
 
 
 # ------------------------------------------------------------ STARTTLS

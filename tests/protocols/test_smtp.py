@@ -762,26 +762,6 @@ def test_relay_cancel_and_junk_in_initial_response_stay_local() -> None:
 # ============================================================ driver misuse
 
 
-def test_out_of_order_calls_raise() -> None:
-    server = SmtpServer(session())
-    with pytest.raises(ProtocolStateError):
-        server.receive_data(b"EHLO a\r\n")
-    server.start()
-    with pytest.raises(ProtocolStateError):
-        server.start()
-    calls: list[Callable[[], object]] = [
-        lambda: server.resume(True),
-        lambda: server.tls_started(),
-        lambda: server.backend_ready(()),
-        lambda: server.backend_failed(BackendFailure.UNAVAILABLE),
-        lambda: server.relay_challenge(b""),
-        lambda: server.relay_result(True),
-    ]
-    for call in calls:
-        with pytest.raises(ProtocolStateError):
-            call()
-
-
 # ======================================================== client vs server
 
 

@@ -37,7 +37,7 @@ from authgate.sasl.cram_md5 import (
     cram_md5_digest,
     cram_md5_secret,
 )
-from tests.sasl.kit import Resolver, drive, store
+from authgate.testing.kit import Resolver, drive, store
 
 RFC_CHALLENGE = b"<1896.697170952@postoffice.reston.mci.net>"
 RFC_RESPONSE = b"tim b913a602c7eda7a495b4e6e7334d3890"

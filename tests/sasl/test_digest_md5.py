@@ -41,7 +41,7 @@ from authgate.sasl.digest_md5 import (
     parse_digest_response,
     parse_directives,
 )
-from tests.sasl import kit
+from authgate.testing import kit
 
 HOST = "mail.example.org"
 SCTX = ServerContext(service="imap", hostname=HOST)

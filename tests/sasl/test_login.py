@@ -27,7 +27,7 @@ from authgate.sasl.base import (
     run_exchange,
 )
 from authgate.sasl.login import PASSWORD_PROMPT, USERNAME_PROMPT, LoginClient, LoginServer
-from tests.sasl.kit import Resolver, drive, store
+from authgate.testing.kit import Resolver, drive, store
 
 resolve = store()
 resolve_none_for_unknown = store(unknown=None)

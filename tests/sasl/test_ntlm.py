@@ -58,7 +58,7 @@ from authgate.sasl.ntlm import (
     ntlmv2_proof,
     ntowfv2,
 )
-from tests.sasl.kit import store
+from authgate.testing.kit import store
 
 # ---------------------------------------------------------------- [MS-NLMP] 4.2 vectors
 

@@ -29,7 +29,7 @@ from authgate.sasl.base import (
     run_exchange,
 )
 from authgate.sasl.plain import PlainClient, PlainServer
-from tests.sasl.kit import Resolver, drive, store
+from authgate.testing.kit import Resolver, drive, store
 
 resolve = store()
 resolve_none_for_unknown = store(unknown=None)

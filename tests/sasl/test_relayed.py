@@ -19,7 +19,7 @@ from authgate.sasl.base import (
     ServerContext,
 )
 from authgate.sasl.relayed import relayed_user
-from tests.sasl.kit import to_first_lookup
+from authgate.testing.kit import to_first_lookup
 
 NAMING = ["PLAIN", "LOGIN", "CRAM-MD5", "DIGEST-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256", "NTLM"]
 

@@ -62,7 +62,7 @@ from authgate.sasl.scram import (
     parse_dovecot,
     tls_server_end_point,
 )
-from tests.sasl import kit
+from authgate.testing import kit
 
 ServerClass = type[ScramSHA1Server] | type[ScramSHA256Server]
 ClientClass = type[ScramSHA1Client] | type[ScramSHA256Client]

@@ -25,7 +25,7 @@ from authgate.sasl.base import (
     run_exchange,
 )
 from authgate.sasl.scram import ScramSHA256Client, ScramSHA256Server
-from tests.sasl.kit import store, to_first_lookup
+from authgate.testing.kit import store, to_first_lookup
 
 BINDING = ("tls-server-end-point", b"\x07" * 32)
 ALL = sorted(MECHANISMS)
