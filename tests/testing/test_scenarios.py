@@ -11,6 +11,7 @@ import datetime
 import imaplib
 import re
 import ssl
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -23,6 +24,8 @@ from authgate.testing.plugin import AuthgateFactory
 from authgate.testing.scenarios import INJECTED, TAMPERED, ScenarioChannel
 from authgate.testing.stack import Endpoint, Stack
 from authgate.testing.transcripts import RecordingChannel
+
+pytest_plugins = ["pytester"]
 
 PASSWORD = "Scenario-pw-1"
 USERS = {"alice": PASSWORD}
@@ -512,3 +515,32 @@ def test_scenario_channel_is_used_for_lens_scenarios() -> None:
         "bad-certificate-unknown-ca",
         "bad-certificate-self-signed",
     }
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+HOSTILE_SECTION = "## Testing your mail client against a hostile server"
+
+
+def hostile_section() -> str:
+    text = README.read_text(encoding="utf-8")
+    assert text.count(HOSTILE_SECTION + "\n") == 1, "README lost the hostile-server section"
+    return text.split(HOSTILE_SECTION + "\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_lists_every_scenario() -> None:
+    section = hostile_section()
+    for name in scenarios.SCENARIOS:
+        assert f"| `{name}`" in section, name
+
+
+def test_readme_hostile_example_passes_verbatim(pytester: pytest.Pytester) -> None:
+    blocks = re.findall(r"^```python\n(.*?)^```$", hostile_section(), re.S | re.M)
+    assert len(blocks) == 1
+    tests = re.findall(r"^async def (test_\w+)", blocks[0], re.M)
+    pytester.makeini(
+        "[pytest]\nasyncio_mode = strict\nasyncio_default_fixture_loop_scope = function\n"
+        "addopts = --strict-markers -p no:cacheprovider\n"
+    )
+    pytester.makepyfile(test_inner=blocks[0])
+    result = pytester.runpytest_inprocess("-rA")
+    result.assert_outcomes(passed=len(tests))
