@@ -4,10 +4,11 @@
     python -m bench.fuzz --replay DIR/crash-....json
 
 The corpus is recorded, not written by hand: for every protocol (SMTP, IMAP,
-POP3) and SASL mechanism, our client machine logs in to our server machine
+POP3, NNTP) and SASL mechanism, our client machine logs in to our server machine
 (with and without STARTTLS) and we keep the bytes each side sent. A few
 hand-written sessions add what our clients never send (IMAP LOGIN with
-literals, POP3 USER/PASS, SMTP server-to-server MAIL, ...).
+literals, POP3 USER/PASS, NNTP AUTHINFO USER/PASS and MODE READER, SMTP
+server-to-server MAIL, ...).
 
 Each fuzz input is a recorded session mutated at random (bit flips, bytes
 inserted or removed, words replaced, truncation, huge lines, NULs,
@@ -79,6 +80,7 @@ from authgate.protocols.base import (
     StartTLS,
 )
 from authgate.protocols.imap import ImapClient, ImapServer
+from authgate.protocols.nntp import NntpClient, NntpServer
 from authgate.protocols.pop3 import Pop3Client, Pop3Server
 from authgate.protocols.smtp import SmtpClient, SmtpServer
 from authgate.sasl import MECHANISMS, mechanism_info
@@ -118,8 +120,13 @@ CLIENT_IP = "198.51.100.7"
 CREDENTIALS = ClientCredentials("alice", PASSWORDS["alice"])
 # Stand-in for the tls-server-end-point hash of a certificate (RFC 5929).
 BINDING = hashlib.sha256(b"authgate fuzz certificate").digest()
-SERVICES = {"smtp": "smtp", "imap": "imap", "pop3": "pop"}
-POLICY = {"smtp": MailProtocol.SMTP, "imap": MailProtocol.IMAP, "pop3": MailProtocol.POP3}
+SERVICES = {"smtp": "smtp", "imap": "imap", "pop3": "pop", "nntp": "nntp"}
+POLICY = {
+    "smtp": MailProtocol.SMTP,
+    "imap": MailProtocol.IMAP,
+    "pop3": MailProtocol.POP3,
+    "nntp": MailProtocol.NNTP,
+}
 ALL_MECHANISMS = tuple(MECHANISMS)
 BACKEND_CAPABILITIES = ("IMAP4rev1", "IDLE", "UIDPLUS")
 
@@ -131,11 +138,13 @@ SERVERS: dict[str, Callable[[SessionSettings], ServerMachine]] = {
     "smtp": SmtpServer,
     "imap": ImapServer,
     "pop3": Pop3Server,
+    "nntp": NntpServer,
 }
 CLIENTS: dict[str, Callable[[ClientSettings], ClientMachine]] = {
     "smtp": SmtpClient,
     "imap": ImapClient,
     "pop3": Pop3Client,
+    "nntp": NntpClient,
 }
 
 
@@ -377,9 +386,23 @@ def _hand_written() -> list[Recording]:
         ],
         [b"STAT\r\nLIST\r\nNOOP\r\n", b"USER alice\r\nPASS " + secret + b"\r\n", b"QUIT\r\n"],
     ]
+    nntp = [
+        [b"CAPABILITIES\r\n", b"AUTHINFO USER alice\r\n", b"AUTHINFO PASS " + secret + b"\r\n"],
+        [b"MODE READER\r\n", b"AUTHINFO SASL PLAIN\r\n", ir + b"\r\n"],
+        [b"AUTHINFO SASL PLAIN " + ir + b"\r\n"],
+        [b"AUTHINFO SASL LOGIN =\r\n", b"=\r\n", b"*\r\n", b"AUTHINFO PASS x\r\n"],
+        [
+            b"STARTTLS\r\nAUTHINFO USER injected\r\n",
+            b"CAPABILITIES\r\n",
+            b"AUTHINFO SASL LOGIN " + user + b"\r\n",
+            password + b"\r\n",
+        ],
+        [b"GROUP local.test\r\nARTICLE 1\r\nHELP\r\n", b"AUTHINFO USER alice\r\n", b"QUIT\r\n"],
+    ]
     out = [Recording(Variant("smtp"), to_server=s) for s in smtp]
     out += [Recording(Variant("imap"), to_server=s) for s in imap]
     out += [Recording(Variant("pop3"), to_server=s) for s in pop3]
+    out += [Recording(Variant("nntp"), to_server=s) for s in nntp]
     # Backend replies our servers never send.
     smtp_xclient = Variant("smtp", ("PLAIN",), xclient=True)
     out.append(
@@ -411,6 +434,19 @@ def _hand_written() -> list[Recording]:
         Recording(
             Variant("pop3", ("PLAIN",)),
             to_client=[b"+OK hi\r\n", b"-ERR what\r\n", b"+OK\r\n", b"+OK in\r\n", b"-ERR\r\n"],
+        )
+    )
+    out.append(
+        Recording(
+            Variant("nntp", ("PLAIN",)),
+            to_client=[
+                b"200 hi\r\n",
+                b"101 caps\r\nVERSION 2\r\nMODE-READER\r\n.\r\n",
+                b"201 reader\r\n",
+                b"101 caps\r\nVERSION 2\r\nAUTHINFO SASL\r\nSASL PLAIN\r\n..x\r\n.\r\n",
+                b"383 =\r\n",
+                b"283 =\r\n",
+            ],
         )
     )
     for rec in out:

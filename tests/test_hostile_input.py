@@ -1,6 +1,6 @@
 """Hostile input against every sans-IO machine (issue "Hostile input").
 
-* Stateful hypothesis tests per server machine (SMTP, IMAP, POP3): a session
+* Stateful hypothesis tests per server machine (SMTP, IMAP, POP3, NNTP): a session
   mixing valid commands (recorded from our own client machines), mutated
   ones (bit flips, truncation, NULs, non-UTF-8, broken base64, wrong IMAP
   literal sizes, huge lines), random bytes and pipelined chunks cut at
@@ -66,6 +66,7 @@ from authgate.protocols.base import (
     StartTLS,
 )
 from authgate.protocols.imap import ImapClient
+from authgate.protocols.nntp import NntpClient
 from authgate.protocols.pop3 import Pop3Client
 from authgate.protocols.server import ServerCore
 from authgate.protocols.smtp import SmtpClient
@@ -103,7 +104,7 @@ from authgate.testing.kit import (
 from bench import fuzz
 from bench.fuzz import BINDING, CREDENTIALS, HOST, Variant
 
-PROTOCOLS = ("smtp", "imap", "pop3")
+PROTOCOLS = ("smtp", "imap", "pop3", "nntp")
 PASSWORD = CREDENTIALS.password
 
 CORPUS = fuzz.build_corpus()
@@ -307,6 +308,22 @@ _SERVER_EXTRA = {
         b"AUTH PLAIN =\r\n",
         b"STAT\r\n",
         b"QUIT\r\n",
+        b"*\r\n",
+        b"\r\n",
+    ],
+    "nntp": [
+        b"CAPABILITIES\r\n",
+        b"STARTTLS\r\n",
+        b"MODE READER\r\n",
+        b"AUTHINFO USER alice\r\n",
+        b"AUTHINFO PASS %s\r\n" % PASSWORDS["alice"].encode(),
+        b"AUTHINFO SASL PLAIN\r\n",
+        b"AUTHINFO SASL PLAIN =\r\n",
+        b"AUTHINFO SASL SCRAM-SHA-256\r\n",
+        b"AUTHINFO SASL\r\n",
+        b"GROUP local.test\r\n",
+        b"QUIT\r\n",
+        b"=\r\n",
         b"*\r\n",
         b"\r\n",
     ],
@@ -580,12 +597,19 @@ class Pop3ServerSession(ServerSession):
     SCRIPTS: ClassVar[list[fuzz.Recording]] = _sessions("pop3", "server")
 
 
+class NntpServerSession(ServerSession):
+    PROTOCOL = "nntp"
+    SCRIPTS: ClassVar[list[fuzz.Recording]] = _sessions("nntp", "server")
+
+
 TestSmtpServerHostile = SmtpServerSession.TestCase
 TestSmtpServerHostile.settings = STATEFUL
 TestImapServerHostile = ImapServerSession.TestCase
 TestImapServerHostile.settings = STATEFUL
 TestPop3ServerHostile = Pop3ServerSession.TestCase
 TestPop3ServerHostile.settings = STATEFUL
+TestNntpServerHostile = NntpServerSession.TestCase
+TestNntpServerHostile.settings = STATEFUL
 
 
 # ============================================================ client machines
@@ -634,6 +658,27 @@ _CLIENT_EXTRA = {
         b"-ERR [SYS/TEMP] busy\r\n",
         b"-ERR [AUTH] no\r\n",
         b"-ERR [IN-USE] locked\r\n",
+        b".\r\n",
+    ],
+    "nntp": [
+        b"200 hi\r\n",
+        b"201 no posting\r\n",
+        b"400 go away\r\n",
+        b"101 caps\r\nVERSION 2\r\nAUTHINFO USER SASL\r\nSASL PLAIN SCRAM-SHA-256\r\n"
+        b"STARTTLS\r\n.\r\n",
+        b"101 caps\r\nMODE-READER\r\n..dot\r\n.\r\n",
+        b"381 password\r\n",
+        b"382 go ahead\r\n",
+        b"383 =\r\n",
+        b"383 !!\r\n",
+        b"281 ok\r\n",
+        b"283 =\r\n",
+        b"283 !!\r\n",
+        b"481 no\r\n",
+        b"482 sequence\r\n",
+        b"403 later\r\n",
+        b"999 what\r\n",
+        b"2x\r\n",
         b".\r\n",
     ],
 }
@@ -685,7 +730,7 @@ class ClientSession(RuleBasedStateMachine):
                 # POP3 documents a second relay attempt after the backend
                 # refused the credentials (it stays in AUTHORIZATION).
                 self.retry_allowed = (
-                    self.PROTOCOL == "pop3"
+                    self.PROTOCOL in ("pop3", "nntp")
                     and self.variant.relay
                     and event.failure is BackendFailure.INVALID_CREDENTIALS
                 )
@@ -849,12 +894,19 @@ class Pop3ClientSession(ClientSession):
     SCRIPTS: ClassVar[list[fuzz.Recording]] = _sessions("pop3", "client")
 
 
+class NntpClientSession(ClientSession):
+    PROTOCOL = "nntp"
+    SCRIPTS: ClassVar[list[fuzz.Recording]] = _sessions("nntp", "client")
+
+
 TestSmtpClientHostile = SmtpClientSession.TestCase
 TestSmtpClientHostile.settings = STATEFUL
 TestImapClientHostile = ImapClientSession.TestCase
 TestImapClientHostile.settings = STATEFUL
 TestPop3ClientHostile = Pop3ClientSession.TestCase
 TestPop3ClientHostile.settings = STATEFUL
+TestNntpClientHostile = NntpClientSession.TestCase
+TestNntpClientHostile.settings = STATEFUL
 
 
 # ===================================================== SASL server mechanisms
@@ -951,7 +1003,12 @@ def test_sasl_server_random_responses_after_valid_start(name: str, data: st.Data
 # (sent as a 334/"+" challenge, since SMTP and POP3 have no additional data
 # with success), a backend that sends one more challenge made the client
 # mechanism's step() raise SaslProtocolError out of receive_data().
-_EXTRA_CHALLENGE = {"smtp": b"334 \r\n", "imap": b"+ \r\n", "pop3": b"+ \r\n"}
+_EXTRA_CHALLENGE = {
+    "smtp": b"334 \r\n",
+    "imap": b"+ \r\n",
+    "pop3": b"+ \r\n",
+    "nntp": b"383 =\r\n",
+}
 
 
 def _scram_backend_with_extra_challenge(protocol: str) -> list[bytes]:
@@ -960,7 +1017,9 @@ def _scram_backend_with_extra_challenge(protocol: str) -> list[bytes]:
     recording = fuzz.record(Variant(protocol, ("SCRAM-SHA-256",)))
     assert recording.logged_in
     replies = list(recording.to_client)
-    success = next(i for i, r in enumerate(replies) if r.startswith((b"235", b"a2 OK", b"+OK Log")))
+    success = next(
+        i for i, r in enumerate(replies) if r.startswith((b"235", b"a2 OK", b"+OK Log", b"283 "))
+    )
     return [*replies[:success], _EXTRA_CHALLENGE[protocol]]
 
 
@@ -968,6 +1027,7 @@ _CLIENT_CLASSES: dict[str, Callable[[Any], ClientMachine]] = {
     "smtp": SmtpClient,
     "imap": ImapClient,
     "pop3": Pop3Client,
+    "nntp": NntpClient,
 }
 
 
@@ -1004,6 +1064,12 @@ def test_pop3_client_extra_challenge_after_scram_server_final() -> None:
     _expect_clean_failure(_scram_extra_challenge("pop3"))
 
 
+def test_nntp_client_challenge_instead_of_283() -> None:
+    # NNTP carries SCRAM's server-final in the 283 (RFC 4643 section 2.4.1);
+    # a backend that sends a challenge where the 283 belongs is refused.
+    _expect_clean_failure(_scram_extra_challenge("nntp"))
+
+
 # Found by bench.fuzz (driver side, not peer input): SmtpServer.relay_result()
 # had no reply for BackendFailure.PASSWORD_EXPIRED (KeyError).
 
@@ -1018,10 +1084,11 @@ _RELAY_PLAIN = {
     "smtp": b"EHLO c\r\nAUTH PLAIN AGFsaWNlAHdvbmRlciBsYW5k\r\n",
     "imap": b"a1 AUTHENTICATE PLAIN AGFsaWNlAHdvbmRlciBsYW5k\r\n",
     "pop3": b"AUTH PLAIN AGFsaWNlAHdvbmRlciBsYW5k\r\n",
+    "nntp": b"AUTHINFO SASL PLAIN AGFsaWNlAHdvbmRlciBsYW5k\r\n",
 }
 
 
-@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+@pytest.mark.parametrize("protocol", ["imap", "pop3", "nntp"])
 def test_relay_result_password_expired_fails_the_login(protocol: str) -> None:
     machine = fuzz.SERVERS[protocol](fuzz.server_settings(Variant(protocol, relay=True)))
     events = _relay_expired(machine, _RELAY_PLAIN[protocol])
@@ -1103,8 +1170,9 @@ def test_fuzz_counts_and_saves_crashes(tmp_path: Path, monkeypatch: pytest.Monke
     assert (stats.inputs, stats.crashes, stats.hangs) == (25, 25, 0)
     assert stats.summary() == "25 inputs, 25 crashes, 0 hangs"
     # One file per distinct crash (signature and target protocol/side:
-    # three protocols, two sides, and the LDAP relay).
-    assert 1 <= len(stats.saved) <= 7 and all(p.parent == tmp_path for p in stats.saved)
+    # each protocol's two sides, and the LDAP relay).
+    limit = 2 * len(fuzz.SERVERS) + 1
+    assert 1 <= len(stats.saved) <= limit and all(p.parent == tmp_path for p in stats.saved)
     saved = json.loads(stats.saved[0].read_text())
     assert saved["kind"] == "crash" and "IndexError: boom" in saved["error"]
     inp = fuzz.FuzzInput.from_json(saved)
