@@ -73,13 +73,15 @@ MARKER_KEYWORDS = (
     "allow_ntlm_legacy",
     "scenario",
     "scenario_options",
+    "ldap_backend",
 )
 MARKER_HELP = (
     "authgate(security='require-secure-auth', mechanisms=[...], exempt=['127.0.0.2/32'], "
     "users={'alice': 'pw'}, messages={'alice': [b'...']}, allow_ntlm_legacy=False, "
-    "scenario='strip-starttls', scenario_options={'delay': 0.3}): "
+    "scenario='strip-starttls', scenario_options={'delay': 0.3}, ldap_backend='127.0.0.1:389'): "
     "settings of the `authgate` fixture's stack for this test (scenario: a hostile-server "
-    "scenario, see authgate.testing.scenarios)"
+    "scenario, see authgate.testing.scenarios; ldap_backend: a directory the `ldap` and "
+    "`ldaps` listeners relay to)"
 )
 
 
@@ -110,6 +112,7 @@ class AuthgateFactory(Protocol):
         allow_ntlm_legacy: bool = False,
         scenario: str | None = None,
         scenario_options: Mapping[str, object] | None = None,
+        ldap_backend: str | None = None,
     ) -> Stack: ...
 
 
@@ -168,6 +171,7 @@ def resolve_settings(
     allow_ntlm_legacy: bool = False,
     scenario: str | None = None,
     scenario_options: Mapping[str, object] | None = None,
+    ldap_backend: str | None = None,
 ) -> dict[str, Any]:
     """Check every argument and fill in the defaults: the keyword arguments
     for `embedded_stack` (mechanisms None: every mechanism the stack serves).
@@ -190,6 +194,15 @@ def resolve_settings(
     if messages is None:
         messages = {user: [welcome_message(user)] for user in users}
     check_accounts(origin, users, messages)
+    if ldap_backend is not None:
+        from authgate.config import parse_address
+
+        if not isinstance(ldap_backend, str):
+            raise TypeError(f"{origin}: ldap_backend must be 'host:port', not {ldap_backend!r}")
+        try:
+            parse_address(ldap_backend)
+        except ValueError as exc:
+            raise ValueError(f"{origin}: ldap_backend: {exc}") from None
     return {
         "security": security,
         "mechanisms": mechanisms,
@@ -200,6 +213,7 @@ def resolve_settings(
         "allow_ntlm_legacy": allow_ntlm_legacy,
         "scenario": scenario,
         "scenario_options": scenario_options,
+        "ldap_backend": ldap_backend,
     }
 
 
@@ -302,6 +316,7 @@ if HAVE_PYTEST_ASYNCIO:
                 allow_ntlm_legacy: bool = False,
                 scenario: str | None = None,
                 scenario_options: Mapping[str, object] | None = None,
+                ldap_backend: str | None = None,
             ) -> Stack:
                 settings = resolve_settings(
                     "authgate_factory",
@@ -314,6 +329,7 @@ if HAVE_PYTEST_ASYNCIO:
                     allow_ntlm_legacy=allow_ntlm_legacy,
                     scenario=scenario,
                     scenario_options=scenario_options,
+                    ldap_backend=ldap_backend,
                 )
                 if settings["mechanisms"] is None:
                     settings["mechanisms"] = ALL_MECHANISMS

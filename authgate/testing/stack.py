@@ -33,7 +33,7 @@ ALL_MECHANISMS = ("SCRAM-SHA-256", "CRAM-MD5", "DIGEST-MD5", "NTLM", "LOGIN", "P
 @dataclass(frozen=True)
 class ListenerSpec:
     name: str
-    protocol: str  # smtp | imap | pop3
+    protocol: str  # smtp | imap | pop3 | ldap
     tls: str  # none | starttls | implicit
     port: int = 0  # 0: ephemeral
 
@@ -46,6 +46,14 @@ STANDARD_LAYOUT = (
     ListenerSpec("pop3s", "pop3", "implicit"),
     ListenerSpec("submission", "smtp", "starttls"),
     ListenerSpec("smtps", "smtp", "implicit"),
+)
+
+
+# Added when the stack is given a directory (`ldap_backend`): there is no
+# embedded LDAP server, so LDAP listeners relay to the caller's.
+LDAP_LAYOUT = (
+    ListenerSpec("ldap", "ldap", "starttls"),
+    ListenerSpec("ldaps", "ldap", "implicit"),
 )
 
 
@@ -119,9 +127,11 @@ def config_text(
     exempt: Sequence[str],
     extra: str = "",
     allow_ntlm_legacy: bool = False,
+    ldap_backend: str | None = None,
 ) -> str:
     """The TOML an operator would write for this layout; `extra` is appended
-    (more top-level tables, e.g. "[limits]\nidle_timeout = 5")."""
+    (more top-level tables, e.g. "[limits]\nidle_timeout = 5").
+    `ldap_backend` ("host:port"): where LDAP listeners relay to."""
 
     def q(value: object) -> str:
         return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -150,6 +160,12 @@ def config_text(
             f"listen = {q(f'{host}:{spec.port}')}",
             f"tls = {q(spec.tls)}",
             "[listeners.backend]",
+        ]
+        if spec.protocol == "ldap":
+            # Relayed: the directory checks each bind (no master user).
+            lines += [f"address = {q(ldap_backend)}", 'mode = "relay"']
+            continue
+        lines += [
             f"address = {q(f'{host}:{backend_ports[spec.protocol]}')}",
             f"master_user = {q(MASTER_USER)}",
             f"master_password = {q(master_password)}",
@@ -174,12 +190,17 @@ async def embedded_stack(
     record: bool = False,
     scenario: str | None = None,
     scenario_options: Mapping[str, object] | None = None,
+    ldap_backend: str | None = None,
 ) -> AsyncIterator[Stack]:
     """Start backends and authgate; stop both on exit. `record`: keep a
     transcript of every client connection (`Stack.transcripts`).
+    `ldap_backend` ("host:port" of a directory server, e.g. a test slapd):
+    add the `ldap` (StartTLS) and `ldaps` listeners, relaying to it.
     `scenario`: a hostile-server scenario (authgate.testing.scenarios) on
     every listener, recorded."""
     chosen = None if scenario is None else scenarios.get("embedded_stack", scenario)
+    if ldap_backend is not None:
+        layout = (*layout, *(spec for spec in LDAP_LAYOUT if spec not in layout))
     options = scenarios.ScenarioOptions.parse("embedded_stack", scenario_options)
     workdir.mkdir(parents=True, exist_ok=True)
     if chosen is not None and chosen.certificate is not None:
@@ -222,6 +243,7 @@ async def embedded_stack(
                 exempt=exempt,
                 extra=extra_config,
                 allow_ntlm_legacy=allow_ntlm_legacy,
+                ldap_backend=ldap_backend,
             )
         )
         config = config_mod.load(config_file)

@@ -380,3 +380,38 @@ async def test_docs_interop_has_the_ldap_section() -> None:
     docs = (Path(__file__).parents[2] / "docs" / "interop.md").read_text(encoding="utf-8")
     assert "\n".join(ldap_notes.SECTION[2:]) in docs
     assert ldap_notes.SECTION[0] in docs
+
+
+# ---------------------------------------------------------- pytest plugin
+
+
+async def test_plugin_stack_relays_ldap_to_a_given_directory(
+    authgate_factory: Any, slapd: SlapdInstance
+) -> None:
+    """`ldap_backend=` gives a plugin stack `ldap` and `ldaps` listeners
+    under the stack's policy (here the default, require-secure-auth)."""
+    stack = await authgate_factory(ldap_backend=f"127.0.0.1:{slapd.ldap_port}")
+    endpoint = stack["ldap"]
+
+    def session() -> tuple[str, str]:
+        ldap.set_option(ldap.OPT_X_TLS_REQUIRE_CERT, ldap.OPT_X_TLS_DEMAND)
+        conn = ldap.initialize(f"ldap://{endpoint.host}:{endpoint.port}")
+        conn.set_option(ldap.OPT_NETWORK_TIMEOUT, 10)
+        try:
+            try:
+                conn.simple_bind_s(slapd.dn("alice"), slapd.password("alice"))
+                refused = "bound"
+            except ldap.CONFIDENTIALITY_REQUIRED:
+                refused = "13"
+            conn.set_option(ldap.OPT_X_TLS_CACERTFILE, str(stack.ca_file))
+            conn.set_option(ldap.OPT_X_TLS_NEWCTX, 0)
+            conn.start_tls_s()
+            conn.simple_bind_s(slapd.dn("alice"), slapd.password("alice"))
+            return refused, str(conn.whoami_s())
+        finally:
+            conn.unbind_s()
+
+    assert await asyncio.to_thread(session) == ("13", f"dn:{slapd.dn('alice')}")
+    assert stack["ldaps"].protocol == "ldap"
+    assert await stack.settled()
+    assert stack.last_transcript("ldap").listener == "ldap"
