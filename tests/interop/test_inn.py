@@ -12,6 +12,7 @@ non-exempt address in the clear, with INN never asked.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
 import subprocess
@@ -280,3 +281,41 @@ async def test_authinfo_sasl_plain_reads_an_article(setup: Setup, mode: str) -> 
     # which readers.conf checks (INN's own SASL uses Cyrus SASL's users).
     lines = await asyncio.to_thread(sasl_plain_read, setup.address(f"{mode}-starttls"), EXEMPT)
     assert f"Message-ID: {MESSAGE_ID}".encode() in lines
+
+
+# ------------------------------------------------------- STARTTLS injection
+
+
+@pytest.mark.parametrize("mode", ["relay", "terminate"])
+async def test_starttls_injection_never_runs_inside_tls(
+    setup: Setup, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CVE-2011-0411 against NNTP: a login pipelined behind STARTTLS in the
+    same segment is dropped, not run once TLS is up (nor relayed to INN)."""
+    caplog.set_level(logging.INFO, logger="authgate")
+    injected = f"AUTHINFO USER {USER}\r\nAUTHINFO PASS {PASSWORD}\r\nGROUP {GROUP}\r\n".encode()
+    host, port = setup.address(f"{mode}-starttls")
+    reader, writer = await asyncio.open_connection(host, port, local_addr=(NOT_EXEMPT, 0))
+    try:
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"200 ")
+        writer.write(b"STARTTLS\r\n" + injected)  # one write: one segment on loopback
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"382 ")
+        await writer.start_tls(setup.context(), server_hostname="localhost")
+        # Had the injected lines run, GROUP would be 211 and PASS a second
+        # login; authgate never saw a USER inside TLS, so PASS is out of
+        # sequence, and the reader is still not logged in.
+        writer.write(f"AUTHINFO PASS {PASSWORD}\r\nGROUP {GROUP}\r\n".encode())
+        replies = [await asyncio.wait_for(reader.readline(), 10) for _ in range(2)]
+        assert [r[:4] for r in replies] == [b"482 ", b"480 "], replies
+        # The same login sent inside TLS works: the session is usable.
+        writer.write(f"AUTHINFO USER {USER}\r\nAUTHINFO PASS {PASSWORD}\r\nGROUP {GROUP}\r\n".encode())
+        replies = [await asyncio.wait_for(reader.readline(), 10) for _ in range(3)]
+        assert [r[:4] for r in replies] == [b"381 ", b"281 ", b"211 "], replies
+    finally:
+        writer.close()
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "STARTTLS injection" in r.getMessage()
+    ]
+    assert len(warnings) == 1 and f"dropped {len(injected)} bytes" in warnings[0], warnings
