@@ -1,10 +1,11 @@
 """The embedded mail servers authgate sits in front of in the demo and the pytest plugin.
 
-These are *backends*, not authgate: small IMAP, POP3 and SMTP servers sharing one
-Maildir store, good enough for real clients (imaplib, poplib, smtplib, curl).
+These are *backends*, not authgate: small IMAP, POP3, SMTP and ManageSieve servers
+sharing one store, good enough for real clients (imaplib, poplib, smtplib, curl,
+sievelib).
 
     backends = await start_backends(root, {"alice": "pw"}, master=("authgate", "mpw"))
-    ...  # backends.imap.port, backends.pop3.port, backends.smtp.port
+    ...  # backends.imap.port, backends.pop3.port, backends.smtp.port, backends.sieve.port
     await backends.close()
 """
 
@@ -25,6 +26,7 @@ from authgate.testing.maildir import (
     seed_mailbox,
 )
 from authgate.testing.pop3_backend import start_pop3_backend
+from authgate.testing.sieve_backend import start_sieve_backend
 from authgate.testing.smtp_backend import start_smtp_backend
 
 __all__ = [
@@ -39,21 +41,25 @@ __all__ = [
     "start_backends",
     "start_imap_backend",
     "start_pop3_backend",
+    "start_sieve_backend",
     "start_smtp_backend",
 ]
 
 
 @dataclass
 class Backends:
-    """The three running backends over one store."""
+    """The running backends over one store."""
 
     store: MailStore
     imap: ServerHandle
     pop3: ServerHandle
     smtp: ServerHandle
+    sieve: ServerHandle
 
     async def close(self) -> None:
-        await asyncio.gather(self.imap.close(), self.pop3.close(), self.smtp.close())
+        await asyncio.gather(
+            self.imap.close(), self.pop3.close(), self.smtp.close(), self.sieve.close()
+        )
 
 
 async def start_backends(
@@ -62,7 +68,7 @@ async def start_backends(
     master: tuple[str, str] | None = None,
     host: str = "127.0.0.1",
 ) -> Backends:
-    """Start IMAP, POP3 and SMTP backends on ephemeral ports of ``host``.
+    """Start IMAP, POP3, SMTP and ManageSieve backends on ephemeral ports of ``host``.
 
     ``users`` maps user names to plaintext passwords; ``master`` is an optional
     (name, password) allowed to log in as any user with SASL PLAIN authzid.
@@ -73,11 +79,16 @@ async def start_backends(
         store.maildir(user)
     started: list[ServerHandle] = []
     try:
-        for start in (start_imap_backend, start_pop3_backend, start_smtp_backend):
+        for start in (
+            start_imap_backend,
+            start_pop3_backend,
+            start_smtp_backend,
+            start_sieve_backend,
+        ):
             started.append(await start(store, host))
     except BaseException:
         for handle in started:
             await handle.close()
         raise
-    imap, pop3, smtp = started
-    return Backends(store=store, imap=imap, pop3=pop3, smtp=smtp)
+    imap, pop3, smtp, sieve = started
+    return Backends(store=store, imap=imap, pop3=pop3, smtp=smtp, sieve=sieve)

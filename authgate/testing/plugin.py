@@ -1,4 +1,4 @@
-"""pytest plugin: authgate in front of embedded IMAP/POP3/SMTP backends, per test.
+"""pytest plugin: authgate in front of embedded IMAP/POP3/SMTP/ManageSieve backends, per test.
 
 Registered through the ``pytest11`` entry point ``authgate`` (disable with
 ``-p no:authgate``). Fixtures:
@@ -27,7 +27,7 @@ client copes with a hostile server.
 
 The stack serves on the event loop, which runs only while an async test
 awaits: tests must be ``async def`` (marked ``asyncio`` in strict mode) and
-run blocking clients (imaplib, poplib, smtplib) with ``asyncio.to_thread``.
+run blocking clients (imaplib, poplib, smtplib, sievelib) with ``asyncio.to_thread``.
 
 Importing this module stays light: authgate's proxy and the backends are
 imported only when a fixture is used, because the entry point loads the

@@ -33,12 +33,12 @@ ALL_MECHANISMS = ("SCRAM-SHA-256", "CRAM-MD5", "DIGEST-MD5", "NTLM", "LOGIN", "P
 @dataclass(frozen=True)
 class ListenerSpec:
     name: str
-    protocol: str  # smtp | imap | pop3 | ldap
+    protocol: str  # smtp | imap | pop3 | managesieve | ldap
     tls: str  # none | starttls | implicit
     port: int = 0  # 0: ephemeral
 
 
-# One STARTTLS and one implicit-TLS listener per protocol.
+# One STARTTLS and one implicit-TLS listener per protocol (ManageSieve: STARTTLS only).
 STANDARD_LAYOUT = (
     ListenerSpec("imap", "imap", "starttls"),
     ListenerSpec("imaps", "imap", "implicit"),
@@ -46,6 +46,8 @@ STANDARD_LAYOUT = (
     ListenerSpec("pop3s", "pop3", "implicit"),
     ListenerSpec("submission", "smtp", "starttls"),
     ListenerSpec("smtps", "smtp", "implicit"),
+    # RFC 5804 has STARTTLS only.
+    ListenerSpec("managesieve", "managesieve", "starttls"),
 )
 
 
@@ -236,6 +238,7 @@ async def embedded_stack(
                     "imap": backends.imap.port,
                     "pop3": backends.pop3.port,
                     "smtp": backends.smtp.port,
+                    "managesieve": backends.sieve.port,
                 },
                 master_password=master_password,
                 security=security,

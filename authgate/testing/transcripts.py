@@ -35,17 +35,20 @@ CAPABILITY_COMMANDS = {
     "imap": re.compile(rb"^\S+ CAPABILITY\s*$", re.I),
     "pop3": re.compile(rb"^CAPA\s*$", re.I),
     "smtp": re.compile(rb"^(EHLO|HELO|LHLO)\b", re.I),
+    "managesieve": re.compile(rb"^CAPABILITY\s*$", re.I),
 }
 # The commands that only say goodbye: sending one after a refusal is stopping.
 GOODBYE_COMMANDS = {
     "imap": re.compile(rb"^\S+ LOGOUT\s*$", re.I),
     "pop3": re.compile(rb"^QUIT\s*$", re.I),
     "smtp": re.compile(rb"^QUIT\s*$", re.I),
+    "managesieve": re.compile(rb"^LOGOUT\s*$", re.I),
 }
 STARTTLS_COMMANDS = {
     "imap": re.compile(rb"^\S+ STARTTLS\s*$", re.I),
     "pop3": re.compile(rb"^STLS\s*$", re.I),
     "smtp": re.compile(rb"^STARTTLS\s*$", re.I),
+    "managesieve": re.compile(rb"^STARTTLS\s*$", re.I),
 }
 
 
@@ -68,7 +71,7 @@ class Transcript:
     """One client connection to one listener of a stack."""
 
     listener: str
-    protocol: str  # imap | pop3 | smtp
+    protocol: str  # imap | pop3 | smtp | managesieve
     number: int  # 1 for the stack's first connection, and so on
     chunks: list[Chunk] = field(default_factory=list)
     tls: bool = False  # TLS has started (STARTTLS, or implicit from the first byte)

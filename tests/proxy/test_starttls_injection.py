@@ -28,6 +28,7 @@ LAYOUT = (
     ListenerSpec("imap", "imap", "starttls"),
     ListenerSpec("pop3", "pop3", "starttls"),
     ListenerSpec("submission", "smtp", "starttls"),
+    ListenerSpec("managesieve", "managesieve", "starttls"),
 )
 
 
@@ -40,6 +41,11 @@ class Dialect:
     injected: bytes  # a command that must never run
     probe: bytes  # a harmless command inside TLS, and the start of its reply
     probe_reply: bytes
+    # ManageSieve: the greeting is a capability list ending in an OK line,
+    # and the server sends it again unasked after the handshake (RFC 5804
+    # section 2.2); read up to these before going on.
+    greeted: bytes = b""
+    after_tls: bytes = b""
 
 
 DIALECTS = {
@@ -53,6 +59,18 @@ DIALECTS = {
         b"NOOP\r\n",
         b"NOOP\r\n",
         b"250 ",
+    ),
+    "managesieve": Dialect(
+        "managesieve",
+        b"",
+        b"STARTTLS\r\n",
+        b"OK ",
+        # Had it run, its reply would name its tag before the probe's.
+        b'NOOP "injected"\r\n',
+        b'NOOP "probe"\r\n',
+        b'OK (TAG "probe")',
+        greeted=b"OK ",
+        after_tls=b'OK "TLS negotiation successful."',
     ),
 }
 
@@ -83,7 +101,10 @@ async def starttls_session(stack: Stack, dialect: Dialect, pipelined: bytes) -> 
     ep = stack[dialect.listener]
     reader, writer = await asyncio.open_connection(ep.host, ep.port)
     try:
-        await asyncio.wait_for(reader.readline(), 10)  # greeting
+        if dialect.greeted:
+            await read_until(reader, dialect.greeted)
+        else:
+            await asyncio.wait_for(reader.readline(), 10)  # greeting
         if dialect.hello:
             writer.write(dialect.hello)
             await read_until(reader, b"250 ")
@@ -91,6 +112,8 @@ async def starttls_session(stack: Stack, dialect: Dialect, pipelined: bytes) -> 
         await read_until(reader, dialect.started)
         context = ssl.create_default_context(cafile=str(stack.ca_file))
         await writer.start_tls(context, server_hostname="localhost")
+        if dialect.after_tls:
+            await read_until(reader, dialect.after_tls)
         writer.write(dialect.probe)
         return await read_until(reader, dialect.probe_reply)
     finally:

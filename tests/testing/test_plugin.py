@@ -382,3 +382,46 @@ def test_allow_ntlm_legacy_keyword(run: Runner) -> None:
     """)
     result = run(source)
     result.assert_outcomes(passed=2)
+
+
+def test_managesieve_listener(run: Runner) -> None:
+    """The stack's `managesieve` listener (STARTTLS only, as RFC 5804 has
+    it) in front of the embedded ManageSieve backend, with sievelib."""
+    source = textwrap.dedent("""
+        import asyncio
+
+        import pytest
+        from sievelib.managesieve import Client
+
+        SCRIPT = 'require "vacation";\\r\\nvacation "away";\\r\\n'
+
+
+        def upload(endpoint, password, starttls):
+            client = Client(endpoint.host, endpoint.port, srvhostname="localhost")
+            if not client.connect("alice", password, starttls=starttls, authmech="PLAIN"):
+                return None, client.get_sasl_mechanisms()
+            assert client.putscript("vacation", SCRIPT)
+            assert client.setactive("vacation")
+            active, _ = client.listscripts()
+            client.logout()
+            return active, client.get_sieve_capabilities()
+
+
+        @pytest.mark.asyncio
+        @pytest.mark.filterwarnings("ignore:Credentials are sent over an unencrypted")
+        async def test_sieve_script_through_authgate(authgate, monkeypatch):
+            monkeypatch.setenv("SSL_CERT_FILE", str(authgate.ca_file))
+            endpoint = authgate["managesieve"]
+            password = authgate.users["alice"]
+            # require-secure-auth: no PLAIN before STARTTLS from 127.0.0.1.
+            active, mechanisms = await asyncio.to_thread(upload, endpoint, password, False)
+            assert active is None and "PLAIN" not in mechanisms
+            active, sieve = await asyncio.to_thread(upload, endpoint, password, True)
+            assert active == "vacation"
+            assert "vacation" in sieve  # the backend's SIEVE list, in authgate's greeting
+            assert [r.user for r in authgate.backends.sieve.logins] == ["alice"]
+            stored = authgate.mail_root / "alice" / "sieve" / "vacation.sieve"
+            assert stored.read_bytes() == SCRIPT.encode()
+    """)
+    result = run(source)
+    result.assert_outcomes(passed=1)
