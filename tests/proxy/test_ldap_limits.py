@@ -1,0 +1,169 @@
+"""The LDAP listener's defence and limits with a real slapd behind it: a
+blocked address, max_errors, the idle timeout, strict ALPN on LDAPS. Raw
+BER from the test (authgate.protocols.ber builds it), so every byte the
+listener answers is checked."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from authgate import config as config_mod
+from authgate.certs import ensure_dev_certificates
+from authgate.protocols import ber
+from authgate.protocols.ldap import ResultCode
+from authgate.proxy.server import Gateway
+from authgate.runner import start_gateway
+from tests.ldap_server import SlapdInstance, start_slapd
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture(scope="module")
+def slapd() -> Iterator[SlapdInstance]:
+    with start_slapd() as instance:
+        yield instance
+
+
+@pytest_asyncio.fixture
+async def gateway(tmp_path: Path, slapd: SlapdInstance) -> AsyncIterator[Gateway]:
+    ensure_dev_certificates(tmp_path / "certs")
+    path = tmp_path / "authgate.toml"
+    path.write_text(
+        f"""hostname = "localhost"
+[policy]
+security = "require-secure-auth"
+mechanisms = ["PLAIN"]
+[tls]
+cert = "certs/server.pem"
+key = "certs/server.key"
+[limits]
+idle_timeout = 1
+max_errors = 2
+[defence]
+failure_delay = 0
+penalties = []
+block_after = 2
+[[listeners]]
+name = "ldap"
+protocol = "ldap"
+listen = "127.0.0.1:0"
+tls = "implicit"
+backend = "127.0.0.1:{slapd.ldap_port}"
+[[listeners]]
+name = "plain"
+protocol = "ldap"
+listen = "127.0.0.1:0"
+backend = "127.0.0.1:{slapd.ldap_port}"
+"""
+    )
+    running = await start_gateway(config_mod.load(path), None)
+    try:
+        yield running
+    finally:
+        await running.stop(drain=1)
+
+
+def client_tls(tmp_path: Path, alpn: list[str] | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(tmp_path / "certs" / "demo-ca.pem"))
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    return context
+
+
+def simple_bind(msgid: int, dn: str, password: str) -> bytes:
+    body = ber.encode_int(3) + ber.encode(4, dn.encode()) + ber.encode(0x80, password.encode())
+    return ber.message(msgid, ber.encode(ber.BIND_REQUEST, body))
+
+
+async def read_message(reader: asyncio.StreamReader) -> ber.Message | None:
+    """One LDAPMessage, or None at end of stream."""
+    buffer = b""
+    while True:
+        header = ber.read_header(buffer)
+        if header is not None and len(buffer) >= header.total:
+            return ber.parse_message(buffer)
+        need = 1 if header is None else header.total - len(buffer)
+        try:
+            buffer += await asyncio.wait_for(reader.readexactly(need), 10)
+        except asyncio.IncompleteReadError:
+            return None
+
+
+def code(message: ber.Message | None) -> tuple[int, int, int] | None:
+    if message is None:
+        return None
+    return message.message_id, message.op, ber.parse_result(message.body).code
+
+
+async def test_failed_binds_block_the_address(
+    gateway: Gateway, slapd: SlapdInstance, tmp_path: Path
+) -> None:
+    """Two wrong passwords (slapd's 49) block 127.0.0.1: the next
+    connection gets the notice of disconnection, even with the right
+    password, and slapd sees no third bind."""
+    host, port = gateway.addresses()["ldap"]
+    for msgid in (1, 2):
+        reader, writer = await asyncio.open_connection(host, port, ssl=client_tls(tmp_path))
+        writer.write(simple_bind(msgid, slapd.dn("alice"), "wrong"))
+        assert code(await read_message(reader)) == (msgid, ber.BIND_RESPONSE, 49)
+        writer.close()
+    mark = slapd.log_size()
+    reader, writer = await asyncio.open_connection(host, port, ssl=client_tls(tmp_path))
+    writer.write(simple_bind(3, slapd.dn("alice"), slapd.password("alice")))
+    notice = await read_message(reader)
+    assert code(notice) == (0, ber.EXTENDED_RESPONSE, ResultCode.UNAVAILABLE)
+    assert notice is not None and b"Too many failed logins" in notice.body
+    assert await read_message(reader) is None  # closed
+    writer.close()
+    await asyncio.sleep(0.2)
+    assert slapd.binds(mark) == []
+
+
+async def test_max_errors_then_goodbye(gateway: Gateway, slapd: SlapdInstance) -> None:
+    host, port = gateway.addresses()["plain"]
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(simple_bind(1, slapd.dn("bob"), "pw"))
+    assert code(await read_message(reader)) == (1, ber.BIND_RESPONSE, 13)
+    writer.write(simple_bind(2, slapd.dn("bob"), "pw"))
+    assert code(await read_message(reader)) == (2, ber.BIND_RESPONSE, 13)
+    notice = await read_message(reader)
+    assert notice is not None and b"Too many errors" in notice.body
+    assert await read_message(reader) is None
+    writer.close()
+
+
+async def test_idle_client_gets_a_notice(gateway: Gateway) -> None:
+    host, port = gateway.addresses()["plain"]
+    reader, writer = await asyncio.open_connection(host, port)
+    notice = await read_message(reader)  # idle_timeout = 1
+    assert code(notice) == (0, ber.EXTENDED_RESPONSE, ResultCode.UNAVAILABLE)
+    assert notice is not None and b"Idle timeout" in notice.body
+    writer.close()
+
+
+async def test_malformed_ber_gets_protocol_error_and_close(gateway: Gateway) -> None:
+    host, port = gateway.addresses()["plain"]
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"\x30\x80\x02\x01\x01")  # indefinite length
+    notice = await read_message(reader)
+    assert code(notice) == (0, ber.EXTENDED_RESPONSE, ResultCode.PROTOCOL_ERROR)
+    assert await read_message(reader) is None
+    writer.close()
+
+
+async def test_ldaps_refuses_a_browser_alpn(gateway: Gateway, tmp_path: Path) -> None:
+    host, port = gateway.addresses()["ldap"]
+    with pytest.raises(ssl.SSLError, match=r"NO_APPLICATION_PROTOCOL|no application protocol"):
+        _, writer = await asyncio.open_connection(
+            host, port, ssl=client_tls(tmp_path, ["h2", "http/1.1"])
+        )
+        writer.close()
+    _, writer = await asyncio.open_connection(host, port, ssl=client_tls(tmp_path, ["ldap"]))
+    assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "ldap"
+    writer.close()
