@@ -191,7 +191,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"users: {config.users_file} ({len(store)} user(s))")
     for listener in config.listeners:
         _check_listener(
-            listener_offer(listener, store, config.hostname), config.hostname, sys.stdout
+            listener_offer(listener, store, config.hostname, oauth=config.oauth is not None),
+            config.hostname,
+            sys.stdout,
         )
     for warning in warnings(config, store):
         print(f"warning: {warning}")
@@ -208,7 +210,8 @@ def cmd_negotiate(args: argparse.Namespace) -> int:
         client = ipaddress.ip_address(args.client_ip)
     except ValueError:
         raise UserError(f"--client-ip: {args.client_ip!r} is not an IP address") from None
-    offer = listener_offer(listener, _load_store(config, _keyring(args, config)), config.hostname)
+    store = _load_store(config, _keyring(args, config))
+    offer = listener_offer(listener, store, config.hostname, oauth=config.oauth is not None)
     decision = offer.decide(client, tls=args.tls)
     client_mechs = (
         [m.strip().upper() for m in args.client_mechs.split(",") if m.strip()]
@@ -471,7 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--app", metavar="LABEL", help="generate an app password labelled LABEL (shown once)"
     )
     p.add_argument(
-        "--protocols", metavar="P,P", help="limit the app password to these (imap,pop3,smtp)"
+        "--protocols",
+        metavar="P,P",
+        help="limit the app password to these protocols (imap,pop3,smtp,nntp,managesieve)",
     )
     _users_file_options(p)
     p.set_defaults(func=cmd_passwd)

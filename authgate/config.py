@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from authgate.defence import DefenceSettings
 from authgate.errors import ConfigError as ConfigError  # re-exported: callers catch it here
 from authgate.logs import LogFormat, LogLevel
+from authgate.oauth.settings import OAuthSettings, parse_oauth
 from authgate.password_policy import PasswordPolicy, parse_policy
 from authgate.policy import ExemptNetworks, ListenerPolicy, Protocol, Security
 from authgate.routing import Backend
@@ -291,6 +292,8 @@ class Config:
     audit_file: Path | None = None  # [audit] file: append-only log of authentications
     # [directory]: users verified by an LDAP bind instead of a users file.
     directory: DirectorySettings | None = None
+    # [oauth]: how OAUTHBEARER / XOAUTH2 bearer tokens are verified.
+    oauth: OAuthSettings | None = None
     limits: Limits = field(default_factory=Limits)
     defence: DefenceSettings = field(default_factory=DefenceSettings)
     shared_defence: SharedDefence | None = None
@@ -773,6 +776,10 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
         from authgate.credentials.directory import parse_directory
 
         directory = parse_directory(directory_table.data, source)
+    oauth = None
+    oauth_table = root.table("oauth")
+    if oauth_table is not None:
+        oauth = parse_oauth(oauth_table.data, source)
     users_table = root.table("users")
     users_file = None
     if users_table is not None:
@@ -832,6 +839,7 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
         listeners=tuple(listeners),
         audit_file=audit_file,
         directory=directory,
+        oauth=oauth,
         limits=limits,
         defence=defence,
         shared_defence=shared_defence,

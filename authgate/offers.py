@@ -42,11 +42,15 @@ class ListenerOffer:
         return decide(self.listener.policy, client, tls=tls, verifiable=self.verifiable)
 
 
-def listener_offer(listener: Listener, store: CredentialStore | None, realm: str) -> ListenerOffer:
+def listener_offer(
+    listener: Listener, store: CredentialStore | None, realm: str, *, oauth: bool = False
+) -> ListenerOffer:
     """`realm` is the DIGEST-MD5 realm the listener announces (our hostname):
-    stored {DIGEST-MD5} hashes serve only that realm."""
+    stored {DIGEST-MD5} hashes serve only that realm. `oauth`: an [oauth]
+    token verifier is configured (OAUTHBEARER and XOAUTH2 need it)."""
     order = listener.policy.mechanisms
     if listener.backend.mode is BackendMode.RELAY:
+        # The backend verifies everything, bearer tokens included.
         storage = listener.backend.password_storage
         if storage is PasswordStorage.ONE_WAY:
             return ListenerOffer(listener, StoreOffer.password_only(order, ONE_WAY_REASON))
@@ -64,7 +68,33 @@ def listener_offer(listener: Listener, store: CredentialStore | None, realm: str
         )
     if store is None:
         raise ValueError(f"listener {listener.name!r} verifies users but has no store")
-    return ListenerOffer(listener, store.offerable(order, realm=realm))
+    # Bearer tokens are the token verifier's, not the store's: asked apart.
+    bearer = [m for m in order if m in MECHANISMS and MECHANISMS[m].bearer]
+    rest = tuple(m for m in order if m not in bearer)
+    offer = store.offerable(rest, realm=realm)
+    return ListenerOffer(listener, _with_bearer(order, bearer, oauth, offer))
+
+
+def _with_bearer(
+    order: tuple[str, ...], bearer: list[str], oauth: bool, store: StoreOffer
+) -> StoreOffer:
+    """The store's offer with the admin's OAUTHBEARER / XOAUTH2 put back in
+    their places when a token verifier is configured, else listed as dropped."""
+    if not bearer:
+        return store
+    if not oauth:
+        return StoreOffer(
+            store.mechanisms,
+            {**store.dropped, **{m: () for m in bearer}},
+            {**store.dropped_count, **{m: 0 for m in bearer}},
+            {**store.reasons, **{m: NO_OAUTH_REASON for m in bearer}},
+        )
+    kept = set(store.mechanisms) | set(bearer)
+    mechanisms = tuple(m for m in order if m in kept)
+    return StoreOffer(mechanisms, store.dropped, store.dropped_count, store.reasons)
+
+
+NO_OAUTH_REASON = "no [oauth] token verifier is configured"
 
 
 ONE_WAY_REASON = "the backend keeps passwords as one-way hashes"

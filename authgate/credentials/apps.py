@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 # The protocols an app password may be limited to (a listener's `protocol`).
-APP_PROTOCOLS: Final = frozenset({"imap", "pop3", "smtp"})
+APP_PROTOCOLS: Final = frozenset({"imap", "pop3", "smtp", "nntp", "ldap", "managesieve"})
 APP_SCHEME: Final = "SSHA512"
 MAX_LABEL: Final = 64
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._@+-]*")

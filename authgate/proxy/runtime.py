@@ -13,12 +13,19 @@ from typing import Any
 from authgate.atrest.envelope import Keyring, open_secret_file
 from authgate.config import BackendMode, BackendSettings, Config, Limits, Listener, TLSMode
 from authgate.credentials.base import CredentialStore
+from authgate.oauth.verifier import TokenVerifier
 from authgate.offers import ListenerOffer, listener_offer
 from authgate.password_policy import PasswordPolicy
 from authgate.policy import Protocol
 from authgate.protocols import imap, ldap, managesieve, nntp, pop3, smtp
 from authgate.proxy import alpn
 from authgate.proxy import tls as tls_mod
+from authgate.sasl import MECHANISMS
+from authgate.sasl.oauth import MAX_TOKEN_OCTETS
+
+# The longest OAUTHBEARER / XOAUTH2 message (authgate.sasl.oauth), base64,
+# with room for the command around it.
+BEARER_LINE = 4 * MAX_TOKEN_OCTETS // 3 + 1024
 
 
 @dataclass(frozen=True)
@@ -148,6 +155,8 @@ class ListenerRuntime:
     password_policy: PasswordPolicy
     master_password: str | None = field(default=None, repr=False)
     greeting_cache: GreetingCache = field(default_factory=GreetingCache, repr=False, compare=False)
+    # [oauth]: verifies OAUTHBEARER / XOAUTH2 tokens (None: not configured).
+    tokens: TokenVerifier | None = None
 
     @property
     def relay(self) -> bool:
@@ -156,7 +165,12 @@ class ListenerRuntime:
     @property
     def max_line(self) -> int:
         """The longest command line this listener's sessions read."""
-        return max(self.limits.max_line, self.parts.min_line)
+        longest = max(self.limits.max_line, self.parts.min_line)
+        if self.tokens is not None and any(MECHANISMS[m].bearer for m in self.offer.verifiable):
+            # A bearer token runs to many KiB (RFC 7628 sets no limit): a
+            # 16 KiB OAUTHBEARER message, base64, on one command line.
+            longest = max(longest, BEARER_LINE)
+        return longest
 
 
 def build_runtime(
@@ -169,6 +183,11 @@ def build_runtime(
     binding: bytes | None = None
     if cert is not None and key is not None:
         binding = tls_server_end_point(tls_mod.leaf_certificate_der(cert))
+    tokens = None
+    if config.oauth is not None:
+        tokens = TokenVerifier.from_settings(
+            config.oauth, lambda p: open_secret_file(p, keyring).decode("utf-8")
+        )
     runtimes = []
     # One context per protocol: each knows its protocol's ALPN identifiers.
     contexts: dict[Protocol, ssl.SSLContext] = {}
@@ -189,7 +208,7 @@ def build_runtime(
             ListenerRuntime(
                 listener=listener,
                 hostname=config.hostname,
-                offer=listener_offer(listener, store, config.hostname),
+                offer=listener_offer(listener, store, config.hostname, oauth=tokens is not None),
                 store=store,
                 parts=PROTOCOL_PARTS[listener.protocol],
                 server_tls=server_tls,
@@ -198,6 +217,7 @@ def build_runtime(
                 limits=config.limits,
                 password_policy=config.password_policy,
                 master_password=read_master_password(backend, keyring),
+                tokens=tokens,
             )
         )
     return runtimes

@@ -64,6 +64,8 @@ from authgate.sasl.base import (
     PasswordCheck,
     PasswordVerdict,
     ServerContext,
+    TokenCheck,
+    TokenVerdict,
     password_answer,
 )
 from authgate.sasl.relayed import relayed_user
@@ -109,6 +111,8 @@ class ClientSession:
         self._secret_looked_up = False
         # The label of the app password the attempt in progress matched.
         self._app_password: str | None = None
+        # The attempt in progress offered a bearer token that was refused.
+        self._token_refused = False
         # (user, keyed hash of the password) of the last cleartext password
         # checked: lets the defence recognise a stale password sent again.
         self._fingerprint: tuple[str, bytes] | None = None
@@ -169,12 +173,15 @@ class ClientSession:
         binding = self.runtime.channel_binding
         if not (tls and binding is not None and self._decide(tls).binds_channel):
             binding = None
+        oauth = self.runtime.tokens.settings if self.runtime.tokens is not None else None
         return ServerContext(
             service=self.runtime.parts.sasl_service,
             hostname=self.runtime.hostname,
             aliases=self._aliases,
             channel_binding=None if binding is None else ("tls-server-end-point", binding),
             allow_ntlm_legacy=self.runtime.listener.policy.allow_ntlm_legacy,
+            oauth_scope=oauth.scope if oauth is not None else "",
+            oauth_configuration=oauth.openid_configuration if oauth is not None else "",
         )
 
     # ------------------------------------------------------------ main loop
@@ -289,6 +296,8 @@ class ClientSession:
         raise RuntimeError(f"unhandled event {event!r}")
 
     async def _lookup(self, request: LookupRequest) -> list[Event]:
+        if isinstance(request, TokenCheck):
+            return await self._check_token(request)
         store = self.runtime.store
         if store is None:  # relay mode never verifies locally
             raise RuntimeError("credential lookup on a listener without a store")
@@ -330,6 +339,28 @@ class ClientSession:
         events: list[Event] = self.machine.resume(answer)
         return events
 
+    async def _check_token(self, request: TokenCheck) -> list[Event]:
+        """OAUTHBEARER / XOAUTH2: the token verifier answers, off the loop."""
+        tokens = self.runtime.tokens
+        if tokens is None:  # policy offers bearer mechanisms only with [oauth]
+            raise RuntimeError("token check on a listener without a token verifier")
+        answer: LookupAnswer
+        if request.user and self.guard.user_locked(request.user, self.address):
+            log.info("%s: user %r is locked out", self.tag, request.user)
+            answer = TokenVerdict(False, None, "user locked out")
+        else:
+            answer = await tokens.averify(request)
+        if isinstance(answer, TokenVerdict):
+            if answer.valid and answer.user and self.guard.user_locked(answer.user, self.address):
+                log.info("%s: user %r is locked out", self.tag, answer.user)
+                answer = TokenVerdict(False, None, "user locked out")
+            # A refused token is a failed guess even if the client then
+            # cancels the RFC 7628 error challenge instead of answering it.
+            self._token_refused = not answer.valid
+        self._secret_looked_up = True
+        events: list[Event] = self.machine.resume(answer)
+        return events
+
     async def _blocked(self) -> bool:
         """Blocked address: the protocol's blocked answer, and True (the
         session is over)."""
@@ -367,7 +398,8 @@ class ClientSession:
         self._login_outcome(
             failure_outcome(event.reason), user=user, mechanism=event.mechanism, reason=event.reason
         )
-        if event.reason not in GUESS_REASONS:
+        token_refused, self._token_refused = self._token_refused, False
+        if event.reason not in GUESS_REASONS and not token_refused:
             return []  # a refusal by policy, a cancel or a backend fault: not a guess
         # Blocked while this guess was being checked (by the address's
         # other connections): the blocked answer, as a right guess gets.

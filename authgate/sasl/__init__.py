@@ -23,6 +23,7 @@ from authgate.sasl.cram_md5 import CramMD5Client, CramMD5Server
 from authgate.sasl.digest_md5 import DigestMD5Client, DigestMD5Server
 from authgate.sasl.login import LoginClient, LoginServer
 from authgate.sasl.ntlm import NTLMClient, NTLMServer
+from authgate.sasl.oauth import OAuthBearerClient, OAuthBearerServer, XOAuth2Client, XOAuth2Server
 from authgate.sasl.plain import PlainClient, PlainServer
 from authgate.sasl.scram import (
     ScramSHA1Client,
@@ -48,6 +49,9 @@ class MechanismInfo:
     # plaintext, which serves everything). Empty for cleartext mechanisms.
     forms: frozenset[SecretForm] = frozenset()
     channel_binding: bool = False
+    # Verified by the OAuth token verifier, not the credential store: a
+    # bearer token is a cleartext credential (TLS under require-secure-auth).
+    bearer: bool = False
 
     def server(self, ctx: ServerContext) -> ServerMechanism:
         return self.server_class(ctx)
@@ -97,6 +101,10 @@ MECHANISMS: dict[str, MechanismInfo] = {
             forms=frozenset({SecretForm.SCRAM_SHA_256}),
             channel_binding=True,
         ),
+        MechanismInfo(
+            "OAUTHBEARER", OAuthBearerServer, OAuthBearerClient, cleartext=True, bearer=True
+        ),
+        MechanismInfo("XOAUTH2", XOAuth2Server, XOAuth2Client, cleartext=True, bearer=True),
     )
 }
 

@@ -192,6 +192,34 @@ class ScramVerifier:
     server_key: bytes = field(repr=False)
 
 
+@dataclass(frozen=True)
+class TokenCheck:
+    """Ask the token verifier (authgate.oauth) whether `token`, an OAuth 2.0
+    bearer token (OAUTHBEARER, XOAUTH2), is valid and whose it is. Answer: a
+    `TokenVerdict`. `user` is the user the client named ("" for none)."""
+
+    token: str = field(repr=False)
+    user: str = ""
+    mechanism: str = ""
+
+    @property
+    def authcid(self) -> str:
+        """The name the lockout is asked about before the token is checked."""
+        return self.user
+
+
+@dataclass(frozen=True)
+class TokenVerdict:
+    """A `TokenCheck` answered. `user` is the mail user the token maps to;
+    `reason` says why it was refused (safe to log: "expired", "wrong
+    audience"), `status` is the RFC 7628 error code for the client."""
+
+    valid: bool
+    user: str | None = None
+    reason: str = ""
+    status: str = "invalid_token"
+
+
 class _StoreUnavailable(enum.Enum):
     """Answer to a lookup when the store could not answer at all (a
     directory server down): the exchange ends in a temporary failure, not
@@ -202,8 +230,10 @@ class _StoreUnavailable(enum.Enum):
 
 STORE_UNAVAILABLE: Final = _StoreUnavailable.STORE_UNAVAILABLE
 
-LookupRequest = PasswordCheck | SecretLookup
-LookupAnswer = bool | bytes | str | ScramVerifier | PasswordVerdict | None | _StoreUnavailable
+LookupRequest = PasswordCheck | SecretLookup | TokenCheck
+LookupAnswer = (
+    bool | bytes | str | ScramVerifier | PasswordVerdict | TokenVerdict | None | _StoreUnavailable
+)
 
 
 @dataclass(frozen=True)
@@ -307,6 +337,10 @@ class ServerContext:
     channel_binding: tuple[str, bytes] | None = None  # ("tls-server-end-point", data)
     allow_ntlm_legacy: bool = False  # NTLMv1 / NTLM2 session response
     random: Callable[[int], bytes] | None = None  # nonce source; os.urandom by default
+    # OAUTHBEARER's error challenge (RFC 7628 section 3.2.2): the scope a
+    # token needs and the identity provider's discovery document.
+    oauth_scope: str = ""
+    oauth_configuration: str = ""
 
 
 class SaslProtocolError(RuntimeError):

@@ -15,6 +15,8 @@ challenge):
 | DIGEST-MD5 | any     | the digest-response's username directive                |
 | SCRAM-*    | any     | n= of the client-first-message                          |
 | NTLM       | any     | the AUTHENTICATE message's UserName (after NEGOTIATE)   |
+| OAUTHBEARER| 0       | the GS2 authzid (a=), when the client gives one         |
+| XOAUTH2    | 0       | user=                                                   |
 
 (1) IMAP LOGIN and POP3 USER/PASS are relayed as PLAIN, so they count here.
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 from authgate.sasl._ntlm_messages import NTLMFormatError, parse_authenticate
 from authgate.sasl.digest_md5 import DirectiveSyntaxError, parse_directives
+from authgate.sasl.oauth import OAuthMessage, parse_oauthbearer, parse_xoauth2
 
 _MAX_MESSAGE = 64 * 1024  # longer than any message that names a user
 
@@ -53,6 +56,10 @@ def relayed_user(mechanism: str, index: int, message: bytes) -> str | None:
         name = _scram(message)
     elif mechanism == "NTLM":
         name = _ntlm(message)
+    elif mechanism in ("OAUTHBEARER", "XOAUTH2") and index == 0:
+        parse = parse_oauthbearer if mechanism == "OAUTHBEARER" else parse_xoauth2
+        parsed = parse(message)  # the token is parsed, never kept or returned
+        name = parsed.user if isinstance(parsed, OAuthMessage) else None
     else:
         name = None
     return name if name and name.isprintable() else None

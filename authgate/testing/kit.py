@@ -65,6 +65,8 @@ from authgate.sasl.base import (
     ServerContext,
     ServerMechanism,
     ServerOutcome,
+    TokenCheck,
+    TokenVerdict,
     client_step,
 )
 from authgate.sasl.scram import make_verifier
@@ -102,6 +104,12 @@ def secret(form: SecretForm, password: str, authcid: str = "", realm: str = "") 
     if form in _SCRAM_HASHES:
         return scram_verifier(_SCRAM_HASHES[form], password, authcid)
     return parse_secret("{PLAIN}" + password).secret_for(form, username=authcid, realm=realm)
+
+
+def bearer_token(password: str) -> str:
+    """The stand-in bearer token (OAUTHBEARER, XOAUTH2) of a user with
+    `password`: a token has no spaces (RFC 6750 b64token)."""
+    return password.replace(" ", "-")
 
 
 class _AsTheStore(enum.Enum):
@@ -142,6 +150,9 @@ class Store:
             return self._unknown
         if isinstance(request, PasswordCheck):
             return password is not None and password == request.password
+        if isinstance(request, TokenCheck):  # the token verifier's part
+            valid = password is not None and request.token == bearer_token(password)
+            return TokenVerdict(valid, request.user if valid else None)
         if password is None:
             return None
         return secret(request.form, password, request.authcid, request.realm)

@@ -25,7 +25,7 @@ from authgate.sasl.base import (
     run_exchange,
 )
 from authgate.sasl.scram import ScramSHA256Client, ScramSHA256Server
-from authgate.testing.kit import store, to_first_lookup
+from authgate.testing.kit import bearer_token, store, to_first_lookup
 
 BINDING = ("tls-server-end-point", b"\x07" * 32)
 ALL = sorted(MECHANISMS)
@@ -34,8 +34,9 @@ ALL = sorted(MECHANISMS)
 def machines(info: MechanismInfo) -> tuple[ServerMechanism, ClientMechanism]:
     binding = BINDING if info.channel_binding else None
     server = info.server(ServerContext(channel_binding=binding))
+    password = bearer_token("correct horse") if info.bearer else "correct horse"
     client = info.client(
-        ClientCredentials("alice", "correct horse"), ClientContext(channel_binding=binding)
+        ClientCredentials("alice", password), ClientContext(channel_binding=binding)
     )
     return server, client
 
