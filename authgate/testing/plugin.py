@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 import secrets
 from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
 from pathlib import Path
@@ -250,7 +251,27 @@ def transcripts_section(stacks: Sequence[Stack]) -> str | None:
     return text
 
 
+TRANSCRIPTS_OPTION = "--authgate-transcripts"
+
+
+def write_artefact(folder: Path, nodeid: str, text: str) -> Path:
+    """DIR/<test id, made a file name>.txt, for CI to keep as an artefact."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid).strip("_")[:200] or "test"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.txt"
+    path.write_text(text + "\n", encoding="utf-8")
+    return path
+
+
 if HAVE_PYTEST_ASYNCIO:
+
+    def pytest_addoption(parser: pytest.Parser) -> None:
+        parser.addoption(
+            TRANSCRIPTS_OPTION,
+            metavar="DIR",
+            default=None,
+            help="authgate: also write the transcripts of each failing test to DIR/<test>.txt",
+        )
 
     def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", MARKER_HELP)
@@ -268,6 +289,9 @@ if HAVE_PYTEST_ASYNCIO:
             section = transcripts_section(stacks)
             if section is not None:
                 report.sections.append((REPORT_SECTION, section))
+                folder = item.config.getoption(TRANSCRIPTS_OPTION)
+                if folder:
+                    write_artefact(Path(folder), item.nodeid, section)
         return report
 
     @pytest.fixture(scope="session")

@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from authgate.proxy.channel import Channel, Through
 from authgate.testing.transcripts import RecordingChannel, Transcript
 
 # Capability token a scenario adds, so a test can tell the fake list from the real.
@@ -623,12 +624,14 @@ class ScenarioChannel(RecordingChannel):
     def write(self, data: bytes) -> None:
         super().write(self.lens.to_client(data))
 
-    def forward_to(self, sink: object, **kwargs: object) -> None:
+    def forward_to(
+        self, sink: Channel, *, half_close: bool = True, through: Through | None = None
+    ) -> None:
         # An unfinished line the lens held goes on with the rest.
         held = self.lens.take_held()
         if held:
             self._buf[:0] = held
-        super().forward_to(sink, **kwargs)  # type: ignore[arg-type]
+        super().forward_to(sink, half_close=half_close, through=through)
 
     async def start_tls(
         self,

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from authgate.proxy.channel import Channel
+from authgate.proxy.channel import Channel, Through
 
 CLIENT: Literal["client"] = "client"
 SERVER: Literal["server"] = "server"
@@ -303,11 +303,13 @@ class RecordingChannel(Channel):
         super().connection_lost(exc)
         self.transcript.mark_ended()
 
-    def forward_to(self, sink: Channel, **kwargs: object) -> None:
+    def forward_to(
+        self, sink: Channel, *, half_close: bool = True, through: Through | None = None
+    ) -> None:
         # What forward_to hands on from our buffer was recorded on arrival.
         self._replaying = True
         try:
-            super().forward_to(sink, **kwargs)  # type: ignore[arg-type]
+            super().forward_to(sink, half_close=half_close, through=through)
         finally:
             self._replaying = False
 

@@ -164,7 +164,10 @@ def test_failing_test_reports_its_transcripts(pytester: pytest.Pytester) -> None
             await asyncio.to_thread(greet, authgate["imap"])
         """)
     )
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-rA")
+    artefacts = pytester.path / "transcripts"
+    result = pytester.runpytest_inprocess(
+        "-p", "no:cacheprovider", "-rA", f"--authgate-transcripts={artefacts}"
+    )
     result.assert_outcomes(passed=1, failed=1)
     out = result.stdout.str()
     assert out.count("authgate transcripts") == 1
@@ -179,3 +182,7 @@ def test_failing_test_reports_its_transcripts(pytester: pytest.Pytester) -> None
             "*closed by the *",
         ]
     )
+    # the same text as an artefact file, for the failing test only
+    (artefact,) = artefacts.iterdir()
+    assert artefact.name == "test_inner.py_test_fails.txt"
+    assert artefact.read_text().startswith("connection 1 to imap (imap)\n")
