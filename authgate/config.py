@@ -25,6 +25,7 @@ from authgate.logs import LogFormat, LogLevel
 from authgate.oauth.settings import OAuthSettings, parse_oauth
 from authgate.password_policy import PasswordPolicy, parse_policy
 from authgate.policy import ExemptNetworks, ListenerPolicy, Protocol, Security
+from authgate.privileges import RunAs
 from authgate.routing import Backend
 from authgate.sasl import DEFAULT_ORDER, MECHANISMS
 from authgate.settings import Range, Table, number
@@ -310,6 +311,8 @@ class Config:
     log_format: LogFormat = LogFormat.TEXT
     log_level: LogLevel = LogLevel.INFO
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    # user / group / run_as_root: whom `authgate run` serves as (privileges.py).
+    run_as: RunAs = field(default_factory=RunAs)
 
     RANGES: ClassVar[Mapping[str, Range]] = {"workers": Range(1, 256, integer=True)}
 
@@ -808,6 +811,13 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
     log_format = root.choice("log_format", LogFormat, LogFormat.TEXT)
     log_level = root.choice("log_level", LogLevel, LogLevel.INFO)
     metrics = _metrics(root.table("metrics"))
+    run_as = RunAs(
+        user=root.get("user", str, "") or None,
+        group=root.get("group", str, "") or None,
+        run_as_root=root.get("run_as_root", bool, False),
+    )
+    if run_as.group is not None and run_as.user is None:
+        raise root.error("group", "needs user as well")
     if event_loop is EventLoop.UVLOOP and importlib.util.find_spec("uvloop") is None:
         raise root.error(
             "event_loop",
@@ -852,6 +862,7 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
         log_format=log_format,
         log_level=log_level,
         metrics=metrics,
+        run_as=run_as,
     )
 
 

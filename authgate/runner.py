@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from authgate import config as config_mod
-from authgate import metrics
+from authgate import metrics, privileges, sdnotify
 from authgate.atrest.envelope import Keyring, open_secret_file
 from authgate.audit import AuditLog
 from authgate.config import Config, EventLoop
@@ -36,6 +36,8 @@ from authgate.proxy.runtime import ListenerRuntime, build_runtime
 from authgate.proxy.server import Gateway
 
 log = logging.getLogger("authgate")
+
+Notify = sdnotify.Notifier | sdnotify.WorkerReport
 
 
 def raise_open_files_limit() -> int:
@@ -127,11 +129,16 @@ async def wait_for_stop_signal(on_reload: asyncio.Event | None = None) -> None:
 
 
 async def _reloader(
-    gateway: Gateway, path: Path, keyring: Keyring | None, requested: asyncio.Event
+    gateway: Gateway,
+    path: Path,
+    keyring: Keyring | None,
+    requested: asyncio.Event,
+    notify: Notify,
 ) -> None:
     while True:
         await requested.wait()
         requested.clear()
+        notify.reloading()
         log.info("reloading %s", path)
         try:
             # Reading and hashing happen off the loop: sessions keep flowing.
@@ -143,6 +150,8 @@ async def _reloader(
         else:
             log.info("reloaded: %d listener(s)", len(runtimes))
             metrics.recorder().reload(ok=True)
+        finally:
+            notify.reloaded()  # the old or the new settings: serving either way
 
 
 def run(config: Config, store: CredentialStore | None, keyring: Keyring | None) -> int:
@@ -150,12 +159,14 @@ def run(config: Config, store: CredentialStore | None, keyring: Keyring | None) 
     listening ports (SO_REUSEPORT) under a supervisor that forwards
     SIGTERM/SIGINT/SIGHUP and restarts a worker that dies. Returns the exit
     status."""
+    identity = privileges.check_start(config.run_as)
     limit = raise_open_files_limit()
     log.info("open files limit %d: room for about %d proxied sessions", limit, (limit - 64) // 2)
     if config.workers == 1:
         if config.metrics.listen is not None:
             metrics.enable()
-        run_loop(config, serve(config, store, keyring))
+        notifier = sdnotify.Notifier()
+        run_loop(config, serve(config, store, keyring, identity=identity, notify=notifier))
         return 0
     if config.shared_defence is None:
         log.warning(
@@ -168,9 +179,11 @@ def run(config: Config, store: CredentialStore | None, keyring: Keyring | None) 
     if config.metrics.listen is not None:
         # The workers' samples, in files one scrape adds up; fresh each start.
         samples = Path(tempfile.mkdtemp(prefix="authgate-metrics-"))
+        if identity is not None:  # the workers write their samples as the user
+            os.chown(samples, identity.uid, identity.gid)
         metrics.enable(samples)
     try:
-        return _supervise(config, store, keyring)
+        return _supervise(config, store, keyring, identity)
     finally:
         if samples is not None:
             shutil.rmtree(samples, ignore_errors=True)
@@ -191,9 +204,21 @@ def run_loop(config: Config, main: Coroutine[Any, Any, None]) -> None:
 WORKER_START_GRACE = 2.0  # seconds: a worker dying sooner failed to start
 
 
-def _supervise(config: Config, store: CredentialStore | None, keyring: Keyring | None) -> int:
+def _supervise(
+    config: Config,
+    store: CredentialStore | None,
+    keyring: Keyring | None,
+    identity: privileges.Identity | None,
+) -> int:
     children: dict[int, tuple[int, float]] = {}  # pid -> (worker number, start time)
     stopping = False
+    # systemd hears from this process only; the workers report through a pipe.
+    notifier = sdnotify.Notifier()
+    relay = None
+    if notifier.enabled:
+        relay = sdnotify.SupervisorRelay(
+            notifier, config.workers, sdnotify.watchdog_interval()
+        )
 
     def spawn(number: int) -> None:
         pid = os.fork()
@@ -202,7 +227,14 @@ def _supervise(config: Config, store: CredentialStore | None, keyring: Keyring |
             try:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     signal.signal(sig, signal.SIG_DFL)
-                run_loop(config, serve(config, store, keyring, reuse_port=True))
+                notify: Notify = sdnotify.Notifier({})  # off
+                if relay is not None:
+                    os.close(relay.read_fd)
+                    notify = sdnotify.WorkerReport(relay.write_fd, number, relay.interval)
+                main = serve(
+                    config, store, keyring, reuse_port=True, identity=identity, notify=notify
+                )
+                run_loop(config, main)
             except BaseException:
                 log.exception("worker %d failed", number)
                 status = 1
@@ -214,7 +246,11 @@ def _supervise(config: Config, store: CredentialStore | None, keyring: Keyring |
     def forward(sig: int, _frame: object) -> None:
         nonlocal stopping
         if sig != signal.SIGHUP:
+            if not stopping:
+                notifier.stopping()
             stopping = True
+        elif relay is not None:
+            relay.reloading()
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
@@ -247,12 +283,25 @@ def _supervise(config: Config, store: CredentialStore | None, keyring: Keyring |
     return 1 if failed else 0
 
 
+def reload_reads(config: Config) -> list[Path]:
+    """The files a reload reads again (they must stay readable after the drop)."""
+    files = [config.path]
+    for path in (config.users_file, config.tls.cert, config.tls.key):
+        if path is not None:
+            files.append(path)
+    if config.shared_defence is not None:
+        files.append(config.shared_defence.secret_file)
+    return files
+
+
 async def serve(
     config: Config,
     store: CredentialStore | None,
     keyring: Keyring | None,
     *,
     reuse_port: bool = False,
+    identity: privileges.Identity | None = None,
+    notify: Notify | None = None,
 ) -> None:
     """One event loop until SIGTERM/SIGINT. `keyring` unlocks files
     encrypted at rest; it stays in memory for reloads (a rekey changes only
@@ -270,14 +319,27 @@ async def serve(
             reuse_port=reuse_port,
         )
         await admin.start()
+    if identity is not None:
+        # Every port is bound: serve as the user from here on.
+        privileges.drop(identity, reload_reads(config))
+        log.info(
+            "serving as user %s (uid %d), group %s", identity.name, identity.uid, identity.group
+        )
+    notify = notify or sdnotify.Notifier({})
+    notify.ready(f"serving {len(gateway.runtimes)} listener(s)")
+    notify.start_watchdog(sdnotify.watchdog_interval())
     reload_requested = asyncio.Event()
-    reloader = asyncio.ensure_future(_reloader(gateway, config.path, keyring, reload_requested))
+    reloader = asyncio.ensure_future(
+        _reloader(gateway, config.path, keyring, reload_requested, notify)
+    )
     try:
         await wait_for_stop_signal(reload_requested)
     finally:
         reloader.cancel()
         if admin is not None:
             await admin.stop()
+    notify.stopping()
+    await notify.stop_watchdog()
     drain = config.limits.drain_timeout
     log.info("stopping: no new connections; %d session(s) get %gs", gateway.session_count, drain)
     await gateway.stop(drain=drain)
