@@ -240,6 +240,17 @@ def cmd_negotiate(args: argparse.Namespace) -> int:
             name: offer.explain(reason, name) for name, reason in decision.withheld.items()
         },
     }
+    if listener.protocol is Protocol.LDAP:
+        # What the LDAP relay answers a simple bind (the policy's cleartext
+        # rule, in the resultCode the client sees).
+        from authgate.protocols.ldap import simple_bind_refusal
+
+        refused = simple_bind_refusal(decision)
+        result["ldap_simple_bind"] = (
+            "relayed to the directory"
+            if refused is None
+            else f"refused with {refused[0].rfc_name} ({int(refused[0])})"
+        )
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         print()
@@ -251,6 +262,8 @@ def cmd_negotiate(args: argparse.Namespace) -> int:
     )
     print(f"  offered: {', '.join(decision.offered) or 'nothing'}")
     print(f"  cleartext login: {'allowed' if decision.cleartext_login else 'refused'}")
+    if listener.protocol is Protocol.LDAP:
+        print(f"  simple bind with a password: {result['ldap_simple_bind']}")
     if result["ntlm_legacy"] is not None and "NTLM" in decision.offered:
         legacy = "accepted" if result["ntlm_legacy"] else "refused (allow_ntlm_legacy off)"
         print(f"  NTLMv1 / NTLM2 session responses: {legacy}")

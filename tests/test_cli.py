@@ -338,3 +338,41 @@ def test_check_and_negotiate_an_nntp_listener(tmp_path: Path) -> None:
     assert outsider["cleartext_login"] is False  # AUTHINFO USER gets 483
     exempt = json.loads(run_cli(*args, "--client-ip", "10.1.2.3").stdout)
     assert exempt["offered"] == ["CRAM-MD5", "PLAIN"] and exempt["cleartext_login"] is True
+
+
+LDAP_CONFIG = """hostname = "localhost"
+[policy]
+security = "require-secure-auth"
+mechanisms = ["CRAM-MD5", "PLAIN"]
+exempt_networks = ["192.168.0.0/16"]
+[[listeners]]
+name = "ldap"
+protocol = "ldap"
+listen = "127.0.0.1:3389"
+backend = "127.0.0.1:1389"
+"""
+
+
+def test_negotiate_and_check_an_ldap_listener(tmp_path: Path) -> None:
+    config = tmp_path / "ldap.toml"
+    config.write_text(LDAP_CONFIG)
+
+    def ask(client: str, *extra: str) -> dict[str, object]:
+        args = ("negotiate", "-c", str(config), "--listener", "ldap", "--client-ip", client)
+        result = run_cli(*args, "--json", *extra)
+        assert result.returncode == 0, result.stderr
+        data: dict[str, object] = json.loads(result.stdout)
+        return data
+
+    outsider = ask("203.0.113.5")
+    assert outsider["offered"] == ["CRAM-MD5"]
+    assert outsider["ldap_simple_bind"] == "refused with confidentialityRequired (13)"
+    assert ask("203.0.113.5", "--tls")["ldap_simple_bind"] == "relayed to the directory"
+    assert ask("192.168.1.2")["ldap_simple_bind"] == "relayed to the directory"
+    checked = run_cli("check", "-c", str(config))
+    assert checked.returncode == 0, checked.stderr
+    assert "listener ldap: ldap on 127.0.0.1:3389" in checked.stdout and "(relay" in checked.stdout
+    config.write_text(LDAP_CONFIG.replace('backend = "127.0.0.1:1389"', '[listeners.backend]\naddress = "127.0.0.1:1389"\nmode = "terminate"'))
+    refused = run_cli("check", "-c", str(config))
+    assert refused.returncode == 2 and "terminate mode does not apply to LDAP" in refused.stderr
+    assert "Traceback" not in refused.stderr

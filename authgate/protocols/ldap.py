@@ -68,6 +68,12 @@ class ResultCode(enum.IntEnum):
     UNAVAILABLE = 52
     UNWILLING_TO_PERFORM = 53
 
+    @property
+    def rfc_name(self) -> str:
+        """The name RFC 4511 gives it: confidentialityRequired."""
+        first, *rest = self.name.lower().split("_")
+        return first + "".join(word.capitalize() for word in rest)
+
 
 # Message size limits, slapd's defaults (sockbuf_max_incoming 262143 before
 # a bind, sockbuf_max_incoming_auth 4194303 after one): a request larger than
@@ -105,6 +111,30 @@ def no_client_machine(*_: object) -> None:
 
 def bye_protocol_error(why: str) -> bytes:
     return ber.notice_of_disconnection(ResultCode.PROTOCOL_ERROR, why)
+
+
+def simple_bind_refusal(decision: Decision) -> tuple[ResultCode, str] | None:
+    """Why a simple bind with a password is refused (resultCode, the
+    policy's reason), or None: it goes to the directory. It carries the
+    password in the clear, so it is allowed exactly when a cleartext
+    mechanism (PLAIN, LOGIN) is: IMAP LOGIN's rule."""
+    refusal = decision.login_refusal()
+    if refusal is None:
+        return None
+    if refusal is Refusal.NOT_AVAILABLE:
+        return ResultCode.STRONGER_AUTH_REQUIRED, refusal.value
+    return ResultCode.CONFIDENTIALITY_REQUIRED, refusal.value
+
+
+def sasl_bind_refusal(decision: Decision, mechanism: str) -> tuple[ResultCode, str] | None:
+    """Why a SASL bind with `mechanism` is refused, or None."""
+    name = mechanism.upper()
+    refusal = decision.refusal(name) if name in MECHANISMS else Refusal.NOT_AVAILABLE
+    if refusal is None:
+        return None
+    if refusal is Refusal.NOT_AVAILABLE:
+        return ResultCode.AUTH_METHOD_NOT_SUPPORTED, refusal.value
+    return ResultCode.CONFIDENTIALITY_REQUIRED, refusal.value
 
 
 # ---------------------------------------------------------------- actions
@@ -361,25 +391,15 @@ class LdapRelay:
                 return self._refuse_bind(
                     message, dn, SIMPLE, ResultCode.UNWILLING_TO_PERFORM, "unauthenticated-bind"
                 )
-            refusal = decision.login_refusal()
-            if refusal is None:
+            refused = simple_bind_refusal(decision)
+            if refused is None:
                 return self._forward_bind(message, dn, SIMPLE, anonymous=False)
-            code = (
-                ResultCode.STRONGER_AUTH_REQUIRED
-                if refusal is Refusal.NOT_AVAILABLE
-                else ResultCode.CONFIDENTIALITY_REQUIRED
-            )
-            return self._refuse_bind(message, dn, SIMPLE, code, refusal.value)
+            return self._refuse_bind(message, dn, SIMPLE, *refused)
         mechanism = bind.mechanism.upper()
-        refusal = decision.refusal(mechanism) if mechanism in MECHANISMS else Refusal.NOT_AVAILABLE
-        if refusal is not None:
+        refused = sasl_bind_refusal(decision, mechanism)
+        if refused is not None:
             self._state.sasl = None
-            code = (
-                ResultCode.AUTH_METHOD_NOT_SUPPORTED
-                if refusal is Refusal.NOT_AVAILABLE
-                else ResultCode.CONFIDENTIALITY_REQUIRED
-            )
-            return self._refuse_bind(message, dn, mechanism, code, refusal.value)
+            return self._refuse_bind(message, dn, mechanism, *refused)
         sasl = self._state.sasl
         if sasl is None or sasl.mechanism != mechanism:
             sasl = self._state.sasl = _Sasl(mechanism)
