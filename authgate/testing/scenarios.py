@@ -40,6 +40,7 @@ from authgate.testing.transcripts import RecordingChannel, Transcript
 TAMPERED = "X-AUTHGATE-TAMPERED"
 INJECTED = "X-AUTHGATE-INJECTED"
 REFERRAL_HOST = "referral.invalid"  # RFC 6761: never resolves
+MAX_ANSWERED = 50  # reads in a row the lens may answer itself before closing
 ALERT_TEXT = "authgate hostile scenario: this alert text must be shown to the user"
 
 
@@ -598,6 +599,7 @@ class ScenarioChannel(RecordingChannel):
     def __init__(self, transcript: Transcript, lens: Lens) -> None:
         super().__init__(transcript)
         self.lens = lens
+        self._rounds = 0  # reads in a row that gave the machine nothing
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -605,11 +607,17 @@ class ScenarioChannel(RecordingChannel):
 
     async def read(self, timeout: float | None = None) -> bytes:
         # Bounded: each round waits at most `timeout`, and a round ends with
-        # bytes for the machine, the end of the stream, or a close.
+        # bytes for the machine, the end of the stream, or a close; a client
+        # whose lines the lens keeps answering itself is closed after
+        # MAX_ANSWERED rounds (the session's own deadline sees only our rounds).
         while True:
             data = await super().read(timeout)
             if not data:
                 return data
+            self._rounds += 1
+            if self._rounds > MAX_ANSWERED:
+                self.close()
+                return b""
             step = self.lens.from_client(data)
             if step.reply:
                 RecordingChannel.write(self, step.reply)
@@ -619,6 +627,7 @@ class ScenarioChannel(RecordingChannel):
                 self.close()
                 return b""
             if step.to_machine:
+                self._rounds = 0
                 return step.to_machine
 
     def write(self, data: bytes) -> None:

@@ -544,3 +544,20 @@ def test_readme_hostile_example_passes_verbatim(pytester: pytest.Pytester) -> No
     pytester.makepyfile(test_inner=blocks[0])
     result = pytester.runpytest_inprocess("-rA")
     result.assert_outcomes(passed=len(tests))
+
+
+@pytest.mark.asyncio
+async def test_a_client_the_lens_keeps_answering_is_closed(
+    authgate_factory: AuthgateFactory,
+) -> None:
+    """strip-starttls answers STARTTLS itself; a client repeating it forever
+    is closed after MAX_ANSWERED rounds (the session's deadline cannot see them)."""
+    stack = await stack_for(authgate_factory, "strip-starttls")
+    client, _ = await LineClient.open(stack["pop3"])
+    answers = 0
+    with pytest.raises(ConnectionError):
+        for _ in range(scenarios.MAX_ANSWERED + 5):
+            assert await client.ask(b"STLS") == b"-ERR Unknown command\r\n"
+            answers += 1
+    client.close()
+    assert answers == scenarios.MAX_ANSWERED
