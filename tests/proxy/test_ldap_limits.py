@@ -17,6 +17,7 @@ from authgate import config as config_mod
 from authgate.certs import ensure_dev_certificates
 from authgate.protocols import ber
 from authgate.protocols.ldap import ResultCode
+from authgate.proxy import proxy_protocol
 from authgate.proxy.server import Gateway
 from authgate.runner import start_gateway
 from tests.ldap_server import SlapdInstance, start_slapd
@@ -166,4 +167,58 @@ async def test_ldaps_refuses_a_browser_alpn(gateway: Gateway, tmp_path: Path) ->
         writer.close()
     _, writer = await asyncio.open_connection(host, port, ssl=client_tls(tmp_path, ["ldap"]))
     assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "ldap"
+    writer.close()
+
+
+@pytest_asyncio.fixture
+async def balanced(tmp_path: Path, slapd: SlapdInstance) -> AsyncIterator[Gateway]:
+    """An LDAP listener behind a load balancer (PROXY protocol from 127.0.0.1)."""
+    path = tmp_path / "balanced.toml"
+    path.write_text(
+        f"""hostname = "localhost"
+[policy]
+security = "require-secure-auth"
+mechanisms = ["PLAIN"]
+exempt_networks = ["198.51.100.0/24"]
+[defence]
+failure_delay = 0
+penalties = []
+[[listeners]]
+name = "ldap"
+protocol = "ldap"
+listen = "127.0.0.1:0"
+backend = "127.0.0.1:{slapd.ldap_port}"
+proxy_protocol = true
+trusted_proxies = ["127.0.0.1/32"]
+"""
+    )
+    running = await start_gateway(config_mod.load(path), None)
+    try:
+        yield running
+    finally:
+        await running.stop(drain=1)
+
+
+@pytest.mark.parametrize(("client", "expected"), [("198.51.100.7", 0), ("203.0.113.9", 13)])
+async def test_proxy_header_names_the_client_the_policy_judges(
+    balanced: Gateway, slapd: SlapdInstance, client: str, expected: int
+) -> None:
+    """Behind a trusted balancer the PROXY header's address decides: an
+    exempt one may bind in cleartext, another gets 13."""
+    host, port = balanced.addresses()["ldap"]
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(proxy_protocol.build_v2((client, 40000), (host, port)))
+    writer.write(simple_bind(1, slapd.dn("alice"), slapd.password("alice")))
+    assert code(await read_message(reader)) == (1, ber.BIND_RESPONSE, expected)
+    writer.close()
+
+
+async def test_a_second_proxy_header_is_refused(balanced: Gateway) -> None:
+    host, port = balanced.addresses()["ldap"]
+    reader, writer = await asyncio.open_connection(host, port)
+    header = proxy_protocol.build_v2(("198.51.100.7", 40000), (host, port))
+    writer.write(header)
+    await asyncio.sleep(0.1)  # the balancer's header is read on its own
+    writer.write(header)
+    assert await read_message(reader) is None  # closed, nothing said
     writer.close()
