@@ -132,6 +132,9 @@ class SlapdInstance(AppendedLog):
     log_path: Path
     conf_path: Path
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    # A third listener that expects a PROXY header first (slapd 2.5's
+    # pldap://), for authgate's client_address = "proxy-v2"; 0: none.
+    proxied_port: int = 0
 
     # -- addresses
 
@@ -187,6 +190,8 @@ class SlapdInstance(AppendedLog):
     def start(self) -> None:
         slapd = _find(SLAPD_PATHS, "slapd")
         urls = f"{self.ldap_url}/ {self.ldaps_url}/"
+        if self.proxied_port:
+            urls += f" pldap://{HOST}:{self.proxied_port}/"
         log = self.log_path.open("ab")
         try:
             # -d stats: stay in the foreground and log connections and
@@ -202,7 +207,7 @@ class SlapdInstance(AppendedLog):
         finally:
             log.close()
         deadline = time.monotonic() + STARTUP_TIMEOUT
-        pending = {self.ldap_port, self.ldaps_port}
+        pending = {self.ldap_port, self.ldaps_port} | ({self.proxied_port} - {0})
         while pending:
             if self.process.poll() is not None:
                 raise SlapdError(
@@ -295,8 +300,11 @@ access to *
 
 
 @contextlib.contextmanager
-def start_slapd(users: dict[str, tuple[str, str]] | None = None) -> Iterator[SlapdInstance]:
-    """A running slapd on ephemeral loopback ports; stopped and removed on exit."""
+def start_slapd(
+    users: dict[str, tuple[str, str]] | None = None, *, proxied: bool = False
+) -> Iterator[SlapdInstance]:
+    """A running slapd on ephemeral loopback ports; stopped and removed on exit.
+    `proxied`: also a pldap:// listener (PROXY header first) on `proxied_port`."""
     slapd = _find(SLAPD_PATHS, "slapd")
     slapadd = _find(SLAPADD_PATHS, "slapadd")
     del slapd
@@ -335,6 +343,7 @@ def start_slapd(users: dict[str, tuple[str, str]] | None = None) -> Iterator[Sla
                 users=users,
                 log_path=root / "slapd.log",
                 conf_path=conf,
+                proxied_port=free_port() if proxied else 0,
             )
             try:
                 instance.start()

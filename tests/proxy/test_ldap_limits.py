@@ -222,3 +222,41 @@ async def test_a_second_proxy_header_is_refused(balanced: Gateway) -> None:
     writer.write(header)
     assert await read_message(reader) is None  # closed, nothing said
     writer.close()
+
+
+@pytest.fixture(scope="module")
+def proxied_slapd() -> Iterator[SlapdInstance]:
+    with start_slapd(proxied=True) as instance:
+        yield instance
+
+
+async def test_backend_is_told_the_client_address(
+    tmp_path: Path, proxied_slapd: SlapdInstance
+) -> None:
+    """client_address = "proxy-v2" toward slapd's pldap:// listener: slapd
+    logs the real client (127.0.0.2), not authgate."""
+    path = tmp_path / "proxied.toml"
+    path.write_text(
+        f"""hostname = "localhost"
+[policy]
+security = "none"
+[[listeners]]
+name = "ldap"
+protocol = "ldap"
+listen = "127.0.0.1:0"
+[listeners.backend]
+address = "127.0.0.1:{proxied_slapd.proxied_port}"
+client_address = "proxy-v2"
+"""
+    )
+    gateway = await start_gateway(config_mod.load(path), None)
+    try:
+        host, port = gateway.addresses()["ldap"]
+        mark = proxied_slapd.log_size()
+        reader, writer = await asyncio.open_connection(host, port, local_addr=("127.0.0.2", 0))
+        writer.write(simple_bind(1, proxied_slapd.dn("bob"), proxied_slapd.password("bob")))
+        assert code(await read_message(reader)) == (1, ber.BIND_RESPONSE, 0)
+        writer.close()
+        proxied_slapd.wait_for_log(r"ACCEPT from IP=127\.0\.0\.2:", since=mark)
+    finally:
+        await gateway.stop(drain=1)
