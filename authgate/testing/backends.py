@@ -1,11 +1,11 @@
 """The embedded mail servers authgate sits in front of in the demo and the pytest plugin.
 
-These are *backends*, not authgate: small IMAP, POP3, SMTP and ManageSieve servers
-sharing one store, good enough for real clients (imaplib, poplib, smtplib, curl,
-sievelib).
+These are *backends*, not authgate: small IMAP, POP3, SMTP, ManageSieve and NNTP
+servers sharing one store, good enough for real clients (imaplib, poplib, smtplib,
+curl, sievelib, nntplib).
 
     backends = await start_backends(root, {"alice": "pw"}, master=("authgate", "mpw"))
-    ...  # backends.imap.port, backends.pop3.port, backends.smtp.port, backends.sieve.port
+    ...  # backends.imap.port, .pop3.port, .smtp.port, .sieve.port, .nntp.port
     await backends.close()
 """
 
@@ -25,6 +25,7 @@ from authgate.testing.maildir import (
     StoredMessage,
     seed_mailbox,
 )
+from authgate.testing.nntp_backend import start_nntp_backend
 from authgate.testing.pop3_backend import start_pop3_backend
 from authgate.testing.sieve_backend import start_sieve_backend
 from authgate.testing.smtp_backend import start_smtp_backend
@@ -40,6 +41,7 @@ __all__ = [
     "seed_mailbox",
     "start_backends",
     "start_imap_backend",
+    "start_nntp_backend",
     "start_pop3_backend",
     "start_sieve_backend",
     "start_smtp_backend",
@@ -55,10 +57,15 @@ class Backends:
     pop3: ServerHandle
     smtp: ServerHandle
     sieve: ServerHandle
+    nntp: ServerHandle
 
     async def close(self) -> None:
         await asyncio.gather(
-            self.imap.close(), self.pop3.close(), self.smtp.close(), self.sieve.close()
+            self.imap.close(),
+            self.pop3.close(),
+            self.smtp.close(),
+            self.sieve.close(),
+            self.nntp.close(),
         )
 
 
@@ -68,7 +75,7 @@ async def start_backends(
     master: tuple[str, str] | None = None,
     host: str = "127.0.0.1",
 ) -> Backends:
-    """Start IMAP, POP3, SMTP and ManageSieve backends on ephemeral ports of ``host``.
+    """Start IMAP, POP3, SMTP, ManageSieve and NNTP backends on ephemeral ports of ``host``.
 
     ``users`` maps user names to plaintext passwords; ``master`` is an optional
     (name, password) allowed to log in as any user with SASL PLAIN authzid.
@@ -84,11 +91,12 @@ async def start_backends(
             start_pop3_backend,
             start_smtp_backend,
             start_sieve_backend,
+            start_nntp_backend,
         ):
             started.append(await start(store, host))
     except BaseException:
         for handle in started:
             await handle.close()
         raise
-    imap, pop3, smtp, sieve = started
-    return Backends(store=store, imap=imap, pop3=pop3, smtp=smtp, sieve=sieve)
+    imap, pop3, smtp, sieve, nntp = started
+    return Backends(store=store, imap=imap, pop3=pop3, smtp=smtp, sieve=sieve, nntp=nntp)

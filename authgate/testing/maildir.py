@@ -221,8 +221,8 @@ class Account:
 class LoginRecord:
     """A successful login as seen by a backend, for tests to assert on (no secrets)."""
 
-    protocol: str  # "imap", "pop3" or "smtp"
-    mechanism: str  # "LOGIN" (IMAP command), "USER" (POP3), or the SASL mechanism
+    protocol: str  # "imap", "pop3", "smtp" or "nntp"
+    mechanism: str  # "LOGIN" (IMAP), "USER" (POP3), "AUTHINFO-USER" (NNTP), or SASL
     user: str
     authcid: str
     client_id: dict[str, str | None] | None = None  # IMAP ID parameters sent before login
@@ -328,7 +328,7 @@ class ServerHandle:
 
     host: str
     port: int
-    protocol: str  # "imap", "pop3" or "smtp"
+    protocol: str  # "imap", "pop3", "smtp" or "nntp"
     store: MailStore
     _close: Callable[[], Awaitable[None]] = field(repr=False)
     _closed: bool = field(default=False, repr=False)

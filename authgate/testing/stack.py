@@ -33,7 +33,7 @@ ALL_MECHANISMS = ("SCRAM-SHA-256", "CRAM-MD5", "DIGEST-MD5", "NTLM", "LOGIN", "P
 @dataclass(frozen=True)
 class ListenerSpec:
     name: str
-    protocol: str  # smtp | imap | pop3 | managesieve | ldap
+    protocol: str  # smtp | imap | pop3 | managesieve | nntp | ldap
     tls: str  # none | starttls | implicit
     port: int = 0  # 0: ephemeral
 
@@ -48,6 +48,8 @@ STANDARD_LAYOUT = (
     ListenerSpec("smtps", "smtp", "implicit"),
     # RFC 5804 has STARTTLS only.
     ListenerSpec("managesieve", "managesieve", "starttls"),
+    ListenerSpec("nntp", "nntp", "starttls"),
+    ListenerSpec("nntps", "nntp", "implicit"),
 )
 
 
@@ -239,6 +241,7 @@ async def embedded_stack(
                     "pop3": backends.pop3.port,
                     "smtp": backends.smtp.port,
                     "managesieve": backends.sieve.port,
+                    "nntp": backends.nntp.port,
                 },
                 master_password=master_password,
                 security=security,

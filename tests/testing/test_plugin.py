@@ -425,3 +425,64 @@ def test_managesieve_listener(run: Runner) -> None:
     """)
     result = run(source)
     result.assert_outcomes(passed=1)
+
+
+def test_nntp_listeners_read_the_welcome_message_as_an_article(run: Runner) -> None:
+    source = textwrap.dedent("""
+        import asyncio
+        import socket
+        import warnings
+
+        import pytest
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # nntplib: PEP 594
+            import nntplib
+
+
+        class Reader(nntplib.NNTP):
+            source = "127.0.0.1"
+
+            def _create_socket(self, timeout):
+                return socket.create_connection(
+                    (self.host, self.port), timeout, source_address=(self.source, 0)
+                )
+
+
+        def read(endpoint, password, context=None, source="127.0.0.1"):
+            Reader.source = source
+            if endpoint.tls == "implicit":
+                client = nntplib.NNTP_SSL(endpoint.host, endpoint.port, ssl_context=context)
+            else:
+                client = Reader(endpoint.host, endpoint.port, timeout=10)
+            with client:
+                if context is not None and endpoint.tls == "starttls":
+                    client.starttls(context)
+                client.login("alice", password, usenetrc=False)
+                _, count, first, _, name = client.group("inbox")
+                _, info = client.article(first)
+                return name, count, b"\\r\\n".join(info.lines)
+
+
+        @pytest.mark.asyncio
+        async def test_nntp(authgate, authgate_ssl_context):
+            password = authgate.users["alice"]
+            for name in ("nntp", "nntps"):
+                group, count, article = await asyncio.to_thread(
+                    read, authgate[name], password, authgate_ssl_context
+                )
+                assert (group, count) == ("inbox", 1) and b"Subject: Welcome" in article
+            login = authgate.backends.nntp.logins[-1]
+            assert (login.user, login.authcid, login.mechanism) == ("alice", "authgate", "PLAIN")
+            # Cleartext AUTHINFO USER from a non-exempt address: 483, the
+            # backend never asked; from the exempt 127.0.0.2 it reads.
+            with pytest.raises(nntplib.NNTPTemporaryError, match=r"^483 "):
+                await asyncio.to_thread(read, authgate["nntp"], password)
+            assert len(authgate.backends.nntp.logins) == 2
+            _, _, article = await asyncio.to_thread(
+                read, authgate["nntp"], password, None, "127.0.0.2"
+            )
+            assert b"Subject: Welcome" in article
+    """)
+    result = run(source)
+    result.assert_outcomes(passed=1)
