@@ -820,3 +820,32 @@ def test_ports_command_bad_config_is_a_user_error(tmp_path: Path) -> None:
     bad.write_text('hostname = "x"\nlisteners = 3\n')
     with pytest.raises(UserError, match=r"bad\.toml: listeners: 3 is not a list"):
         run_command(["ports", "-c", str(bad)])
+
+
+def test_ldap_rows_come_from_the_listeners(tmp_path: Path) -> None:
+    """389 with StartTLS beside LDAPS on 636 is the page's `deny` (or open
+    to the exempt networks); the standard LDAP rows give way to the
+    listeners', and --all still lists HTTP as not served."""
+    config = make_config(
+        tmp_path,
+        {"name": "ldap", "protocol": "ldap", "listen": "0.0.0.0:389", "tls": "starttls"},
+        {"name": "ldaps", "protocol": "ldap", "listen": "0.0.0.0:636", "tls": "implicit"},
+        security="require-secure-auth",
+    )
+    entries = port_table(config, include_standard=True)
+    rows = summary(entries)
+    assert rows[:2] == [("LDAP (ldap)", 389, Action.DENY), ("LDAPS (ldaps)", 636, Action.ALLOW)]
+    assert ("LDAP", 389, Action.DENY) not in rows and ("LDAPS", 636, Action.ALLOW) not in rows
+    assert ("HTTP", 80, Action.DENY) in rows and ("HTTPS", 443, Action.ALLOW) in rows
+    why = {e.port: e.why for e in entries}
+    assert why[389].startswith("STARTTLS; use LDAPS (ldaps) on 636: TLS from the first byte")
+    assert "RFC 8314" not in why[389]  # a mail RFC: the page's table says it for LDAP
+    http = next(e for e in entries if e.port == 80)
+    assert http.origin is Origin.STANDARD
+    # Alone, StartTLS on 389 is allowed under require-secure-auth.
+    alone = make_config(
+        tmp_path,
+        {"name": "ldap", "protocol": "ldap", "listen": "0.0.0.0:389", "tls": "starttls"},
+        security="require-secure-auth",
+    )
+    assert summary(port_table(alone)) == [("LDAP (ldap)", 389, Action.ALLOW)]
