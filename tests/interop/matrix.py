@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.interop import ldap_notes
+from tests.interop import inn_notes, ldap_notes
 from tests.interop.dovecot import AUTH_MECHANISMS as DOVECOT_AUTH_MECHANISMS
 from tests.interop.dovecot import SEED_SUBJECT, DovecotInstance, free_port
 from tests.logfile import AppendedLog
@@ -2187,6 +2187,7 @@ def _iter_docs(versions: dict[str, str]) -> Iterator[str]:
     yield from client_table_lines()
     yield ""
     yield from ldap_notes.section_lines()
+    yield from inn_notes.section_lines()
 
 
 FINDINGS: list[str] = [
