@@ -260,3 +260,95 @@ client_address = "proxy-v2"
         proxied_slapd.wait_for_log(r"ACCEPT from IP=127\.0\.0\.2:", since=mark)
     finally:
         await gateway.stop(drain=1)
+
+
+async def _gateway_for(tmp_path: Path, backend: str) -> Gateway:
+    path = tmp_path / "backend.toml"
+    path.write_text(
+        f"""hostname = "localhost"
+[policy]
+security = "none"
+[limits]
+connect_timeout = 2
+backend_timeout = 2
+[[listeners]]
+name = "ldap"
+protocol = "ldap"
+listen = "127.0.0.1:0"
+[listeners.backend]
+{backend}
+"""
+    )
+    return await start_gateway(config_mod.load(path), None)
+
+
+async def _bind_through(gateway: Gateway, slapd: SlapdInstance) -> ber.Message | None:
+    host, port = gateway.addresses()["ldap"]
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(simple_bind(1, slapd.dn("bob"), slapd.password("bob")))
+    try:
+        return await read_message(reader)
+    finally:
+        writer.close()
+
+
+async def test_starttls_toward_the_backend(tmp_path: Path, slapd: SlapdInstance) -> None:
+    """tls = "starttls" toward slapd: LDAP StartTLS (the shared BER
+    writer), then the client's bind inside that TLS."""
+    mark = slapd.log_size()
+    gateway = await _gateway_for(
+        tmp_path,
+        f'address = "127.0.0.1:{slapd.ldap_port}"\ntls = "starttls"\nca_file = "{slapd.ca_file}"',
+    )
+    try:
+        assert code(await _bind_through(gateway, slapd)) == (1, ber.BIND_RESPONSE, 0)
+    finally:
+        await gateway.stop(drain=1)
+    slapd.wait_for_log(r"EXT oid=1\.3\.6\.1\.4\.1\.1466\.20037", since=mark)
+    slapd.wait_for_log(r"BIND dn=\"uid=bob", since=mark)
+
+
+async def test_backend_down_is_a_notice_not_a_failed_login(
+    tmp_path: Path, slapd: SlapdInstance
+) -> None:
+    from tests.netutil import free_port
+
+    gateway = await _gateway_for(tmp_path, f'address = "127.0.0.1:{free_port()}"')
+    try:
+        notice = await _bind_through(gateway, slapd)
+        assert code(notice) == (0, ber.EXTENDED_RESPONSE, ResultCode.UNAVAILABLE)
+        assert gateway.guard.check("127.0.0.1").blocked is False
+    finally:
+        await gateway.stop(drain=1)
+
+
+async def test_backend_starttls_response_injection_is_refused(
+    tmp_path: Path, slapd: SlapdInstance, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A backend that sends bytes behind its StartTLS response (response
+    injection) is not used. (A hand-written hostile server: no real
+    directory misbehaves this way on purpose.)"""
+    seen: list[bytes] = []
+
+    async def hostile(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.read(100))
+        ok = ber.response(1, ber.EXTENDED_RESPONSE, 0, name=ber.STARTTLS_OID)
+        writer.write(ok + ber.response(2, ber.BIND_RESPONSE, 0))  # the injected "answer"
+        await writer.drain()
+        await reader.read(100)
+        writer.close()
+
+    server = await asyncio.start_server(hostile, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    gateway = await _gateway_for(
+        tmp_path, f'address = "127.0.0.1:{port}"\ntls = "starttls"\nverify = false'
+    )
+    try:
+        notice = await _bind_through(gateway, slapd)
+        assert code(notice) == (0, ber.EXTENDED_RESPONSE, ResultCode.UNAVAILABLE)
+        assert seen and ber.parse_message(seen[0]).op == ber.EXTENDED_REQUEST
+        assert any("data after its StartTLS response" in r.getMessage() for r in caplog.records)
+    finally:
+        await gateway.stop(drain=1)
+        server.close()
+        await server.wait_closed()
