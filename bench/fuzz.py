@@ -4,11 +4,11 @@
     python -m bench.fuzz --replay DIR/crash-....json
 
 The corpus is recorded, not written by hand: for every protocol (SMTP, IMAP,
-POP3, NNTP) and SASL mechanism, our client machine logs in to our server machine
+POP3, NNTP, ManageSieve) and SASL mechanism, our client machine logs in to our server machine
 (with and without STARTTLS) and we keep the bytes each side sent. A few
 hand-written sessions add what our clients never send (IMAP LOGIN with
 literals, POP3 USER/PASS, NNTP AUTHINFO USER/PASS and MODE READER, SMTP
-server-to-server MAIL, ...).
+server-to-server MAIL, ManageSieve literals and pipelined SASL strings, ...).
 
 Each fuzz input is a recorded session mutated at random (bit flips, bytes
 inserted or removed, words replaced, truncation, huge lines, NULs,
@@ -80,6 +80,7 @@ from authgate.protocols.base import (
     StartTLS,
 )
 from authgate.protocols.imap import ImapClient, ImapServer
+from authgate.protocols.managesieve import ManageSieveClient, ManageSieveServer
 from authgate.protocols.nntp import NntpClient, NntpServer
 from authgate.protocols.pop3 import Pop3Client, Pop3Server
 from authgate.protocols.smtp import SmtpClient, SmtpServer
@@ -120,12 +121,19 @@ CLIENT_IP = "198.51.100.7"
 CREDENTIALS = ClientCredentials("alice", PASSWORDS["alice"])
 # Stand-in for the tls-server-end-point hash of a certificate (RFC 5929).
 BINDING = hashlib.sha256(b"authgate fuzz certificate").digest()
-SERVICES = {"smtp": "smtp", "imap": "imap", "pop3": "pop", "nntp": "nntp"}
+SERVICES = {
+    "smtp": "smtp",
+    "imap": "imap",
+    "pop3": "pop",
+    "nntp": "nntp",
+    "managesieve": "sieve",
+}
 POLICY = {
     "smtp": MailProtocol.SMTP,
     "imap": MailProtocol.IMAP,
     "pop3": MailProtocol.POP3,
     "nntp": MailProtocol.NNTP,
+    "managesieve": MailProtocol.MANAGESIEVE,
 }
 ALL_MECHANISMS = tuple(MECHANISMS)
 BACKEND_CAPABILITIES = ("IMAP4rev1", "IDLE", "UIDPLUS")
@@ -139,12 +147,14 @@ SERVERS: dict[str, Callable[[SessionSettings], ServerMachine]] = {
     "imap": ImapServer,
     "pop3": Pop3Server,
     "nntp": NntpServer,
+    "managesieve": ManageSieveServer,
 }
 CLIENTS: dict[str, Callable[[ClientSettings], ClientMachine]] = {
     "smtp": SmtpClient,
     "imap": ImapClient,
     "pop3": Pop3Client,
     "nntp": NntpClient,
+    "managesieve": ManageSieveClient,
 }
 
 
@@ -399,10 +409,26 @@ def _hand_written() -> list[Recording]:
         ],
         [b"GROUP local.test\r\nARTICLE 1\r\nHELP\r\n", b"AUTHINFO USER alice\r\n", b"QUIT\r\n"],
     ]
+    literal = b"{%d+}\r\n%s" % (len(ir), ir)
+    managesieve = [
+        [b"CAPABILITY\r\n", b'AUTHENTICATE "PLAIN" "' + ir + b'"\r\n'],
+        [b"AUTHENTICATE {5+}\r\nPLAIN " + literal + b"\r\n"],
+        [b'AUTHENTICATE "LOGIN"\r\n"' + user + b'"\r\n"' + password + b'"\r\n'],
+        [b'AUTHENTICATE "PLAIN"\r\n', literal + b"\r\n"],
+        [b'AUTHENTICATE "PLAIN" ""\r\n', b'"*"\r\n', b'NOOP "tag"\r\n'],
+        [
+            b'STARTTLS\r\nAUTHENTICATE "PLAIN" "' + ir + b'"\r\n',
+            b"CAPABILITY\r\n",
+            b'AUTHENTICATE "PLAIN" "' + ir + b'"\r\n',
+        ],
+        [b'LISTSCRIPTS\r\nPUTSCRIPT "s" {4+}\r\nkeep\r\n', b"LOGOUT\r\n"],
+        [b"NOOP {99999999+}\r\n", b'AUTHENTICATE "PLAIN" {3}\r\nabc\r\n'],
+    ]
     out = [Recording(Variant("smtp"), to_server=s) for s in smtp]
     out += [Recording(Variant("imap"), to_server=s) for s in imap]
     out += [Recording(Variant("pop3"), to_server=s) for s in pop3]
     out += [Recording(Variant("nntp"), to_server=s) for s in nntp]
+    out += [Recording(Variant("managesieve"), to_server=s) for s in managesieve]
     # Backend replies our servers never send.
     smtp_xclient = Variant("smtp", ("PLAIN",), xclient=True)
     out.append(
@@ -446,6 +472,18 @@ def _hand_written() -> list[Recording]:
                 b"101 caps\r\nVERSION 2\r\nAUTHINFO SASL\r\nSASL PLAIN\r\n..x\r\n.\r\n",
                 b"383 =\r\n",
                 b"283 =\r\n",
+            ],
+        )
+    )
+    out.append(
+        Recording(
+            Variant("managesieve", ("PLAIN",), starttls=True),
+            to_client=[
+                b'"IMPLEMENTATION" {7}\r\nDovecot\r\n"SASL" "PLAIN"\r\n"STARTTLS"\r\nOK\r\n',
+                b'OK "go"\r\n',
+                b'"SIEVE" "fileinto"\r\n"SASL" "PLAIN SCRAM-SHA-1"\r\nOK (X-FOO "a" 1) "tls"\r\n',
+                b"{0}\r\n\r\n",
+                b'OK (SASL "") "in"\r\n',
             ],
         )
     )

@@ -66,6 +66,7 @@ from authgate.protocols.base import (
     StartTLS,
 )
 from authgate.protocols.imap import ImapClient
+from authgate.protocols.managesieve import ManageSieveClient
 from authgate.protocols.nntp import NntpClient
 from authgate.protocols.pop3 import Pop3Client
 from authgate.protocols.server import ServerCore
@@ -104,7 +105,7 @@ from authgate.testing.kit import (
 from bench import fuzz
 from bench.fuzz import BINDING, CREDENTIALS, HOST, Variant
 
-PROTOCOLS = ("smtp", "imap", "pop3", "nntp")
+PROTOCOLS = ("smtp", "imap", "pop3", "nntp", "managesieve")
 PASSWORD = CREDENTIALS.password
 
 CORPUS = fuzz.build_corpus()
@@ -325,6 +326,27 @@ _SERVER_EXTRA = {
         b"QUIT\r\n",
         b"=\r\n",
         b"*\r\n",
+        b"\r\n",
+    ],
+    "managesieve": [
+        b"CAPABILITY\r\n",
+        b"STARTTLS\r\n",
+        b'AUTHENTICATE "PLAIN"\r\n',
+        b'AUTHENTICATE "PLAIN" ""\r\n',
+        b'AUTHENTICATE "SCRAM-SHA-256"\r\n',
+        b'AUTHENTICATE "LOGIN"\r\n',
+        b"AUTHENTICATE PLAIN\r\n",
+        b'AUTHENTICATE {5+}\r\nPLAIN\r\n',
+        b'AUTHENTICATE "PLAIN" {9000+}\r\n',
+        b'AUTHENTICATE "PLAIN" {99999999999}\r\n',
+        b'NOOP "x"\r\n',
+        b"LISTSCRIPTS\r\n",
+        b"LOGOUT\r\n",
+        b'"*"\r\n',
+        b'""\r\n',
+        b'"unterminated\r\n',
+        b'"a\\x"\r\n',
+        b"{3+}\r\n",
         b"\r\n",
     ],
 }
@@ -612,6 +634,15 @@ TestNntpServerHostile = NntpServerSession.TestCase
 TestNntpServerHostile.settings = STATEFUL
 
 
+class ManageSieveServerSession(ServerSession):
+    PROTOCOL = "managesieve"
+    SCRIPTS: ClassVar[list[fuzz.Recording]] = _sessions("managesieve", "server")
+
+
+TestManageSieveServerHostile = ManageSieveServerSession.TestCase
+TestManageSieveServerHostile.settings = STATEFUL
+
+
 # ============================================================ client machines
 
 _CLIENT_EXTRA = {
@@ -680,6 +711,24 @@ _CLIENT_EXTRA = {
         b"999 what\r\n",
         b"2x\r\n",
         b".\r\n",
+    ],
+    "managesieve": [
+        b'"IMPLEMENTATION" "x"\r\n"SASL" "PLAIN SCRAM-SHA-256"\r\n"STARTTLS"\r\nOK\r\n',
+        b'"SIEVE" {8}\r\nfileinto\r\nOK "caps"\r\n',
+        b'OK "ok"\r\n',
+        b'OK (SASL "") "in"\r\n',
+        b'OK (SASL "!!") "in"\r\n',
+        b'OK (SASL {4}\r\nAAAA) "in"\r\n',
+        b'NO "no"\r\n',
+        b'NO (TRYLATER) "later"\r\n',
+        b'BYE "bye"\r\n',
+        b'""\r\n',
+        b'"!!"\r\n',
+        b"{99999999999}\r\n",
+        b"{5}\r\nab\r\n",
+        b'"a" "b"\r\n',
+        b"OK (\r\n",
+        b"* OK imap?\r\n",
     ],
 }
 CLIENT_MECHANISMS = [(m,) for m in MECHANISMS] + [("PLAIN", "LOGIN"), ("CRAM-MD5", "PLAIN")]
@@ -909,6 +958,15 @@ TestNntpClientHostile = NntpClientSession.TestCase
 TestNntpClientHostile.settings = STATEFUL
 
 
+class ManageSieveClientSession(ClientSession):
+    PROTOCOL = "managesieve"
+    SCRIPTS: ClassVar[list[fuzz.Recording]] = _sessions("managesieve", "client")
+
+
+TestManageSieveClientHostile = ManageSieveClientSession.TestCase
+TestManageSieveClientHostile.settings = STATEFUL
+
+
 # ===================================================== SASL server mechanisms
 
 
@@ -1008,6 +1066,7 @@ _EXTRA_CHALLENGE = {
     "imap": b"+ \r\n",
     "pop3": b"+ \r\n",
     "nntp": b"383 =\r\n",
+    "managesieve": b'""\r\n',
 }
 
 
@@ -1018,7 +1077,9 @@ def _scram_backend_with_extra_challenge(protocol: str) -> list[bytes]:
     assert recording.logged_in
     replies = list(recording.to_client)
     success = next(
-        i for i, r in enumerate(replies) if r.startswith((b"235", b"a2 OK", b"+OK Log", b"283 "))
+        i
+        for i, r in enumerate(replies)
+        if r.startswith((b"235", b"a2 OK", b"+OK Log", b"283 ", b"OK (SASL "))
     )
     return [*replies[:success], _EXTRA_CHALLENGE[protocol]]
 
@@ -1028,6 +1089,7 @@ _CLIENT_CLASSES: dict[str, Callable[[Any], ClientMachine]] = {
     "imap": ImapClient,
     "pop3": Pop3Client,
     "nntp": NntpClient,
+    "managesieve": ManageSieveClient,
 }
 
 
@@ -1070,6 +1132,14 @@ def test_nntp_client_challenge_instead_of_283() -> None:
     _expect_clean_failure(_scram_extra_challenge("nntp"))
 
 
+def test_managesieve_client_challenge_instead_of_ok_sasl() -> None:
+    # ManageSieve carries SCRAM's server-final in OK (SASL "...") (RFC 5804
+    # section 2.1); a challenge in its place is cancelled with the string "*".
+    events = _scram_extra_challenge("managesieve")
+    _expect_clean_failure(events)
+    assert Send(b'"*"\r\n') in events
+
+
 # Found by bench.fuzz (driver side, not peer input): SmtpServer.relay_result()
 # had no reply for BackendFailure.PASSWORD_EXPIRED (KeyError).
 
@@ -1085,10 +1155,11 @@ _RELAY_PLAIN = {
     "imap": b"a1 AUTHENTICATE PLAIN AGFsaWNlAHdvbmRlciBsYW5k\r\n",
     "pop3": b"AUTH PLAIN AGFsaWNlAHdvbmRlciBsYW5k\r\n",
     "nntp": b"AUTHINFO SASL PLAIN AGFsaWNlAHdvbmRlciBsYW5k\r\n",
+    "managesieve": b'AUTHENTICATE "PLAIN" "AGFsaWNlAHdvbmRlciBsYW5k"\r\n',
 }
 
 
-@pytest.mark.parametrize("protocol", ["imap", "pop3", "nntp"])
+@pytest.mark.parametrize("protocol", ["imap", "pop3", "nntp", "managesieve"])
 def test_relay_result_password_expired_fails_the_login(protocol: str) -> None:
     machine = fuzz.SERVERS[protocol](fuzz.server_settings(Variant(protocol, relay=True)))
     events = _relay_expired(machine, _RELAY_PLAIN[protocol])
