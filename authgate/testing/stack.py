@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import secrets
 import ssl
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -85,6 +86,28 @@ class Stack:
     # stacks only: the plugin's).
     transcripts: list[Transcript] = field(default_factory=list)
     scenario: scenarios.Scenario | None = None  # the hostile-server scenario played
+    recording: bool = False
+
+    def play(
+        self, scenario: str | None, scenario_options: Mapping[str, object] | None = None
+    ) -> None:
+        """Play another scenario (None: the honest server) on connections
+        made from now on, without a new stack. The bad-certificate
+        scenarios change the server's certificate and need a stack of their
+        own (the factory's `scenario=`); a stack started with one cannot
+        switch."""
+        chosen = None if scenario is None else scenarios.get("Stack.play", scenario)
+        options = scenarios.ScenarioOptions.parse("Stack.play", scenario_options)
+        certificate = self.scenario.certificate if self.scenario is not None else None
+        if (chosen is not None and chosen.certificate is not None) or certificate is not None:
+            raise ValueError(
+                "Stack.play: the bad-certificate scenarios need a stack of their own "
+                "(authgate_factory(scenario=...))"
+            )
+        if not self.recording:
+            raise ValueError("Stack.play: this stack does not record (record=True)")
+        self.scenario = chosen
+        self.gateway.channel_factory = recording_factory(self, chosen, options)
 
     def __getitem__(self, name: str) -> Endpoint:
         return self.endpoints[name]
@@ -226,7 +249,8 @@ async def embedded_stack(
     try:
         store = UserStore(realm="localhost")
         for user, password in users.items():
-            store.set_user_secrets(user, generate_secrets(user, password, "localhost"))
+            secrets_of = await asyncio.to_thread(user_secrets, user, password)
+            store.set_user_secrets(user, list(secrets_of))
         users_file = workdir / "users.toml"
         store.save(users_file)
         config_file = workdir / "authgate.toml"
@@ -268,11 +292,19 @@ async def embedded_stack(
             stack.scenario = chosen
             if record or chosen is not None:
                 gateway.channel_factory = recording_factory(stack, chosen, options)
+                stack.recording = True
             yield stack
         finally:
             await gateway.stop(drain=1.0)
     finally:
         await backends.close()
+
+
+@functools.lru_cache(maxsize=64)
+def user_secrets(user: str, password: str) -> tuple[str, ...]:
+    """The stored secrets of a test user, made once per process for each
+    user and password: an Argon2 hash costs most of a stack's start."""
+    return tuple(generate_secrets(user, password, "localhost"))
 
 
 def recording_factory(

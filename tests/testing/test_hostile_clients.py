@@ -5,18 +5,29 @@ docs/clients.md, generated from the same runs, stays true."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 from authgate.testing import scenarios
+from authgate.testing.stack import Stack
 from tests.testing import hostile_clients
 
 
-@pytest.mark.asyncio
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    """One stack for the scenarios that only rewrite the dialogue
+    (Stack.play switches them); the bad-certificate ones start their own."""
+    async with hostile_clients.start_stack(tmp_path_factory.mktemp("hostile")) as stack:
+        yield stack
+
+
+@pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize("scenario", list(scenarios.SCENARIOS))
-async def test_real_clients_against(scenario: str, tmp_path: Path) -> None:
-    runs = await hostile_clients.run_scenario(scenario, tmp_path)
+async def test_real_clients_against(scenario: str, tmp_path: Path, shared_stack: Stack) -> None:
+    runs = await hostile_clients.run_scenario(scenario, tmp_path, shared_stack)
     expected = {
         client
         for client, (protocol, _) in hostile_clients.CLIENTS.items()

@@ -561,3 +561,24 @@ async def test_a_client_the_lens_keeps_answering_is_closed(
             answers += 1
     client.close()
     assert answers == scenarios.MAX_ANSWERED
+
+
+@pytest.mark.asyncio
+async def test_play_switches_the_scenario_for_new_connections(
+    authgate_factory: AuthgateFactory,
+) -> None:
+    stack = await stack_for(authgate_factory, None)
+    stack.play("preauth")
+    first, greeting = await LineClient.open(stack["imap"])
+    stack.play(None)
+    second, honest = await LineClient.open(stack["imap"])
+    # the connection made under preauth keeps its lens
+    assert (await first.ask(b"n NOOP")).endswith(b"n OK NOOP completed\r\n")
+    first.close()
+    second.close()
+    assert greeting.startswith(b"* PREAUTH") and honest.startswith(b"* OK")
+    assert stack.scenario is None
+    with pytest.raises(ValueError, match="need a stack of their own"):
+        stack.play("bad-certificate-expired")
+    with pytest.raises(ValueError, match="is not one of"):
+        stack.play("preauht")
