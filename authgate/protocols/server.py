@@ -33,7 +33,8 @@ The rules, the same in every dialect:
   credentials.
 
 Where protocols must differ, the difference is a named class setting below
-(`SASL_LINE_TOO_LONG`, `GOODBYE_NAMES_HOST`, `MISSING_BINDING_IS_UNKNOWN`)
+(`SASL_LINE_TOO_LONG`, `GOODBYE_NAMES_HOST`, `MISSING_BINDING_IS_UNKNOWN`,
+`SUCCESS_DATA`, `EMPTY_RESPONSE`)
 with its RFC reason, and a row of tests/protocols/test_contract.py's
 DIFFERENCES table.
 """

@@ -11,6 +11,8 @@ Adding a protocol means adding a `Dialect` and a line to each table.
 
 from __future__ import annotations
 
+import base64
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,7 +37,16 @@ from authgate.protocols.managesieve import ManageSieveServer
 from authgate.protocols.nntp import NntpServer
 from authgate.protocols.pop3 import Pop3Server
 from authgate.protocols.smtp import SmtpServer
-from authgate.sasl.base import NO_RESPONSE, STORE_UNAVAILABLE, Lookup, PasswordCheck
+from authgate.sasl.base import (
+    NO_RESPONSE,
+    STORE_UNAVAILABLE,
+    ClientContext,
+    ClientCredentials,
+    Lookup,
+    PasswordCheck,
+    client_step,
+)
+from authgate.sasl.scram import ScramSHA256Client
 from authgate.testing.kit import (
     PASSWORDS,
     BackendAnswer,
@@ -344,6 +355,21 @@ DIFFERENCES = {
         UNIFIED,
         "the client is told its password expired, as backend_failed(PASSWORD_EXPIRED) does",
         dict.fromkeys(["imap", "pop3", "smtp", "nntp", "managesieve"], "expired"),
+    ),
+    # SASL "additional data with success" (SCRAM's server-final): how the
+    # success reply that carries it starts, or None for a final challenge
+    # answered with an empty response (the core's SUCCESS_DATA setting).
+    "success_data": Difference(
+        DELIBERATE,
+        "RFC 4643 2.4.1 (NNTP 283) and RFC 5804 2.1 (ManageSieve OK (SASL ...)) carry it;"
+        " RFC 4954, RFC 9051 and RFC 5034 have no room for it (RFC 4422 3.6)",
+        {"imap": None, "pop3": None, "smtp": None, "nntp": b"283 ", "managesieve": b"OK "},
+    ),
+    # How a client spells an empty SASL response (the core's EMPTY_RESPONSE).
+    "empty_response": Difference(
+        DELIBERATE,
+        "RFC 4643 2.4.1: NNTP sends \"=\"; the others an empty line (ManageSieve: \"\")",
+        {"imap": b"", "pop3": b"", "smtp": b"", "nntp": b"=", "managesieve": b""},
     ),
 }
 
@@ -681,3 +707,42 @@ def test_relay_failure_reasons(dialect: Dialect, failure: BackendFailure | None,
     assert not reply.startswith(dialect.success) and not d.of(Splice)
     assert reason_of(d) == [differs(key, dialect)]
     assert not d.closed
+
+
+def _base64_in(reply: bytes) -> bytes:
+    """The longest base64 token in a reply: a challenge or success data,
+    whatever the dialect's framing around it."""
+    tokens = re.findall(rb"[A-Za-z0-9+/]{16,}={0,2}", reply)
+    assert tokens, reply
+    return base64.b64decode(max(tokens, key=len))
+
+
+@each_dialect
+def test_success_data(dialect: Dialect) -> None:
+    client = ScramSHA256Client(ClientCredentials("alice", PASSWORD), ClientContext())
+    d = driver(dialect, mechanisms=("SCRAM-SHA-256",))
+    start = dialect.auth + b" " + dialect.string(b"SCRAM-SHA-256") + b" "
+    first = d.send(dialect.command(start + dialect.string(b64encode(client.start() or b""))))
+    final = d.send(dialect.response(b64encode(client_step(client, _base64_in(first)))))
+    with_data = differs("success_data", dialect)
+    if isinstance(with_data, bytes):
+        assert final.startswith(with_data), final
+        client.finish(_base64_in(final))  # the server proved itself in its success reply
+    else:
+        assert not final.startswith(dialect.success) and not d.of(Authenticated)
+        assert client_step(client, _base64_in(final)) == b""
+        assert d.send(dialect.response(b"")).startswith(dialect.success)
+    assert d.of(Authenticated) == [Authenticated("alice", "alice", "SCRAM-SHA-256")]
+
+
+@each_dialect
+def test_empty_response(dialect: Dialect) -> None:
+    d = driver(dialect)
+    assert d.send(dialect.auth_plain()) == dialect.challenge
+    empty = differs("empty_response", dialect)
+    assert isinstance(empty, bytes)
+    d.send(dialect.response(empty))
+    # The mechanism got an empty message (PLAIN refuses it), not junk base64.
+    failed = d.of(AuthFailed)
+    assert [f.reason for f in failed] == ["malformed"]
+    assert failed[0].detail != "response is not base64"

@@ -29,6 +29,7 @@ LAYOUT = (
     ListenerSpec("pop3", "pop3", "starttls"),
     ListenerSpec("submission", "smtp", "starttls"),
     ListenerSpec("managesieve", "managesieve", "starttls"),
+    ListenerSpec("nntp", "nntp", "starttls"),
 )
 
 
@@ -71,6 +72,16 @@ DIALECTS = {
         b'OK (TAG "probe")',
         greeted=b"OK ",
         after_tls=b'OK "TLS negotiation successful."',
+    ),
+    # Had the AUTHINFO USER run, its 381 would come before the probe's 200.
+    "nntp": Dialect(
+        "nntp",
+        b"",
+        b"STARTTLS\r\n",
+        b"382 ",
+        b"AUTHINFO USER alice\r\n",
+        b"MODE READER\r\n",
+        b"200 ",
     ),
 }
 
