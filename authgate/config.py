@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from authgate.client_certs import CertRequirement, CertUserRule, ClientCertSettings
 from authgate.defence import DefenceSettings
 from authgate.errors import ConfigError as ConfigError  # re-exported: callers catch it here
 from authgate.logs import LogFormat, LogLevel
@@ -135,6 +136,8 @@ class Listener:
     # [backends] entry, or the listener's own `backend` (then `backend`
     # above is its only member). The listener's mode is this backend's.
     default_backend: Backend | None = None
+    # TLS client certificates (SASL EXTERNAL): None asks for none.
+    client_cert: ClientCertSettings | None = None
 
     @property
     def route_default(self) -> Backend:
@@ -729,6 +732,7 @@ def _listener(
         trusted_proxies=_networks(table, "trusted_proxies"),
         # The listener's list replaces the top-level one, like policy keys.
         hostnames=_hostnames(table, "hostnames", hostnames),
+        client_cert=_client_cert(table, tls),
     )
     table.finish()
     if listener.proxy_protocol and not listener.trusted_proxies:
@@ -737,6 +741,20 @@ def _listener(
             "proxy_protocol needs the load balancers' addresses: only they may send the header",
         )
     return listener
+
+
+def _client_cert(table: Table, tls: TLSMode) -> ClientCertSettings | None:
+    ca_file = table.path_value("client_ca")
+    requirement = table.choice("client_cert", CertRequirement, CertRequirement.OPTIONAL)
+    rule = table.choice("client_cert_user", CertUserRule, CertUserRule.EMAIL)
+    if ca_file is None:
+        for key in ("client_cert", "client_cert_user"):
+            if table.has(key):
+                raise table.error(key, "needs client_ca (the CA of the clients' certificates)")
+        return None
+    if tls is TLSMode.NONE:
+        raise table.error("client_ca", 'client certificates need tls = "starttls" or "implicit"')
+    return ClientCertSettings(ca_file, requirement, rule)
 
 
 def load(path: str | Path) -> Config:

@@ -56,7 +56,8 @@ def listener_offer(
             return ListenerOffer(listener, StoreOffer.password_only(order, ONE_WAY_REASON))
         # The backend verifies; but a -PLUS mechanism binds to the client's
         # TLS session, which ends here, so the backend could never check it.
-        plus = [m for m in order if MECHANISMS[m].channel_binding]
+        # EXTERNAL neither: the client's certificate is shown to us only.
+        plus = [m for m in order if MECHANISMS[m].channel_binding or MECHANISMS[m].external]
         return ListenerOffer(
             listener,
             StoreOffer(
@@ -68,26 +69,38 @@ def listener_offer(
         )
     if store is None:
         raise ValueError(f"listener {listener.name!r} verifies users but has no store")
-    # Bearer tokens are the token verifier's, not the store's: asked apart.
+    # Bearer tokens are the token verifier's, EXTERNAL the certificate's:
+    # not the store's, so asked apart.
     bearer = [m for m in order if m in MECHANISMS and MECHANISMS[m].bearer]
-    rest = tuple(m for m in order if m not in bearer)
-    offer = store.offerable(rest, realm=realm)
-    return ListenerOffer(listener, _with_bearer(order, bearer, oauth, offer))
+    external = [m for m in order if m in MECHANISMS and MECHANISMS[m].external]
+    rest = tuple(m for m in order if m not in bearer and m not in external)
+    offer = _with_bearer(order, bearer, oauth, store.offerable(rest, realm=realm))
+    if external:
+        offer = _with_bearer(
+            order, external, listener.client_cert is not None, offer, NO_CERT_REASON
+        )
+    return ListenerOffer(listener, offer)
 
 
 def _with_bearer(
-    order: tuple[str, ...], bearer: list[str], oauth: bool, store: StoreOffer
+    order: tuple[str, ...],
+    bearer: list[str],
+    oauth: bool,
+    store: StoreOffer,
+    reason: str = "",
 ) -> StoreOffer:
-    """The store's offer with the admin's OAUTHBEARER / XOAUTH2 put back in
-    their places when a token verifier is configured, else listed as dropped."""
+    """The store's offer with the admin's OAUTHBEARER / XOAUTH2 (or
+    EXTERNAL) put back in their places when what verifies them is configured
+    (`oauth`), else listed as dropped for `reason`."""
     if not bearer:
         return store
     if not oauth:
+        why = reason or NO_OAUTH_REASON
         return StoreOffer(
             store.mechanisms,
             {**store.dropped, **{m: () for m in bearer}},
             {**store.dropped_count, **{m: 0 for m in bearer}},
-            {**store.reasons, **{m: NO_OAUTH_REASON for m in bearer}},
+            {**store.reasons, **{m: why for m in bearer}},
         )
     kept = set(store.mechanisms) | set(bearer)
     mechanisms = tuple(m for m in order if m in kept)
@@ -95,6 +108,7 @@ def _with_bearer(
 
 
 NO_OAUTH_REASON = "no [oauth] token verifier is configured"
+NO_CERT_REASON = "the listener asks for no client certificates (client_ca)"
 
 
 ONE_WAY_REASON = "the backend keeps passwords as one-way hashes"

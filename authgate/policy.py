@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from authgate.sasl import MECHANISMS
 
@@ -56,6 +56,7 @@ class Withheld(enum.Enum):
     NEEDS_TLS = "cleartext mechanisms need TLS under require-secure-auth"
     TLS_REQUIRED = "require-encrypted: no authentication before TLS"
     CHANNEL_BINDING = "channel binding needs TLS"
+    NO_CLIENT_CERT = "EXTERNAL needs a verified client certificate that maps to a user"
 
     @property
     def refusal(self) -> Refusal:
@@ -67,6 +68,7 @@ _WITHHELD_REFUSAL = {
     Withheld.NEEDS_TLS: Refusal.MECHANISM_NEEDS_TLS,
     Withheld.TLS_REQUIRED: Refusal.TLS_REQUIRED,
     Withheld.CHANNEL_BINDING: Refusal.CHANNEL_BINDING_UNAVAILABLE,
+    Withheld.NO_CLIENT_CERT: Refusal.NOT_AVAILABLE,
 }
 
 
@@ -159,6 +161,18 @@ class Decision:
         means "I could bind, you cannot" (accepted). The one place this is
         decided, whichever way TLS started."""
         return any(MECHANISMS[m].channel_binding for m in self.offered)
+
+    def withhold(self, names: Iterable[str], reason: Withheld) -> Decision:
+        """This decision with `names` taken out of the offer for `reason`
+        (EXTERNAL on a connection without a usable client certificate)."""
+        gone = {n for n in names if n in self.offered}
+        if not gone:
+            return self
+        return replace(
+            self,
+            offered=tuple(m for m in self.offered if m not in gone),
+            withheld={**self.withheld, **{n: reason for n in gone}},
+        )
 
     def refusal(self, mechanism: str) -> Refusal | None:
         """Why a client's AUTH/AUTHENTICATE with `mechanism` must be refused,

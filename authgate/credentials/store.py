@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Final
 
 from authgate.atrest.envelope import Keyring, unseal_secret, write_secret_file
+from authgate.client_certs import normalise_fingerprint
 from authgate.credentials.apps import (
     AppPassword,
     AppUsage,
@@ -92,13 +93,23 @@ DEFAULT_WRITE_SCHEMES: Final[tuple[str, ...]] = (
 )
 
 DIRECTORY_REASON: Final = "directory users are verified by LDAP bind"
+# OAUTHBEARER, XOAUTH2, EXTERNAL: authgate.offers asks their own verifiers.
+NOT_THE_STORES: Final = "not verified by the users file (see authgate.offers)"
 
 # How many user names an offer lists per dropped mechanism; the count is kept.
 MAX_LISTED_USERS: Final = 20
 
 _TOP_KEYS: Final = frozenset({"realm", "users"})
 _USER_KEYS: Final = frozenset(
-    {"secrets", "realm", "full_name", "password_changed", "password_login", "apps"}
+    {
+        "secrets",
+        "realm",
+        "full_name",
+        "password_changed",
+        "password_login",
+        "apps",
+        "cert_fingerprints",
+    }
 )
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _SCRAM_FORMS: Final = frozenset({SecretForm.SCRAM_SHA_1, SecretForm.SCRAM_SHA_256})
@@ -135,6 +146,9 @@ class User:
     # password may still log in (False: only app passwords, OAuth, EXTERNAL).
     apps: tuple[AppPassword, ...] = ()
     password_login: bool = True
+    # SHA-256 fingerprints of TLS client certificates that log in as this
+    # user with EXTERNAL (client_cert_user = "fingerprint").
+    cert_fingerprints: tuple[str, ...] = ()
 
     def app(self, label: str) -> AppPassword | None:
         return next((a for a in self.apps if a.label == label), None)
@@ -381,6 +395,13 @@ class UserStore:
 
     # -- app passwords
 
+    def user_for_fingerprint(self, fingerprint: str) -> str | None:
+        """The user who lists this client-certificate fingerprint, if one
+        (and only one) does."""
+        with self._lock:
+            found = [u.name for u in self._users.values() if fingerprint in u.cert_fingerprints]
+        return found[0] if len(found) == 1 else None
+
     def app_usage(self, name: str, label: str) -> AppUsage | None:
         """When and from where app password `label` of `name` was last used."""
         return self._usage.get(name, label)
@@ -550,6 +571,8 @@ class UserStore:
         can_check, forms = self._usable_forms(user, realm)
         result: set[str] = set()
         for name, info in MECHANISMS.items():
+            if info.bearer or info.external:
+                continue  # a token verifier's or a client certificate's
             if info.cleartext:
                 if can_check:
                     result.add(name)
@@ -583,6 +606,9 @@ class UserStore:
         for name, info in _canonical(order):
             if info is None:
                 dropped[name], counts[name], reasons[name] = (), 0, "unknown mechanism"
+                continue
+            if info.bearer or info.external:
+                dropped[name], counts[name], reasons[name] = (), 0, NOT_THE_STORES
                 continue
             missing = sorted(user for user, mechs in per_user if name not in mechs)
             if not missing:
@@ -626,6 +652,7 @@ class UserStore:
                 or (old.password_changed if old is not None else None),
                 apps=old.apps if old is not None else (),
                 password_login=old.password_login if old is not None else True,
+                cert_fingerprints=old.cert_fingerprints if old is not None else (),
             )
             self._users[name] = user
             self._forget(name)
@@ -666,6 +693,9 @@ class UserStore:
                 lines.append(f"password_changed = {user.password_changed.isoformat()}")
             if not user.password_login:
                 lines.append("password_login = false")
+            if user.cert_fingerprints:
+                listed = ", ".join(_toml_string(f) for f in user.cert_fingerprints)
+                lines.append(f"cert_fingerprints = [{listed}]")
             lines.append("secrets = [")
             lines += [f"    {_toml_string(s.encoded)}," for s in user.secrets]
             lines.append("]")
@@ -769,7 +799,27 @@ def _load_user(source: str, name: str, value: object, realm: str | None) -> User
         if any(a.label == app.label for a in apps):
             raise StoreError(source, f"{where}.apps[{index}]", f"label {app.label!r} repeated")
         apps.append(app)
-    return User(name, secrets, user_realm, full_name, changed, tuple(apps), password_login)
+    prints = value.get("cert_fingerprints", [])
+    if not isinstance(prints, list):
+        raise StoreError(source, f"{where}.cert_fingerprints", "must be an array of strings")
+    fingerprints: list[str] = []
+    for index, text in enumerate(prints):
+        normal = normalise_fingerprint(text) if isinstance(text, str) else None
+        if normal is None:
+            raise StoreError(
+                source, f"{where}.cert_fingerprints[{index}]", "is not a SHA-256 fingerprint"
+            )
+        fingerprints.append(normal)
+    return User(
+        name,
+        secrets,
+        user_realm,
+        full_name,
+        changed,
+        tuple(apps),
+        password_login,
+        tuple(fingerprints),
+    )
 
 
 def _load_date(source: str, key: str, value: object) -> datetime.date | None:

@@ -194,9 +194,15 @@ def build_runtime(
     for listener in config.listeners:
         server_tls = None
         if listener.tls is not TLSMode.NONE and cert is not None and key is not None:
-            server_tls = contexts.get(listener.protocol)
+            ids = alpn.PROTOCOL_IDS[listener.protocol.value]
+            if listener.client_cert is not None:
+                # Its own context: it asks for client certificates.
+                server_tls = tls_mod.server_context(
+                    cert, key, alpn=ids, client_cert=listener.client_cert
+                )
+            else:
+                server_tls = contexts.get(listener.protocol)
             if server_tls is None:
-                ids = alpn.PROTOCOL_IDS[listener.protocol.value]
                 server_tls = contexts[listener.protocol] = tls_mod.server_context(
                     cert, key, alpn=ids
                 )

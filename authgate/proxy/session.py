@@ -21,13 +21,15 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, TypeAlias
 
+from authgate.client_certs import user_of_certificate
 from authgate.config import ClientAddressForwarding, TLSMode
 from authgate.credentials.base import CredentialsUnavailable
+from authgate.credentials.store import UserStore
 from authgate.defence import Guard
 from authgate.logs import LoginRecord, Outcome, failure_outcome, log_login
 from authgate.metrics import recorder
 from authgate.password_policy import ExpiryState, expiry_status
-from authgate.policy import Decision, IPAddress, Protocol, client_ip
+from authgate.policy import Decision, IPAddress, Protocol, Withheld, client_ip
 from authgate.protocols.base import (
     Authenticated,
     AuthFailed,
@@ -113,6 +115,8 @@ class ClientSession:
         self._app_password: str | None = None
         # The attempt in progress offered a bearer token that was refused.
         self._token_refused = False
+        # The user of the TLS client certificate, once looked at (EXTERNAL).
+        self._external: tuple[str | None] | None = None
         # (user, keyed hash of the password) of the last cleartext password
         # checked: lets the defence recognise a stale password sent again.
         self._fingerprint: tuple[str, bytes] | None = None
@@ -163,8 +167,33 @@ class ClientSession:
         computed once per session and TLS state)."""
         decision = self._decisions.get(tls)
         if decision is None:
-            decision = self._decisions[tls] = self.runtime.offer.decide(self.address, tls=tls)
+            decision = self.runtime.offer.decide(self.address, tls=tls)
+            if "EXTERNAL" in decision.offered and self._external_identity() is None:
+                decision = decision.withhold(("EXTERNAL",), Withheld.NO_CLIENT_CERT)
+            self._decisions[tls] = decision
         return decision
+
+    def _external_identity(self) -> str | None:
+        """The user this connection's verified TLS client certificate maps
+        to (the handshake verified it against client_ca), or None."""
+        settings = self.runtime.listener.client_cert
+        tls = self.client.tls
+        if settings is None or tls is None:
+            return None
+        if self._external is not None:
+            return self._external[0]  # one handshake, one certificate
+        cert, der = tls.getpeercert(), tls.getpeercert(binary_form=True)
+        store = self.runtime.store
+        by_fingerprint = getattr(store, "user_for_fingerprint", lambda _fp: None)
+        user = None
+        if cert and der is not None:
+            user = user_of_certificate(settings.rule, cert, der, by_fingerprint)
+        if user is not None and isinstance(store, UserStore) and user not in store:
+            user = None  # names someone the users file does not know
+        if user is None and cert:
+            log.info("%s: client certificate maps to no user", self.tag)
+        self._external = (user,)
+        return user
 
     def _sasl_context(self, tls: bool) -> ServerContext:
         """What the mechanisms learn about this connection, for implicit TLS
@@ -182,6 +211,7 @@ class ClientSession:
             allow_ntlm_legacy=self.runtime.listener.policy.allow_ntlm_legacy,
             oauth_scope=oauth.scope if oauth is not None else "",
             oauth_configuration=oauth.openid_configuration if oauth is not None else "",
+            external_identity=self._external_identity() if tls else None,
         )
 
     # ------------------------------------------------------------ main loop
@@ -504,6 +534,9 @@ class ClientSession:
                 self.tag,
                 dropped,
             )
+        # The policy's answer inside TLS is asked again: a client
+        # certificate may have come with the handshake (EXTERNAL).
+        self._decisions.pop(True, None)
         events: list[Event] = self.machine.tls_started()
         return events
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from authgate.client_certs import CertRequirement, ClientCertSettings
 from authgate.proxy.alpn import make_strict
 
 # asyncio's TLS transport gives every connection a 256 KiB receive buffer
@@ -37,18 +38,35 @@ class TLSConfigError(Exception):
     """Certificate or key cannot be used; a user-caused problem."""
 
 
-def server_context(cert: Path, key: Path, *, alpn: Sequence[str] = ()) -> ssl.SSLContext:
+def server_context(
+    cert: Path,
+    key: Path,
+    *,
+    alpn: Sequence[str] = (),
+    client_cert: ClientCertSettings | None = None,
+) -> ssl.SSLContext:
     """TLS 1.2 or newer, the ssl module's secure defaults, our certificate.
     With `alpn` (the listener protocol's identifiers), a client that offers
-    ALPN without any of them is refused (authgate.proxy.alpn)."""
-    ctx = _server_context(cert, key)
+    ALPN without any of them is refused (authgate.proxy.alpn). With
+    `client_cert`, a client certificate is asked for (or required) and
+    verified against its CA: a bad one fails the handshake."""
+    ctx = _server_context(cert, key, client_cert)
     if alpn:
-        make_strict(ctx, alpn, session=_server_context(cert, key))
+        make_strict(ctx, alpn, session=_server_context(cert, key, client_cert))
     return ctx
 
 
-def _server_context(cert: Path, key: Path) -> ssl.SSLContext:
+def _server_context(
+    cert: Path, key: Path, client_cert: ClientCertSettings | None = None
+) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    if client_cert is not None:
+        try:
+            ctx.load_verify_locations(cafile=str(client_cert.ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise TLSConfigError(f"cannot load client_ca {client_cert.ca_file}: {exc}") from None
+        required = client_cert.requirement is CertRequirement.REQUIRED
+        ctx.verify_mode = ssl.CERT_REQUIRED if required else ssl.CERT_OPTIONAL
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     # TLS 1.2: forward-secret AEAD suites only (Mozilla's "intermediate"
     # profile). The CBC suites Python would also offer draw testssl.sh's

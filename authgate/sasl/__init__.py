@@ -21,6 +21,7 @@ from authgate.sasl.base import (
 )
 from authgate.sasl.cram_md5 import CramMD5Client, CramMD5Server
 from authgate.sasl.digest_md5 import DigestMD5Client, DigestMD5Server
+from authgate.sasl.external import ExternalClient, ExternalServer
 from authgate.sasl.login import LoginClient, LoginServer
 from authgate.sasl.ntlm import NTLMClient, NTLMServer
 from authgate.sasl.oauth import OAuthBearerClient, OAuthBearerServer, XOAuth2Client, XOAuth2Server
@@ -52,6 +53,8 @@ class MechanismInfo:
     # Verified by the OAuth token verifier, not the credential store: a
     # bearer token is a cleartext credential (TLS under require-secure-auth).
     bearer: bool = False
+    # Verified below SASL (EXTERNAL: a TLS client certificate), not by the store.
+    external: bool = False
 
     def server(self, ctx: ServerContext) -> ServerMechanism:
         return self.server_class(ctx)
@@ -105,6 +108,7 @@ MECHANISMS: dict[str, MechanismInfo] = {
             "OAUTHBEARER", OAuthBearerServer, OAuthBearerClient, cleartext=True, bearer=True
         ),
         MechanismInfo("XOAUTH2", XOAuth2Server, XOAuth2Client, cleartext=True, bearer=True),
+        MechanismInfo("EXTERNAL", ExternalServer, ExternalClient, external=True),
     )
 }
 

@@ -341,6 +341,8 @@ class ServerContext:
     # token needs and the identity provider's discovery document.
     oauth_scope: str = ""
     oauth_configuration: str = ""
+    # EXTERNAL: the user a verified TLS client certificate maps to.
+    external_identity: str | None = None
 
 
 class SaslProtocolError(RuntimeError):

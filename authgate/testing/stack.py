@@ -37,6 +37,8 @@ class ListenerSpec:
     protocol: str  # smtp | imap | pop3 | managesieve | nntp | ldap
     tls: str  # none | starttls | implicit
     port: int = 0  # 0: ephemeral
+    # More keys of this [[listeners]] table, TOML lines (client_ca = "...").
+    extra: str = ""
 
 
 # One STARTTLS and one implicit-TLS listener per protocol (ManageSieve: STARTTLS only).
@@ -186,6 +188,7 @@ def config_text(
             f"protocol = {q(spec.protocol)}",
             f"listen = {q(f'{host}:{spec.port}')}",
             f"tls = {q(spec.tls)}",
+            *([spec.extra.strip()] if spec.extra.strip() else []),
             "[listeners.backend]",
         ]
         if spec.protocol == "ldap":
