@@ -21,6 +21,7 @@ from authgate import config as config_mod
 from authgate.atrest.envelope import Keyring, keyring_path, unlock
 from authgate.commands import apps as apps_commands
 from authgate.commands import atrest as atrest_commands
+from authgate.commands import control as control_commands
 from authgate.commands import firewall as firewall_commands
 from authgate.commands import password_policy as password_policy_commands
 from authgate.config import (
@@ -496,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     apps_commands.add_commands(sub, _open_users_file, _users_file_options)
     atrest_commands.add_commands(sub)
     firewall_commands.add_commands(sub)
+    control_commands.add_commands(sub)
     password_policy_commands.add_commands(sub)
     return parser
 

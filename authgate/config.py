@@ -265,6 +265,21 @@ class SharedDefence:
 
 
 @dataclass(frozen=True)
+class ControlSettings:
+    """[control] socket: the Unix socket of `authgate status` and friends."""
+
+    socket: Path | None = None
+
+
+def _control(table: Table | None) -> ControlSettings:
+    if table is None:
+        return ControlSettings()
+    path = table.path_value("socket")
+    table.finish()
+    return ControlSettings(socket=path)
+
+
+@dataclass(frozen=True)
 class MetricsSettings:
     """[metrics]: the HTTP listener for /metrics, /healthz, /readyz and the
     status page (off unless `listen` is set)."""
@@ -314,6 +329,7 @@ class Config:
     log_format: LogFormat = LogFormat.TEXT
     log_level: LogLevel = LogLevel.INFO
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    control: ControlSettings = field(default_factory=ControlSettings)
     # user / group / run_as_root: whom `authgate run` serves as (privileges.py).
     run_as: RunAs = field(default_factory=RunAs)
 
@@ -829,6 +845,7 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
     log_format = root.choice("log_format", LogFormat, LogFormat.TEXT)
     log_level = root.choice("log_level", LogLevel, LogLevel.INFO)
     metrics = _metrics(root.table("metrics"))
+    control = _control(root.table("control"))
     run_as = RunAs(
         user=root.get("user", str, "") or None,
         group=root.get("group", str, "") or None,
@@ -880,6 +897,7 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
         log_format=log_format,
         log_level=log_level,
         metrics=metrics,
+        control=control,
         run_as=run_as,
     )
 

@@ -245,6 +245,17 @@ class MemoryState:
         self._trim(now)
         return result
 
+    def records(self, prefix: str, limit: int) -> list[tuple[str, Record]]:
+        """Live records whose key starts with `prefix` (at most `limit`)."""
+        now = self._clock()
+        out = []
+        for key, record in self._records.items():
+            if key.startswith(prefix) and record.expires_at > now:
+                out.append((key, record))
+                if len(out) >= limit:
+                    break
+        return out
+
     def prune(self) -> int:
         now = self._clock()
         expired = [key for key, rec in self._records.items() if rec.expires_at <= now]
@@ -390,6 +401,50 @@ class Guard:
         key, trusted = self._client(address)
         if not trusted:
             self.addresses.update(key, lambda old: (_forgive(old, now), None))
+
+    # ------------------------------------------------- operator's actions
+    #
+    # `authgate block` / `unblock` / `status` through the control socket
+    # (authgate.proxy.control). A shared backend (Redis) makes them act on
+    # every instance at once.
+
+    def block(self, address: str | IPAddress, seconds: float) -> str:
+        """Block `address`'s network for `seconds` (trusted or not: the
+        operator said so); the network key."""
+        key = self.address_key(address)
+        now = self._clock()
+        until = now + seconds
+
+        def change(old: Record | None) -> tuple[Record | None, None]:
+            strikes = old.strikes if old is not None else ()
+            expires = max(old.expires_at if old is not None else until, until)
+            return Record(strikes, until, expires), None
+
+        self.addresses.update(key, change)
+        return key
+
+    def unblock(self, address: str | IPAddress) -> tuple[str, bool]:
+        """Lift `address`'s block and forget its failures; (key, whether it
+        was blocked)."""
+        key = self.address_key(address)
+        now = self._clock()
+        return key, self.addresses.update(
+            key, lambda old: (None, old is not None and old.until > now)
+        )
+
+    def blocks(self, limit: int = 1000) -> list[tuple[str, float]]:
+        """Blocked networks ("203.0.113.7/32") and the seconds left, longest
+        first; at most `limit`. Empty when the backend cannot list."""
+        listing = getattr(self.addresses, "records", None)
+        if listing is None:
+            return []
+        now = self._clock()
+        found = [
+            (key[2:], record.until - now)
+            for key, record in listing("a:", limit)
+            if record.until > now
+        ]
+        return sorted(found, key=lambda item: -item[1])[:limit]
 
     def prune(self) -> int:
         """Drop expired state now (for a periodic timer); records dropped."""

@@ -426,6 +426,26 @@ class RedisState:
                 return result
         return self._local(key).update(key, change)
 
+    def records(self, prefix: str, limit: int) -> list[tuple[str, Record]]:
+        """Live records under `prefix` (SCAN, at most `limit`): every
+        instance's, or the local ones while Redis is unreachable. Blocking:
+        call it off the event loop."""
+        if self._shared:
+            try:
+                out = []
+                pattern = self._prefix + prefix.encode("utf-8") + b"*"
+                for raw_key in self._client.scan_iter(match=pattern, count=500):
+                    record = self._decode_live(self._client.get(raw_key))
+                    if record is not None:
+                        key = bytes(raw_key)[len(self._prefix) :].decode("utf-8", "replace")
+                        out.append((key, record))
+                        if len(out) >= limit:
+                            break
+                return out
+            except _REDIS_ERRORS as exc:
+                self._trip(exc)
+        return self._local(prefix).records(prefix, limit)
+
     def prune(self) -> int:
         """Redis expires its keys by itself (TTL); this drops expired local
         mirrors, the number dropped."""

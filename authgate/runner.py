@@ -232,7 +232,13 @@ def _supervise(
                     os.close(relay.read_fd)
                     notify = sdnotify.WorkerReport(relay.write_fd, number, relay.interval)
                 main = serve(
-                    config, store, keyring, reuse_port=True, identity=identity, notify=notify
+                    config,
+                    store,
+                    keyring,
+                    reuse_port=True,
+                    identity=identity,
+                    notify=notify,
+                    worker=number,
                 )
                 run_loop(config, main)
             except BaseException:
@@ -302,6 +308,7 @@ async def serve(
     reuse_port: bool = False,
     identity: privileges.Identity | None = None,
     notify: Notify | None = None,
+    worker: int | None = None,
 ) -> None:
     """One event loop until SIGTERM/SIGINT. `keyring` unlocks files
     encrypted at rest; it stays in memory for reloads (a rekey changes only
@@ -319,6 +326,13 @@ async def serve(
             reuse_port=reuse_port,
         )
         await admin.start()
+    control = None
+    if config.control.socket is not None:
+        from authgate.proxy.control import ControlServer, socket_paths
+
+        paths = socket_paths(config.control.socket, config.workers)
+        control = ControlServer(gateway, paths[worker or 0])
+        await control.start(None if identity is None else (identity.uid, identity.gid))
     if identity is not None:
         # Every port is bound: serve as the user from here on.
         privileges.drop(identity, reload_reads(config))
@@ -338,6 +352,8 @@ async def serve(
         reloader.cancel()
         if admin is not None:
             await admin.stop()
+        if control is not None:
+            await control.stop()
     notify.stopping()
     await notify.stop_watchdog()
     drain = config.limits.drain_timeout

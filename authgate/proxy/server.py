@@ -197,6 +197,8 @@ class Gateway:
         self._per_address: dict[str, int] = {}  # defence key -> connections
         # Warnings a flood could repeat without end go through this.
         self.notices = LogThrottle()
+        # The sessions being served, for `authgate sessions` (control socket).
+        self.live_sessions: set[Any] = set()
         # Makes the client-side channel of each accepted connection, by
         # listener name. The pytest plugin swaps in a Channel subclass that
         # records transcripts and plays hostile-server scenarios
@@ -418,7 +420,11 @@ class Gateway:
             session = factory(
                 runtime, channel, self.guard, self.audit, client=client, notices=self.notices
             )
-            await session.run()
+            self.live_sessions.add(session)
+            try:
+                await session.run()
+            finally:
+                self.live_sessions.discard(session)
         finally:
             if not connection.handed:
                 sock.close()

@@ -16,6 +16,7 @@ import contextlib
 import datetime
 import logging
 import ssl
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import replace
@@ -126,6 +127,8 @@ class ClientSession:
         # When the attempt in progress began (its first lookup or relayed
         # message): a login record's duration is authgate's part of it.
         self._attempt_started: float | None = None
+        self.started = time.time()  # wall clock: shown by `authgate sessions`
+        self.user: str | None = None  # once logged in
         self._backend_tried: str | None = None  # the backend the attempt involved
         # Parsed once: the policy and the defence each ask about it.
         # (Not an IP, a Unix socket say: the text; policy and defence cope.)
@@ -467,6 +470,17 @@ class ClientSession:
         self._login_outcome(Outcome.REFUSED, reason="proxy-header-refused")
         return True
 
+    def describe(self) -> dict[str, str | int | None]:
+        """What `authgate sessions` shows of this session."""
+        return {
+            "listener": self.runtime.listener.name,
+            "client": self.peer[0],
+            "client_port": self.peer[1],
+            "user": self.user,
+            "phase": "preauth" if self.user is None else "spliced",
+            "since": int(self.started),
+        }
+
     def _login_outcome(
         self,
         outcome: Outcome,
@@ -647,6 +661,7 @@ class ClientSession:
         result = await upstream.advance()
         if isinstance(result, LoggedIn):
             self.upstream = upstream
+            self.user = event.identity
             self._login_outcome(Outcome.OK, user=event.identity, mechanism=event.mechanism)
             return self._logged_in(result, self.machine.backend_ready(result.capabilities))
         upstream.close()
@@ -726,6 +741,7 @@ class ClientSession:
                 return events
             if self._relay_user is not None:
                 self.guard.success(self.address, self._relay_user)
+            self.user = self._relay_user or "?"
             self._login_outcome(Outcome.OK, user=self._relay_user, mechanism=self._relay_mechanism)
             return self._logged_in(step, events)
         else:
