@@ -28,6 +28,9 @@ Client choices worth knowing:
   server machine relays as PLAIN) as AUTHINFO USER/PASS whenever the backend
   offers AUTHINFO USER and no authzid is asked for: INN verifies readers.conf
   passwords only there, its SASL goes to Cyrus SASL's own user database.
+  The backend's 283 data (SCRAM's server-final) reaches the reader as one
+  more 383 challenge, answered with "=" (as ManageSieve's client does): the
+  server machine's relay API carries no success data.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from authgate.protocols.base import (
     Close,
     Event,
     LoginFailed,
+    RelayChallenge,
     Send,
     SessionSettings,
 )
@@ -407,6 +411,7 @@ class NntpClient(ClientCore[_Reply]):
         self._password = ""  # AUTHINFO USER/PASS: sent after the 381
         self._refused_once = False  # relay mode: a LoginFailed was reported, READY again
         self._reader_mode = False  # MODE READER sent
+        self._final_relayed = False  # relay: the backend's 283 data went as a challenge
 
     # -------------------------------------------------------------- framing
 
@@ -533,6 +538,12 @@ class NntpClient(ClientCore[_Reply]):
             data = b"" if text == b"=" else b64decode_strict(text)
             if data is None:
                 return self._fail(BackendFailure.UNAVAILABLE, "283 reply is not base64")
+            if self._settings.relay and data:
+                # The reader's mechanism checks it (SCRAM's server-final):
+                # one more challenge, which it answers with an empty response.
+                self._final_relayed = True
+                self._state = ClientState.RELAY_WAIT
+                return [RelayChallenge(data)]
             return self._verified(data) or self._logged_in(())
         return self._refused(reply)
 
@@ -565,6 +576,16 @@ class NntpClient(ClientCore[_Reply]):
         self._password = ""
         self._refused_once = True
         return [LoginFailed(failure, _detail(reply.line))]
+
+    def respond(self, data: bytes | None) -> list[ClientEvent]:
+        if self._final_relayed and self._state is ClientState.RELAY_WAIT:
+            self._final_relayed = False
+            if data == b"":
+                return self._logged_in(())
+            # The reader did not accept the backend's proof (or sent data
+            # where RFC 4422 wants nothing): the login is void.
+            return self._fail(BackendFailure.REJECTED, "reader refused the backend's 283 data")
+        return super().respond(data)
 
     def _unasked(self) -> list[ClientEvent]:
         if self._refused_once:

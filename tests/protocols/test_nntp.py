@@ -564,3 +564,20 @@ def test_fuzz_client(chunks: list[bytes], prefix: bytes, relay: bool, starttls: 
                 client.tls_started()
             if isinstance(event, RelayChallenge):
                 client.respond(b"")
+
+
+@pytest.mark.parametrize(("answer", "logged_in"), [(b"", True), (b"no", False)])
+def test_client_relay_283_data_goes_to_the_reader_as_a_challenge(
+    answer: bytes, logged_in: bool
+) -> None:
+    backend = FakeBackend(NntpClient(client_settings(relay=True)))
+    backend.feed(b"200 hi\r\n")
+    backend.feed(INN_CAPS.replace(b"CRAM-MD5", b"SCRAM-SHA-256"))
+    backend.call(backend.client.authenticate("SCRAM-SHA-256", b"n,,n=alice,r=abc"))
+    backend.feed(b"383 " + b64("r=abcdef,s=c2FsdA==,i=4096") + b"\r\n")
+    backend.call(backend.client.respond(b"c=biws,r=abcdef,p=cHJvb2Y="))
+    assert backend.feed(b"283 " + b64("v=c2lnbmF0dXJl") + b"\r\n") == b""
+    assert backend.of(RelayChallenge)[-1] == RelayChallenge(b"v=c2lnbmF0dXJl")
+    assert backend.call(backend.client.respond(answer)) == b""  # nothing more to the backend
+    result = backend.result()
+    assert isinstance(result, LoggedIn if logged_in else LoginFailed), result
