@@ -11,18 +11,20 @@ import datetime
 import imaplib
 import re
 import ssl
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 from cryptography import x509
 
 from authgate.sasl.base import ClientAuthError, ClientContext, ClientCredentials, Derive
 from authgate.sasl.digest_md5 import DigestMD5Client
 from authgate.sasl.scram import ScramSHA256Client
 from authgate.testing import scenarios
-from authgate.testing.plugin import AuthgateFactory
+from authgate.testing.plugin import NO_DELAYS, AuthgateFactory
 from authgate.testing.scenarios import INJECTED, TAMPERED, ScenarioChannel
-from authgate.testing.stack import Endpoint, Stack
+from authgate.testing.stack import Endpoint, Stack, embedded_stack
 from authgate.testing.transcripts import RecordingChannel
 
 pytest_plugins = ["pytester"]
@@ -89,6 +91,24 @@ class LineClient:
         self.writer.close()
 
 
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    """One recording stack for the dialogue scenarios (Stack.play switches
+    them): a stack per test would cost a second each."""
+    async with embedded_stack(
+        tmp_path_factory.mktemp("scenarios"),
+        users=USERS,
+        extra_config=NO_DELAYS,
+        record=True,
+    ) as stack:
+        yield stack
+
+
+def on(stack: Stack, scenario: str | None, **options: object) -> Stack:
+    stack.play(scenario, options.get("scenario_options"))  # type: ignore[arg-type]
+    return stack
+
+
 async def stack_for(factory: AuthgateFactory, scenario: str | None, **kw: object) -> Stack:
     return await factory(scenario=scenario, users=USERS, **kw)  # type: ignore[arg-type]
 
@@ -153,9 +173,9 @@ async def test_marker_chooses_the_scenario(authgate: Stack) -> None:
 # --------------------------------------------------------------- STARTTLS
 
 
-@pytest.mark.asyncio
-async def test_strip_starttls(authgate_factory: AuthgateFactory) -> None:
-    stack = await stack_for(authgate_factory, "strip-starttls")
+@pytest.mark.asyncio(loop_scope="module")
+async def test_strip_starttls(shared: Stack) -> None:
+    stack = on(shared, "strip-starttls")
     for protocol in PROTOCOLS:
         client, greeting = await LineClient.open(stack[LISTENER[protocol]])
         caps = await client.ask(CAPS[protocol])
@@ -175,9 +195,9 @@ async def test_strip_starttls(authgate_factory: AuthgateFactory) -> None:
         assert not stack.last_transcript().tls
 
 
-@pytest.mark.asyncio
-async def test_strip_starttls_refused(authgate_factory: AuthgateFactory) -> None:
-    stack = await stack_for(authgate_factory, "strip-starttls-refused")
+@pytest.mark.asyncio(loop_scope="module")
+async def test_strip_starttls_refused(shared: Stack) -> None:
+    stack = on(shared, "strip-starttls-refused")
     for protocol in PROTOCOLS:
         client, _ = await LineClient.open(stack[LISTENER[protocol]])
         caps = await client.ask(CAPS[protocol])
@@ -197,9 +217,9 @@ async def test_strip_starttls_refused(authgate_factory: AuthgateFactory) -> None
         assert again == caps
 
 
-@pytest.mark.asyncio
-async def test_inject_after_starttls(authgate_factory: AuthgateFactory) -> None:
-    stack = await stack_for(authgate_factory, "inject-after-starttls")
+@pytest.mark.asyncio(loop_scope="module")
+async def test_inject_after_starttls(shared: Stack) -> None:
+    stack = on(shared, "inject-after-starttls")
     for protocol in PROTOCOLS:
         client, _ = await LineClient.open(stack[LISTENER[protocol]])
         client.writer.write(STARTTLS[protocol] + b"\r\n")
@@ -231,9 +251,9 @@ def test_next_tag_counts_up() -> None:
     assert scenarios.next_tag(b"x") == b"x1"
 
 
-@pytest.mark.asyncio
-async def test_preauth_is_imap_only(authgate_factory: AuthgateFactory) -> None:
-    stack = await stack_for(authgate_factory, "preauth")
+@pytest.mark.asyncio(loop_scope="module")
+async def test_preauth_is_imap_only(shared: Stack) -> None:
+    stack = on(shared, "preauth")
     for protocol in ("pop3", "smtp"):
         client, greeting = await LineClient.open(stack[LISTENER[protocol]])
         client.close()
@@ -243,9 +263,9 @@ async def test_preauth_is_imap_only(authgate_factory: AuthgateFactory) -> None:
 # ----------------------------------------------------------- capabilities
 
 
-@pytest.mark.asyncio
-async def test_tamper_capabilities(authgate_factory: AuthgateFactory) -> None:
-    stack = await stack_for(authgate_factory, "tamper-capabilities")
+@pytest.mark.asyncio(loop_scope="module")
+async def test_tamper_capabilities(shared: Stack) -> None:
+    stack = on(shared, "tamper-capabilities")
     for protocol in PROTOCOLS:
         client, greeting = await LineClient.open(stack[LISTENER[protocol]])
         before = await client.ask(CAPS[protocol])
@@ -259,9 +279,9 @@ async def test_tamper_capabilities(authgate_factory: AuthgateFactory) -> None:
             assert TAMPERED.encode() in greeting  # the greeting's [CAPABILITY] code too
 
 
-@pytest.mark.asyncio
-async def test_tamper_capabilities_stale(authgate_factory: AuthgateFactory) -> None:
-    stack = await stack_for(authgate_factory, "tamper-capabilities-stale")
+@pytest.mark.asyncio(loop_scope="module")
+async def test_tamper_capabilities_stale(shared: Stack) -> None:
+    stack = on(shared, "tamper-capabilities-stale")
     for protocol in PROTOCOLS:
         client, _ = await LineClient.open(stack[LISTENER[protocol]])
         before = await client.ask(CAPS[protocol])
@@ -277,9 +297,9 @@ async def test_tamper_capabilities_stale(authgate_factory: AuthgateFactory) -> N
         assert b"PLAIN" not in after
 
 
-@pytest.mark.asyncio
-async def test_cleartext_only_mechanisms(authgate_factory: AuthgateFactory) -> None:
-    stack = await stack_for(authgate_factory, "cleartext-only-mechanisms")
+@pytest.mark.asyncio(loop_scope="module")
+async def test_cleartext_only_mechanisms(shared: Stack) -> None:
+    stack = on(shared, "cleartext-only-mechanisms")
     for protocol in PROTOCOLS:
         client, _ = await LineClient.open(stack[LISTENER[protocol]])
         before = await client.ask(CAPS[protocol])
@@ -370,7 +390,7 @@ async def imap_sasl(client: LineClient, mechanism: str, machine: object) -> list
     return lines
 
 
-@pytest.mark.asyncio
+@pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize(
     ("mechanism", "make", "error"),
     [
@@ -378,12 +398,10 @@ async def imap_sasl(client: LineClient, mechanism: str, machine: object) -> list
         ("DIGEST-MD5", DigestMD5Client, "rspauth"),
     ],
 )
-async def test_bad_server_proof(
-    authgate_factory: AuthgateFactory, mechanism: str, make: type, error: str
-) -> None:
+async def test_bad_server_proof(shared: Stack, mechanism: str, make: type, error: str) -> None:
     creds = ClientCredentials("alice", PASSWORD)
     for scenario in (None, "bad-server-proof"):
-        stack = await stack_for(authgate_factory, scenario)
+        stack = on(shared, scenario)
         client, _ = await LineClient.open(stack["imap"])
         await client.starttls(stack.ssl_context())
         machine = make(creds, ClientContext(service="imap", hostname="localhost"))
@@ -396,9 +414,12 @@ async def test_bad_server_proof(
         client.close()
 
 
-@pytest.mark.asyncio
-async def test_temporary_failure(authgate_factory: AuthgateFactory) -> None:
-    stack = await stack_for(authgate_factory, "temporary-failure")
+@pytest.mark.asyncio(loop_scope="module")
+async def test_temporary_failure(shared: Stack) -> None:
+    stack = on(shared, "temporary-failure")
+    logins = [
+        len(b.logins) for b in (stack.backends.imap, stack.backends.pop3, stack.backends.smtp)
+    ]
     for protocol in PROTOCOLS:
         client, _ = await LineClient.open(stack[LISTENER[protocol]])
         await client.starttls(stack.ssl_context())
@@ -420,17 +441,14 @@ async def test_temporary_failure(authgate_factory: AuthgateFactory) -> None:
                 "smtp": b"454 4.7.0 Temporary authentication failure\r\n",
             }[protocol]
         )
-        backend = {
-            "imap": stack.backends.imap,
-            "pop3": stack.backends.pop3,
-            "smtp": stack.backends.smtp,
-        }
-        assert backend[protocol].logins == []
+    # nobody reached a backend
+    assert [len(b.logins) for b in (stack.backends.imap, stack.backends.pop3)] == logins[:2]
+    assert len(stack.backends.smtp.logins) == logins[2]
 
 
-@pytest.mark.asyncio
-async def test_disconnect_mid_sasl(authgate_factory: AuthgateFactory) -> None:
-    stack = await stack_for(authgate_factory, "disconnect-mid-sasl")
+@pytest.mark.asyncio(loop_scope="module")
+async def test_disconnect_mid_sasl(shared: Stack) -> None:
+    stack = on(shared, "disconnect-mid-sasl")
     for protocol in PROTOCOLS:
         client, _ = await LineClient.open(stack[LISTENER[protocol]])
         await client.starttls(stack.ssl_context())
@@ -446,10 +464,10 @@ async def test_disconnect_mid_sasl(authgate_factory: AuthgateFactory) -> None:
         assert stack.last_transcript().closed_by == "server"
 
 
-@pytest.mark.asyncio
-async def test_slow_auth_holds_each_login_answer(authgate_factory: AuthgateFactory) -> None:
+@pytest.mark.asyncio(loop_scope="module")
+async def test_slow_auth_holds_each_login_answer(shared: Stack) -> None:
     delay = 0.2
-    stack = await stack_for(authgate_factory, "slow-auth", scenario_options={"delay": delay})
+    stack = on(shared, "slow-auth", scenario_options={"delay": delay})
     client, _ = await LineClient.open(stack["imap"])
     loop = asyncio.get_running_loop()
     await client.starttls(stack.ssl_context())
@@ -462,11 +480,9 @@ async def test_slow_auth_holds_each_login_answer(authgate_factory: AuthgateFacto
     assert slow >= delay
 
 
-@pytest.mark.asyncio
-async def test_oversized_line(authgate_factory: AuthgateFactory) -> None:
-    stack = await stack_for(
-        authgate_factory, "oversized-line", scenario_options={"line_bytes": 70_000}
-    )
+@pytest.mark.asyncio(loop_scope="module")
+async def test_oversized_line(shared: Stack) -> None:
+    stack = on(shared, "oversized-line", scenario_options={"line_bytes": 70_000})
     for protocol in PROTOCOLS:
         client, greeting = await LineClient.open(stack[LISTENER[protocol]])
         client.close()
@@ -474,9 +490,9 @@ async def test_oversized_line(authgate_factory: AuthgateFactory) -> None:
         assert greeting.count(b"\r\n") == 1
 
 
-@pytest.mark.asyncio
-async def test_oversized_line_default_outgrows_imaplib(authgate_factory: AuthgateFactory) -> None:
-    stack = await stack_for(authgate_factory, "oversized-line")
+@pytest.mark.asyncio(loop_scope="module")
+async def test_oversized_line_default_outgrows_imaplib(shared: Stack) -> None:
+    stack = on(shared, "oversized-line")
     endpoint = stack["imap"]
 
     def connect() -> None:
@@ -490,9 +506,10 @@ async def test_oversized_line_default_outgrows_imaplib(authgate_factory: Authgat
     assert transcript.server_bytes().startswith(b"* OK xxxx")
 
 
-@pytest.mark.asyncio
-async def test_alert_and_referral(authgate_factory: AuthgateFactory) -> None:
-    stack = await stack_for(authgate_factory, "alert-and-referral")
+@pytest.mark.asyncio(loop_scope="module")
+async def test_alert_and_referral(shared: Stack) -> None:
+    stack = on(shared, "alert-and-referral")
+    logins = len(stack.backends.imap.logins)
     client, greeting = await LineClient.open(stack["imap"])
     alert = await client.line()
     await client.starttls(stack.ssl_context())
@@ -503,7 +520,7 @@ async def test_alert_and_referral(authgate_factory: AuthgateFactory) -> None:
     assert (
         answer == b"a2 NO [REFERRAL imap://alice;AUTH=*@referral.invalid/] Try another server\r\n"
     )
-    assert stack.backends.imap.logins == []
+    assert len(stack.backends.imap.logins) == logins
 
 
 def test_scenario_channel_is_used_for_lens_scenarios() -> None:
@@ -546,13 +563,11 @@ def test_readme_hostile_example_passes_verbatim(pytester: pytest.Pytester) -> No
     result.assert_outcomes(passed=len(tests))
 
 
-@pytest.mark.asyncio
-async def test_a_client_the_lens_keeps_answering_is_closed(
-    authgate_factory: AuthgateFactory,
-) -> None:
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_client_the_lens_keeps_answering_is_closed(shared: Stack) -> None:
     """strip-starttls answers STARTTLS itself; a client repeating it forever
     is closed after MAX_ANSWERED rounds (the session's deadline cannot see them)."""
-    stack = await stack_for(authgate_factory, "strip-starttls")
+    stack = on(shared, "strip-starttls")
     client, _ = await LineClient.open(stack["pop3"])
     answers = 0
     with pytest.raises(ConnectionError):
