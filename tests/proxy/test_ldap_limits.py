@@ -6,6 +6,7 @@ listener answers is checked."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -352,3 +353,33 @@ async def test_backend_starttls_response_injection_is_refused(
         await gateway.stop(drain=1)
         server.close()
         await server.wait_closed()
+
+
+async def test_no_password_in_any_log_line(
+    gateway: Gateway, slapd: SlapdInstance, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Right, wrong and refused binds, malformed input: the passwords never
+    appear in a log record (all loggers, DEBUG)."""
+    caplog.set_level(logging.DEBUG)
+    right, wrong = slapd.password("carol"), "Wr0ng-Passw0rd-plugh"
+    host = gateway.addresses()["ldap"][0]
+    tls_port = gateway.addresses()["ldap"][1]
+    plain_port = gateway.addresses()["plain"][1]
+    for port, tls, password in (
+        (tls_port, True, right),
+        (tls_port, True, wrong),
+        (plain_port, False, right),
+    ):
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=client_tls(tmp_path) if tls else None
+        )
+        writer.write(simple_bind(1, slapd.dn("carol"), password))
+        await read_message(reader)
+        writer.close()
+    reader, writer = await asyncio.open_connection(host, plain_port)
+    writer.write(simple_bind(1, slapd.dn("carol"), wrong)[:-3] + b"\x30\x80")
+    await asyncio.sleep(0.1)
+    writer.close()
+    text = "\n".join(record.getMessage() for record in caplog.records)
+    assert "carol" in text  # the records are there ...
+    assert right not in text and wrong not in text  # ... the passwords are not
