@@ -29,9 +29,12 @@ from authgate.credentials.store import UserStore, generate_secrets
 from authgate.offers import load_store
 from authgate.proxy.server import Gateway
 from authgate.runner import start_gateway
+from tests.interop import sieve_notes
 from tests.interop.dovecot import DovecotInstance
 
-pytestmark = [pytest.mark.interop, pytest.mark.asyncio]
+# One gateway for the module (its start-up dominates otherwise), on the
+# module's event loop.
+pytestmark = [pytest.mark.interop, pytest.mark.asyncio(loop_scope="module")]
 
 USER = "plainuser"
 EXEMPT = "127.0.0.77"  # the exempt network's one address
@@ -61,10 +64,11 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Certs]:
     yield paths
 
 
-@pytest_asyncio.fixture
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def gateway(
-    tmp_path: Path, dovecot_sieve: DovecotInstance, certs: Certs
+    tmp_path_factory: pytest.TempPathFactory, dovecot_sieve: DovecotInstance, certs: Certs
 ) -> AsyncIterator[Gateway]:
+    tmp_path = tmp_path_factory.mktemp("sieve-gateway")
     store = UserStore(realm="localhost")
     store.set_user_secrets(USER, generate_secrets(USER, dovecot_sieve.users[USER], "localhost"))
     store.save(tmp_path / "users.toml")
@@ -180,14 +184,15 @@ def run_sieve_connect(port: int, ca: Path, commands: str, password: str, workdir
     return output
 
 
+@pytest.mark.parametrize("listener", ["sieve", "sieve-relay"])
 async def test_sieve_connect_uploads_lists_and_activates_through_starttls(
-    gateway: Gateway, dovecot_sieve: DovecotInstance, certs: Certs, tmp_path: Path
+    gateway: Gateway, dovecot_sieve: DovecotInstance, certs: Certs, tmp_path: Path, listener: str
 ) -> None:
     clear_scripts(dovecot_sieve)
     local = tmp_path / "filter.sieve"
     local.write_text(SCRIPT)
     mark = dovecot_sieve.log_size()
-    _, port = gateway.addresses()["sieve"]
+    _, port = gateway.addresses()[listener]
     commands = f"put {local} authgate-filter\nlist\nactivate authgate-filter\nlist\n"
     output = await asyncio.to_thread(
         run_sieve_connect, port, certs.ca, commands, dovecot_sieve.users[USER], tmp_path
@@ -196,12 +201,16 @@ async def test_sieve_connect_uploads_lists_and_activates_through_starttls(
     stored = script_dir(dovecot_sieve) / "authgate-filter.sieve"
     assert stored.read_text().replace("\r\n", "\n") == SCRIPT.replace("\r\n", "\n")
     assert active_script(dovecot_sieve) == "authgate-filter"
-    # Dovecot saw the master login for the user, from the real client (PROXY v2).
+    # Dovecot saw the login for the user, from the real client (terminate:
+    # PROXY v2; relay: authgate's own address, which is the same here).
     await asyncio.to_thread(
         dovecot_sieve.wait_for_log,
         rf"managesieve-login: Info: Login: user=<{USER}>, method=PLAIN, rip=127\.0\.0\.1",
         mark,
     )
+    # Terminate mode logs in as the master user; relay mode as the user.
+    master = f"Master user logging in as {USER}" in dovecot_sieve.log_text(mark)
+    assert master is (listener == "sieve")
 
 
 # ----------------------------------------------------------------- sievelib
@@ -322,3 +331,11 @@ async def test_greeting_carries_dovecots_sieve_capability(gateway: Gateway) -> N
     assert b'"SASL" "SCRAM-SHA-256"\r\n' in data  # PLAIN withheld before TLS
     assert b'"STARTTLS"\r\n' in data
     assert b"XCLIENT" not in data  # Dovecot's, not ours to offer
+
+
+async def test_docs_interop_holds_the_managesieve_section() -> None:
+    """docs/interop.md (written by the matrix generator) carries the fixed
+    text of tests/interop/sieve_notes.py (the version line aside)."""
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "interop.md").read_text()
+    assert "\n".join(sieve_notes.SECTION[2:]) in docs
+    assert sieve_notes.SECTION[0] in docs
