@@ -145,6 +145,9 @@ class Listener:
             return self.default_backend
         return Backend(name=f"{self.name}.backend", members=(self.backend,), named=False)
 
+    def default_members(self) -> tuple[BackendSettings, ...]:
+        return self.route_default.members_for(self.protocol.value)
+
     @property
     def listen_text(self) -> str:
         """The addresses as configured, for messages: "0.0.0.0:143, [::]:143"."""
@@ -608,37 +611,68 @@ def _check_backend(
         )
 
 
+def _backend_addresses(table: Table, key: str) -> list[Address]:
+    """`key` = "host:port" or a pool, a list of them."""
+    raw = table.data[key]
+    items = [raw] if isinstance(raw, str) else table.strings(key, ())
+    table.used.add(key)
+    if not items:
+        raise table.error(key, "is an empty list: give at least one host:port")
+    addresses: list[Address] = []
+    for i, item in enumerate(items):
+        where = key if isinstance(raw, str) else f"{key}[{i}]"
+        try:
+            address = parse_address(item)
+        except ValueError as exc:
+            raise table.error(where, str(exc)) from None
+        if address in addresses:
+            raise table.error(where, f"{item!r} is listed twice")
+        if not address.port:
+            raise table.error(where, "a backend needs a real port, not 0")
+        addresses.append(address)
+    return addresses
+
+
+# [backends.NAME] per-protocol addresses: one store, one port per protocol.
+_PROTOCOL_KEYS = tuple(p.value for p in Protocol)
+
+
 def _named_backend(table: Table) -> Backend:
-    """[backends.NAME]: `address = "host:port"` or a pool, `addresses = [...]`."""
+    """[backends.NAME]: `address = "host:port"`, or a pool, `addresses =
+    [...]`, and/or per protocol `imap`, `pop3`, `smtp` (a string or a list)."""
     name = table.path.rpartition(".")[2]
     if not name or not name.replace("-", "").replace("_", "").isalnum():
         raise ConfigError(f"{table.source}: {table.path}: name it with letters, digits, - and _")
-    if table.has("address") == table.has("addresses"):
-        raise table.error("address", 'give address = "host:port" or a pool, addresses = [...]')
-    addresses: list[Address] = []
-    if table.has("address"):
-        addresses.append(_address(table, "address"))
-    else:
-        raw = table.strings("addresses", ())
-        if not raw:
-            raise table.error("addresses", "is an empty list: give at least one host:port")
-        for i, item in enumerate(raw):
-            try:
-                address = parse_address(item)
-            except ValueError as exc:
-                raise table.error(f"addresses[{i}]", str(exc)) from None
-            if address in addresses:
-                raise table.error(f"addresses[{i}]", f"{item!r} is listed twice")
-            if not address.port:
-                raise table.error(f"addresses[{i}]", "a backend needs a real port, not 0")
-            addresses.append(address)
+    if table.has("address") and table.has("addresses"):
+        raise table.error("addresses", "give address or addresses, not both")
+    generic: list[Address] = []
+    for key in ("address", "addresses"):
+        if table.has(key):
+            if key == "address" and not isinstance(table.data[key], str):
+                raise table.error(key, f"{table.data[key]!r} is not a host:port string")
+            generic = _backend_addresses(table, key)
+    per_protocol = {key: _backend_addresses(table, key) for key in _PROTOCOL_KEYS if table.has(key)}
+    if not generic and not per_protocol:
+        raise table.error(
+            "address",
+            'is required: address = "host:port", a pool addresses = [...], '
+            "or per protocol (imap, pop3, smtp, ...)",
+        )
     interval = float(
         number(table, "health_check", Range(0, 3600)) if table.has("health_check") else -1
     )
-    settings = _backend_settings(table, addresses[0])
+    first = generic[0] if generic else next(iter(per_protocol.values()))[0]
+    settings = _backend_settings(table, first)
     table.finish()
-    members = tuple(replace(settings, address=a) for a in addresses)
-    return Backend(name=name, members=members, health_check=interval)
+    return Backend(
+        name=name,
+        members=tuple(replace(settings, address=a) for a in generic),
+        per_protocol={
+            key: tuple(replace(settings, address=a) for a in addresses)
+            for key, addresses in per_protocol.items()
+        },
+        health_check=interval,
+    )
 
 
 def _backends(root: Table) -> dict[str, Backend]:
@@ -682,17 +716,31 @@ def _routing(root: Table, backends: Mapping[str, Backend]) -> RoutingSettings:
 def _backend(
     listener: Table, protocol: Protocol, backends: Mapping[str, Backend]
 ) -> tuple[BackendSettings, Backend | None]:
-    """A listener's `backend`: a [backends] name, "host:port", or a table."""
+    """A listener's `backend`: a [backends] name, "host:port", or a table.
+    The listener's `mode`, when given, overrides the backend's (one store
+    may be fronted by a terminate and a relay listener)."""
     if not listener.has("backend"):
         raise listener.error("backend", "is required")
+    mode: BackendMode | None = None
+    if listener.has("mode"):
+        mode = listener.choice("mode", BackendMode, BackendMode.TERMINATE)
+        if not isinstance(listener.data["backend"], str):
+            raise listener.error("mode", "give mode in the backend table, or backend = \"name\"")
     raw = listener.data["backend"]
     if isinstance(raw, str):
         listener.used.add("backend")
         named = backends.get(raw)
         if named is not None:
-            for member in named.members:
+            members = named.members_for(protocol.value)
+            if not members:
+                raise listener.error(
+                    "backend", f"backends.{raw} has no address for {protocol.value}"
+                )
+            if mode is not None:
+                members = tuple(replace(m, mode=mode) for m in members)
+            for member in members:
                 _check_backend(listener, "backend", member, protocol)
-            return named.settings, named
+            return members[0], named
         try:
             address = parse_address(raw)
         except ValueError as exc:
@@ -701,7 +749,7 @@ def _backend(
                 "backend",
                 f"{raw!r} is neither a [backends] name (have: {have}) nor host:port ({exc})",
             ) from None
-        return BackendSettings(address=address, mode=_default_mode(protocol)), None
+        return BackendSettings(address=address, mode=mode or _default_mode(protocol)), None
     table = listener.table("backend")
     assert table is not None
     settings = _backend_settings(table, _address(table, "address"), _default_mode(protocol))
@@ -875,7 +923,6 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
             raise ConfigError(
                 f"{source}: listeners[{i}].tls: {listener.tls.value!r} needs [tls] cert and key"
             )
-    _check_no_loop(listeners, backends, bound, source)
     return Config(
         path=source,
         hostname=hostname,
@@ -928,25 +975,35 @@ def _is_us(backend: Address, bound: _Bound) -> str | None:
     return None
 
 
-def _check_no_loop(
-    listeners: list[Listener], backends: Mapping[str, Backend], bound: _Bound, source: Path
-) -> None:
-    for i, listener in enumerate(listeners):
-        for member in listener.route_default.members:
+def loops(config: Config) -> list[str]:
+    """Backends that are one of our own listeners (a session would loop
+    back into the gateway), as messages for `authgate check`. The driver
+    also refuses such a connection when it is made (authgate.proxy.routes)."""
+    bound: _Bound = []
+    for i, listener in enumerate(config.listeners):
+        bound.extend(
+            (address, f"listeners[{i}].listen") for address in listener.listen if address.port
+        )
+    found: list[str] = []
+    for i, listener in enumerate(config.listeners):
+        if listener.default_backend is not None:
+            continue  # a [backends] entry: below
+        for member in listener.default_members():
             where = _is_us(member.address, bound)
             if where is not None:
-                raise ConfigError(
-                    f"{source}: listeners[{i}].backend: {str(member.address)!r} is authgate "
-                    f"itself ({where}): a session would loop back into the gateway"
-                )
-    for name, backend in backends.items():
-        for member in backend.members:
-            where = _is_us(member.address, bound)
-            if where is not None:
-                raise ConfigError(
-                    f"{source}: backends.{name}: {str(member.address)!r} is authgate itself "
+                found.append(
+                    f"listeners[{i}].backend: {str(member.address)!r} is authgate itself "
                     f"({where}): a session would loop back into the gateway"
                 )
+    for name, backend in config.backends.items():
+        for _protocol, member in backend.all_members():
+            where = _is_us(member.address, bound)
+            if where is not None:
+                found.append(
+                    f"backends.{name}: {str(member.address)!r} is authgate itself "
+                    f"({where}): a session would loop back into the gateway"
+                )
+    return found
 
 
 def _check_unique(

@@ -54,27 +54,42 @@ def rendezvous_order(user: str, members: Sequence[M], key: Callable[[M], str]) -
 
 @dataclass(frozen=True)
 class Backend:
-    """A named backend: one address, or a pool of interchangeable ones."""
+    """A named backend, a mail store: one address, or a pool of
+    interchangeable ones, for every protocol (`address`, `addresses`) or
+    per protocol (`imap`, `pop3`, `smtp`, ...), since one store answers IMAP,
+    POP3 and submission on different ports and a user's choice names the
+    store."""
 
     name: str
     members: tuple[BackendSettings, ...]
-    # Active health check interval in seconds (0: off).
-    health_check: float = 0.0
+    per_protocol: Mapping[str, tuple[BackendSettings, ...]] = field(default_factory=dict)
+    # Active health check interval in seconds (0: off; -1: not given).
+    health_check: float = -1.0
     # Given in the config as [backends.NAME] (not a listener's own backend).
     named: bool = True
 
-    @property
-    def pool(self) -> bool:
-        return len(self.members) > 1
+    def members_for(self, protocol: str) -> tuple[BackendSettings, ...]:
+        """The addresses a listener of `protocol` uses (empty: none)."""
+        return self.per_protocol.get(protocol) or self.members
 
-    @property
-    def settings(self) -> BackendSettings:
-        """The settings every member shares (the first member's)."""
-        return self.members[0]
+    def settings_any(self) -> BackendSettings:
+        """The settings every member shares (TLS, master user, ...)."""
+        return self.all_members()[0][1]
 
-    def describe(self) -> str:
-        addresses = ", ".join(str(m.address) for m in self.members)
-        kind = f"pool of {len(self.members)}" if self.pool else "single"
+    def pool(self, protocol: str) -> bool:
+        return len(self.members_for(protocol)) > 1
+
+    def all_members(self) -> list[tuple[str | None, BackendSettings]]:
+        """(protocol or None for `address`, settings) of every address."""
+        found: list[tuple[str | None, BackendSettings]] = [(None, m) for m in self.members]
+        for protocol, members in self.per_protocol.items():
+            found.extend((protocol, m) for m in members)
+        return found
+
+    def describe(self, protocol: str) -> str:
+        members = self.members_for(protocol)
+        addresses = ", ".join(str(m.address) for m in members) or "no address"
+        kind = f"pool of {len(members)}" if len(members) > 1 else "single"
         return f"{self.name} ({kind}: {addresses})"
 
 
@@ -184,6 +199,7 @@ class Route:
 
     user: str | None
     backend: Backend
+    protocol: str
     why: str
     # The members to try, in order, that are up now (empty: none is: the
     # user gets the protocol's temporary failure).
@@ -196,8 +212,8 @@ class Route:
         return bool(self.candidates)
 
     def explain(self) -> str:
-        lines = [f"backend {self.backend.describe()}", f"because: {self.why}"]
-        if self.backend.pool:
+        lines = [f"backend {self.backend.describe(self.protocol)}", f"because: {self.why}"]
+        if len(self.order) > 1:
             lines.append("order: " + ", ".join(str(m.address) for m in self.order))
         chosen = str(self.candidates[0].address) if self.candidates else "none (all down)"
         lines.append(f"connects to: {chosen}")
@@ -219,6 +235,7 @@ class RoutingError(ValueError):
 
 def choose(
     user: str | None,
+    protocol: str,
     default: Backend,
     backends: Mapping[str, Backend],
     *,
@@ -230,14 +247,12 @@ def choose(
 ) -> Route:
     """The backend `user` (None: not known, e.g. SMTP pass-through) goes to."""
     backend, why = _pick(user, default, backends, hints, table, hosts or {})
-    key = user or ""
-    order = tuple(
-        rendezvous_order(key, backend.members, lambda m: str(m.address))
-        if backend.pool
-        else backend.members
-    )
+    members = backend.members_for(protocol)
+    if not members:
+        raise RoutingError(f"{why} names backend {backend.name!r}, which has no {protocol} address")
+    order = tuple(rendezvous_order(user or "", members, lambda m: str(m.address)))
     up = tuple(m for m in order if health is None or health.is_up(m.address, now))
-    return Route(user=user, backend=backend, why=why, candidates=up, order=order)
+    return Route(user=user, backend=backend, protocol=protocol, why=why, candidates=up, order=order)
 
 
 def _pick(

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from authgate.config import Address, BackendSettings, ConfigError, from_dict
+from authgate.config import Address, BackendSettings, ConfigError, from_dict, loops
 from authgate.routing import (
     Backend,
     Health,
@@ -47,12 +47,37 @@ def config(**extra: Any) -> dict[str, Any]:
 def test_named_backends_and_pools() -> None:
     cfg = from_dict(config(), SOURCE)
     imap, sub = cfg.listeners
-    assert imap.route_default.name == "store1" and not imap.route_default.pool
+    assert imap.route_default.name == "store1" and not imap.route_default.pool("imap")
     assert imap.backend.address == Address("127.0.0.1", 1143)
     assert imap.backend.master_user == "m"
-    assert sub.route_default.pool
-    assert [m.address.port for m in sub.route_default.members] == [1587, 2587]
+    assert sub.route_default.pool("smtp")
+    assert [m.address.port for m in sub.default_members()] == [1587, 2587]
     assert set(cfg.backends) == {"store1", "store2", "submit"}
+
+
+def test_per_protocol_addresses() -> None:
+    data = config()
+    data["backends"]["store2"] = {
+        "imap": "127.0.0.1:2143",
+        "pop3": ["127.0.0.1:2110", "127.0.0.1:3110"],
+        "master_user": "m",
+        "master_password": "p",
+    }
+    data["listeners"][0]["backend"] = "store2"
+    cfg = from_dict(data, SOURCE)
+    store2 = cfg.backends["store2"]
+    assert [m.address.port for m in store2.members_for("imap")] == [2143]
+    assert [m.address.port for m in store2.members_for("pop3")] == [2110, 3110]
+    assert store2.members_for("smtp") == ()
+    assert cfg.listeners[0].backend.address.port == 2143
+    with pytest.raises(RoutingError, match="has no smtp address"):
+        choose(
+            "bob",
+            "smtp",
+            cfg.listeners[1].route_default,
+            cfg.backends,
+            hints=UserHints(entry="store2"),
+        )
 
 
 def test_single_host_port_form_still_works() -> None:
@@ -73,7 +98,18 @@ def test_single_host_port_form_still_works() -> None:
         ),
         (
             lambda d: d["backends"]["store2"].update(addresses=["127.0.0.1:9"]),
-            "backends.store2.address: give address",
+            "backends.store2.addresses: give address or addresses, not both",
+        ),
+        (
+            lambda d: d["backends"]["store2"].pop("address"),
+            "backends.store2.address: is required",
+        ),
+        (
+            lambda d: (
+                d["backends"].update(store2={"pop3": "127.0.0.1:2110"}),
+                d["listeners"][0].update(backend="store2"),
+            ),
+            "listeners[0].backend: backends.store2 has no address for imap",
         ),
         (
             lambda d: d["backends"]["submit"].update(addresses=[]),
@@ -90,10 +126,6 @@ def test_single_host_port_form_still_works() -> None:
         (
             lambda d: d["backends"]["store1"].pop("master_user"),
             "listeners[0].backend: terminate mode logs in to the backend as the user",
-        ),
-        (
-            lambda d: d["backends"]["store2"].update(address="127.0.0.1:143"),
-            "backends.store2: '127.0.0.1:143' is authgate itself (listeners[0].listen)",
         ),
         (
             lambda d: d.update(routing={"hosts": {"mail2.example.org": "nowhere"}}),
@@ -117,11 +149,17 @@ def test_config_errors_name_the_key(change: Any, message: str) -> None:
     assert message in str(info.value)
 
 
-def test_listener_on_wildcard_is_caught_as_a_loop() -> None:
+def test_a_backend_that_is_a_listener_is_found_as_a_loop() -> None:
     data = config()
+    data["backends"]["store2"]["address"] = "localhost:587"
     data["listeners"][0]["listen"] = "0.0.0.0:1143"
-    with pytest.raises(ConfigError, match=r"'127\.0\.0\.1:1143' is authgate itself"):
-        from_dict(data, SOURCE)
+    found = loops(from_dict(data, SOURCE))
+    assert found == [
+        "backends.store1: '127.0.0.1:1143' is authgate itself (listeners[0].listen): "
+        "a session would loop back into the gateway",
+        "backends.store2: 'localhost:587' is authgate itself (listeners[1].listen): "
+        "a session would loop back into the gateway",
+    ]
 
 
 def _backend(name: str, *ports: int) -> Backend:
@@ -142,7 +180,7 @@ def test_choice_order_entry_directory_table_default() -> None:
 
     def pick(user: str, hints: UserHints | None = None) -> tuple[str, str]:
         hints = hints or UserHints()
-        route = choose(user, default, BACKENDS, hints=hints, table=table, hosts=hosts)
+        route = choose(user, "imap", default, BACKENDS, hints=hints, table=table, hosts=hosts)
         return route.backend.name, route.why
 
     assert pick("carol@x.org", UserHints(entry="store2")) == ("store2", "users file entry")
@@ -163,21 +201,33 @@ def test_pinned_user_never_moves_to_another_store() -> None:
     health = Health()
     health.mark_down(Address("127.0.0.1", 2143), now=100, down_for=30, why="refused")
     route = choose(
-        "bob", BACKENDS["store1"], BACKENDS, hints=UserHints(entry="store2"), health=health, now=110
+        "bob",
+        "imap",
+        BACKENDS["store1"],
+        BACKENDS,
+        hints=UserHints(entry="store2"),
+        health=health,
+        now=110,
     )
     assert route.backend.name == "store2" and not route.available
     later = choose(
-        "bob", BACKENDS["store1"], BACKENDS, hints=UserHints(entry="store2"), health=health, now=131
+        "bob",
+        "imap",
+        BACKENDS["store1"],
+        BACKENDS,
+        hints=UserHints(entry="store2"),
+        health=health,
+        now=131,
     )
     assert [m.address.port for m in later.candidates] == [2143]
 
 
 def test_pool_fails_over_to_the_next_member() -> None:
     pool = BACKENDS["pool"]
-    first = choose("alice", pool, BACKENDS).candidates
+    first = choose("alice", "imap", pool, BACKENDS).candidates
     health = Health()
     health.mark_down(first[0].address, now=0, down_for=30, why="timeout")
-    after = choose("alice", pool, BACKENDS, health=health, now=1).candidates
+    after = choose("alice", "imap", pool, BACKENDS, health=health, now=1).candidates
     assert after == first[1:]
 
 

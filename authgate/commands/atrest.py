@@ -69,7 +69,7 @@ def audit_file_from_config(config: Path) -> Path | None:
 
 def secret_files_from_config(config: Path) -> list[SecretFile]:
     """The files holding secrets that a config names: `[users] file`, every
-    listener's `backend.master_password_file`, `[audit] file`. Loading the
+    listener's and [backends] entry's `master_password_file`, `[audit] file`. Loading the
     config reads none of them, so this works on files already encrypted."""
     settings = load_config(config)
     found: list[SecretFile] = []
@@ -78,6 +78,10 @@ def secret_files_from_config(config: Path) -> list[SecretFile]:
     for listener in settings.listeners:
         if listener.backend.master_password_file is not None:
             found.append(SecretFile(listener.backend.master_password_file))
+    for backend in settings.backends.values():  # [backends.NAME] master_password_file
+        password_file = backend.settings_any().master_password_file
+        if password_file is not None:
+            found.append(SecretFile(password_file))
     if settings.shared_defence is not None:
         found.append(SecretFile(settings.shared_defence.secret_file))
     if settings.audit_file is not None:

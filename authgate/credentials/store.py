@@ -9,6 +9,7 @@ secrets = ["{SSHA}..."]
 realm = "other.example.org"  # optional: this user's HA1 was made for another realm
 full_name = "Bob"            # optional
 password_changed = 2024-05-01  # optional (TOML date or ISO string)
+backend = "store2"           # optional: a [backends] name this user's sessions go to
 ```
 
 Which SASL mechanisms a server may offer depends on what is stored: a
@@ -109,6 +110,7 @@ _USER_KEYS: Final = frozenset(
         "password_login",
         "apps",
         "cert_fingerprints",
+        "backend",
     }
 )
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -149,6 +151,8 @@ class User:
     # SHA-256 fingerprints of TLS client certificates that log in as this
     # user with EXTERNAL (client_cert_user = "fingerprint").
     cert_fingerprints: tuple[str, ...] = ()
+    # A [backends] name: where this user's sessions go (authgate.routing).
+    backend: str | None = None
 
     def app(self, label: str) -> AppPassword | None:
         return next((a for a in self.apps if a.label == label), None)
@@ -653,6 +657,7 @@ class UserStore:
                 apps=old.apps if old is not None else (),
                 password_login=old.password_login if old is not None else True,
                 cert_fingerprints=old.cert_fingerprints if old is not None else (),
+                backend=old.backend if old is not None else None,
             )
             self._users[name] = user
             self._forget(name)
@@ -696,6 +701,8 @@ class UserStore:
             if user.cert_fingerprints:
                 listed = ", ".join(_toml_string(f) for f in user.cert_fingerprints)
                 lines.append(f"cert_fingerprints = [{listed}]")
+            if user.backend is not None:
+                lines.append(f"backend = {_toml_string(user.backend)}")
             lines.append("secrets = [")
             lines += [f"    {_toml_string(s.encoded)}," for s in user.secrets]
             lines.append("]")
@@ -779,6 +786,9 @@ def _load_user(source: str, name: str, value: object, realm: str | None) -> User
     if full_name is not None and not isinstance(full_name, str):
         raise StoreError(source, f"{where}.full_name", "must be a string")
     changed = _load_date(source, f"{where}.password_changed", value.get("password_changed"))
+    backend = value.get("backend")
+    if backend is not None and (not isinstance(backend, str) or not backend):
+        raise StoreError(source, f"{where}.backend", "must be a [backends] name")
     if "secrets" not in value:
         raise StoreError(source, f"{where}.secrets", "missing")
     texts = value["secrets"]
@@ -819,6 +829,7 @@ def _load_user(source: str, name: str, value: object, realm: str | None) -> User
         tuple(apps),
         password_login,
         tuple(fingerprints),
+        backend,
     )
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from authgate.atrest.envelope import Keyring, open_secret_file
-from authgate.config import BackendMode, BackendSettings, Config, Limits, Listener, TLSMode
+from authgate.config import BackendMode, Config, Limits, Listener, TLSMode
 from authgate.credentials.base import CredentialStore
 from authgate.oauth.verifier import TokenVerifier
 from authgate.offers import ListenerOffer, listener_offer
@@ -20,6 +20,14 @@ from authgate.policy import Protocol
 from authgate.protocols import imap, ldap, managesieve, nntp, pop3, smtp
 from authgate.proxy import alpn
 from authgate.proxy import tls as tls_mod
+from authgate.proxy.routes import (
+    ListenerRoutes,
+    PreparedBackend,
+    build_routes,
+    check_user_entries,
+    load_table,
+)
+from authgate.proxy.routes import read_master_password as read_master_password  # re-exported
 from authgate.sasl import MECHANISMS
 from authgate.sasl.oauth import MAX_TOKEN_OCTETS
 
@@ -157,6 +165,8 @@ class ListenerRuntime:
     greeting_cache: GreetingCache = field(default_factory=GreetingCache, repr=False, compare=False)
     # [oauth]: verifies OAUTHBEARER / XOAUTH2 tokens (None: not configured).
     tokens: TokenVerifier | None = None
+    # Where users go: the default backend, named backends, the routing table.
+    routes: ListenerRoutes | None = None
 
     @property
     def relay(self) -> bool:
@@ -189,6 +199,9 @@ def build_runtime(
             config.oauth, lambda p: open_secret_file(p, keyring).decode("utf-8")
         )
     runtimes = []
+    table = load_table(config)
+    check_user_entries(config, store)
+    prepared: dict[str, PreparedBackend] = {}
     # One context per protocol: each knows its protocol's ALPN identifiers.
     contexts: dict[Protocol, ssl.SSLContext] = {}
     for listener in config.listeners:
@@ -206,10 +219,8 @@ def build_runtime(
                 server_tls = contexts[listener.protocol] = tls_mod.server_context(
                     cert, key, alpn=ids
                 )
-        backend = listener.backend
-        backend_tls = None
-        if backend.tls is not TLSMode.NONE:
-            backend_tls = tls_mod.client_context(ca_file=backend.ca_file, verify=backend.verify)
+        routes = build_routes(config, listener, table, keyring, prepared)
+        default = routes.prepared_for(listener.route_default)
         runtimes.append(
             ListenerRuntime(
                 listener=listener,
@@ -219,19 +230,12 @@ def build_runtime(
                 parts=PROTOCOL_PARTS[listener.protocol],
                 server_tls=server_tls,
                 channel_binding=binding,
-                backend_tls=backend_tls,
+                backend_tls=default.tls,
                 limits=config.limits,
                 password_policy=config.password_policy,
-                master_password=read_master_password(backend, keyring),
+                master_password=default.master_password,
                 tokens=tokens,
+                routes=routes,
             )
         )
     return runtimes
-
-
-def read_master_password(backend: BackendSettings, keyring: Keyring | None) -> str | None:
-    """Inline, or from `master_password_file` (which may be encrypted at rest)."""
-    if backend.master_password_file is None:
-        return backend.master_password
-    data = open_secret_file(backend.master_password_file, keyring)
-    return data.decode("utf-8").rstrip("\r\n")

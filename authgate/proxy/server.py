@@ -22,6 +22,8 @@ from authgate.proxy.auditing import AuditTrail
 from authgate.proxy.channel import Channel
 from authgate.proxy.ldap_session import LdapSession
 from authgate.proxy.lograte import LogThrottle
+from authgate.proxy.routes import OWN_SOCKETS
+from authgate.proxy.routes import own_address as _own
 from authgate.proxy.runtime import ListenerRuntime
 from authgate.proxy.session import ClientSession
 from authgate.proxy.tls import tune_tls_buffers
@@ -103,6 +105,7 @@ class _Listener:
         except BaseException:
             self.close()
             raise
+        OWN_SOCKETS.update(_own(sock) for sock in self.sockets)  # loop safety
         self._watch()
 
     def _watch(self) -> None:
@@ -161,6 +164,8 @@ class _Listener:
             with contextlib.suppress(RuntimeError):  # no loop: never started
                 self._unwatch()
         for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                OWN_SOCKETS.discard(_own(sock))
             sock.close()
 
     async def wait_closed(self) -> None:

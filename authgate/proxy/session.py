@@ -18,12 +18,12 @@ import logging
 import ssl
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, TypeAlias
 
 from authgate.client_certs import user_of_certificate
-from authgate.config import ClientAddressForwarding, TLSMode
+from authgate.config import BackendSettings, ClientAddressForwarding, TLSMode
 from authgate.credentials.base import CredentialsUnavailable
 from authgate.credentials.store import UserStore
 from authgate.defence import Guard
@@ -53,14 +53,18 @@ from authgate.proxy import proxy_protocol
 from authgate.proxy.auditing import AuditTrail
 from authgate.proxy.channel import Channel, ChannelClosed
 from authgate.proxy.lograte import LogThrottle
+from authgate.proxy.routes import ListenerRoutes, is_own
 from authgate.proxy.runtime import ListenerRuntime
 from authgate.proxy.splice import Handover, hand_over
 from authgate.proxy.upstream import LoginStep, Upstream, connect
+from authgate.routing import Backend, RoutingError, UserHints
 from authgate.sasl.base import (
+    NO_RESPONSE,
     STORE_UNAVAILABLE,
     ClientContext,
     ClientCredentials,
     FailureReason,
+    InitialResponse,
     Lookup,
     LookupAnswer,
     LookupRequest,
@@ -74,6 +78,20 @@ from authgate.sasl.base import (
 from authgate.sasl.relayed import relayed_user
 
 log = logging.getLogger("authgate.session")
+
+# Relay mode routing: mechanisms whose first client message names the user
+# and answers a first challenge that does not depend on the backend, which
+# we may then say ourselves before we know which backend to ask: PLAIN and
+# SCRAM start with an empty challenge (RFC 4422 section 5: a client without
+# an initial response gets one), LOGIN's is the fixed "Username:". CRAM-MD5,
+# DIGEST-MD5 and NTLM name the user only in answer to the backend's own
+# challenge (a nonce the answer is bound to): they go to the default backend.
+HELD_FIRST_CHALLENGE: dict[str, bytes] = {
+    "PLAIN": b"",
+    "LOGIN": b"Username:",
+    "SCRAM-SHA-1": b"",
+    "SCRAM-SHA-256": b"",
+}
 
 
 # AuthFailed reasons that mean "wrong credentials": the ones a password
@@ -146,6 +164,11 @@ class ClientSession:
         # What the backend announced, for a greeting that repeats it
         # (ProtocolParts.greeting_from_backend), read before start().
         self._backend_capabilities: tuple[str, ...] = ()
+        # The backend and member the upstream connection went to.
+        self._member: tuple[Backend, BackendSettings] | None = None
+        # Relay mode: we said a mechanism's first challenge ourselves and
+        # wait for the answer that names the user (HELD_FIRST_CHALLENGE).
+        self._relay_held = False
         listener = runtime.listener
         limits = runtime.limits
         self.tag = f"{listener.name} {self.peer[0]}:{self.peer[1]}"
@@ -556,29 +579,91 @@ class ClientSession:
 
     # -------------------------------------------------------------- backend
 
-    async def _open_upstream(self, settings: ClientSettings) -> Upstream | LoginFailed:
+    def _routes(self) -> ListenerRoutes:
+        routes = self.runtime.routes
+        if routes is None:
+            raise RuntimeError("listener runtime without routes")
+        return routes
+
+    def _hints(self, user: str | None) -> UserHints:
+        """What the credential store says about `user`'s backend."""
+        store = self.runtime.store
+        if user is None or store is None:
+            return UserHints()
+        record = store.user(user)
+        return UserHints(entry=record.backend if record is not None else None)
+
+    async def _open_upstream(
+        self,
+        user: str | None,
+        identity: str | None,
+        *,
+        adjust: Callable[[ClientSettings], ClientSettings] | None = None,
+    ) -> Upstream | LoginFailed:
+        """Connect to `user`'s backend (authgate.routing): a pool's members
+        in the user's order, skipping the ones marked down; a failed
+        connect marks a member down and tries the next. `identity`: log in
+        as that user (terminate mode), None: relay or pass-through;
+        `adjust`: changes to the client machine's settings."""
         runtime = self.runtime
-        backend = runtime.listener.backend
-        self._backend_tried = str(backend.address)
+        routes = self._routes()
         try:
-            channel = await connect(
-                backend,
-                runtime.backend_tls,
-                client=self.peer,
-                local=self.local,
-                timeout=runtime.limits.connect_timeout,
-            )
-        except (OSError, TimeoutError, ssl.SSLError) as exc:
-            log.warning("%s: backend %s unreachable: %s", self.tag, backend.address, exc)
-            recorder().backend_failure(str(backend.address), "connect")
+            route = routes.route(user, self._hints(user))
+        except RoutingError as exc:
+            log.warning("%s: no backend for %r: %s", self.tag, user, exc)
             return LoginFailed(BackendFailure.UNAVAILABLE, str(exc))
-        return Upstream(
-            channel,
-            runtime.parts.client(settings),
-            tls_context=runtime.backend_tls,
-            server_name=backend.server_name or backend.address.host,
-            timeout=runtime.limits.backend_timeout,
-        )
+        if not route.available:
+            # A user pinned to a store that is down gets a temporary
+            # failure, never another store (their mail is not there).
+            log.warning(
+                "%s: backend %s is down: %s gets a temporary failure",
+                self.tag,
+                route.backend.name,
+                repr(user) if user else "the client",
+            )
+            return LoginFailed(BackendFailure.UNAVAILABLE, f"backend {route.backend.name} is down")
+        prepared = routes.prepared_for(route.backend)
+        failure = LoginFailed(BackendFailure.UNAVAILABLE, "no member answered")
+        for member in route.candidates:
+            self._backend_tried = str(member.address)
+            try:
+                channel = await connect(
+                    member,
+                    prepared.tls,
+                    client=self.peer,
+                    local=self.local,
+                    timeout=runtime.limits.connect_timeout,
+                )
+            except (OSError, TimeoutError, ssl.SSLError) as exc:
+                why = str(exc) or exc.__class__.__name__
+                log.warning("%s: backend %s unreachable: %s", self.tag, member.address, why)
+                recorder().backend_failure(str(member.address), "connect")
+                routes.mark_down(route.backend, member.address, why)
+                failure = LoginFailed(BackendFailure.UNAVAILABLE, why)
+                continue
+            if is_own(channel.peername(), channel.sockname()):
+                # A misconfiguration: the session would come back to us,
+                # and round again. Refused, and the member is marked down.
+                channel.close()
+                why = "is authgate itself (one of its own listeners): refused, it would loop"
+                log.error("%s: backend %s %s", self.tag, member.address, why)
+                routes.mark_down(route.backend, member.address, why)
+                failure = LoginFailed(BackendFailure.UNAVAILABLE, why)
+                continue
+            if user is not None and log.isEnabledFor(logging.DEBUG):
+                log.debug("%s: %r goes to %s (%s)", self.tag, user, member.address, route.why)
+            self._member = (route.backend, member)
+            settings = self._client_settings(identity, member, prepared.master_password)
+            if adjust is not None:
+                settings = adjust(settings)
+            return Upstream(
+                channel,
+                runtime.parts.client(settings),
+                tls_context=prepared.tls,
+                server_name=member.server_name or member.address.host,
+                timeout=runtime.limits.backend_timeout,
+            )
+        return failure
 
     async def _ask_backend(self) -> bool:
         """Learn the backend's capabilities for our greeting (from the
@@ -594,8 +679,9 @@ class ClientSession:
         return True
 
     async def _probe_backend(self) -> tuple[str, ...] | None:
-        settings = replace(self._client_settings(None), relay=False, capabilities_only=True)
-        upstream = await self._open_upstream(settings)
+        upstream = await self._open_upstream(
+            None, None, adjust=lambda s: replace(s, relay=False, capabilities_only=True)
+        )
         if isinstance(upstream, LoginFailed):
             return None
         try:
@@ -608,14 +694,15 @@ class ClientSession:
             return None
         return result.capabilities
 
-    def _client_settings(self, identity: str | None) -> ClientSettings:
-        backend = self.runtime.listener.backend
+    def _client_settings(
+        self, identity: str | None, backend: BackendSettings, master_password: str | None
+    ) -> ClientSettings:
         credentials = None
         xclient_login = None
         if identity is not None:
             if backend.master_user is not None:
                 credentials = ClientCredentials(
-                    backend.master_user, self.runtime.master_password or "", authzid=identity
+                    backend.master_user, master_password or "", authzid=identity
                 )
             else:
                 xclient_login = identity  # SMTP: XCLIENT LOGIN= (Postfix)
@@ -637,6 +724,15 @@ class ClientSession:
             use_xclient=forwarding is ClientAddressForwarding.XCLIENT,
         )
 
+    async def _advance(self, upstream: Upstream, events: Sequence[Any] = ()) -> LoginStep:
+        """Upstream.advance, and a backend that did not answer in time is
+        marked down (passive health)."""
+        step = await upstream.advance(events)
+        if upstream.timed_out and self._member is not None:
+            backend, member = self._member
+            self._routes().mark_down(backend, member.address, "did not answer in time")
+        return step
+
     async def _login_as(self, event: Authenticated) -> _Next:
         self._secret_looked_up = False
         app, self._app_password = self._app_password, None
@@ -655,10 +751,10 @@ class ClientSession:
             mechanism=event.mechanism,
             app=app,  # the app password's label, never the secret
         )
-        upstream = await self._open_upstream(self._client_settings(event.identity))
+        upstream = await self._open_upstream(event.identity, event.identity)
         if isinstance(upstream, LoginFailed):
             return self._backend_failed(upstream)
-        result = await upstream.advance()
+        result = await self._advance(upstream)
         if isinstance(result, LoggedIn):
             self.upstream = upstream
             self.user = event.identity
@@ -674,7 +770,8 @@ class ClientSession:
             "%s: backend login failed (%s): %s", self.tag, failure.failure.value, failure.detail
         )
         if failure.failure is not BackendFailure.UNAVAILABLE:  # (counted at connect)
-            recorder().backend_failure(str(self.runtime.listener.backend.address), "login")
+            member = self._member[1] if self._member is not None else self.runtime.listener.backend
+            recorder().backend_failure(str(member.address), "login")
         events: list[Event] = self.machine.backend_failed(failure.failure)
         return events
 
@@ -686,21 +783,55 @@ class ClientSession:
         if isinstance(event.initial, bytes) and self._relay_user_locked(event.initial):
             return self._relay_refused()
         if self.upstream is None:
-            upstream = await self._open_upstream(self._client_settings(None))
-            if isinstance(upstream, LoginFailed):
-                return await self._relay_step(upstream)
-            self.upstream = upstream
+            first = HELD_FIRST_CHALLENGE.get(event.mechanism)
+            if event.initial is NO_RESPONSE and first is not None and self._routes().per_user:
+                # The user's name comes in the client's first message: say
+                # the mechanism's first challenge ourselves, connect to
+                # that user's backend when the answer names them.
+                self._relay_held = True
+                held: list[Event] = self.machine.relay_challenge(first)
+                return held
+            return await self._relay_connect(event.mechanism, event.initial)
         machine = self.upstream.machine
         return await self._relay_step(
-            await self.upstream.advance(machine.authenticate(event.mechanism, event.initial))
+            await self._advance(self.upstream, machine.authenticate(event.mechanism, event.initial))
         )
 
+    async def _relay_connect(
+        self, mechanism: str, initial: InitialResponse, *, answered: bytes | None = None
+    ) -> _Next:
+        """Connect to the relayed user's backend (or the default when the
+        mechanism named nobody yet) and start the exchange there.
+        `answered`: the client's answer to the first challenge we said
+        ourselves, which the backend's own first challenge gets (LOGIN's
+        user name: a LOGIN initial response is not understood everywhere)."""
+        upstream = await self._open_upstream(self._relay_user, None)
+        if isinstance(upstream, LoginFailed):
+            return await self._relay_step(upstream)
+        self.upstream = upstream
+        step = await self._advance(upstream, upstream.machine.authenticate(mechanism, initial))
+        if answered is not None and isinstance(step, RelayChallenge):
+            step = await self._advance(upstream, upstream.machine.respond(answered))
+        return await self._relay_step(step)
+
     async def _relay_respond(self, event: RelayResponse) -> _Next:
+        if self._relay_held:
+            # The answer to the challenge we said ourselves: the exchange
+            # starts at the user's backend with it as the initial response.
+            self._relay_held = False
+            if event.data is None:  # cancelled or junk: the backend never hears of it
+                refused: list[Event] = self.machine.relay_result(False)
+                return refused
+            if self._relay_user_locked(event.data):
+                return self._relay_refused()
+            if self._relay_mechanism == "LOGIN":
+                return await self._relay_connect("LOGIN", NO_RESPONSE, answered=event.data)
+            return await self._relay_connect(self._relay_mechanism, event.data)
         assert self.upstream is not None
         if event.data is not None and self._relay_user_locked(event.data):
             return self._relay_refused()
         return await self._relay_step(
-            await self.upstream.advance(self.upstream.machine.respond(event.data))
+            await self._advance(self.upstream, self.upstream.machine.respond(event.data))
         )
 
     def _relay_user_locked(self, message: bytes) -> bool:
@@ -784,13 +915,14 @@ class ClientSession:
         address (PROXY header or XCLIENT), replay its EHLO. When the backend
         cannot be made ready, the client hears the protocol's unavailable
         line and the session is over."""
-        settings = replace(self._client_settings(None), relay=False, replay=event.replay)
-        upstream = await self._open_upstream(settings)
+        upstream = await self._open_upstream(
+            None, None, adjust=lambda s: replace(s, relay=False, replay=event.replay)
+        )
         if isinstance(upstream, LoginFailed):
             self.client.write(self.runtime.parts.unavailable)
             return None
         self.upstream = upstream
-        result = await upstream.advance()
+        result = await self._advance(upstream)
         if not isinstance(result, LoggedIn):
             detail = result.detail if isinstance(result, LoginFailed) else "unexpected challenge"
             log.warning("%s: pass-through to the backend failed: %s", self.tag, detail)

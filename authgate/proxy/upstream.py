@@ -70,6 +70,9 @@ class Upstream:
         self._tls_context = tls_context
         self._server_name = server_name
         self._timeout = timeout
+        # The last advance() ended because the backend did not answer in
+        # time (passive health marks the member down).
+        self.timed_out = False
 
     async def advance(self, events: Iterable[ClientEvent] = ()) -> LoginStep:
         """Act on the machine's events and feed it the backend's bytes until it
@@ -99,6 +102,7 @@ class Upstream:
                         )
                     queue.extend(self.machine.receive_data(data))
         except TimeoutError:
+            self.timed_out = True
             return LoginFailed(BackendFailure.UNAVAILABLE, "backend did not answer in time")
         except (ChannelClosed, ConnectionError, ssl.SSLError) as exc:
             return LoginFailed(BackendFailure.UNAVAILABLE, f"backend connection failed: {exc}")
