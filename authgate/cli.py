@@ -24,6 +24,7 @@ from authgate.commands import atrest as atrest_commands
 from authgate.commands import control as control_commands
 from authgate.commands import firewall as firewall_commands
 from authgate.commands import password_policy as password_policy_commands
+from authgate.commands import route as route_commands
 from authgate.config import (
     BackendMode,
     ClientAddressForwarding,
@@ -40,6 +41,7 @@ from authgate.offers import ListenerOffer, listener_offer, load_store
 from authgate.password_policy import PasswordPolicy, format_violations
 from authgate.password_policy import check as check_password
 from authgate.policy import Decision, Protocol, Security
+from authgate.routing import RoutingError
 
 EXIT_USAGE = 2
 
@@ -190,14 +192,20 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"warning: {exc}; `authgate run` will refuse to start")
     if store is not None:
         print(f"users: {config.users_file} ({len(store)} user(s))")
+    table = _wrap(lambda: route_commands.load_table(config))
+    _wrap(lambda: route_commands.check_user_entries(config, store))
     for listener in config.listeners:
         _check_listener(
             listener_offer(listener, store, config.hostname, oauth=config.oauth is not None),
             config.hostname,
             sys.stdout,
         )
+        for line in route_commands.routing_summary(config, listener, table):
+            print(line)
     for warning in warnings(config, store):
         print(f"warning: {warning}")
+    for loop in config_mod.loops(config):
+        print(f"warning: {loop}; `authgate run` refuses such connections")
     return 0
 
 
@@ -214,6 +222,12 @@ def cmd_negotiate(args: argparse.Namespace) -> int:
     store = _load_store(config, _keyring(args, config))
     offer = listener_offer(listener, store, config.hostname, oauth=config.oauth is not None)
     decision = offer.decide(client, tls=args.tls)
+    table = _wrap(lambda: route_commands.load_table(config))
+    try:
+        route = route_commands.explain_route(config, listener, store, table, args.user)
+        backend: dict[str, Any] = route_commands.route_json(route)
+    except RoutingError as exc:
+        backend = {"error": str(exc)}
     client_mechs = (
         [m.strip().upper() for m in args.client_mechs.split(",") if m.strip()]
         if (args.client_mechs)
@@ -240,6 +254,8 @@ def cmd_negotiate(args: argparse.Namespace) -> int:
         "withheld": {
             name: offer.explain(reason, name) for name, reason in decision.withheld.items()
         },
+        # Where the session would go (for --user, else the listener's default).
+        "backend": backend,
     }
     if listener.protocol is Protocol.LDAP:
         # What the LDAP relay answers a simple bind (the policy's cleartext
@@ -274,6 +290,10 @@ def cmd_negotiate(args: argparse.Namespace) -> int:
         print(f"  not offered {name}: {offer.explain(reason, name)}")
     if client_mechs:
         print(f"  chosen: {chosen or 'none in common'}")
+    if "error" in backend:
+        print(f"  backend: none ({backend['error']})")
+    else:
+        print(f"  backend: {backend['name']} at {backend['address']} ({backend['why']})")
     return 0
 
 
@@ -475,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls", action="store_true", help="the connection is inside TLS")
     p.add_argument("--client-mechs", default="", help="mechanisms the client supports, A,B,...")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--user", help="the user logging in: shows the backend they would go to")
     _password_file_option(p)
     p.set_defaults(func=cmd_negotiate)
 
@@ -498,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     atrest_commands.add_commands(sub)
     firewall_commands.add_commands(sub)
     control_commands.add_commands(sub)
+    route_commands.add_commands(sub)
     password_policy_commands.add_commands(sub)
     return parser
 

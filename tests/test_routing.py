@@ -298,3 +298,103 @@ def test_routing_table_file() -> None:
 def test_routing_table_parser_never_crashes(text: str) -> None:
     with contextlib.suppress(TableError):
         parse_table(text, "routes.toml", ["store1"])
+
+
+# ------------------------------------------------------------------ the CLI
+
+CLI_CONFIG = """
+[users]
+file = "users.toml"
+[routing]
+table = "routes.toml"
+[backends.store1]
+address = "127.0.0.1:1143"
+master_user = "m"
+master_password = "p"
+[backends.store2]
+imap = "127.0.0.1:2143"
+master_user = "m"
+master_password = "p"
+[backends.submit]
+smtp = ["127.0.0.1:1587", "127.0.0.1:2587"]
+[[listeners]]
+name = "imap"
+protocol = "imap"
+listen = "127.0.0.1:143"
+backend = "store1"
+[[listeners]]
+name = "sub"
+protocol = "smtp"
+listen = "127.0.0.1:587"
+backend = "submit"
+"""
+
+USERS = """
+[users.alice]
+secrets = ["{PLAIN}a"]
+[users.bob]
+secrets = ["{PLAIN}b"]
+backend = "store2"
+"""
+
+
+def _cli_files(tmp_path: Path) -> Path:
+    (tmp_path / "users.toml").write_text(USERS)
+    (tmp_path / "routes.toml").write_text('[domains]\n"example.org" = "store2"\n')
+    path = tmp_path / "authgate.toml"
+    path.write_text(CLI_CONFIG)
+    return path
+
+
+def test_route_command_explains(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from authgate.cli import main
+
+    path = _cli_files(tmp_path)
+    assert main(["route", "-c", str(path), "bob", "--listener", "imap"]) == 0
+    out = capsys.readouterr().out
+    assert "backend store2 (single: 127.0.0.1:2143)" in out
+    assert "because: users file entry" in out
+    assert main(["route", "-c", str(path), "carol@example.org", "--listener", "imap"]) == 0
+    assert "because: routing table (domain example.org)" in capsys.readouterr().out
+    assert main(["route", "-c", str(path), "alice"]) == 0
+    out = capsys.readouterr().out
+    assert "because: the listener's default backend" in out
+    assert "order: 127.0.0.1:" in out  # the pool's order for alice
+    # bob on the submission listener: store2 has no smtp address.
+    assert main(["route", "-c", str(path), "bob", "--listener", "sub"]) == 1
+    assert "has no smtp address" in capsys.readouterr().out
+
+
+def test_check_and_negotiate_show_routing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from authgate.cli import main
+
+    path = _cli_files(tmp_path)
+    assert main(["check", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "  routing: default store1 (single: 127.0.0.1:1143)" in out
+    assert "  routing: default submit (pool of 2: 127.0.0.1:1587, 127.0.0.1:2587)" in out
+    assert "routing table" in out and "(0 user(s), 1 domain(s))" in out
+    args = ["negotiate", "-c", str(path), "--listener", "imap", "--client-ip", "127.0.0.1"]
+    assert main([*args, "--json", "--user", "bob"]) == 0
+    backend = json.loads(capsys.readouterr().out)["backend"]
+    assert backend == {
+        "name": "store2",
+        "why": "users file entry",
+        "pool": False,
+        "order": ["127.0.0.1:2143"],
+        "address": "127.0.0.1:2143",
+    }
+    assert main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["backend"]["name"] == "store1"
+
+
+def test_users_file_entry_must_name_a_backend(tmp_path: Path) -> None:
+    from authgate.cli import main
+
+    path = _cli_files(tmp_path)
+    (tmp_path / "users.toml").write_text(USERS.replace('"store2"', '"store9"'))
+    assert main(["route", "-c", str(path), "bob"]) == 2
