@@ -44,6 +44,7 @@ Result codes, as RFC 4511 appendix A and RFC 4513 give them:
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, TypeAlias
@@ -111,6 +112,26 @@ def no_client_machine(*_: object) -> None:
 
 def bye_protocol_error(why: str) -> bytes:
     return ber.notice_of_disconnection(ResultCode.PROTOCOL_ERROR, why)
+
+
+_RDN_SEPARATOR = re.compile(r"(?<!\\)[,;]")
+
+
+def bind_name(raw: bytes) -> str | None:
+    """A simple bind's DN as the defence and the audit log name it (None:
+    empty). slapd matches DNs loosely (RFC 4514 spacing, attribute types in
+    any case), so `UID=alice , ou=people` and `uid=alice,ou=people` are one
+    user for the per-user lockout: spaces around separators and `=` go,
+    attribute types are lower-cased (the defence folds the values' case).
+    Backslash-escaped separators stay as they are."""
+    text = raw.decode("utf-8", "replace")
+    if not text:
+        return None
+    rdns = []
+    for rdn in _RDN_SEPARATOR.split(text):
+        kind, sep, value = rdn.partition("=")
+        rdns.append(f"{kind.strip().lower()}{sep}{value.strip()}")
+    return ",".join(rdns)
 
 
 def simple_bind_refusal(decision: Decision) -> tuple[ResultCode, str] | None:
@@ -377,7 +398,7 @@ class LdapRelay:
         self.authenticated = False
         self._client.limit = MAX_REQUEST_ANONYMOUS
         decision = self._decision()
-        dn = bind.name.decode("utf-8", "replace") or None
+        dn = bind_name(bind.name)
         if isinstance(bind, ber.SimpleBind):
             self._state.sasl = None
             anonymous = not bind.name and not bind.password

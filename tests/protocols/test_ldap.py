@@ -309,3 +309,18 @@ def test_random_sessions_keep_the_contract(
         if out and isinstance(out[-1], Close):
             assert machine.receive_client(b"\x30\x03\x02\x01\x01") == []
             break
+
+
+@pytest.mark.parametrize(
+    ("raw", "name"),
+    [
+        (b"uid=alice,ou=people,dc=example,dc=org", "uid=alice,ou=people,dc=example,dc=org"),
+        (b"UID=alice , OU = people;dc=example,DC=org", "uid=alice,ou=people,dc=example,dc=org"),
+        (b"cn=o'hara\\, jr,dc=x", "cn=o'hara\\, jr,dc=x"),
+        (b"", None),
+    ],
+)
+def test_bind_names_one_user_however_spelled(raw: bytes, name: str | None) -> None:
+    from authgate.protocols.ldap import bind_name
+
+    assert bind_name(raw) == name
