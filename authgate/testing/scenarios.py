@@ -11,9 +11,10 @@ bad-certificate scenarios instead serve a bad certificate (made with
 trustme) through the gateway's ordinary TLS settings.
 
 Each scenario says what a safe client must do and where that rule comes
-from. Most rows come from "NO STARTTLS: Analyzing and Attacking the Email
-Protocols STARTTLS" (Poddebniak, Ising, Böck, Schinzel; USENIX Security
-2021; its EAST fake server test cases), the RFCs named, and RFC 8314
+from. The STARTTLS rows follow the "NO STARTTLS" study (Poddebniak,
+Ising, Böck, Schinzel: "Why TLS is better without STARTTLS: A Security
+Analysis of STARTTLS in the Email Context", USENIX Security 2021, and its
+EAST test toolkit), the RFCs named, and RFC 8314
 (use implicit TLS; a client configured for TLS never falls back).
 
 The lens works on the pre-authentication dialogue only; after the hand-over
@@ -100,16 +101,16 @@ SCENARIOS: dict[str, Scenario] = {
             "answered as an unknown command: what an attacker on the path does.",
             "A client configured to use TLS stops before sending any credential; it never "
             "falls back to plaintext.",
-            "RFC 3207 section 4.1 and 6, RFC 2595 section 2.2, RFC 8314 section 5.2 and "
-            "4.1 (no fallback); NO STARTTLS (USENIX Security 2021) section 4, STARTTLS stripping",
+            "RFC 3207 sections 4.1 and 6, RFC 2595 section 2.2, RFC 8314 (no fallback to "
+            "cleartext); NO STARTTLS (USENIX Security 2021): STARTTLS stripping",
         ),
         Scenario(
             "strip-starttls-refused",
             "STARTTLS is advertised but refused with the protocol's temporary error "
             "(IMAP NO [UNAVAILABLE], POP3 -ERR [SYS/TEMP], SMTP 454).",
             "The client stops (it may retry later); it never carries on in plaintext.",
-            "RFC 3207 section 4 (454), RFC 5530 UNAVAILABLE, RFC 3206 SYS/TEMP, RFC 8314 "
-            "section 5.2; NO STARTTLS section 4",
+            "RFC 3207 section 4 (454), RFC 5530 UNAVAILABLE, RFC 3206 SYS/TEMP, RFC 8314; "
+            "NO STARTTLS: STARTTLS stripping",
         ),
         Scenario(
             "inject-after-starttls",
@@ -119,7 +120,8 @@ SCENARIOS: dict[str, Scenario] = {
             "The client throws away whatever it buffered before the handshake (or fails), "
             "and takes no answer from those bytes: it asks again inside TLS.",
             "RFC 3207 section 4.2, RFC 2595 section 3.1, RFC 9051 section 6.2.1; "
-            "CVE-2011-0411 (the server side); NO STARTTLS section 5.1, response injection",
+            "CVE-2011-0411 (the server side), CVE-2021-22947 (curl); NO STARTTLS: response "
+            "injection",
         ),
         Scenario(
             "preauth",
@@ -127,8 +129,7 @@ SCENARIOS: dict[str, Scenario] = {
             "STARTTLS can no longer be used.",
             "A client that requires TLS closes the connection (it does not use the session "
             "unencrypted).",
-            "RFC 9051 section 7.1.4 and 6.2.1, RFC 8314 section 4.1; NO STARTTLS section "
-            "5.2, PREAUTH (e.g. CVE-2020-12673 era reports against Thunderbird, Mutt)",
+            "RFC 9051 sections 7.1.4 and 6.2.1, RFC 8314; NO STARTTLS: the IMAP PREAUTH downgrade",
             protocols=frozenset({"imap"}),
         ),
         Scenario(
@@ -137,8 +138,8 @@ SCENARIOS: dict[str, Scenario] = {
             f"LOGINDISABLED, and a marker {TAMPERED}; inside TLS the real list.",
             "The client forgets the pre-TLS list and asks for capabilities again inside "
             "TLS, and authenticates from that list.",
-            "RFC 3207 section 4.2, RFC 2595 section 3.1 and 4, RFC 9051 section 6.2.1; "
-            "NO STARTTLS section 5.3",
+            "RFC 3207 section 4.2, RFC 2595 sections 3.1 and 4, RFC 9051 section 6.2.1; "
+            "NO STARTTLS: capability tampering",
         ),
         Scenario(
             "tamper-capabilities-stale",
@@ -146,14 +147,14 @@ SCENARIOS: dict[str, Scenario] = {
             "offered, cleartext mechanisms missing, IMAP LOGINDISABLED).",
             "The client does not start TLS a second time and does not leave TLS; failing "
             "to log in is safe.",
-            "RFC 3207 section 4.2, RFC 9051 section 6.2.1; NO STARTTLS section 5.3",
+            "RFC 3207 section 4.2, RFC 9051 section 6.2.1; NO STARTTLS: capability tampering",
         ),
         Scenario(
             "cleartext-only-mechanisms",
             "Before TLS only PLAIN and LOGIN are offered (no LOGINDISABLED), as a downgrade; "
             "STARTTLS stays advertised.",
             "The client sends no password before TLS: it starts TLS first (or refuses).",
-            "RFC 4954 section 4 and 13, RFC 9051 section 6.2.3, RFC 5034 section 8, RFC 8314",
+            "RFC 4954 section 4, RFC 9051 sections 6.2.2 and 6.2.3, RFC 2595 section 2.2, RFC 8314",
         ),
         Scenario(
             "bad-certificate-expired",
@@ -166,7 +167,7 @@ SCENARIOS: dict[str, Scenario] = {
             "bad-certificate-wrong-host",
             "The server certificate (from the trusted CA) names another host, wrong.example.",
             "The client aborts the handshake: the name must match what it connected to.",
-            "RFC 6125, RFC 7817 section 3, RFC 8314 section 4.3",
+            "RFC 6125, RFC 7817 section 3, RFC 8314",
             certificate="wrong-host",
         ),
         Scenario(
@@ -174,14 +175,14 @@ SCENARIOS: dict[str, Scenario] = {
             "The server certificate names the right host but comes from a CA the client "
             "does not trust.",
             "The client aborts the handshake.",
-            "RFC 5280 section 6, RFC 7817, RFC 8314 section 4.3",
+            "RFC 5280 section 6, RFC 7817, RFC 8314",
             certificate="unknown-ca",
         ),
         Scenario(
             "bad-certificate-self-signed",
             "The server certificate is self-signed for the right host.",
             "The client aborts the handshake (unless the user pinned that certificate).",
-            "RFC 5280 section 6, RFC 7817, RFC 8314 section 4.3",
+            "RFC 5280 section 6, RFC 7817, RFC 8314",
             certificate="self-signed",
         ),
         Scenario(
@@ -206,7 +207,7 @@ SCENARIOS: dict[str, Scenario] = {
             "credential-carrying message of the login arrives.",
             "The client reports an error (not a success), does not hang, and does not "
             "resend the credential over a weaker channel.",
-            "RFC 4422 section 3 (an exchange ends with an outcome), RFC 8314 section 5.2",
+            "RFC 4422 section 3 (an exchange ends with an outcome), RFC 8314",
         ),
         Scenario(
             "slow-auth",
@@ -223,7 +224,7 @@ SCENARIOS: dict[str, Scenario] = {
             "The client reads at most a bounded line: it fails cleanly (or accepts a line it "
             "has room for), without growing its memory without end or crashing.",
             "RFC 5321 section 4.5.3.1.5 (512-octet reply lines), RFC 2449 section 4 (512), "
-            "RFC 7162 section 4 (IMAP: 8192 octets recommended)",
+            "RFC 7162 section 4 (IMAP line lengths, 8192 octets)",
         ),
         Scenario(
             "alert-and-referral",
@@ -231,8 +232,8 @@ SCENARIOS: dict[str, Scenario] = {
             f"NO [REFERRAL imap://user;AUTH=*@{REFERRAL_HOST}/].",
             "The client shows the ALERT text to the user; it does not follow the referral "
             "on its own, and never sends the credentials to the referred host.",
-            "RFC 9051 section 7.1 (ALERT MUST be presented), RFC 2221 sections 3 and 4.1 "
-            "(login referrals, security considerations)",
+            "RFC 9051 section 7.1 (ALERT MUST be presented), RFC 2221 (login referrals "
+            "and their security considerations)",
             protocols=frozenset({"imap"}),
         ),
     )
