@@ -383,3 +383,43 @@ async def test_no_password_in_any_log_line(
     text = "\n".join(record.getMessage() for record in caplog.records)
     assert "carol" in text  # the records are there ...
     assert right not in text and wrong not in text  # ... the passwords are not
+
+
+async def test_locked_out_user_fails_like_a_wrong_password(
+    tmp_path: Path, slapd: SlapdInstance
+) -> None:
+    """user_lockout_after = 1: after one wrong password for bob, his right
+    password from another address gets 49 and never reaches slapd."""
+    path = tmp_path / "lockout.toml"
+    path.write_text(
+        f"""hostname = "localhost"
+[policy]
+security = "none"
+[defence]
+failure_delay = 0
+penalties = []
+user_lockout_after = 1
+[[listeners]]
+name = "ldap"
+protocol = "ldap"
+listen = "127.0.0.1:0"
+backend = "127.0.0.1:{slapd.ldap_port}"
+"""
+    )
+    gateway = await start_gateway(config_mod.load(path), None)
+    try:
+        host, port = gateway.addresses()["ldap"]
+        dn = slapd.dn("bob").replace("uid=", "UID=")  # respelt: the same user
+        for source, password, expected in (
+            ("127.0.0.3", "wrong", 49),
+            ("127.0.0.4", slapd.password("bob"), 49),
+        ):
+            mark = slapd.log_size()
+            reader, writer = await asyncio.open_connection(host, port, local_addr=(source, 0))
+            writer.write(simple_bind(1, dn, password))
+            assert code(await read_message(reader)) == (1, ber.BIND_RESPONSE, expected)
+            writer.close()
+        await asyncio.sleep(0.2)
+        assert slapd.binds(mark) == []  # the right password never reached slapd
+    finally:
+        await gateway.stop(drain=1)
