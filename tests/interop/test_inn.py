@@ -74,12 +74,24 @@ class Setup:
         return ssl.create_default_context(cafile=str(self.ca_file))
 
 
-@pytest_asyncio.fixture
-async def setup(tmp_path: Path, inn: InnInstance) -> AsyncIterator[Setup]:
-    ca = ensure_dev_certificates(tmp_path / "certs")
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The CA (with authgate's certificate beside it) and the users file,
+    made once for the module: Argon2 and a CA per test would cost more than
+    the tests."""
+    root = tmp_path_factory.mktemp("inn-gate")
+    ca = ensure_dev_certificates(root / "certs")
     store = UserStore(realm="localhost")
     store.set_user_secrets(USER, generate_secrets(USER, PASSWORD, "localhost"))
-    store.save(tmp_path / "users.toml")
+    store.save(root / "users.toml")
+    return ca, root / "users.toml"
+
+
+@pytest_asyncio.fixture
+async def setup(
+    tmp_path: Path, inn: InnInstance, files: tuple[Path, Path]
+) -> AsyncIterator[Setup]:
+    ca, users = files
     listeners = ""
     for mode in ("relay", "terminate"):
         for tls in ("starttls", "implicit"):
@@ -101,7 +113,7 @@ mode = "{mode}"
         'hostname = "localhost"\n'
         '[policy]\nsecurity = "require-secure-auth"\nmechanisms = ["CRAM-MD5", "PLAIN"]\n'
         f'exempt_networks = ["{EXEMPT}/32"]\n'
-        '[users]\nfile = "users.toml"\n'
+        f'[users]\nfile = "{users}"\n'
         f'[tls]\ncert = "{ca.parent / "server.pem"}"\nkey = "{ca.parent / "server.key"}"\n'
         "[defence]\nfailure_delay = 0\npenalties = []\n" + listeners
     )
