@@ -31,10 +31,13 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from typing import Any
 
 from authgate.config import TLSMode
 from authgate.defence import Guard
+from authgate.logs import LoginRecord, Outcome, failure_outcome, log_login
+from authgate.metrics import recorder
 from authgate.policy import Decision, IPAddress, client_ip
 from authgate.protocols import ber
 from authgate.protocols import ldap as ldap_proto
@@ -92,6 +95,8 @@ class LdapSession:
         self._decisions: dict[bool, Decision] = {}
         self._backend_read: asyncio.Future[bytes] | None = None
         self._bound_once = False
+        self.started = time.time()  # wall clock: shown by `authgate sessions`
+        self.user: str | None = None  # bound as (the last successful bind)
         listener = runtime.listener
         self.tag = f"{listener.name} {self.peer[0]}:{self.peer[1]}"
         self.machine = LdapRelay(
@@ -108,6 +113,42 @@ class LdapSession:
         if decision is None:
             decision = self._decisions[tls] = self.runtime.offer.decide(self.address, tls=tls)
         return decision
+
+    def describe(self) -> dict[str, str | int | None]:
+        """What `authgate sessions` shows of this session."""
+        return {
+            "listener": self.runtime.listener.name,
+            "client": self.peer[0],
+            "client_port": self.peer[1],
+            "user": self.user,
+            "phase": "bound" if self.machine.authenticated else "anonymous",
+            "since": int(self.started),
+        }
+
+    def _login_outcome(
+        self, outcome: Outcome, *, user: str | None, mechanism: str | None, reason: str | None
+    ) -> None:
+        """The one login record of a bind's outcome (authgate.logs), as
+        every other listener writes it (fail2ban reads these)."""
+        name = self.runtime.listener.name
+        recorder().login(name, mechanism or "-", outcome.value, reason or "", 0.0)
+        tls = self.client.tls
+        backend = self.runtime.listener.backend.address
+        log_login(
+            LoginRecord(
+                outcome=outcome.value,
+                listener=name,
+                client=self.peer[0],
+                client_port=self.peer[1],
+                proxy=self.client.peername()[0] if self.via_balancer else None,
+                user=user,
+                mechanism=mechanism,
+                tls=None if tls is None else tls.version(),
+                reason=reason,
+                backend=None if outcome is Outcome.REFUSED else str(backend),
+                duration_ms=0,
+            )
+        )
 
     # ------------------------------------------------------------ main loop
 
@@ -193,6 +234,18 @@ class LdapSession:
                     return False
                 if action.user is not None and self.guard.user_locked(action.user, self.address):
                     log.info("%s: user %r is locked out", self.tag, action.user)
+                    self._note(
+                        "login-failed",
+                        user=action.user,
+                        mechanism=action.mechanism,
+                        reason="locked-out",
+                    )
+                    self._login_outcome(
+                        Outcome.FAILED,
+                        user=action.user,
+                        mechanism=action.mechanism,
+                        reason="locked-out",
+                    )
                     if not await self._act(self.machine.bind_refused(action.message_id)):
                         return False
                     continue
@@ -245,6 +298,8 @@ class LdapSession:
             return False
         log.info("%s: refused, address blocked for %.0fs more", self.tag, verdict.retry_after)
         self._note("blocked", retry_after=int(verdict.retry_after))
+        recorder().blocked(self.runtime.listener.name)
+        self._login_outcome(Outcome.BLOCKED, user=None, mechanism=None, reason="blocked")
         self.client.write(self.runtime.parts.blocked)
         await self.client.drain()
         return True
@@ -283,6 +338,9 @@ class LdapSession:
         self._note(
             "login-failed", user=action.user, mechanism=action.mechanism, reason=action.reason
         )
+        self._login_outcome(
+            Outcome.REFUSED, user=action.user, mechanism=action.mechanism, reason=action.reason
+        )
 
     async def _bind_done(self, done: BindDone) -> bool:
         if done.anonymous or done.code == ldap_proto.ResultCode.SASL_BIND_IN_PROGRESS:
@@ -297,13 +355,19 @@ class LdapSession:
             if done.user is not None:
                 self.guard.success(self.address, done.user)
             self._note("login", user=done.user, authcid=done.user, mechanism=done.mechanism)
+            self.user = done.user or "?"
+            self._login_outcome(Outcome.OK, user=done.user, mechanism=done.mechanism, reason=None)
             return True
         reason = "invalid-credentials" if done.guess else f"result-{done.code}"
         who = f" as {done.user!r}" if done.user else ""
         log.info("%s: %s bind failed%s: %s", self.tag, done.mechanism, who, reason)
         self._note("login-failed", user=done.user, mechanism=done.mechanism, reason=reason)
+        self._login_outcome(
+            failure_outcome(reason), user=done.user, mechanism=done.mechanism, reason=reason
+        )
         if done.guess:
             delay = self.guard.failure(self.address, done.user, None)
+            recorder().penalty(self.runtime.listener.name, delay)
             # Holds back this session's answer only (its BindResponse is the
             # next action); other sessions run on.
             await asyncio.sleep(delay)

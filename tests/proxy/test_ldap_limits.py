@@ -104,7 +104,7 @@ def code(message: ber.Message | None) -> tuple[int, int, int] | None:
 
 
 async def test_failed_binds_block_the_address(
-    gateway: Gateway, slapd: SlapdInstance, tmp_path: Path
+    gateway: Gateway, slapd: SlapdInstance, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Two wrong passwords (slapd's 49) block 127.0.0.1: the next
     connection gets the notice of disconnection, even with the right
@@ -125,6 +125,11 @@ async def test_failed_binds_block_the_address(
     writer.close()
     await asyncio.sleep(0.2)
     assert slapd.binds(mark) == []
+    # The login records fail2ban reads, as for every other listener.
+    outcomes = [r.getMessage() for r in caplog.records if r.name == "authgate.login"]
+    assert sum("outcome=failed listener=ldap" in m for m in outcomes) == 2
+    assert any("outcome=blocked listener=ldap" in m for m in outcomes)
+    assert all("wrong" not in m for m in outcomes)
 
 
 async def test_max_errors_then_goodbye(gateway: Gateway, slapd: SlapdInstance) -> None:
