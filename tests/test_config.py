@@ -526,3 +526,53 @@ def test_ldap_backend_may_take_a_proxy_header(tmp_path: Path) -> None:
     backend = '[listeners.backend]\naddress = "127.0.0.1:1389"\nclient_address = "proxy-v2"'
     (listener,) = load(write(tmp_path, _ldap_listener(backend))).listeners
     assert listener.backend.client_address.value == "proxy-v2"
+
+
+def _sieve_listener(backend: str) -> str:
+    return f"""
+[policy]
+security = "require-secure-auth"
+exempt_networks = ["10.0.0.0/8"]
+mechanisms = ["SCRAM-SHA-256", "PLAIN"]
+[tls]
+cert = "c.pem"
+key = "k.pem"
+[users]
+file = "users.toml"
+[[listeners]]
+name = "sieve"
+protocol = "managesieve"
+listen = "127.0.0.1:4190"
+tls = "starttls"
+proxy_protocol = true
+trusted_proxies = ["127.0.0.1"]
+[listeners.backend]
+address = "127.0.0.1:14191"
+{backend}
+"""
+
+
+def test_managesieve_listener_takes_the_shared_settings(tmp_path: Path) -> None:
+    backend = 'master_user = "authgate"\nmaster_password = "x"\nclient_address = "proxy-v2"'
+    (listener,) = load(write(tmp_path, _sieve_listener(backend))).listeners
+    assert listener.protocol is Protocol.MANAGESIEVE
+    assert listener.policy.protocol is Protocol.MANAGESIEVE
+    assert listener.policy.mechanisms == ("SCRAM-SHA-256", "PLAIN")
+    assert [str(n) for n in listener.policy.exempt.networks] == ["10.0.0.0/8"]
+    assert listener.proxy_protocol and listener.backend.master_user == "authgate"
+    assert listener.backend.client_address.value == "proxy-v2"
+
+
+@pytest.mark.parametrize(
+    ("backend", "message"),
+    [
+        # Terminate mode logs in as the user with a master user (Dovecot's),
+        # as IMAP and POP3 do: there is no XCLIENT LOGIN= outside SMTP.
+        ("", r"master_user"),
+        ('master_user = "a"\nmaster_password = "x"\nclient_address = "id"', "'id' is an IMAP"),
+        ('mode = "relay"\nclient_address = "xclient"', "'xclient' is an SMTP extension"),
+    ],
+)
+def test_managesieve_backend_errors(tmp_path: Path, backend: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(write(tmp_path, _sieve_listener(backend)))

@@ -29,7 +29,9 @@ SECTION: list[str] = [
     "| sieve-connect `--exec` | STARTTLS (CA checked), PLAIN, `put`, `list`, `activate` "
     "from 127.0.0.1 | ✔ script stored and active; Dovecot logs the master login with "
     "`rip=127.0.0.1` | ✔ the same |",
-    "| sievelib `connect(starttls=True)` | `putscript`, `setactive`, `listscripts` | ✔ | ✔ |",
+    "| sievelib `connect(starttls=True)` | PLAIN, and LOGIN (its two responses sent "
+    "before any challenge), then `putscript`, `setactive`, `listscripts` | ✔ (Dovecot "
+    "sees the master's PLAIN) | ✔ (Dovecot sees the client's PLAIN or LOGIN) |",
     "| sievelib `connect(starttls=False)` | cleartext from 127.0.0.1 | ✘ PLAIN not in "
     "`SASL` before TLS, sievelib finds no mechanism | ✘ the same |",
     '| raw socket | `AUTHENTICATE "PLAIN" {n+}` literal in cleartext from 127.0.0.1 | '

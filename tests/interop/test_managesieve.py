@@ -82,7 +82,7 @@ async def gateway(
 [policy]
 security = "require-secure-auth"
 exempt_networks = ["{EXEMPT}/32"]
-mechanisms = ["SCRAM-SHA-256", "PLAIN"]
+mechanisms = ["SCRAM-SHA-256", "PLAIN", "LOGIN"]
 [users]
 file = "users.toml"
 [tls]
@@ -216,13 +216,17 @@ async def test_sieve_connect_uploads_lists_and_activates_through_starttls(
 # ----------------------------------------------------------------- sievelib
 
 
-def sievelib_session(port: int, ca: Path, password: str) -> tuple[bool, list[str], str | None]:
+def sievelib_session(
+    port: int, ca: Path, password: str, mechanism: str = "PLAIN"
+) -> tuple[bool, list[str], str | None]:
     from sievelib.managesieve import Client
 
     os.environ["SSL_CERT_FILE"] = str(ca)  # sievelib trusts the default store
     try:
         client = Client("127.0.0.1", port, srvhostname="localhost")
-        if not client.connect(USER, password, starttls=True, authmech="PLAIN"):
+        # sievelib sends LOGIN's two responses right behind the command,
+        # before any challenge: pipelined SASL strings.
+        if not client.connect(USER, password, starttls=True, authmech=mechanism):
             return False, [], client.errmsg.decode()
         try:
             assert client.putscript("via-sievelib", SCRIPT)
@@ -235,19 +239,29 @@ def sievelib_session(port: int, ca: Path, password: str) -> tuple[bool, list[str
     return True, [*others, active], active
 
 
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
 @pytest.mark.parametrize("listener", ["sieve-relay", "sieve"])
 async def test_sievelib_puts_and_activates_a_script(
-    gateway: Gateway, dovecot_sieve: DovecotInstance, certs: Certs, listener: str
+    gateway: Gateway, dovecot_sieve: DovecotInstance, certs: Certs, listener: str, mechanism: str
 ) -> None:
     clear_scripts(dovecot_sieve)
     _, port = gateway.addresses()[listener]
+    mark = dovecot_sieve.log_size()
     ok, names, active = await asyncio.to_thread(
-        sievelib_session, port, certs.ca, dovecot_sieve.users[USER]
+        sievelib_session, port, certs.ca, dovecot_sieve.users[USER], mechanism
     )
     assert ok, active
     assert active == "via-sievelib" and "via-sievelib" in names
     assert (script_dir(dovecot_sieve) / "via-sievelib.sieve").exists()
     assert active_script(dovecot_sieve) == "via-sievelib"
+    # Relay mode hands Dovecot the client's own mechanism; terminate mode
+    # logs in with the master user's PLAIN whatever the client used.
+    method = mechanism if listener == "sieve-relay" else "PLAIN"
+    await asyncio.to_thread(
+        dovecot_sieve.wait_for_log,
+        rf"managesieve-login: Info: Login: user=<{USER}>, method={method},",
+        mark,
+    )
 
 
 def sievelib_cleartext(port: int, password: str) -> tuple[bool, str, list[str]]:
