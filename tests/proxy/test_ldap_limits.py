@@ -428,3 +428,32 @@ backend = "127.0.0.1:{slapd.ldap_port}"
         assert slapd.binds(mark) == []  # the right password never reached slapd
     finally:
         await gateway.stop(drain=1)
+
+
+async def test_one_way_password_storage_drops_challenge_response_sasl(
+    tmp_path: Path, slapd: SlapdInstance
+) -> None:
+    """The SHA-store adjustment: slapd keeps {SSHA}, which no
+    challenge-response mechanism can use; password_storage = "one-way"
+    says so, and a CRAM-MD5 SASL bind is then refused here (7) instead of
+    failing at slapd."""
+    mark = slapd.log_size()
+    gateway = await _gateway_for(
+        tmp_path, f'address = "127.0.0.1:{slapd.ldap_port}"\npassword_storage = "one-way"'
+    )
+    try:
+        host, port = gateway.addresses()["ldap"]
+        reader, writer = await asyncio.open_connection(host, port)
+        sasl = ber.encode(0xA3, ber.encode(4, b"CRAM-MD5"))
+        body = ber.encode_int(3) + ber.encode(4, b"") + sasl
+        writer.write(ber.message(1, ber.encode(ber.BIND_REQUEST, body)))
+        assert code(await read_message(reader)) == (
+            1,
+            ber.BIND_RESPONSE,
+            ResultCode.AUTH_METHOD_NOT_SUPPORTED,
+        )
+        writer.close()
+    finally:
+        await gateway.stop(drain=1)
+    await asyncio.sleep(0.2)
+    assert slapd.operations(mark) == []
