@@ -288,6 +288,8 @@ class MetricsSettings:
     status page (off unless `listen` is set)."""
 
     listen: Address | None = None
+    # The status page's password (HTTP Basic); without one, loopback only.
+    status_password_file: Path | None = None
 
 
 def _metrics(table: Table | None) -> MetricsSettings:
@@ -300,8 +302,9 @@ def _metrics(table: Table | None) -> MetricsSettings:
             listen = parse_address(raw)
         except ValueError as exc:
             raise table.error("listen", str(exc)) from None
+    password_file = table.path_value("status_password_file")
     table.finish()
-    return MetricsSettings(listen=listen)
+    return MetricsSettings(listen=listen, status_password_file=password_file)
 
 
 @dataclass(frozen=True)

@@ -319,11 +319,17 @@ async def serve(
         from authgate.proxy.admin import AdminServer
 
         recorder = metrics.recorder()
+        password = None
+        if config.metrics.status_password_file is not None:
+            secret = open_secret_file(config.metrics.status_password_file, keyring)
+            password = secret.decode("utf-8").strip()
         admin = AdminServer(
             gateway,
             recorder if isinstance(recorder, metrics.Recorder) else None,
             config.metrics.listen,
             reuse_port=reuse_port,
+            status_password=password or None,
+            hostname=config.hostname,
         )
         await admin.start()
     control = None

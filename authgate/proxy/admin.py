@@ -7,7 +7,9 @@ tools that watch authgate.
 - `GET /readyz`: 200 when every listener is bound, every listener that
   verifies users has its users (file or directory), and every backend
   answered a TCP connect within the last probe rounds; else 503 with the
-  reasons, one a line (what a Kubernetes probe or an HAProxy check reads).
+  reasons, one a line (what a Kubernetes probe or an HAProxy check reads);
+- `GET /`: the status page (authgate.proxy.status_page), for loopback
+  clients, or with `status_password_file` for whoever gives the password.
 
 Only GET (and HEAD), one request per connection, a request of at most
 8 KiB read within 5 seconds: this is not a web server, and the port is
@@ -17,7 +19,11 @@ meant for loopback or a monitoring network.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hmac
+import importlib.metadata
+import ipaddress
 import logging
 import socket
 import time
@@ -26,8 +32,10 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from authgate.config import Address, BackendMode
+from authgate.defence import MemoryState
 from authgate.metrics import Recorder
 from authgate.proxy.server import Gateway
+from authgate.proxy.status_page import Activity, Snapshot, render
 
 log = logging.getLogger("authgate.admin")
 
@@ -38,6 +46,9 @@ PROBE_TIMEOUT: Final = 3.0
 # A backend counts as reachable "recently" when its last probe succeeded and
 # was no older than this many probe rounds.
 PROBE_ROUNDS_FRESH: Final = 3
+ACTIVITY_SAMPLE: Final = 5.0  # seconds between the status page's activity samples
+# The status page loads nothing: inline style and SVG only.
+CSP: Final = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'"
 
 
 @dataclass
@@ -141,6 +152,8 @@ class AdminServer:
         *,
         reuse_port: bool = False,
         pages: dict[str, Handler] | None = None,
+        status_password: str | None = None,
+        hostname: str = "localhost",
     ) -> None:
         self.gateway = gateway
         self.metrics = metrics
@@ -148,6 +161,11 @@ class AdminServer:
         self.reuse_port = reuse_port
         self.probe = BackendProbe(gateway)
         self.pages = dict(pages or {})
+        self.pages.setdefault("/", self._status_page)
+        self.status_password = status_password
+        self.hostname = hostname
+        self.activity = Activity()
+        self._sampler: asyncio.Task[None] | None = None
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -160,6 +178,7 @@ class AdminServer:
             limit=REQUEST_LIMIT,
         )
         self.probe.start()
+        self._sampler = asyncio.ensure_future(self._sample_forever())
         log.info("metrics: listening on %s", ", ".join(_fmt(s) for s in self._server.sockets))
 
     def address(self) -> tuple[str, int]:
@@ -167,7 +186,78 @@ class AdminServer:
         host, port = self._server.sockets[0].getsockname()[:2]
         return str(host), int(port)
 
+    def _sample(self) -> None:
+        counts = self.gateway.audit.counts
+        attempts = counts.get("login", 0) + counts.get("login-failed", 0)
+        self.activity.sample(time.time(), self.gateway.session_count, attempts)
+
+    async def _sample_forever(self) -> None:
+        while True:
+            self._sample()
+            await asyncio.sleep(ACTIVITY_SAMPLE)
+
+    async def _status_page(self, path: str, peer: str) -> Response:
+        # (The headers are checked in _serve: `authorized`.)
+        gateway = self.gateway
+        bound = gateway.all_addresses()
+        per_listener: dict[str, int] = {}
+        for session in list(gateway.live_sessions):
+            runtime = getattr(session, "runtime", None)
+            if runtime is not None:
+                name = runtime.listener.name
+                per_listener[name] = per_listener.get(name, 0) + 1
+        guard = gateway.guard
+        if isinstance(guard.addresses, MemoryState):
+            blocks = guard.blocks()
+        else:
+            blocks = await asyncio.to_thread(guard.blocks)
+        self._sample()  # up to this moment
+        now = time.time()
+        snapshot = Snapshot(
+            version=importlib.metadata.version("authgate"),
+            hostname=self.hostname,
+            now=now,
+            listeners=[
+                (rt, [_fmt_address(a) for a in bound.get(rt.listener.name, [])],
+                 per_listener.get(rt.listener.name, 0))
+                for rt in gateway.runtimes
+            ],
+            activity=self.activity.series(now),
+            blocks=blocks,
+            events=list(gateway.audit.recent),
+        )
+        return Response(200, render(snapshot).encode(), "text/html; charset=utf-8",
+                        headers={"Content-Security-Policy": CSP})
+
+    def authorized(self, peer: str, headers: dict[str, str]) -> Response | None:
+        """None when this client may see the status page; else the refusal."""
+        if self.status_password is None:
+            try:
+                loopback = ipaddress.ip_address(peer.split("%", 1)[0]).is_loopback
+            except ValueError:
+                loopback = False
+            if loopback:
+                return None
+            return Response(403, b"the status page is for loopback clients "
+                                 b"(or set [metrics] status_password_file)\n")
+        given = headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() == "basic":
+            try:
+                _, _, password = base64.b64decode(token, validate=True).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                password = ""
+            if hmac.compare_digest(password.encode(), self.status_password.encode()):
+                return None
+        return Response(401, b"password required\n",
+                        headers={"WWW-Authenticate": 'Basic realm="authgate", charset="UTF-8"'})
+
     async def stop(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
+            self._sampler = None
         await self.probe.stop()
         if self._server is not None:
             self._server.close()
@@ -190,10 +280,14 @@ class AdminServer:
                 method, _, rest = request.split(b"\r\n", 1)[0].decode("latin-1").partition(" ")
                 target = rest.partition(" ")[0]
                 head = method == "HEAD"
+                path = target.partition("?")[0]
+                refusal = self.authorized(host, _headers(request)) if path == "/" else None
                 if method not in ("GET", "HEAD"):
                     response = Response(405, b"only GET\n", headers={"Allow": "GET, HEAD"})
+                elif refusal is not None:
+                    response = refusal
                 else:
-                    response = await self.handle(target.partition("?")[0], host)
+                    response = await self.handle(path, host)
             writer.write(_encode(response, head=head))
             await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
         except (OSError, TimeoutError):
@@ -232,6 +326,20 @@ def _encode(response: Response, *, head: bool = False) -> bytes:
     reason = _REASONS.get(response.status, "")
     lines = [f"HTTP/1.0 {response.status} {reason}"] + [f"{k}: {v}" for k, v in headers.items()]
     return "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + (b"" if head else response.body)
+
+
+def _headers(request: bytes) -> dict[str, str]:
+    out = {}
+    for line in request.split(b"\r\n")[1:]:
+        name, sep, value = line.decode("latin-1").partition(":")
+        if sep:
+            out[name.strip().lower()] = value.strip()
+    return out
+
+
+def _fmt_address(address: tuple[str, int]) -> str:
+    host, port = address[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _fmt(sock: socket.socket) -> str:

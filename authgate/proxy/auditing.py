@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections import deque
 
 from authgate.audit import AuditLog
 
 log = logging.getLogger("authgate.audit")
 
 QUEUE_LIMIT = 10_000  # events waiting to be written; beyond it they are counted and dropped
+RECENT = 50  # the last events kept in memory for the status page, with or without a log
 
 
 class AuditTrail:
@@ -24,12 +27,17 @@ class AuditTrail:
         )
         self._worker: asyncio.Task[None] | None = None
         self.dropped = 0
+        # (time, event, fields), newest last: what the status page shows.
+        self.counts: dict[str, int] = {}  # events noted, by name
+        self.recent: deque[tuple[float, str, dict[str, str | int | None]]] = deque(maxlen=RECENT)
 
     def start(self) -> None:
         if self._log is not None and self._worker is None:
             self._worker = asyncio.ensure_future(self._write_forever())
 
     def note(self, event: str, **fields: str | int | None) -> None:
+        self.recent.append((time.time(), event, fields))
+        self.counts[event] = self.counts.get(event, 0) + 1
         if self._log is None:
             return
         try:
