@@ -7,7 +7,10 @@ charged to the servers, and vice versa. Prints one JSON line on stdout once
 everything listens (endpoints, credentials, the pids whose RSS and CPU time
 belong to the target), then serves until SIGTERM/SIGINT (or, with --stdin,
 until stdin reaches EOF). With AUTHGATE_BENCH_METRICS=1 in the environment
-the metrics are counted ([metrics] on), to measure what they cost.
+the metrics are counted ([metrics] on), to measure what they cost; with
+AUTHGATE_BENCH_ROUTING=1 the users go through per-user routing (a named
+backend at the same address, chosen by a routing table of 10,000 users),
+to measure what routing costs the login path against the single backend.
 
 Three users with the same password, differing in what authgate stores for
 them: ``bench`` only ``{SSHA512}`` (a cheap salted hash: its logins show what
@@ -148,7 +151,40 @@ async def bench_stack(
             raise RuntimeError(f"expected the stack's users file store, got {store!r}")
         store.set_user_secrets(USER, [hash_password(password, "SSHA512")])
         store.set_user_secrets(ARGON2_USER, [hash_password(password, "ARGON2ID")])
+        if os.environ.get("AUTHGATE_BENCH_ROUTING") == "1":
+            await route_users(stack, store)
         yield BenchStack(stack, password, list(sizes))
+
+
+ROUTED_USERS = 10_000  # routing table entries besides the bench users
+
+
+async def route_users(stack: Stack, store: UserStore) -> None:
+    """Reload the stack with per-user routing: every listener keeps its own
+    backend as the default, and a routing table of ROUTED_USERS users (the
+    bench users among them) sends them to the named backend `store`, the
+    same embedded servers. Each login then asks the users file, the table
+    and the rendezvous order before it connects."""
+    from authgate import config as config_mod
+    from authgate.proxy.runtime import build_runtime
+
+    backends = stack.backends
+    table = stack.config_file.parent / "routes.toml"
+    names = [f"user{i}@example.org" for i in range(ROUTED_USERS)]
+    names += [USER, DEFAULT_USER, ARGON2_USER]
+    table.write_text("[users]\n" + "".join(f'"{name}" = "store"\n' for name in names))
+    master = stack.gateway.runtimes[0]
+    text = stack.config_file.read_text() + (
+        f'[routing]\ntable = "{table}"\n'
+        "[backends.store]\n"
+        f'imap = "{backends.imap.host}:{backends.imap.port}"\n'
+        f'smtp = "{backends.smtp.host}:{backends.smtp.port}"\n'
+        f'master_user = "{master.listener.backend.master_user}"\n'
+        f'master_password = "{master.master_password}"\n'
+    )
+    stack.config_file.write_text(text)
+    config = config_mod.load(stack.config_file)
+    await stack.gateway.reload(build_runtime(config, store), config.defence)
 
 
 async def wait_for_stop(*, watch_stdin: bool) -> None:

@@ -8,12 +8,13 @@ clock and the health record, and keeps the log lines about health.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import socket
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from authgate.atrest.envelope import Keyring, open_secret_file
@@ -21,6 +22,7 @@ from authgate.config import Address, BackendSettings, Config, Listener, TLSMode
 from authgate.credentials.base import CredentialStore
 from authgate.errors import ConfigError
 from authgate.proxy import tls as tls_mod
+from authgate.proxy.channel import ChannelClosed, open_channel
 from authgate.routing import Backend, Health, Route, RouteTable, TableError, UserHints, choose
 from authgate.routing import parse_table as parse_route_table
 
@@ -76,6 +78,7 @@ class ListenerRoutes:
     down_for: float
     prepared: Mapping[str, PreparedBackend]
     health: Health = HEALTH
+    pool_health_check: float = 10.0  # [routing] pool_health_check (0: off)
 
     @property
     def per_user(self) -> bool:
@@ -186,4 +189,99 @@ def build_routes(
         hosts=config.routing.hosts,
         down_for=config.routing.down_for,
         prepared=prepared,
+        pool_health_check=config.routing.pool_health_check,
     )
+
+
+# ------------------------------------------------------------ active checks
+
+# A greeting that says the server is ready, per protocol (RFC 9051 7.1,
+# RFC 1939 4, RFC 5321 4.2, RFC 3977 5.1). ManageSieve greets with its
+# capability list and LDAP says nothing first: a connect is all we ask.
+READY_GREETINGS: dict[str, tuple[bytes, ...]] = {
+    "imap": (b"* OK", b"* PREAUTH"),
+    "pop3": (b"+OK",),
+    "smtp": (b"220",),
+    "nntp": (b"200", b"201"),
+}
+SILENT_PROTOCOLS = frozenset({"ldap"})
+
+
+@dataclass(frozen=True)
+class CheckTarget:
+    routes: ListenerRoutes  # whose health record, down_for and TLS it uses
+    backend: Backend
+    member: BackendSettings
+    interval: float
+
+
+def check_targets(all_routes: Sequence[ListenerRoutes]) -> list[CheckTarget]:
+    """Every (backend, address) a listener may connect to whose check is on:
+    a backend's `health_check`, else [routing] pool_health_check for a pool
+    and off for a single address. Each address once."""
+    found: dict[str, CheckTarget] = {}
+    for routes in all_routes:
+        pool_interval = routes.pool_health_check
+        for backend in (routes.default, *routes.backends.values()):
+            members = backend.members_for(routes.protocol)
+            interval = backend.health_check
+            if interval < 0:
+                interval = pool_interval if len(members) > 1 else 0.0
+            if interval <= 0:
+                continue
+            for member in members:
+                key = f"{routes.protocol} {member.address}"
+                found.setdefault(key, CheckTarget(routes, backend, member, interval))
+    return list(found.values())
+
+
+async def check_once(target: CheckTarget, timeout: float) -> str | None:
+    """Connect and read the greeting: None when ready, else why not."""
+    protocol = target.routes.protocol
+    member = target.member
+    prepared = target.routes.prepared_for(target.backend)
+    implicit = member.tls is TLSMode.IMPLICIT
+    try:
+        channel = await open_channel(
+            member.address.host,
+            member.address.port,
+            ssl_context=prepared.tls if implicit else None,
+            server_hostname=member.server_name or member.address.host,
+            timeout=timeout,
+        )
+    except (OSError, TimeoutError, ssl.SSLError) as exc:
+        return f"health check: {str(exc) or exc.__class__.__name__}"
+    try:
+        if protocol in SILENT_PROTOCOLS:
+            return None
+        try:
+            greeting = await channel.read(timeout=timeout)
+        except (OSError, TimeoutError, ChannelClosed) as exc:
+            return f"health check: no greeting ({str(exc) or exc.__class__.__name__})"
+        ready = READY_GREETINGS.get(protocol)
+        if not greeting:
+            return "health check: closed without a greeting"
+        if ready is not None and not greeting.startswith(ready):
+            first = greeting.split(b"\r\n", 1)[0][:80].decode("ascii", "replace")
+            return f"health check: not ready ({first!r})"
+        return None
+    finally:
+        channel.close()
+
+
+async def run_checks(targets: Sequence[CheckTarget], timeout: float) -> None:
+    """Check every target at its interval until cancelled. Passive marks
+    expire on their own; an active check also marks an address up at once
+    when it answers again."""
+
+    async def loop(target: CheckTarget) -> None:
+        while True:
+            why = await check_once(target, timeout)
+            if why is None:
+                target.routes.mark_up(target.backend, target.member.address)
+            else:
+                target.routes.mark_down(target.backend, target.member.address, why)
+            await asyncio.sleep(target.interval)
+
+    if targets:
+        await asyncio.gather(*(loop(t) for t in targets))

@@ -22,7 +22,7 @@ from authgate.proxy.auditing import AuditTrail
 from authgate.proxy.channel import Channel
 from authgate.proxy.ldap_session import LdapSession
 from authgate.proxy.lograte import LogThrottle
-from authgate.proxy.routes import OWN_SOCKETS
+from authgate.proxy.routes import OWN_SOCKETS, check_targets, run_checks
 from authgate.proxy.routes import own_address as _own
 from authgate.proxy.runtime import ListenerRuntime
 from authgate.proxy.session import ClientSession
@@ -196,6 +196,7 @@ class Gateway:
         # One brute-force guard for all listeners, kept across reloads.
         self.guard = guard or Guard(defence)
         self._pruner: asyncio.Task[None] | None = None
+        self._checks: asyncio.Future[None] | None = None  # active backend health checks
         self._servers: dict[str, _Listener] = {}
         # One task per accepted connection, from accept() to the end.
         self._sessions: set[asyncio.Task[None]] = set()
@@ -222,7 +223,20 @@ class Gateway:
         for runtime in self._runtimes.values():
             await self._listen(runtime)
         self._pruner = asyncio.ensure_future(self._prune_forever())
+        self._start_checks()
         self.audit.start()
+
+    def _start_checks(self) -> None:
+        """Active backend health checks (authgate.proxy.routes), for the
+        runtimes in force: restarted by a reload."""
+        if self._checks is not None:
+            self._checks.cancel()
+        routes = [rt.routes for rt in self._runtimes.values() if rt.routes is not None]
+        targets = check_targets(routes)
+        self._checks = None
+        if targets:
+            timeout = next(iter(self._runtimes.values())).limits.connect_timeout
+            self._checks = asyncio.ensure_future(run_checks(targets, timeout))
 
     async def _prune_forever(self) -> None:
         while True:
@@ -276,6 +290,7 @@ class Gateway:
             log.info("listener %s stopped (removed or moved)", name)
         self.guard.settings = defence
         self._runtimes.update(fresh)
+        self._start_checks()
 
     def _bound_runtime(self, runtime: ListenerRuntime) -> ListenerRuntime:
         """`runtime` with its listener's addresses as its sockets are bound."""
@@ -507,6 +522,8 @@ class Gateway:
         """Stop accepting; give sessions `drain` seconds, then cancel them."""
         if self._pruner is not None:
             self._pruner.cancel()
+        if self._checks is not None:
+            self._checks.cancel()
         for server in self._servers.values():
             server.close()
         if self._sessions:

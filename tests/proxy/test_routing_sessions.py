@@ -274,3 +274,45 @@ async def test_a_backend_that_is_authgate_itself_is_refused(
     finally:
         await gateway.stop(drain=1)
         HEALTH.clear()
+
+
+@pytest.mark.asyncio
+async def test_active_check_notices_a_stopped_member_before_any_login(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    HEALTH.clear()
+    seed_mailbox(tmp_path / "mail", "alice", [])
+    backends = await start_backends(tmp_path / "mail", {"alice": PASSWORDS["alice"]}, master=MASTER)
+    second = await start_smtp_backend(backends.store, "127.0.0.1")
+    users = UserStore(realm="localhost")
+    users.set_user_secrets("alice", generate_secrets("alice", PASSWORDS["alice"], "localhost"))
+    users.save(tmp_path / "users.toml")
+    path = tmp_path / "authgate.toml"
+    path.write_text(
+        '[users]\nfile = "users.toml"\n[policy]\nsecurity = "none"\n'
+        "[backends.pool]\n"
+        f'smtp = ["127.0.0.1:{backends.smtp.port}", "127.0.0.1:{second.port}"]\n'
+        "health_check = 0.2\n"
+        f'master_user = "{MASTER[0]}"\nmaster_password = "{MASTER[1]}"\n'
+        '[[listeners]]\nname = "sub"\nprotocol = "smtp"\nlisten = "127.0.0.1:0"\n'
+        'backend = "pool"\n'
+    )
+    config = load(path)
+    gateway = await start_gateway(config, load_store(config))
+    try:
+        await second.close()
+        for _ in range(100):  # bounded: the check runs every 0.2 s
+            if "marked down" in caplog.text:
+                break
+            await asyncio.sleep(0.05)
+        assert f"member 127.0.0.1:{second.port} marked down for 30s: health check" in caplog.text
+        for _ in range(4):
+            reply = await smtp_login(gateway.addresses()["sub"][1], "alice")
+            assert reply.startswith(b"235")
+        # No session had to find out for itself.
+        assert "unreachable" not in caplog.text
+    finally:
+        await gateway.stop(drain=1)
+        await backends.close()
+        HEALTH.clear()
