@@ -12,6 +12,15 @@ readers.conf authenticates AUTHINFO USER/PASS with `ckpasswd -f` against a
 crypt(3) password file holding two accounts: the reader (relay mode: the
 reader's own password reaches INN) and one proxy account (terminate mode:
 authgate verifies the reader itself and logs in to INN as that account).
+
+AUTHINFO SASL goes to Cyrus SASL, configured through SASL_CONF_PATH: our
+own `INN.conf` (nnrpd's SASL application name) with a sasldb holding the
+reader with the same password. readers.conf's first auth group, which
+matches every host and only names a default user, gives nnrpd an auth
+group to grant access from once a SASL login has set the user (without it
+a SASL login succeeds and every group is then "502 Read access denied");
+the access group lists the real accounts only, so that default user reads
+nothing before a login.
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ from tests.netutil import HOST, free_port
 INN_BIN = Path("/usr/lib/news/bin")
 NNRPD = INN_BIN / "nnrpd"
 MAKEHISTORY = INN_BIN / "makehistory"
+SASLPASSWD2 = Path("/usr/sbin/saslpasswd2")
+SASL_MECHANISMS = "PLAIN LOGIN CRAM-MD5 SCRAM-SHA-1 SCRAM-SHA-256"
 
 GROUP = "local.test"
 MESSAGE_ID = "<hello-through-authgate@authgate.test>"
@@ -121,16 +132,35 @@ def _build(root: Path) -> None:
         "".join(f"{user}:{_crypt(password)}\n" for user, password in (READER, PROXY))
     )
     (etc / "readers.conf").write_text(
-        f"""auth "accounts" {{
+        f"""auth "anyone" {{
+    hosts: "*"
+    default: "<unauthenticated>"
+}}
+auth "accounts" {{
+    hosts: "*"
     auth: "ckpasswd -f {etc / "passwd"}"
 }}
 access "accounts" {{
-    users: "*"
+    users: "{READER[0]}, {PROXY[0]}"
     newsgroups: "*"
     access: R
 }}
 """
     )
+    sasl = root / "sasl"
+    sasl.mkdir()
+    (sasl / "INN.conf").write_text(
+        "pwcheck_method: auxprop\nauxprop_plugin: sasldb\n"
+        f"sasldb_path: {sasl / 'sasldb2'}\nmech_list: {SASL_MECHANISMS}\n"
+    )
+    made = subprocess.run(
+        [str(SASLPASSWD2), "-f", str(sasl / "sasldb2"), "-a", "INN", "-c", "-p", READER[0]],
+        input=READER[1].encode(),
+        capture_output=True,
+        timeout=30,
+    )
+    if made.returncode != 0:
+        raise InnMissing(f"saslpasswd2 failed: {made.stderr.decode('utf-8', 'replace')}")
     (root / "db" / "active").write_text(f"{GROUP} 0000000001 0000000001 y\n")
     (root / "db" / "active.times").write_text("")
     (root / "db" / "newsgroups").write_text(f"{GROUP}\tauthgate's test group\n")
@@ -170,13 +200,19 @@ def start_inn() -> Iterator[InnInstance]:
     """nnrpd serving `local.test` (one article) on a loopback port."""
     if not NNRPD.exists() or not MAKEHISTORY.exists():
         raise InnMissing("INN is not installed: apt-get install inn2 (./dev test does)")
+    if not SASLPASSWD2.exists():
+        raise InnMissing("saslpasswd2 is missing: apt-get install sasl2-bin (./dev test does)")
     root = Path(tempfile.mkdtemp(prefix="authgate-inn-"))
     root.chmod(0o755)  # nnrpd may drop to user news: it must reach its files
     process: subprocess.Popen[bytes] | None = None
     try:
         _build(root)
         port = free_port()
-        env = {**os.environ, "INNCONF": str(root / "etc" / "inn.conf")}
+        env = {
+            **os.environ,
+            "INNCONF": str(root / "etc" / "inn.conf"),
+            "SASL_CONF_PATH": str(root / "sasl"),
+        }
         with (root / "nnrpd.out").open("wb") as out:
             # -D: daemon (listens, forks a child per connection); -f: stay
             # in the foreground, so this process is the one we stop.

@@ -17,10 +17,13 @@ SECTION: list[str] = [
     "(`tests/interop/inn.py`: Debian's `nnrpd` in daemon mode on a loopback port, its own "
     "`inn.conf`, a `readers.conf` that checks AUTHINFO USER/PASS with `ckpasswd -f` "
     "against two crypt(3) accounts, the reader and one proxy account, and the group "
-    "`local.test` with one article, its history and overview built by `makehistory`). "
+    "`local.test` with one article, its history and overview built by `makehistory`; "
+    "AUTHINFO SASL through Cyrus SASL with its own `INN.conf` and sasldb, named by "
+    "`SASL_CONF_PATH`). "
     "authgate: four `nntp` listeners, relay and terminate mode, each with STARTTLS and "
     "with implicit TLS (NNTPS, port 563's role); policy `require-secure-auth`, mechanisms "
-    "CRAM-MD5 and PLAIN, exempt network `127.0.0.2/32`. A success counts only when the "
+    "SCRAM-SHA-256, CRAM-MD5 and PLAIN, exempt network `127.0.0.2/32`. A success counts "
+    "only when the "
     "reader got `211` for `GROUP local.test` and the article, by its Message-ID and body.",
     "",
     "| client | case | relay | terminate |",
@@ -31,7 +34,8 @@ SECTION: list[str] = [
     "login from 127.0.0.1 | ✔ article | ✔ article |",
     "| nntplib | `NNTP_SSL` (implicit TLS) from 127.0.0.1 | ✔ article | ✔ article |",
     "| nntplib | AUTHINFO USER in cleartext from 127.0.0.1 | ✘ `483`; CAPABILITIES said "
-    "`AUTHINFO SASL`, `SASL CRAM-MD5`; `GROUP` still `480` | ✘ `483`, the same |",
+    "`AUTHINFO SASL`, `SASL SCRAM-SHA-256 CRAM-MD5`; `GROUP` still `480` | ✘ `483`, the "
+    "same |",
     "| nntplib | wrong password from 127.0.0.2 | ✘ `481` (INN's refusal, passed on) | – |",
     "| Net::NNTP | `authinfo` in cleartext from 127.0.0.2 | ✔ article | ✔ article |",
     "| Net::NNTP | `starttls`, then `authinfo`, from 127.0.0.1 | ✔ article | ✔ article |",
@@ -39,13 +43,21 @@ SECTION: list[str] = [
     "| Net::NNTP | `authinfo` in cleartext from 127.0.0.1 | – | ✘ `483` |",
     "| raw socket | AUTHINFO SASL PLAIN with initial response from 127.0.0.2 | ✔ article "
     "(sent to INN as AUTHINFO USER/PASS) | ✔ article |",
+    "| raw socket + authgate's CRAM-MD5 client | AUTHINFO SASL CRAM-MD5 from 127.0.0.2 | "
+    "✔ article (INN's challenge relayed, Cyrus SASL verifies) | ✔ article |",
+    "| raw socket + authgate's SCRAM client | AUTHINFO SASL SCRAM-SHA-256 from 127.0.0.2 | "
+    "✔ article (INN's `283` server-final reaches the reader as a `383`, answered `=`) | "
+    "✔ article (server-final in authgate's `283`) |",
     "| raw socket | STARTTLS with a login and GROUP in the same segment, from 127.0.0.1 | "
     "dropped (one STARTTLS injection warning); inside TLS `AUTHINFO PASS` is `482`, "
     "`GROUP` `480`; the login sent again inside TLS reads the group | the same |",
     "",
     "Relay mode sends a reader's AUTHINFO USER/PASS, and SASL PLAIN without an "
     "authorisation identity, to INN as AUTHINFO USER/PASS: readers.conf checks only "
-    "those (INN's AUTHINFO SASL goes to Cyrus SASL's own users). Terminate mode logs in "
+    "those (INN's AUTHINFO SASL goes to Cyrus SASL's own users); after a SASL login INN "
+    "grants access only through an auth group that matched the host, so readers.conf "
+    "starts with one (`hosts: \"*\"`, a `default:` user no access group lists). "
+    "Terminate mode logs in "
     "to INN as the one proxy account, so INN sees every reader as that account. Neither "
     "reader speaks AUTHINFO SASL, hence the raw-socket row; curl has no NNTP login.",
 ]

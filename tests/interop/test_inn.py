@@ -12,6 +12,9 @@ non-exempt address in the clear, with INN never asked.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import logging
 import socket
 import ssl
@@ -30,6 +33,8 @@ from authgate.credentials.store import UserStore, generate_secrets
 from authgate.offers import load_store
 from authgate.proxy.server import Gateway
 from authgate.runner import start_gateway
+from authgate.sasl.base import ClientContext, ClientCredentials, client_step
+from authgate.sasl.scram import ScramSHA256Client
 from tests.interop import inn_notes
 from tests.interop.inn import (
     BODY,
@@ -111,7 +116,7 @@ mode = "{mode}"
     path = tmp_path / "authgate.toml"
     path.write_text(
         'hostname = "localhost"\n'
-        '[policy]\nsecurity = "require-secure-auth"\nmechanisms = ["CRAM-MD5", "PLAIN"]\n'
+        '[policy]\nsecurity = "require-secure-auth"\nmechanisms = ["SCRAM-SHA-256", "CRAM-MD5", "PLAIN"]\n'
         f'exempt_networks = ["{EXEMPT}/32"]\n'
         f'[users]\nfile = "{users}"\n'
         f'[tls]\ncert = "{ca.parent / "server.pem"}"\nkey = "{ca.parent / "server.key"}"\n'
@@ -185,7 +190,8 @@ async def test_nntplib_cleartext_from_a_non_exempt_address_is_483(
         host, port = setup.address(f"{mode}-starttls")
         with _reader(NOT_EXEMPT)(host, port, timeout=15) as client:
             caps = client.getcapabilities()
-            assert caps.get("AUTHINFO") == ["SASL"] and caps.get("SASL") == ["CRAM-MD5"]
+            assert caps.get("AUTHINFO") == ["SASL"]
+            assert caps.get("SASL") == ["SCRAM-SHA-256", "CRAM-MD5"]
             with pytest.raises(nntplib.NNTPTemporaryError) as refused:
                 client.login(USER, PASSWORD, usenetrc=False)
             # Reader commands still need a login.
@@ -263,11 +269,12 @@ async def test_net_nntp_cleartext_from_a_non_exempt_address_is_483(setup: Setup)
 # ----------------------------------------------------- AUTHINFO SASL, by hand
 
 
-def sasl_plain_read(address: tuple[str, int], source: str) -> list[bytes]:
-    """Neither reader speaks AUTHINFO SASL: a few lines of our own, with the
-    initial response (RFC 4643 section 2.4.2), then GROUP and ARTICLE."""
-    import base64
-
+def sasl_read(
+    address: tuple[str, int], source: str, mechanism: str, *, relay: bool
+) -> list[bytes]:
+    """Neither reader speaks AUTHINFO SASL: a few lines of our own (the
+    mechanism's client side is authgate's, the server side INN's Cyrus SASL
+    in relay mode), then GROUP and ARTICLE."""
     with socket.create_connection(address, timeout=15, source_address=(source, 0)) as sock:
         stream = sock.makefile("rwb")
 
@@ -276,9 +283,36 @@ def sasl_plain_read(address: tuple[str, int], source: str) -> list[bytes]:
             stream.flush()
             return stream.readline()
 
+        def decoded(reply: bytes) -> bytes:
+            text = reply[4:].strip()
+            return b"" if text == b"=" else base64.b64decode(text)
+
         assert stream.readline().startswith(b"200 ")
-        initial = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
-        assert command(b"AUTHINFO SASL PLAIN " + initial).startswith(b"281 ")
+        if mechanism == "PLAIN":
+            # With the initial response (RFC 4643 section 2.4.2).
+            initial = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
+            reply = command(b"AUTHINFO SASL PLAIN " + initial)
+        elif mechanism == "CRAM-MD5":
+            challenge = command(b"AUTHINFO SASL CRAM-MD5")
+            assert challenge.startswith(b"383 "), challenge
+            digest = hmac.new(PASSWORD.encode(), decoded(challenge), hashlib.md5).hexdigest()
+            reply = command(base64.b64encode(f"{USER} {digest}".encode()))
+        else:
+            client = ScramSHA256Client(ClientCredentials(USER, PASSWORD), ClientContext())
+            first = base64.b64encode(client.start() or b"")
+            server_first = command(b"AUTHINFO SASL SCRAM-SHA-256 " + first)
+            assert server_first.startswith(b"383 "), server_first
+            final = command(base64.b64encode(client_step(client, decoded(server_first))))
+            # authgate sends SCRAM's server-final in its 283 (terminate), or
+            # INN's 283 data as one more 383 that takes "=" (relay).
+            assert final.startswith(b"383 " if relay else b"283 "), final
+            if relay:
+                assert client_step(client, decoded(final)) == b""
+                reply = command(b"=")
+            else:
+                client.finish(decoded(final))
+                reply = b"281 " + final[4:]
+        assert reply.startswith(b"281 "), reply
         assert command(b"GROUP " + GROUP.encode()).startswith(b"211 ")
         assert command(b"ARTICLE 1").startswith(b"220 ")
         lines = []
@@ -288,11 +322,17 @@ def sasl_plain_read(address: tuple[str, int], source: str) -> list[bytes]:
         return lines
 
 
+@pytest.mark.parametrize("mechanism", ["PLAIN", "CRAM-MD5", "SCRAM-SHA-256"])
 @pytest.mark.parametrize("mode", ["relay", "terminate"])
-async def test_authinfo_sasl_plain_reads_an_article(setup: Setup, mode: str) -> None:
-    # Relay: authgate sends the PLAIN message to INN as AUTHINFO USER/PASS,
-    # which readers.conf checks (INN's own SASL uses Cyrus SASL's users).
-    lines = await asyncio.to_thread(sasl_plain_read, setup.address(f"{mode}-starttls"), EXEMPT)
+async def test_authinfo_sasl_reads_an_article(setup: Setup, mode: str, mechanism: str) -> None:
+    # Relay: PLAIN reaches INN as AUTHINFO USER/PASS (readers.conf checks
+    # it), CRAM-MD5 and SCRAM as AUTHINFO SASL (INN's Cyrus SASL checks
+    # them; SCRAM's server-final in INN's 283 is passed on as a 383).
+    # Terminate: authgate checks each itself and logs in as the proxy.
+    address = setup.address(f"{mode}-starttls")
+    lines = await asyncio.to_thread(
+        sasl_read, address, EXEMPT, mechanism, relay=mode == "relay"
+    )
     assert f"Message-ID: {MESSAGE_ID}".encode() in lines
 
 
