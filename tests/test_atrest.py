@@ -204,7 +204,7 @@ def test_secret_files_from_config_resolves_and_dedupes(site: Site, tmp_path: Pat
     (tmp_path / "m").write_text("secret\n")
     listener = (
         '[[listeners]]\nname = "{name}"\nprotocol = "imap"\nlisten = "127.0.0.1:{port}"\n'
-        '[listeners.backend]\naddress = "127.0.0.1:1"\nmaster_user = "u"\n'
+        '[listeners.backend]\naddress = "127.0.0.1:3"\nmaster_user = "u"\n'
         'master_password_file = "{path}"\n'
     )
     shared.write_text(

@@ -407,7 +407,9 @@ def render_config(
     login_tuning = "  service_count = 0\n  process_min_avail = 1"
     nl = "\n"
     protocols = "imap pop3 submission"
-    sieve_block = ""
+    # Without ManageSieve, the package's compiled-in listener on 4190 is
+    # switched off all the same: nothing of this instance on a well-known port.
+    sieve_block = "service managesieve-login {\n  inet_listener sieve {\n    port = 0\n  }\n}\n"
     if "sieve" in ports:
         # Pigeonhole's ManageSieve; scripts live in the user's home, the
         # active one is the ~/.dovecot.sieve symlink (Debian's default form).
