@@ -257,6 +257,7 @@ class _State:
     outstanding: set[int] = field(default_factory=set)
     binds: dict[int, _PendingBind] = field(default_factory=dict)
     sasl: _Sasl | None = None
+    forwarded: bool = False  # something went to the (current) backend connection
 
 
 class LdapRelay:
@@ -334,6 +335,10 @@ class LdapRelay:
             return self._protocol_error("messageID 0 is reserved for the server")
         if op == ber.UNBIND_REQUEST:
             self._closed = True
+            if not self._state.forwarded:
+                # Nothing went to the backend (since StartTLS): no
+                # connection to open just to say goodbye on it.
+                return [Close("client unbound")]
             return [ToBackend(message.raw), Close("client unbound")]
         try:
             if op == ber.EXTENDED_REQUEST:
@@ -352,6 +357,7 @@ class LdapRelay:
             return self._refuse(message, ResultCode.CONFIDENTIALITY_REQUIRED, "TLS required")
         if op != ber.ABANDON_REQUEST:
             self._state.outstanding.add(message.message_id)
+        self._state.forwarded = True
         return [ToBackend(message.raw)]
 
     def _decision(self) -> Decision:
@@ -435,6 +441,7 @@ class LdapRelay:
     ) -> list[Action]:
         self._state.binds[message.message_id] = _PendingBind(user, mechanism, anonymous)
         self._state.outstanding.add(message.message_id)
+        self._state.forwarded = True
         if anonymous:
             return [ToBackend(message.raw)]
         return [Bind(message.message_id, user, mechanism, message.raw)]

@@ -253,8 +253,11 @@ def test_backend_bytes_pass_unchanged_in_any_pieces() -> None:
 
 
 def test_unbind_is_forwarded_then_close() -> None:
-    out = relay().receive_client(unbind(5))
-    assert out == [ToBackend(unbind(5)), Close("client unbound")]
+    machine = relay()
+    machine.receive_client(search(4))
+    assert machine.receive_client(unbind(5)) == [ToBackend(unbind(5)), Close("client unbound")]
+    # Nothing forwarded yet: no backend connection just for the goodbye.
+    assert relay().receive_client(unbind(5)) == [Close("client unbound")]
 
 
 def test_bind_refused_by_the_driver_answers_49() -> None:
