@@ -239,7 +239,9 @@ class SlapdInstance(AppendedLog):
         self.start()
 
 
-def _ldif(users: dict[str, tuple[str, str]]) -> str:
+def _ldif(
+    users: dict[str, tuple[str, str]], attributes: dict[str, dict[str, str]] | None = None
+) -> str:
     entries = [
         f"dn: {SUFFIX}\nobjectClass: dcObject\nobjectClass: organization\ndc: example\no: Example\n",
         f"dn: {PEOPLE}\nobjectClass: organizationalUnit\nou: people\n",
@@ -254,9 +256,10 @@ def _ldif(users: dict[str, tuple[str, str]]) -> str:
         # Values that are not plain ASCII-safe go base64 (RFC 2849 "::").
         uid_b64 = base64.b64encode(uid.encode("utf-8")).decode("ascii")
         dn_b64 = base64.b64encode(user_dn(uid, ou).encode("utf-8")).decode("ascii")
+        more = "".join(f"{k}: {v}\n" for k, v in (attributes or {}).get(uid, {}).items())
         entries.append(
             f"dn:: {dn_b64}\nobjectClass: inetOrgPerson\nuid:: {uid_b64}\n"
-            f"cn:: {uid_b64}\nsn: User\nuserPassword: {ssha(password)}\n"
+            f"cn:: {uid_b64}\nsn: User\nuserPassword: {ssha(password)}\n{more}"
         )
     return "\n".join(entries)
 
@@ -301,10 +304,14 @@ access to *
 
 @contextlib.contextmanager
 def start_slapd(
-    users: dict[str, tuple[str, str]] | None = None, *, proxied: bool = False
+    users: dict[str, tuple[str, str]] | None = None,
+    *,
+    proxied: bool = False,
+    attributes: dict[str, dict[str, str]] | None = None,
 ) -> Iterator[SlapdInstance]:
     """A running slapd on ephemeral loopback ports; stopped and removed on exit.
-    `proxied`: also a pldap:// listener (PROXY header first) on `proxied_port`."""
+    `proxied`: also a pldap:// listener (PROXY header first) on `proxied_port`.
+    `attributes`: more inetOrgPerson attributes per user ({"bob": {"departmentNumber": "x"}})."""
     slapd = _find(SLAPD_PATHS, "slapd")
     slapadd = _find(SLAPADD_PATHS, "slapadd")
     del slapd
@@ -325,7 +332,7 @@ def start_slapd(
         conf = root / "slapd.conf"
         conf.write_text(_config(root, modules, schema, secrets.token_urlsafe(16)))
         ldif = root / "data.ldif"
-        ldif.write_text(_ldif(users), encoding="utf-8")
+        ldif.write_text(_ldif(users, attributes), encoding="utf-8")
         loaded = subprocess.run(
             [slapadd, "-f", str(conf), "-l", str(ldif)],
             capture_output=True,

@@ -591,7 +591,11 @@ class ClientSession:
         if user is None or store is None:
             return UserHints()
         record = store.user(user)
-        return UserHints(entry=record.backend if record is not None else None)
+        host = getattr(store, "backend_host", None)  # a directory (DirectoryStore)
+        return UserHints(
+            entry=record.backend if record is not None else None,
+            directory_host=host(user) if host is not None else None,
+        )
 
     async def _open_upstream(
         self,

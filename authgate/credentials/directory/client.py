@@ -6,7 +6,8 @@ import asyncio
 import secrets
 import socket
 import ssl
-from collections.abc import Sequence
+import threading
+from collections.abc import Mapping, Sequence
 
 import ldap  # type: ignore[import-untyped,unused-ignore]
 
@@ -39,6 +40,8 @@ _REFUSED_BIND = (
 # connection when the failed one came from the pool (an idle connection the
 # server closed).
 _CONNECTION_LOST = (ldap.SERVER_DOWN, ldap.CONNECT_ERROR)
+# backend_attribute values kept for the router (one per recent user).
+_MAX_HOSTS = 100_000
 
 
 class Directory:
@@ -65,6 +68,9 @@ class Directory:
         # Bound instead of a real entry when a search finds no single user,
         # so that an unknown name costs what a wrong password costs.
         self._decoy = f"cn=authgate-no-such-user-{secrets.token_hex(8)}"
+        # backend_attribute values of users who logged in (`backend_host`).
+        self._hosts: dict[str, str | None] = {}
+        self._hosts_lock = threading.Lock()
 
     def __enter__(self) -> Directory:
         return self
@@ -94,21 +100,54 @@ class Directory:
             return PasswordVerdict(False)
         settings = self.settings
         attribute = settings.identity_attribute
+        wanted = [attribute]
+        if settings.backend_attribute is not None:
+            wanted.append(settings.backend_attribute)
         if settings.bind_dn_template is not None:
             dn = settings.bind_dn_template.replace(USER_PLACEHOLDER, escape_dn_value(username))
-            values = self._bind(dn, password, read=attribute)
-            if values is None:
+            entry = self._bind(dn, password, read=wanted)
+            if entry is None:
                 return PasswordVerdict(False)
-            return PasswordVerdict(True, self._identity(dn, values, username))
-        found = self._find(username, attribute)
+            identity = self._identity(dn, _attribute_values(entry, attribute), username)
+            self._note_host(identity, entry)
+            return PasswordVerdict(True, identity)
+        found = self._find(username, wanted)
         if found is None:
             assert settings.search_base is not None
             self._bind(f"{self._decoy},{settings.search_base}", password)
             return PasswordVerdict(False)
-        dn, values = found
+        dn, entry = found
+        values = _attribute_values(entry, attribute)
         if self._bind(dn, password) is None:
             return PasswordVerdict(False, _canonical_name(values, username))
-        return PasswordVerdict(True, self._identity(dn, values, username))
+        identity = self._identity(dn, values, username)
+        self._note_host(identity, entry)
+        return PasswordVerdict(True, identity)
+
+    def _note_host(self, identity: str, entry: Mapping[str, Sequence[bytes]]) -> None:
+        """Keep the backend attribute's value of a user who just logged in,
+        for the router (`backend_host`). Bounded: the oldest go first."""
+        attribute = self.settings.backend_attribute
+        if attribute is None:
+            return
+        values = _attribute_values(entry, attribute)
+        host = None
+        if len(values) == 1:
+            try:
+                host = values[0].decode("utf-8")
+            except UnicodeDecodeError:
+                host = None
+        with self._hosts_lock:
+            self._hosts.pop(identity, None)
+            self._hosts[identity] = host
+            while len(self._hosts) > _MAX_HOSTS:
+                self._hosts.pop(next(iter(self._hosts)))
+
+    def backend_host(self, identity: str) -> str | None:
+        """The backend attribute's value for a user verified by this
+        directory (None: not configured, no single value, or not seen)."""
+        with self._hosts_lock:
+            return self._hosts.get(identity)
 
     def _identity(self, dn: str, values: Sequence[bytes], typed: str) -> str:
         name = _canonical_name(values, typed)
@@ -120,16 +159,18 @@ class Directory:
             )
         return name
 
-    def _bind(self, dn: str, password: str, *, read: str | None = None) -> list[bytes] | None:
-        """Bind as `dn`: None when the password is refused, else the values
-        of attribute `read` of the entry, read as the user just bound ([]
+    def _bind(
+        self, dn: str, password: str, *, read: Sequence[str] = ()
+    ) -> dict[str, list[bytes]] | None:
+        """Bind as `dn`: None when the password is refused, else the
+        attributes `read` of the entry, read as the user just bound ({}
         when not asked for, or not readable)."""
         for attempt in (1, 2):
             conn = self._bind_pool.acquire()
-            values: list[bytes] = []
+            values: dict[str, list[bytes]] = {}
             try:
                 conn.ldap.simple_bind_s(dn, password)
-                if read is not None:
+                if read:
                     values = self._read_own(conn, dn, read)
             except _REFUSED_BIND:
                 self._bind_pool.release(conn)
@@ -153,25 +194,29 @@ class Directory:
             return values
         raise AssertionError("unreachable")
 
-    def _read_own(self, conn: _Connection, dn: str, attribute: str) -> list[bytes]:
-        """`attribute` of entry `dn`, on a connection bound as that entry."""
+    def _read_own(
+        self, conn: _Connection, dn: str, attributes: Sequence[str]
+    ) -> dict[str, list[bytes]]:
+        """`attributes` of entry `dn`, on a connection bound as that entry."""
         try:
             results = conn.ldap.search_ext_s(
                 dn,
                 ldap.SCOPE_BASE,
                 "(objectClass=*)",
-                [attribute],
+                list(attributes),
                 sizelimit=1,
                 timeout=self.settings.timeout,
             )
         except (ldap.NO_SUCH_OBJECT, ldap.INSUFFICIENT_ACCESS):
-            return []  # hidden from the user by the ACLs: no name (_identity says so)
+            return {}  # hidden from the user by the ACLs: no name (_identity says so)
         entries = [attrs for found, attrs in results if isinstance(found, str)]
-        return _attribute_values(entries[0], attribute) if len(entries) == 1 else []
+        return dict(entries[0]) if len(entries) == 1 else {}
 
-    def _find(self, username: str, attribute: str) -> tuple[str, list[bytes]] | None:
+    def _find(
+        self, username: str, attributes: Sequence[str]
+    ) -> tuple[str, dict[str, list[bytes]]] | None:
         """The one entry the search filter finds for `username`: its DN and
-        the values of `attribute`; None for no entry or several."""
+        its `attributes`; None for no entry or several."""
         settings = self.settings
         assert settings.search_base is not None
         query = settings.search_filter.replace(USER_PLACEHOLDER, escape_filter_value(username))
@@ -184,7 +229,7 @@ class Directory:
                     settings.search_base,
                     ldap.SCOPE_SUBTREE,
                     query,
-                    [attribute],
+                    list(attributes),
                     sizelimit=2,
                     timeout=settings.timeout,
                 )
@@ -217,7 +262,7 @@ class Directory:
             if len(entries) != 1:
                 return None
             dn, attrs = entries[0]
-            return dn, _attribute_values(attrs, attribute)
+            return dn, dict(attrs)
         raise AssertionError("unreachable")
 
     # -- connections

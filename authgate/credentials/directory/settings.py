@@ -113,6 +113,9 @@ class DirectorySettings:
     # The attribute whose value names the user once bound (see
     # `identity_attribute`); None: the template's {user} attribute, else uid.
     canonical_attribute: str | None = None
+    # The attribute that names the user's mail host (authgate.routing: its
+    # value goes through [routing] hosts to a backend); None: not read.
+    backend_attribute: str | None = None
 
     # What a configuration may set. Built in code, a timeout need only be
     # positive (the check below).
@@ -175,6 +178,13 @@ class DirectorySettings:
             raise Problem(
                 "canonical_attribute",
                 f"{self.canonical_attribute!r} is not an attribute name (such as uid)",
+            )
+        if self.backend_attribute is not None and not _ATTRIBUTE.fullmatch(
+            self.backend_attribute
+        ):
+            raise Problem(
+                "backend_attribute",
+                f"{self.backend_attribute!r} is not an attribute name (such as mailHost)",
             )
 
     def _check_template(self, template: str) -> None:
@@ -261,6 +271,7 @@ def parse_directory(
     timeouts = {key: _seconds(t, key, default) for key, default in _TIMEOUTS.items()}
     pool_size = t.get("pool_size", int, 4)
     canonical_attribute = t.get("canonical_attribute", str, "") or None
+    backend_attribute = t.get("backend_attribute", str, "") or None
     t.finish()
     try:
         return DirectorySettings(
@@ -277,6 +288,7 @@ def parse_directory(
             timeout=timeouts["timeout"],
             pool_size=pool_size,
             canonical_attribute=canonical_attribute,
+            backend_attribute=backend_attribute,
         )
     except Problem as exc:
         raise t.error(exc.key, exc.message) from None

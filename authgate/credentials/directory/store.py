@@ -40,6 +40,11 @@ class DirectoryStore:
         """No local record: a directory's own policy governs expiry."""
         return None
 
+    def backend_host(self, name: str) -> str | None:
+        """[directory] backend_attribute's value for `name`, read when they
+        logged in (authgate.routing maps it through [routing] hosts)."""
+        return self.directory.backend_host(name)
+
     def resolve(self, request: LookupRequest) -> LookupAnswer:
         if isinstance(request, PasswordCheck):
             return self.directory.authenticate(request.authcid, request.password)
