@@ -49,9 +49,11 @@ EXIT_USAGE = 2
 # ------------------------------------------------------------------ check
 
 
-def _describe_decision(label: str, decision: Decision) -> str:
+def _describe_decision(label: str, decision: Decision, protocol: Protocol | None = None) -> str:
     offered = ", ".join(decision.offered) or "nothing"
     login = "allowed" if decision.cleartext_login else "refused"
+    if protocol is Protocol.LDAP:
+        login += " (LDAP simple bind)"
     extra = "; must STARTTLS before authenticating" if decision.tls_required else ""
     return f"    {label:<24} offers {offered}; cleartext login {login}{extra}"
 
@@ -92,10 +94,12 @@ def _check_listener(offer: ListenerOffer, hostname: str, out: TextIO) -> None:
     if listener.tls is not TLSMode.IMPLICIT:
         states.insert(0, ("without TLS", False))
     for label, tls in states:
-        print(_describe_decision(label + ":", offer.decide(outsider, tls=tls)), file=out)
+        decision = offer.decide(outsider, tls=tls)
+        print(_describe_decision(label + ":", decision, listener.protocol), file=out)
     if policy.exempt and listener.tls is not TLSMode.IMPLICIT:
         sample = policy.exempt.networks[0].network_address
-        print(_describe_decision("exempt, without TLS:", offer.decide(sample, tls=False)), file=out)
+        decision = offer.decide(sample, tls=False)
+        print(_describe_decision("exempt, without TLS:", decision, listener.protocol), file=out)
     if listener.tls is TLSMode.NONE and policy.security is Security.REQUIRE_ENCRYPTED:
         print(
             "  warning: require-encrypted on a listener without TLS: only exempt clients can "

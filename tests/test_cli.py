@@ -372,6 +372,7 @@ def test_negotiate_and_check_an_ldap_listener(tmp_path: Path) -> None:
     checked = run_cli("check", "-c", str(config))
     assert checked.returncode == 0, checked.stderr
     assert "listener ldap: ldap on 127.0.0.1:3389" in checked.stdout and "(relay" in checked.stdout
+    assert "offers CRAM-MD5; cleartext login refused (LDAP simple bind)" in checked.stdout
     config.write_text(LDAP_CONFIG.replace('backend = "127.0.0.1:1389"', '[listeners.backend]\naddress = "127.0.0.1:1389"\nmode = "terminate"'))
     refused = run_cli("check", "-c", str(config))
     assert refused.returncode == 2 and "terminate mode does not apply to LDAP" in refused.stderr
