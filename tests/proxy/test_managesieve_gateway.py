@@ -101,3 +101,11 @@ async def test_guessing_blocks_the_address_with_a_managesieve_bye(stack: Stack) 
     reply = await session(stack, [])
     assert reply.startswith(b'BYE (TRYLATER) "Too many failed logins from your address')
     assert stack.backends.sieve.logins == []
+
+
+async def test_unreachable_backend_gets_bye_trylater_instead_of_a_greeting(stack: Stack) -> None:
+    # No client has connected yet, so no capability list is cached: the
+    # greeting needs the backend's SIEVE list, and the backend is down.
+    await stack.backends.sieve.close()
+    reply = await session(stack, [])
+    assert reply == b'BYE (TRYLATER) "Sieve server unavailable, try again later."\r\n'
