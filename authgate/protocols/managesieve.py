@@ -44,12 +44,17 @@ from authgate.protocols.base import (
 from authgate.protocols.client import ClientCore, ClientState, MalformedReply
 from authgate.protocols.common import LineBuffer, LineTooLong, b64decode_strict, b64encode
 from authgate.protocols.server import Attempt, ServerCore, ServerState
+
+# The spliced session's filter speaks through the same output and event
+# types as SMTP's, which the driver already reports.
+from authgate.protocols.smtp_splice import FilterOutput, Refused, SpliceEnded
 from authgate.sasl.base import MAX_PASSWORD_OCTETS, NO_RESPONSE, FailureReason, InitialResponse
 
 __all__ = [
     "LogicalLines",
     "ManageSieveClient",
     "ManageSieveServer",
+    "ManageSieveSpliceFilter",
     "SieveSyntaxError",
     "Token",
     "TokenKind",
@@ -671,3 +676,96 @@ class ManageSieveClient(ClientCore[_Response]):
 
     def _has(self, name: str) -> bool:
         return any(c.partition(" ")[0].upper() == name for c in self._caps)
+
+
+# ===================================================== after the hand-over
+
+# Commands that would change, under authgate's feet, who is logged in at the
+# backend or what carries the session: UNAUTHENTICATE (RFC 5804 section
+# 2.14.1) would let the client log in again straight at the backend, past
+# the policy; AUTHENTICATE and STARTTLS are not allowed after a login.
+_REFUSED_AFTER_LOGIN = frozenset({b"UNAUTHENTICATE", b"AUTHENTICATE", b"STARTTLS"})
+BYE_REFUSED_AFTER_LOGIN = b'BYE "UNAUTHENTICATE, AUTHENTICATE and STARTTLS end the session here."'
+_LINE_START_VERB = re.compile(rb"[ ]*([A-Za-z]+)")
+
+
+class ManageSieveSpliceFilter:
+    """The spliced session's client side: commands pass to the backend
+    unchanged, literals (a PUTSCRIPT's script) stream through unread, and
+    a command in `_REFUSED_AFTER_LOGIN` ends the session with BYE instead
+    of reaching the backend. Answering it with NO in place would put our
+    reply before the backend's answers to commands pipelined ahead of it;
+    ending the session keeps the order and the policy. The backend's bytes
+    pass unchanged. A command line (its literals not counted) longer than
+    `max_line` ends the session too."""
+
+    def __init__(self, max_line: int) -> None:
+        self._max_line = max_line
+        self._line = bytearray()  # the physical line being read
+        self._literal = 0  # literal octets still to pass through
+        self._continued = False  # the line goes on after a literal: not a command start
+        self._closed = False
+
+    @property
+    def held(self) -> int:
+        return len(self._line)
+
+    def from_client(self, data: bytes) -> FilterOutput:
+        if self._closed:
+            return FilterOutput()
+        out = FilterOutput()
+        forward = bytearray()
+        pos = 0
+        while pos < len(data):
+            if self._literal:
+                take = min(self._literal, len(data) - pos)
+                forward += data[pos : pos + take]
+                self._literal -= take
+                pos += take
+                continue
+            end = data.find(b"\n", pos)
+            if end < 0:
+                self._line += data[pos:]
+                if len(self._line) > self._max_line:
+                    return self._end(out, forward, "line too long")
+                break
+            self._line += data[pos : end + 1]
+            pos = end + 1
+            line, self._line = bytes(self._line), bytearray()
+            if len(line) > self._max_line + 2:
+                return self._end(out, forward, "line too long")
+            if not self._continued:
+                verb = _LINE_START_VERB.match(line)
+                if verb is not None and verb.group(1).upper() in _REFUSED_AFTER_LOGIN:
+                    name = verb.group(1).upper().decode("ascii")
+                    reply = BYE_REFUSED_AFTER_LOGIN.decode("ascii")
+                    out.events.append(Refused(name, reply))
+                    return self._end(out, forward, None)
+            forward += line
+            announced = _LITERAL_AT_END.search(line.rstrip(b"\r\n"))
+            if announced is None:
+                self._continued = False
+                continue
+            digits = announced.group(1)
+            if len(digits) > _MAX_LITERAL_DIGITS:
+                return self._end(out, forward[: -len(line)], "literal too large")
+            self._literal = int(digits)
+            self._continued = True
+        out.to_backend = bytes(forward)
+        return out
+
+    def from_backend(self, data: bytes) -> FilterOutput:
+        return FilterOutput(to_client=data)
+
+    def _end(self, out: FilterOutput, forward: bytearray, reason: str | None) -> FilterOutput:
+        """Forward what came before, say goodbye, close."""
+        self._closed = True
+        self._line.clear()
+        out.to_backend = bytes(forward)
+        out.to_client = (
+            BYE_REFUSED_AFTER_LOGIN if reason is None else b'BYE "' + reason.encode() + b'."'
+        ) + CRLF
+        if reason is not None:
+            out.events.append(SpliceEnded(reason))
+        out.close = True
+        return out

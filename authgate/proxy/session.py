@@ -48,6 +48,7 @@ from authgate.protocols.base import (
     Splice,
     StartTLS,
 )
+from authgate.protocols.managesieve import ManageSieveSpliceFilter
 from authgate.protocols.smtp_splice import Refused, SmtpSpliceFilter, SpliceEnded
 from authgate.proxy import proxy_protocol
 from authgate.proxy.auditing import AuditTrail
@@ -903,9 +904,12 @@ class ClientSession:
 
     def _handover(self, event: Splice, login: LoggedIn, *, authenticated: bool) -> Handover:
         assert self.upstream is not None
-        guard = None
+        guard: SmtpSpliceFilter | ManageSieveSpliceFilter | None = None
         if self.runtime.listener.protocol is Protocol.SMTP:
             guard = self._smtp_guard(authenticated, login.capabilities)
+        elif self.runtime.listener.protocol is Protocol.MANAGESIEVE:
+            # UNAUTHENTICATE and friends would log in again past the policy.
+            guard = ManageSieveSpliceFilter(self.runtime.max_line)
         return Handover(
             self.client,
             self.upstream.channel,
@@ -963,4 +967,9 @@ class ClientSession:
                 )
                 self._note("command-refused", command=event.command)
             elif isinstance(event, SpliceEnded):
-                log.warning("%s: session ended by the SMTP filter: %s", self.tag, event.reason)
+                log.warning(
+                    "%s: session ended by the %s filter: %s",
+                    self.tag,
+                    self.runtime.listener.protocol.value,
+                    event.reason,
+                )

@@ -38,6 +38,7 @@ from authgate.protocols.managesieve import (
     LogicalLines,
     ManageSieveClient,
     ManageSieveServer,
+    ManageSieveSpliceFilter,
     SieveSyntaxError,
     Token,
     TokenKind,
@@ -744,3 +745,62 @@ def test_parse_line_rejects_bad_quoting() -> None:
     for raw in (b'"a\\x"', b'"a\rb"', b"{3+}\r\nab", b"{x}\r\n", b"NOOP \x01"):
         with pytest.raises(SieveSyntaxError):
             parse_line(raw)
+
+
+# ================================================== after the hand-over
+
+
+def filter_all(chunks: list[bytes], max_line: int = 200) -> tuple[bytes, bytes, bool, list[Any]]:
+    guard = ManageSieveSpliceFilter(max_line)
+    backend, client, events = b"", b"", []
+    for chunk in chunks:
+        out = guard.from_client(chunk)
+        backend += out.to_backend
+        client += out.to_client
+        events += out.events
+        if out.close:
+            return backend, client, True, events
+    return backend, client, False, events
+
+
+def test_splice_filter_passes_commands_and_literals_unread() -> None:
+    script = b"UNAUTHENTICATE\r\nSTARTTLS\r\n" * 30  # inside a literal: data, not commands
+    wire = b'PUTSCRIPT "s" {%d+}\r\n%s\r\nLISTSCRIPTS\r\nSETACTIVE "s"\r\n' % (len(script), script)
+    for size in (1, 7, 64, len(wire)):
+        chunks = [wire[i : i + size] for i in range(0, len(wire), size)]
+        backend, client, closed, events = filter_all(chunks)
+        assert backend == wire and client == b"" and not closed and events == []
+
+
+@pytest.mark.parametrize("command", [b"UNAUTHENTICATE", b'authenticate "PLAIN" "x"', b"StartTLS"])
+def test_splice_filter_ends_the_session_at_a_command_that_would_log_in_again(
+    command: bytes,
+) -> None:
+    backend, client, closed, events = filter_all([b"LISTSCRIPTS\r\n" + command + b"\r\nLOGOUT\r\n"])
+    assert backend == b"LISTSCRIPTS\r\n"  # what came before still goes
+    assert closed and client.startswith(b'BYE "')
+    assert [type(e).__name__ for e in events] == ["Refused"]
+
+
+def test_splice_filter_bounds_lines_and_literal_counts() -> None:
+    _, client, closed, _ = filter_all([b"NOOP " + b"x" * 300], max_line=200)
+    assert closed and client == b'BYE "line too long."\r\n'
+    backend, client, closed, _ = filter_all([b'NOOP "a"\r\nPUTSCRIPT "s" {99999999999+}\r\n'])
+    assert backend == b'NOOP "a"\r\n' and closed and client == b'BYE "literal too large."\r\n'
+
+
+@given(st.lists(_lines(), min_size=1, max_size=4), st.lists(st.integers(1, 40), max_size=30))
+@settings(max_examples=200, deadline=None)
+def test_splice_filter_forwards_any_other_command_in_any_chunking(
+    lines: list[tuple[list[Token], bytes]], cuts: list[int]
+) -> None:
+    refused = {b"UNAUTHENTICATE", b"AUTHENTICATE", b"STARTTLS"}
+    lines = [(tokens, raw) for tokens, raw in lines if tokens[0].value.upper() not in refused]
+    wire = b"".join(raw for _, raw in lines)
+    chunks, pos = [], 0
+    for size in cuts:
+        chunks.append(wire[pos : pos + size])
+        pos += size
+    chunks.append(wire[pos:])
+    backend, client, closed, _ = filter_all(chunks, max_line=4096)
+    assert backend == wire and client == b"" and not closed

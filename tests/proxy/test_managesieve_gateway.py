@@ -109,3 +109,20 @@ async def test_unreachable_backend_gets_bye_trylater_instead_of_a_greeting(stack
     await stack.backends.sieve.close()
     reply = await session(stack, [])
     assert reply == b'BYE (TRYLATER) "Sieve server unavailable, try again later."\r\n'
+
+
+async def test_unauthenticate_after_the_login_ends_the_session(
+    stack: Stack, tmp_path: Path
+) -> None:
+    # A script whose text holds the words is data, and reaches the backend.
+    script = b"# UNAUTHENTICATE\r\nkeep;\r\n"
+    put = b'PUTSCRIPT "s" {%d+}\r\n%s\r\n' % (len(script), script)
+    reply = await session(stack, [plain(PASSWORD), put, b"UNAUTHENTICATE\r\n"])
+    assert b'OK "Putscript completed."\r\n' in reply
+    assert reply.endswith(
+        b'BYE "UNAUTHENTICATE, AUTHENTICATE and STARTTLS end the session here."\r\n'
+    )
+    stored = stack.mail_root / "alice" / "sieve" / "s.sieve"
+    assert stored.read_bytes() == script
+    (refused,) = await audit(tmp_path, "command-refused", 1)
+    assert refused["command"] == "UNAUTHENTICATE"
