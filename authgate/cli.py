@@ -42,6 +42,7 @@ from authgate.password_policy import PasswordPolicy, format_violations
 from authgate.password_policy import check as check_password
 from authgate.policy import Decision, Protocol, Security
 from authgate.routing import RoutingError
+from authgate.sasl import MECHANISMS
 
 EXIT_USAGE = 2
 
@@ -111,6 +112,24 @@ def _check_listener(offer: ListenerOffer, hostname: str, out: TextIO) -> None:
     forwarding = _address_forwarding_warning(listener)
     if forwarding:
         print(f"  warning: {forwarding}", file=out)
+    proxy_account = _nntp_proxy_account_note(listener)
+    if proxy_account:
+        print(f"  note: {proxy_account}", file=out)
+
+
+def _nntp_proxy_account_note(listener: Listener) -> str | None:
+    """NNTP terminate mode toward a backend that offers AUTHINFO USER (INN)
+    logs in as the master user itself: AUTHINFO USER has no authzid."""
+    backend = listener.backend
+    if listener.protocol is not Protocol.NNTP or backend.mode is not BackendMode.TERMINATE:
+        return None
+    if not any(MECHANISMS[m].cleartext for m in backend.mechanisms if m in MECHANISMS):
+        return None
+    return (
+        f"toward a backend that offers AUTHINFO USER (INN), authgate logs in as the one "
+        f"account {backend.master_user!r} (AUTHINFO USER names no second identity): the "
+        "backend sees every reader as it"
+    )
 
 
 def _warn_ntlm_legacy(

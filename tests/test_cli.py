@@ -332,6 +332,9 @@ def test_check_and_negotiate_an_nntp_listener(tmp_path: Path) -> None:
     assert checked.returncode == 0, checked.stderr
     assert "listener news: nntp on 0.0.0.0:119 (tls starttls)" in checked.stdout
     assert "without TLS:             offers CRAM-MD5; cleartext login refused" in checked.stdout
+    # Terminate mode toward INN: one proxy account, said once, for that listener.
+    assert checked.stdout.count("note: toward a backend that offers AUTHINFO USER") == 1
+    assert "account 'authgate-proxy'" in checked.stdout
     args = ("negotiate", "-c", str(config), "--json", "--listener", "news")
     outsider = json.loads(run_cli(*args, "--client-ip", "192.0.2.1").stdout)
     assert outsider["protocol"] == "nntp" and outsider["offered"] == ["CRAM-MD5"]
