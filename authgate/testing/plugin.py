@@ -21,6 +21,17 @@ response injection, PREAUTH, bad certificates, ...), for testing how a
 client copes with a hostile server.
 ``authgate_ssl_context``
     A client ``ssl.SSLContext`` trusting the stack's CA.
+``authgate_identity_provider``
+    Session-scoped OAuth 2.0 identity provider on loopback
+    (authgate.testing.identity_provider): ``.token("alice")`` is a valid
+    bearer token, ``.token("alice", lifetime=-60)`` an expired one, and so
+    on. A stack started with ``oauth=True`` verifies its tokens and offers
+    OAUTHBEARER and XOAUTH2.
+``authgate_client_ca``
+    Session-scoped CA for TLS client certificates
+    (authgate.testing.client_ca): ``cert, key = authgate_client_ca.issue("alice")``.
+    A stack started with ``client_certs=True`` asks every listener's clients
+    for one (optional), maps its CN or e-mail to the user and offers EXTERNAL.
 ``authgate_certs_dir``
     Session-scoped folder holding the throw-away CA and server certificate;
     override it to use your own.
@@ -38,10 +49,11 @@ Without pytest-asyncio the plugin registers nothing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import re
 import secrets
-from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -50,6 +62,8 @@ import pytest
 if TYPE_CHECKING:
     import ssl
 
+    from authgate.testing.client_ca import ClientCA
+    from authgate.testing.identity_provider import IdentityProvider
     from authgate.testing.stack import Stack
 
 try:
@@ -75,6 +89,8 @@ MARKER_KEYWORDS = (
     "scenario",
     "scenario_options",
     "ldap_backend",
+    "oauth",
+    "client_certs",
 )
 MARKER_HELP = (
     "authgate(security='require-secure-auth', mechanisms=[...], exempt=['127.0.0.2/32'], "
@@ -173,6 +189,8 @@ def resolve_settings(
     scenario: str | None = None,
     scenario_options: Mapping[str, object] | None = None,
     ldap_backend: str | None = None,
+    oauth: bool = False,
+    client_certs: bool = False,
 ) -> dict[str, Any]:
     """Check every argument and fill in the defaults: the keyword arguments
     for `embedded_stack` (mechanisms None: every mechanism the stack serves).
@@ -182,7 +200,12 @@ def resolve_settings(
     testing how a client copes with it. `allow_ntlm_legacy=True` lets an
     NTLMv1 or NTLM2-session-response client in (the config key of that name).
     `scenario` names a hostile-server scenario (authgate.testing.scenarios),
-    `scenario_options` its knobs (delay, line_bytes)."""
+    `scenario_options` its knobs (delay, line_bytes). `oauth=True`: tokens
+    of the `authgate_identity_provider` log in (OAUTHBEARER, XOAUTH2);
+    `client_certs=True`: certificates of `authgate_client_ca` (EXTERNAL)."""
+    for name, value in (("oauth", oauth), ("client_certs", client_certs)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{origin}: {name} must be True or False, not {value!r}")
     check_policy(origin, security, mechanisms, exempt, allow_ntlm_legacy)
     if scenario is not None or scenario_options is not None:
         from authgate.testing import scenarios
@@ -215,6 +238,8 @@ def resolve_settings(
         "scenario": scenario,
         "scenario_options": scenario_options,
         "ldap_backend": ldap_backend,
+        "oauth": oauth,
+        "client_certs": client_certs,
     }
 
 
@@ -322,7 +347,7 @@ if HAVE_PYTEST_ASYNCIO:
                 "clients with `await asyncio.to_thread(...)`.",
                 pytrace=False,
             )
-        from authgate.testing.stack import ALL_MECHANISMS, embedded_stack
+        from authgate.testing.stack import ALL_MECHANISMS, STANDARD_LAYOUT, embedded_stack
 
         # The report hook below prints these stacks' transcripts when the test fails.
         stacks: list[Stack] = []
@@ -341,6 +366,8 @@ if HAVE_PYTEST_ASYNCIO:
                 scenario: str | None = None,
                 scenario_options: Mapping[str, object] | None = None,
                 ldap_backend: str | None = None,
+                oauth: bool = False,
+                client_certs: bool = False,
             ) -> Stack:
                 settings = resolve_settings(
                     "authgate_factory",
@@ -354,9 +381,26 @@ if HAVE_PYTEST_ASYNCIO:
                     scenario=scenario,
                     scenario_options=scenario_options,
                     ldap_backend=ldap_backend,
+                    oauth=oauth,
+                    client_certs=client_certs,
                 )
+                extra_mechanisms: list[str] = []
+                if settings.pop("oauth"):
+                    idp = request.getfixturevalue("authgate_identity_provider")
+                    settings["extra_config"] += (
+                        f'[oauth]\njwks = "{idp.jwks_url}"\nissuer = "{idp.issuer}"\n'
+                        f'audience = "{idp.audience}"\nuser_claim = "email"\n'
+                    )
+                    extra_mechanisms += ["OAUTHBEARER", "XOAUTH2"]
+                if settings.pop("client_certs"):
+                    ca = request.getfixturevalue("authgate_client_ca")
+                    keys = f'client_ca = "{ca.ca_file}"\nclient_cert_user = "cn"\n'
+                    settings["layout"] = tuple(
+                        dataclasses.replace(spec, extra=keys) for spec in STANDARD_LAYOUT
+                    )
+                    extra_mechanisms.append("EXTERNAL")
                 if settings["mechanisms"] is None:
-                    settings["mechanisms"] = ALL_MECHANISMS
+                    settings["mechanisms"] = (*extra_mechanisms, *ALL_MECHANISMS)
                 workdir = tmp_path_factory.mktemp("authgate")
                 stack = await running.enter_async_context(
                     embedded_stack(
@@ -401,3 +445,18 @@ if HAVE_PYTEST_ASYNCIO:
     def authgate_ssl_context(authgate: Stack) -> ssl.SSLContext:
         """A client TLS context trusting the `authgate` stack's CA."""
         return authgate.ssl_context()
+
+    @pytest.fixture(scope="session")
+    def authgate_identity_provider() -> Iterator[IdentityProvider]:
+        """An OAuth 2.0 identity provider (JWK set, introspection) on loopback."""
+        from authgate.testing.identity_provider import IdentityProvider
+
+        with IdentityProvider(host=HOST) as provider:
+            yield provider
+
+    @pytest.fixture(scope="session")
+    def authgate_client_ca(tmp_path_factory: pytest.TempPathFactory) -> ClientCA:
+        """A CA for TLS client certificates (EXTERNAL)."""
+        from authgate.testing.client_ca import ClientCA
+
+        return ClientCA(tmp_path_factory.mktemp("authgate-client-ca"))
