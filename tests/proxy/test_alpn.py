@@ -26,8 +26,8 @@ from authgate.testing.stack import STANDARD_LAYOUT, Stack, embedded_stack
 pytestmark = pytest.mark.asyncio
 
 PASSWORD = "pw-alpn-test-1"
-OWN = {"imaps": "imap", "pop3s": "pop3", "smtps": "smtp", "imap": "imap"}
-GREETING = {"imaps": b"* OK ", "pop3s": b"+OK ", "smtps": b"220 "}
+OWN = {"imaps": "imap", "pop3s": "pop3", "smtps": "smtp", "nntps": "nntp", "imap": "imap"}
+GREETING = {"imaps": b"* OK ", "pop3s": b"+OK ", "smtps": b"220 ", "nntps": b"200 "}
 REFUSED = "no application protocol"
 
 
@@ -58,10 +58,10 @@ async def handshake(
 
 
 def other_mail_ids(name: str) -> list[str]:
-    return [i for i in ("imap", "pop3", "smtp") if i != OWN[name]]
+    return [i for i in ("imap", "pop3", "smtp", "nntp") if i != OWN[name]]
 
 
-@pytest.mark.parametrize("name", ["imaps", "pop3s", "smtps"])
+@pytest.mark.parametrize("name", ["imaps", "pop3s", "smtps", "nntps"])
 async def test_foreign_alpn_is_refused_with_the_alert(
     stack: Stack, name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -81,7 +81,7 @@ async def test_foreign_alpn_is_refused_with_the_alert(
     assert len(refusals) == 3 and "[h2, http/1.1]" in refusals[1], refusals
 
 
-@pytest.mark.parametrize("name", ["imaps", "pop3s", "smtps"])
+@pytest.mark.parametrize("name", ["imaps", "pop3s", "smtps", "nntps"])
 async def test_own_alpn_is_selected_and_no_alpn_is_served(stack: Stack, name: str) -> None:
     own = OWN[name]
     selected, greeting = await handshake(stack, name, [own])
@@ -132,7 +132,7 @@ async def curl(*args: str, data: bytes | None = None) -> tuple[int, str]:
     return proc.returncode, out.decode(errors="replace")
 
 
-@pytest.mark.parametrize("name", ["imaps", "pop3s", "smtps"])
+@pytest.mark.parametrize("name", ["imaps", "pop3s", "smtps", "nntps"])
 async def test_curl_https_to_a_mail_port_is_refused(stack: Stack, name: str) -> None:
     """What a browser would do (ALPACA): an HTTPS request, ALPN h2/http1.1."""
     ep = stack[name]

@@ -33,7 +33,7 @@ BODY = (
     b"<img/src=x/onerror=alert`2`> LOGIN alpaca alpaca\r\n"
     b"a'alpaca'b NOOP\r\n"
 )
-GOODBYE = {"imap": b"* BYE ", "pop3": b"-ERR ", "smtp": b"421 "}
+GOODBYE = {"imap": b"* BYE ", "pop3": b"-ERR ", "smtp": b"421 ", "nntp": b"400 "}
 LISTENERS = {
     "imaps": "imap",
     "pop3s": "pop3",
@@ -41,6 +41,8 @@ LISTENERS = {
     "imap": "imap",
     "pop3": "pop3",
     "submission": "smtp",
+    "nntps": "nntp",
+    "nntp": "nntp",
 }
 
 
@@ -102,7 +104,8 @@ def reply_lines(protocol: str, data: bytes) -> list[bytes]:
 async def test_http_request_ends_in_goodbye_after_max_errors(stack: Stack, name: str) -> None:
     protocol = LISTENERS[name]
     greeting, rest = await send_and_read_all(stack, name, http_request(stack[name].port))
-    assert greeting.startswith({"imap": b"* OK ", "pop3": b"+OK ", "smtp": b"220 "}[protocol])
+    openers = {"imap": b"* OK ", "pop3": b"+OK ", "smtp": b"220 ", "nntp": b"200 "}
+    assert greeting.startswith(openers[protocol])
     lines = reply_lines(protocol, rest)
     # max_errors = 3 (the default): three error replies, then the goodbye.
     assert len(lines) == 4, lines
@@ -121,7 +124,12 @@ async def test_no_part_of_the_request_is_reflected_even_with_many_errors_allowed
     commands too: still never reflected. The request ends with the
     protocol's goodbye command, so the server closes."""
     protocol = LISTENERS[name]
-    quit_command = {"imap": b"z LOGOUT\r\n", "pop3": b"QUIT\r\n", "smtp": b"QUIT\r\n"}[protocol]
+    quit_command = {
+        "imap": b"z LOGOUT\r\n",
+        "pop3": b"QUIT\r\n",
+        "smtp": b"QUIT\r\n",
+        "nntp": b"QUIT\r\n",
+    }[protocol]
     _, rest = await send_and_read_all(
         stack, name, http_request(stack[name].port, BODY + quit_command)
     )
