@@ -804,3 +804,22 @@ def test_splice_filter_forwards_any_other_command_in_any_chunking(
     chunks.append(wire[pos:])
     backend, client, closed, _ = filter_all(chunks, max_line=4096)
     assert backend == wire and client == b"" and not closed
+
+
+def test_a_one_way_password_store_leaves_only_cleartext_mechanisms() -> None:
+    # Passwords stored as SHA: CRAM-MD5 and SCRAM cannot be verified, so the
+    # capability list (inside TLS) offers PLAIN only and refuses the others.
+    d = driver(verifiable=("PLAIN", "LOGIN"), tls=True)
+    d.send(b"STARTTLS\r\n")
+    caps = capability_lines(d.out[len(d.greeting) :])
+    assert [b"SASL", b"PLAIN"] in caps
+    assert d.say('AUTHENTICATE "CRAM-MD5"') == 'NO "Unsupported authentication mechanism."\r\n'
+    assert [f.reason for f in d.of(AuthFailed)] == ["not-available"]
+    assert d.say(f'AUTHENTICATE "PLAIN" {q(GOOD)}') == 'OK "Logged in."\r\n'
+
+
+def test_mechanisms_are_listed_in_the_admins_order() -> None:
+    d = driver(mechanisms=("SCRAM-SHA-256", "CRAM-MD5", "PLAIN"))
+    assert [b"SASL", b"SCRAM-SHA-256 CRAM-MD5 PLAIN"] in capability_lines(d.greeting)
+    d = driver(mechanisms=("PLAIN", "SCRAM-SHA-256"))
+    assert [b"SASL", b"PLAIN SCRAM-SHA-256"] in capability_lines(d.greeting)
