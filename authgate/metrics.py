@@ -90,6 +90,7 @@ class Recorder(NullRecorder):
             # have been imported before the directory existed.
             os.environ[MULTIPROC_ENV] = str(multiprocess_dir)
             values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._accepted = Counter(
@@ -174,52 +175,62 @@ class Recorder(NullRecorder):
             "authgate_reloads", "Configuration reloads (SIGHUP) by result", ["result"], registry=r
         )
 
+    def _c(self, metric: Any, *labels: str) -> Any:
+        """The metric's child for these label values, looked up once: the
+        library's labels() takes a lock and builds keys on every call, which
+        on the login path cost more than the count itself."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def connection_accepted(self, listener: str) -> None:
-        self._accepted.labels(listener).inc()
+        self._c(self._accepted, listener).inc()
 
     def connection_refused(self, listener: str, reason: str) -> None:
-        self._refused.labels(listener, reason).inc()
+        self._c(self._refused, listener, reason).inc()
 
     def session_started(self, listener: str) -> None:
-        self._sessions.labels(listener).inc()
+        self._c(self._sessions, listener).inc()
 
     def session_ended(self, listener: str) -> None:
-        self._sessions.labels(listener).dec()
+        self._c(self._sessions, listener).dec()
 
     def preauth_started(self, listener: str) -> None:
-        self._preauth.labels(listener).inc()
+        self._c(self._preauth, listener).inc()
 
     def preauth_ended(self, listener: str) -> None:
-        self._preauth.labels(listener).dec()
+        self._c(self._preauth, listener).dec()
 
     def login(
         self, listener: str, mechanism: str, outcome: str, reason: str, seconds: float
     ) -> None:
-        self._logins.labels(listener, mechanism, outcome).inc()
+        self._c(self._logins, listener, mechanism, outcome).inc()
         if outcome == "refused":
-            self._refusals.labels(listener, reason).inc()
+            self._c(self._refusals, listener, reason).inc()
         if outcome != "blocked":
-            self._duration.labels(listener).observe(seconds)
+            self._c(self._duration, listener).observe(seconds)
 
     def penalty(self, listener: str, seconds: float) -> None:
-        self._penalties.labels(listener).inc()
-        self._penalty_seconds.labels(listener).inc(seconds)
+        self._c(self._penalties, listener).inc()
+        self._c(self._penalty_seconds, listener).inc(seconds)
 
     def blocked(self, listener: str) -> None:
-        self._blocks.labels(listener).inc()
+        self._c(self._blocks, listener).inc()
 
     def backend_failure(self, backend: str, stage: str) -> None:
-        self._backend_failures.labels(backend, stage).inc()
+        self._c(self._backend_failures, backend, stage).inc()
 
     def spliced(self, listener: str, up: int, down: int) -> None:
-        self._spliced.labels(listener, "up").inc(up)
-        self._spliced.labels(listener, "down").inc(down)
+        self._c(self._spliced, listener, "up").inc(up)
+        self._c(self._spliced, listener, "down").inc(down)
 
     def tls_handshake(self, listener: str, ok: bool) -> None:
-        self._tls.labels(listener, "ok" if ok else "failed").inc()
+        self._c(self._tls, listener, "ok" if ok else "failed").inc()
 
     def reload(self, ok: bool) -> None:
-        self._reloads.labels("ok" if ok else "failed").inc()
+        self._c(self._reloads, "ok" if ok else "failed").inc()
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format of every metric (all workers' in multiprocess

@@ -12,6 +12,7 @@ import hmac
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -203,6 +204,16 @@ class Imap:
         digest = hmac.new(password.encode(), challenge, hashlib.md5).hexdigest()
         self.writer.write(base64.b64encode(f"{user} {digest}".encode()) + b"\r\n")
         return await asyncio.wait_for(self.reader.readline(), 20)
+
+    async def starttls(self) -> None:
+        """STARTTLS (the dev certificate is not checked: the test is about
+        what authgate records, not about trust)."""
+        reply = await self.command("t", "STARTTLS")
+        assert reply[-1].startswith(b"t OK"), reply
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        await asyncio.wait_for(self.writer.start_tls(context), 10)
 
     def close(self) -> None:
         self.writer.close()

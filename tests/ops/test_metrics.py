@@ -108,6 +108,21 @@ async def test_readyz_names_an_unreachable_backend(tmp_path: Path) -> None:
         assert f"127.0.0.1:{gate.backends.imap.port}" not in body.decode()  # that one answers
         status, _, _ = await http_get("127.0.0.1", port, "/nothing")
         assert status == 404
+        # A login inside STARTTLS: its record names the TLS version.
+        client = await Imap.open(gate.ports["imap"], local="127.0.5.1")
+        await client.starttls()
+        assert (await client.command("a", f"LOGIN alice {PASSWORD}"))[-1].startswith(b"a OK")
+        client.close()
+        await gate.wait_log("outcome=ok listener=imap client=127.0.5.1 ")
+        assert "mechanism=LOGIN-COMMAND tls=TLSv1.3 reason=- backend=127.0.0.1:" in gate.log_text()
+        # A login whose backend is down: an error, with the backend named.
+        client = await Imap.open(gate.ports["broken"], local="127.0.5.2")
+        assert (await client.cram_md5("alice", PASSWORD)).startswith(b"c NO")
+        client.close()
+        await gate.wait_log(
+            "outcome=error listener=broken client=127.0.5.2 client_port="
+        )
+        assert f"reason=backend-unavailable backend=127.0.0.1:{dead} " in gate.log_text()
         # With workers = 1 the counts are in-process: the scrape works too.
         status, _, body = await http_get("127.0.0.1", port, "/metrics")
         assert status == 200
@@ -115,3 +130,7 @@ async def test_readyz_names_an_unreachable_backend(tmp_path: Path) -> None:
         names = {family.name for family in text_string_to_metric_families(body.decode())}
         for name in METRIC_NAMES:
             assert name.removesuffix("_total") in names, name
+        found = samples(body.decode())
+        assert value(found, "authgate_tls_handshakes_total", listener="imap", result="ok") == 1
+        assert value(found, "authgate_backend_failures_total", backend=f"127.0.0.1:{dead}", stage="connect") == 1
+        assert value(found, "authgate_logins_total", listener="broken", mechanism="CRAM-MD5", outcome="error") == 1
