@@ -51,6 +51,8 @@ SECTION: list[str] = [
     "| raw socket | STARTTLS with a login and GROUP in the same segment, from 127.0.0.1 | "
     "dropped (one STARTTLS injection warning); inside TLS `AUTHINFO PASS` is `482`, "
     "`GROUP` `480`; the login sent again inside TLS reads the group | the same |",
+    "| raw socket | STARTTLS after the login, from 127.0.0.2 | INN's `502` (the session is "
+    "spliced), `GROUP` then `211` in the clear | the same |",
     "",
     "Relay mode sends a reader's AUTHINFO USER/PASS, and SASL PLAIN without an "
     "authorisation identity, to INN as AUTHINFO USER/PASS: readers.conf checks only "

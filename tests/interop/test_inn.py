@@ -31,6 +31,7 @@ from authgate import config as config_mod
 from authgate.certs import ensure_dev_certificates
 from authgate.credentials.store import UserStore, generate_secrets
 from authgate.offers import load_store
+from authgate.protocols import nntp
 from authgate.proxy.server import Gateway
 from authgate.runner import start_gateway
 from authgate.sasl.base import ClientContext, ClientCredentials, client_step
@@ -380,3 +381,26 @@ async def test_docs_interop_has_the_nntp_section() -> None:
     docs = (Path(__file__).parents[2] / "docs" / "interop.md").read_text(encoding="utf-8")
     assert "\n".join(inn_notes.SECTION[2:]) in docs
     assert inn_notes.SECTION[0] in docs
+
+
+@pytest.mark.parametrize("mode", ["relay", "terminate"])
+async def test_starttls_after_login_reaches_inn_which_refuses_it(setup: Setup, mode: str) -> None:
+    """NO STARTTLS's "STARTTLS after AUTH": once logged in, the session is
+    INN's; INN refuses STARTTLS after authentication (RFC 4642 section
+    2.2.2) and the session goes on in the clear, unchanged."""
+    host, port = setup.address(f"{mode}-starttls")
+    reader, writer = await asyncio.open_connection(host, port, local_addr=(EXEMPT, 0))
+    try:
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"200 ")
+        writer.write(f"AUTHINFO USER {USER}\r\nAUTHINFO PASS {PASSWORD}\r\n".encode())
+        replies = [await asyncio.wait_for(reader.readline(), 10) for _ in range(2)]
+        assert [r[:4] for r in replies] == [b"381 ", b"281 "], replies
+        writer.write(b"STARTTLS\r\n")
+        refused = await asyncio.wait_for(reader.readline(), 10)
+        assert refused.startswith(b"502 "), refused
+        # INN's answer: authgate's machine handed over and answers nothing now.
+        assert refused.rstrip() not in (nntp.ERR_TLS_ACTIVE.encode(), nntp.ERR_NO_STARTTLS.encode())
+        writer.write(f"GROUP {GROUP}\r\n".encode())
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"211 ")
+    finally:
+        writer.close()
