@@ -27,6 +27,7 @@ LAYOUT = (
     ListenerSpec("pop3s", "pop3", "implicit", 10995),
     ListenerSpec("submission", "smtp", "starttls", 10587),
     ListenerSpec("smtps", "smtp", "implicit", 10465),
+    ListenerSpec("sieve", "managesieve", "starttls", 14190),
 )
 
 WELCOME = b"""From: authgate demo <demo@localhost>\r
@@ -48,6 +49,7 @@ authgate demo is running (policy require-secure-auth, exempt network {EXEMPT}).
   IMAP   {HOST}:10143 (STARTTLS)   {HOST}:10993 (implicit TLS)
   POP3   {HOST}:10110 (STLS)       {HOST}:10995 (implicit TLS)
   SMTP   {HOST}:10587 (STARTTLS)   {HOST}:10465 (implicit TLS)
+  Sieve  {HOST}:14190 (STARTTLS; ManageSieve has no implicit-TLS port)
 
   user {DEMO_USER}, password {DEMO_PASSWORD}
   CA to trust: {ca}
@@ -72,6 +74,10 @@ Try the policy (each command says what it shows):
   printf 'Subject: hi\\r\\n\\r\\nhello\\r\\n' | curl --ssl-reqd --cacert {ca_arg} \\
       smtp://localhost:10587 -u {user} --mail-from {DEMO_USER}@localhost \\
       --mail-rcpt {DEMO_USER}@localhost -T -
+
+  # 6. ManageSieve through STARTTLS (sieve-connect): accepted, lists the scripts
+  printf '%s\n' {DEMO_PASSWORD} | sieve-connect --4 -s localhost -p 14190 \
+      --tlscafile {ca_arg} -u {DEMO_USER} --passwordfd 0 --list
 
 Stop with Ctrl-C.
 """

@@ -69,14 +69,14 @@ def run(command: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_demo_prints_the_layout(demo: str) -> None:
-    for port in ("10143", "10993", "10110", "10995", "10587", "10465"):
+    for port in ("10143", "10993", "10110", "10995", "10587", "10465", "14190"):
         assert port in demo
     assert "alice-demo-pw" in demo and "127.0.0.2/32" in demo
 
 
 def test_every_printed_curl_command_behaves_as_printed(demo: str) -> None:
     examples = commands(demo)
-    assert len(examples) >= 6
+    assert len(examples) >= 7
     for comment, command in examples:
         result = run(command)
         if "refused" in comment:
