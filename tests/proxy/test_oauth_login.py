@@ -250,3 +250,36 @@ async def test_a_cancelled_error_challenge_still_counts(stack: Stack, idp: Ident
         assert (await asyncio.wait_for(reader.readline(), TIMEOUT)).startswith(b"a BAD")
         writer.close()
     assert stack.gateway.guard.check(source).blocked
+
+
+async def test_introspection_through_the_gateway(
+    tmp_path: Path, idp: IdentityProvider
+) -> None:
+    """[oauth] introspection_url: the provider is asked (RFC 7662); a token
+    it revoked is refused, and a verdict is reused within cache_seconds."""
+    oauth = (
+        "[oauth]\n"
+        f'introspection_url = "{idp.introspection_url}"\n'
+        f'client_id = "{idp.client_id}"\n'
+        f'client_secret = "{idp.client_secret}"\n'
+        "cache_seconds = 60\n"
+        "[defence]\nfailure_delay = 0\npenalties = [0.05]\n"
+    )
+    async with embedded_stack(
+        tmp_path,
+        users={USER: "Unused-Passw0rd-9"},
+        security="none",
+        mechanisms=["OAUTHBEARER", "XOAUTH2"],
+        layout=(ListenerSpec("imap", "imap", "none"),),
+        extra_config=oauth,
+    ) as stack:
+        token = idp.token(USER)
+        asked = idp.requests.count("/introspect")
+        for _ in range(2):
+            done = await asyncio.to_thread(curl, stack, "imap", token, "XOAUTH2", tmp_path)
+            assert done.returncode == 0, done.stderr
+        assert idp.requests.count("/introspect") == asked + 1  # the second from the cache
+        revoked = idp.token(USER)
+        idp.revoke(revoked)
+        refused = await asyncio.to_thread(curl, stack, "imap", revoked, "OAUTHBEARER", tmp_path)
+        assert refused.returncode == 67, refused.stderr
