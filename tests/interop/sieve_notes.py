@@ -38,6 +38,9 @@ SECTION: list[str] = [
     "✘ `NO (ENCRYPT-NEEDED)`; no login reaches Dovecot | ✘ the same |",
     "| raw socket | the same from 127.0.0.77 (exempt) | ✔ `OK`, then `LISTSCRIPTS` "
     "answered by Dovecot | ✔ |",
+    "| raw socket | STARTTLS with a PLAIN login in the same segment, from 127.0.0.1 | "
+    "dropped; inside TLS only the capability list, "
+    '`LISTSCRIPTS` gets `NO "Authenticate first."`; no login reaches Dovecot | the same |',
     "| raw socket | the greeting | `SIEVE` and `NOTIFY` are Dovecot's (asked once a "
     "minute), `SASL` is the policy's (`SCRAM-SHA-256` before TLS), Dovecot's `XCLIENT` "
     "is not repeated | – |",

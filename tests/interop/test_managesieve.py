@@ -353,3 +353,45 @@ async def test_docs_interop_holds_the_managesieve_section() -> None:
     docs = (Path(__file__).resolve().parents[2] / "docs" / "interop.md").read_text()
     assert "\n".join(sieve_notes.SECTION[2:]) in docs
     assert sieve_notes.SECTION[0] in docs
+
+
+def starttls_with_injection(port: int, ca: Path, password: str) -> tuple[bytes, bytes]:
+    """STARTTLS with a PLAIN login pipelined behind it in one segment, then
+    LISTSCRIPTS inside TLS: what came after the handshake, before and after
+    LISTSCRIPTS was sent."""
+    import ssl
+
+    initial = base64.b64encode(f"\0{USER}\0{password}".encode())
+    injected = b'AUTHENTICATE "PLAIN" "' + initial + b'"\r\n'
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as raw:
+        data = b""
+        while b"\r\nOK " not in b"\r\n" + data:
+            data += raw.recv(4096)
+        raw.sendall(b"STARTTLS\r\n" + injected)
+        reply = b""
+        while not reply.endswith(b"\r\n"):
+            reply += raw.recv(1)
+        assert reply.startswith(b"OK "), reply
+        context = ssl.create_default_context(cafile=str(ca))
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            after = b""
+            while b'OK "TLS negotiation successful."\r\n' not in after:
+                after += tls.recv(4096)
+            tls.sendall(b"LISTSCRIPTS\r\n")
+            answer = tls.recv(4096)
+    return after, answer
+
+
+@pytest.mark.parametrize("listener", ["sieve", "sieve-relay"])
+async def test_starttls_injection_never_reaches_dovecot(
+    gateway: Gateway, dovecot_sieve: DovecotInstance, certs: Certs, listener: str
+) -> None:
+    _, port = gateway.addresses()[listener]
+    mark = dovecot_sieve.log_size()
+    after, answer = await asyncio.to_thread(
+        starttls_with_injection, port, certs.ca, dovecot_sieve.users[USER]
+    )
+    # Inside TLS: only the capability list; the pipelined login was not run.
+    assert after.endswith(b'OK "TLS negotiation successful."\r\n') and b"Logged in" not in after
+    assert answer == b'NO "Authenticate first."\r\n'
+    assert "managesieve-login: Info: Login" not in dovecot_sieve.log_text(mark)
