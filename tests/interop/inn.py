@@ -103,7 +103,7 @@ class InnInstance:
         return "\n".join(parts)
 
 
-def _inn_conf(root: Path) -> str:
+def _inn_conf(root: Path, tls: bool) -> str:
     lines = []
     for line in Path("/etc/news/inn.conf").read_text().splitlines():
         key = line.partition(":")[0].strip()
@@ -112,6 +112,9 @@ def _inn_conf(root: Path) -> str:
         lines.append(line)
     lines += [f"{key}: {root / sub}" for key, sub in _PATHS.items()]
     lines += ["domain: authgate.test", "pathhost: inn.authgate.test"]
+    if tls:
+        # nnrpd's STARTTLS (RFC 4642): authgate's backend connection uses it.
+        lines += [f"tlscertfile: {root / 'etc/cert.pem'}", f"tlskeyfile: {root / 'etc/key.pem'}"]
     return "\n".join(lines) + "\n"
 
 
@@ -121,12 +124,17 @@ def _crypt(password: str) -> str:
     return str(sha512_crypt.using(rounds=5000).hash(password))
 
 
-def _build(root: Path) -> None:
+def _build(root: Path, tls_files: tuple[Path, Path] | None) -> None:
     for sub in ("etc", "db", "spool/articles/local/test", "spool/overview", "tmp", "log",
                 "run", "http"):  # fmt: skip
         (root / sub).mkdir(parents=True, exist_ok=True)
     etc = root / "etc"
-    (etc / "inn.conf").write_text(_inn_conf(root))
+    (etc / "inn.conf").write_text(_inn_conf(root, tls_files is not None))
+    if tls_files is not None:
+        cert, key = tls_files
+        shutil.copyfile(cert, etc / "cert.pem")
+        shutil.copyfile(key, etc / "key.pem")
+        (etc / "key.pem").chmod(0o600)
     (etc / "storage.conf").write_text("method tradspool {\n    newsgroups: *\n    class: 0\n}\n")
     (etc / "passwd").write_text(
         "".join(f"{user}:{_crypt(password)}\n" for user, password in (READER, PROXY))
@@ -196,8 +204,9 @@ def _wait_for_greeting(port: int, process: subprocess.Popen[bytes], deadline: fl
 
 
 @contextlib.contextmanager
-def start_inn() -> Iterator[InnInstance]:
-    """nnrpd serving `local.test` (one article) on a loopback port."""
+def start_inn(tls_files: tuple[Path, Path] | None = None) -> Iterator[InnInstance]:
+    """nnrpd serving `local.test` (one article) on a loopback port; with
+    `tls_files` (certificate chain, key), offering STARTTLS with them."""
     if not NNRPD.exists() or not MAKEHISTORY.exists():
         raise InnMissing("INN is not installed: apt-get install inn2 (./dev test does)")
     if not SASLPASSWD2.exists():
@@ -206,7 +215,7 @@ def start_inn() -> Iterator[InnInstance]:
     root.chmod(0o755)  # nnrpd may drop to user news: it must reach its files
     process: subprocess.Popen[bytes] | None = None
     try:
-        _build(root)
+        _build(root, tls_files)
         port = free_port()
         env = {
             **os.environ,

@@ -19,7 +19,7 @@ SECTION: list[str] = [
     "against two crypt(3) accounts, the reader and one proxy account, and the group "
     "`local.test` with one article, its history and overview built by `makehistory`; "
     "AUTHINFO SASL through Cyrus SASL with its own `INN.conf` and sasldb, named by "
-    "`SASL_CONF_PATH`). "
+    "`SASL_CONF_PATH`; STARTTLS with authgate's dev certificate). "
     "authgate: four `nntp` listeners, relay and terminate mode, each with STARTTLS and "
     "with implicit TLS (NNTPS, port 563's role); policy `require-secure-auth`, mechanisms "
     "SCRAM-SHA-256, CRAM-MD5 and PLAIN, exempt network `127.0.0.2/32`. A success counts "
@@ -37,6 +37,11 @@ SECTION: list[str] = [
     "`AUTHINFO SASL`, `SASL SCRAM-SHA-256 CRAM-MD5`; `GROUP` still `480` | ✘ `483`, the "
     "same |",
     "| nntplib | wrong password from 127.0.0.2 | ✘ `481` (INN's refusal, passed on) | – |",
+    "| nntplib | cleartext from 127.0.0.2 to a listener whose backend connection uses "
+    "STARTTLS (`tls = \"starttls\"`, INN's certificate checked with the test CA) | "
+    "✔ article | ✔ article |",
+    "| nntplib | the same with public CAs as `ca_file` (INN's certificate not trusted) | "
+    "✘ `403`, the password never sent to INN | – |",
     "| Net::NNTP | `authinfo` in cleartext from 127.0.0.2 | ✔ article | ✔ article |",
     "| Net::NNTP | `starttls`, then `authinfo`, from 127.0.0.1 | ✔ article | ✔ article |",
     "| Net::NNTP | `SSL => 1` (implicit TLS) from 127.0.0.1 | ✔ article | ✔ article |",

@@ -56,14 +56,29 @@ with warnings.catch_warnings():
 
 pytestmark = [pytest.mark.interop, pytest.mark.asyncio]
 
+WRONG_CA = "/etc/ssl/certs/ca-certificates.crt"  # public CAs: none signed INN's certificate
 EXEMPT = "127.0.0.2"
 NOT_EXEMPT = "127.0.0.1"
 USER, PASSWORD = READER
 
 
 @pytest.fixture(scope="module")
-def inn() -> Iterator[InnInstance]:
-    with start_inn() as instance:
+def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The CA (with authgate's certificate beside it) and the users file,
+    made once for the module: Argon2 and a CA per test would cost more than
+    the tests."""
+    root = tmp_path_factory.mktemp("inn-gate")
+    ca = ensure_dev_certificates(root / "certs")
+    store = UserStore(realm="localhost")
+    store.set_user_secrets(USER, generate_secrets(USER, PASSWORD, "localhost"))
+    store.save(root / "users.toml")
+    return ca, root / "users.toml"
+
+
+@pytest.fixture(scope="module")
+def inn(files: tuple[Path, Path]) -> Iterator[InnInstance]:
+    certs = files[0].parent  # INN's STARTTLS shows authgate's dev certificate too
+    with start_inn((certs / "server.pem", certs / "server.key")) as instance:
         yield instance
 
 
@@ -78,19 +93,6 @@ class Setup:
 
     def context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.ca_file))
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The CA (with authgate's certificate beside it) and the users file,
-    made once for the module: Argon2 and a CA per test would cost more than
-    the tests."""
-    root = tmp_path_factory.mktemp("inn-gate")
-    ca = ensure_dev_certificates(root / "certs")
-    store = UserStore(realm="localhost")
-    store.set_user_secrets(USER, generate_secrets(USER, PASSWORD, "localhost"))
-    store.save(root / "users.toml")
-    return ca, root / "users.toml"
 
 
 @pytest_asyncio.fixture
@@ -114,6 +116,23 @@ mode = "{mode}"
             if mode == "terminate":
                 # INN has no master users: one proxy account in readers.conf.
                 listeners += f'master_user = "{PROXY[0]}"\nmaster_password = "{PROXY[1]}"\n'
+    for mode, trusted in (("relay", ca), ("terminate", ca), ("relay", WRONG_CA)):
+        # authgate to INN with STARTTLS, INN's certificate checked with our
+        # CA (or with public CAs, which do not know it).
+        name = f"{mode}-backend-tls" if trusted == ca else f"{mode}-backend-wrong-ca"
+        listeners += f"""
+[[listeners]]
+name = "{name}"
+protocol = "nntp"
+listen = "127.0.0.1:0"
+[listeners.backend]
+address = "127.0.0.1:{inn.port}"
+mode = "{mode}"
+tls = "starttls"
+ca_file = "{trusted}"
+"""
+        if mode == "terminate":
+            listeners += f'master_user = "{PROXY[0]}"\nmaster_password = "{PROXY[1]}"\n'
     path = tmp_path / "authgate.toml"
     path.write_text(
         'hostname = "localhost"\n'
@@ -201,6 +220,30 @@ async def test_nntplib_cleartext_from_a_non_exempt_address_is_483(
             return str(refused.value)
 
     assert (await asyncio.to_thread(attempt)).startswith("483 ")
+
+
+@pytest.mark.parametrize("mode", ["relay", "terminate"])
+async def test_nntplib_reads_through_starttls_toward_inn(setup: Setup, mode: str) -> None:
+    # The reader in the clear from the exempt address; authgate to INN
+    # with STARTTLS (RFC 4642), capabilities asked again inside TLS.
+    name, lines = await asyncio.to_thread(
+        nntplib_read, setup.address(f"{mode}-backend-tls"), source=EXEMPT, tls="none",
+        context=setup.context(),
+    )  # fmt: skip
+    assert name == GROUP and BODY.encode() in lines
+
+
+async def test_inn_certificate_not_trusted_is_no_login(setup: Setup) -> None:
+    def attempt() -> str:
+        host, port = setup.address("relay-backend-wrong-ca")
+        with _reader(EXEMPT)(host, port, timeout=15) as client:
+            with pytest.raises(nntplib.NNTPTemporaryError) as refused:
+                client.login(USER, PASSWORD, usenetrc=False)
+            return str(refused.value)
+
+    # The handshake with INN failed verification: a temporary failure (403),
+    # and the reader's password never went to INN in the clear.
+    assert (await asyncio.to_thread(attempt)).startswith("403 ")
 
 
 async def test_nntplib_wrong_password_is_481(setup: Setup) -> None:
