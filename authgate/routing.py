@@ -244,13 +244,16 @@ def choose(
     hosts: Mapping[str, str] | None = None,
     health: Health | None = None,
     now: float = 0.0,
+    spread: str = "",
 ) -> Route:
-    """The backend `user` (None: not known, e.g. SMTP pass-through) goes to."""
+    """The backend `user` (None: not known, e.g. SMTP pass-through) goes to.
+    `spread`: what orders a pool's members when no user is known (the
+    client's address), so that such sessions still spread."""
     backend, why = _pick(user, default, backends, hints, table, hosts or {})
     members = backend.members_for(protocol)
     if not members:
         raise RoutingError(f"{why} names backend {backend.name!r}, which has no {protocol} address")
-    order = tuple(rendezvous_order(user or "", members, lambda m: str(m.address)))
+    order = tuple(rendezvous_order(user or spread, members, lambda m: str(m.address)))
     up = tuple(m for m in order if health is None or health.is_up(m.address, now))
     return Route(user=user, backend=backend, protocol=protocol, why=why, candidates=up, order=order)
 

@@ -398,3 +398,16 @@ def test_users_file_entry_must_name_a_backend(tmp_path: Path) -> None:
     path = _cli_files(tmp_path)
     (tmp_path / "users.toml").write_text(USERS.replace('"store2"', '"store9"'))
     assert main(["route", "-c", str(path), "bob"]) == 2
+
+
+def test_sessions_without_a_user_spread_by_client_address() -> None:
+    pool = BACKENDS["pool"]
+    firsts = {
+        choose(None, "smtp", pool, BACKENDS, spread=f"192.0.2.{i}").candidates[0].address
+        for i in range(1, 60)
+    }
+    assert len(firsts) == 3
+    assert (
+        choose(None, "smtp", pool, BACKENDS, spread="192.0.2.7").order
+        == choose(None, "smtp", pool, BACKENDS, spread="192.0.2.7").order
+    )

@@ -86,7 +86,9 @@ class ListenerRoutes:
         wait for the user's name before it connects.)"""
         return bool(self.backends) or self.default.pool(self.protocol)
 
-    def route(self, user: str | None, hints: UserHints | None = None) -> Route:
+    def route(
+        self, user: str | None, hints: UserHints | None = None, *, spread: str = ""
+    ) -> Route:
         """Raises routing.RoutingError when a per-user choice names nothing usable."""
         return choose(
             user,
@@ -98,6 +100,7 @@ class ListenerRoutes:
             hosts=self.hosts,
             health=self.health,
             now=time.monotonic(),
+            spread=spread,
         )
 
     def prepared_for(self, backend: Backend) -> PreparedBackend:

@@ -613,7 +613,7 @@ class ClientSession:
         runtime = self.runtime
         routes = self._routes()
         try:
-            route = routes.route(user, self._hints(user))
+            route = routes.route(user, self._hints(user), spread=str(self.peer[0]))
         except RoutingError as exc:
             log.warning("%s: no backend for %r: %s", self.tag, user, exc)
             return LoginFailed(BackendFailure.UNAVAILABLE, str(exc))
