@@ -167,6 +167,8 @@ class Health:
         self._down: dict[str, tuple[float, str]] = {}
 
     def is_up(self, address: Address, now: float) -> bool:
+        if not self._down:  # the common case, on every login: nothing down
+            return True
         entry = self._down.get(str(address))
         if entry is None:
             return True
@@ -253,7 +255,10 @@ def choose(
     members = backend.members_for(protocol)
     if not members:
         raise RoutingError(f"{why} names backend {backend.name!r}, which has no {protocol} address")
-    order = tuple(rendezvous_order(user or spread, members, lambda m: str(m.address)))
+    if len(members) > 1:
+        order = tuple(rendezvous_order(user or spread, members, lambda m: str(m.address)))
+    else:
+        order = members  # one member: nothing to hash
     up = tuple(m for m in order if health is None or health.is_up(m.address, now))
     return Route(user=user, backend=backend, protocol=protocol, why=why, candidates=up, order=order)
 
