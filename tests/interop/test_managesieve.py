@@ -395,3 +395,64 @@ async def test_starttls_injection_never_reaches_dovecot(
     assert after.endswith(b'OK "TLS negotiation successful."\r\n') and b"Logged in" not in after
     assert answer == b'NO "Authenticate first."\r\n'
     assert "managesieve-login: Info: Login" not in dovecot_sieve.log_text(mark)
+
+
+def our_client_against_dovecot(port: int, ca_pem: bytes, mechanism: str, password: str) -> object:
+    """authgate's ManageSieve client machine, driven over a blocking socket,
+    logging in to Dovecot directly with `mechanism` (STARTTLS first)."""
+    import ssl
+
+    from authgate.protocols.base import ClientSettings, LoggedIn, LoginFailed, Send, StartTLS
+    from authgate.protocols.managesieve import ManageSieveClient
+    from authgate.sasl.base import ClientContext, ClientCredentials, Derive
+
+    machine = ManageSieveClient(
+        ClientSettings(
+            hostname="gw",
+            starttls=True,
+            mechanisms=(mechanism,),
+            credentials=ClientCredentials(USER, password),
+            sasl_context=ClientContext(service="sieve", hostname="localhost"),
+        )
+    )
+    context = ssl.create_default_context(cadata=ca_pem.decode())
+    sock: socket.socket = socket.create_connection(("127.0.0.1", port), timeout=15)
+    try:
+        events = list(machine.receive_data(sock.recv(65536)))
+        for _ in range(50):
+            pending, events = events, []
+            for event in pending:
+                if isinstance(event, Send):
+                    sock.sendall(event.data)
+                elif isinstance(event, StartTLS):
+                    sock = context.wrap_socket(sock, server_hostname="localhost")
+                    events += machine.tls_started()
+                elif isinstance(event, Derive):
+                    events += machine.derived(event.compute())
+                elif isinstance(event, LoggedIn | LoginFailed):
+                    return event
+            if not events:
+                events = list(machine.receive_data(sock.recv(65536)))
+        raise AssertionError("no login result")
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "CRAM-MD5", "DIGEST-MD5", "SCRAM-SHA-256"])
+async def test_our_client_logs_in_to_dovecot_directly(
+    dovecot_sieve: DovecotInstance, mechanism: str
+) -> None:
+    """The client machine terminate and relay mode use, against the real
+    server: STARTTLS with the capability list Dovecot re-sends unasked, the
+    challenges as strings, and SCRAM's server signature checked."""
+    from authgate.protocols.base import LoggedIn
+
+    assert dovecot_sieve.sieve is not None and dovecot_sieve.ca_pem is not None
+    result = await asyncio.to_thread(
+        our_client_against_dovecot,
+        dovecot_sieve.sieve,
+        dovecot_sieve.ca_pem,
+        mechanism,
+        dovecot_sieve.users[USER],
+    )
+    assert isinstance(result, LoggedIn), result
