@@ -56,6 +56,9 @@ def _describe_decision(label: str, decision: Decision, protocol: Protocol | None
     if protocol is Protocol.LDAP:
         login += " (LDAP simple bind)"
     extra = "; must STARTTLS before authenticating" if decision.tls_required else ""
+    if protocol is Protocol.MANAGESIEVE:
+        # RFC 5804 has no login command besides AUTHENTICATE.
+        return f"    {label:<24} offers {offered}{extra}"
     return f"    {label:<24} offers {offered}; cleartext login {login}{extra}"
 
 

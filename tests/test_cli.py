@@ -219,6 +219,14 @@ def test_negotiate_exempt_client(client: str) -> None:
     assert data["cleartext_login"] is True
 
 
+def test_check_managesieve_listener_has_no_login_command_line() -> None:
+    result = run_cli("check", "-c", str(EXAMPLES / "authgate.toml"))
+    assert result.returncode == 0, result.stderr
+    section = result.stdout.split("\nlistener sieve:", 1)[1].split("\nlistener ", 1)[0]
+    assert "without TLS:             offers CRAM-MD5, DIGEST-MD5, NTLM\n" in section
+    assert "cleartext login" not in section
+
+
 def test_negotiate_managesieve_listener() -> None:
     # The sidecar example's sieve listener: require-secure-auth, as IMAP.
     data = negotiate("--listener", "sieve", "--client-ip", "203.0.113.5", "--client-mechs", "PLAIN")
