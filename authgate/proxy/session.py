@@ -783,7 +783,9 @@ class ClientSession:
     async def _relay_start(self, event: RelayAuth) -> _Next:
         self._relay_mechanism = event.mechanism
         self._relay_messages = 0
-        self._backend_tried = str(self.runtime.listener.backend.address)
+        # The member this connection relays to (routing), once there is one.
+        member = self._member[1] if self._member is not None else self.runtime.listener.backend
+        self._backend_tried = str(member.address)
         self._relay_user = None
         if isinstance(event.initial, bytes) and self._relay_user_locked(event.initial):
             return self._relay_refused()
