@@ -176,7 +176,10 @@ class ListenerRuntime:
     def max_line(self) -> int:
         """The longest command line this listener's sessions read."""
         longest = max(self.limits.max_line, self.parts.min_line)
-        if self.tokens is not None and any(MECHANISMS[m].bearer for m in self.offer.verifiable):
+        # Bearer tokens are offered when the [oauth] verifier checks them,
+        # or in relay mode, where the backend does (and no verifier is set).
+        verified = self.tokens is not None or self.relay
+        if verified and any(MECHANISMS[m].bearer for m in self.offer.verifiable):
             # A bearer token runs to many KiB (RFC 7628 sets no limit): a
             # 16 KiB OAUTHBEARER message, base64, on one command line.
             longest = max(longest, BEARER_LINE)

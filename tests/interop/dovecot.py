@@ -39,6 +39,14 @@ Config quirks met with 2.3.19 (each is handled below):
   be the mail user.
 * The mail user's home and Maildir are created (and owned by that user) before
   start-up; the seed message each user has at UID 1 is dropped in then.
+* Opt-in `oauth2=OAuth2Passdb(...)`: OAUTHBEARER and XOAUTH2 are added to
+  `auth_mechanisms` and a `driver = oauth2` passdb, limited to those two
+  mechanisms and placed first, verifies each token by RFC 7662 introspection
+  (`introspection_mode = post`; the client credentials ride in the URL's
+  userinfo, which 2.3 sends as HTTP Basic).  2.3.19 also has
+  `introspection_mode = local` but its JWT validation reads keys from a dict,
+  not a JWKS URL, so introspection is what is tested.  A token's mail user
+  gets a home and Maildir but no password in users.passwd.
 """
 
 from __future__ import annotations
@@ -111,6 +119,34 @@ def ssha512(password: str, salt: bytes | None = None) -> str:
 def cram_md5_hash(password: str) -> str:
     """Dovecot's ``{CRAM-MD5}`` form: hex of the two precomputed HMAC-MD5 states."""
     return "{CRAM-MD5}" + cram_md5_secret(password).hex()
+
+
+@dataclass(frozen=True)
+class OAuth2Passdb:
+    """Dovecot verifies bearer tokens itself (opt-in, see the module text)."""
+
+    # RFC 7662 endpoint with the client credentials as userinfo:
+    # http://client_id:client_secret@127.0.0.1:PORT/introspect
+    introspection_url: str
+    # Mail users who log in with tokens (home and Maildir made, no password).
+    users: tuple[str, ...]
+    # The introspection answer's field that must equal the login user.
+    username_attribute: str = "email"
+
+
+def oauth2_conf(oauth2: OAuth2Passdb) -> str:
+    """The `args` file of the oauth2 passdb (dovecot-oauth2.conf.ext form)."""
+    return (
+        "# Written by tests/interop/dovecot.py\n"
+        "introspection_mode = post\n"
+        f"introspection_url = {oauth2.introspection_url}\n"
+        # No tokeninfo_url: introspection is the only check.
+        "force_introspection = yes\n"
+        f"username_attribute = {oauth2.username_attribute}\n"
+        "active_attribute = active\n"
+        "active_value = true\n"
+        "timeout_msecs = 5000\n"
+    )
 
 
 # -- relay sink --------------------------------------------------------------
@@ -359,6 +395,7 @@ def render_config(
     debug: bool,
     auth_penalty: bool,
     extra_config: str = "",
+    oauth2_args: Path | None = None,
 ) -> str:
     """The full dovecot.conf text for an instance rooted at `root` (with
     ManageSieve when `ports` has a "sieve" entry)."""
@@ -422,6 +459,16 @@ def render_config(
             f"service managesieve-login {{\n{login_tuning}\n{nl.join(sieve_listeners)}\n}}\n"
             "plugin {\n  sieve = file:~/sieve;active=~/.dovecot.sieve\n}\n"
         )
+    mechanisms = " ".join(AUTH_MECHANISMS)
+    oauth2_block = ""
+    if oauth2_args is not None:
+        mechanisms += " oauthbearer xoauth2"
+        # First, and only for the bearer mechanisms: a token is never
+        # compared with a password in users.passwd, and a refused one stops here.
+        oauth2_block = (
+            "passdb {\n  driver = oauth2\n  mechanisms = oauthbearer xoauth2\n"
+            f"  args = {oauth2_args}\n  result_failure = return-fail\n}}\n"
+        )
     return f"""\
 # Written by tests/interop/dovecot.py: self-contained, nothing is included.
 protocols = {protocols}
@@ -446,7 +493,7 @@ hostname = localhost
 login_greeting = authgate-test Dovecot ready.
 # authgate applies the plaintext policy; Dovecot is reached over loopback only.
 disable_plaintext_auth = no
-auth_mechanisms = {" ".join(AUTH_MECHANISMS)}
+auth_mechanisms = {mechanisms}
 # Trusted: IMAP ID x-originating-ip / XCLIENT-style forwarding is honoured.
 login_trusted_networks = 127.0.0.0/8 ::1
 haproxy_trusted_networks = 127.0.0.0/8
@@ -454,7 +501,7 @@ haproxy_trusted_networks = 127.0.0.0/8
 # wrong password would only slow the suite down.
 auth_failure_delay = 0
 
-passdb {{
+{oauth2_block}passdb {{
   driver = passwd-file
   master = yes
   # pass = yes: the target user must also exist in the normal passdb below.
@@ -585,6 +632,7 @@ def start_dovecot(
     extra_config: str = "",
     startup_timeout: float = STARTUP_TIMEOUT,
     sieve: bool = False,
+    oauth2: OAuth2Passdb | None = None,
 ) -> Iterator[DovecotInstance]:
     """Run a private Dovecot for the duration of the `with` block.
 
@@ -613,7 +661,8 @@ def start_dovecot(
         # base_dir: Dovecot's master fixes up ownership of its own sockets.
         _mkdir(root / "run", 0o755)
         _mkdir(root / "home", 0o755)
-        for user in users:
+        token_users = oauth2.users if oauth2 is not None else ()
+        for user in (*users, *token_users):
             home = _mkdir(root / "home" / user, 0o700, mail_uid, mail_gid)
             maildir = _mkdir(home / "Maildir", 0o700, mail_uid, mail_gid)
             for sub in ("cur", "new", "tmp"):
@@ -629,6 +678,13 @@ def start_dovecot(
             path.write_text(_passwd_lines(entries))
             os.chown(path, 0, dovecot_gid)
             path.chmod(0o640)
+        oauth2_args: Path | None = None
+        if oauth2 is not None:
+            # Holds the introspection client secret: auth (group dovecot) only.
+            oauth2_args = root / "etc" / "oauth2.conf.ext"
+            oauth2_args.write_text(oauth2_conf(oauth2))
+            os.chown(oauth2_args, 0, dovecot_gid)
+            oauth2_args.chmod(0o640)
 
         port_names = [
             "imap",
@@ -676,6 +732,7 @@ def start_dovecot(
                 debug=debug,
                 auth_penalty=auth_penalty,
                 extra_config=extra_config,
+                oauth2_args=oauth2_args,
             )
         )
 
