@@ -423,10 +423,13 @@ class ServerSession(RuleBasedStateMachine):
         return set()
 
     def early_verdict_allowed(self) -> bool:
-        """IMAP and POP3 take the backend's verdict while the client is
-        still to answer a relayed challenge (the backend may give up first);
-        SMTP only once the client's answer went out (RelayResponse)."""
-        return self.relay_open and self.waiting is None and self.PROTOCOL != "smtp"
+        """Every dialect (all run on ServerCore) takes the backend's verdict,
+        relay_result or backend_ready, while the client is still to answer
+        a relayed challenge (the backend may give up, or accept, first).
+        SMTP's own machine took it only once the client's answer went out;
+        since SMTP moved onto the core it agrees (the contract test's
+        "relay_early_verdict" row)."""
+        return self.relay_open and self.waiting is None
 
     @invariant()
     def spliced_or_closed_is_final(self) -> None:
@@ -622,6 +625,31 @@ class Pop3ServerSession(ServerSession):
 class NntpServerSession(ServerSession):
     PROTOCOL = "nntp"
     SCRIPTS: ClassVar[list[fuzz.Recording]] = _sessions("nntp", "server")
+
+
+def test_smtp_takes_the_backends_verdict_before_the_clients_answer() -> None:
+    # Hypothesis's find (replayed step by step): a relayed challenge is out,
+    # the client has not answered, and the backend's verdict is taken.
+    state = SmtpServerSession()
+    state.open_session(
+        relay=True,
+        security=Security.NONE,
+        submission=False,
+        tls_active=True,
+        max_line=64,
+        max_errors=3,
+        mechanisms=fuzz.ALL_MECHANISMS,
+        script=3,
+        follow_script=False,
+    )
+    state.next_valid_chunks(count=3)
+    state.next_valid_chunk()
+    state.relay_challenge(data=b"")
+    assert state.allowed_calls() == {"relay_result", "backend_ready"}
+    state.out_of_order(call="backend_ready")  # allowed: returns at once
+    state.backend_ready(capabilities=[])
+    assert state.spliced
+    state.teardown()
 
 
 TestSmtpServerHostile = SmtpServerSession.TestCase

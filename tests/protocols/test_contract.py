@@ -356,6 +356,16 @@ DIFFERENCES = {
         "the client is told its password expired, as backend_failed(PASSWORD_EXPIRED) does",
         dict.fromkeys(["imap", "pop3", "smtp", "nntp", "managesieve"], "expired"),
     ),
+    # Relay mode: the backend's verdict while the client is still to answer
+    # a relayed challenge (RELAY_SASL: the backend gave up, or accepted
+    # early). IMAP and POP3 took it; SMTP's own machine refused it until the
+    # client's answer went out. The core takes it in every dialect.
+    "relay_early_verdict": Difference(
+        UNIFIED,
+        "the driver cannot make a backend that already answered wait for the client:"
+        " relay_result and backend_ready are taken in RELAY_SASL as in RELAY",
+        dict.fromkeys(["imap", "pop3", "smtp", "nntp", "managesieve"], True),
+    ),
     # SASL "additional data with success" (SCRAM's server-final): how the
     # success reply that carries it starts, or None for a final challenge
     # answered with an empty response (the core's SUCCESS_DATA setting).
@@ -707,6 +717,25 @@ def test_relay_failure_reasons(dialect: Dialect, failure: BackendFailure | None,
     assert not reply.startswith(dialect.success) and not d.of(Splice)
     assert reason_of(d) == [differs(key, dialect)]
     assert not d.closed
+
+
+@each_dialect
+@pytest.mark.parametrize("verdict", ["refused", "accepted"])
+def test_relay_early_verdict(dialect: Dialect, verdict: str) -> None:
+    # The backend answers while the client is still to answer its challenge.
+    d = driver(dialect, relay=True)
+    d.send(dialect.command(dialect.auth + b" " + dialect.string(b"LOGIN")))
+    d.call(d.server.relay_challenge(b"Username:"))
+    assert differs("relay_early_verdict", dialect) is True
+    if verdict == "refused":
+        reply = d.call(d.server.relay_result(False, BackendFailure.INVALID_CREDENTIALS))
+        assert not reply.startswith(dialect.success) and not d.of(Splice)
+        assert reason_of(d) == ["invalid-credentials"]
+        assert not d.closed
+    else:
+        reply = d.call(d.server.backend_ready(()))
+        assert reply.startswith(dialect.success)
+        assert len(d.of(Splice)) == 1 and not d.of(AuthFailed)
 
 
 def _base64_in(reply: bytes) -> bytes:
