@@ -30,13 +30,14 @@ from pathlib import Path
 from authgate.testing import scenarios
 from authgate.testing.plugin import NO_DELAYS
 from authgate.testing.stack import Stack, embedded_stack
-from authgate.testing.transcripts import CLIENT, Transcript
+from authgate.testing.transcripts import Transcript
 
 TIMEOUT = 5.0  # each client's own timeout (slow-auth's delay is far below)
 HOST = "localhost"  # the name on the stack's certificate (127.0.0.1 with curl -4)
 USER = "alice"
 PASSWORD = "Hostile-Test-pw1"
 CURL_TIMEOUT = 10
+SETTLE = 1.0  # seconds to wait for the server to see a client's connection end
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,51 @@ async def run_curl(stack: Stack, protocol: str, workdir: Path) -> Result:
     return Result(False, last[-1] if last else f"exit {process.returncode}", believed)
 
 
+# ---------------------------------------------------------------- gsasl
+
+
+async def run_gsasl(stack: Stack, protocol: str) -> Result:
+    """GNU SASL's command-line client: STARTTLS (its default with
+    --connect), the stack's CA, DIGEST-MD5 (a mechanism with a server
+    proof; its SCRAM does not complete against authgate, see
+    tests/interop/matrix.py), then LOGOUT or QUIT at the end of stdin."""
+    path = shutil.which("gsasl")
+    if path is None:  # a failure, never a skip
+        raise AssertionError("gsasl is not installed: run ./dev test as root")
+    listener = {"imap": "imap", "smtp": "submission"}[protocol]
+    args = [
+        path, "--client", f"--{protocol}", "--connect", f"{HOST}:{stack[listener].port}",
+        "--starttls", "--x509-ca-file", str(stack.ca_file), "--mechanism", "DIGEST-MD5",
+        "--authentication-id", USER, "--password", PASSWORD, "--realm", "localhost", "--quiet",
+    ]  # fmt: skip
+    process = await asyncio.create_subprocess_exec(
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        async with asyncio.timeout(CURL_TIMEOUT + 5):
+            out, _ = await process.communicate(b"")
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        return Result(False, "gsasl hung (killed)")
+    text = out.decode("utf-8", "replace").replace(PASSWORD, "<password>")
+    errors = [line.split("gsasl: ", 1)[1] for line in text.splitlines() if "gsasl: " in line]
+    errors = [line for line in errors if "poll stdin" not in line]
+    if process.returncode == 0 and not errors:
+        return Result(True, "exit 0 (authenticated)", text)
+    return Result(False, errors[-1] if errors else f"exit {process.returncode}", text)
+
+
+def _gsasl(protocol: str) -> Driver:
+    async def drive(stack: Stack, workdir: Path) -> Result:
+        return await run_gsasl(stack, protocol)
+
+    return drive
+
+
 # --------------------------------------------------------------- matrix
 
 Driver = Callable[[Stack, Path], Awaitable[Result]]
@@ -216,6 +262,8 @@ CLIENTS: dict[str, tuple[str, Driver]] = {
     "curl imap": ("imap", _curl("imap")),
     "curl pop3": ("pop3", _curl("pop3")),
     "curl smtp": ("smtp", _curl("smtp")),
+    "gsasl imap": ("imap", _gsasl("imap")),
+    "gsasl smtp": ("smtp", _gsasl("smtp")),
 }
 
 
@@ -240,8 +288,14 @@ async def run_clients(stack: Stack, scenario: str, workdir: Path) -> list[Run]:
             continue
         before = len(stack.transcripts)
         result = await drive(stack, workdir)
-        await stack.settled(timeout=5.0)
-        runs.append(Run(name, scenario, result, stack.transcripts[before:]))
+        mine = stack.transcripts[before:]
+        # The client has exited or returned; give the server a moment to
+        # read its last bytes. (A client that closes during the TLS handshake
+        # leaves the server's side waiting for its handshake timeout: not
+        # waited for.)
+        for transcript in mine:
+            await transcript.wait_ended(SETTLE)
+        runs.append(Run(name, scenario, result, mine))
     return runs
 
 
@@ -310,13 +364,16 @@ def verdict(run: Run) -> tuple[bool | None, str]:
         return True, "stopped: saw plaintext behind the STARTTLS reply"
     if name == "preauth":
         used = [
-            line for line in t.client_lines()
+            line for line in t.client_lines(tls=False)
             if line.split()[1:2] not in ([b"CAPABILITY"], [b"LOGOUT"], [b"STARTTLS"])
         ]  # fmt: skip
-        if used or result.logged_in:
+        if used or (result.logged_in and not t.tls):
             return False, f"used the unencrypted PREAUTH session ({used[0][:40]!r})" if used else (
                 "used the unencrypted PREAUTH session"
             )
+        if t.tls:
+            # Only a test server accepts that; an attacker sending PREAUTH would not.
+            return True, "ignored PREAUTH and sent STARTTLS anyway, used only TLS"
         return True, "closed without using the session"
     if name == "tamper-capabilities":
         if not t.tls:
@@ -339,17 +396,9 @@ def verdict(run: Run) -> tuple[bool | None, str]:
         used = [line for line in _login_lines(t) if any(m in line.upper() for m in proof_mechs)]
         if not used:
             return None, "uses no mechanism with a server proof"
-        after = t.exchange()
-        # the client's answer to the forged proof: its last line after the server's last challenge
-        answers = [line for sender, line, _ in after if sender == CLIENT]
         if result.logged_in:
             return False, "accepted the wrong server proof"
-        return (
-            True,
-            f"rejected the wrong server proof (last line {answers[-1][:20]!r})"
-            if answers
-            else "rejected",
-        )
+        return True, "rejected the wrong server proof"
     if name == "temporary-failure":
         attempts = _login_lines(t)
         if result.logged_in:
@@ -460,7 +509,7 @@ README "Testing your mail client against a hostile server"); what each does and 
 safe behaviour it checks are in `authgate/testing/scenarios.py`. Each client is driven
 the way a careful program drives it: the STARTTLS port, TLS required
 (`imaplib.IMAP4.starttls`, `poplib.POP3.stls`, `smtplib.SMTP.starttls`, `curl
---ssl-reqd`), only the stack's CA trusted, log in, read or send one message, leave. A
+--ssl-reqd`, `gsasl --starttls` with `--mechanism DIGEST-MD5`), only the stack's CA trusted, log in, read or send one message, leave. A
 cell is judged from the client's result and the connection's transcript: *safe* means
 it did what the scenario's "safe client" text says; **UNSAFE** is a finding; n/a: the
 scenario does not apply (an IMAP-only scenario, or a client with no mechanism that has
@@ -481,10 +530,14 @@ Findings, in short:
   4). Call `capa()` again after `stls()`.
 - **imaplib** records that an `[ALERT]` arrived (`response('ALERT')` gives `[None]`) but
   drops its text, which RFC 9051 section 7.1 says MUST be shown to the user.
+- **gsasl** (GNU SASL 2.2.0) does check `rspauth` and stops. Without `--starttls`
+  it uses STARTTLS only when offered: against `strip-starttls` it then authenticated
+  with DIGEST-MD5 in plaintext (measured by hand, not in the table). With PREAUTH it
+  sends STARTTLS anyway (only a test server accepts that, so it stays inside TLS).
 - Every client refuses a stripped or refused STARTTLS when told to require TLS, ignores
-  plaintext injected behind the STARTTLS reply (curl reports it as an error: the
-  CVE-2021-22947 fix), refuses all four bad certificates, and fails cleanly on a
-  1.1 MB line.
+  plaintext injected behind the STARTTLS reply (curl and gsasl stop with an error;
+  curl's is the CVE-2021-22947 fix), and refuses all four bad certificates. On a
+  1.1 MB line the Python libraries and curl fail cleanly; gsasl reads it and goes on.
 """
 
 

@@ -1,4 +1,4 @@
-"""Python's imaplib, poplib, smtplib and curl against every hostile-server
+"""Python's imaplib, poplib, smtplib, curl and GNU SASL's gsasl against every hostile-server
 scenario (tests/testing/hostile_clients.py drives them and judges each
 run). Cells measured unsafe are asserted unsafe, every other cell safe:
 docs/clients.md, generated from the same runs, stays true."""
