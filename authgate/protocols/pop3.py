@@ -15,33 +15,32 @@ to hold or expose that way. Clients that want challenge-response use SASL.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from authgate.policy import Refusal
 from authgate.protocols.base import (
     BackendFailure,
     ClientEvent,
-    ClientSettings,
     Close,
     Event,
-    LoginFailed,
     Send,
     SessionSettings,
 )
-from authgate.protocols.client import ClientCore, ClientState, MalformedReply
-from authgate.protocols.common import (
-    b64decode_strict,
-    b64encode,
+from authgate.protocols.client import ClientState, MalformedReply
+from authgate.protocols.common import b64decode_strict, b64encode
+from authgate.protocols.linecode import (
+    UNSENDABLE,
+    TableClient,
+    TableServer,
+    detail,
+    dot_block,
+    is_cleartext,
+    line,
+    plain_credentials,
 )
-from authgate.protocols.server import Attempt, ServerCore, ServerState
-from authgate.sasl import MECHANISMS
-from authgate.sasl.base import (
-    MAX_PASSWORD_OCTETS,
-    NO_RESPONSE,
-    FailureReason,
-    InitialResponse,
-)
+from authgate.protocols.server import Attempt, ServerState
+from authgate.sasl.base import MAX_PASSWORD_OCTETS, FailureReason, InitialResponse
 
 __all__ = ["ClientState", "Pop3Client", "Pop3Server"]
 
@@ -65,17 +64,6 @@ BYE_BUSY = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
 BYE_IDLE = b"-ERR Idle timeout, closing connection\r\n"
 BYE_BLOCKED = b"-ERR [SYS/TEMP] Too many failed logins from your address, try again later\r\n"
 BYE_UNAVAILABLE = b"-ERR [SYS/TEMP] Mail server unavailable, try again later\r\n"
-
-
-def _line(text: str) -> bytes:
-    return text.encode("utf-8") + CRLF
-
-
-def _multiline(status: str, items: Sequence[str]) -> bytes:
-    """A multi-line response (RFC 1939 section 3): status, items, ".".
-    Items that start with "." are byte-stuffed."""
-    lines = [status, *("." + i if i.startswith(".") else i for i in items), "."]
-    return b"".join(_line(one) for one in lines)
 
 
 def _challenge_line(data: bytes) -> bytes:
@@ -156,7 +144,7 @@ _SESSION_TLS_EXEMPT = frozenset({b"CAPA", b"STLS", b"QUIT"})
 _Handler = Callable[[bytes], list[Event]]
 
 
-class Pop3Server(ServerCore):
+class Pop3Server(TableServer):
     """POP3 AUTHORIZATION state toward a mail client: the POP3 dialect of
     `ServerCore`.
 
@@ -165,13 +153,19 @@ class Pop3Server(ServerCore):
     """
 
     NAME = "POP3 server"
-    LINE_TOO_LONG = _line(ERR_LINE_TOO_LONG)
-    TOO_MANY_ERRORS = _line(ERR_TOO_MANY_ERRORS)
-    TOO_MANY_COMMANDS = _line(ERR_TOO_MANY_COMMANDS)
+    LINE_TOO_LONG = line(ERR_LINE_TOO_LONG)
+    TOO_MANY_ERRORS = line(ERR_TOO_MANY_ERRORS)
+    TOO_MANY_COMMANDS = line(ERR_TOO_MANY_COMMANDS)
+    GREETING = GREETING
+    # POP3's success reply carries no capabilities (the client asks CAPA
+    # again in the TRANSACTION state, which goes to the backend).
+    SUCCESS = OK_LOGGED_IN
+    BACKEND_FAILED = ERR_BACKEND
+    FAILURES = FAILURE_REPLIES
+    REFUSALS = _REFUSAL_REPLIES
 
     def __init__(self, settings: SessionSettings) -> None:
         super().__init__(settings)
-        self._user: str | None = None  # USER given, waiting for PASS
         self._commands_table: dict[bytes, _Handler] = {
             b"CAPA": self._cmd_capa,
             b"STLS": self._cmd_stls,
@@ -182,9 +176,6 @@ class Pop3Server(ServerCore):
 
     # --------------------------------------------------------- dialect hooks
 
-    def _greeting(self) -> list[Event]:
-        return [Send(_line(GREETING.format(host=self._settings.hostname)))]
-
     def _forget_after_tls(self) -> None:
         # RFC 2595 section 4: the session restarts in AUTHORIZATION; a USER
         # given in the clear is forgotten.
@@ -193,23 +184,10 @@ class Pop3Server(ServerCore):
     def _challenge(self, data: bytes) -> Send:
         return Send(_challenge_line(data))
 
-    def _failure_reply(self, attempt: Attempt, reason: FailureReason) -> Send:
-        return Send(_line(FAILURE_REPLIES[reason]))
-
     def _refusal_reply(self, attempt: Attempt, refusal: Refusal) -> Send:
         if attempt.mechanism == USER_PASS and refusal is Refusal.NOT_AVAILABLE:
-            return Send(_line(ERR_USER_DISABLED))
-        return Send(_line(_REFUSAL_REPLIES[refusal]))
-
-    def _backend_failed_reply(self, attempt: Attempt, failure: BackendFailure) -> Send:
-        if failure is BackendFailure.PASSWORD_EXPIRED:
-            return Send(_line(FAILURE_REPLIES[FailureReason.EXPIRED]))
-        return Send(_line(ERR_BACKEND))
-
-    def _success_reply(self, attempt: Attempt, capabilities: Sequence[str]) -> Send:
-        # POP3's success reply carries no capabilities (the client asks CAPA
-        # again in the TRANSACTION state, which goes to the backend).
-        return Send(_line(OK_LOGGED_IN))
+            return Send(line(ERR_USER_DISABLED))
+        return super()._refusal_reply(attempt, refusal)
 
     # -------------------------------------------------------------- commands
 
@@ -226,15 +204,15 @@ class Pop3Server(ServerCore):
         if keyword not in _SESSION_TLS_EXEMPT and self._decide().session_tls_required:
             # require-encrypted: no session at all before TLS.
             no_stls = not self._settings.starttls_available
-            return self._error(Send(_line(ERR_SESSION_TLS_NO_STLS if no_stls else ERR_SESSION_TLS)))
+            return self._say_error(ERR_SESSION_TLS_NO_STLS if no_stls else ERR_SESSION_TLS)
         if keyword == b"PASS":
             return self._cmd_pass(argument, user)
         handler = self._commands_table.get(keyword)
         if handler is not None:
             return handler(argument)
         if keyword in _TRANSACTION_COMMANDS:
-            return self._error(Send(_line(ERR_NOT_LOGGED_IN)))
-        return self._error(Send(_line(ERR_UNKNOWN)))
+            return self._say_error(ERR_NOT_LOGGED_IN)
+        return self._say_error(ERR_UNKNOWN)
 
     def _cmd_capa(self, argument: bytes) -> list[Event]:
         """RFC 2449 section 5: what authgate itself supports before login;
@@ -252,45 +230,31 @@ class Pop3Server(ServerCore):
         # section 6): our -ERR replies carry [AUTH] / [SYS/TEMP]. PIPELINING
         # (RFC 2449 section 6.6): commands sent in one go are answered in order.
         caps += ["RESP-CODES", "AUTH-RESP-CODE", "PIPELINING", "IMPLEMENTATION authgate"]
-        return [Send(_multiline("+OK Capability list follows", caps))]
+        return [Send(dot_block("+OK Capability list follows", caps))]
 
     def _cmd_stls(self, argument: bytes) -> list[Event]:
-        if argument:
-            return self._error(Send(_line(ERR_SYNTAX)))
-        if self._tls_active:
-            return self._error(Send(_line(ERR_TLS_ACTIVE)))  # RFC 2595 section 4
-        if not self._settings.starttls_available:
-            return self._error(Send(_line(ERR_NO_STLS)))
-        return self._begin_tls(Send(_line(OK_STLS)))
+        return self._starttls_command(
+            argument, ok=OK_STLS, syntax=ERR_SYNTAX, active=ERR_TLS_ACTIVE, unavailable=ERR_NO_STLS
+        )
 
     def _cmd_auth(self, argument: bytes) -> list[Event]:
         if not argument:
             # No mechanism: list the offered ones (RFC 1734 style, which
             # Outlook and others still send to discover mechanisms).
-            return [Send(_multiline("+OK", self._decide().offered))]
+            return [Send(dot_block("+OK", self._decide().offered))]
         words = argument.split(b" ")
         if len(words) > 2 or not _MECH_NAME.fullmatch(words[0]):
-            return self._error(Send(_line(ERR_SYNTAX if len(words) > 2 else ERR_UNSUPPORTED)))
+            return self._say_error(ERR_SYNTAX if len(words) > 2 else ERR_UNSUPPORTED)
         # RFC 5034 section 4: the initial response is optional; "=" is empty.
         initial = words[1] if len(words) == 2 and words[1] else None
         return self._authenticate(Attempt(words[0].decode("ascii").upper()), initial)
 
     def _cmd_user(self, argument: bytes) -> list[Event]:
-        refused = self._refuse_login(Attempt(USER_PASS))
-        if refused is not None:
-            return refused
-        try:
-            name = argument.decode("utf-8")
-        except UnicodeDecodeError:
-            return self._error(Send(_line(ERR_SYNTAX)))
-        if not name:
-            return self._error(Send(_line(ERR_SYNTAX)))
-        self._user = name
-        return [Send(_line(OK_USER))]
+        return self._user_command(USER_PASS, argument, ok=OK_USER, syntax=ERR_SYNTAX)
 
     def _cmd_pass(self, argument: bytes, user: str | None) -> list[Event]:
         if user is None:
-            return self._error(Send(_line(ERR_NO_USER)))
+            return self._say_error(ERR_NO_USER)
         refused = self._refuse_login(Attempt(USER_PASS, authcid=user))
         if refused is not None:
             return refused
@@ -299,12 +263,12 @@ class Pop3Server(ServerCore):
         try:
             password = argument.decode("utf-8")
         except UnicodeDecodeError:
-            return self._error(Send(_line(ERR_SYNTAX)))
+            return self._say_error(ERR_SYNTAX)
         return self._login(Attempt(USER_PASS, authcid=user), user, password)
 
     def _cmd_quit(self, argument: bytes) -> list[Event]:
         self._state = ServerState.CLOSED
-        return [Send(_line(OK_BYE)), Close()]
+        return [Send(line(OK_BYE)), Close()]
 
 
 # ====================================================================== client
@@ -313,13 +277,7 @@ class Pop3Server(ServerCore):
 # than "these credentials are refused".
 _TEMPORARY_CODES = ("SYS/TEMP", "IN-USE", "LOGIN-DELAY")
 _RESPONSE_CODE = re.compile(r"-ERR \[([^\]]*)\]")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _MAX_CAPA_LINES = 200  # a CAPA list longer than this is no POP3 server's
-
-
-def _detail(line: bytes) -> str:
-    """The backend's reply, printable and short enough for a log."""
-    return _CONTROL.sub("?", line[:200].decode("utf-8", "replace"))
 
 
 @dataclass(frozen=True)
@@ -328,7 +286,7 @@ class _Reply:
     capabilities: tuple[str, ...] | None = None  # a multi-line CAPA reply's lines
 
 
-class Pop3Client(ClientCore[_Reply]):
+class Pop3Client(TableClient[_Reply]):
     """authgate logging in to a backend POP3 server (terminate or relay):
     a dialect of `ClientCore` (authgate.protocols.client).
 
@@ -339,13 +297,8 @@ class Pop3Client(ClientCore[_Reply]):
     """
 
     NAME = "POP3 client"
-
-    def __init__(self, settings: ClientSettings) -> None:
-        super().__init__(settings)
-        self._caps: tuple[str, ...] = ()
-        self._collecting: list[str] | None = None  # multi-line CAPA in progress
-        self._password = ""  # USER/PASS: sent after USER's +OK
-        self._refused_once = False  # relay mode: a LoginFailed was reported, READY again
+    AUTH_COMMAND = b"AUTH"
+    MAX_AUTH_LINE = MAX_AUTH_LINE
 
     # -------------------------------------------------------------- framing
 
@@ -366,14 +319,11 @@ class Pop3Client(ClientCore[_Reply]):
             self._collecting.append(text.decode("utf-8", "replace"))
         return None
 
-    def _forget_after_tls(self) -> None:
-        self._collecting = None
-
     # ------------------------------------------------------------- replies
 
     def _on_greeting(self, reply: _Reply) -> list[ClientEvent]:
         if not _is_ok(reply.line):
-            return self._fail(BackendFailure.UNAVAILABLE, "greeting: " + _detail(reply.line))
+            return self._fail(BackendFailure.UNAVAILABLE, "greeting: " + detail(reply.line))
         return self._send(b"CAPA", ClientState.CAPABILITY, self._on_capa)
 
     def _after_tls(self) -> list[ClientEvent]:
@@ -387,7 +337,7 @@ class Pop3Client(ClientCore[_Reply]):
             # RFC 2449 section 5: a server without CAPA; USER/PASS is the
             # RFC 1939 baseline we can still try.
             return self._capabilities(None)
-        return self._fail(BackendFailure.UNAVAILABLE, "CAPA reply: " + _detail(reply.line))
+        return self._fail(BackendFailure.UNAVAILABLE, "CAPA reply: " + detail(reply.line))
 
     def _capabilities(self, caps: tuple[str, ...] | None) -> list[ClientEvent]:
         if self._state is ClientState.POST_LOGIN:
@@ -401,7 +351,7 @@ class Pop3Client(ClientCore[_Reply]):
 
     def _on_stls(self, reply: _Reply) -> list[ClientEvent]:
         if not _is_ok(reply.line):
-            return self._fail(BackendFailure.UNAVAILABLE, "STLS refused: " + _detail(reply.line))
+            return self._fail(BackendFailure.UNAVAILABLE, "STLS refused: " + detail(reply.line))
         return self._start_tls()
 
     # ----------------------------------------------------------------- login
@@ -421,7 +371,7 @@ class Pop3Client(ClientCore[_Reply]):
             return self._fail(
                 BackendFailure.REJECTED, "backend offers no SASL mechanism for a master login"
             )
-        if not any(_is_cleartext(m) for m in self._settings.mechanisms):
+        if not any(is_cleartext(m) for m in self._settings.mechanisms):
             # USER/PASS sends the password like PLAIN: only when the admin
             # allowed a cleartext mechanism toward the backend.
             return self._fail(
@@ -430,21 +380,10 @@ class Pop3Client(ClientCore[_Reply]):
         return self._send_user(creds.username, creds.password)
 
     def _send_user(self, username: str, password: str) -> list[ClientEvent]:
-        if not username or _UNSENDABLE.search(username + password):
+        if not username or UNSENDABLE.search(username + password):
             return self._fail(BackendFailure.REJECTED, "credentials cannot be sent with USER/PASS")
         self._password = password
         return self._send(b"USER " + username.encode(), ClientState.LOGIN, self._on_user)
-
-    def _auth_command(self, name: str, initial: InitialResponse) -> list[ClientEvent]:
-        command = b"AUTH " + name.encode("ascii")
-        if initial is not NO_RESPONSE:
-            # RFC 5034 section 4: "=" stands for an empty initial response.
-            argument = b64encode(initial) or b"="
-            if len(command) + 1 + len(argument) + len(CRLF) <= MAX_AUTH_LINE:
-                command += b" " + argument
-            else:
-                self._held = initial  # sent after the server's empty challenge
-        return self._send(command, ClientState.AUTH, self._on_auth)
 
     def _on_auth(self, reply: _Reply) -> list[ClientEvent]:
         line = reply.line
@@ -454,7 +393,7 @@ class Pop3Client(ClientCore[_Reply]):
             return self._verified() or self._after_login()
         if _is_err(line):
             return self._refused(line)
-        return self._fail(BackendFailure.UNAVAILABLE, "AUTH reply: " + _detail(line))
+        return self._fail(BackendFailure.UNAVAILABLE, "AUTH reply: " + detail(line))
 
     def _on_user(self, reply: _Reply) -> list[ClientEvent]:
         if _is_ok(reply.line):
@@ -462,34 +401,20 @@ class Pop3Client(ClientCore[_Reply]):
             return self._send(b"PASS " + password.encode(), ClientState.LOGIN, self._on_pass)
         if _is_err(reply.line):
             return self._refused(reply.line)
-        return self._fail(BackendFailure.UNAVAILABLE, "USER reply: " + _detail(reply.line))
+        return self._fail(BackendFailure.UNAVAILABLE, "USER reply: " + detail(reply.line))
 
     def _on_pass(self, reply: _Reply) -> list[ClientEvent]:
         if _is_ok(reply.line):
             return self._after_login()
         if _is_err(reply.line):
             return self._refused(reply.line)
-        return self._fail(BackendFailure.UNAVAILABLE, "PASS reply: " + _detail(reply.line))
+        return self._fail(BackendFailure.UNAVAILABLE, "PASS reply: " + detail(reply.line))
 
     def _refused(self, line: bytes) -> list[ClientEvent]:
         failure = self._classify(line)
         if not self._settings.relay:
-            return self._fail(failure, _detail(line))
-        # Relay mode: the backend stays in the AUTHORIZATION state (RFC 1939
-        # section 4), so the mail client's next attempt can use this
-        # connection: authenticate() may be called again.
-        self._state = ClientState.READY
-        self._held = None
-        self._refused_once = True
-        return [LoginFailed(failure, _detail(line))]
-
-    def _unasked(self) -> list[ClientEvent]:
-        if self._refused_once:
-            # The driver has this attempt's LoginFailed already; a backend
-            # that speaks unasked is not used for another.
-            self._state = ClientState.FAILED
-            return []
-        return super()._unasked()
+            return self._fail(failure, detail(line))
+        return self._relay_refused(failure, line)
 
     def _after_login(self) -> list[ClientEvent]:
         # Dovecot and others list TRANSACTION-state capabilities after login
@@ -509,50 +434,22 @@ class Pop3Client(ClientCore[_Reply]):
     ) -> tuple[str, str] | None:
         """A mail client's USER/PASS reaches us as PLAIN; a backend that has
         no SASL PLAIN but USER gets it back as USER/PASS."""
-        if mechanism != "PLAIN" or "PLAIN" in self._sasl_offers():
+        if "PLAIN" in self._sasl_offers() or not self._has_capability("USER"):
             return None
-        if not self._has_capability("USER") or not isinstance(initial, bytes):
+        credentials = plain_credentials(mechanism, initial)
+        if credentials is None or not credentials[0] or UNSENDABLE.search("".join(credentials)):
             return None
-        fields = initial.split(b"\0")
-        if len(fields) != 3 or fields[0]:
-            return None  # an authzid cannot be expressed with USER/PASS
-        try:
-            username, password = fields[1].decode("utf-8"), fields[2].decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-        if not username or _UNSENDABLE.search(username + password):
-            return None
-        return username, password
+        return credentials
 
     # --------------------------------------------------------------- helpers
-
-    def _sasl_offers(self) -> list[str]:
-        for cap in self._caps:
-            words = cap.split()
-            if words and words[0].upper() == "SASL":
-                return words[1:]
-        return []
-
-    def _has_capability(self, name: str) -> bool:
-        return any(cap.split()[:1] == [name] for cap in (c.upper() for c in self._caps))
 
     def _classify(self, line: bytes) -> BackendFailure:
         match = _RESPONSE_CODE.match(line.decode("utf-8", "replace"))
         code = match.group(1).upper() if match else ""
         return self._refusal(temporary=code.startswith(_TEMPORARY_CODES))
 
-    def _fail(self, failure: BackendFailure, detail: str) -> list[ClientEvent]:
-        self._password = ""
-        return super()._fail(failure, detail)
-
 
 _CAPA_STATES = frozenset({ClientState.CAPABILITY, ClientState.POST_LOGIN})
-_UNSENDABLE = re.compile("[\r\n\0]")
-
-
-def _is_cleartext(name: str) -> bool:
-    info = MECHANISMS.get(name.upper())
-    return info is not None and info.cleartext
 
 
 def _is_ok(line: bytes) -> bool:
