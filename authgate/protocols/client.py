@@ -154,6 +154,7 @@ class ClientCore(Generic[R]):
         self._held: bytes | None = None  # initial response sent on the first challenge
         self._queued: tuple[str, InitialResponse] | None = None  # relay: early authenticate()
         self._derive: Derive | None = None
+        self._final_relayed = False  # relay: the backend's success data went as a challenge
 
     @property
     def state(self) -> ClientState:
@@ -195,6 +196,13 @@ class ClientCore(Generic[R]):
         raise ProtocolStateError(f"{self.NAME}: authenticate() in state {self._state.value}")
 
     def respond(self, data: bytes | None) -> list[ClientEvent]:
+        if self._final_relayed and self._state is ClientState.RELAY_WAIT:
+            self._final_relayed = False
+            if data == b"":
+                return self._logged_in(())
+            # The mail client did not accept the backend's proof (or sent
+            # something where RFC 4422 wants nothing): the login is void.
+            return self._fail(BackendFailure.REJECTED, "client refused the backend's final data")
         if self._state in (ClientState.FAILED, ClientState.DONE):
             return []
         self._expect({ClientState.RELAY_WAIT}, "respond")
@@ -364,6 +372,15 @@ class ClientCore(Generic[R]):
             self._state, self._derive = ClientState.DERIVE, reply
             return [reply]
         return [self._response(reply)]
+
+    def _relay_final(self, data: bytes) -> list[ClientEvent]:
+        """Relay mode: the backend's success data (SCRAM's server-final, in
+        NNTP's 283 or ManageSieve's OK (SASL ...)) reaches the mail client
+        as one more challenge, which it answers empty; the server machine's
+        relay API carries no success data."""
+        self._final_relayed = True
+        self._state = ClientState.RELAY_WAIT
+        return [RelayChallenge(data)]
 
     def _verified(self, additional: bytes | None = None) -> list[ClientEvent] | None:
         """The backend said yes: None when it also proved itself (mutual

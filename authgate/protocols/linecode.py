@@ -83,7 +83,8 @@ def plain_credentials(mechanism: str, initial: InitialResponse) -> tuple[str, st
 class TableServer(ServerCore):
     """A `ServerCore` dialect whose replies are lines from its tables.
 
-    `GREETING` may name `{host}`; a failed backend login answers
+    `GREETING` may name `{host}`; a challenge is `CHALLENGE` and the
+    base64 data (`EMPTY_CHALLENGE` when there is none); a failed backend login answers
     `BACKEND_FAILED`, or the `EXPIRED` failure when the backend said the
     password has expired. A dialect overrides a hook only where its
     protocol picks the reply by more than the reason (POP3 and NNTP for
@@ -95,10 +96,20 @@ class TableServer(ServerCore):
     BACKEND_FAILED: ClassVar[str]
     FAILURES: ClassVar[Mapping[FailureReason, str]]
     REFUSALS: ClassVar[Mapping[Refusal, str]]
+    CHALLENGE: ClassVar[bytes]
+    EMPTY_CHALLENGE: ClassVar[bytes] = b""
 
     def __init__(self, settings: SessionSettings) -> None:
         super().__init__(settings)
         self._user: str | None = None  # USER given, waiting for PASS
+
+    def _forget_after_tls(self) -> None:
+        # RFC 2595 section 4, RFC 4642 section 2.2.2: the session restarts
+        # after STARTTLS; a USER given in the clear is forgotten.
+        self._user = None
+
+    def _challenge(self, data: bytes) -> Send:
+        return Send(self.CHALLENGE + (b64encode(data) or self.EMPTY_CHALLENGE) + CRLF)
 
     def _greeting(self) -> list[Event]:
         return [Send(line(self.GREETING.format(host=self._settings.hostname)))]
@@ -149,6 +160,17 @@ class TableServer(ServerCore):
             return self._say_error(syntax)
         self._user = name
         return [Send(line(ok))]
+
+    def _password(self, attempt: Attempt, argument: bytes, *, syntax: str) -> str | list[Event]:
+        """PASS's argument (the rest of the line, spaces included: RFC 1939
+        section 7, and INN reads it so), or the reply that refuses it."""
+        refused = self._refuse_login(attempt)
+        if refused is not None:
+            return refused
+        try:
+            return argument.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._say_error(syntax)
 
 
 # ====================================================================== client

@@ -37,7 +37,6 @@ from authgate.protocols.base import (
     ClientSettings,
     Close,
     Event,
-    RelayChallenge,
     Send,
     SessionSettings,
 )
@@ -542,7 +541,6 @@ class ManageSieveClient(ClientCore[_Response]):
         self._framer = LogicalLines(self._lines, settings.max_line)
         self._caps: tuple[str, ...] = ()
         self._collected: list[str] = []
-        self._final_relayed = False  # relay: the backend's success data went as a challenge
 
     # -------------------------------------------------------------- framing
 
@@ -645,21 +643,9 @@ class ManageSieveClient(ClientCore[_Response]):
             additional = self._success_data(reply)
             if additional is not None and self._settings.relay:
                 # The mail client's mechanism checks it: one more challenge.
-                self._final_relayed = True
-                self._state = ClientState.RELAY_WAIT
-                return [RelayChallenge(additional)]
+                return self._relay_final(additional)
             return self._verified(additional) or self._logged_in(())
         return self._fail(self._classify(reply), "AUTHENTICATE: " + reply.describe())
-
-    def respond(self, data: bytes | None) -> list[ClientEvent]:
-        if self._final_relayed and self._state is ClientState.RELAY_WAIT:
-            self._final_relayed = False
-            if data == b"":
-                return self._logged_in(())
-            # The mail client did not accept the backend's proof (or sent
-            # something where RFC 4422 wants nothing): the login is void.
-            return self._fail(BackendFailure.REJECTED, "client refused the backend's final data")
-        return super().respond(data)
 
     def _success_data(self, reply: _Response) -> bytes | None:
         if reply.code_name() != b"SASL":

@@ -46,18 +46,23 @@ from authgate.protocols.base import (
     ClientSettings,
     Close,
     Event,
-    LoginFailed,
-    RelayChallenge,
     Send,
-    SessionSettings,
 )
-from authgate.protocols.client import ClientCore, ClientState, MalformedReply
+from authgate.protocols.client import ClientState, MalformedReply
 from authgate.protocols.common import b64decode_strict, b64encode
-from authgate.protocols.server import Attempt, ServerCore, ServerState
-from authgate.sasl import MECHANISMS
+from authgate.protocols.linecode import (
+    UNSENDABLE,
+    TableClient,
+    TableServer,
+    detail,
+    dot_block,
+    is_cleartext,
+    line,
+    plain_credentials,
+)
+from authgate.protocols.server import Attempt, ServerState
 from authgate.sasl.base import (
     MAX_PASSWORD_OCTETS,
-    NO_RESPONSE,
     Failure,
     FailureReason,
     InitialResponse,
@@ -86,21 +91,6 @@ BYE_BUSY = b"400 Too many connections, try again later\r\n"
 BYE_IDLE = b"400 Idle timeout, closing connection\r\n"
 BYE_BLOCKED = b"400 Too many failed logins from your address, try again later\r\n"
 BYE_UNAVAILABLE = b"400 News server unavailable, try again later\r\n"
-
-
-def _line(text: str) -> bytes:
-    return text.encode("utf-8") + CRLF
-
-
-def _multiline(status: str, items: Sequence[str]) -> bytes:
-    """A multi-line block (RFC 3977 section 3.1.1): status, lines, "."."""
-    lines = [status, *("." + i if i.startswith(".") else i for i in items), "."]
-    return b"".join(_line(one) for one in lines)
-
-
-def _challenge_line(data: bytes) -> bytes:
-    # RFC 4643 section 2.4.1: 383 and the base64 challenge, "=" when empty.
-    return b"383 " + (b64encode(data) or b"=") + CRLF
 
 
 # ====================================================================== server
@@ -172,10 +162,10 @@ _READER_COMMANDS = frozenset(
 # section 2.2.2: everything else gets 483).
 _SESSION_TLS_EXEMPT = frozenset({b"CAPABILITIES", b"STARTTLS", b"QUIT", b"HELP"})
 
-_Handler = Callable[[bytes], list[Event]]
+_Handler = Callable[["NntpServer", bytes], list[Event]]
 
 
-class NntpServer(ServerCore):
+class NntpServer(TableServer):
     """NNTP toward a news reader until it has authenticated: the NNTP
     dialect of `ServerCore`.
 
@@ -184,49 +174,27 @@ class NntpServer(ServerCore):
     """
 
     NAME = "NNTP server"
-    LINE_TOO_LONG = _line(ERR_LINE_TOO_LONG)
-    TOO_MANY_ERRORS = _line(ERR_TOO_MANY_ERRORS)
-    TOO_MANY_COMMANDS = _line(ERR_TOO_MANY_COMMANDS)
+    LINE_TOO_LONG = line(ERR_LINE_TOO_LONG)
+    TOO_MANY_ERRORS = line(ERR_TOO_MANY_ERRORS)
+    TOO_MANY_COMMANDS = line(ERR_TOO_MANY_COMMANDS)
     SUCCESS_DATA = True  # 283 carries it (RFC 4643 section 2.4.1)
     EMPTY_RESPONSE = b"="  # RFC 4643 section 2.4.1
-
-    def __init__(self, settings: SessionSettings) -> None:
-        super().__init__(settings)
-        self._user: str | None = None  # AUTHINFO USER given, waiting for PASS
-        self._commands_table: dict[bytes, _Handler] = {
-            b"CAPABILITIES": self._cmd_capabilities,
-            b"MODE": self._cmd_mode,
-            b"STARTTLS": self._cmd_starttls,
-            b"HELP": self._cmd_help,
-            b"QUIT": self._cmd_quit,
-        }
+    GREETING = GREETING
+    SUCCESS = OK_AUTH
+    BACKEND_FAILED = ERR_BACKEND
+    FAILURES = FAILURE_REPLIES
+    REFUSALS = _REFUSAL_REPLIES
+    # RFC 4643 section 2.4.1: 383 and the base64 challenge, "=" when empty.
+    CHALLENGE = b"383 "
+    EMPTY_CHALLENGE = b"="
 
     # --------------------------------------------------------- dialect hooks
-
-    def _greeting(self) -> list[Event]:
-        return [Send(_line(GREETING.format(host=self._settings.hostname)))]
-
-    def _forget_after_tls(self) -> None:
-        # RFC 4642 section 2.2.2: the client forgets what it learnt and
-        # the server what it was told; an AUTHINFO USER is no exception.
-        self._user = None
-
-    def _challenge(self, data: bytes) -> Send:
-        return Send(_challenge_line(data))
-
-    def _failure_reply(self, attempt: Attempt, reason: FailureReason) -> Send:
-        return Send(_line(FAILURE_REPLIES[reason]))
 
     def _refusal_reply(self, attempt: Attempt, refusal: Refusal) -> Send:
         table = _USER_REFUSAL_REPLIES if attempt.mechanism == AUTHINFO_USER else _REFUSAL_REPLIES
         if refusal is Refusal.TLS_REQUIRED and not self._settings.starttls_available:
-            return Send(_line(ERR_SESSION_TLS_NO_STARTTLS))
-        return Send(_line(table[refusal]))
-
-    def _backend_failed_reply(self, attempt: Attempt, failure: BackendFailure) -> Send:
-        if failure is BackendFailure.PASSWORD_EXPIRED:
-            return Send(_line(FAILURE_REPLIES[FailureReason.EXPIRED]))
-        return Send(_line(ERR_BACKEND))
+            return Send(line(ERR_SESSION_TLS_NO_STARTTLS))
+        return Send(line(table[refusal]))
 
     def _success_reply(self, attempt: Attempt, capabilities: Sequence[str]) -> Send:
         # RFC 4643 section 2.4.1: 283 with the additional data, else 281.
@@ -235,7 +203,7 @@ class NntpServer(ServerCore):
         success = attempt.success
         if success is not None and success.additional is not None:
             return Send(b"283 " + (b64encode(success.additional) or b"=") + CRLF)
-        return Send(_line(OK_AUTH))
+        return super()._success_reply(attempt, capabilities)
 
     # -------------------------------------------------------------- commands
 
@@ -251,15 +219,15 @@ class NntpServer(ServerCore):
         if keyword not in _SESSION_TLS_EXEMPT and self._decide().session_tls_required:
             no_starttls = not self._settings.starttls_available
             text = ERR_SESSION_TLS_NO_STARTTLS if no_starttls else ERR_SESSION_TLS
-            return self._error(Send(_line(text)))
+            return self._say_error(text)
         if keyword == b"AUTHINFO":
             return self._cmd_authinfo(argument.strip(b" \t"), user)
-        handler = self._commands_table.get(keyword)
+        handler = _COMMANDS.get(keyword)
         if handler is not None:
-            return handler(argument.strip(b" \t"))
+            return handler(self, argument.strip(b" \t"))
         if keyword in _READER_COMMANDS:
-            return self._error(Send(_line(ERR_AUTH_REQUIRED)))
-        return self._error(Send(_line(ERR_UNKNOWN)))
+            return self._say_error(ERR_AUTH_REQUIRED)
+        return self._say_error(ERR_UNKNOWN)
 
     def _cmd_capabilities(self, argument: bytes) -> list[Event]:
         """RFC 3977 section 5.2: what authgate supports before the login;
@@ -278,13 +246,13 @@ class NntpServer(ServerCore):
             caps.append("AUTHINFO " + " ".join(authinfo))
         if decision.offered:
             caps.append("SASL " + " ".join(decision.offered))
-        return [Send(_multiline("101 Capability list:", caps))]
+        return [Send(dot_block("101 Capability list:", caps))]
 
     def _cmd_mode(self, argument: bytes) -> list[Event]:
         # RFC 3977 section 5.3: we are a reader server already.
         if argument.upper() != b"READER":
-            return self._error(Send(_line(ERR_SYNTAX)))
-        return [Send(_line(OK_READER))]
+            return self._say_error(ERR_SYNTAX)
+        return [Send(line(OK_READER))]
 
     def _cmd_help(self, argument: bytes) -> list[Event]:
         text = [
@@ -293,16 +261,16 @@ class NntpServer(ServerCore):
             "  AUTHINFO SASL mechanism [initial-response]",
             "  CAPABILITIES, MODE READER, STARTTLS, HELP, QUIT",
         ]
-        return [Send(_multiline("100 Help text follows", text))]
+        return [Send(dot_block("100 Help text follows", text))]
 
     def _cmd_starttls(self, argument: bytes) -> list[Event]:
-        if argument:
-            return self._error(Send(_line(ERR_SYNTAX)))
-        if self._tls_active:
-            return self._error(Send(_line(ERR_TLS_ACTIVE)))  # RFC 4642 section 2.2.2
-        if not self._settings.starttls_available:
-            return self._error(Send(_line(ERR_NO_STARTTLS)))
-        return self._begin_tls(Send(_line(OK_STARTTLS)))
+        return self._starttls_command(
+            argument,
+            ok=OK_STARTTLS,
+            syntax=ERR_SYNTAX,
+            active=ERR_TLS_ACTIVE,
+            unavailable=ERR_NO_STARTTLS,
+        )
 
     def _cmd_authinfo(self, argument: bytes, user: str | None) -> list[Event]:
         sub, _, rest = argument.partition(b" ")
@@ -314,37 +282,23 @@ class NntpServer(ServerCore):
             return self._authinfo_pass(rest, user)
         if sub == b"SASL":
             return self._authinfo_sasl(rest)
-        return self._error(Send(_line(ERR_SYNTAX)))
+        return self._say_error(ERR_SYNTAX)
 
     def _authinfo_user(self, argument: bytes) -> list[Event]:
-        refused = self._refuse_login(Attempt(AUTHINFO_USER))
-        if refused is not None:
-            return refused
-        try:
-            name = argument.decode("utf-8")
-        except UnicodeDecodeError:
-            return self._error(Send(_line(ERR_SYNTAX)))
-        if not name:
-            return self._error(Send(_line(ERR_SYNTAX)))
-        self._user = name
-        return [Send(_line(OK_PASSWORD_REQUIRED))]
+        return self._user_command(
+            AUTHINFO_USER, argument, ok=OK_PASSWORD_REQUIRED, syntax=ERR_SYNTAX
+        )
 
     def _authinfo_pass(self, argument: bytes, user: str | None) -> list[Event]:
         if user is None:
             # RFC 4643 section 2.3.2: PASS without USER is out of sequence.
-            return self._error(Send(_line(ERR_OUT_OF_SEQUENCE)))
+            return self._say_error(ERR_OUT_OF_SEQUENCE)
         attempt = Attempt(AUTHINFO_USER, authcid=user)
-        refused = self._refuse_login(attempt)
-        if refused is not None:
-            return refused
-        # The password is the rest of the line (spaces included), as INN
-        # reads it.
-        try:
-            password = argument.decode("utf-8")
-        except UnicodeDecodeError:
-            return self._error(Send(_line(ERR_SYNTAX)))
+        password = self._password(attempt, argument, syntax=ERR_SYNTAX)
+        if not isinstance(password, str):
+            return password
         if not password:
-            return self._error(Send(_line(ERR_SYNTAX)))
+            return self._say_error(ERR_SYNTAX)
         if len(argument) > MAX_PASSWORD_OCTETS and not self._settings.relay:
             self._attempt = attempt
             return self._fail(too_long("AUTHINFO PASS"))
@@ -356,28 +310,31 @@ class NntpServer(ServerCore):
     def _authinfo_sasl(self, argument: bytes) -> list[Event]:
         words = argument.split()
         if not 1 <= len(words) <= 2:
-            return self._error(Send(_line(ERR_SYNTAX)))
+            return self._say_error(ERR_SYNTAX)
         if not _MECH_NAME.fullmatch(words[0]):
-            return self._error(Send(_line(ERR_SYNTAX)))
+            return self._say_error(ERR_SYNTAX)
         # RFC 4643 section 2.4.2: "=" is an empty initial response.
         initial = words[1] if len(words) == 2 else None
         return self._authenticate(Attempt(words[0].decode("ascii").upper()), initial)
 
     def _cmd_quit(self, argument: bytes) -> list[Event]:
         self._state = ServerState.CLOSED
-        return [Send(_line(OK_BYE)), Close()]
+        return [Send(line(OK_BYE)), Close()]
+
+
+_COMMANDS: dict[bytes, _Handler] = {
+    b"CAPABILITIES": NntpServer._cmd_capabilities,
+    b"MODE": NntpServer._cmd_mode,
+    b"STARTTLS": NntpServer._cmd_starttls,
+    b"HELP": NntpServer._cmd_help,
+    b"QUIT": NntpServer._cmd_quit,
+}
 
 
 # ====================================================================== client
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _MAX_CAPABILITY_LINES = 200  # a CAPABILITIES list longer than this is no NNTP server's
 _STATUS = re.compile(rb"[1-5][0-9][0-9]")
-
-
-def _detail(line: bytes) -> str:
-    """The backend's reply, printable and short enough for a log."""
-    return _CONTROL.sub("?", line[:200].decode("utf-8", "replace"))
 
 
 @dataclass(frozen=True)
@@ -391,7 +348,7 @@ class _Reply:
         return self.line[4:]
 
 
-class NntpClient(ClientCore[_Reply]):
+class NntpClient(TableClient[_Reply]):
     """authgate logging in to a backend news server (terminate or relay):
     a dialect of `ClientCore` (authgate.protocols.client).
 
@@ -402,16 +359,13 @@ class NntpClient(ClientCore[_Reply]):
     """
 
     NAME = "NNTP client"
+    AUTH_COMMAND = b"AUTHINFO SASL"
+    MAX_AUTH_LINE = MAX_COMMAND_LINE
 
     def __init__(self, settings: ClientSettings) -> None:
         super().__init__(settings)
-        self._caps: tuple[str, ...] = ()
-        self._collecting: list[str] | None = None  # a 101 list in progress
-        self._collecting_status = b""
-        self._password = ""  # AUTHINFO USER/PASS: sent after the 381
-        self._refused_once = False  # relay mode: a LoginFailed was reported, READY again
+        self._collecting_status = b""  # the 101 line of a list in progress
         self._reader_mode = False  # MODE READER sent
-        self._final_relayed = False  # relay: the backend's 283 data went as a challenge
 
     # -------------------------------------------------------------- framing
 
@@ -434,15 +388,12 @@ class NntpClient(ClientCore[_Reply]):
             self._collecting.append(text.decode("utf-8", "replace"))
         return None
 
-    def _forget_after_tls(self) -> None:
-        self._collecting = None
-
     # ------------------------------------------------------------- replies
 
     def _on_greeting(self, reply: _Reply) -> list[ClientEvent]:
         # RFC 3977 section 5.1.1: 200 or 201; 400 and 502 refuse service.
         if reply.code not in (200, 201):
-            return self._fail(BackendFailure.UNAVAILABLE, "greeting: " + _detail(reply.line))
+            return self._fail(BackendFailure.UNAVAILABLE, "greeting: " + detail(reply.line))
         return self._ask_capabilities()
 
     def _after_tls(self) -> list[ClientEvent]:
@@ -459,7 +410,7 @@ class NntpClient(ClientCore[_Reply]):
             # An RFC 977 server without CAPABILITIES: AUTHINFO USER (RFC
             # 2980) is the login it may still have.
             return self._capabilities(None)
-        return self._fail(BackendFailure.UNAVAILABLE, "CAPABILITIES: " + _detail(reply.line))
+        return self._fail(BackendFailure.UNAVAILABLE, "CAPABILITIES: " + detail(reply.line))
 
     def _capabilities(self, caps: tuple[str, ...] | None) -> list[ClientEvent]:
         self._caps = caps if caps is not None else ("AUTHINFO USER",)
@@ -476,13 +427,13 @@ class NntpClient(ClientCore[_Reply]):
 
     def _on_starttls(self, reply: _Reply) -> list[ClientEvent]:
         if reply.code != 382:
-            detail = "STARTTLS refused: " + _detail(reply.line)
-            return self._fail(BackendFailure.UNAVAILABLE, detail)
+            refused = "STARTTLS refused: " + detail(reply.line)
+            return self._fail(BackendFailure.UNAVAILABLE, refused)
         return self._start_tls()
 
     def _on_mode_reader(self, reply: _Reply) -> list[ClientEvent]:
         if reply.code not in (200, 201):
-            return self._fail(BackendFailure.UNAVAILABLE, "MODE READER: " + _detail(reply.line))
+            return self._fail(BackendFailure.UNAVAILABLE, "MODE READER: " + detail(reply.line))
         return self._ask_capabilities()
 
     # ----------------------------------------------------------------- login
@@ -492,7 +443,7 @@ class NntpClient(ClientCore[_Reply]):
         creds = self._settings.credentials
         if creds is None:
             return self._fail(BackendFailure.REJECTED, "no credentials for the NNTP backend")
-        cleartext_allowed = any(_is_cleartext(m) for m in self._settings.mechanisms)
+        cleartext_allowed = any(is_cleartext(m) for m in self._settings.mechanisms)
         if self._authinfo("USER") and cleartext_allowed:
             # One proxy account in readers.conf: AUTHINFO USER has no
             # authzid, so the backend sees every reader as this account.
@@ -510,22 +461,10 @@ class NntpClient(ClientCore[_Reply]):
         return self._fail(BackendFailure.REJECTED, "backend offers no usable login mechanism")
 
     def _send_user(self, username: str, password: str) -> list[ClientEvent]:
-        if not username or _UNSENDABLE.search(username) or _UNSENDABLE.search(password):
+        if not username or UNSENDABLE.search(username) or UNSENDABLE.search(password):
             return self._fail(BackendFailure.REJECTED, "credentials cannot be sent with AUTHINFO")
         self._password = password
-        return self._send(
-            b"AUTHINFO USER " + username.encode(), ClientState.LOGIN, self._on_user
-        )
-
-    def _auth_command(self, name: str, initial: InitialResponse) -> list[ClientEvent]:
-        command = b"AUTHINFO SASL " + name.encode("ascii")
-        if initial is not NO_RESPONSE:
-            argument = b64encode(initial) or b"="  # RFC 4643 section 2.4.2
-            if len(command) + 1 + len(argument) + len(CRLF) <= MAX_COMMAND_LINE:
-                command += b" " + argument
-            else:
-                self._held = initial  # sent after the server's empty challenge
-        return self._send(command, ClientState.AUTH, self._on_auth)
+        return self._send(b"AUTHINFO USER " + username.encode(), ClientState.LOGIN, self._on_user)
 
     def _on_auth(self, reply: _Reply) -> list[ClientEvent]:
         if reply.code == 383:
@@ -541,9 +480,7 @@ class NntpClient(ClientCore[_Reply]):
             if self._settings.relay and data:
                 # The reader's mechanism checks it (SCRAM's server-final):
                 # one more challenge, which it answers with an empty response.
-                self._final_relayed = True
-                self._state = ClientState.RELAY_WAIT
-                return [RelayChallenge(data)]
+                return self._relay_final(data)
             return self._verified(data) or self._logged_in(())
         return self._refused(reply)
 
@@ -565,33 +502,11 @@ class NntpClient(ClientCore[_Reply]):
 
     def _refused(self, reply: _Reply) -> list[ClientEvent]:
         if reply.code not in _REFUSAL_CODES:
-            return self._fail(BackendFailure.UNAVAILABLE, "AUTHINFO reply: " + _detail(reply.line))
+            return self._fail(BackendFailure.UNAVAILABLE, "AUTHINFO reply: " + detail(reply.line))
         failure = self._classify(reply)
         if not self._settings.relay:
-            return self._fail(failure, _detail(reply.line))
-        # Relay mode: the backend stays un-authenticated, so the reader's
-        # next attempt can use this connection.
-        self._state = ClientState.READY
-        self._held = None
-        self._password = ""
-        self._refused_once = True
-        return [LoginFailed(failure, _detail(reply.line))]
-
-    def respond(self, data: bytes | None) -> list[ClientEvent]:
-        if self._final_relayed and self._state is ClientState.RELAY_WAIT:
-            self._final_relayed = False
-            if data == b"":
-                return self._logged_in(())
-            # The reader did not accept the backend's proof (or sent data
-            # where RFC 4422 wants nothing): the login is void.
-            return self._fail(BackendFailure.REJECTED, "reader refused the backend's 283 data")
-        return super().respond(data)
-
-    def _unasked(self) -> list[ClientEvent]:
-        if self._refused_once:
-            self._state = ClientState.FAILED
-            return []
-        return super()._unasked()
+            return self._fail(failure, detail(reply.line))
+        return self._relay_refused(failure, reply.line)
 
     # ------------------------------------------------------------ relay mode
 
@@ -604,20 +519,14 @@ class NntpClient(ClientCore[_Reply]):
     def _plain_as_authinfo_user(
         self, mechanism: str, initial: InitialResponse
     ) -> tuple[str, str] | None:
-        if mechanism != "PLAIN" or not self._authinfo("USER") or not isinstance(initial, bytes):
+        if not self._authinfo("USER"):
             return None
-        fields = initial.split(b"\0")
-        if len(fields) != 3 or fields[0]:
-            return None  # an authzid cannot be expressed with AUTHINFO USER
-        try:
-            username, password = fields[1].decode("utf-8"), fields[2].decode("utf-8")
-        except UnicodeDecodeError:
+        credentials = plain_credentials(mechanism, initial)
+        if credentials is None or not all(credentials):
             return None
-        if not username or not password:
+        if UNSENDABLE.search("".join(credentials)):
             return None
-        if _UNSENDABLE.search(username) or _UNSENDABLE.search(password):
-            return None
-        return username, password
+        return credentials
 
     # --------------------------------------------------------------- helpers
 
@@ -629,33 +538,11 @@ class NntpClient(ClientCore[_Reply]):
                 return variant in words[1:]
         return False
 
-    def _sasl_offers(self) -> list[str]:
-        for cap in self._caps:
-            words = cap.split()
-            if words and words[0].upper() == "SASL":
-                return words[1:]
-        return []
-
-    def _has_capability(self, name: str) -> bool:
-        return any(cap.split()[:1] == [name] for cap in (c.upper() for c in self._caps))
-
     def _classify(self, reply: _Reply) -> BackendFailure:
         # 403 (internal fault) and 400 (going away) are the backend's trouble.
         return self._refusal(temporary=reply.code in (400, 403))
-
-    def _fail(self, failure: BackendFailure, detail: str) -> list[ClientEvent]:
-        self._password = ""
-        return super()._fail(failure, detail)
 
 
 # Replies to AUTHINFO that are answers, not nonsense: 400/403 trouble, 480-483
 # refusals, 501-504 refused as unusable (RFC 3977 3.2.1, RFC 4643 2.3-2.4).
 _REFUSAL_CODES = frozenset({400, 403, 480, 481, 482, 483, 500, 501, 502, 503, 504})
-# What cannot go on an AUTHINFO line: a line break or NUL would end or
-# split it. RFC 4643 section 2.3.2 forbids spaces in user names, too.
-_UNSENDABLE = re.compile("[\r\n\0]")
-
-
-def _is_cleartext(name: str) -> bool:
-    info = MECHANISMS.get(name.upper())
-    return info is not None and info.cleartext

@@ -25,10 +25,9 @@ from authgate.protocols.base import (
     Close,
     Event,
     Send,
-    SessionSettings,
 )
 from authgate.protocols.client import ClientState, MalformedReply
-from authgate.protocols.common import b64decode_strict, b64encode
+from authgate.protocols.common import b64decode_strict
 from authgate.protocols.linecode import (
     UNSENDABLE,
     TableClient,
@@ -64,12 +63,6 @@ BYE_BUSY = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
 BYE_IDLE = b"-ERR Idle timeout, closing connection\r\n"
 BYE_BLOCKED = b"-ERR [SYS/TEMP] Too many failed logins from your address, try again later\r\n"
 BYE_UNAVAILABLE = b"-ERR [SYS/TEMP] Mail server unavailable, try again later\r\n"
-
-
-def _challenge_line(data: bytes) -> bytes:
-    # RFC 5034 section 4: continue-req = "+" SP [base64] CRLF; an empty
-    # challenge is "+ " with nothing after the space.
-    return b"+ " + b64encode(data) + CRLF
 
 
 # ====================================================================== server
@@ -141,7 +134,7 @@ _TRANSACTION_COMMANDS = frozenset(
 _SESSION_TLS_EXEMPT = frozenset({b"CAPA", b"STLS", b"QUIT"})
 
 
-_Handler = Callable[[bytes], list[Event]]
+_Handler = Callable[["Pop3Server", bytes], list[Event]]
 
 
 class Pop3Server(TableServer):
@@ -163,26 +156,11 @@ class Pop3Server(TableServer):
     BACKEND_FAILED = ERR_BACKEND
     FAILURES = FAILURE_REPLIES
     REFUSALS = _REFUSAL_REPLIES
-
-    def __init__(self, settings: SessionSettings) -> None:
-        super().__init__(settings)
-        self._commands_table: dict[bytes, _Handler] = {
-            b"CAPA": self._cmd_capa,
-            b"STLS": self._cmd_stls,
-            b"AUTH": self._cmd_auth,
-            b"USER": self._cmd_user,
-            b"QUIT": self._cmd_quit,
-        }
+    # RFC 5034 section 4: continue-req = "+" SP [base64] CRLF; an empty
+    # challenge is "+ " with nothing after the space.
+    CHALLENGE = b"+ "
 
     # --------------------------------------------------------- dialect hooks
-
-    def _forget_after_tls(self) -> None:
-        # RFC 2595 section 4: the session restarts in AUTHORIZATION; a USER
-        # given in the clear is forgotten.
-        self._user = None
-
-    def _challenge(self, data: bytes) -> Send:
-        return Send(_challenge_line(data))
 
     def _refusal_reply(self, attempt: Attempt, refusal: Refusal) -> Send:
         if attempt.mechanism == USER_PASS and refusal is Refusal.NOT_AVAILABLE:
@@ -207,9 +185,9 @@ class Pop3Server(TableServer):
             return self._say_error(ERR_SESSION_TLS_NO_STLS if no_stls else ERR_SESSION_TLS)
         if keyword == b"PASS":
             return self._cmd_pass(argument, user)
-        handler = self._commands_table.get(keyword)
+        handler = _COMMANDS.get(keyword)
         if handler is not None:
-            return handler(argument)
+            return handler(self, argument)
         if keyword in _TRANSACTION_COMMANDS:
             return self._say_error(ERR_NOT_LOGGED_IN)
         return self._say_error(ERR_UNKNOWN)
@@ -255,20 +233,23 @@ class Pop3Server(TableServer):
     def _cmd_pass(self, argument: bytes, user: str | None) -> list[Event]:
         if user is None:
             return self._say_error(ERR_NO_USER)
-        refused = self._refuse_login(Attempt(USER_PASS, authcid=user))
-        if refused is not None:
-            return refused
-        # RFC 1939 section 7: the password is the rest of the line, spaces
-        # included (clients send passphrases with spaces unquoted).
-        try:
-            password = argument.decode("utf-8")
-        except UnicodeDecodeError:
-            return self._say_error(ERR_SYNTAX)
+        password = self._password(Attempt(USER_PASS, authcid=user), argument, syntax=ERR_SYNTAX)
+        if not isinstance(password, str):
+            return password
         return self._login(Attempt(USER_PASS, authcid=user), user, password)
 
     def _cmd_quit(self, argument: bytes) -> list[Event]:
         self._state = ServerState.CLOSED
         return [Send(line(OK_BYE)), Close()]
+
+
+_COMMANDS: dict[bytes, _Handler] = {
+    b"CAPA": Pop3Server._cmd_capa,
+    b"STLS": Pop3Server._cmd_stls,
+    b"AUTH": Pop3Server._cmd_auth,
+    b"USER": Pop3Server._cmd_user,
+    b"QUIT": Pop3Server._cmd_quit,
+}
 
 
 # ====================================================================== client
