@@ -75,6 +75,8 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
     listeners += (
         '[[listeners]]\nname = "submission"\nprotocol = "smtp"\nlisten = "127.0.0.1:0"\n'
         'backend = "store1"\n'
+        '[[listeners]]\nname = "submission-relay"\nprotocol = "smtp"\n'
+        'listen = "127.0.0.1:0"\nbackend = "store1"\nmode = "relay"\n'
         '[[listeners]]\nname = "submission-pool"\nprotocol = "smtp"\nlisten = "127.0.0.1:0"\n'
         'backend = "pool"\n'
     )
@@ -316,3 +318,39 @@ async def test_active_check_notices_a_stopped_member_before_any_login(
         await gateway.stop(drain=1)
         await backends.close()
         HEALTH.clear()
+
+
+async def _plain_without_initial_response(
+    port: int, user: str, greeting: bytes, command: bytes, prompt: bytes
+) -> bytes:
+    """AUTH PLAIN with no initial response: the server's empty challenge,
+    then the credentials; the final reply."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        await _lines(reader, greeting)
+        if greeting == b"220 ":
+            writer.write(b"EHLO client.example\r\n")
+            await _lines(reader, b"250 ")
+        writer.write(command)
+        challenge = await asyncio.wait_for(reader.readline(), 10)
+        assert challenge.startswith(prompt), challenge
+        token = base64.b64encode(f"\0{user}\0{PASSWORDS[user]}".encode())
+        writer.write(token + b"\r\n")
+        return await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+
+
+@pytest.mark.asyncio
+async def test_relay_holds_plain_for_pop3_and_smtp_too(site: Site) -> None:
+    pop3 = await _plain_without_initial_response(
+        site.port("pop3-relay"), "bob", b"+OK", b"AUTH PLAIN\r\n", b"+"
+    )
+    assert pop3.startswith(b"+OK"), pop3
+    smtp = await _plain_without_initial_response(
+        site.port("submission-relay"), "bob", b"220 ", b"AUTH PLAIN\r\n", b"334"
+    )
+    assert smtp.startswith(b"235"), smtp
+    assert {r.user for r in site.store2.pop3.logins} == {"bob"}
+    assert {r.user for r in site.store2.smtp.logins} == {"bob"}
+    assert not site.store1.pop3.logins and not site.store1.smtp.logins
