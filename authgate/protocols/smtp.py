@@ -41,6 +41,13 @@ _MECHANISM_NAME = re.compile(rb"[A-Za-z0-9_-]{1,20}")
 # answers the server's empty challenge instead (RFC 4422 section 5).
 AUTH_LINE_LIMIT = 12288
 
+# The AUTH lines we send to a backend stay within RFC 5321's 512-octet
+# command line (section 4.5.3.1.4, CRLF included); a longer initial
+# response (a bearer token) answers the empty challenge instead, which every
+# server takes. RFC 4954's 12288 is not honoured everywhere: Dovecot 2.3.19's
+# submission-login answers "500 5.5.2 Line too long" past about 1 KiB.
+BACKEND_AUTH_LINE = 512
+
 # What the driver says, outside the dialogue, just before it closes the
 # connection: RFC 5321 section 3.8 (421 when the service must shut the
 # transmission channel), enhanced codes from RFC 3463.
@@ -567,7 +574,7 @@ class SmtpClient(ClientCore[_Reply]):
             command += b" ="  # RFC 4954 section 4: an empty initial response
         elif isinstance(initial, bytes):
             encoded = b64encode(initial)
-            if len(command) + 1 + len(encoded) + 2 > AUTH_LINE_LIMIT:
+            if len(command) + 1 + len(encoded) + 2 > BACKEND_AUTH_LINE:
                 self._held = initial
             else:
                 command += b" " + encoded

@@ -48,7 +48,7 @@ def dovecot_sieve() -> Iterator[DovecotInstance]:
 def _dovecot_log_mark(request: pytest.FixtureRequest) -> None:
     # Only for tests that use an instance: never start Dovecot just for this.
     marks: dict[str, tuple[DovecotInstance, int]] = {}
-    for name in ("dovecot", "dovecot_tls", "dovecot_sieve"):
+    for name in ("dovecot", "dovecot_tls", "dovecot_sieve", "dovecot_oauth"):
         if name in request.fixturenames:
             instance: DovecotInstance = request.getfixturevalue(name)
             marks[name] = (instance, instance.log_size())

@@ -343,3 +343,70 @@ async def test_a_long_token_is_relayed_past_the_default_line_limit(
     # ... and through the gateway, on the same one line.
     through = await raw_authenticate(gateway, "OAUTHBEARER", token, "127.0.0.41")
     assert through[0].startswith(b"a OK"), through
+
+
+async def smtp_auth_with_initial_response(host: str, port: int, mechanism: str, token: str) -> bytes:
+    """EHLO, then AUTH with the whole message on the command line (as msmtp
+    and Thunderbird send it); the reply to AUTH."""
+    reader, writer = await asyncio.open_connection(host, port, local_addr=("127.0.0.51", 0))
+    try:
+        await asyncio.wait_for(reader.readline(), TIMEOUT)
+        writer.write(b"EHLO client.example.test\r\n")
+        for _ in range(50):
+            if (await asyncio.wait_for(reader.readline(), TIMEOUT)).startswith(b"250 "):
+                break
+        initial = base64.b64encode(message(mechanism, token))
+        writer.write(b"AUTH " + mechanism.encode() + b" " + initial + b"\r\n")
+        return await asyncio.wait_for(reader.readline(), TIMEOUT)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+@pytest.mark.parametrize("mechanism", ["OAUTHBEARER", "XOAUTH2"])
+async def test_smtp_initial_response_with_a_token_reaches_dovecot(
+    gateway: Gateway, idp: IdentityProvider, dovecot_oauth: DovecotInstance, mechanism: str
+) -> None:
+    """A token of the size big providers issue (about 1.2 KiB; 1.6 KiB of
+    base64) on the AUTH line: Dovecot 2.3.19's submission-login refuses AUTH
+    lines past about 1 KiB ("500 5.5.2 Line too long", though RFC 4954 allows
+    12288), so authgate sends a long initial response after the empty 334
+    instead. Before, the client got 535 and the defence counted a failure
+    Dovecot never decided."""
+    token = idp.token(USER, padding=400)
+    assert len(base64.b64encode(message(mechanism, token))) > 1100
+    direct = await smtp_auth_with_initial_response(
+        dovecot_oauth.host, dovecot_oauth.submission, mechanism, token
+    )
+    assert direct.startswith(b"500 "), direct  # Dovecot's own limit, directly
+    host, port = address(gateway, "submission")
+    through = await smtp_auth_with_initial_response(host, port, mechanism, token)
+    assert through.startswith(b"235 "), through
+
+
+@pytest.mark.parametrize("mechanism", ["oauthbearer", "xoauth2"])
+async def test_msmtp_relayed_to_dovecot(
+    gateway: Gateway, idp: IdentityProvider, dovecot_oauth: DovecotInstance,
+    tmp_path: Path, mechanism: str,
+) -> None:  # fmt: skip
+    host, port = address(gateway, "submission")
+    secret = tmp_path / "token"
+    secret.touch(0o600)
+    secret.write_text(idp.token(USER, alg="ES256") + "\n")
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                binary("msmtp"), f"--host={host}", f"--port={port}", f"--timeout={TIMEOUT}",
+                "--domain=client.example.test", f"--auth={mechanism}", f"--user={USER}",
+                f"--passwordeval=cat {secret}", f"--from={USER}", "--tls=off", "--",
+                RCPT,
+            ],
+            input=f"Subject: msmtp {mechanism}\r\n\r\nhi\r\n", capture_output=True, text=True,
+            timeout=TIMEOUT + 10, check=False,
+        )  # fmt: skip
+
+    done = await asyncio.to_thread(run)
+    assert done.returncode == 0, done.stderr
+    dovecot_oauth.relay.wait_for(lambda m: f"msmtp {mechanism}".encode() in m.data)

@@ -1232,14 +1232,33 @@ def test_relay_client_initial_response(initial: bytes, line: str) -> None:
     assert backend.client.authenticate("PLAIN", initial) == [Send(line.encode() + b"\r\n")]
 
 
-def test_relay_client_long_initial_response_waits_for_empty_challenge() -> None:
+@pytest.mark.parametrize("size", [10000, 400])
+def test_relay_client_long_initial_response_waits_for_empty_challenge(size: int) -> None:
+    """Past RFC 5321's 512-octet command line (CRLF included) the initial
+    response answers the empty challenge: 400 octets are 536 in base64,
+    10000 are past even RFC 4954's 12288-octet AUTH line."""
     backend = relay_backend()
     backend.feed("220 b\r\n")
     backend.feed(EHLO_PLAIN)
-    big = b"x" * 10000  # base64 is longer than RFC 4954's 12288-octet AUTH line
+    big = b"x" * size
     assert backend.client.authenticate("PLAIN", big) == [Send(b"AUTH PLAIN\r\n")]
     assert backend.feed("334 \r\n") == base64.b64encode(big) + b"\r\n"
     assert not any(isinstance(e, RelayChallenge) for e in backend.events)
+
+
+def test_relay_client_auth_line_boundary_is_512_octets() -> None:
+    backend = relay_backend()
+    backend.feed("220 b\r\n")
+    backend.feed(EHLO_PLAIN)
+    fits = b"x" * 375  # "AUTH PLAIN " + 500 base64 octets + CRLF = 513
+    assert len(b"AUTH PLAIN " + base64.b64encode(fits) + b"\r\n") == 513
+    assert backend.client.authenticate("PLAIN", fits) == [Send(b"AUTH PLAIN\r\n")]
+    fits = b"x" * 372  # 496 base64 octets: 509 in all
+    backend = relay_backend()
+    backend.feed("220 b\r\n")
+    backend.feed(EHLO_PLAIN)
+    line = b"AUTH PLAIN " + base64.b64encode(fits) + b"\r\n"
+    assert backend.client.authenticate("PLAIN", fits) == [Send(line)]
 
 
 @pytest.mark.parametrize(
