@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import imaplib
 import poplib
+import re
 import smtplib
 import textwrap
+from typing import BinaryIO
 
 import pytest
 
@@ -20,11 +22,29 @@ pytest_plugins = ["pytester"]
 PASSWORD = "s3cret-Pw"
 
 
+def wait_for_close(file: BinaryIO) -> bytes:
+    """Read until the server closes (the socket's timeout bounds each read)."""
+    rest = b""
+    for _ in range(100):
+        data = file.read1(65536)
+        if not data:
+            return rest
+        rest += data
+    raise AssertionError(f"the server did not close: {rest[:200]!r}")
+
+
 def imap_starttls_login(stack: Stack) -> None:
     endpoint = stack["imap"]
     with imaplib.IMAP4(endpoint.host, endpoint.port, timeout=10) as client:
         client.starttls(ssl_context=stack.ssl_context())
         client.login("alice", PASSWORD)
+        # LOGOUT by hand: imaplib's logout() closes at once, racing the
+        # server's own close (RFC 9051 6.1.3: BYE, OK, then the server
+        # closes). Waiting for that close makes the order certain.
+        client.state = "LOGOUT"  # what logout() sets: BYE is expected
+        client._simple_command("LOGOUT")  # returns at the BYE, perhaps before the OK
+        assert re.fullmatch(rb"(\S+ OK LOGOUT completed\r\n)?", wait_for_close(client.file))
+        client.shutdown()
 
 
 def imap_cleartext_login(stack: Stack) -> None:
@@ -40,7 +60,11 @@ def pop3_stls_login(stack: Stack) -> None:
         client.stls(context=stack.ssl_context())
         client.user("alice")
         client.pass_(PASSWORD)
-        client.quit()
+        # QUIT by hand: poplib's quit() closes at once, racing the server's
+        # own close (RFC 1939 6: the server closes after its +OK). Waiting
+        # for that close makes the order certain.
+        assert client._shortcmd("QUIT").startswith(b"+OK")
+        assert wait_for_close(client.file) == b""
     finally:
         client.close()
 
@@ -67,7 +91,8 @@ async def test_starttls_session_is_recorded_with_the_tls_mark(
     for transcript in (imap, pop3):
         transcript.assert_tls_started()
         transcript.assert_no_secret_before_tls(PASSWORD)
-        assert transcript.closed_by == "client"
+        # LOGOUT / QUIT: the server closes (the clients above wait for it)
+        assert transcript.closed_by == "server"
         assert not transcript.implicit_tls
     # exact bytes: the greeting first, STARTTLS's reply the last plaintext
     assert imap.server_bytes(tls=False).startswith(b"* OK [CAPABILITY IMAP4rev1 ")
