@@ -636,6 +636,10 @@ def _backend_addresses(table: Table, key: str) -> list[Address]:
     return addresses
 
 
+# [backends.NAME] referral: an RFC 5092 IMAP URL of a server (no user part:
+# authgate puts the user's name in).
+_REFERRAL = re.compile(r"imap://[A-Za-z0-9.-]+(:[0-9]{1,5})?/")
+
 # [backends.NAME] per-protocol addresses: one store, one port per protocol.
 _PROTOCOL_KEYS = tuple(p.value for p in Protocol)
 
@@ -655,7 +659,12 @@ def _named_backend(table: Table) -> Backend:
                 raise table.error(key, f"{table.data[key]!r} is not a host:port string")
             generic = _backend_addresses(table, key)
     per_protocol = {key: _backend_addresses(table, key) for key in _PROTOCOL_KEYS if table.has(key)}
-    if not generic and not per_protocol:
+    referral = table.get("referral", str, "") or None
+    if referral is not None and not _REFERRAL.fullmatch(referral):
+        raise table.error(
+            "referral", f"{referral!r} is not an imap://host[:port]/ URL (RFC 2221 referral)"
+        )
+    if not generic and not per_protocol and referral is None:
         raise table.error(
             "address",
             'is required: address = "host:port", a pool addresses = [...], '
@@ -664,7 +673,12 @@ def _named_backend(table: Table) -> Backend:
     interval = float(
         number(table, "health_check", Range(0, 3600)) if table.has("health_check") else -1
     )
-    first = generic[0] if generic else next(iter(per_protocol.values()))[0]
+    if generic:
+        first = generic[0]
+    elif per_protocol:
+        first = next(iter(per_protocol.values()))[0]
+    else:  # only a referral: settings that are never connected to
+        first = Address("referral.invalid", 143)
     settings = _backend_settings(table, first)
     table.finish()
     return Backend(
@@ -675,6 +689,7 @@ def _named_backend(table: Table) -> Backend:
             for key, addresses in per_protocol.items()
         },
         health_check=interval,
+        referral=referral,
     )
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
@@ -67,6 +68,9 @@ class Backend:
     health_check: float = -1.0
     # Given in the config as [backends.NAME] (not a listener's own backend).
     named: bool = True
+    # RFC 2221 login referral ("imap://host/"): for a protocol this backend
+    # has no address for, its users are told to go there (IMAP only).
+    referral: str | None = None
 
     def members_for(self, protocol: str) -> tuple[BackendSettings, ...]:
         """The addresses a listener of `protocol` uses (empty: none)."""
@@ -208,6 +212,8 @@ class Route:
     candidates: tuple[BackendSettings, ...]
     # Every member in the user's order, up or down (for explanations).
     order: tuple[BackendSettings, ...]
+    # The RFC 2221 URL to send the user to instead (candidates then empty).
+    referral: str | None = None
 
     @property
     def available(self) -> bool:
@@ -253,6 +259,9 @@ def choose(
     client's address), so that such sessions still spread."""
     backend, why = _pick(user, default, backends, hints, table, hosts or {})
     members = backend.members_for(protocol)
+    if not members and backend.referral is not None and user is not None:
+        url = referral_url(backend.referral, user)
+        return Route(user, backend, protocol, why, candidates=(), order=(), referral=url)
     if not members:
         raise RoutingError(f"{why} names backend {backend.name!r}, which has no {protocol} address")
     if len(members) > 1:
@@ -261,6 +270,14 @@ def choose(
         order = members  # one member: nothing to hash
     up = tuple(m for m in order if health is None or health.is_up(m.address, now))
     return Route(user=user, backend=backend, protocol=protocol, why=why, candidates=up, order=order)
+
+
+def referral_url(base: str, user: str) -> str:
+    """RFC 2221 section 4.1 / RFC 5092: the login referral for `user`,
+    "imap://host/" -> "imap://user@host/", the name percent-encoded (no CR,
+    LF, space or bracket can reach the reply)."""
+    scheme, _, rest = base.partition("://")
+    return f"{scheme}://{urllib.parse.quote(user, safe='')}@{rest}"
 
 
 def _pick(

@@ -411,3 +411,17 @@ def test_sessions_without_a_user_spread_by_client_address() -> None:
         choose(None, "smtp", pool, BACKENDS, spread="192.0.2.7").order
         == choose(None, "smtp", pool, BACKENDS, spread="192.0.2.7").order
     )
+
+
+def test_referral_url_puts_the_user_in_safely() -> None:
+    from authgate.routing import referral_url
+
+    assert referral_url("imap://store3.example.org/", "dan") == "imap://dan@store3.example.org/"
+    hostile = referral_url("imap://h.example/", "a] x\r\nb@c;AUTH=*")
+    assert hostile == "imap://a%5D%20x%0D%0Ab%40c%3BAUTH%3D%2A@h.example/"
+    data = config()
+    data["backends"]["remote"] = {"referral": "imap://store3.example.org:143/"}
+    assert from_dict(data, SOURCE).backends["remote"].referral == "imap://store3.example.org:143/"
+    data["backends"]["remote"] = {"referral": "imap://x/\r\n"}
+    with pytest.raises(ConfigError, match="is not an imap://host"):
+        from_dict(data, SOURCE)

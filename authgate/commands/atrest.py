@@ -79,6 +79,8 @@ def secret_files_from_config(config: Path) -> list[SecretFile]:
         if listener.backend.master_password_file is not None:
             found.append(SecretFile(listener.backend.master_password_file))
     for backend in settings.backends.values():  # [backends.NAME] master_password_file
+        if not backend.all_members():
+            continue  # a referral only
         password_file = backend.settings_any().master_password_file
         if password_file is not None:
             found.append(SecretFile(password_file))

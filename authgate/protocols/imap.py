@@ -295,6 +295,11 @@ class ImapServer(ServerCore):
             return self._tagged(attempt.tag, _FAILURE_REPLY[FailureReason.EXPIRED])
         return self._tagged(attempt.tag, _BACKEND_FAILED_REPLY)
 
+    def _referral_reply(self, attempt: Attempt, url: bytes) -> Send | None:
+        # RFC 2221 section 4.1: NO [REFERRAL url] to LOGIN or AUTHENTICATE.
+        text = b"NO [REFERRAL " + url + b"] Your mail is on another server"
+        return self._tagged(attempt.tag, text)
+
     def _success_reply(self, attempt: Attempt, capabilities: Sequence[str]) -> Send:
         code = _capability_code(tuple(capabilities))
         return self._tagged(attempt.tag, b"OK " + code + b"Logged in")

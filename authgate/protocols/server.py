@@ -268,6 +268,19 @@ class ServerCore:
         failed = AuthFailed(attempt.mechanism, f"backend-{failure.value}", attempt.authcid)
         return [failed, reply, *self._pump()]
 
+    def referred(self, url: bytes) -> list[Event]:
+        """The user's mail is on another site (RFC 2221 login referral):
+        the dialect's referral reply, or its unavailable one when it has no
+        referrals. From BACKEND (terminate) or RELAY (before any backend)."""
+        self._expect({ServerState.BACKEND, ServerState.RELAY}, "referred")
+        attempt = self._current()
+        reply = self._referral_reply(attempt, url)
+        if reply is None:
+            reply = self._backend_failed_reply(attempt, BackendFailure.UNAVAILABLE)
+        self._reset_auth()
+        failed = AuthFailed(attempt.mechanism, "referred", attempt.authcid)
+        return [failed, reply, *self._pump()]
+
     def relay_challenge(self, data: bytes) -> list[Event]:
         self._expect({ServerState.RELAY}, "relay_challenge")
         attempt = self._current()
@@ -315,6 +328,10 @@ class ServerCore:
 
     def _backend_failed_reply(self, attempt: Attempt, failure: BackendFailure) -> Send:
         raise NotImplementedError
+
+    def _referral_reply(self, attempt: Attempt, url: bytes) -> Send | None:
+        """A login referral (RFC 2221); None: the dialect has none."""
+        return None
 
     def _success_reply(self, attempt: Attempt, capabilities: Sequence[str]) -> Send:
         raise NotImplementedError

@@ -179,7 +179,10 @@ def build_routes(
     prepared: dict[str, PreparedBackend] = {}
     for name, backend in config.backends.items():
         if name not in cache:
-            cache[name] = _prepare(backend.settings_any(), keyring)
+            if backend.all_members():
+                cache[name] = _prepare(backend.settings_any(), keyring)
+            else:  # a referral only: never connected to
+                cache[name] = PreparedBackend(tls=None)
         prepared[name] = cache[name]
     default = listener.route_default
     if default.name not in prepared:

@@ -19,7 +19,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, TypeAlias
 
 from authgate.client_certs import user_of_certificate
@@ -87,6 +87,14 @@ log = logging.getLogger("authgate.session")
 # an initial response gets one), LOGIN's is the fixed "Username:". CRAM-MD5,
 # DIGEST-MD5 and NTLM name the user only in answer to the backend's own
 # challenge (a nonce the answer is bound to): they go to the default backend.
+@dataclass(frozen=True)
+class Referral:
+    """The user's backend is on another site: tell the client where
+    (RFC 2221), connect nowhere."""
+
+    url: str
+
+
 HELD_FIRST_CHALLENGE: dict[str, bytes] = {
     "PLAIN": b"",
     "LOGIN": b"Username:",
@@ -604,7 +612,7 @@ class ClientSession:
         identity: str | None,
         *,
         adjust: Callable[[ClientSettings], ClientSettings] | None = None,
-    ) -> Upstream | LoginFailed:
+    ) -> Upstream | LoginFailed | Referral:
         """Connect to `user`'s backend (authgate.routing): a pool's members
         in the user's order, skipping the ones marked down; a failed
         connect marks a member down and tries the next. `identity`: log in
@@ -617,6 +625,9 @@ class ClientSession:
         except RoutingError as exc:
             log.warning("%s: no backend for %r: %s", self.tag, user, exc)
             return LoginFailed(BackendFailure.UNAVAILABLE, str(exc))
+        if route.referral is not None:
+            log.info("%s: %r is referred to %s", self.tag, user, route.referral)
+            return Referral(route.referral)
         if not route.available:
             # A user pinned to a store that is down gets a temporary
             # failure, never another store (their mail is not there).
@@ -687,7 +698,7 @@ class ClientSession:
         upstream = await self._open_upstream(
             None, None, adjust=lambda s: replace(s, relay=False, capabilities_only=True)
         )
-        if isinstance(upstream, LoginFailed):
+        if not isinstance(upstream, Upstream):  # (no user: never a referral)
             return None
         try:
             result = await upstream.advance()
@@ -757,6 +768,9 @@ class ClientSession:
             app=app,  # the app password's label, never the secret
         )
         upstream = await self._open_upstream(event.identity, event.identity)
+        if isinstance(upstream, Referral):
+            referred: list[Event] = self.machine.referred(upstream.url.encode("ascii"))
+            return referred
         if isinstance(upstream, LoginFailed):
             return self._backend_failed(upstream)
         result = await self._advance(upstream)
@@ -813,6 +827,9 @@ class ClientSession:
         ourselves, which the backend's own first challenge gets (LOGIN's
         user name: a LOGIN initial response is not understood everywhere)."""
         upstream = await self._open_upstream(self._relay_user, None)
+        if isinstance(upstream, Referral):
+            referred: list[Event] = self.machine.referred(upstream.url.encode("ascii"))
+            return referred
         if isinstance(upstream, LoginFailed):
             return await self._relay_step(upstream)
         self.upstream = upstream
@@ -928,7 +945,7 @@ class ClientSession:
         upstream = await self._open_upstream(
             None, None, adjust=lambda s: replace(s, relay=False, replay=event.replay)
         )
-        if isinstance(upstream, LoginFailed):
+        if not isinstance(upstream, Upstream):  # (no user: never a referral)
             self.client.write(self.runtime.parts.unavailable)
             return None
         self.upstream = upstream

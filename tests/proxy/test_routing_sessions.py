@@ -26,7 +26,7 @@ from authgate.runner import start_gateway
 from authgate.testing.backends import Backends, seed_mailbox, start_backends, start_smtp_backend
 from tests.netutil import free_port
 
-PASSWORDS = {"alice": "pw-alice-1", "bob": "pw-bob-2", "carol": "pw-carol-3"}
+PASSWORDS = {"alice": "pw-alice-1", "bob": "pw-bob-2", "carol": "pw-carol-3", "dan": "pw-dan-4"}
 MASTER = ("authgate", "master-pw")
 
 
@@ -63,6 +63,7 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
     for user, password in PASSWORDS.items():
         users.set_user_secrets(user, generate_secrets(user, password, "localhost"))
     text = users.dumps().replace("[users.bob]\n", '[users.bob]\nbackend = "store2"\n')
+    text = text.replace("[users.dan]\n", '[users.dan]\nbackend = "remote"\n')
     (tmp_path / "users.toml").write_text(text)
     (tmp_path / "routes.toml").write_text('[users]\n"carol" = "store2"\n')
     listeners = ""
@@ -87,6 +88,7 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
         '[routing]\ntable = "routes.toml"\ndown_for = 600\n'
         f"[backends.store1]\n{_addresses(store1)}"
         f"[backends.store2]\n{_addresses(store2)}"
+        '[backends.remote]\nreferral = "imap://store3.example.org/"\n'
         "[backends.pool]\n"
         f'smtp = ["127.0.0.1:{store1.smtp.port}", "127.0.0.1:{extra.port}"]\n'
         f'master_user = "{MASTER[0]}"\nmaster_password = "{MASTER[1]}"\n' + listeners
@@ -354,3 +356,15 @@ async def test_relay_holds_plain_for_pop3_and_smtp_too(site: Site) -> None:
     assert {r.user for r in site.store2.pop3.logins} == {"bob"}
     assert {r.user for r in site.store2.smtp.logins} == {"bob"}
     assert not site.store1.pop3.logins and not site.store1.smtp.logins
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mode", ["terminate", "relay"])
+async def test_a_user_on_another_site_gets_an_imap_referral(site: Site, mode: str) -> None:
+    # RFC 2221: the LOGIN answer names the server, with the user in the URL.
+    login, _ = await imap_session(site.port(f"imap-{mode}"), "dan")
+    assert b"a NO [REFERRAL imap://dan@store3.example.org/]" in login
+    # POP3 has no referral: a temporary failure, no backend asked.
+    login, _ = await pop3_session(site.port(f"pop3-{mode}"), "dan")
+    assert login.startswith(b"-ERR [SYS/TEMP]")
+    assert "dan" not in {r.user for r in site.store1.imap.logins + site.store2.imap.logins}
