@@ -10,6 +10,7 @@ listener would do.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -109,6 +110,13 @@ def client_ip(address: str | IPAddress) -> IPAddress | None:
     address unwrapped), or None when it is not an IP (a Unix socket, say)."""
     if not isinstance(address, str):
         return unmap(address)
+    return _parsed_ip(address)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_ip(address: str) -> IPAddress | None:
+    """client_ip of a text: a login asks it of the same few texts several
+    times (session, policy, defence), and the addresses are immutable."""
     try:
         return unmap(ipaddress.ip_address(address.split("%", 1)[0]))
     except ValueError:

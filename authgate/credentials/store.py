@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import os
 import re
 import secrets as _secrets
@@ -156,6 +157,13 @@ class User:
 
     def app(self, label: str) -> AppPassword | None:
         return next((a for a in self.apps if a.label == label), None)
+
+    @functools.cached_property
+    def password_checker(self) -> StoredSecret | None:
+        """The secret a password check runs (`_cheapest_checker`), chosen
+        once per user record: a login asks for it twice (`_quick`, then
+        the check itself). A changed user is a new record (`replace`)."""
+        return _cheapest_checker(self.secrets)
 
 
 @dataclass(frozen=True)
@@ -498,7 +506,7 @@ class UserStore:
             return PasswordVerdict(matched.allows(protocol), name, matched.label)
         if not user.password_login:
             return False
-        checker = _cheapest_checker(user.secrets)
+        checker = user.password_checker
         return checker is not None and checker.verify_password(password)
 
     def _lookup(self, name: str, form: SecretForm, realm: str) -> LookupAnswer:
@@ -744,7 +752,7 @@ def _password_checkers(user: User) -> list[StoredSecret]:
     then the cheapest main secret unless password_login is off."""
     checkers = [app.secret for app in user.apps]
     if user.password_login:
-        main = _cheapest_checker(user.secrets)
+        main = user.password_checker
         if main is not None:
             checkers.append(main)
     return checkers

@@ -29,6 +29,29 @@ class ChannelClosed(ConnectionError):
 
 
 class Channel(asyncio.Protocol):
+    # Two per session (client and backend side): no per-instance dict.
+    __slots__ = (
+        "_buf",
+        "_data_waiter",
+        "_drain_waiters",
+        "_eof",
+        "_eof_deferred",
+        "_half_close",
+        "_held",
+        "_lost",
+        "_over_tls",
+        "_paused_reading",
+        "_sink",
+        "_source",
+        "_through",
+        "_write_paused",
+        "_wrote_eof",
+        "defer_eof",
+        "ended",
+        "forwarded",
+        "transport",
+    )
+
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self._buf = bytearray()

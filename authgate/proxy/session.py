@@ -116,6 +116,39 @@ _Next: TypeAlias = Sequence[Event | Handover] | None
 
 
 class ClientSession:
+    # One per connection: no per-instance dict (memory per held session).
+    __slots__ = (
+        "_aliases",
+        "_app_password",
+        "_attempt_started",
+        "_backend_capabilities",
+        "_backend_tried",
+        "_decisions",
+        "_external",
+        "_fingerprint",
+        "_member",
+        "_relay_held",
+        "_relay_mechanism",
+        "_relay_messages",
+        "_relay_user",
+        "_secret_looked_up",
+        "_token_refused",
+        "address",
+        "audit",
+        "client",
+        "guard",
+        "local",
+        "machine",
+        "notices",
+        "peer",
+        "runtime",
+        "started",
+        "tag",
+        "upstream",
+        "user",
+        "via_balancer",
+    )
+
     def __init__(
         self,
         runtime: ListenerRuntime,

@@ -111,7 +111,7 @@ async def splice(
     return client.forwarded, backend.forwarded
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Handover:
     """What pre-authentication hands to the splice (wsproto's trailing_data,
     both ways): the two connections and the bytes each side is owed, that

@@ -56,6 +56,8 @@ async def connect(
 class Upstream:
     """A backend connection driven by a client machine."""
 
+    __slots__ = ("_server_name", "_timeout", "_tls_context", "channel", "machine", "timed_out")
+
     def __init__(
         self,
         channel: Channel,

@@ -1,0 +1,190 @@
+"""Instructions per login of the proxy process alone, counted by callgrind.
+
+    python -m bench.instructions [--logins 200] [--protocol imap|pop3] [--profile FILE]
+
+Wall-clock figures on a shared machine are noise; the number of
+instructions a login costs the proxy is not (it repeats to within a few
+tenths of a percent under any load). This starts the embedded backends
+(authgate.testing) in this process, `authgate run` in a child process under
+`valgrind --tool=callgrind` (or cProfile with --profile: the phase shares),
+then runs warm-up logins, zeroes the counters (`callgrind_control -z`),
+runs `--logins` complete logins one after the other (connect, greeting,
+AUTHENTICATE PLAIN / AUTH PLAIN with an initial response as a master-user
+login to the backend, LOGOUT / QUIT, close) and dumps the counters
+(`callgrind_control -d`). Prints one line: instructions per login.
+
+The user holds every form `authgate passwd` writes by default, as in
+`bench.versus`. Needs valgrind (Debian `valgrind`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from authgate.certs import ensure_dev_certificates
+from authgate.credentials.store import UserStore
+from authgate.testing.backends import start_backends
+from authgate.testing.stack import MASTER_USER, ListenerSpec, config_text, user_secrets
+
+USER = "bench-default"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def login(protocol: str, port: int, user: str, password: str) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+    try:
+        if protocol == "imap":
+            await reader.readline()
+            writer.write(f"a AUTHENTICATE PLAIN {token}\r\n".encode())
+            while not (line := await reader.readline()).startswith(b"a "):
+                if not line:
+                    raise RuntimeError("closed during login")
+            if not line.startswith(b"a OK"):
+                raise RuntimeError(f"login refused: {line!r}")
+            writer.write(b"b LOGOUT\r\n")
+        else:
+            await reader.readline()
+            writer.write(f"AUTH PLAIN {token}\r\n".encode())
+            line = await reader.readline()
+            if not line.startswith(b"+OK"):
+                raise RuntimeError(f"login refused: {line!r}")
+            writer.write(b"QUIT\r\n")
+        await reader.read()  # until the proxy closes
+    finally:
+        writer.close()
+
+
+async def wait_listening(port: int, proc: subprocess.Popen[bytes], limit: float) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("authgate exited while starting")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.5)
+            continue
+        writer.close()
+        return
+    raise RuntimeError("authgate did not listen in time")
+
+
+def control(pid: int, option: str) -> None:
+    subprocess.run(["callgrind_control", option, str(pid)], check=True, capture_output=True)
+
+
+async def run(args: argparse.Namespace, work: Path) -> int:
+    password = secrets.token_urlsafe(12)
+    certs = work / "certs"
+    ensure_dev_certificates(certs)
+    backends = await start_backends(
+        work / "mail", {USER: password}, master=(MASTER_USER, "master-" + password)
+    )
+    try:
+        store = UserStore(realm="localhost")
+        store.set_user_secrets(USER, list(user_secrets(USER, password)))
+        store.save(work / "users.toml")
+        port = free_port()
+        # Root in this bench (valgrind, the embedded backends' Maildirs).
+        (work / "authgate.toml").write_text(
+            "run_as_root = true\n"
+            + config_text(
+                host="127.0.0.1",
+                layout=(ListenerSpec(args.protocol, args.protocol, "none", port=port),),
+                certs=certs,
+                users_file=work / "users.toml",
+                backend_ports={"imap": backends.imap.port, "pop3": backends.pop3.port},
+                master_password="master-" + password,
+                security="none",
+                mechanisms=("PLAIN",),
+                exempt=(),
+            )
+        )
+        out = work / "callgrind.out"
+        command = [sys.executable, "-m", "authgate", "run", "-c", str(work / "authgate.toml")]
+        if args.profile:
+            command[1:1] = ["-m", "cProfile", "-o", str(args.profile)]
+        else:
+            command[:0] = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+        log = open(work / "authgate.log", "wb")  # noqa: SIM115 - closed below
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            await wait_listening(port, proc, 300)
+            for _ in range(args.warmup):
+                await login(args.protocol, port, USER, password)
+            if not args.profile:
+                control(proc.pid, "-z")
+            for _ in range(args.logins):
+                await login(args.protocol, port, USER, password)
+            if not args.profile:
+                control(proc.pid, "-d")
+        finally:
+            proc.send_signal(2)  # SIGINT: cProfile writes its file
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+        if args.profile:
+            print(f"profile written to {args.profile}")
+            return 0
+        dumps = sorted(work.glob("callgrind.out*"), key=lambda p: p.stat().st_mtime)
+        # The dump taken after the logins: the first file with parts (".1").
+        dumped = [p for p in dumps if re.search(r"\.\d+$", p.name)]
+        text = dumped[0].read_text(errors="replace")
+        match = re.search(r"^(?:summary|totals):\s*(\d+)", text, re.M)
+        if match is None:
+            raise RuntimeError("no totals in the callgrind dump")
+        total = int(match.group(1))
+        print(
+            f"{args.protocol}: {total / args.logins:,.0f} instructions per login "
+            f"({args.logins} logins, {total:,} instructions)"
+        )
+        return 0
+    finally:
+        await backends.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.instructions")
+    parser.add_argument("--logins", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--protocol", choices=("imap", "pop3"), default="imap")
+    parser.add_argument("--profile", type=Path, help="cProfile the proxy instead (output file)")
+    args = parser.parse_args(argv)
+    if not args.profile and shutil.which("valgrind") is None:
+        print("needs valgrind (apt-get install valgrind)", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="authgate-instr-"))
+    try:
+        return asyncio.run(run(args, work))
+    finally:
+        if not os.environ.get("KEEP"):
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(work)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    sys.exit(main())
