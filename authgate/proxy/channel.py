@@ -301,19 +301,39 @@ class Channel(asyncio.Protocol):
         discarded = len(self._buf)
         self._buf.clear()
         loop = asyncio.get_running_loop()
-        new_transport = await loop.start_tls(
-            self.transport,
-            self,
-            context,
-            server_side=server_side,
-            server_hostname=server_hostname,
-            ssl_handshake_timeout=timeout,
-        )
+        try:
+            new_transport = await loop.start_tls(
+                self.transport,
+                self,
+                context,
+                server_side=server_side,
+                server_hostname=server_hostname,
+                ssl_handshake_timeout=timeout,
+            )
+        except BaseException as exc:
+            self.handshake_failed(exc)
+            if isinstance(exc, ConnectionError) and not isinstance(exc, ChannelClosed):
+                # asyncio's SSLProtocol raises a bare ConnectionResetError
+                # (no text) when the peer closes mid-handshake.
+                raise ChannelClosed(handshake_failure(exc)) from None
+            raise
         if new_transport is None:
+            self.handshake_failed(None)
             raise ChannelClosed("connection closed during the TLS handshake")
         self.transport = new_transport
         self._over_tls = True
         return discarded
+
+    def handshake_failed(self, exc: BaseException | None) -> None:
+        """The TLS handshake on our connection failed (or the peer closed
+        during it): end this channel as if the connection were lost.
+        asyncio's SSLProtocol tells its app protocol nothing when the
+        connection ends before the handshake completes (no connection_made
+        on an implicit-TLS accept, no connection_lost after a failed
+        start_tls), so without this the channel's waiters, `ended` and
+        `lost` would never learn the peer is gone."""
+        if not self._lost:
+            self.connection_lost(exc if isinstance(exc, Exception) else None)
 
     @property
     def tls(self) -> ssl.SSLObject | None:
@@ -341,6 +361,17 @@ class Channel(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+
+def handshake_failure(exc: BaseException) -> str:
+    """A log text for a failed TLS handshake: the exception's own text,
+    or what a bare ConnectionError from asyncio means (the peer closed)."""
+    text = str(exc)
+    if text:
+        return f"TLS handshake failed: {text}"
+    if isinstance(exc, ConnectionError):
+        return "TLS handshake failed: the peer closed the connection"
+    return f"TLS handshake failed: {type(exc).__name__}"
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:

@@ -19,7 +19,7 @@ from authgate.metrics import recorder
 from authgate.policy import Protocol
 from authgate.proxy import proxy_protocol
 from authgate.proxy.auditing import AuditTrail
-from authgate.proxy.channel import Channel
+from authgate.proxy.channel import Channel, handshake_failure
 from authgate.proxy.ldap_session import LdapSession
 from authgate.proxy.lograte import LogThrottle
 from authgate.proxy.routes import OWN_SOCKETS, check_targets, run_checks
@@ -428,7 +428,10 @@ class Gateway:
                     ssl_handshake_timeout=runtime.limits.handshake_timeout if implicit else None,
                 )
             except (OSError, ssl.SSLError) as exc:
-                log.info("%s %s: connection failed: %s", listener.name, host, exc)
+                # Our channel never saw the connection: end it by hand.
+                channel.handshake_failed(exc)
+                why = handshake_failure(exc) if implicit else str(exc)
+                log.info("%s %s: connection failed: %s", listener.name, host, why)
                 if implicit:
                     recorder().tls_handshake(listener.name, ok=False)
                 return

@@ -297,7 +297,9 @@ class ClientSession:
                 await self._splice(handover)
         except TimeoutError:
             log.info("%s: timed out", self.tag)
-        except (ChannelClosed, ConnectionError, ssl.SSLError) as exc:
+        except ChannelClosed as exc:  # our own text (e.g. a failed TLS handshake)
+            log.info("%s: connection ended: %s", self.tag, exc)
+        except (ConnectionError, ssl.SSLError) as exc:
             log.info("%s: connection ended: %s", self.tag, exc.__class__.__name__)
         except Exception:
             # Our bug, not the client's: log it for us, close for them.

@@ -10,7 +10,7 @@ import pytest
 import uvloop
 
 # Modules whose every test runs once per loop; the others use asyncio's only.
-BOTH_LOOPS = {"test_gateway", "test_limits", "test_splice", "test_dual_stack", "test_alpn"}
+BOTH_LOOPS = {"test_gateway", "test_limits", "test_splice", "test_dual_stack", "test_alpn", "test_tls_eof"}
 
 
 def pytest_asyncio_loop_factories(
