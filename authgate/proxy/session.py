@@ -102,6 +102,10 @@ HELD_FIRST_CHALLENGE: dict[str, bytes] = {
     "SCRAM-SHA-256": b"",
 }
 
+# Relayed bearer-token mechanisms: the backend's challenge after the token is
+# its refusal (see _relay_step).
+BEARER_RELAYED = frozenset({"OAUTHBEARER", "XOAUTH2"})
+
 
 # AuthFailed reasons that mean "wrong credentials": the ones a password
 # guesser produces. Policy refusals, cancels, malformed input (capped by
@@ -305,6 +309,12 @@ class ClientSession:
             # Our bug, not the client's: log it for us, close for them.
             log.exception("%s: internal error", self.tag)
         finally:
+            if self._token_refused:
+                # A refused bearer token whose error challenge was never
+                # answered (the client hung up or timed out): still a guess.
+                self._token_refused = False
+                log.info("%s: bearer token refused; error challenge left unanswered", self.tag)
+                self.guard.failure(self.address, self._relay_user)
             self.client.close()
             if self.upstream is not None:
                 self.upstream.close()
@@ -918,8 +928,15 @@ class ClientSession:
     async def _relay_step(self, step: LoginStep) -> _Next:
         events: list[Event]
         if isinstance(step, RelayChallenge):
+            if self._relay_mechanism in BEARER_RELAYED and self._relay_messages > 0:
+                # After the client's token, a bearer mechanism's only
+                # challenge is the backend's error (RFC 7628 section 3.2.3;
+                # XOAUTH2 alike): the token was refused, a failed guess even
+                # if the client then cancels instead of answering.
+                self._token_refused = True
             events = self.machine.relay_challenge(step.data)
         elif isinstance(step, LoggedIn):
+            self._token_refused = False
             if await self._blocked():  # blocked while the backend checked
                 return None
             events = self.machine.relay_result(True)

@@ -410,3 +410,45 @@ async def test_msmtp_relayed_to_dovecot(
     done = await asyncio.to_thread(run)
     assert done.returncode == 0, done.stderr
     dovecot_oauth.relay.wait_for(lambda m: f"msmtp {mechanism}".encode() in m.data)
+
+
+@pytest.mark.parametrize("ending", ["cancel", "hang-up"])
+@pytest.mark.parametrize("mechanism", ["OAUTHBEARER", "XOAUTH2"])
+async def test_a_cancelled_error_challenge_still_counts_in_relay_mode(
+    gateway: Gateway, idp: IdentityProvider, mechanism: str, ending: str
+) -> None:
+    """Dovecot's error challenge says the token was refused; a client that
+    cancels it ("*", RFC 3501) or hangs up instead of answering must not
+    guess for free."""
+    number = 61 + 2 * ["OAUTHBEARER", "XOAUTH2"].index(mechanism) + ["cancel", "hang-up"].index(ending)
+    source = f"127.0.0.{number}"
+    host, port = address(gateway, "imap")
+    for _ in range(BLOCK_AFTER):
+        assert not gateway.guard.check(source).blocked
+        reader, writer = await asyncio.open_connection(host, port, local_addr=(source, 0))
+        try:
+            await asyncio.wait_for(reader.readline(), TIMEOUT)
+            initial = base64.b64encode(message(mechanism, "never-issued-by-the-provider"))
+            writer.write(b"a AUTHENTICATE " + mechanism.encode() + b" " + initial + b"\r\n")
+            assert (await asyncio.wait_for(reader.readline(), TIMEOUT)).startswith(b"+ ")
+            if ending == "cancel":
+                writer.write(b"*\r\n")
+                reply = await asyncio.wait_for(reader.readline(), TIMEOUT)
+                assert reply.startswith((b"a BAD", b"a NO")), reply
+            else:
+                writer.close()
+                await gateway_saw_the_end(gateway, source)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    assert gateway.guard.check(source).blocked
+
+
+async def gateway_saw_the_end(gateway: Gateway, source: str) -> None:
+    """Wait (bounded) until the gateway has closed `source`'s connection."""
+    for _ in range(200):
+        if gateway.connections_from(source) == 0:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the gateway still has a connection from {source}")

@@ -252,6 +252,28 @@ async def test_a_cancelled_error_challenge_still_counts(stack: Stack, idp: Ident
     assert stack.gateway.guard.check(source).blocked
 
 
+async def test_hanging_up_on_the_error_challenge_still_counts(
+    stack: Stack, idp: IdentityProvider
+) -> None:
+    """Closing the connection instead of answering RFC 7628's error
+    challenge must not make guessing free either."""
+    source = "127.0.0.10"
+    ep = stack["imap"]
+    for _ in range(len(BAD_KINDS)):
+        assert not stack.gateway.guard.check(source).blocked
+        reader, writer = await asyncio.open_connection(ep.host, ep.port, local_addr=(source, 0))
+        await asyncio.wait_for(reader.readline(), TIMEOUT)
+        message = f"n,,\x01auth=Bearer {bad_token(idp, 'wrong-key')}\x01\x01".encode()
+        writer.write(b"a AUTHENTICATE OAUTHBEARER " + base64.b64encode(message) + b"\r\n")
+        assert (await asyncio.wait_for(reader.readline(), TIMEOUT)).startswith(b"+ ")
+        writer.close()
+        for _ in range(200):  # bounded: until the gateway has closed its side
+            if stack.gateway.connections_from(source) == 0:
+                break
+            await asyncio.sleep(0.02)
+    assert stack.gateway.guard.check(source).blocked
+
+
 async def test_introspection_through_the_gateway(
     tmp_path: Path, idp: IdentityProvider
 ) -> None:
