@@ -12,14 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import imaplib
 import logging
 import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
-from authgate.testing.stack import ListenerSpec, Stack, embedded_stack
+from authgate import config as config_mod
+from authgate.certs import ensure_dev_certificates
+from authgate.credentials.store import UserStore, generate_secrets
+from authgate.runner import start_gateway
+from authgate.testing.stack import ListenerSpec, Stack, config_text, embedded_stack
 
 pytestmark = pytest.mark.asyncio
 
@@ -130,4 +136,99 @@ async def test_client_closing_after_its_client_hello_ends_the_session(
         "TLS handshake failed" in m and "127.0.0.1" in m
         for m in messages
     ), messages
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+# ------------------------------------------------------- the backend side
+
+BACKEND_CAPS = b"IMAP4rev1 STARTTLS SASL-IR AUTH=PLAIN"
+
+
+class HelloThenClose:
+    """A real loopback IMAP backend that offers STARTTLS, says "begin TLS",
+    reads authgate's ClientHello and closes the connection."""
+
+    def __init__(self) -> None:
+        self.hellos = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(b"* OK [CAPABILITY " + BACKEND_CAPS + b"] ready\r\n")
+            for _ in range(20):
+                line = await asyncio.wait_for(reader.readline(), 10)
+                tag, _, command = line.rstrip(b"\r\n").partition(b" ")
+                if command.upper() == b"CAPABILITY":
+                    writer.write(b"* CAPABILITY " + BACKEND_CAPS + b"\r\n" + tag + b" OK done\r\n")
+                elif command.upper() == b"STARTTLS":
+                    writer.write(tag + b" OK begin TLS\r\n")
+                    await writer.drain()
+                    record = await asyncio.wait_for(reader.read(4096), 10)
+                    if record[:1] == b"\x16":
+                        self.hellos += 1
+                    return
+                else:
+                    writer.write(tag + b" BAD not now\r\n")
+        except (ConnectionError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+
+def imap_login_error(port: int) -> str:
+    """LOGIN through authgate; the error text ("" on success). The socket
+    timeout bounds the wait: far below the backend's handshake timeout."""
+    with imaplib.IMAP4("127.0.0.1", port, timeout=SESSION_END_WAIT) as client:
+        try:
+            client.login("alice", PASSWORD)
+        except imaplib.IMAP4.error as exc:
+            return str(exc)
+        return ""
+
+
+async def test_backend_closing_after_our_client_hello_fails_the_login_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="authgate")
+    backend = HelloThenClose()
+    server = await asyncio.start_server(backend.handle, "127.0.0.1", 0)
+    try:
+        ensure_dev_certificates(tmp_path / "certs")
+        store = UserStore(realm="localhost")
+        store.set_user_secrets(
+            "alice", generate_secrets("alice", PASSWORD, "localhost", schemes=["PLAIN"])
+        )
+        store.save(tmp_path / "users.toml")
+        path = tmp_path / "authgate.toml"
+        path.write_text(
+            config_text(
+                host="127.0.0.1",
+                layout=(ListenerSpec("imap", "imap", "none"),),
+                certs=tmp_path / "certs",
+                users_file=tmp_path / "users.toml",
+                backend_ports={"imap": server.sockets[0].getsockname()[1]},
+                master_password="master-pw",
+                security="none",
+                mechanisms=["PLAIN"],
+                exempt=[],
+                # These lines end [listeners.backend]: STARTTLS toward it,
+                # and a login (and handshake) timeout far beyond our wait.
+                extra=(
+                    'tls = "starttls"\nverify = false\n'
+                    f"[limits]\nbackend_timeout = {HANDSHAKE_TIMEOUT}\n"
+                    "[defence]\nfailure_delay = 0\n"
+                ),
+            )
+        )
+        gateway = await start_gateway(config_mod.load(path), UserStore.load(tmp_path / "users.toml"))
+        try:
+            port = gateway.addresses()["imap"][1]
+            error = await asyncio.to_thread(imap_login_error, port)
+        finally:
+            await gateway.stop(drain=1)
+    finally:
+        server.close()
+    assert backend.hellos == 1, "authgate never began its TLS handshake with the backend"
+    assert "[UNAVAILABLE]" in error, error
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("TLS handshake failed" in m for m in messages), messages
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
