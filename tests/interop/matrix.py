@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.interop import inn_notes, ldap_notes, sieve_notes
+from tests.interop import inn_notes, ldap_notes, oauth_notes, sieve_notes
 from tests.interop.dovecot import AUTH_MECHANISMS as DOVECOT_AUTH_MECHANISMS
 from tests.interop.dovecot import SEED_SUBJECT, DovecotInstance, free_port
 from tests.logfile import AppendedLog
@@ -2189,6 +2189,7 @@ def _iter_docs(versions: dict[str, str]) -> Iterator[str]:
     yield from ldap_notes.section_lines()
     yield from inn_notes.section_lines()
     yield from sieve_notes.section_lines()
+    yield from oauth_notes.section_lines()
 
 
 FINDINGS: list[str] = [

@@ -38,6 +38,7 @@ from authgate import config as config_mod
 from authgate.proxy.server import Gateway
 from authgate.runner import start_gateway
 from authgate.testing.identity_provider import IdentityProvider
+from tests.interop import oauth_notes
 from tests.interop.dovecot import SEED_SUBJECT, DovecotInstance, OAuth2Passdb, start_dovecot
 
 # One provider, one Dovecot and one gateway for the module, on its event loop.
@@ -452,3 +453,11 @@ async def gateway_saw_the_end(gateway: Gateway, source: str) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"the gateway still has a connection from {source}")
+
+
+def test_docs_interop_md_has_the_section() -> None:
+    """docs/interop.md carries tests/interop/oauth_notes.py's text (the
+    version line aside): a change there needs the file updated too."""
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "interop.md").read_text("utf-8")
+    assert oauth_notes.SECTION[0] in docs
+    assert "\n".join(oauth_notes.SECTION[2:]) in docs
