@@ -25,7 +25,8 @@ from authgate.protocols.base import (
 )
 from authgate.protocols.client import ClientCore, ClientState, MalformedReply
 from authgate.protocols.common import b64decode_strict, b64encode
-from authgate.protocols.server import Attempt, ServerCore, ServerState
+from authgate.protocols.linecode import TableServer
+from authgate.protocols.server import Attempt, ServerState
 from authgate.sasl.base import MAX_PASSWORD_OCTETS, FailureReason, InitialResponse
 
 __all__ = ["SmtpClient", "SmtpServer"]
@@ -66,11 +67,6 @@ def _multiline(code: int, texts: Sequence[str]) -> Send:
     last = len(texts) - 1
     lines = (f"{code}{' ' if i == last else '-'}{text}" for i, text in enumerate(texts))
     return Send("".join(f"{line}\r\n" for line in lines).encode("ascii"))
-
-
-def _challenge(data: bytes) -> Send:
-    # RFC 4954 section 4: "334" SP base64; an empty challenge is "334 ".
-    return Send(b"334 " + b64encode(data) + CRLF)
 
 
 # ================================================================== server
@@ -121,7 +117,7 @@ def _valid_helo(arg: bytes) -> bool:
 _Handler = Callable[["SmtpServer", bytes], list[Event]]
 
 
-class SmtpServer(ServerCore):
+class SmtpServer(TableServer):
     """The SMTP server side until the client is authenticated (or, on a
     server-to-server listener, starts a mail transaction): the SMTP dialect
     of `ServerCore` (EHLO, reply codes, pass-through to a backend).
@@ -155,6 +151,16 @@ class SmtpServer(ServerCore):
     TOO_MANY_COMMANDS = b"421 4.7.0 {host} Too many commands" + CRLF
     GOODBYE_NAMES_HOST = True
     MISSING_BINDING_IS_UNKNOWN = True
+    # The banner names no version (nothing to look up in a CVE list).
+    GREETING = "220 {host} ESMTP authgate"
+    # SMTP has no capability list in the 235 reply: the client keeps the
+    # EHLO reply it has.
+    SUCCESS = _AUTH_OK
+    BACKEND_FAILED = _AUTH_TEMPFAIL
+    FAILURES = _FAILURE_REPLIES
+    REFUSALS = _REFUSAL_REPLIES
+    # RFC 4954 section 4: "334" SP base64; an empty challenge is "334 ".
+    CHALLENGE = b"334 "
 
     def __init__(self, settings: SessionSettings) -> None:
         super().__init__(settings)
@@ -164,34 +170,11 @@ class SmtpServer(ServerCore):
 
     # --------------------------------------------------------- dialect hooks
 
-    def _greeting(self) -> list[Event]:
-        # The banner names no version (nothing to look up in a CVE list).
-        return [_reply(f"220 {self._settings.hostname} ESMTP authgate")]
-
     def _forget_after_tls(self) -> None:
         # RFC 3207 section 4.2: forget everything the client said before;
         # it must EHLO again, and the capabilities change.
         self._helo = None
         self._esmtp = False
-
-    def _challenge(self, data: bytes) -> Send:
-        return _challenge(data)
-
-    def _failure_reply(self, attempt: Attempt, reason: FailureReason) -> Send:
-        return _reply(_FAILURE_REPLIES[reason])
-
-    def _refusal_reply(self, attempt: Attempt, refusal: Refusal) -> Send:
-        return _reply(_REFUSAL_REPLIES[refusal])
-
-    def _backend_failed_reply(self, attempt: Attempt, failure: BackendFailure) -> Send:
-        if failure is BackendFailure.PASSWORD_EXPIRED:
-            return _reply(_FAILURE_REPLIES[FailureReason.EXPIRED])
-        return _reply(_AUTH_TEMPFAIL)
-
-    def _success_reply(self, attempt: Attempt, capabilities: Sequence[str]) -> Send:
-        # SMTP has no capability list in the 235 reply: the client keeps the
-        # EHLO reply it has, so `capabilities` is not used here.
-        return _reply(_AUTH_OK)
 
     # -------------------------------------------------------------- commands
 
@@ -227,16 +210,16 @@ class SmtpServer(ServerCore):
         return [_reply(f"250 {self._settings.hostname}")]
 
     def _cmd_starttls(self, arg: bytes) -> list[Event]:
-        if arg:
-            # RFC 3207 section 4: STARTTLS takes no parameters.
-            return self._error(_reply("501 5.5.4 Syntax error (no parameters allowed)"))
-        if self._tls_active:
-            # RFC 3207 section 4.2: a second STARTTLS is out of sequence -> 503.
-            return self._error(_reply("503 5.5.1 TLS already active"))
-        if not self._settings.starttls_available:
-            # Never advertised on this listener: "not implemented" (RFC 5321 4.2.4).
-            return self._error(_reply("502 5.5.1 STARTTLS not available"))
-        return self._begin_tls(_reply("220 2.0.0 Ready to start TLS"))
+        # RFC 3207 section 4: no parameters; section 4.2: a second STARTTLS
+        # is out of sequence (503); never advertised on this listener: "not
+        # implemented" (RFC 5321 section 4.2.4).
+        return self._starttls_command(
+            arg,
+            ok="220 2.0.0 Ready to start TLS",
+            syntax="501 5.5.4 Syntax error (no parameters allowed)",
+            active="503 5.5.1 TLS already active",
+            unavailable="502 5.5.1 STARTTLS not available",
+        )
 
     def _cmd_auth(self, arg: bytes) -> list[Event]:
         if not self._esmtp:
