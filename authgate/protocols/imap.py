@@ -21,7 +21,6 @@ Server choices worth knowing:
 
 from __future__ import annotations
 
-import enum
 import functools
 import re
 from collections.abc import Callable, Sequence
@@ -46,6 +45,7 @@ from authgate.protocols.common import (
     b64encode,
 )
 from authgate.protocols.server import Attempt, ServerCore, ServerState
+from authgate.protocols.strings import StringSyntaxError, Token, TokenKind, tokenize
 from authgate.sasl.base import (
     MAX_PASSWORD_OCTETS,
     NO_RESPONSE,
@@ -90,26 +90,11 @@ _MAX_ID_PAIRS = 30
 # ===================================================================== tokens
 
 
-class _Kind(enum.Enum):
-    ATOM = "atom"
-    STRING = "string"  # quoted string or literal: the value, unescaped
-    LPAREN = "("
-    RPAREN = ")"
-
-
-@dataclass(frozen=True)
-class _Token:
-    kind: _Kind
-    value: bytes = b""
-
-
-class _SyntaxError(Exception):
-    """The command's arguments do not parse (answered with tagged BAD)."""
-
-
-# An atom runs to a space, parenthesis, quote or "{" (RFC 9051 section 4.1);
-# a control character inside one is a syntax error.
-_ATOM = re.compile(rb'[^ ()"{\x00-\x1f\x7f]+')
+# The string syntax IMAP shares with ManageSieve (RFC 9051 section 4).
+_Kind = TokenKind
+_Token = Token
+# The command's arguments do not parse (answered with tagged BAD).
+_SyntaxError = StringSyntaxError
 
 
 def _tokenize(segments: Sequence[bytes]) -> list[_Token]:
@@ -121,60 +106,25 @@ def _tokenize(segments: Sequence[bytes]) -> list[_Token]:
     """
     tokens: list[_Token] = []
     for index in range(0, len(segments), 2):
-        text = segments[index]
-        literal = segments[index + 1] if index + 1 < len(segments) else None
-        pos = 0
-        while pos < len(text):
-            byte = text[pos]
-            if byte == 0x20:
-                pos += 1
-            elif byte in b"()":
-                tokens.append(_Token(_Kind.LPAREN if byte == 0x28 else _Kind.RPAREN))
-                pos += 1
-            elif byte == 0x22:
-                value, pos = _quoted(text, pos + 1)
-                tokens.append(_Token(_Kind.STRING, value))
-            elif byte == 0x7B:
-                # Only a literal's announcement, which ends the text segment.
-                if literal is None or not _LITERAL_AT_END.fullmatch(text, pos):
-                    raise _SyntaxError
-                if b"\x00" in literal:  # RFC 9051: CHAR8 excludes NUL
-                    raise _SyntaxError
-                tokens.append(_Token(_Kind.STRING, literal))
-                literal = None
-                pos = len(text)
-            else:
-                match = _ATOM.match(text, pos)
-                end = match.end() if match is not None else pos
-                if end < len(text) and (text[end] < 0x20 or text[end] == 0x7F):
-                    raise _SyntaxError  # a control character inside an atom
-                tokens.append(_Token(_Kind.ATOM, text[pos:end]))
-                pos = end
-        if literal is not None:
+        pending = list(segments[index + 1 : index + 2])  # this text's literal
+        # A bare CR inside a quoted string has always passed here (a line
+        # ends at LF); RFC 9051's QUOTED-CHAR excludes it, ManageSieve refuses it.
+        tokens += tokenize(
+            segments[index], functools.partial(_segment_literal, pending), quoted_forbidden=b"\x00"
+        )
+        if pending:
             raise _SyntaxError
     return tokens
 
 
-def _quoted(text: bytes, pos: int) -> tuple[bytes, int]:
-    """Parse a quoted string whose opening quote is before `pos`; return its
-    value and the position after the closing quote. RFC 9051 section 4.3:
-    only \\\\ and \\" are escapes; CR, LF and NUL never appear."""
-    value = bytearray()
-    while pos < len(text):
-        byte = text[pos]
-        if byte == 0x22:
-            return bytes(value), pos + 1
-        if byte == 0x5C:
-            if pos + 1 >= len(text) or text[pos + 1] not in b'\\"':
-                raise _SyntaxError
-            value.append(text[pos + 1])
-            pos += 2
-            continue
-        if byte == 0:
-            raise _SyntaxError
-        value.append(byte)
-        pos += 1
-    raise _SyntaxError
+def _segment_literal(pending: list[bytes], text: bytes, pos: int) -> tuple[bytes, int]:
+    """Only a literal's announcement, which ends the text segment."""
+    if not pending or not _LITERAL_AT_END.fullmatch(text, pos):
+        raise _SyntaxError
+    literal = pending.pop()
+    if b"\x00" in literal:  # RFC 9051: CHAR8 excludes NUL
+        raise _SyntaxError
+    return literal, len(text)
 
 
 def _astring(token: _Token) -> str:
@@ -195,7 +145,7 @@ def _quote(text: str) -> bytes:
 
 @functools.lru_cache(maxsize=16)  # a backend sends the same list every login
 def _capability_code(capabilities: tuple[str, ...]) -> bytes:
-    """"[CAPABILITY ...] " of the well-formed atoms (b"" if none): a
+    """ "[CAPABILITY ...] " of the well-formed atoms (b"" if none): a
     backend's list must not be able to inject a line break or a "]" into
     our response code."""
     atoms = [c for c in capabilities if _CAPABILITY_ATOM.fullmatch(c)]

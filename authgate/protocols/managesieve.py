@@ -24,7 +24,6 @@ What sets the protocol apart from IMAP and POP3, and where it lives:
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from authgate.protocols.server import Attempt, ServerCore, ServerState
 # The spliced session's filter speaks through the same output and event
 # types as SMTP's, which the driver already reports.
 from authgate.protocols.smtp_splice import FilterOutput, Refused, SpliceEnded
+from authgate.protocols.strings import StringSyntaxError, Token, TokenKind, tokenize
 from authgate.sasl.base import MAX_PASSWORD_OCTETS, NO_RESPONSE, FailureReason, InitialResponse
 
 __all__ = [
@@ -75,9 +75,6 @@ _LITERAL_AT_END = re.compile(rb"\{([0-9]+)\+?\}\Z")
 _LITERAL = re.compile(rb"\{([0-9]{1,10})\+?\}\r\n")
 # RFC 4422 section 3.1: a SASL mechanism name is 1 to 20 of A-Z 0-9 - _.
 _MECH_NAME = re.compile(rb"[A-Za-z0-9_-]{1,20}")
-# An atom (a command name, OK/NO/BYE, a response code) runs to a space, a
-# parenthesis, a quote or "{"; a control character in one is an error.
-_ATOM = re.compile(rb'[^ ()"{\x00-\x1f\x7f]+')
 # NOOP's tag is echoed in TAG (section 2.13): only the characters real
 # clients use, so nothing a browser sends to this port comes back (ALPACA).
 _ECHO_TAG = re.compile(rb"[A-Za-z0-9._-]{1,64}")
@@ -93,21 +90,9 @@ BYE_UNAVAILABLE = b'BYE (TRYLATER) "Sieve server unavailable, try again later."\
 # ===================================================================== tokens
 
 
-class SieveSyntaxError(Exception):
-    """A line that does not parse as ManageSieve (answered with NO)."""
-
-
-class TokenKind(enum.Enum):
-    ATOM = "atom"
-    STRING = "string"  # quoted string or literal: the value, unescaped
-    LPAREN = "("
-    RPAREN = ")"
-
-
-@dataclass(frozen=True)
-class Token:
-    kind: TokenKind
-    value: bytes = b""
+# A line that does not parse as ManageSieve (answered with NO); the tokens
+# are the string syntax ManageSieve shares with IMAP.
+SieveSyntaxError = StringSyntaxError
 
 
 class LogicalLines:
@@ -164,59 +149,21 @@ class LogicalLines:
 
 
 def parse_line(raw: bytes) -> list[Token]:
-    """Split one logical line (as `LogicalLines` returns it) into tokens."""
-    tokens: list[Token] = []
-    pos = 0
-    while pos < len(raw):
-        byte = raw[pos]
-        if byte == 0x20:
-            pos += 1
-        elif byte in b"()":
-            tokens.append(Token(TokenKind.LPAREN if byte == 0x28 else TokenKind.RPAREN))
-            pos += 1
-        elif byte == 0x22:
-            value, pos = _quoted(raw, pos + 1)
-            tokens.append(Token(TokenKind.STRING, value))
-        elif byte == 0x7B:
-            match = _LITERAL.match(raw, pos)
-            if match is None:
-                raise SieveSyntaxError("malformed literal")
-            start = match.end()
-            end = start + int(match.group(1))
-            if end > len(raw):
-                raise SieveSyntaxError("literal shorter than announced")
-            tokens.append(Token(TokenKind.STRING, raw[start:end]))
-            pos = end
-        else:
-            match = _ATOM.match(raw, pos)
-            if match is None:
-                raise SieveSyntaxError("control character")
-            tokens.append(Token(TokenKind.ATOM, match.group()))
-            pos = match.end()
-    return tokens
+    """Split one logical line (as `LogicalLines` returns it) into tokens.
+    RFC 5804 section 4: a quoted string holds at most MAX_QUOTED octets and
+    no CR, LF or NUL; a literal's octets follow its announcement."""
+    return tokenize(raw, _inline_literal, quoted_limit=MAX_QUOTED)
 
 
-def _quoted(raw: bytes, pos: int) -> tuple[bytes, int]:
-    """The quoted string whose opening quote is before `pos`, and the
-    position after its closing quote. RFC 5804 section 4: only \\\\ and \\"
-    are escapes; CR, LF and NUL never appear."""
-    value = bytearray()
-    while pos < len(raw):
-        byte = raw[pos]
-        if byte == 0x22:
-            return bytes(value), pos + 1
-        if byte == 0x5C:
-            if pos + 1 >= len(raw) or raw[pos + 1] not in b'\\"':
-                raise SieveSyntaxError("bad escape in a quoted string")
-            byte = raw[pos + 1]
-            pos += 1
-        elif byte in (0x00, 0x0A, 0x0D):
-            raise SieveSyntaxError("CR, LF or NUL in a quoted string")
-        value.append(byte)
-        if len(value) > MAX_QUOTED:
-            raise SieveSyntaxError("quoted string too long")
-        pos += 1
-    raise SieveSyntaxError("unterminated quoted string")
+def _inline_literal(raw: bytes, pos: int) -> tuple[bytes, int]:
+    match = _LITERAL.match(raw, pos)
+    if match is None:
+        raise SieveSyntaxError("malformed literal")
+    start = match.end()
+    end = start + int(match.group(1))
+    if end > len(raw):
+        raise SieveSyntaxError("literal shorter than announced")
+    return raw[start:end], end
 
 
 def encode_string(value: bytes, *, client: bool = False) -> bytes:
