@@ -21,6 +21,7 @@ from authgate.protocols.base import (
     BackendFailure,
     ClientEvent,
     ClientSettings,
+    Close,
     Event,
     LoginFailed,
     Send,
@@ -28,7 +29,7 @@ from authgate.protocols.base import (
 )
 from authgate.protocols.client import ClientCore, ClientState
 from authgate.protocols.common import b64encode
-from authgate.protocols.server import Attempt, ServerCore
+from authgate.protocols.server import Attempt, ServerCore, ServerState
 from authgate.sasl import MECHANISMS
 from authgate.sasl.base import NO_RESPONSE, FailureReason, InitialResponse
 
@@ -130,6 +131,11 @@ class TableServer(ServerCore):
         # login, and that goes to the backend.
         return Send(line(self.SUCCESS))
 
+    def _quit(self, text: str) -> list[Event]:
+        """QUIT: the goodbye, then the connection ends."""
+        self._state = ServerState.CLOSED
+        return [Send(line(text)), Close()]
+
     def _say_error(self, text: str) -> list[Event]:
         return self._error(Send(line(text)))
 
@@ -204,6 +210,21 @@ class TableClient(ClientCore[R]):
 
     def _on_auth(self, reply: R) -> list[ClientEvent]:
         raise NotImplementedError
+
+    def _send_user(self, username: str, password: str) -> list[ClientEvent]:
+        """USER with `username`, then PASS with `password`."""
+        raise NotImplementedError
+
+    def _plain_as_user(self, mechanism: str, initial: InitialResponse) -> tuple[str, str] | None:
+        """The user name and password of a mail client's PLAIN (its USER/PASS
+        reaches us as PLAIN) when this backend should get them as USER/PASS."""
+        raise NotImplementedError
+
+    def _relay_start(self, name: str, initial: InitialResponse) -> list[ClientEvent]:
+        cleartext = self._plain_as_user(name, initial)
+        if cleartext is not None:
+            return self._send_user(*cleartext)
+        return super()._relay_start(name, initial)
 
     def _auth_command(self, name: str, initial: InitialResponse) -> list[ClientEvent]:
         command = self.AUTH_COMMAND + b" " + name.encode("ascii")

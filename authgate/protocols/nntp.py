@@ -44,7 +44,6 @@ from authgate.protocols.base import (
     BackendFailure,
     ClientEvent,
     ClientSettings,
-    Close,
     Event,
     Send,
 )
@@ -60,7 +59,7 @@ from authgate.protocols.linecode import (
     line,
     plain_credentials,
 )
-from authgate.protocols.server import Attempt, ServerState
+from authgate.protocols.server import Attempt
 from authgate.sasl.base import (
     MAX_PASSWORD_OCTETS,
     Failure,
@@ -318,8 +317,7 @@ class NntpServer(TableServer):
         return self._authenticate(Attempt(words[0].decode("ascii").upper()), initial)
 
     def _cmd_quit(self, argument: bytes) -> list[Event]:
-        self._state = ServerState.CLOSED
-        return [Send(line(OK_BYE)), Close()]
+        return self._quit(OK_BYE)
 
 
 _COMMANDS: dict[bytes, _Handler] = {
@@ -510,15 +508,7 @@ class NntpClient(TableClient[_Reply]):
 
     # ------------------------------------------------------------ relay mode
 
-    def _relay_start(self, name: str, initial: InitialResponse) -> list[ClientEvent]:
-        cleartext = self._plain_as_authinfo_user(name, initial)
-        if cleartext is not None:
-            return self._send_user(*cleartext)
-        return super()._relay_start(name, initial)
-
-    def _plain_as_authinfo_user(
-        self, mechanism: str, initial: InitialResponse
-    ) -> tuple[str, str] | None:
+    def _plain_as_user(self, mechanism: str, initial: InitialResponse) -> tuple[str, str] | None:
         if not self._authinfo("USER"):
             return None
         credentials = plain_credentials(mechanism, initial)

@@ -22,7 +22,6 @@ from authgate.policy import Refusal
 from authgate.protocols.base import (
     BackendFailure,
     ClientEvent,
-    Close,
     Event,
     Send,
 )
@@ -41,7 +40,7 @@ from authgate.protocols.linecode import (
 from authgate.protocols.server import Attempt, ServerState
 from authgate.sasl.base import MAX_PASSWORD_OCTETS, FailureReason, InitialResponse
 
-__all__ = ["ClientState", "Pop3Client", "Pop3Server"]
+__all__ = ["ClientState", "Pop3Client", "Pop3Server", "ServerState"]
 
 CRLF = b"\r\n"
 
@@ -239,8 +238,7 @@ class Pop3Server(TableServer):
         return self._login(Attempt(USER_PASS, authcid=user), user, password)
 
     def _cmd_quit(self, argument: bytes) -> list[Event]:
-        self._state = ServerState.CLOSED
-        return [Send(line(OK_BYE)), Close()]
+        return self._quit(OK_BYE)
 
 
 _COMMANDS: dict[bytes, _Handler] = {
@@ -404,15 +402,7 @@ class Pop3Client(TableClient[_Reply]):
 
     # ------------------------------------------------------------ relay mode
 
-    def _relay_start(self, name: str, initial: InitialResponse) -> list[ClientEvent]:
-        cleartext = self._plain_as_user_pass(name, initial)
-        if cleartext is not None:
-            return self._send_user(*cleartext)
-        return super()._relay_start(name, initial)
-
-    def _plain_as_user_pass(
-        self, mechanism: str, initial: InitialResponse
-    ) -> tuple[str, str] | None:
+    def _plain_as_user(self, mechanism: str, initial: InitialResponse) -> tuple[str, str] | None:
         """A mail client's USER/PASS reaches us as PLAIN; a backend that has
         no SASL PLAIN but USER gets it back as USER/PASS."""
         if "PLAIN" in self._sasl_offers() or not self._has_capability("USER"):
