@@ -305,6 +305,9 @@ class BenchAuthgate:
             "# Written by bench/versus.py.",
             f'hostname = "{HOSTNAME}"',
             f'event_loop = "{self.event_loop}"',
+            # The bench runs as root (Dovecot needs it) and so does authgate
+            # here, which it refuses unless told (authgate.privileges).
+            "run_as_root = true",
             "",
             "[policy]",
             'security = "none"  # PLAIN in cleartext too, as nginx allows',
