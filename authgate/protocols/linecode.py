@@ -35,6 +35,9 @@ from authgate.sasl.base import NO_RESPONSE, FailureReason, InitialResponse
 
 CRLF = b"\r\n"
 
+# RFC 4422 section 3.1: a mechanism name is 1-20 of [A-Z0-9-_]; clients
+# may send it in lower case (the commands are case-insensitive).
+MECHANISM_NAME = re.compile(rb"[A-Za-z0-9_-]{1,20}")
 # What cannot go on a command line: a line break or NUL would end or split it.
 UNSENDABLE = re.compile("[\r\n\0]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

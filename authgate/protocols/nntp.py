@@ -50,6 +50,7 @@ from authgate.protocols.base import (
 from authgate.protocols.client import ClientState, MalformedReply
 from authgate.protocols.common import b64decode_strict, b64encode
 from authgate.protocols.linecode import (
+    MECHANISM_NAME,
     UNSENDABLE,
     TableClient,
     TableServer,
@@ -71,9 +72,6 @@ from authgate.sasl.base import (
 __all__ = ["NntpClient", "NntpServer"]
 
 CRLF = b"\r\n"
-
-# RFC 4643 section 2.4.2 / RFC 4422 section 3.1: 1-20 of [A-Z0-9-_].
-_MECH_NAME = re.compile(rb"[A-Za-z0-9_-]{1,20}")
 
 # RFC 3977 section 3.1: a command line is at most 512 octets with its CRLF;
 # RFC 4643 section 2.4.2: an initial response that would make AUTHINFO SASL
@@ -310,7 +308,7 @@ class NntpServer(TableServer):
         words = argument.split()
         if not 1 <= len(words) <= 2:
             return self._say_error(ERR_SYNTAX)
-        if not _MECH_NAME.fullmatch(words[0]):
+        if not MECHANISM_NAME.fullmatch(words[0]):
             return self._say_error(ERR_SYNTAX)
         # RFC 4643 section 2.4.2: "=" is an empty initial response.
         initial = words[1] if len(words) == 2 else None

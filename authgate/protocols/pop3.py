@@ -28,6 +28,7 @@ from authgate.protocols.base import (
 from authgate.protocols.client import ClientState, MalformedReply
 from authgate.protocols.common import b64decode_strict
 from authgate.protocols.linecode import (
+    MECHANISM_NAME,
     UNSENDABLE,
     TableClient,
     TableServer,
@@ -43,9 +44,6 @@ from authgate.sasl.base import MAX_PASSWORD_OCTETS, FailureReason, InitialRespon
 __all__ = ["ClientState", "Pop3Client", "Pop3Server", "ServerState"]
 
 CRLF = b"\r\n"
-
-# RFC 4422 section 3.1: mechanism names are 1-20 of [A-Z0-9-_].
-_MECH_NAME = re.compile(rb"[A-Za-z0-9_-]{1,20}")
 
 # RFC 2449 section 4: a command line, AUTH included, is at most 255 octets
 # with its CRLF. RFC 5034 section 4 applies that to the initial response: a
@@ -220,7 +218,7 @@ class Pop3Server(TableServer):
             # Outlook and others still send to discover mechanisms).
             return [Send(dot_block("+OK", self._decide().offered))]
         words = argument.split(b" ")
-        if len(words) > 2 or not _MECH_NAME.fullmatch(words[0]):
+        if len(words) > 2 or not MECHANISM_NAME.fullmatch(words[0]):
             return self._say_error(ERR_SYNTAX if len(words) > 2 else ERR_UNSUPPORTED)
         # RFC 5034 section 4: the initial response is optional; "=" is empty.
         initial = words[1] if len(words) == 2 and words[1] else None

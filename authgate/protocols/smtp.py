@@ -25,17 +25,13 @@ from authgate.protocols.base import (
 )
 from authgate.protocols.client import ClientCore, ClientState, MalformedReply
 from authgate.protocols.common import b64decode_strict, b64encode
-from authgate.protocols.linecode import TableServer
+from authgate.protocols.linecode import MECHANISM_NAME, TableServer
 from authgate.protocols.server import Attempt, ServerState
 from authgate.sasl.base import MAX_PASSWORD_OCTETS, FailureReason, InitialResponse
 
 __all__ = ["SmtpClient", "SmtpServer"]
 
 CRLF = b"\r\n"
-
-# RFC 4422 section 3.1: sasl-mech = 1*20 (UPPER-ALPHA / DIGIT / "-" / "_");
-# clients may send it in lower case (SMTP commands are case-insensitive).
-_MECHANISM_NAME = re.compile(rb"[A-Za-z0-9_-]{1,20}")
 
 # RFC 4954 section 4: the AUTH command line may be up to 12288 octets; a
 # client whose initial response would not fit sends AUTH without it and
@@ -227,7 +223,7 @@ class SmtpServer(TableServer):
             # EHLO (and again only after the EHLO that follows STARTTLS).
             return self._error(_reply("503 5.5.1 Send EHLO first"))
         parts = arg.split()
-        if not 1 <= len(parts) <= 2 or not _MECHANISM_NAME.fullmatch(parts[0]):
+        if not 1 <= len(parts) <= 2 or not MECHANISM_NAME.fullmatch(parts[0]):
             return self._error(_reply("501 5.5.4 Syntax: AUTH mechanism [initial-response]"))
         initial = parts[1] if len(parts) == 2 else None
         return self._authenticate(Attempt(parts[0].decode("ascii").upper()), initial)
