@@ -27,7 +27,7 @@ import enum
 import json
 import logging
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Final
 
 __all__ = [
@@ -162,7 +162,8 @@ class JsonFormatter(logging.Formatter):
         login = getattr(record, "login", None)
         if isinstance(login, LoginRecord):
             out["event"] = "login"
-            out.update(asdict(login))
+            # getattr, not dataclasses.asdict (a deep copy; see login_message).
+            out.update((name, getattr(login, name)) for name in LOGIN_FIELDS)
         if record.exc_info:
             out["traceback"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=True, separators=(",", ":"))
