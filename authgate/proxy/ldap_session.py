@@ -157,7 +157,9 @@ class LdapSession:
             await self._serve()
         except TimeoutError:
             log.info("%s: timed out", self.tag)
-        except (ChannelClosed, ConnectionError, ssl.SSLError) as exc:
+        except ChannelClosed as exc:  # our own text (e.g. a failed TLS handshake)
+            log.info("%s: connection ended: %s", self.tag, exc)
+        except (ConnectionError, ssl.SSLError) as exc:
             log.info("%s: connection ended: %s", self.tag, exc.__class__.__name__)
         except Exception:
             log.exception("%s: internal error", self.tag)
