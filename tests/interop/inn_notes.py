@@ -8,7 +8,8 @@ here without a regenerated (or hand-updated) file fails."""
 from __future__ import annotations
 
 import platform
-import subprocess
+
+from tests.interop.notes import program_version, with_versions
 
 SECTION: list[str] = [
     "## NNTP: authgate in front of INN",
@@ -70,22 +71,13 @@ SECTION: list[str] = [
 ]
 
 
-def _version(command: list[str]) -> str:
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
-    except OSError:
-        return "not installed"
-    first = (done.stdout or done.stderr).strip().splitlines()
-    return first[0].strip() if first else "unknown"
-
-
 def section_lines() -> list[str]:
     """The section, with the versions of the programs it ran."""
     versions = (
-        f"Versions: INN {_version(['dpkg-query', '-W', '-f=${Version}', 'inn2'])}; "
+        f"Versions: INN {program_version(['dpkg-query', '-W', '-f=${Version}', 'inn2'])}; "
         f"Python {platform.python_version()} nntplib; Perl Net::NNTP "
-        f"{_version(['perl', '-MNet::NNTP', '-e', 'print $Net::NNTP::VERSION'])} with "
+        f"{program_version(['perl', '-MNet::NNTP', '-e', 'print $Net::NNTP::VERSION'])} with "
         "IO::Socket::SSL "
-        f"{_version(['perl', '-MIO::Socket::SSL', '-e', 'print $IO::Socket::SSL::VERSION'])}."
+        f"{program_version(['perl', '-MIO::Socket::SSL', '-e', 'print $IO::Socket::SSL::VERSION'])}."
     )
-    return [*SECTION[:2], versions, "", *SECTION[2:], ""]
+    return with_versions(SECTION, versions)

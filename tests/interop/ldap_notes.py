@@ -7,7 +7,7 @@ change here without a regenerated (or hand-updated) file fails."""
 
 from __future__ import annotations
 
-import subprocess
+from tests.interop.notes import program_version, with_versions
 
 SECTION: list[str] = [
     "## LDAP: authgate in front of slapd",
@@ -50,21 +50,12 @@ SECTION: list[str] = [
 ]
 
 
-def _version(command: list[str]) -> str:
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
-    except OSError:
-        return "not installed"
-    first = (done.stdout or done.stderr).strip().splitlines()
-    return first[0].strip() if first else "unknown"
-
-
 def section_lines() -> list[str]:
     """The section, with the versions of the programs it ran."""
     import ldap
 
     versions = (
-        f"Versions: {_version(['/usr/sbin/slapd', '-VV'])}; "
-        f"{_version(['ldapwhoami', '-VV'])}; python-ldap {ldap.__version__}."
+        f"Versions: {program_version(['/usr/sbin/slapd', '-VV'])}; "
+        f"{program_version(['ldapwhoami', '-VV'])}; python-ldap {ldap.__version__}."
     )
-    return [*SECTION[:2], versions, "", *SECTION[2:], ""]
+    return with_versions(SECTION, versions)

@@ -8,7 +8,7 @@ change here without a regenerated (or hand-updated) file fails."""
 
 from __future__ import annotations
 
-import subprocess
+from tests.interop.notes import program_version, with_versions
 
 SECTION: list[str] = [
     "## OAUTHBEARER and XOAUTH2 relayed to Dovecot's oauth2 passdb",
@@ -52,19 +52,10 @@ SECTION: list[str] = [
 ]
 
 
-def _version(command: list[str]) -> str:
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
-    except OSError:
-        return "not installed"
-    first = (done.stdout or done.stderr).strip().splitlines()
-    return first[0].strip() if first else "unknown"
-
-
 def section_lines() -> list[str]:
     """The section, with the versions of the programs it ran."""
-    dovecot = _version(["dpkg-query", "-W", "-f=${Version}", "dovecot-core"])
-    curl = _version(["curl", "--version"]).split(" ")[:2]
-    msmtp = _version(["msmtp", "--version"]).rpartition(" ")[2]
+    dovecot = program_version(["dpkg-query", "-W", "-f=${Version}", "dovecot-core"])
+    curl = program_version(["curl", "--version"]).split(" ")[:2]
+    msmtp = program_version(["msmtp", "--version"]).rpartition(" ")[2]
     versions = f"Versions: dovecot-core {dovecot}; {' '.join(curl)}; msmtp {msmtp}."
-    return [*SECTION[:2], versions, "", *SECTION[2:], ""]
+    return with_versions(SECTION, versions)

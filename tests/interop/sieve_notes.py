@@ -8,7 +8,8 @@ change here without a regenerated (or hand-updated) file fails."""
 from __future__ import annotations
 
 import importlib.metadata
-import subprocess
+
+from tests.interop.notes import program_version, with_versions
 
 SECTION: list[str] = [
     "## ManageSieve: authgate in front of Dovecot's managesieve",
@@ -53,15 +54,6 @@ SECTION: list[str] = [
 ]
 
 
-def _version(command: list[str]) -> str:
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
-    except OSError:
-        return "not installed"
-    first = (done.stdout or done.stderr).strip().splitlines()
-    return first[0].strip() if first else "unknown"
-
-
 def _package(name: str) -> str:
     try:
         return importlib.metadata.version(name)
@@ -71,10 +63,10 @@ def _package(name: str) -> str:
 
 def section_lines() -> list[str]:
     """The section, with the versions of the programs it ran."""
-    managesieved = _version(["dpkg-query", "-W", "-f=${Version}", "dovecot-managesieved"])
-    connect = _version(["sieve-connect", "--version"]).rpartition(" ")[2]
+    managesieved = program_version(["dpkg-query", "-W", "-f=${Version}", "dovecot-managesieved"])
+    connect = program_version(["sieve-connect", "--version"]).rpartition(" ")[2]
     versions = (
         f"Versions: dovecot-managesieved {managesieved}; sieve-connect {connect}; "
         f"sievelib {_package('sievelib')}."
     )
-    return [*SECTION[:2], versions, "", *SECTION[2:], ""]
+    return with_versions(SECTION, versions)
