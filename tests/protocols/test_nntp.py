@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import base64
 import itertools
-from collections.abc import Iterable, Sequence
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from authgate.policy import ExemptNetworks, ListenerPolicy, Protocol, Security, decide
+from authgate.policy import Protocol, Security
 from authgate.protocols.base import (
     Authenticated,
     AuthFailed,
@@ -55,6 +54,7 @@ from authgate.testing.kit import (
     b64,
     backend_fails,
     backend_ready,
+    listener_settings,
     plain,
 )
 
@@ -65,22 +65,11 @@ ALL_MECHS = ("SCRAM-SHA-256", "CRAM-MD5", "DIGEST-MD5", "NTLM", "LOGIN", "PLAIN"
 PASSWORD = PASSWORDS["alice"]
 
 
-def make_settings(
-    security: Security = Security.NONE,
-    *,
-    client: str = CLIENT_IP,
-    mechanisms: tuple[str, ...] = ALL_MECHS,
-    exempt: Sequence[str] = (),
-    verifiable: Iterable[str] | None = None,
-    **overrides: Any,
-) -> SessionSettings:
-    policy = ListenerPolicy(Protocol.NNTP, security, mechanisms, ExemptNetworks.parse(exempt))
-    return SessionSettings(
-        hostname=HOST,
-        decide=lambda tls: decide(policy, client, tls=tls, verifiable=verifiable),
-        sasl_context=lambda tls: ServerContext(service="nntp", hostname=HOST),
-        **{"starttls_available": True, **overrides},
-    )
+def make_settings(security: Security = Security.NONE, **kw: Any) -> SessionSettings:
+    """The NNTP listener's settings as the proxy builds them (kit.listener_settings)."""
+    kw = {"mechanisms": ALL_MECHS, "client": CLIENT_IP, "starttls_available": True, **kw}
+    context = ServerContext(service="nntp", hostname=HOST)
+    return listener_settings(Protocol.NNTP, security, hostname=HOST, context=context, **kw)
 
 
 def greeted(settings: SessionSettings | None = None, *, tls: bool = True, **kw: Any) -> ServerDriver:

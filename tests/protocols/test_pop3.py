@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import itertools
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from authgate.policy import ExemptNetworks, ListenerPolicy, Protocol, Security, decide
+from authgate.policy import Protocol, Security
 from authgate.protocols.base import (
     Authenticated,
     AuthFailed,
@@ -64,6 +64,7 @@ from authgate.testing.kit import (
     ServerDriver,
     b64,
     backend_ready,
+    listener_settings,
     plain,
     resolve,
 )
@@ -76,22 +77,11 @@ FIXED_CAPS = ["RESP-CODES", "AUTH-RESP-CODE", "PIPELINING", "IMPLEMENTATION auth
 BACKEND_CAPA = b"+OK\r\nTOP\r\nUIDL\r\nRESP-CODES\r\n.\r\n"
 
 
-def make_settings(
-    security: Security = Security.NONE,
-    *,
-    client: str = CLIENT_IP,
-    mechanisms: tuple[str, ...] = ALL_MECHS,
-    exempt: Sequence[str] = (),
-    verifiable: Iterable[str] | None = None,
-    **overrides: Any,
-) -> SessionSettings:
-    policy = ListenerPolicy(Protocol.POP3, security, mechanisms, ExemptNetworks.parse(exempt))
-    return SessionSettings(
-        hostname=HOST,
-        decide=lambda tls: decide(policy, client, tls=tls, verifiable=verifiable),
-        sasl_context=lambda tls: ServerContext(service="pop", hostname=HOST),
-        **{"starttls_available": True, **overrides},
-    )
+def make_settings(security: Security = Security.NONE, **kw: Any) -> SessionSettings:
+    """The POP3 listener's settings as the proxy builds them (kit.listener_settings)."""
+    kw = {"mechanisms": ALL_MECHS, "client": CLIENT_IP, "starttls_available": True, **kw}
+    context = ServerContext(service="pop", hostname=HOST)
+    return listener_settings(Protocol.POP3, security, hostname=HOST, context=context, **kw)
 
 
 def capa(session: ServerDriver) -> list[str]:
