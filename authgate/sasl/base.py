@@ -422,6 +422,58 @@ class Stage:
         return not self._expected
 
 
+def start_with_message(
+    stage: Stage,
+    initial: InitialResponse,
+    step: Callable[[bytes], ServerOutcome],
+    *,
+    what: str,
+) -> ServerOutcome:
+    """`start` of a server mechanism whose client speaks first with one
+    message (PLAIN, EXTERNAL, OAUTHBEARER, XOAUTH2): that message is the
+    initial response, or, with none, the reply to an empty challenge.
+
+    RFC 4422 section 5: an *empty* initial response (b"") is not "no initial
+    response"; it goes to `step` like any other message."""
+    stage.check(Call.START)
+    stage.expect(Call.STEP, what=what)
+    if initial is NO_RESPONSE:
+        return Challenge(b"")
+    return step(initial)
+
+
+class OneMessageClient:
+    """A client mechanism that sends one message and expects at most the
+    empty challenge a server sends when the message could not go with the
+    command (PLAIN, EXTERNAL). Subclasses set `name` and, in `__init__`,
+    `_message`, then call `super().__init__()`."""
+
+    name = ""
+    _message: bytes
+
+    def __init__(self) -> None:
+        self._stage = Stage(f"{self.name} client")
+        self._answered = False
+
+    def start(self) -> bytes | None:
+        self._stage.check(Call.START)
+        self._stage.expect(Call.STEP, Call.FINISH, what="an empty challenge or the success")
+        return self._message
+
+    def step(self, challenge: bytes) -> bytes:
+        self._stage.check(Call.STEP)
+        if challenge or self._answered:
+            raise ClientAuthError(f"{self.name} server sent an unexpected challenge")
+        self._answered = True
+        return self._message
+
+    def finish(self, additional: bytes | None) -> None:
+        self._stage.check(Call.FINISH)
+        self._stage.end()
+        if additional:
+            raise ClientAuthError(f"{self.name} server sent unexpected data with success")
+
+
 def malformed(detail: str) -> Failure:
     return Failure(FailureReason.MALFORMED, detail)
 

@@ -12,21 +12,20 @@ refused (`check_authzid`).
 from __future__ import annotations
 
 from authgate.sasl.base import (
-    NO_RESPONSE,
     Call,
-    Challenge,
-    ClientAuthError,
     ClientContext,
     ClientCredentials,
     Failure,
     FailureReason,
     InitialResponse,
     LookupAnswer,
+    OneMessageClient,
     ServerContext,
     ServerOutcome,
     Stage,
     Success,
     malformed,
+    start_with_message,
 )
 
 __all__ = ["ExternalClient", "ExternalServer"]
@@ -42,11 +41,9 @@ class ExternalServer:
         self._stage = Stage("EXTERNAL server")
 
     def start(self, initial: InitialResponse) -> ServerOutcome:
-        self._stage.check(Call.START)
-        self._stage.expect(Call.STEP, what="the authorization identity")
-        if initial is NO_RESPONSE:
-            return Challenge(b"")
-        return self.step(initial)
+        return start_with_message(
+            self._stage, initial, self.step, what="the authorization identity"
+        )
 
     def step(self, response: bytes) -> ServerOutcome:
         self._stage.check(Call.STEP)
@@ -68,30 +65,11 @@ class ExternalServer:
         raise AssertionError("unreachable")
 
 
-class ExternalClient:
+class ExternalClient(OneMessageClient):
     """Sends `creds.authzid` (or nothing): the certificate does the rest."""
 
     name = "EXTERNAL"
 
     def __init__(self, creds: ClientCredentials, ctx: ClientContext) -> None:
         self._message = creds.authzid.encode("utf-8")
-        self._stage = Stage("EXTERNAL client")
-        self._answered = False
-
-    def start(self) -> bytes | None:
-        self._stage.check(Call.START)
-        self._stage.expect(Call.STEP, Call.FINISH, what="an empty challenge or the success")
-        return self._message
-
-    def step(self, challenge: bytes) -> bytes:
-        self._stage.check(Call.STEP)
-        if challenge or self._answered:
-            raise ClientAuthError("EXTERNAL server sent an unexpected challenge")
-        self._answered = True
-        return self._message
-
-    def finish(self, additional: bytes | None) -> None:
-        self._stage.check(Call.FINISH)
-        self._stage.end()
-        if additional:
-            raise ClientAuthError("EXTERNAL server sent unexpected data with success")
+        super().__init__()

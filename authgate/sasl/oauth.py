@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import Final
 
 from authgate.sasl.base import (
-    NO_RESPONSE,
     STORE_UNAVAILABLE,
     Call,
     Challenge,
@@ -54,6 +53,7 @@ from authgate.sasl.base import (
     TokenCheck,
     TokenVerdict,
     malformed,
+    start_with_message,
 )
 
 __all__ = [
@@ -231,11 +231,7 @@ class _BearerServer:
         raise NotImplementedError
 
     def start(self, initial: InitialResponse) -> ServerOutcome:
-        self._stage.check(Call.START)
-        self._stage.expect(Call.STEP, what="the client response")
-        if initial is NO_RESPONSE:
-            return Challenge(b"")
-        return self.step(initial)
+        return start_with_message(self._stage, initial, self.step, what="the client response")
 
     def step(self, response: bytes) -> ServerOutcome:
         self._stage.check(Call.STEP)

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 from authgate.sasl.base import (
     MAX_PASSWORD_OCTETS,
-    NO_RESPONSE,
     Call,
-    Challenge,
-    ClientAuthError,
     ClientContext,
     ClientCredentials,
     Failure,
     InitialResponse,
     Lookup,
     LookupAnswer,
+    OneMessageClient,
     PasswordCheck,
     ServerContext,
     ServerOutcome,
@@ -30,6 +28,7 @@ from authgate.sasl.base import (
     invalid,
     malformed,
     password_answer,
+    start_with_message,
     too_long,
 )
 
@@ -68,14 +67,10 @@ class PlainServer:
         self._authzid: str | None = None
 
     def start(self, initial: InitialResponse) -> ServerOutcome:
-        self._stage.check(Call.START)
-        self._stage.expect(Call.STEP, what="the PLAIN message")
-        if initial is NO_RESPONSE:
-            # RFC 4422 section 5: no initial response, so send an empty
-            # challenge and the message comes back as the reply. An *empty*
-            # initial response (b"") is different: it is a malformed message.
-            return Challenge(b"")
-        return self.step(initial)
+        # RFC 4422 section 5: no initial response, so send an empty challenge
+        # and the message comes back as the reply. An *empty* initial
+        # response (b"") is different: it is a malformed message.
+        return start_with_message(self._stage, initial, self.step, what="the PLAIN message")
 
     def step(self, response: bytes) -> ServerOutcome:
         self._stage.check(Call.STEP)
@@ -101,7 +96,7 @@ class PlainServer:
         return check_authzid(Success(canonical or self._authcid, authzid))
 
 
-class PlainClient:
+class PlainClient(OneMessageClient):
     name = "PLAIN"
 
     def __init__(self, creds: ClientCredentials, ctx: ClientContext) -> None:
@@ -115,25 +110,4 @@ class PlainClient:
         self._message = b"\x00".join(
             v.encode("utf-8") for v in (creds.authzid, creds.username, creds.password)
         )
-        self._stage = Stage("PLAIN client")
-        self._answered = False
-
-    def start(self) -> bytes | None:
-        self._stage.check(Call.START)
-        self._stage.expect(Call.STEP, Call.FINISH, what="an empty challenge or the success")
-        return self._message
-
-    def step(self, challenge: bytes) -> bytes:
-        self._stage.check(Call.STEP)
-        # The only challenge PLAIN knows is the empty one a server sends when
-        # the initial response could not be sent with the command.
-        if challenge or self._answered:
-            raise ClientAuthError("PLAIN server sent an unexpected challenge")
-        self._answered = True
-        return self._message
-
-    def finish(self, additional: bytes | None) -> None:
-        self._stage.check(Call.FINISH)
-        self._stage.end()
-        if additional:
-            raise ClientAuthError("PLAIN server sent unexpected data with success")
+        super().__init__()
