@@ -113,6 +113,17 @@ async def stack_for(factory: AuthgateFactory, scenario: str | None, **kw: object
     return await factory(scenario=scenario, users=USERS, **kw)  # type: ignore[arg-type]
 
 
+async def caps_across_starttls(stack: Stack, protocol: str) -> tuple[bytes, bytes, bytes]:
+    """Greet `protocol`'s listener, ask its capabilities, STARTTLS, ask
+    again: the greeting and the two answers, before and inside TLS."""
+    client, greeting = await LineClient.open(stack[LISTENER[protocol]])
+    before = await client.ask(CAPS[protocol])
+    await client.starttls(stack.ssl_context())
+    after = await client.ask(CAPS[protocol])
+    client.close()
+    return greeting, before, after
+
+
 # ------------------------------------------------------------ no scenario
 
 
@@ -125,11 +136,7 @@ async def test_stack_without_scenario_is_the_honest_server(
         assert stack.scenario is None
         assert type(stack.gateway.channel_factory(LISTENER[protocol])) is RecordingChannel
         stack.transcripts.clear()  # the factory call above made one
-        client, greeting = await LineClient.open(stack[LISTENER[protocol]])
-        before = await client.ask(CAPS[protocol])
-        await client.starttls(stack.ssl_context())
-        after = await client.ask(CAPS[protocol])
-        client.close()
+        greeting, before, after = await caps_across_starttls(stack, protocol)
         assert await stack.settled()
         assert b"STARTTLS" in before or b"STLS" in before
         assert b"PLAIN" not in before and b"PLAIN" in after  # require-secure-auth
@@ -267,11 +274,7 @@ async def test_preauth_is_imap_only(shared: Stack) -> None:
 async def test_tamper_capabilities(shared: Stack) -> None:
     stack = on(shared, "tamper-capabilities")
     for protocol in PROTOCOLS:
-        client, greeting = await LineClient.open(stack[LISTENER[protocol]])
-        before = await client.ask(CAPS[protocol])
-        await client.starttls(stack.ssl_context())
-        after = await client.ask(CAPS[protocol])
-        client.close()
+        greeting, before, after = await caps_across_starttls(stack, protocol)
         assert TAMPERED.encode() in before
         assert not re.search(rb"AUTH=|^SASL |^250[- ]AUTH ", before, re.M)
         assert TAMPERED.encode() not in after and b"PLAIN" in after
@@ -283,11 +286,7 @@ async def test_tamper_capabilities(shared: Stack) -> None:
 async def test_tamper_capabilities_stale(shared: Stack) -> None:
     stack = on(shared, "tamper-capabilities-stale")
     for protocol in PROTOCOLS:
-        client, _ = await LineClient.open(stack[LISTENER[protocol]])
-        before = await client.ask(CAPS[protocol])
-        await client.starttls(stack.ssl_context())
-        after = await client.ask(CAPS[protocol])
-        client.close()
+        _, before, after = await caps_across_starttls(stack, protocol)
         if protocol == "imap":
             stale = [line for line in before.splitlines() if line.startswith(b"* CAPABILITY")]
             assert after.splitlines()[0] == stale[0]
@@ -301,11 +300,7 @@ async def test_tamper_capabilities_stale(shared: Stack) -> None:
 async def test_cleartext_only_mechanisms(shared: Stack) -> None:
     stack = on(shared, "cleartext-only-mechanisms")
     for protocol in PROTOCOLS:
-        client, _ = await LineClient.open(stack[LISTENER[protocol]])
-        before = await client.ask(CAPS[protocol])
-        await client.starttls(stack.ssl_context())
-        after = await client.ask(CAPS[protocol])
-        client.close()
+        _, before, after = await caps_across_starttls(stack, protocol)
         mechanisms = {
             "imap": b"AUTH=PLAIN AUTH=LOGIN",
             "pop3": b"SASL PLAIN LOGIN\r\n",
