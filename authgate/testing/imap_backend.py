@@ -36,7 +36,7 @@ from authgate.testing.maildir import (
     ServerHandle,
     StoredMessage,
     parse_plain,
-    serve_streams,
+    serve_sessions,
 )
 
 __all__ = ["POST_LOGIN_CAPABILITIES", "PRE_LOGIN_CAPABILITIES", "start_imap_backend"]
@@ -842,17 +842,10 @@ async def start_imap_backend(
 ) -> ServerHandle:
     """Start the IMAP backend on ``host:port`` (0: an ephemeral port)."""
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await _Session(store, reader, writer).run()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            raise  # the client went away: serve_streams handles that quietly
-        except Exception:
-            # A bug here must not take the server down, only this one session.
-            log.exception("IMAP backend session failed")
-
-    return await serve_streams(
-        handle,
+    return await serve_sessions(
+        lambda reader, writer: _Session(store, reader, writer).run(),
+        log=log,
+        name="IMAP",
         host=host,
         port=port,
         store=store,

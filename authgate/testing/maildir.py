@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import logging
 import mailbox
 import os
 import re
@@ -35,6 +36,7 @@ __all__ = [
     "UidRegistry",
     "parse_plain",
     "seed_mailbox",
+    "serve_sessions",
     "serve_streams",
     "to_crlf",
 ]
@@ -392,3 +394,38 @@ async def serve_streams(
         await server.wait_closed()
 
     return ServerHandle(host=host, port=bound_port, protocol=protocol, store=store, _close=close)
+
+
+async def serve_sessions(
+    session: StreamHandler,
+    *,
+    log: logging.Logger,
+    name: str,
+    host: str,
+    port: int,
+    store: MailStore,
+    protocol: str,
+    ssl_context: ssl.SSLContext | None = None,
+    limit: int = 64 * 1024,
+) -> ServerHandle:
+    """``serve_streams`` for an embedded backend's ``session``: a bug in one
+    session is logged on ``log`` ("<name> backend session failed") and ends
+    only that session, never the server."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await session(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            raise  # the client went away: serve_streams handles that quietly
+        except Exception:
+            log.exception("%s backend session failed", name)
+
+    return await serve_streams(
+        handle,
+        host=host,
+        port=port,
+        store=store,
+        protocol=protocol,
+        ssl_context=ssl_context,
+        limit=limit,
+    )

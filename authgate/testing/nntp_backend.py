@@ -24,7 +24,7 @@ from authgate.testing.maildir import (
     ServerHandle,
     StoredMessage,
     parse_plain,
-    serve_streams,
+    serve_sessions,
 )
 
 __all__ = ["GROUP", "start_nntp_backend"]
@@ -250,16 +250,10 @@ async def start_nntp_backend(
 ) -> ServerHandle:
     """Start the NNTP backend on ``host:port`` (0: an ephemeral port)."""
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await _Session(store, reader, writer).run()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            raise  # the client went away: serve_streams handles that quietly
-        except Exception:
-            log.exception("NNTP backend session failed")
-
-    return await serve_streams(
-        handle,
+    return await serve_sessions(
+        lambda reader, writer: _Session(store, reader, writer).run(),
+        log=log,
+        name="NNTP",
         host=host,
         port=port,
         store=store,

@@ -24,7 +24,7 @@ from authgate.testing.maildir import (
     ServerHandle,
     StoredMessage,
     parse_plain,
-    serve_streams,
+    serve_sessions,
 )
 
 __all__ = ["CAPABILITIES", "start_pop3_backend"]
@@ -322,17 +322,10 @@ async def start_pop3_backend(
     """Start the POP3 backend on ``host:port`` (0: an ephemeral port)."""
     locks: set[str] = set()  # users with an open POP3 session on this server
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await _Session(store, locks, reader, writer).run()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            raise  # the client went away: serve_streams handles that quietly
-        except Exception:
-            # A bug here must not take the server down, only this one session.
-            log.exception("POP3 backend session failed")
-
-    return await serve_streams(
-        handle,
+    return await serve_sessions(
+        lambda reader, writer: _Session(store, locks, reader, writer).run(),
+        log=log,
+        name="POP3",
         host=host,
         port=port,
         store=store,

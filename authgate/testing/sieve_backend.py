@@ -28,7 +28,7 @@ from authgate.protocols.managesieve import (
     encode_string,
     parse_line,
 )
-from authgate.testing.maildir import Account, LoginRecord, MailStore, ServerHandle, serve_streams
+from authgate.testing.maildir import Account, LoginRecord, MailStore, ServerHandle, serve_sessions
 
 __all__ = ["CAPABILITIES", "SIEVE_EXTENSIONS", "script_dir", "start_sieve_backend"]
 
@@ -222,16 +222,10 @@ async def start_sieve_backend(
 ) -> ServerHandle:
     """Start the ManageSieve backend on ``host:port`` (0: an ephemeral port)."""
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await _Session(store, reader, writer).run()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            raise
-        except Exception:
-            log.exception("ManageSieve backend session failed")
-
-    return await serve_streams(
-        handle,
+    return await serve_sessions(
+        lambda reader, writer: _Session(store, reader, writer).run(),
+        log=log,
+        name="ManageSieve",
         host=host,
         port=port,
         store=store,
