@@ -234,18 +234,27 @@ async def test_bad_tokens_refused_counted_and_never_logged(
         assert reason in logged, reason
 
 
+async def at_error_challenge(
+    stack: Stack, idp: IdentityProvider, source: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """An IMAP connection from `source` that sent OAUTHBEARER a token signed
+    with the wrong key and now stands at RFC 7628's error challenge."""
+    ep = stack["imap"]
+    reader, writer = await asyncio.open_connection(ep.host, ep.port, local_addr=(source, 0))
+    await asyncio.wait_for(reader.readline(), TIMEOUT)
+    message = f"n,,\x01auth=Bearer {bad_token(idp, 'wrong-key')}\x01\x01".encode()
+    writer.write(b"a AUTHENTICATE OAUTHBEARER " + base64.b64encode(message) + b"\r\n")
+    assert (await asyncio.wait_for(reader.readline(), TIMEOUT)).startswith(b"+ ")
+    return reader, writer
+
+
 async def test_a_cancelled_error_challenge_still_counts(stack: Stack, idp: IdentityProvider) -> None:
     """Cancelling RFC 7628's error challenge ("*") instead of answering it
     must not make guessing free."""
     source = "127.0.0.9"
-    ep = stack["imap"]
     for _ in range(len(BAD_KINDS)):
         assert not stack.gateway.guard.check(source).blocked
-        reader, writer = await asyncio.open_connection(ep.host, ep.port, local_addr=(source, 0))
-        await asyncio.wait_for(reader.readline(), TIMEOUT)
-        message = f"n,,\x01auth=Bearer {bad_token(idp, 'wrong-key')}\x01\x01".encode()
-        writer.write(b"a AUTHENTICATE OAUTHBEARER " + base64.b64encode(message) + b"\r\n")
-        assert (await asyncio.wait_for(reader.readline(), TIMEOUT)).startswith(b"+ ")
+        reader, writer = await at_error_challenge(stack, idp, source)
         writer.write(b"*\r\n")
         assert (await asyncio.wait_for(reader.readline(), TIMEOUT)).startswith(b"a BAD")
         writer.close()
@@ -258,14 +267,9 @@ async def test_hanging_up_on_the_error_challenge_still_counts(
     """Closing the connection instead of answering RFC 7628's error
     challenge must not make guessing free either."""
     source = "127.0.0.10"
-    ep = stack["imap"]
     for _ in range(len(BAD_KINDS)):
         assert not stack.gateway.guard.check(source).blocked
-        reader, writer = await asyncio.open_connection(ep.host, ep.port, local_addr=(source, 0))
-        await asyncio.wait_for(reader.readline(), TIMEOUT)
-        message = f"n,,\x01auth=Bearer {bad_token(idp, 'wrong-key')}\x01\x01".encode()
-        writer.write(b"a AUTHENTICATE OAUTHBEARER " + base64.b64encode(message) + b"\r\n")
-        assert (await asyncio.wait_for(reader.readline(), TIMEOUT)).startswith(b"+ ")
+        _, writer = await at_error_challenge(stack, idp, source)
         writer.close()
         for _ in range(200):  # bounded: until the gateway has closed its side
             if stack.gateway.connections_from(source) == 0:
