@@ -15,6 +15,7 @@ from authgate.config import Address, BackendSettings, ConfigError, from_dict, lo
 from authgate.routing import (
     Backend,
     Health,
+    Route,
     RouteTable,
     RoutingError,
     TableError,
@@ -200,25 +201,20 @@ def test_choice_order_entry_directory_table_default() -> None:
 def test_pinned_user_never_moves_to_another_store() -> None:
     health = Health()
     health.mark_down(Address("127.0.0.1", 2143), now=100, down_for=30, why="refused")
-    route = choose(
-        "bob",
-        "imap",
-        BACKENDS["store1"],
-        BACKENDS,
-        hints=UserHints(entry="store2"),
-        health=health,
-        now=110,
-    )
+    def route_at(now: float) -> Route:
+        return choose(
+            "bob",
+            "imap",
+            BACKENDS["store1"],
+            BACKENDS,
+            hints=UserHints(entry="store2"),
+            health=health,
+            now=now,
+        )
+
+    route = route_at(110)
     assert route.backend.name == "store2" and not route.available
-    later = choose(
-        "bob",
-        "imap",
-        BACKENDS["store1"],
-        BACKENDS,
-        hints=UserHints(entry="store2"),
-        health=health,
-        now=131,
-    )
+    later = route_at(131)
     assert [m.address.port for m in later.candidates] == [2143]
 
 
