@@ -28,10 +28,12 @@ from typing import BinaryIO
 
 __all__ = [
     "Account",
+    "LineSession",
     "LoginRecord",
     "MailStore",
     "Maildir",
     "ServerHandle",
+    "SessionEnd",
     "StoredMessage",
     "UidRegistry",
     "parse_plain",
@@ -394,6 +396,57 @@ async def serve_streams(
         await server.wait_closed()
 
     return ServerHandle(host=host, port=bound_port, protocol=protocol, store=store, _close=close)
+
+
+class SessionEnd(Exception):
+    """Ends an embedded backend's session: QUIT, end of file, a line too long."""
+
+
+class LineSession:
+    """The line I/O the NNTP and POP3 backends share: a reply is one line, a
+    command one CRLF-ended line (no literals), read up to the stream limit.
+
+    A subclass names ``too_long`` (the reply to a line over the limit, after
+    which the session ends) and handles each decoded line in ``command``."""
+
+    too_long: str
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def send(self, line: str) -> None:
+        self.writer.write(line.encode("utf-8") + b"\r\n")
+        await self.writer.drain()
+
+    async def read_line(self) -> bytes:
+        try:
+            line = await self.reader.readline()
+        except ValueError:  # over the stream limit; asyncio discarded the data
+            await self.send(self.too_long)
+            raise SessionEnd from None
+        if not line.endswith(b"\n"):
+            raise SessionEnd  # EOF
+        return line.rstrip(b"\r\n")
+
+    async def serve(self, greeting: str, bad_utf8: str) -> None:
+        """Send ``greeting``, then handle command lines until the session ends;
+        a line that is not UTF-8 gets ``bad_utf8`` and the session goes on."""
+        await self.send(greeting)
+        try:
+            while True:
+                line = await self.read_line()
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError:
+                    await self.send(bad_utf8)
+                    continue
+                await self.command(text)
+        except SessionEnd:
+            pass
+
+    async def command(self, text: str) -> None:
+        raise NotImplementedError
 
 
 async def serve_sessions(

@@ -19,9 +19,11 @@ import time
 
 from authgate.testing.maildir import (
     Account,
+    LineSession,
     LoginRecord,
     MailStore,
     ServerHandle,
+    SessionEnd,
     StoredMessage,
     parse_plain,
     serve_sessions,
@@ -38,51 +40,28 @@ _READER = frozenset(
 )
 
 
-class _Quit(Exception):
-    """End the session."""
+class _Session(LineSession):
+    too_long = "501 Line too long"
 
-
-class _Session:
     def __init__(
         self, store: MailStore, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        super().__init__(reader, writer)
         self.store = store
-        self.reader = reader
-        self.writer = writer
         self.pending_user: str | None = None
         self.account: Account | None = None
         self.messages: list[StoredMessage] = []
         self.current = 0  # the current article number (0: none selected)
         self.selected = False
 
-    async def send(self, line: str) -> None:
-        self.writer.write(line.encode("utf-8") + b"\r\n")
-        await self.writer.drain()
-
-    async def read_line(self) -> bytes:
-        try:
-            line = await self.reader.readline()
-        except ValueError:  # over the stream limit
-            await self.send("501 Line too long")
-            raise _Quit from None
-        if not line.endswith(b"\n"):
-            raise _Quit  # EOF
-        return line.rstrip(b"\r\n")
-
     async def run(self) -> None:
-        await self.send("200 NNTP backend ready, posting prohibited")
-        try:
-            while True:
-                line = await self.read_line()
-                try:
-                    text = line.decode("utf-8")
-                except UnicodeDecodeError:
-                    await self.send("501 Invalid UTF-8 in command")
-                    continue
-                command, _, argument = text.strip().partition(" ")
-                await self.dispatch(command.upper(), argument.strip())
-        except _Quit:
-            pass
+        await self.serve(
+            "200 NNTP backend ready, posting prohibited", "501 Invalid UTF-8 in command"
+        )
+
+    async def command(self, text: str) -> None:
+        command, _, argument = text.strip().partition(" ")
+        await self.dispatch(command.upper(), argument.strip())
 
     async def dispatch(self, command: str, argument: str) -> None:
         if command == "CAPABILITIES":
@@ -99,7 +78,7 @@ class _Session:
             await self.send("201 Reader mode, posting prohibited")
         elif command == "QUIT":
             await self.send("205 Bye")
-            raise _Quit
+            raise SessionEnd
         elif command == "AUTHINFO":
             await self.authinfo(argument)
         elif command in _READER:

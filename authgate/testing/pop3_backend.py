@@ -18,10 +18,12 @@ from typing import BinaryIO
 
 from authgate.testing.maildir import (
     Account,
+    LineSession,
     LoginRecord,
     Maildir,
     MailStore,
     ServerHandle,
+    SessionEnd,
     StoredMessage,
     parse_plain,
     serve_sessions,
@@ -38,10 +40,6 @@ _CHUNK = 64 * 1024
 _AUTH_FAILED = "-ERR [AUTH] Authentication failed."
 
 
-class _Quit(Exception):
-    """End the session."""
-
-
 def _unique_id(key: str) -> str:
     # RFC 1939 section 7: 1-70 characters in 0x21..0x7E.  Maildir keys are stable
     # across sessions, which is all UIDL needs; anything else is hashed.
@@ -50,7 +48,9 @@ def _unique_id(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:64]
 
 
-class _Session:
+class _Session(LineSession):
+    too_long = "-ERR Line too long"
+
     def __init__(
         self,
         store: MailStore,
@@ -58,47 +58,25 @@ class _Session:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
+        super().__init__(reader, writer)
         self.store = store
         self.locks = locks
-        self.reader = reader
-        self.writer = writer
         self.pending_user: str | None = None
         self.account: Account | None = None
         self.box: Maildir | None = None
         self.messages: list[StoredMessage] = []
         self.deleted: set[int] = set()
 
-    async def send(self, line: str) -> None:
-        self.writer.write(line.encode("utf-8") + b"\r\n")
-        await self.writer.drain()
-
-    async def read_line(self) -> bytes:
-        try:
-            line = await self.reader.readline()
-        except ValueError:  # over the stream limit; asyncio discarded the data
-            await self.send("-ERR Line too long")
-            raise _Quit from None
-        if not line.endswith(b"\n"):
-            raise _Quit  # EOF
-        return line.rstrip(b"\r\n")
-
     async def run(self) -> None:
-        await self.send("+OK ready")
         try:
-            while True:
-                line = await self.read_line()
-                try:
-                    text = line.decode("utf-8")
-                except UnicodeDecodeError:
-                    await self.send("-ERR Invalid UTF-8 in command")
-                    continue
-                command, _, argument = text.partition(" ")
-                await self.dispatch(command.upper(), argument)
-        except _Quit:
-            pass
+            await self.serve("+OK ready", "-ERR Invalid UTF-8 in command")
         finally:
             if self.account is not None and self.box is not None:
                 self.locks.discard(self.account.user)
+
+    async def command(self, text: str) -> None:
+        command, _, argument = text.partition(" ")
+        await self.dispatch(command.upper(), argument)
 
     async def dispatch(self, command: str, argument: str) -> None:
         if command == "CAPA":
@@ -310,7 +288,7 @@ class _Session:
             await self.send(f"+OK Logging out, {removed} messages deleted.")
         else:
             await self.send("+OK Logging out.")
-        raise _Quit
+        raise SessionEnd
 
 
 async def start_pop3_backend(
