@@ -15,12 +15,15 @@ would make tests and bench import each other.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import enum
 import functools
 import hashlib
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from authgate.credentials.schemes import parse_secret
@@ -240,6 +243,19 @@ def listener_settings(
 
     settings.setdefault("sasl_context", context_for)
     return SessionSettings(hostname=hostname, decide=decide_for, **settings)
+
+
+async def audit_records(log: Path, event: str, count: int) -> list[dict[str, object]]:
+    """The audit log's `event` records, once `count` of them are written
+    (the audit writer runs behind the sessions: polled, bounded)."""
+    for _ in range(200):
+        if log.exists():
+            records = [json.loads(line) for line in log.read_text().splitlines() if line]
+            chosen = [r for r in records if r["event"] == event]
+            if len(chosen) >= count:
+                return chosen
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{count} {event} audit records not written")
 
 
 # ------------------------------------------------------ the driver contract

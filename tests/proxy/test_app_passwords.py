@@ -18,6 +18,7 @@ import pytest_asyncio
 
 from authgate.credentials.apps import usage_path
 from authgate.credentials.store import UserStore
+from authgate.testing.kit import audit_records
 from authgate.testing.stack import ListenerSpec, Stack, embedded_stack
 
 MAIN = "Main-Passw0rd-77"
@@ -87,18 +88,6 @@ def smtp_login(stack: Stack, password: str) -> bool:
         return True
 
 
-async def audit_records(tmp_path: Path, event: str, count: int) -> list[dict[str, object]]:
-    """The audit log's `event` records, once `count` of them are written."""
-    path = tmp_path / "audit.log"
-    for _ in range(200):  # the audit writer runs behind the sessions
-        if path.exists():
-            records = [json.loads(line) for line in path.read_text().splitlines() if line]
-            chosen = [r for r in records if r["event"] == event]
-            if len(chosen) >= count:
-                return chosen
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{count} {event} audit records not written")
-
 
 async def test_app_password_in_every_protocol_audited_by_label(
     stack: Stack, tmp_path: Path
@@ -109,7 +98,7 @@ async def test_app_password_in_every_protocol_audited_by_label(
     assert await asyncio.to_thread(pop3_login, stack, password)
     assert await asyncio.to_thread(smtp_login, stack, password)
     assert await asyncio.to_thread(imap_login, stack, MAIN)
-    records = await audit_records(tmp_path, "login", 4)
+    records = await audit_records(tmp_path / "audit.log", "login", 4)
     assert [r.get("app") for r in records] == ["phone", "phone", "phone", None]
     assert password not in (tmp_path / "audit.log").read_text()
     usage = json.loads(usage_path(tmp_path / "users.toml").read_text())
@@ -126,5 +115,5 @@ async def test_protocol_limit_and_password_login_off(stack: Stack, tmp_path: Pat
     assert not await asyncio.to_thread(imap_login, stack, MAIN)
     assert not await asyncio.to_thread(smtp_login, stack, MAIN)
     assert await asyncio.to_thread(smtp_login, stack, mailer)
-    failed = await audit_records(tmp_path, "login-failed", 4)
+    failed = await audit_records(tmp_path / "audit.log", "login-failed", 4)
     assert all(r["user"] == "alice" for r in failed)

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
+from authgate.testing.kit import audit_records
 from authgate.testing.stack import ListenerSpec, Stack, embedded_stack
 
 pytestmark = pytest.mark.asyncio
@@ -67,27 +67,16 @@ def plain(password: str) -> bytes:
     return b'AUTHENTICATE "PLAIN" "' + message + b'"\r\n'
 
 
-async def audit(tmp_path: Path, event: str, count: int) -> list[dict[str, object]]:
-    path = tmp_path / "audit.log"
-    for _ in range(200):  # the audit writer runs behind the sessions
-        if path.exists():
-            records = [json.loads(line) for line in path.read_text().splitlines() if line]
-            chosen = [r for r in records if r["event"] == event]
-            if len(chosen) >= count:
-                return chosen
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{count} {event} audit records not written")
-
 
 async def test_failed_and_good_logins_are_audited(stack: Stack, tmp_path: Path) -> None:
     reply = await session(stack, [plain("guess"), plain(PASSWORD), b"LISTSCRIPTS\r\n"])
     assert b'NO "Authentication failed."\r\nOK "Logged in."\r\n' in reply
     # LISTSCRIPTS went to the backend: its answer (no scripts yet) is its OK.
     assert reply.endswith(b'OK "Listscripts completed."\r\n')
-    (failed,) = await audit(tmp_path, "login-failed", 1)
+    (failed,) = await audit_records(tmp_path / "audit.log", "login-failed", 1)
     assert failed["user"] == "alice" and failed["mechanism"] == "PLAIN"
     assert failed["reason"] == "invalid-credentials"
-    (login,) = await audit(tmp_path, "login", 1)
+    (login,) = await audit_records(tmp_path / "audit.log", "login", 1)
     assert login["user"] == "alice" and login["listener"] == "managesieve"
     assert PASSWORD not in (tmp_path / "audit.log").read_text()
     assert [r.user for r in stack.backends.sieve.logins] == ["alice"]
@@ -124,5 +113,5 @@ async def test_unauthenticate_after_the_login_ends_the_session(
     )
     stored = stack.mail_root / "alice" / "sieve" / "s.sieve"
     assert stored.read_bytes() == script
-    (refused,) = await audit(tmp_path, "command-refused", 1)
+    (refused,) = await audit_records(tmp_path / "audit.log", "command-refused", 1)
     assert refused["command"] == "UNAUTHENTICATE"
