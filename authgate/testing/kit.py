@@ -21,6 +21,7 @@ import enum
 import functools
 import hashlib
 import json
+import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -256,6 +257,15 @@ async def audit_records(log: Path, event: str, count: int) -> list[dict[str, obj
                 return chosen
         await asyncio.sleep(0.05)
     raise AssertionError(f"{count} {event} audit records not written")
+
+
+def installed(name: str) -> str:
+    """The path of the client program `name`. A missing one fails the test
+    (as pytest.fail does), never skips it: ./dev test installs them."""
+    found = shutil.which(name)
+    if found is None:
+        raise AssertionError(f"{name} is not installed: run ./dev test as root (it installs it)")
+    return found
 
 
 # ------------------------------------------------------ the driver contract

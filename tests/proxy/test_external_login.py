@@ -11,7 +11,6 @@ import asyncio
 import base64
 import contextlib
 import datetime
-import shutil
 import ssl
 import subprocess
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ import trustme
 
 from authgate.client_certs import fingerprint
 from authgate.credentials.store import UserStore
+from authgate.testing.kit import installed
 from authgate.testing.stack import ListenerSpec, Stack, embedded_stack
 
 USER = "alice@example.org"
@@ -30,13 +30,6 @@ RCPT = "rcpt@example.test"
 TIMEOUT = 20
 
 pytestmark = pytest.mark.asyncio
-
-
-def binary(name: str) -> str:
-    found = shutil.which(name)
-    if found is None:  # a missing client fails the test, never skips it
-        pytest.fail(f"{name} is not installed: run ./dev test as root (it installs curl, msmtp)")
-    return found
 
 
 class Certs:
@@ -99,7 +92,7 @@ def curl(stack: Stack, listener: str, pair: tuple[Path, Path], authzid: str = US
     ep = stack[listener]
     scheme = {"imap": "imaps", "pop3": "pop3s"}[ep.protocol]
     args = [
-        binary("curl"), "--silent", "--show-error", "--max-time", str(TIMEOUT),
+        installed("curl"), "--silent", "--show-error", "--max-time", str(TIMEOUT),
         "--cacert", str(stack.ca_file), "--cert", str(pair[0]), "--key", str(pair[1]),
         "--login-options", "AUTH=EXTERNAL", "--user", f"{authzid}:",
         f"{scheme}://localhost:{ep.port}/",
@@ -191,7 +184,7 @@ async def test_msmtp_tls_cert_file_auth_external(stack: Stack, certs: Certs) -> 
     def run() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [
-                binary("msmtp"), "--host=localhost", f"--port={ep.port}", f"--timeout={TIMEOUT}",
+                installed("msmtp"), "--host=localhost", f"--port={ep.port}", f"--timeout={TIMEOUT}",
                 "--domain=client.example.test", "--tls=on", "--tls-starttls=on",
                 f"--tls-trust-file={stack.ca_file}", f"--tls-cert-file={certs.alice[0]}",
                 f"--tls-key-file={certs.alice[1]}", "--auth=external", f"--user={USER}",

@@ -20,7 +20,6 @@ import base64
 import contextlib
 import imaplib
 import logging
-import shutil
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ import pytest
 import pytest_asyncio
 
 from authgate.testing.identity_provider import IdentityProvider
+from authgate.testing.kit import installed
 from authgate.testing.stack import ListenerSpec, Stack, embedded_stack
 
 USER = "alice@example.org"
@@ -37,13 +37,6 @@ BAD_KINDS = ("expired", "wrong-aud", "wrong-iss", "alg-none", "wrong-key", "tamp
 TIMEOUT = 20
 
 pytestmark = pytest.mark.asyncio
-
-
-def binary(name: str) -> str:
-    found = shutil.which(name)
-    if found is None:  # a missing client fails the test, never skips it
-        pytest.fail(f"{name} is not installed: run ./dev test as root (it installs curl, msmtp)")
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +82,7 @@ def curl(stack: Stack, protocol: str, token: str, mechanism: str, tmp: Path) -> 
     config = tmp / f"curl-{protocol}-{mechanism}.conf"
     config.write_text(f'oauth2-bearer = "{token}"\n')
     args = [
-        binary("curl"), "--silent", "--show-error", "--max-time", str(TIMEOUT),
+        installed("curl"), "--silent", "--show-error", "--max-time", str(TIMEOUT),
         "--user", f"{USER}:", "--login-options", f"AUTH={mechanism}", "--config", str(config),
     ]
     if protocol == "smtp":
@@ -133,7 +126,7 @@ async def test_msmtp(stack: Stack, idp: IdentityProvider, tmp_path: Path, mechan
     def run() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [
-                binary("msmtp"), f"--host={ep.host}", f"--port={ep.port}", f"--timeout={TIMEOUT}",
+                installed("msmtp"), f"--host={ep.host}", f"--port={ep.port}", f"--timeout={TIMEOUT}",
                 "--domain=client.example.test", f"--auth={mechanism}", f"--user={USER}",
                 f"--passwordeval=cat {secret}", f"--from={USER}", "--tls=off", "--",
                 RCPT,
