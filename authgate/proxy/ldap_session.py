@@ -28,17 +28,15 @@ listener uses.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 import time
-from typing import Any
 
 from authgate.config import TLSMode
 from authgate.defence import Guard
 from authgate.logs import LoginRecord, Outcome, failure_outcome, log_login
 from authgate.metrics import recorder
-from authgate.policy import Decision, IPAddress, client_ip
+from authgate.policy import Decision
 from authgate.protocols import ber
 from authgate.protocols import ldap as ldap_proto
 from authgate.protocols.base import StartTLS
@@ -54,9 +52,9 @@ from authgate.protocols.ldap import (
     ToBackend,
     ToClient,
 )
-from authgate.proxy import proxy_protocol
 from authgate.proxy.auditing import AuditTrail
 from authgate.proxy.channel import Channel, ChannelClosed
+from authgate.proxy.connection import ClientConnection, connection_end_logged
 from authgate.proxy.lograte import LogThrottle
 from authgate.proxy.runtime import ListenerRuntime
 from authgate.proxy.upstream import connect
@@ -71,7 +69,7 @@ class BackendUnavailable(Exception):
     """The backend could not be reached or made ready (TLS)."""
 
 
-class LdapSession:
+class LdapSession(ClientConnection):
     def __init__(
         self,
         runtime: ListenerRuntime,
@@ -82,15 +80,7 @@ class LdapSession:
         client: tuple[str, int] | None = None,
         notices: LogThrottle | None = None,
     ) -> None:
-        self.runtime = runtime
-        self.guard = guard
-        self.audit = audit
-        self.client = channel
-        self.notices = notices or LogThrottle()
-        self.peer = client or channel.peername()
-        self.via_balancer = client is not None
-        self.address: IPAddress | str = client_ip(self.peer[0]) or self.peer[0]
-        self.local = channel.sockname()
+        super().__init__(runtime, channel, guard, audit, client=client, notices=notices)
         self.backend: Channel | None = None
         self._decisions: dict[bool, Decision] = {}
         self._backend_read: asyncio.Future[bytes] | None = None
@@ -98,7 +88,6 @@ class LdapSession:
         self.started = time.time()  # wall clock: shown by `authgate sessions`
         self.user: str | None = None  # bound as (the last successful bind)
         listener = runtime.listener
-        self.tag = f"{listener.name} {self.peer[0]}:{self.peer[1]}"
         self.machine = LdapRelay(
             LdapSettings(
                 decide=self._decide,
@@ -154,15 +143,8 @@ class LdapSession:
 
     async def run(self) -> None:
         try:
-            await self._serve()
-        except TimeoutError:
-            log.info("%s: timed out", self.tag)
-        except ChannelClosed as exc:  # our own text (e.g. a failed TLS handshake)
-            log.info("%s: connection ended: %s", self.tag, exc)
-        except (ConnectionError, ssl.SSLError) as exc:
-            log.info("%s: connection ended: %s", self.tag, exc.__class__.__name__)
-        except Exception:
-            log.exception("%s: internal error", self.tag)
+            with connection_end_logged(self.tag):
+                await self._serve()
         finally:
             if self._backend_read is not None:
                 self._backend_read.cancel()
@@ -288,12 +270,6 @@ class LdapSession:
                 dropped,
             )
 
-    async def _idle_goodbye(self) -> None:
-        log.info("%s: timeout before authentication", self.tag)
-        with contextlib.suppress(ChannelClosed):
-            self.client.write(self.runtime.parts.goodbye)
-            await asyncio.wait_for(self.client.drain(), 5)
-
     async def _blocked(self) -> bool:
         verdict = self.guard.check(self.address)
         if not verdict.blocked:
@@ -305,25 +281,6 @@ class LdapSession:
         self.client.write(self.runtime.parts.blocked)
         await self.client.drain()
         return True
-
-    def _spoofed_header(self, data: bytes) -> bool:
-        """As authgate.proxy.session: a PROXY header from someone who is not
-        a trusted balancer (or a second one) is refused."""
-        if not self.runtime.listener.proxy_protocol:
-            return False
-        if not proxy_protocol.looks_like_header(data):
-            return False
-        if self.via_balancer:
-            why = f"a second PROXY header (via trusted proxy {self.client.peername()[0]})"
-        else:
-            why = "a PROXY header from an address not in trusted_proxies"
-        kind = f"{self.runtime.listener.name}:proxy-header-spoofed"
-        self.notices.warning(log, kind, "%s: refused, %s", self.tag, why)
-        self._note("proxy-header-refused")
-        return True
-
-    def _note(self, event: str, **fields: Any) -> None:
-        self.audit.note(event, listener=self.runtime.listener.name, client=self.peer[0], **fields)
 
     # --------------------------------------------------------------- binds
 

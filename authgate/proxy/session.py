@@ -12,7 +12,6 @@ lines the driver says itself come from the protocol's module
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import logging
 import ssl
@@ -30,7 +29,7 @@ from authgate.defence import Guard
 from authgate.logs import LoginRecord, Outcome, failure_outcome, log_login
 from authgate.metrics import recorder
 from authgate.password_policy import ExpiryState, expiry_status
-from authgate.policy import Decision, IPAddress, Protocol, Withheld, client_ip
+from authgate.policy import Decision, Protocol, Withheld, client_ip
 from authgate.protocols.base import (
     Authenticated,
     AuthFailed,
@@ -50,9 +49,9 @@ from authgate.protocols.base import (
 )
 from authgate.protocols.managesieve import ManageSieveSpliceFilter
 from authgate.protocols.smtp_splice import Refused, SmtpSpliceFilter, SpliceEnded
-from authgate.proxy import proxy_protocol
 from authgate.proxy.auditing import AuditTrail
-from authgate.proxy.channel import Channel, ChannelClosed
+from authgate.proxy.channel import Channel
+from authgate.proxy.connection import ClientConnection, connection_end_logged
 from authgate.proxy.lograte import LogThrottle
 from authgate.proxy.routes import ListenerRoutes, is_own
 from authgate.proxy.runtime import ListenerRuntime
@@ -119,7 +118,7 @@ GUESS_REASONS = frozenset(
 _Next: TypeAlias = Sequence[Event | Handover] | None
 
 
-class ClientSession:
+class ClientSession(ClientConnection):
     # One per connection: no per-instance dict (memory per held session).
     __slots__ = (
         "_aliases",
@@ -137,20 +136,10 @@ class ClientSession:
         "_relay_user",
         "_secret_looked_up",
         "_token_refused",
-        "address",
-        "audit",
-        "client",
-        "guard",
-        "local",
         "machine",
-        "notices",
-        "peer",
-        "runtime",
         "started",
-        "tag",
         "upstream",
         "user",
-        "via_balancer",
     )
 
     def __init__(
@@ -163,12 +152,7 @@ class ClientSession:
         client: tuple[str, int] | None = None,
         notices: LogThrottle | None = None,
     ) -> None:
-        self.runtime = runtime
-        self.guard = guard
-        self.audit = audit
-        self.client = channel
-        # Rate-limited warnings, shared by the gateway's sessions.
-        self.notices = notices or LogThrottle()
+        super().__init__(runtime, channel, guard, audit, client=client, notices=notices)
         # Relay mode: the exchange being relayed, how many client messages
         # it has carried, and the user one of them named (relayed_user).
         self._relay_mechanism = ""
@@ -185,20 +169,13 @@ class ClientSession:
         # (user, keyed hash of the password) of the last cleartext password
         # checked: lets the defence recognise a stale password sent again.
         self._fingerprint: tuple[str, bytes] | None = None
-        # The real client: from a trusted balancer's PROXY header, else the peer.
-        self.peer = client or channel.peername()
-        self.via_balancer = client is not None
         # When the attempt in progress began (its first lookup or relayed
         # message): a login record's duration is authgate's part of it.
         self._attempt_started: float | None = None
         self.started = time.time()  # wall clock: shown by `authgate sessions`
         self.user: str | None = None  # once logged in
         self._backend_tried: str | None = None  # the backend the attempt involved
-        # Parsed once: the policy and the defence each ask about it.
-        # (Not an IP, a Unix socket say: the text; policy and defence cope.)
-        self.address: IPAddress | str = client_ip(self.peer[0]) or self.peer[0]
         self._decisions: dict[bool, Decision] = {}
-        self.local = channel.sockname()
         # DIGEST-MD5 digest-uri may name our hostname, our other names, or
         # the address this client connected to (clients put there whatever
         # they typed, an IP address included).
@@ -217,7 +194,6 @@ class ClientSession:
         self._relay_held = False
         listener = runtime.listener
         limits = runtime.limits
-        self.tag = f"{listener.name} {self.peer[0]}:{self.peer[1]}"
         self.machine: Any = runtime.parts.server(
             SessionSettings(
                 hostname=runtime.hostname,
@@ -292,22 +268,14 @@ class ClientSession:
         metrics = recorder()
         name = self.runtime.listener.name
         try:
-            metrics.preauth_started(name)
-            try:
-                handover = await self._preauth()
-            finally:
-                metrics.preauth_ended(name)
-            if handover is not None:
-                await self._splice(handover)
-        except TimeoutError:
-            log.info("%s: timed out", self.tag)
-        except ChannelClosed as exc:  # our own text (e.g. a failed TLS handshake)
-            log.info("%s: connection ended: %s", self.tag, exc)
-        except (ConnectionError, ssl.SSLError) as exc:
-            log.info("%s: connection ended: %s", self.tag, exc.__class__.__name__)
-        except Exception:
-            # Our bug, not the client's: log it for us, close for them.
-            log.exception("%s: internal error", self.tag)
+            with connection_end_logged(self.tag):
+                metrics.preauth_started(name)
+                try:
+                    handover = await self._preauth()
+                finally:
+                    metrics.preauth_ended(name)
+                if handover is not None:
+                    await self._splice(handover)
         finally:
             if self._token_refused:
                 # A refused bearer token whose error challenge was never
@@ -362,12 +330,6 @@ class ClientSession:
             if self._secret_looked_up and await self._blocked():
                 return None
             queue.extend(self.machine.receive_data(data))
-
-    async def _idle_goodbye(self) -> None:
-        log.info("%s: timeout before authentication", self.tag)
-        with contextlib.suppress(ChannelClosed):
-            self.client.write(self.runtime.parts.goodbye)
-            await asyncio.wait_for(self.client.drain(), 5)
 
     async def _handle(self, event: Event) -> _Next:
         if isinstance(event, Send):
@@ -528,22 +490,10 @@ class ClientSession:
         return []
 
     def _spoofed_header(self, data: bytes) -> bool:
-        """A PROXY header from a peer that is not a trusted balancer would let
-        anyone claim an exempt address: refuse the connection. Behind a
-        balancer, whose own header was already read, a second one comes from
-        the client: refused too."""
-        if not self.runtime.listener.proxy_protocol:
+        """ClientConnection's refusal of a PROXY header, with the login
+        record of a refused attempt."""
+        if not super()._spoofed_header(data):
             return False
-        if not proxy_protocol.looks_like_header(data):
-            return False
-        if self.via_balancer:
-            why = f"a second PROXY header (via trusted proxy {self.client.peername()[0]})"
-        else:
-            why = "a PROXY header from an address not in trusted_proxies"
-        # A flood of these must not flood the log.
-        kind = f"{self.runtime.listener.name}:proxy-header-spoofed"
-        self.notices.warning(log, kind, "%s: refused, %s", self.tag, why)
-        self._note("proxy-header-refused")
         self._login_outcome(Outcome.REFUSED, reason="proxy-header-refused")
         return True
 
@@ -591,9 +541,6 @@ class ClientSession:
                 duration_ms=round(duration * 1000),
             )
         )
-
-    def _note(self, event: str, **fields: str | int | None) -> None:
-        self.audit.note(event, listener=self.runtime.listener.name, client=self.peer[0], **fields)
 
     def _password_expired(self, user: str) -> bool:
         store = self.runtime.store
