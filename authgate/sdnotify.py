@@ -33,7 +33,32 @@ def _address(raw: str) -> str | None:
     return None  # (vsock addresses are not for us)
 
 
-class Notifier:
+class _Watchdog:
+    """The watchdog pings of Notifier and WorkerReport: `_ping` every
+    `interval` seconds from the running loop, until `stop_watchdog`."""
+
+    _watchdog: asyncio.Task[None] | None = None
+
+    def _ping(self) -> None:
+        raise NotImplementedError
+
+    def _start_pings(self, interval: float) -> None:
+        self._watchdog = asyncio.ensure_future(self._ping_forever(interval))
+
+    async def _ping_forever(self, interval: float) -> None:
+        while True:
+            self._ping()
+            await asyncio.sleep(interval)
+
+    async def stop_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+            self._watchdog = None
+
+
+class Notifier(_Watchdog):
     """Sends to $NOTIFY_SOCKET as it was when made (None: off)."""
 
     def __init__(self, environ: dict[str, str] | None = None) -> None:
@@ -75,19 +100,10 @@ class Notifier:
         """Ping every `interval` seconds from the running loop."""
         if self.address is None or interval is None or self._watchdog is not None:
             return
-        self._watchdog = asyncio.ensure_future(self._ping_forever(interval))
+        self._start_pings(interval)
 
-    async def _ping_forever(self, interval: float) -> None:
-        while True:
-            self.send("WATCHDOG=1")
-            await asyncio.sleep(interval)
-
-    async def stop_watchdog(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
-            self._watchdog = None
+    def _ping(self) -> None:
+        self.send("WATCHDOG=1")
 
 
 def watchdog_interval(environ: dict[str, str] | None = None) -> float | None:
@@ -103,7 +119,7 @@ def watchdog_interval(environ: dict[str, str] | None = None) -> float | None:
     return int(raw) / 2_000_000
 
 
-class WorkerReport:
+class WorkerReport(_Watchdog):
     """A worker's side of `workers = N`: the same calls as Notifier, written
     as lines ("R 0", "L 0", "W 0": ready, reloaded, alive) to a pipe the
     supervisor reads (SupervisorRelay), which tells systemd once every
@@ -135,19 +151,10 @@ class WorkerReport:
 
     def start_watchdog(self, interval: float | None) -> None:
         if self._interval is not None and self._watchdog is None:
-            self._watchdog = asyncio.ensure_future(self._ping_forever(self._interval))
+            self._start_pings(self._interval)
 
-    async def _ping_forever(self, interval: float) -> None:
-        while True:
-            self._say("W")
-            await asyncio.sleep(interval)
-
-    async def stop_watchdog(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
-            self._watchdog = None
+    def _ping(self) -> None:
+        self._say("W")
 
 
 class SupervisorRelay:
