@@ -9,16 +9,16 @@ processes, `dovecot` for auth and the mail user (`nobody`) for imap, so the
 tree is created with the owners those processes need.
 
 Unlike tests/interop/dovecot.py (which exercises every protocol and
-mechanism), this one serves IMAP only and is set up so that Dovecot is not
-what limits a proxy in front of it:
+mechanism), this one serves IMAP (cleartext and IMAPS) and cleartext POP3
+only, and is set up so that Dovecot is not what limits a proxy in front of it:
 
 * `{PLAIN}` passwords in a passwd-file: a login costs no hashing;
 * login processes in "high-performance" mode (`service_count = 0`): one
   long-lived imap-login process accepts every connection instead of a fork
   per connection; `process_min_avail = 1` since the servers share one core;
 * imap processes reused too (`service imap { service_count = 0 }`, a few
-  kept ready): still one session per process at a time, but a login no
-  longer pays for a fork, an exec and a settings fetch. All users share one
+  kept ready; pop3 the same way): still one session per process at a time,
+  but a login no longer pays for a fork, an exec and a settings fetch. All users share one
   uid (static userdb), which is what makes reuse possible. Measured on the
   bench machine: 8.5 ms of Dovecot CPU per login without, 1.2-1.4 ms with;
 * limits raised for 2,000+ held sessions: every IMAP session is an imap
@@ -45,13 +45,13 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 HOST = "127.0.0.1"
 DOVECOT_PATHS = ("/usr/sbin/dovecot", "/usr/local/sbin/dovecot")
-INSTALL_HINT = "apt-get install dovecot-core dovecot-imapd (as root)"
+INSTALL_HINT = "apt-get install dovecot-core dovecot-imapd dovecot-pop3d (as root)"
 STARTUP_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
 # Held sessions this Dovecot must take at once: the memory figure holds 2,000
@@ -133,10 +133,15 @@ def pin(cpus: set[int] | None) -> None:
 
 
 def spawn(
-    argv: Sequence[str], log: Path, cpus: set[int] | None, cwd: Path | None = None
+    argv: Sequence[str],
+    log: Path,
+    cpus: set[int] | None,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start a server in a session of its own (so `stop_session` reaches its
-    children), pinned to `cpus`, its output appended to `log`."""
+    children), pinned to `cpus`, its output appended to `log`; `env`: the
+    whole environment (default: this process's)."""
     with log.open("ab") as out:
         return subprocess.Popen(
             list(argv),
@@ -144,6 +149,7 @@ def spawn(
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=cwd,
+            env=None if env is None else dict(env),
             start_new_session=True,
             preexec_fn=lambda: pin(cpus),
         )
@@ -204,6 +210,7 @@ class BenchDovecot:
     imap_client_limit: int = 1
     imap: int = 0
     imaps: int = 0
+    pop3: int = 0
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -250,7 +257,7 @@ class BenchDovecot:
             os.chown(path, 0, dovecot_gid)
             path.chmod(0o640)
         if not self.imap:
-            self.imap, self.imaps = free_ports(2)
+            self.imap, self.imaps, self.pop3 = free_ports(3)
         self.conf_path.write_text(self.render())
 
     def _mail_ids(self) -> tuple[int, int]:
@@ -262,7 +269,7 @@ class BenchDovecot:
         root = self.root
         return f"""\
 # Written by bench/dovecot.py: self-contained, nothing is included.
-protocols = imap
+protocols = imap pop3
 listen = {HOST}
 base_dir = {root}/run
 state_dir = {root}/state
@@ -308,7 +315,14 @@ default_vsz_limit = 1G
 protocol imap {{
   mail_max_userip_connections = {MAX_SESSIONS * 2}
 }}
+protocol pop3 {{
+  mail_max_userip_connections = {MAX_SESSIONS * 2}
+}}
 
+# Every imap, pop3 and login process may connect to auth (5 services here).
+service auth {{
+  client_limit = {MAX_SESSIONS * 6}
+}}
 service anvil {{
   unix_listener anvil-auth-penalty {{
     mode = 0
@@ -334,6 +348,23 @@ service imap {{
   service_count = 0
   process_min_avail = 4
 }}
+service pop3-login {{
+  service_count = 0
+  process_min_avail = 1
+  client_limit = {MAX_SESSIONS * 2}
+  inet_listener pop3 {{
+    address = {HOST}
+    port = {self.pop3}
+  }}
+  inet_listener pop3s {{
+    port = 0
+  }}
+}}
+service pop3 {{
+  process_limit = {MAX_SESSIONS}
+  service_count = 0
+  process_min_avail = 4
+}}
 """
 
     # -- run --------------------------------------------------------------------
@@ -342,7 +373,9 @@ service imap {{
         argv = [dovecot_binary(), "-F", "-c", str(self.conf_path)]
         self.process = spawn(argv, self.root / "log" / "console.log", self.cpus)
         problem = wait_ready(
-            self.process, lambda: greets(self.imap) and accepts(self.imaps), timeout
+            self.process,
+            lambda: greets(self.imap) and accepts(self.imaps) and greets(self.pop3, b"+OK"),
+            timeout,
         )
         if problem is not None:
             self.stop()

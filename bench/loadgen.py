@@ -1,6 +1,8 @@
 """A cheap asyncio IMAP load generator.
 
-Raw asyncio streams and just enough IMAP to log in, fetch and NOOP: no imaplib,
+Raw asyncio streams and just enough IMAP to log in, fetch and NOOP (and of
+POP3 to log in: greeting, ``AUTH PLAIN`` with an initial response, ``QUIT``,
+for a `Target` with ``protocol="pop3"``): no imaplib,
 no response parsing beyond tags and literal lengths, so that the generator
 spends as little CPU as possible and the server under test is what gets
 measured. Four figures, each a function returning a small dataclass:
@@ -59,6 +61,7 @@ class Target:
     # Local addresses to connect from, in turn: a gateway may cap connections
     # per client address, and many held connections should look like many clients.
     sources: tuple[str, ...] = ()
+    protocol: str = "imap"  # or "pop3": which client `connection_class` gives
 
     def ssl_context(self) -> ssl.SSLContext | None:
         if not self.tls:
@@ -66,7 +69,7 @@ class Target:
         return ssl.create_default_context(cafile=self.ca_file)
 
     def __str__(self) -> str:
-        return f"{'imaps' if self.tls else 'imap'}://{self.host}:{self.port}"
+        return f"{self.protocol}{'s' if self.tls else ''}://{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,7 @@ class Connection:
     """One IMAP connection: tagged commands, untagged lines and literals skipped."""
 
     _opened = 0  # for the round robin over Target.sources
+    GREETING = b"* OK"
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
@@ -239,7 +243,7 @@ class Connection:
         connection = cls(reader, writer)
         try:
             greeting = await connection._line()
-            if not greeting.startswith(b"* OK"):
+            if not greeting.startswith(cls.GREETING):
                 raise BenchError(f"{target}: unexpected greeting {greeting[:80]!r}")
         except BaseException:
             connection.abort()
@@ -314,9 +318,50 @@ class Connection:
         self.writer.transport.abort()
 
 
+class Pop3Connection(Connection):
+    """One POP3 connection, just enough for the login loop: greeting, ``AUTH
+    PLAIN`` with an initial response (RFC 5034), ``QUIT``."""
+
+    GREETING = b"+OK"
+
+    async def pop3(self, line: bytes) -> bytes:
+        """Send one command line; return the one-line reply (+OK / -ERR)."""
+        self.writer.write(line + b"\r\n")
+        return (await self._line()).rstrip(b"\r\n")
+
+    async def login(self, credentials: Credentials) -> bool:
+        reply = await self.pop3(b"AUTH PLAIN " + credentials.plain_initial_response())
+        if reply.startswith(b"+OK"):
+            return True
+        if reply.startswith(b"-ERR"):
+            return False
+        raise BenchError(f"AUTH PLAIN answered {reply[:120]!r}")
+
+    async def ok(self, text: bytes) -> int:
+        """`text` must be answered +OK (a one-line reply: NOOP, STAT)."""
+        reply = await self.pop3(text)
+        if not reply.startswith(b"+OK"):
+            raise BenchError(f"{text.split(b' ')[0].decode()} failed: {reply[:120]!r}")
+        return 0
+
+    async def logout(self) -> None:
+        with contextlib.suppress(BenchError, ConnectionError):
+            await self.pop3(b"QUIT")
+        await self.close()
+
+
+def connection_class(target: Target) -> type[Connection]:
+    """The client for `target.protocol`: IMAP or POP3."""
+    if target.protocol == "pop3":
+        return Pop3Connection
+    if target.protocol == "imap":
+        return Connection
+    raise ValueError(f"no client for protocol {target.protocol!r}")
+
+
 @contextlib.asynccontextmanager
 async def logged_in(target: Target, credentials: Credentials) -> AsyncIterator[Connection]:
-    connection = await Connection.open(target)
+    connection = await connection_class(target).open(target)
     try:
         if not await connection.login(credentials):
             raise BenchError(f"{target}: login as {credentials.user!r} refused")
@@ -365,6 +410,7 @@ async def measure_logins(
     if (duration is None) == (count is None):
         raise ValueError("give exactly one of duration and count")
     context = target.ssl_context()  # one context: the generator does not re-read the CA
+    kind = connection_class(target)
     started = 0
     done: list[float] = []
     refused = errors = 0
@@ -379,7 +425,7 @@ async def measure_logins(
             begin = time.perf_counter()
             connection: Connection | None = None
             try:
-                connection = await Connection.open(target, context)
+                connection = await kind.open(target, context)
                 if await connection.login(credentials):
                     await connection.logout()
                     done.append(time.perf_counter() - begin)
@@ -503,10 +549,11 @@ async def hold_connections(
     """Open `count` authenticated connections, `concurrency` at a time; all or none."""
     context = context or target.ssl_context()
     gate = asyncio.Semaphore(concurrency)
+    kind = connection_class(target)
 
     async def open_one() -> Connection:
         async with gate:
-            connection = await Connection.open(target, context)
+            connection = await kind.open(target, context)
             try:
                 if not await connection.login(credentials):
                     raise BenchError(f"{target}: login as {credentials.user!r} refused")
@@ -815,7 +862,9 @@ def parse_target(text: str) -> tuple[str, int]:
 
 async def run(args: argparse.Namespace) -> object:
     host, port = args.target
-    target = Target(host, port, tls=args.tls, ca_file=args.ca_file)
+    target = Target(host, port, tls=args.tls, ca_file=args.ca_file, protocol=args.protocol)
+    if args.protocol == "pop3" and args.what == "fetch":
+        raise SystemExit("--what fetch is IMAP only")
     credentials = Credentials(args.user, args.password)
     pids: list[int] = args.pid
     if args.what == "logins":
@@ -856,7 +905,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--target", type=parse_target, required=True, help="host:port")
     parser.add_argument("--what", choices=("logins", "fetch", "memory", "noop"), required=True)
-    parser.add_argument("--tls", action="store_true", help="implicit TLS (IMAPS)")
+    parser.add_argument("--tls", action="store_true", help="implicit TLS (IMAPS, POP3S)")
+    parser.add_argument(
+        "--protocol",
+        choices=("imap", "pop3"),
+        default="imap",
+        help="pop3: AUTH PLAIN with an initial response (RFC 5034), QUIT; not for fetch",
+    )
     parser.add_argument("--ca-file", help="CA certificate to verify the target with")
     parser.add_argument("--user", default=os.environ.get("BENCH_USER", "bench"))
     parser.add_argument(

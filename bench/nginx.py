@@ -3,7 +3,8 @@
 `BenchNginx` writes an nginx.conf under its own prefix in a scratch folder and
 runs `nginx -p <prefix> -c <conf>` in the foreground (`daemon off`, a master
 and `worker_processes 1`), pinned to the CPUs given; it can restart it, so
-that a memory reading starts from a fresh worker.
+that a memory reading starts from a fresh worker. Its mail servers: IMAP,
+IMAPS and (given Dovecot's POP3 port) cleartext POP3.
 
 nginx does not verify passwords itself: for every login it asks an
 `auth_http` server, over HTTP, whether the user may log in and where the
@@ -106,9 +107,11 @@ class BenchNginx:
     backend_port: int  # Dovecot's cleartext IMAP
     table: dict[str, AuthEntry]
     cpus: set[int] | None = None
+    backend_pop3_port: int = 0  # Dovecot's cleartext POP3 (0: no pop3 server block)
     imap: int = 0
     imaps: int = 0
     auth: int = 0
+    pop3: int = 0
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -130,6 +133,8 @@ class BenchNginx:
         self.root.chmod(0o755)
         if not self.imap:
             self.imap, self.imaps, self.auth = free_ports(3, taken or ())
+        if self.backend_pop3_port and not self.pop3:
+            self.pop3 = free_ports(1, {*(taken or ()), self.imap, self.imaps, self.auth})[0]
         self.conf_path.write_text(self.render())
 
     def render(self) -> str:
@@ -142,6 +147,19 @@ class BenchNginx:
         passwords = "\n".join(f'    "{u}" "{e.backend_password}";' for u, e in self.table.items())
         root = self.root
         files = descriptor_limit()
+        # One auth_http answer for both protocols: the backend's port by the
+        # protocol nginx names in Auth-Protocol. POP3: nginx logs in to Dovecot
+        # with USER/PASS as `user*master`, as it uses IMAP LOGIN for IMAP.
+        pop3_port = f"        pop3 {self.backend_pop3_port};\n" if self.backend_pop3_port else ""
+        pop3_server = (
+            f"""    server {{
+        listen {HOST}:{self.pop3};
+        protocol pop3;
+    }}
+"""
+            if self.backend_pop3_port
+            else ""
+        )
         return f"""\
 # Written by bench/nginx.py.
 load_module {mail_module()};
@@ -177,13 +195,16 @@ http {{
         default "";
 {passwords}
     }}
+    map $http_auth_protocol $bench_backend_port {{
+        default {self.backend_port};
+{pop3_port}    }}
 
     server {{
         listen {HOST}:{self.auth};
         location = /auth {{
             add_header Auth-Status $bench_auth_status;
             add_header Auth-Server {HOST};
-            add_header Auth-Port {self.backend_port};
+            add_header Auth-Port $bench_backend_port;
             add_header Auth-User $bench_backend_user;
             add_header Auth-Pass $bench_backend_pass;
             return 204;
@@ -197,6 +218,8 @@ mail {{
     proxy_pass_error_message on;
     imap_auth plain;
     imap_capabilities IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE;
+    # USER/PASS, AUTH PLAIN (with an initial response too) and AUTH LOGIN.
+    pop3_auth plain;
     ssl_certificate {self.cert};
     ssl_certificate_key {self.key};
 
@@ -208,7 +231,7 @@ mail {{
         listen {HOST}:{self.imaps} ssl;
         protocol imap;
     }}
-}}
+{pop3_server}}}
 """
 
     def start(self, timeout: float = STARTUP_TIMEOUT) -> None:
@@ -217,7 +240,12 @@ mail {{
         self.process = spawn(argv, self.root / "console.log", self.cpus)
         problem = wait_ready(
             self.process,
-            lambda: greets(self.imap) and accepts(self.imaps) and accepts(self.auth),
+            lambda: (
+                greets(self.imap)
+                and accepts(self.imaps)
+                and accepts(self.auth)
+                and (not self.pop3 or greets(self.pop3, b"+OK"))
+            ),
             timeout,
         )
         if problem is not None:
