@@ -46,7 +46,7 @@ from authgate.sasl.base import (
 )
 
 
-class ProtocolStateError(RuntimeError):
+class ProtocolStateError(Exception):
     """The driver called a machine out of order: a bug in our code."""
 
 

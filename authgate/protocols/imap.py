@@ -25,7 +25,6 @@ import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 from authgate.policy import Refusal, client_ip
 from authgate.protocols.base import (
@@ -227,8 +226,7 @@ class ImapServer(ServerCore):
         line = b"* OK [CAPABILITY " + self._capabilities() + b"] " + host + b" authgate ready"
         return [Send(line + CRLF)]
 
-    @staticmethod
-    def _challenge(data: bytes) -> Send:
+    def _challenge(self, data: bytes) -> Send:
         # RFC 9051 section 7.5: continue-req = "+" SP base64; an empty
         # challenge is "+ " alone.
         return Send(b"+ " + b64encode(data) + CRLF)
@@ -332,7 +330,7 @@ class ImapServer(ServerCore):
         if not _TAG.fullmatch(tag):
             return self._error(Send(b"* BAD Missing or invalid tag" + CRLF))
         name, _, arguments = rest.partition(b" ")
-        handler = self._COMMANDS.get(name.upper())
+        handler = _COMMANDS.get(name.upper())
         if handler is None:
             return self._error(self._tagged(tag, b"BAD Unknown command or not valid now"))
         if self._decide().session_tls_required and name.upper() not in _ALLOWED_BEFORE_TLS:
@@ -400,16 +398,6 @@ class ImapServer(ServerCore):
         initial = args[1].value if len(args) == 2 else None
         return self._authenticate(Attempt(name, tag), initial)
 
-    _COMMANDS: ClassVar[dict[bytes, Callable[[ImapServer, bytes, list[_Token]], list[Event]]]] = {
-        b"CAPABILITY": _cmd_capability,
-        b"NOOP": _cmd_noop,
-        b"LOGOUT": _cmd_logout,
-        b"STARTTLS": _cmd_starttls,
-        b"ID": _cmd_id,
-        b"LOGIN": _cmd_login,
-        b"AUTHENTICATE": _cmd_authenticate,
-    }
-
     # -------------------------------------------------------------- helpers
 
     def _capabilities(self) -> bytes:
@@ -433,6 +421,17 @@ class ImapServer(ServerCore):
 
     def _bad_or_untagged(self, tag: bytes | None, text: bytes) -> Send:
         return self._tagged(tag, text) if tag is not None else Send(b"* " + text + CRLF)
+
+
+_COMMANDS: dict[bytes, Callable[[ImapServer, bytes, list[_Token]], list[Event]]] = {
+    b"CAPABILITY": ImapServer._cmd_capability,
+    b"NOOP": ImapServer._cmd_noop,
+    b"LOGOUT": ImapServer._cmd_logout,
+    b"STARTTLS": ImapServer._cmd_starttls,
+    b"ID": ImapServer._cmd_id,
+    b"LOGIN": ImapServer._cmd_login,
+    b"AUTHENTICATE": ImapServer._cmd_authenticate,
+}
 
 
 def _tag_of(line: bytes) -> bytes | None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 from authgate.policy import Refusal
 from authgate.protocols.base import (
@@ -273,8 +272,7 @@ class ManageSieveServer(ServerCore):
     def _next_line(self) -> bytes | None:
         return self._framer.next()
 
-    @staticmethod
-    def _challenge(data: bytes) -> Send:
+    def _challenge(self, data: bytes) -> Send:
         # Section 2.1: a server challenge is a string holding base64.
         return Send(encode_string(b64encode(data)) + CRLF)
 
@@ -323,7 +321,7 @@ class ManageSieveServer(ServerCore):
         if not tokens or tokens[0].kind is not TokenKind.ATOM:
             return self._error(_reply(_NO_SYNTAX))
         verb = tokens[0].value.upper()
-        handler = self._COMMANDS.get(verb)
+        handler = _COMMANDS.get(verb)
         if handler is not None:
             return handler(self, tokens[1:])
         if verb in _AUTHENTICATED_COMMANDS:
@@ -366,14 +364,6 @@ class ManageSieveServer(ServerCore):
         initial = args[1].value if len(args) == 2 else None
         return self._authenticate(Attempt(name), initial)
 
-    _COMMANDS: ClassVar[dict[bytes, _Handler]] = {
-        b"CAPABILITY": _cmd_capability,
-        b"NOOP": _cmd_noop,
-        b"LOGOUT": _cmd_logout,
-        b"STARTTLS": _cmd_starttls,
-        b"AUTHENTICATE": _cmd_authenticate,
-    }
-
     # -------------------------------------------------------------- helpers
 
     def _capability_response(self) -> bytes:
@@ -396,6 +386,16 @@ class ManageSieveServer(ServerCore):
                 out += b" " + _quote_text(value)
             out += CRLF
         return bytes(out)
+
+
+_COMMANDS: dict[bytes, _Handler] = {
+    b"CAPABILITY": ManageSieveServer._cmd_capability,
+    b"NOOP": ManageSieveServer._cmd_noop,
+    b"LOGOUT": ManageSieveServer._cmd_logout,
+    b"STARTTLS": ManageSieveServer._cmd_starttls,
+    b"AUTHENTICATE": ManageSieveServer._cmd_authenticate,
+}
+
 
 
 def _reply(text: bytes) -> Send:

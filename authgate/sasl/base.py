@@ -345,7 +345,7 @@ class ServerContext:
     external_identity: str | None = None
 
 
-class SaslProtocolError(RuntimeError):
+class SaslProtocolError(Exception):
     """The *driver* called a mechanism out of order: a bug in our code."""
 
 
@@ -508,10 +508,10 @@ def run_exchange(
     """Drive a client against a server synchronously (tests and the
     `negotiate` command). Returns the server's final outcome; when it is a
     success, the client has checked the server's additional data."""
-    first = client.start()
-    pending = None  # an initial response held back for the first challenge
+    first: bytes | None = client.start()
+    pending: bytes | None = None  # an initial response held back for the first challenge
     if first is not None and not initial_response:
-        first, pending = None, first
+        pending, first = first, None
     outcome = server.start(NO_RESPONSE if first is None else first)
     for _ in range(max_steps):
         if isinstance(outcome, Lookup):

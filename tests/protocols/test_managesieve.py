@@ -99,7 +99,7 @@ def q(data: bytes | str) -> str:
 
 def capability_lines(reply: bytes) -> list[list[bytes]]:
     """The capability lines of a capability response, as token values."""
-    lines = reply.split(b"\r\n")
+    lines = bytes(reply).split(b"\r\n")  # parse_line takes bytes, not a bytearray
     out = []
     for line in lines:
         if line.startswith(b'"'):
