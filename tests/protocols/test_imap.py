@@ -600,6 +600,7 @@ class _FakeExchange:
         return self.outcome
 
 
+@pytest.mark.pure_python  # patches core.SaslExchange
 @pytest.mark.parametrize(
     ("reason", "reply"),
     [
@@ -624,6 +625,7 @@ def test_every_failure_reason_has_its_code(
     assert h.of(AuthFailed) == [AuthFailed("NTLM", reason.value, None)]
 
 
+@pytest.mark.pure_python  # patches core.SaslExchange
 def test_initial_response_reaches_the_exchange_as_sent(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_FakeExchange, "started_with", [])
     monkeypatch.setattr(core, "SaslExchange", _FakeExchange)  # the core runs every exchange
@@ -632,6 +634,7 @@ def test_initial_response_reaches_the_exchange_as_sent(monkeypatch: pytest.Monke
     assert _FakeExchange.started_with == [b"=", None, b"TlRM"]
 
 
+@pytest.mark.pure_python  # patches core.SaslExchange
 def test_success_data_goes_out_as_a_final_challenge(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_FakeExchange, "outcome", Success("alice", None, b"v=proof"))
     monkeypatch.setattr(core, "SaslExchange", _FakeExchange)  # the core runs every exchange

@@ -370,6 +370,7 @@ def fake_exchange(monkeypatch: pytest.MonkeyPatch, outcome: Failure | Success) -
     monkeypatch.setattr(core, "SaslExchange", lambda name, ctx: FakeExchange(outcome))
 
 
+@pytest.mark.pure_python  # patches core.SaslExchange
 @pytest.mark.parametrize(
     ("reason", "reply"),
     [
@@ -394,6 +395,7 @@ def test_every_failure_reason_has_its_reply(
     assert talk.of(AuthFailed) == [AuthFailed("PLAIN", reason.value)]
 
 
+@pytest.mark.pure_python  # patches core.SaslExchange
 def test_success_data_sent_as_final_challenge(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_exchange(monkeypatch, Success("alice", additional=b"v=proof"))
     talk = driver(session())
@@ -403,6 +405,7 @@ def test_success_data_sent_as_final_challenge(monkeypatch: pytest.MonkeyPatch) -
     assert talk.say("").startswith("235 2.7.0 ")
 
 
+@pytest.mark.pure_python  # patches core.SaslExchange
 @pytest.mark.parametrize(("answer", "reply"), [("*", "501 5.7.0 "), ("Zm9v", "501 5.5.2 ")])
 def test_success_data_rejected_by_client(
     monkeypatch: pytest.MonkeyPatch, answer: str, reply: str
@@ -476,6 +479,7 @@ def test_errors_are_capped() -> None:
     assert talk.say("NOOP") == ""
 
 
+@pytest.mark.pure_python  # patches core.SaslExchange
 def test_temporary_failures_do_not_count(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_exchange(monkeypatch, Failure(FailureReason.TEMPORARY))
     talk = driver(session(max_errors=1))

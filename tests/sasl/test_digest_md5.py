@@ -160,6 +160,7 @@ RFC_RSPAUTH = b"rspauth=ea40f60335c427b5527b84dbabcdfffd"
 RFC_HOST = "elwood.innosoft.com"
 
 
+@pytest.mark.pure_python  # patches _fresh_nonce
 def test_rfc2831_example_server(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dm, "_fresh_nonce", lambda random: b"OA6MG9tEQGm2hh")
     server = DigestMD5Server(ServerContext(service="imap", hostname=RFC_HOST))
@@ -175,6 +176,7 @@ def test_rfc2831_example_server(monkeypatch: pytest.MonkeyPatch) -> None:
     assert server.step(b"") == Success("chris", None, additional=None)
 
 
+@pytest.mark.pure_python  # patches _fresh_nonce
 def test_rfc2831_example_client(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dm, "_fresh_nonce", lambda random: b"OA6MHXh6VqTrRk")
     client = DigestMD5Client(
@@ -187,6 +189,7 @@ def test_rfc2831_example_client(monkeypatch: pytest.MonkeyPatch) -> None:
     client.finish(None)
 
 
+@pytest.mark.pure_python  # patches _fresh_nonce
 def test_rfc2831_example_wrong_password_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dm, "_fresh_nonce", lambda random: b"OA6MG9tEQGm2hh")
     server = DigestMD5Server(ServerContext(service="imap", hostname=RFC_HOST))
@@ -759,6 +762,7 @@ def test_client_cnonce_comes_from_context_random() -> None:
     assert base64.b64decode(answer["cnonce"]) == b"\x07" * 24
 
 
+@pytest.mark.pure_python  # patches _fresh_nonce
 def test_client_rejects_wrong_rspauth(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dm, "_fresh_nonce", lambda random: b"OA6MHXh6VqTrRk")
     client = DigestMD5Client(
@@ -770,6 +774,7 @@ def test_client_rejects_wrong_rspauth(monkeypatch: pytest.MonkeyPatch) -> None:
         client.step(b"rspauth=ea40f60335c427b5527b84dbabcdfffe")
 
 
+@pytest.mark.pure_python  # patches _fresh_nonce
 @pytest.mark.parametrize(
     "rspauth",
     [b"", b"rspauth=", b"rspauth=xyz", b"other=1", RFC_RSPAUTH + b"," + RFC_RSPAUTH, b'"'],
@@ -793,6 +798,7 @@ def test_client_finish_without_rspauth_fails() -> None:
         client.finish(None)
 
 
+@pytest.mark.pure_python  # patches _fresh_nonce
 def test_client_accepts_rspauth_as_additional_data(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dm, "_fresh_nonce", lambda random: b"OA6MHXh6VqTrRk")
     client = DigestMD5Client(
@@ -803,6 +809,7 @@ def test_client_accepts_rspauth_as_additional_data(monkeypatch: pytest.MonkeyPat
     client.finish(RFC_RSPAUTH)
 
 
+@pytest.mark.pure_python  # patches _fresh_nonce
 def test_client_rejects_challenge_after_rspauth(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dm, "_fresh_nonce", lambda random: b"OA6MHXh6VqTrRk")
     client = DigestMD5Client(
