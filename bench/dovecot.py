@@ -57,6 +57,8 @@ STOP_TIMEOUT = 20.0
 # Held sessions this Dovecot must take at once: the memory figure holds 2,000
 # through one target while the others sit idle; room for twice that.
 MAX_SESSIONS = 5000
+# POP3 sessions at once: the POP3 logins/s figure's clients (32 by default).
+POP3_SESSIONS = 1000
 
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 
@@ -319,10 +321,6 @@ protocol pop3 {{
   mail_max_userip_connections = {MAX_SESSIONS * 2}
 }}
 
-# Every imap, pop3 and login process may connect to auth (5 services here).
-service auth {{
-  client_limit = {MAX_SESSIONS * 6}
-}}
 service anvil {{
   unix_listener anvil-auth-penalty {{
     mode = 0
@@ -348,9 +346,13 @@ service imap {{
   service_count = 0
   process_min_avail = 4
 }}
+# POP3 serves logins only (no held sessions): small process limits, so that
+# auth's client_limit (default_client_limit) still covers every process that
+# may connect to it, and Dovecot does not warn.
 service pop3-login {{
   service_count = 0
   process_min_avail = 1
+  process_limit = 4
   client_limit = {MAX_SESSIONS * 2}
   inet_listener pop3 {{
     address = {HOST}
@@ -361,7 +363,7 @@ service pop3-login {{
   }}
 }}
 service pop3 {{
-  process_limit = {MAX_SESSIONS}
+  process_limit = {POP3_SESSIONS}
   service_count = 0
   process_min_avail = 4
 }}
