@@ -186,9 +186,10 @@ class ClientMachine(Protocol):
 @dataclass(frozen=True)
 class LoggedIn:
     """The backend accepted the login. `capabilities` are what it announced
-    after login (IMAP; SMTP's EHLO keywords; POP3's CAPA), for the success
-    reply to the client. `pending` are bytes the backend sent after its
-    success reply: deliver them to the client first."""
+    after login (IMAP; SMTP's EHLO keywords; none from POP3 and NNTP, whose
+    success replies carry none: the client asks the backend itself), for
+    the success reply to the client. `pending` are bytes the backend sent
+    after its success reply: deliver them to the client first."""
 
     capabilities: tuple[str, ...] = ()
     pending: bytes = b""

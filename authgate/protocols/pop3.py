@@ -282,7 +282,7 @@ class Pop3Client(TableClient[_Reply]):
     def _next_reply(self) -> _Reply | None:
         while (line := self._lines.next_line()) is not None:
             if self._collecting is None:
-                if self._state in _CAPA_STATES and _is_ok(line):
+                if self._state is ClientState.CAPABILITY and _is_ok(line):
                     self._collecting = []
                     continue
                 return _Reply(line)
@@ -301,6 +301,12 @@ class Pop3Client(TableClient[_Reply]):
     def _on_greeting(self, reply: _Reply) -> list[ClientEvent]:
         if not _is_ok(reply.line):
             return self._fail(BackendFailure.UNAVAILABLE, "greeting: " + detail(reply.line))
+        if self._settings.starttls:
+            # No CAPA before STLS: its list would be forgotten at the
+            # handshake (RFC 2595 section 4: ask again under TLS), and a
+            # backend without STLS says -ERR to it (RFC 2449 section 5),
+            # which fails the login as a missing STLS in the list would.
+            return self._send(b"STLS", ClientState.STARTTLS, self._on_stls)
         return self._send(b"CAPA", ClientState.CAPABILITY, self._on_capa)
 
     def _after_tls(self) -> list[ClientEvent]:
@@ -317,13 +323,9 @@ class Pop3Client(TableClient[_Reply]):
         return self._fail(BackendFailure.UNAVAILABLE, "CAPA reply: " + detail(reply.line))
 
     def _capabilities(self, caps: tuple[str, ...] | None) -> list[ClientEvent]:
-        if self._state is ClientState.POST_LOGIN:
-            return self._logged_in(caps or ())
+        # Asked in the clear only without STLS toward the backend, else
+        # under TLS (_on_greeting): either way these decide the login.
         self._caps = caps if caps is not None else ("USER",)
-        if self._settings.starttls and not self._tls_done:
-            if caps is not None and not self._has_capability("STLS"):
-                return self._fail(BackendFailure.UNAVAILABLE, "backend does not offer STLS")
-            return self._send(b"STLS", ClientState.STARTTLS, self._on_stls)
         return self._ready()
 
     def _on_stls(self, reply: _Reply) -> list[ClientEvent]:
@@ -394,9 +396,16 @@ class Pop3Client(TableClient[_Reply]):
         return self._relay_refused(failure, line)
 
     def _after_login(self) -> list[ClientEvent]:
-        # Dovecot and others list TRANSACTION-state capabilities after login
-        # (RFC 2449 section 5: CAPA is valid in both states).
-        return self._send(b"CAPA", ClientState.POST_LOGIN, self._on_capa)
+        # No CAPA after the login: nothing here needs the TRANSACTION-state
+        # capabilities (our +OK to the mail client carries none, RFC 2449
+        # section 5), and a mail client's own CAPA goes to the backend
+        # through the splice, which answers it with the list of the state
+        # it is in. One backend round trip less per login.
+        if len(self._lines):
+            # Lockstep (RFC 1939 section 3): we have asked nothing since the
+            # login reply, so these bytes are no answer of the backend's.
+            return self._fail(BackendFailure.UNAVAILABLE, "backend spoke out of turn")
+        return self._logged_in(())
 
     # ------------------------------------------------------------ relay mode
 
@@ -416,9 +425,6 @@ class Pop3Client(TableClient[_Reply]):
         match = _RESPONSE_CODE.match(line.decode("utf-8", "replace"))
         code = match.group(1).upper() if match else ""
         return self._refusal(temporary=code.startswith(_TEMPORARY_CODES))
-
-
-_CAPA_STATES = frozenset({ClientState.CAPABILITY, ClientState.POST_LOGIN})
 
 
 def _is_ok(line: bytes) -> bool:

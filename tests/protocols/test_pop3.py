@@ -756,9 +756,22 @@ def test_client_plain_with_initial_response() -> None:
     assert backend.feed(b"+OK hi\r\n") == b"CAPA\r\n"
     sent = backend.feed(b"+OK\r\nSASL PLAIN LOGIN\r\nUSER\r\n.\r\n")
     assert sent == b"AUTH PLAIN " + plain("alice", PASSWORDS["alice"]) + b"\r\n"
-    assert backend.feed(b"+OK Logged in.\r\n") == b"CAPA\r\n"
-    assert backend.feed(BACKEND_CAPA + b"leftover") == b""
-    assert backend.result() == LoggedIn(("TOP", "UIDL", "RESP-CODES"), b"leftover")
+    # No CAPA after the login: nothing needs the TRANSACTION-state list (a
+    # mail client's own CAPA reaches the backend through the splice).
+    assert backend.feed(b"+OK Logged in.\r\n") == b""
+    assert backend.result() == LoggedIn((), b"")
+
+
+@pytest.mark.parametrize("behind", [b"+OK HOSTILE\r\n", b"+OK HOST"])
+def test_client_bytes_behind_the_login_reply_are_out_of_turn(behind: bytes) -> None:
+    # Lockstep: we asked nothing after the login, so whatever comes with
+    # its +OK (a whole line or part of one) is no answer of the backend's.
+    backend = fake_backend(client_settings(mechanisms=("PLAIN",)))
+    backend.feed(b"+OK hi\r\n")
+    backend.feed(b"+OK\r\nSASL PLAIN\r\n.\r\n")
+    assert backend.feed(b"+OK Logged in.\r\n" + behind) == b""
+    assert backend.result() == LoginFailed(BackendFailure.UNAVAILABLE, "backend spoke out of turn")
+    assert not any(isinstance(e, LoggedIn) for e in backend.events)
 
 
 def test_client_master_login_uses_authzid() -> None:
@@ -775,8 +788,7 @@ def test_client_long_initial_response_waits_for_challenge() -> None:
     backend.feed(b"+OK\r\n")
     assert backend.feed(b"+OK\r\nSASL PLAIN\r\n.\r\n") == b"AUTH PLAIN\r\n"
     assert backend.feed(b"+ \r\n") == plain("alice", "p" * 300) + b"\r\n"
-    backend.feed(b"+OK\r\n")
-    backend.feed(b"-ERR no CAPA\r\n")
+    assert backend.feed(b"+OK\r\n") == b""
     assert backend.result() == LoggedIn((), b"")
 
 
@@ -809,9 +821,8 @@ def test_client_user_pass_fallback_when_capa_fails() -> None:
     backend.feed(b"+OK\r\n")
     assert backend.feed(b"-ERR unknown command\r\n") == b"USER alice\r\n"
     assert backend.feed(b"+OK\r\n") == b"PASS correct horse\r\n"
-    assert backend.feed(b"+OK\r\n") == b"CAPA\r\n"
-    backend.feed(BACKEND_CAPA)
-    assert backend.result() == LoggedIn(("TOP", "UIDL", "RESP-CODES"))
+    assert backend.feed(b"+OK\r\n") == b""
+    assert backend.result() == LoggedIn(())
 
 
 def test_client_master_login_cannot_use_user_pass() -> None:
@@ -873,8 +884,8 @@ def test_client_success_without_mutual_auth_is_rejected() -> None:
 
 def test_client_stls_response_injection_discarded() -> None:
     backend = fake_backend(client_settings(starttls=True, mechanisms=("PLAIN",)))
-    backend.feed(b"+OK\r\n")
-    assert backend.feed(b"+OK\r\nSTLS\r\nSASL PLAIN\r\n.\r\n") == b"STLS\r\n"
+    # No CAPA in the clear: its list would be forgotten at the handshake.
+    assert backend.feed(b"+OK\r\n") == b"STLS\r\n"
     # The injected "+OK" must not be taken as the CAPA reply after TLS.
     backend.feed(b"+OK Begin TLS\r\n+OK\r\nSASL PLAIN\r\n.\r\n")
     assert backend.events[-1] == StartTLS()
@@ -884,13 +895,17 @@ def test_client_stls_response_injection_discarded() -> None:
     assert backend.feed(b"+OK\r\nSASL PLAIN\r\n.\r\n").startswith(b"AUTH PLAIN ")
 
 
-def test_client_stls_not_offered() -> None:
+@pytest.mark.parametrize("refusal", [b"-ERR Unknown command.", b"-ERR STLS not available."])
+def test_client_stls_not_offered(refusal: bytes) -> None:
+    # RFC 2449 section 5 / RFC 2595 section 4: a backend without STLS says
+    # -ERR to it; the login fails before any credentials are sent.
     backend = fake_backend(client_settings(starttls=True))
-    backend.feed(b"+OK\r\n")  # greeting; CAPA is answered once asked
-    backend.feed(b"+OK\r\nSASL PLAIN\r\n.\r\n")
+    assert backend.feed(b"+OK\r\n") == b"STLS\r\n"
+    backend.feed(refusal + b"\r\n")
     assert backend.result() == LoginFailed(
-        BackendFailure.UNAVAILABLE, "backend does not offer STLS"
+        BackendFailure.UNAVAILABLE, "STLS refused: " + refusal.decode()
     )
+    assert backend.sent == b"STLS\r\n"
 
 
 def test_client_relay_queues_early_authenticate_and_relays() -> None:
@@ -901,9 +916,8 @@ def test_client_relay_queues_early_authenticate_and_relays() -> None:
     backend.feed(b"+ " + b64("<1.2@backend>") + b"\r\n")
     assert backend.events[-1] == RelayChallenge(b"<1.2@backend>")
     assert backend.call(backend.client.respond(b"alice 0123")) == b64("alice 0123") + b"\r\n"
-    backend.feed(b"+OK\r\n")
-    backend.feed(BACKEND_CAPA)
-    assert backend.result() == LoggedIn(("TOP", "UIDL", "RESP-CODES"))
+    assert backend.feed(b"+OK\r\n") == b""
+    assert backend.result() == LoggedIn(())
 
 
 def test_client_relay_cancel_and_empty_initial() -> None:
@@ -1047,10 +1061,10 @@ def test_client_against_server(mechanism: str, starttls: bool) -> None:
     client_cfg = client_settings(mechanisms=(mechanism,), starttls=starttls)
     server_cfg = make_settings(Security.REQUIRE_SECURE_AUTH if starttls else Security.NONE)
     net, mailbox = terminate_conversation(client_cfg, server_cfg)
-    assert net.of("client", LoggedIn) == [LoggedIn(("TOP", "UIDL", "RESP-CODES"))]
+    assert net.of("client", LoggedIn) == [LoggedIn(())]
     assert net.of("server", Authenticated) == [Authenticated("alice", "alice", mechanism)]
     assert bool(net.of("server", StartTLS)) is starttls
-    assert mailbox.received == b"CAPA\r\n"
+    assert mailbox.received == b""  # no CAPA once logged in
 
 
 def test_client_against_server_user_pass() -> None:
@@ -1140,8 +1154,8 @@ def relay_conversation(
 def test_relay_end_to_end(mechanism: str) -> None:
     net = relay_conversation(client_settings(mechanisms=(mechanism,)))
     assert net.of("backend", Authenticated) == [Authenticated("alice", "alice", mechanism)]
-    assert net.of("back", LoggedIn) == [LoggedIn(("TOP", "UIDL", "RESP-CODES"))]
-    assert net.of("user", LoggedIn) == [LoggedIn(("TOP", "UIDL", "RESP-CODES"))]
+    assert net.of("back", LoggedIn) == [LoggedIn(())]
+    assert net.of("user", LoggedIn) == [LoggedIn(())]
     assert len(net.of("front", Splice)) == 1
 
 

@@ -378,9 +378,13 @@ async def test_pop3_backend_misbehaving_during_login(tmp_path: Path, case: str) 
 
 async def test_pop3_clean_backend_splices(tmp_path: Path) -> None:
     """The scripted backend itself is fine when it behaves (guards the guard)."""
-    async with through_authgate(tmp_path, "pop3", pop3(b"+OK ready\r\n")) as tap:
+    backend = pop3(b"+OK ready\r\n")
+    async with through_authgate(tmp_path, "pop3", backend) as tap:
         error, noop = await asyncio.to_thread(pop3_client, tap.port)
     assert error == "" and SESSION in noop
+    # authgate's login: one CAPA and the AUTH, nothing asked after it; then
+    # the mail client's commands.
+    assert [line.split()[0] for line in backend.seen] == [b"CAPA", b"AUTH", b"NOOP", b"QUIT"]
 
 
 # ---------------------------------------------------------------------- SMTP
