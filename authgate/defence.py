@@ -52,6 +52,7 @@ Clock = Callable[[], float]
 T = TypeVar("T")
 
 _NOT_BLOCKED = -math.inf
+CLIENT_CACHE = 4096  # addresses whose (key, trusted?) a Guard remembers
 
 
 @dataclass(frozen=True)
@@ -301,7 +302,11 @@ class Guard:
     ) -> None:
         if secret is not None and len(secret) < 16:
             raise ValueError("secret must be at least 16 bytes")
-        self.settings = settings
+        self._settings = settings
+        # address -> (key, trusted?): a login asks it 3-5 times of one
+        # address (check, user_locked, success); bounded, cleared with the
+        # settings it depends on.
+        self._clients: dict[str | IPAddress, tuple[str, bool]] = {}
         self._clock = clock
         # Per process by default: fingerprints only need to match within the
         # lifetime of the counters, and a fresh key makes them useless offline.
@@ -331,13 +336,30 @@ class Guard:
         "a:2001:db8:1:2::/64", "a:198.51.100.7/32"."""
         return self._client(address)[0]
 
+    @property
+    def settings(self) -> DefenceSettings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: DefenceSettings) -> None:
+        self._settings = settings  # a reload: keys and trust may differ now
+        self._clients.clear()
+
     def _client(self, address: str | IPAddress) -> tuple[str, bool]:
         """(key, trusted?) for `address`, parsing it once."""
+        known = self._clients.get(address)
+        if known is not None:
+            return known
         ip = client_ip(address)
         if ip is None:
             # Not an IP peer (a Unix socket, say): its own bucket, never an error.
-            return f"a:?{address}", False
-        return _network_key(ip, self.settings), ip in self.settings.trusted
+            known = f"a:?{address}", False
+        else:
+            known = _network_key(ip, self._settings), ip in self._settings.trusted
+        if len(self._clients) >= CLIENT_CACHE:
+            self._clients.clear()
+        self._clients[address] = known
+        return known
 
     # ------------------------------------------------------------ queries
 

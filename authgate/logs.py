@@ -8,7 +8,7 @@ or fail2ban can act on it without parsing prose::
     2026-12-02 15:00:00,000 WARNING authgate.login: login outcome=failed
     listener=imap client=203.0.113.5 client_port=40000 proxy=- user=alice
     mechanism=PLAIN tls=TLSv1.3 reason=invalid-credentials backend=-
-    duration_ms=12
+    duration_ms=12 app_password=-
 
 (one line). `client` is the address to act on: the real client, read from
 a trusted balancer's PROXY header when there is one (`proxy` then names
@@ -118,6 +118,8 @@ class LoginRecord:
     reason: str | None
     backend: str | None  # host:port of the backend, once one was involved
     duration_ms: int
+    # The label of the app password that matched (never the secret).
+    app_password: str | None = None
 
 
 LOGIN_FIELDS: Final = tuple(LoginRecord.__dataclass_fields__)
@@ -176,6 +178,11 @@ def setup_logging(level: int = logging.INFO, fmt: LogFormat = LogFormat.TEXT) ->
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    # Neither format shows where a record was made or by which process or
+    # thread: skip finding out (a stack walk, a getpid() system call and
+    # thread look-ups per record; the logging HOWTO's "Optimization").
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -515,6 +515,7 @@ class ClientSession(ClientConnection):
         user: str | None = None,
         mechanism: str | None = None,
         reason: str | None = None,
+        app_password: str | None = None,
     ) -> None:
         """The one login record of an attempt's outcome (authgate.logs)."""
         now = asyncio.get_running_loop().time()
@@ -539,10 +540,13 @@ class ClientSession(ClientConnection):
                 reason=reason,
                 backend=backend,
                 duration_ms=round(duration * 1000),
+                app_password=app_password,
             )
         )
 
     def _password_expired(self, user: str) -> bool:
+        if self.runtime.password_policy.expire_days is None:
+            return False  # passwords never expire: nothing to look up
         store = self.runtime.store
         record = store.user(user) if store is not None else None
         if record is None:
@@ -744,8 +748,8 @@ class ClientSession(ClientConnection):
     async def _login_as(self, event: Authenticated) -> _Next:
         self._secret_looked_up = False
         app, self._app_password = self._app_password, None
-        via = f" with app password {app!r}" if app else ""
-        log.info("%s: authenticated %r via %s%s", self.tag, event.identity, event.mechanism, via)
+        # (No line of its own: the login record says who logged in, how,
+        # and with which app password; one record per login.)
         self.guard.success(self.address, event.authcid)
         if self._password_expired(event.authcid):
             log.info("%s: password of %r has expired", self.tag, event.authcid)
@@ -769,7 +773,9 @@ class ClientSession(ClientConnection):
         if isinstance(result, LoggedIn):
             self.upstream = upstream
             self.user = event.identity
-            self._login_outcome(Outcome.OK, user=event.identity, mechanism=event.mechanism)
+            self._login_outcome(
+                Outcome.OK, user=event.identity, mechanism=event.mechanism, app_password=app
+            )
             return self._logged_in(result, self.machine.backend_ready(result.capabilities))
         upstream.close()
         if isinstance(result, RelayChallenge):  # cannot happen in terminate mode

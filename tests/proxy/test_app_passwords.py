@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import imaplib
 import json
+import logging
 import poplib
 import smtplib
 from collections.abc import AsyncIterator
@@ -90,8 +91,9 @@ def smtp_login(stack: Stack, password: str) -> bool:
 
 
 async def test_app_password_in_every_protocol_audited_by_label(
-    stack: Stack, tmp_path: Path
+    stack: Stack, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="authgate.login")
     store = store_of(stack)
     password = store.add_app_password("alice", "phone")
     assert await asyncio.to_thread(imap_login, stack, password)
@@ -101,6 +103,10 @@ async def test_app_password_in_every_protocol_audited_by_label(
     records = await audit_records(tmp_path / "audit.log", "login", 4)
     assert [r.get("app") for r in records] == ["phone", "phone", "phone", None]
     assert password not in (tmp_path / "audit.log").read_text()
+    # The login records name the label too (and never the password).
+    logins = [r.getMessage() for r in caplog.records if r.name == "authgate.login"]
+    assert [line.rsplit(" app_password=", 1)[-1] for line in logins] == ["phone"] * 3 + ["-"]
+    assert not any(password in line for line in logins)
     usage = json.loads(usage_path(tmp_path / "users.toml").read_text())
     assert usage["alice"]["phone"]["from"] == "127.0.0.1"
 

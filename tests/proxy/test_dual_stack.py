@@ -159,13 +159,13 @@ async def test_one_listener_serves_both_families_under_one_name(
         ("alice", MASTER_USER),
     ]
     # One name in the log and in the audit trail, whichever family.
-    authenticated = [
-        r.getMessage() for r in caplog.records if "authenticated 'alice'" in r.getMessage()
+    logins = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "authgate.login" and " user=alice " in r.getMessage()
     ]
-    assert len(authenticated) == 2
-    assert authenticated[0].startswith("imap 127.0.0.1:") and authenticated[1].startswith(
-        "imap ::1:"
-    )
+    assert len(logins) == 2
+    assert " client=127.0.0.1 " in logins[0] and " client=::1 " in logins[1], logins
     await setup.gateway.stop(drain=1)
     audit = read_log((setup.path.parent / "audit.log").read_bytes(), None, "audit.log")
     logins = [r for r in audit.records if r.get("event") == "login"]

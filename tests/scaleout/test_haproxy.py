@@ -82,11 +82,21 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
         pytest.fail(str(exc))
 
 
-async def port_owner(cluster: Cluster, listener: str, client: Imap, event: str) -> str:
-    """The instance whose log names this client's own address and port with
-    `event`: the PROXY header carried both through haproxy."""
+# What a session logs of a refused login, after its "LISTENER HOST:PORT: " tag.
+SESSION_EVENT = "{listener} {host}:{port}: .*{event}"
+# The login record of alice's login (authgate.logs): it names the client's
+# address and port as fields.
+ALICE_LOGGED_IN = "login outcome=ok listener={listener} client={host} client_port={port} .*user=alice "
+
+
+async def port_owner(
+    cluster: Cluster, listener: str, client: Imap, event: str = "", shape: str = SESSION_EVENT
+) -> str:
+    """The instance whose log names this client's own address and port (in
+    the line `shape`, with `event`): the PROXY header carried both through
+    haproxy."""
     host, port = client.source
-    pattern = f"{listener} {re.escape(host)}:{port}: .*{event}"
+    pattern = shape.format(listener=listener, host=re.escape(host), port=port, event=event)
     loop = asyncio.get_running_loop()
     end = loop.time() + 10
     while True:  # the log reaches us through a pipe: give it a moment
@@ -102,7 +112,7 @@ async def login(cluster: Cluster, source: str) -> tuple[Imap, str]:
     client = await imap_connect(cluster.frontends["imap"], source)
     assert (await client.cram_md5("a", PASSWORD)).startswith(b"a OK"), client.greeting
     assert (await client.command("s", "SELECT INBOX"))[-1].startswith(b"s OK")
-    return client, await port_owner(cluster, "imap", client, "authenticated 'alice'")
+    return client, await port_owner(cluster, "imap", client, shape=ALICE_LOGGED_IN)
 
 
 async def guess_until_blocked(cluster: Cluster, source: str) -> int:
@@ -161,13 +171,13 @@ async def test_the_policy_judges_the_client_haproxy_names(cluster: Cluster) -> N
             # Cleartext from the exempt network: PLAIN offered, LOGIN accepted.
             assert b"AUTH=PLAIN" in client.greeting and b"LOGINDISABLED" not in client.greeting
             assert reply.startswith(b"l OK"), reply
-            event = "authenticated 'alice'"
+            shape, event = ALICE_LOGGED_IN, ""
         else:
             # Same balancer, same listener, another client: require-secure-auth.
             assert b"AUTH=PLAIN" not in client.greeting and b"LOGINDISABLED" in client.greeting
             assert reply.startswith(b"l NO [PRIVACYREQUIRED]"), reply
-            event = "authentication failed as 'alice': mechanism-needs-tls"
-        owners[source].add(await port_owner(cluster, "imap", client, event))
+            shape, event = SESSION_EVENT, "authentication failed as 'alice': mechanism-needs-tls"
+        owners[source].add(await port_owner(cluster, "imap", client, event, shape))
         client.close()
     assert owners == {EXEMPT_CLIENT: {"a", "b"}, OUTSIDER: {"a", "b"}}
 
@@ -220,7 +230,7 @@ async def test_implicit_tls_passes_through_haproxy_after_the_header(cluster: Clu
         assert (await client.command("l", f"LOGIN alice {PASSWORD}"))[-1].startswith(b"l OK")
         fetched = await client.command("f", "EXAMINE INBOX")
         assert fetched[-1].startswith(b"f OK")
-        owners.add(await port_owner(cluster, "imaps", client, "authenticated 'alice'"))
+        owners.add(await port_owner(cluster, "imaps", client, shape=ALICE_LOGGED_IN))
         client.close()
     assert owners == {"a", "b"}
     # haproxy's TLS health checks (PROXY v2 LOCAL, then a TLS handshake) pass too.
