@@ -1,6 +1,6 @@
 """Instructions per login of the proxy process alone, counted by callgrind.
 
-    python -m bench.instructions [--logins 200] [--protocol imap|pop3] [--profile FILE]
+    python -m bench.instructions [--logins 200] [--protocol imap|pop3] [--tls] [--profile FILE]
     python -m bench.instructions --strace [--keep FILE]     # system calls per login
     python -m bench.instructions --keep callgrind.out       # for callgrind_annotate
 
@@ -14,6 +14,9 @@ runs `--logins` complete logins one after the other (connect, greeting,
 AUTHENTICATE PLAIN / AUTH PLAIN with an initial response as a master-user
 login to the backend, LOGOUT / QUIT, close) and dumps the counters
 (`callgrind_control -d`). Prints one line: instructions per login.
+With `--tls` the listener is implicit TLS (IMAPS, POP3S) and each login
+starts with a full TLS handshake (the client trusts the dev CA; no
+session resumption): the figure then includes the server's handshake.
 `--keep FILE` copies that dump to FILE (`callgrind_annotate FILE`).
 
 `--strace` counts system calls instead: `authgate run` starts without
@@ -39,6 +42,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -61,8 +65,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def login(protocol: str, port: int, user: str, password: str) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def login(
+    protocol: str, port: int, user: str, password: str, tls: ssl.SSLContext | None = None
+) -> None:
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=tls, server_hostname="localhost" if tls else None
+    )
     token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
     try:
         if protocol == "imap":
@@ -184,7 +192,8 @@ async def stop_strace(tracer: asyncio.subprocess.Process) -> None:
 async def run(args: argparse.Namespace, work: Path) -> int:
     password = secrets.token_urlsafe(12)
     certs = work / "certs"
-    ensure_dev_certificates(certs)
+    ca_file = ensure_dev_certificates(certs)
+    tls = ssl.create_default_context(cafile=str(ca_file)) if args.tls else None
     backends = await start_backends(
         work / "mail", {USER: password}, master=(MASTER_USER, "master-" + password)
     )
@@ -193,12 +202,13 @@ async def run(args: argparse.Namespace, work: Path) -> int:
         store.set_user_secrets(USER, list(user_secrets(USER, password)))
         store.save(work / "users.toml")
         port = free_port()
+        mode = "implicit" if args.tls else "none"
         # Root in this bench (valgrind, the embedded backends' Maildirs).
         (work / "authgate.toml").write_text(
             "run_as_root = true\n"
             + config_text(
                 host="127.0.0.1",
-                layout=(ListenerSpec(args.protocol, args.protocol, "none", port=port),),
+                layout=(ListenerSpec(args.protocol, args.protocol, mode, port=port),),
                 certs=certs,
                 users_file=work / "users.toml",
                 backend_ports={"imap": backends.imap.port, "pop3": backends.pop3.port},
@@ -221,13 +231,13 @@ async def run(args: argparse.Namespace, work: Path) -> int:
         try:
             await wait_listening(port, proc, 300)
             for _ in range(args.warmup):
-                await login(args.protocol, port, USER, password)
+                await login(args.protocol, port, USER, password, tls)
             tracer = await start_strace(proc.pid, traced) if args.strace else None
             if callgrind:
                 control(proc.pid, "-z")
             try:
                 for _ in range(args.logins):
-                    await login(args.protocol, port, USER, password)
+                    await login(args.protocol, port, USER, password, tls)
             finally:
                 if tracer is not None:
                     await stop_strace(tracer)
@@ -269,7 +279,8 @@ async def run(args: argparse.Namespace, work: Path) -> int:
             shutil.copyfile(dumped[0], args.keep)
             print(f"callgrind output kept in {args.keep}")
         print(
-            f"{args.protocol}: {total / args.logins:,.0f} instructions per login "
+            f"{args.protocol}{'s' if args.tls else ''}: "
+            f"{total / args.logins:,.0f} instructions per login "
             f"({args.logins} logins, {total:,} instructions)"
         )
         return 0
@@ -282,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logins", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--protocol", choices=("imap", "pop3"), default="imap")
+    parser.add_argument("--tls", action="store_true", help="implicit TLS (IMAPS, POP3S)")
     parser.add_argument("--profile", type=Path, help="cProfile the proxy instead (output file)")
     parser.add_argument(
         "--strace",
