@@ -189,7 +189,8 @@ def assert_logged_in(
     mark, since = marks
     context = explain(attempt, gw, mark, dovecot, since)
     assert attempt.status == "ok", context
-    assert f"authenticated {USER!r} via {login.mech}" in gw.gateway.log_text(mark), context
+    # The login record (authgate.logs) names the user and the mechanism.
+    assert f" user={USER} mechanism={login.mech} " in gw.gateway.log_text(mark), context
     dovecot.wait_for_log(rf"Master user logging in as {USER}\b", since=since)
     if login.protocol == "smtp" and attempt.msgid is not None:
         msgid = attempt.msgid
