@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 HIGH_WATER = 256 * 1024  # pause reading from the peer above this many buffered bytes
 
@@ -59,7 +59,7 @@ class Channel(asyncio.Protocol):
         self._lost = False
         self._paused_reading = False
         self._over_tls = False
-        self._data_waiter: asyncio.Future[None] | None = None
+        self._data_waiter: asyncio.Future[Any] | None = None
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         # Splice: bytes go straight to `_sink` from data_received (no task,
@@ -229,6 +229,23 @@ class Channel(asyncio.Protocol):
     @property
     def at_eof(self) -> bool:
         return self._eof and not self._buf
+
+    @property
+    def peer_ended(self) -> bool:
+        """The peer has ended its side (bytes it sent before may still be
+        buffered)."""
+        return self._eof
+
+    def buffered(self) -> bytes:
+        """What has arrived and not been read yet (a copy; left in place)."""
+        return bytes(self._buf)
+
+    def watch(self, waiter: asyncio.Future[Any] | None) -> None:
+        """Resolve `waiter` at the next byte, EOF or loss of the connection,
+        without reading anything (None: stop). For a connection nobody
+        reads yet (a warm backend connection, authgate.proxy.warm); read()
+        replaces it with its own waiter."""
+        self._data_waiter = waiter
 
     async def read(self, timeout: float | None = None) -> bytes:
         """Everything buffered (at least one byte), or b"" at end of stream.
