@@ -107,6 +107,19 @@ class BackendSettings:
     client_address: ClientAddressForwarding = ClientAddressForwarding.NONE
     mechanisms: tuple[str, ...] = ("PLAIN",)  # our preference when logging in to it
     password_storage: PasswordStorage = PasswordStorage.UNKNOWN
+    # Connections kept connected and greeted, ready for the next login
+    # (authgate.proxy.warm); 0: none, every login connects.
+    warm_connections: int = 0
+    # Seconds a warm connection may wait for a login, then it is closed and
+    # made again: well under the backend's own pre-login timeout (INN's
+    # nnrpd waits 10 s for a first command, Postfix under stress 10 s,
+    # Dovecot's login processes 3 minutes).
+    warm_max_age: float = 5.0
+
+    RANGES: ClassVar[Mapping[str, Range]] = {
+        "warm_connections": Range(0, 64, integer=True),
+        "warm_max_age": Range(1, 120),
+    }
 
 
 @dataclass(frozen=True)
@@ -568,6 +581,10 @@ def _backend_settings(
             raise table.error("master_password_file", "give master_password or the file, not both")
         if not password_file.is_file():
             raise table.error("master_password_file", f"{str(password_file)!r} is not a file")
+    warm: dict[str, Any] = {}
+    for name, bounds in BackendSettings.RANGES.items():
+        if table.has(name):
+            warm[name] = number(table, name, bounds)
     return BackendSettings(
         address=address,
         mode=table.choice("mode", BackendMode, default_mode),
@@ -583,6 +600,7 @@ def _backend_settings(
         ),
         mechanisms=_mechanisms(table, "mechanisms", ("PLAIN",)),
         password_storage=table.choice("password_storage", PasswordStorage, PasswordStorage.UNKNOWN),
+        **warm,
     )
 
 
@@ -598,6 +616,13 @@ def _check_backend(
         raise where.error(key or "client_address", f"{named}'xclient' is an SMTP extension")
     if forwarding is ClientAddressForwarding.ID and protocol is not Protocol.IMAP:
         raise where.error(key or "client_address", f"{named}'id' is an IMAP extension")
+    if settings.warm_connections and forwarding is ClientAddressForwarding.PROXY_V2:
+        raise where.error(
+            key or "warm_connections",
+            f"{'[backends] entry: ' if key else ''}warm connections are made before "
+            "their client comes, and a PROXY v2 header names the client: "
+            "use warm_connections = 0 with client_address = 'proxy-v2'",
+        )
     terminate = settings.mode is BackendMode.TERMINATE
     if terminate and protocol is Protocol.LDAP:
         raise where.error(

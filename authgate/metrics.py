@@ -66,6 +66,9 @@ class NullRecorder:
     def backend_failure(self, backend: str, stage: str) -> None:
         pass
 
+    def warm_claim(self, backend: str, result: str) -> None:
+        pass
+
     def spliced(self, listener: str, up: int, down: int) -> None:
         pass
 
@@ -136,6 +139,13 @@ class Recorder(NullRecorder):
             "authgate_backend_failures",
             "Backend failures by stage (connect, login)",
             ["backend", "stage"],
+            registry=r,
+        )
+        self._warm = Counter(
+            "authgate_backend_warm_claims",
+            "Logins that asked a backend member's warm connections for one, by "
+            "result (hit; miss: none ready; stale: one found closed or too old, dropped)",
+            ["backend", "result"],
             registry=r,
         )
         self._sessions = Gauge(
@@ -221,6 +231,9 @@ class Recorder(NullRecorder):
 
     def backend_failure(self, backend: str, stage: str) -> None:
         self._c(self._backend_failures, backend, stage).inc()
+
+    def warm_claim(self, backend: str, result: str) -> None:
+        self._c(self._warm, backend, result).inc()
 
     def spliced(self, listener: str, up: int, down: int) -> None:
         self._c(self._spliced, listener, "up").inc(up)

@@ -23,6 +23,7 @@ from authgate.credentials.base import CredentialStore
 from authgate.errors import ConfigError
 from authgate.proxy import tls as tls_mod
 from authgate.proxy.channel import ChannelClosed, open_channel
+from authgate.proxy.warm import WarmPool
 from authgate.routing import Backend, Health, Route, RouteTable, TableError, UserHints, choose
 from authgate.routing import parse_table as parse_route_table
 
@@ -79,6 +80,9 @@ class ListenerRoutes:
     prepared: Mapping[str, PreparedBackend]
     health: Health = HEALTH
     pool_health_check: float = 10.0  # [routing] pool_health_check (0: off)
+    # (backend name, member address) -> its warm connections
+    # (`warm_connections`), shared by the listeners of one build.
+    warm: Mapping[tuple[str, Address], WarmPool] = field(default_factory=dict)
 
     @property
     def per_user(self) -> bool:
@@ -105,6 +109,12 @@ class ListenerRoutes:
 
     def prepared_for(self, backend: Backend) -> PreparedBackend:
         return self.prepared[backend.name]
+
+    def warm_pool(self, backend: Backend, member: BackendSettings) -> WarmPool | None:
+        """The member's warm connections, if it keeps any."""
+        if not self.warm:
+            return None
+        return self.warm.get((backend.name, member.address))
 
     def mark_down(self, backend: Backend, address: Address, why: str) -> None:
         """Passive health: a failed connect or a timeout."""
@@ -174,8 +184,10 @@ def build_routes(
     table: RouteTable | None,
     keyring: Keyring | None,
     cache: dict[str, PreparedBackend],
+    pools: dict[tuple[str, Address], WarmPool] | None = None,
 ) -> ListenerRoutes:
-    """`cache`: prepared named backends, shared by the listeners of one build."""
+    """`cache`: prepared named backends, and `pools`: warm connections,
+    shared by the listeners of one build."""
     prepared: dict[str, PreparedBackend] = {}
     for name, backend in config.backends.items():
         if name not in cache:
@@ -187,6 +199,8 @@ def build_routes(
     default = listener.route_default
     if default.name not in prepared:
         prepared[default.name] = _prepare(listener.backend, keyring)
+    backends = (default, *config.backends.values())
+    warm = _warm_pools(listener, backends, prepared, config, {} if pools is None else pools)
     return ListenerRoutes(
         protocol=listener.protocol.value,
         default=default,
@@ -196,7 +210,39 @@ def build_routes(
         down_for=config.routing.down_for,
         prepared=prepared,
         pool_health_check=config.routing.pool_health_check,
+        warm=warm,
     )
+
+
+def _warm_pools(
+    listener: Listener,
+    backends: Sequence[Backend],
+    prepared: Mapping[str, PreparedBackend],
+    config: Config,
+    pools: dict[tuple[str, Address], WarmPool],
+) -> dict[tuple[str, Address], WarmPool]:
+    """The warm connections of the members this listener may connect to
+    (none for LDAP: a directory says nothing first, there is no greeting
+    to wait for; the configuration refuses them with PROXY v2)."""
+    found: dict[tuple[str, Address], WarmPool] = {}
+    if listener.protocol.value in SILENT_PROTOCOLS:
+        return found
+    for backend in backends:
+        for member in backend.members_for(listener.protocol.value):
+            if member.warm_connections <= 0:
+                continue
+            key = (backend.name, member.address)
+            pool = pools.get(key)
+            if pool is None:
+                pool = pools[key] = WarmPool(
+                    member,
+                    prepared[backend.name].tls,
+                    connect_timeout=config.limits.connect_timeout,
+                    health=HEALTH,
+                    loops_back=is_own,
+                )
+            found[key] = pool
+    return found
 
 
 # ------------------------------------------------------------ active checks

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from authgate.atrest.envelope import Keyring, open_secret_file
-from authgate.config import BackendMode, Config, Limits, Listener, TLSMode
+from authgate.config import Address, BackendMode, Config, Limits, Listener, TLSMode
 from authgate.credentials.base import CredentialStore
 from authgate.oauth.verifier import TokenVerifier
 from authgate.offers import ListenerOffer, listener_offer
@@ -28,6 +28,7 @@ from authgate.proxy.routes import (
     load_table,
 )
 from authgate.proxy.routes import read_master_password as read_master_password  # re-exported
+from authgate.proxy.warm import WarmPool
 from authgate.sasl import MECHANISMS
 from authgate.sasl.oauth import MAX_TOKEN_OCTETS
 
@@ -168,6 +169,10 @@ class ListenerRuntime:
     # Where users go: the default backend, named backends, the routing table.
     routes: ListenerRoutes | None = None
 
+    def warm_pools(self) -> list[WarmPool]:
+        """The warm connections this listener's logins may claim."""
+        return [] if self.routes is None else list(self.routes.warm.values())
+
     @property
     def relay(self) -> bool:
         return self.listener.backend.mode is BackendMode.RELAY
@@ -205,6 +210,7 @@ def build_runtime(
     table = load_table(config)
     check_user_entries(config, store)
     prepared: dict[str, PreparedBackend] = {}
+    pools: dict[tuple[str, Address], WarmPool] = {}  # warm connections, one set per member
     # One context per protocol: each knows its protocol's ALPN identifiers.
     contexts: dict[Protocol, ssl.SSLContext] = {}
     for listener in config.listeners:
@@ -222,7 +228,7 @@ def build_runtime(
                 server_tls = contexts[listener.protocol] = tls_mod.server_context(
                     cert, key, alpn=ids
                 )
-        routes = build_routes(config, listener, table, keyring, prepared)
+        routes = build_routes(config, listener, table, keyring, prepared, pools)
         default = routes.prepared_for(listener.route_default)
         runtimes.append(
             ListenerRuntime(

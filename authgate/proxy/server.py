@@ -27,6 +27,7 @@ from authgate.proxy.routes import own_address as _own
 from authgate.proxy.runtime import ListenerRuntime
 from authgate.proxy.session import ClientSession
 from authgate.proxy.tls import tune_tls_buffers
+from authgate.proxy.warm import WarmPool
 
 log = logging.getLogger("authgate")
 
@@ -224,7 +225,17 @@ class Gateway:
             await self._listen(runtime)
         self._pruner = asyncio.ensure_future(self._prune_forever())
         self._start_checks()
+        self._start_warm()
         self.audit.start()
+
+    def _start_warm(self) -> None:
+        """Fill the warm connections of the runtimes in force."""
+        for pool in self._warm_pools():
+            pool.start()
+
+    def _warm_pools(self) -> list[WarmPool]:
+        """Every warm pool of the runtimes in force."""
+        return _unique_pools(self._runtimes.values())
 
     def _start_checks(self) -> None:
         """Active backend health checks (authgate.proxy.routes), for the
@@ -291,6 +302,13 @@ class Gateway:
         self.guard.settings = defence
         self._runtimes.update(fresh)
         self._start_checks()
+        # The old configuration's warm connections are closed (sessions
+        # still running on it find none and connect themselves); the new
+        # one's are made.
+        self._start_warm()
+        kept = {id(pool) for pool in self._warm_pools()}
+        retired = _unique_pools(old.values())
+        await asyncio.gather(*(pool.close() for pool in retired if id(pool) not in kept))
 
     def _bound_runtime(self, runtime: ListenerRuntime) -> ListenerRuntime:
         """`runtime` with its listener's addresses as its sockets are bound."""
@@ -529,6 +547,7 @@ class Gateway:
             self._checks.cancel()
         for server in self._servers.values():
             server.close()
+        await asyncio.gather(*(pool.close() for pool in self._warm_pools()))
         if self._sessions:
             _, pending = await asyncio.wait(set(self._sessions), timeout=drain)
             for task in pending:
@@ -539,6 +558,16 @@ class Gateway:
             await server.wait_closed()
         await self.audit.close()
         self._servers.clear()
+
+
+def _unique_pools(runtimes: Iterable[ListenerRuntime]) -> list[WarmPool]:
+    """The warm pools of `runtimes`, each once (the listeners of one build
+    share their backends' pools)."""
+    pools: dict[int, WarmPool] = {}
+    for runtime in runtimes:
+        for pool in runtime.warm_pools():
+            pools.setdefault(id(pool), pool)
+    return list(pools.values())
 
 
 def _plain_channel(listener: str) -> Channel:

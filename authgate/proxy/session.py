@@ -638,21 +638,26 @@ class ClientSession(ClientConnection):
         failure = LoginFailed(BackendFailure.UNAVAILABLE, "no member answered")
         for member in route.candidates:
             self._backend_tried = str(member.address)
-            try:
-                channel = await connect(
-                    member,
-                    prepared.tls,
-                    client=self.peer,
-                    local=self.local,
-                    timeout=runtime.limits.connect_timeout,
-                )
-            except (OSError, TimeoutError, ssl.SSLError) as exc:
-                why = str(exc) or exc.__class__.__name__
-                log.warning("%s: backend %s unreachable: %s", self.tag, member.address, why)
-                recorder().backend_failure(str(member.address), "connect")
-                routes.mark_down(route.backend, member.address, why)
-                failure = LoginFailed(BackendFailure.UNAVAILABLE, why)
-                continue
+            # A warm connection (authgate.proxy.warm): connected and
+            # greeted already, the greeting unread in its buffer.
+            warm = routes.warm_pool(route.backend, member)
+            channel = warm.claim() if warm is not None else None
+            if channel is None:
+                try:
+                    channel = await connect(
+                        member,
+                        prepared.tls,
+                        client=self.peer,
+                        local=self.local,
+                        timeout=runtime.limits.connect_timeout,
+                    )
+                except (OSError, TimeoutError, ssl.SSLError) as exc:
+                    why = str(exc) or exc.__class__.__name__
+                    log.warning("%s: backend %s unreachable: %s", self.tag, member.address, why)
+                    recorder().backend_failure(str(member.address), "connect")
+                    routes.mark_down(route.backend, member.address, why)
+                    failure = LoginFailed(BackendFailure.UNAVAILABLE, why)
+                    continue
             if is_own(channel.peername(), channel.sockname()):
                 # A misconfiguration: the session would come back to us,
                 # and round again. Refused, and the member is marked down.
