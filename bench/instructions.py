@@ -217,6 +217,8 @@ async def run(args: argparse.Namespace, work: Path) -> int:
                 mechanisms=("PLAIN",),
                 exempt=(),
             )
+            # The backend's warm connections (authgate.proxy.warm), if asked.
+            + (f"warm_connections = {args.warm}\n" if args.warm else "")
         )
         out = work / "callgrind.out"
         traced = work / "strace.txt"
@@ -307,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         help="copy callgrind's dump of the measured logins (or, with --strace, strace's"
         " summary) to FILE",
     )
+    parser.add_argument("--warm", type=int, default=0, help="warm_connections on the backend")
     args = parser.parse_args(argv)
     if args.profile and args.strace:
         parser.error("--profile or --strace, not both")
