@@ -101,6 +101,21 @@ async def greeter() -> AsyncIterator[Greeter]:
         await found.server.wait_closed()
 
 
+@pytest.fixture
+def pauses(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The pool's pauses (back-off, down-member polls), recorded and made
+    instant."""
+    recorded: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def pause(seconds: float) -> None:
+        recorded.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(warm, "_pause", pause)
+    return recorded
+
+
 def member(port: int, size: int, max_age: float = 60.0, **more: object) -> BackendSettings:
     return BackendSettings(
         address=Address("127.0.0.1", port),
@@ -245,15 +260,7 @@ async def test_a_claim_checks_for_itself_that_the_backend_hung_up(greeter: Greet
 
 
 @pytest.mark.asyncio
-async def test_failed_connects_back_off(greeter: Greeter, monkeypatch: pytest.MonkeyPatch) -> None:
-    pauses: list[float] = []
-    real_sleep = asyncio.sleep
-
-    async def pause(seconds: float) -> None:
-        pauses.append(seconds)
-        await real_sleep(0)
-
-    monkeypatch.setattr(warm, "_pause", pause)
+async def test_failed_connects_back_off(greeter: Greeter, pauses: list[float]) -> None:
     greeter.greet = False  # hangs up before any greeting
     pool = pool_for(member(greeter.port, 1))
     pool.start()
@@ -272,16 +279,8 @@ async def test_failed_connects_back_off(greeter: Greeter, monkeypatch: pytest.Mo
 
 @pytest.mark.asyncio
 async def test_one_that_loops_back_to_us_is_never_pooled(
-    greeter: Greeter, monkeypatch: pytest.MonkeyPatch
+    greeter: Greeter, pauses: list[float]
 ) -> None:
-    pauses: list[float] = []
-    real_sleep = asyncio.sleep
-
-    async def pause(seconds: float) -> None:
-        pauses.append(seconds)
-        await real_sleep(0)
-
-    monkeypatch.setattr(warm, "_pause", pause)
     pool = pool_for(member(greeter.port, 1), loops_back=lambda peer, local: True)
     pool.start()
     try:
@@ -294,16 +293,9 @@ async def test_one_that_loops_back_to_us_is_never_pooled(
 
 @pytest.mark.asyncio
 async def test_no_warm_connections_while_the_member_is_down(
-    greeter: Greeter, monkeypatch: pytest.MonkeyPatch
+    greeter: Greeter, pauses: list[float]
 ) -> None:
-    polls: list[float] = []
-    real_sleep = asyncio.sleep
-
-    async def pause(seconds: float) -> None:
-        polls.append(seconds)
-        await real_sleep(0)
-
-    monkeypatch.setattr(warm, "_pause", pause)
+    polls = pauses
     health = Health()
     settings = member(greeter.port, 2)
     health.mark_down(settings.address, 0.0, 1e9, "test")
