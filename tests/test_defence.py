@@ -169,6 +169,17 @@ def test_trusted_addresses_get_the_base_delay_and_are_never_blocked() -> None:
     assert guess(guard, ATTACKER, 0) == 4
 
 
+def test_new_settings_change_what_an_address_already_seen_is() -> None:
+    # The guard remembers each address's key and trust: a reload with other
+    # trusted networks or prefixes must not be answered from that memory.
+    guard, _ = make(ipv4_prefix=32)
+    assert guard.address_key("192.168.1.5") == "a:192.168.1.5/32"
+    assert guess(guard, "192.168.1.5", 0) == 4
+    guard.settings = DefenceSettings(trusted=LAN, ipv4_prefix=24)
+    assert guard.address_key("192.168.1.5") == "a:192.168.1.0/24"
+    assert guess(guard, "192.168.1.5", 1) == 2.0  # trusted now: the base delay
+
+
 # ------------------------------------------------------- address grouping
 
 
