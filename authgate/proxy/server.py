@@ -563,11 +563,7 @@ class Gateway:
 def _unique_pools(runtimes: Iterable[ListenerRuntime]) -> list[WarmPool]:
     """The warm pools of `runtimes`, each once (the listeners of one build
     share their backends' pools)."""
-    pools: dict[int, WarmPool] = {}
-    for runtime in runtimes:
-        for pool in runtime.warm_pools():
-            pools.setdefault(id(pool), pool)
-    return list(pools.values())
+    return list(dict.fromkeys(pool for runtime in runtimes for pool in runtime.warm_pools()))
 
 
 def _plain_channel(listener: str) -> Channel:

@@ -246,6 +246,23 @@ def listener_settings(
     return SessionSettings(hostname=hostname, decide=decide_for, **settings)
 
 
+async def eventually(
+    check: Callable[[], bool],
+    what: object,
+    timeout: float = 10.0,
+    interval: float = 0.05,
+) -> None:
+    """Poll the running loop until `check()` holds; AssertionError with
+    `what` (or what it returns, if callable) after `timeout` seconds: a
+    deadline against a hang, not a speed limit."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not check():
+        if loop.time() > end:
+            raise AssertionError(what() if callable(what) else what)
+        await asyncio.sleep(interval)
+
+
 async def audit_records(log: Path, event: str, count: int) -> list[dict[str, object]]:
     """The audit log's `event` records, once `count` of them are written
     (the audit writer runs behind the sessions: polled, bounded)."""

@@ -7,12 +7,13 @@ import asyncio
 import imaplib
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
+from authgate.testing.kit import eventually
 from authgate.testing.stack import ListenerSpec, Stack, embedded_stack
 
 pytestmark = pytest.mark.asyncio
@@ -191,14 +192,6 @@ def imaps_login(stack: Stack, source: str) -> str:
         typ, _ = client.login("alice", "pw-alice-1")
         client.logout()
         return typ
-
-
-async def eventually(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not check():
-        assert loop.time() < end, what
-        await asyncio.sleep(0.05)
 
 
 def refusal_lines(caplog: pytest.LogCaptureFixture) -> list[str]:

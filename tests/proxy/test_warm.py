@@ -8,6 +8,7 @@ with the handshake done, and closes everything when it stops."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from authgate.config import Address, BackendSettings, TLSMode
 from authgate.proxy import warm
 from authgate.proxy.warm import WarmPool
 from authgate.routing import Health
+from authgate.testing.kit import eventually
 
 GREETING = b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] warm test server ready\r\n"
 
@@ -74,13 +76,8 @@ class Greeter:
 
 
 async def until(condition: Callable[[], bool], what: str, limit: float = 10.0) -> None:
-    """Poll the loop until `condition` holds (a deadline only against a hang)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        await asyncio.sleep(0.005)
+    """kit.eventually, polled often: the pool's timers here are short."""
+    await eventually(condition, f"timed out waiting until {what}", limit, interval=0.005)
 
 
 async def settle(rounds: int = 50) -> None:
@@ -89,9 +86,9 @@ async def settle(rounds: int = 50) -> None:
         await asyncio.sleep(0)
 
 
-@pytest_asyncio.fixture
-async def greeter() -> AsyncIterator[Greeter]:
-    found = Greeter()
+@contextlib.asynccontextmanager
+async def serving(found: Greeter) -> AsyncIterator[Greeter]:
+    """`found` listening on a loopback port until the block ends."""
     found.server = await asyncio.start_server(found.handle, "127.0.0.1", 0)
     try:
         yield found
@@ -99,6 +96,12 @@ async def greeter() -> AsyncIterator[Greeter]:
         found.hang_up_all()
         found.server.close()
         await found.server.wait_closed()
+
+
+@pytest_asyncio.fixture
+async def greeter() -> AsyncIterator[Greeter]:
+    async with serving(Greeter()) as found:
+        yield found
 
 
 @pytest.fixture

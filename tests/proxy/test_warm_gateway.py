@@ -7,7 +7,6 @@ PROXY v2 backend cannot be given warm connections."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from authgate.proxy.warm import WarmPool
 from authgate.runner import start_gateway
 from authgate.testing.backends import Backends, seed_mailbox, start_backends
 from tests.proxy.test_routing_sessions import imap_session, pop3_session
-from tests.proxy.test_warm import Greeter, until
+from tests.proxy.test_warm import Greeter, serving, until
 
 PASSWORD = "pw-alice-1"
 MASTER = ("authgate", "master-pw")
@@ -109,14 +108,8 @@ async def test_logins_go_through_warm_connections_and_the_pools_refill(
 @pytest_asyncio.fixture
 async def refuser() -> AsyncIterator[Greeter]:
     """An IMAP server that greets and says NO to every command."""
-    found = Greeter(answer=True)
-    found.server = await asyncio.start_server(found.handle, "127.0.0.1", 0)
-    try:
+    async with serving(Greeter(answer=True)) as found:
         yield found
-    finally:
-        found.hang_up_all()
-        found.server.close()
-        await found.server.wait_closed()
 
 
 @pytest.mark.asyncio

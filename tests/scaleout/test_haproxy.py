@@ -29,7 +29,7 @@ import socket
 import struct
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -40,6 +40,7 @@ from authgate import config as config_mod
 from authgate.credentials.store import UserStore, generate_secrets
 from authgate.defence_redis import DEFAULT_PREFIX, decode_record
 from authgate.proxy.proxy_protocol import build_v2
+from authgate.testing.kit import eventually
 from tests.redis_server import RedisServerError, find_redis_server
 from tests.scaleout.cluster import (
     BLOCKED_GREETING,
@@ -140,16 +141,6 @@ async def blocked_everywhere(cluster: Cluster, source: str, count: int = 4) -> N
         client = await imap_connect(cluster.frontends[listener], source, ssl_context=context)
         client.close()
         assert client.greeting.startswith(BLOCKED_GREETING), (listener, client.greeting)
-
-
-async def eventually(check: Callable[[], bool], what: object, timeout: float = 10) -> None:
-    """Wait for `check()`: log lines reach the test through a pipe, a moment
-    after the client has seen the reply they describe."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not check():
-        assert loop.time() < end, what() if callable(what) else what
-        await asyncio.sleep(0.05)
 
 
 def refusals(cluster: Cluster, source: str) -> dict[str, int]:
