@@ -65,7 +65,16 @@ class EventLoop(enum.Enum):
     """The event loop `authgate run` serves on."""
 
     ASYNCIO = "asyncio"  # the standard library's
-    UVLOOP = "uvloop"  # libuv's (pip install 'authgate[uvloop]'): less CPU per event
+    UVLOOP = "uvloop"  # libuv's (the default where installed): less CPU per event
+
+
+def default_event_loop() -> EventLoop:
+    """uvloop where it is installed (a dependency everywhere but Windows),
+    asyncio's own loop otherwise: a third fewer instructions per login
+    (docs/performance.md) is worth having without asking for it."""
+    if importlib.util.find_spec("uvloop") is None:
+        return EventLoop.ASYNCIO
+    return EventLoop.UVLOOP
 
 
 class PasswordStorage(enum.Enum):
@@ -337,7 +346,7 @@ class Config:
     shared_defence: SharedDefence | None = None
     # Processes sharing the listeners (SO_REUSEPORT): one event loop each.
     workers: int = 1
-    event_loop: EventLoop = EventLoop.ASYNCIO
+    event_loop: EventLoop = field(default_factory=default_event_loop)
     password_policy: PasswordPolicy = field(default_factory=PasswordPolicy)
     # Top-level `hostnames`: the default for every listener (Listener.hostnames).
     hostnames: tuple[str, ...] = ()
@@ -932,7 +941,7 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
             raise ConfigError(f"{source}: {where}: is not a table (use [[listeners]])")
         listeners.append(_listener(Table(item, where, source), base, bound, hostnames, backends))
     workers = _workers(root)
-    event_loop = root.choice("event_loop", EventLoop, EventLoop.ASYNCIO)
+    event_loop = root.choice("event_loop", EventLoop, default_event_loop())
     log_format = root.choice("log_format", LogFormat, LogFormat.TEXT)
     log_level = root.choice("log_level", LogLevel, LogLevel.INFO)
     metrics = _metrics(root.table("metrics"))
@@ -947,7 +956,7 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
     if event_loop is EventLoop.UVLOOP and importlib.util.find_spec("uvloop") is None:
         raise root.error(
             "event_loop",
-            "'uvloop' needs the uvloop package: pip install 'authgate[uvloop]'",
+            "'uvloop' needs the uvloop package: pip install uvloop",
         )
     hostname = root.get("hostname", str, "localhost")
     if not _HOSTNAME.fullmatch(hostname):

@@ -193,11 +193,12 @@ def run_loop(config: Config, main: Coroutine[Any, Any, None]) -> None:
     """Run `main` on the event loop the config asks for (a change takes a
     restart, not a SIGHUP)."""
     if config.event_loop is EventLoop.UVLOOP:
-        import uvloop  # an optional dependency; config.load checked it is there
+        import uvloop  # not on every platform; config.load checked it is there
 
         log.info("event loop: uvloop %s", importlib.metadata.version("uvloop"))
         uvloop.run(main)
     else:
+        log.info("event loop: asyncio")
         asyncio.run(main)
 
 

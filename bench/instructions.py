@@ -1,6 +1,7 @@
 """Instructions per login of the proxy process alone, counted by callgrind.
 
     python -m bench.instructions [--logins 200] [--protocol imap|pop3] [--tls] [--profile FILE]
+    python -m bench.instructions --event-loop asyncio       # authgate on asyncio's own loop
     python -m bench.instructions --strace [--keep FILE]     # system calls per login
     python -m bench.instructions --keep callgrind.out       # for callgrind_annotate
 
@@ -206,6 +207,7 @@ async def run(args: argparse.Namespace, work: Path) -> int:
         # Root in this bench (valgrind, the embedded backends' Maildirs).
         (work / "authgate.toml").write_text(
             "run_as_root = true\n"
+            + f'event_loop = "{args.event_loop}"\n'
             + config_text(
                 host="127.0.0.1",
                 layout=(ListenerSpec(args.protocol, args.protocol, mode, port=port),),
@@ -310,6 +312,12 @@ def main(argv: list[str] | None = None) -> int:
         " summary) to FILE",
     )
     parser.add_argument("--warm", type=int, default=0, help="warm_connections on the backend")
+    parser.add_argument(
+        "--event-loop",
+        choices=("asyncio", "uvloop"),
+        default="uvloop",
+        help="authgate's event_loop setting (default uvloop, authgate's own default)",
+    )
     args = parser.parse_args(argv)
     if args.profile and args.strace:
         parser.error("--profile or --strace, not both")

@@ -254,7 +254,7 @@ class BenchAuthgate:
     users: dict[str, str]
     master: tuple[str, str]
     cpus: set[int] | None = None
-    event_loop: str = "asyncio"
+    event_loop: str = "uvloop"
     backend_pop3_port: int = 0
     code: Path = REPO
     imap: int = 0
@@ -447,13 +447,16 @@ class Servers:
         self,
         workdir: Path,
         cpus: set[int] | None,
-        event_loop: str = "asyncio",
+        event_loop: str = "uvloop",
         baseline: Path | None = None,
+        baseline_event_loop: str | None = None,
     ) -> None:
         self.workdir = workdir
         self.cpus = cpus
         self.event_loop = event_loop
         self.baseline = baseline
+        # An older tree may predate a setting's default: name it for that one.
+        self.baseline_event_loop = baseline_event_loop or event_loop
         # Password-policy proof (three character classes) and nginx-map safe.
         self.password = "Bx7" + secrets.token_hex(8)
         self.master_password = "Mx7" + secrets.token_hex(8)
@@ -524,7 +527,7 @@ class Servers:
                 {USER: self.password},
                 master,
                 self.cpus,
-                self.event_loop,
+                self.baseline_event_loop if name == BASE else self.event_loop,
                 backend_pop3_port=self.dovecot.pop3,
                 code=tree,
             )
@@ -1378,7 +1381,7 @@ def report(
     pinning: tuple[set[int] | None, set[int] | None],
     extra: Sequence[str],
     server_problems: Sequence[str],
-    event_loop: str = "asyncio",
+    event_loops: tuple[str, str | None] = ("uvloop", None),
     trees: dict[str, Path] | None = None,
 ) -> str:
     """The whole report. `trees`: the code each authgate target ran (for
@@ -1395,12 +1398,16 @@ def report(
         if generator and servers
         else "no pinning (one CPU)"
     )
+    event_loop, baseline_event_loop = event_loops
+    loops = f"authgate on event_loop = {event_loop!r}"
+    if BASE in trees:
+        loops += f", {BASE} on {baseline_event_loop or event_loop!r}"
     lines = [
         f"authgate vs nginx mail proxy ({'quick' if quick else 'default'} run), {now}:"
         f" nproc {os.cpu_count()}, {loadgen.cpu_model()}; nginx {nginx_version()},"
         f" Dovecot {dovecot_version()}, Python {platform.python_version()}"
         f" ({ssl.OPENSSL_VERSION}); load average {load[0]:.2f} at the end;"
-        f" {elapsed:.0f} s of measuring; {pin_text}; authgate on event_loop = {event_loop!r};"
+        f" {elapsed:.0f} s of measuring; {pin_text}; {loops};"
         f" {code}.",
         "",
         f"Medians of {plan.rounds} rounds (target order rotates every round). Logins for"
@@ -1526,8 +1533,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--event-loop",
         choices=("asyncio", "uvloop"),
-        default="asyncio",
-        help="authgate's event_loop setting (default asyncio)",
+        default="uvloop",
+        help="authgate's event_loop setting (default uvloop, authgate's own default)",
+    )
+    parser.add_argument(
+        "--baseline-event-loop",
+        choices=("asyncio", "uvloop"),
+        help="the event_loop setting of --baseline-tree's authgate (default: --event-loop's)",
     )
     for option, field_name, text in (
         ("--imap-clients", "imap_clients", "IMAP logins/s"),
@@ -1576,7 +1588,9 @@ def main(argv: list[str] | None = None) -> int:
             workdir.mkdir(parents=True, exist_ok=True)
         else:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="versus-")))
-        servers = Servers(workdir, server_cpus, args.event_loop, baseline)
+        servers = Servers(
+            workdir, server_cpus, args.event_loop, baseline, args.baseline_event_loop
+        )
         stack.callback(servers.stop)
         if generator_cpus:
             # This thread, and the threads it starts later, stay off the servers' CPU.
@@ -1600,7 +1614,7 @@ def main(argv: list[str] | None = None) -> int:
             (generator_cpus, server_cpus),
             extra,
             server_problems,
-            args.event_loop,
+            (args.event_loop, args.baseline_event_loop),
             {"authgate": REPO, **({BASE: baseline} if baseline else {})},
         )
     )

@@ -86,7 +86,7 @@ async def authgate_process(
     *,
     security: str = "require-secure-auth",
     limits: str = "drain_timeout = 5",
-    event_loop: str = "asyncio",
+    event_loop: str | None = None,
     open_files: int | None = None,
 ) -> AsyncIterator[Running]:
     """`authgate run` in a subprocess in front of in-process embedded backends."""
@@ -99,7 +99,8 @@ async def authgate_process(
     run = Running(tmp, backends, free_port())
     run.open_files = open_files
     run.write_config(security, f"[limits]\n{limits}\n")
-    run.config.write_text(f'event_loop = "{event_loop}"\n' + run.config.read_text())
+    if event_loop is not None:  # None: the default, uvloop where installed
+        run.config.write_text(f'event_loop = "{event_loop}"\n' + run.config.read_text())
     try:
         await run.start()
         yield run

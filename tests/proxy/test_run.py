@@ -75,14 +75,17 @@ async def test_sighup_reloads_policy_keeps_sessions_and_rejects_bad_config(runni
     writer.close()
 
 
-async def test_serves_on_uvloop_when_configured(tmp_path: Path) -> None:
-    async with authgate_process(tmp_path, event_loop="uvloop") as run:
-        await run.wait_for_log(b"event loop: uvloop")
+@pytest.mark.parametrize(("setting", "served_on"), [(None, "uvloop"), ("asyncio", "asyncio")])
+async def test_serves_on_the_event_loop_configured(
+    tmp_path: Path, setting: str | None, served_on: str
+) -> None:
+    async with authgate_process(tmp_path, event_loop=setting) as run:
+        await run.wait_for_log(f"event loop: {served_on}".encode())
         reader, writer = await logged_in_session(run.port)
         assert (await command(reader, writer, "b", "SELECT INBOX"))[-1].startswith(b"b OK")
         fetched = b"".join(await command(reader, writer, "c", "FETCH 1 BODY.PEEK[TEXT]"))
         assert b"hello" in fetched
-        run.signal(signal.SIGTERM)  # drains on uvloop too: the session finishes
+        run.signal(signal.SIGTERM)  # drains on either loop: the session finishes
         await run.wait_for_log(b"stopping")
         assert (await command(reader, writer, "d", "LOGOUT"))[-1].startswith(b"d OK")
         writer.close()
