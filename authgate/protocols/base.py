@@ -178,6 +178,11 @@ class ClientMachine(Protocol):
     def authenticate(self, mechanism: str, initial: InitialResponse) -> list[ClientEvent]: ...
     def respond(self, data: bytes | None) -> list[ClientEvent]: ...
     def derived(self, key: bytes) -> list[ClientEvent]: ...
+    @property
+    def learned_capabilities(self) -> tuple[str, ...] | None:
+        """The capability list this connection asked for and got (POP3's
+        CAPA), for the driver to remember; None when it asked nothing."""
+        ...
 
 
 # ----------------------------------------------------- backend client events
@@ -289,3 +294,7 @@ class ClientSettings:
     # known (after STARTTLS, if set) report them as LoggedIn.capabilities,
     # for the capability list of our own greeting.
     capabilities_only: bool = False
+    # POP3 terminate mode: the capability list this backend answered lately
+    # (authgate.proxy.routes.CapabilityMemory). The login goes by it without
+    # asking CAPA; a refused login asks, and retries once if the list changed.
+    known_capabilities: tuple[str, ...] | None = None

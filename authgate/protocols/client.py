@@ -155,10 +155,15 @@ class ClientCore(Generic[R]):
         self._queued: tuple[str, InitialResponse] | None = None  # relay: early authenticate()
         self._derive: Derive | None = None
         self._final_relayed = False  # relay: the backend's success data went as a challenge
+        self._learned: tuple[str, ...] | None = None  # a list asked for, to remember
 
     @property
     def state(self) -> ClientState:
         return self._state
+
+    @property
+    def learned_capabilities(self) -> tuple[str, ...] | None:
+        return self._learned
 
     # ------------------------------------------------------------ driver API
 

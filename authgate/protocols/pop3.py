@@ -22,6 +22,7 @@ from authgate.policy import Refusal
 from authgate.protocols.base import (
     BackendFailure,
     ClientEvent,
+    ClientSettings,
     Event,
     Send,
 )
@@ -277,6 +278,13 @@ class Pop3Client(TableClient[_Reply]):
     AUTH_COMMAND = b"AUTH"
     MAX_AUTH_LINE = MAX_AUTH_LINE
 
+    def __init__(self, settings: ClientSettings) -> None:
+        super().__init__(settings)
+        # Going by a remembered capability list (known_capabilities), not
+        # one asked for on this connection; cleared once the list is asked.
+        self._recalled = False
+        self._refused_with: tuple[BackendFailure, str] | None = None  # while re-asking CAPA
+
     # -------------------------------------------------------------- framing
 
     def _next_reply(self) -> _Reply | None:
@@ -307,26 +315,60 @@ class Pop3Client(TableClient[_Reply]):
             # backend without STLS says -ERR to it (RFC 2449 section 5),
             # which fails the login as a missing STLS in the list would.
             return self._send(b"STLS", ClientState.STARTTLS, self._on_stls)
-        return self._send(b"CAPA", ClientState.CAPABILITY, self._on_capa)
+        return self._ask_or_recall()
 
     def _after_tls(self) -> list[ClientEvent]:
-        # RFC 2595 section 4: capabilities may differ under TLS; ask again.
-        return self._send(b"CAPA", ClientState.CAPABILITY, self._on_capa)
+        # RFC 2595 section 4: capabilities may differ under TLS; ask again
+        # (or go by the list asked under TLS lately).
+        return self._ask_or_recall()
 
-    def _on_capa(self, reply: _Reply) -> list[ClientEvent]:
+    def _ask_or_recall(self) -> list[ClientEvent]:
+        """Ask CAPA, or, in terminate mode, go by the list this backend
+        answered lately: one round trip less per login. Relay mode always
+        asks: the mail client's mechanism is checked against it."""
+        known = self._settings.known_capabilities
+        if known is None or self._settings.relay:
+            return self._capa_list(self._on_capa)
+        self._recalled = True
+        self._caps = known
+        return self._ready()
+
+    def _capa_list(self, handler: Callable[[_Reply], list[ClientEvent]]) -> list[ClientEvent]:
+        return self._send(b"CAPA", ClientState.CAPABILITY, handler)
+
+    def _answered_list(self, reply: _Reply) -> tuple[str, ...] | None:
+        """The list a CAPA reply gives (None: not a CAPA reply at all)."""
         if reply.capabilities is not None:
-            return self._capabilities(reply.capabilities)
+            return reply.capabilities
         if _is_err(reply.line):
             # RFC 2449 section 5: a server without CAPA; USER/PASS is the
             # RFC 1939 baseline we can still try.
-            return self._capabilities(None)
-        return self._fail(BackendFailure.UNAVAILABLE, "CAPA reply: " + detail(reply.line))
+            return ("USER",)
+        return None
 
-    def _capabilities(self, caps: tuple[str, ...] | None) -> list[ClientEvent]:
+    def _on_capa(self, reply: _Reply) -> list[ClientEvent]:
+        caps = self._answered_list(reply)
+        if caps is None:
+            return self._fail(BackendFailure.UNAVAILABLE, "CAPA reply: " + detail(reply.line))
         # Asked in the clear only without STLS toward the backend, else
         # under TLS (_on_greeting): either way these decide the login.
-        self._caps = caps if caps is not None else ("USER",)
+        self._caps = self._learned = caps
         return self._ready()
+
+    def _on_recheck(self, reply: _Reply) -> list[ClientEvent]:
+        """The list asked after a login that went by a remembered one was
+        refused: the same list, the refusal stands; another, one retry."""
+        assert self._refused_with is not None
+        failure, why = self._refused_with
+        self._refused_with = None
+        caps = self._answered_list(reply)
+        if caps is None:
+            return self._fail(BackendFailure.UNAVAILABLE, "CAPA reply: " + detail(reply.line))
+        self._learned = caps
+        if caps == self._caps:
+            return self._fail(failure, why)
+        self._caps = caps
+        return self._login()
 
     def _on_stls(self, reply: _Reply) -> list[ClientEvent]:
         if not _is_ok(reply.line):
@@ -391,9 +433,17 @@ class Pop3Client(TableClient[_Reply]):
 
     def _refused(self, line: bytes) -> list[ClientEvent]:
         failure = self._classify(line)
-        if not self._settings.relay:
-            return self._fail(failure, detail(line))
-        return self._relay_refused(failure, line)
+        if self._settings.relay:
+            return self._relay_refused(failure, line)
+        if self._recalled and failure is not BackendFailure.UNAVAILABLE:
+            # The remembered list may be out of date (the backend was
+            # reconfigured): ask it (RFC 1939 section 4: still in the
+            # AUTHORIZATION state). A temporary refusal says nothing of it.
+            self._recalled = False
+            self._held = None
+            self._refused_with = (failure, detail(line))
+            return self._capa_list(self._on_recheck)
+        return self._fail(failure, detail(line))
 
     def _after_login(self) -> list[ClientEvent]:
         # No CAPA after the login: nothing here needs the TRANSACTION-state

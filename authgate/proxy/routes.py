@@ -14,7 +14,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from authgate.atrest.envelope import Keyring, open_secret_file
@@ -69,6 +69,38 @@ class PreparedBackend:
     master_password: str | None = field(default=None, repr=False)
 
 
+# How long a backend's capability list is gone by without asking again
+# (POP3 terminate mode: the CAPA round trip of every login saved). Short:
+# a backend reconfigured meanwhile costs at most a refused login's re-ask.
+CAPABILITIES_KEPT_FOR = 60.0
+
+
+class CapabilityMemory:
+    """The capability lists backend members answered lately, by (backend
+    name, member address): bounded by the configuration (one list per
+    member), forgotten at a reload (new routes, new memory)."""
+
+    __slots__ = ("_clock", "_kept_for", "_lists")
+
+    def __init__(
+        self,
+        kept_for: float = CAPABILITIES_KEPT_FOR,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._kept_for = kept_for
+        self._clock = clock
+        self._lists: dict[tuple[str, Address], tuple[float, tuple[str, ...]]] = {}
+
+    def recall(self, backend: str, address: Address) -> tuple[str, ...] | None:
+        found = self._lists.get((backend, address))
+        if found is None or found[0] <= self._clock():
+            return None
+        return found[1]
+
+    def learn(self, backend: str, address: Address, capabilities: tuple[str, ...]) -> None:
+        self._lists[(backend, address)] = (self._clock() + self._kept_for, capabilities)
+
+
 @dataclass(frozen=True)
 class ListenerRoutes:
     protocol: str
@@ -83,6 +115,7 @@ class ListenerRoutes:
     # (backend name, member address) -> its warm connections
     # (`warm_connections`), shared by the listeners of one build.
     warm: Mapping[tuple[str, Address], WarmPool] = field(default_factory=dict)
+    capabilities: CapabilityMemory = field(default_factory=CapabilityMemory)
 
     @property
     def per_user(self) -> bool:

@@ -671,6 +671,10 @@ class ClientSession(ClientConnection):
                 log.debug("%s: %r goes to %s (%s)", self.tag, user, member.address, route.why)
             self._member = (route.backend, member)
             settings = self._client_settings(identity, member, prepared.master_password)
+            if identity is not None:  # terminate mode: the list it answered lately
+                known = routes.capabilities.recall(route.backend.name, member.address)
+                if known is not None:
+                    settings = replace(settings, known_capabilities=known)
             if adjust is not None:
                 settings = adjust(settings)
             return Upstream(
@@ -745,9 +749,15 @@ class ClientSession(ClientConnection):
         """Upstream.advance, and a backend that did not answer in time is
         marked down (passive health)."""
         step = await upstream.advance(events)
-        if upstream.timed_out and self._member is not None:
-            backend, member = self._member
+        if self._member is None:
+            return step
+        backend, member = self._member
+        if upstream.timed_out:
             self._routes().mark_down(backend, member.address, "did not answer in time")
+        elif isinstance(step, LoggedIn):
+            learned = upstream.machine.learned_capabilities
+            if learned is not None:  # a list that a login went by: worth recalling
+                self._routes().capabilities.learn(backend.name, member.address, learned)
         return step
 
     async def _login_as(self, event: Authenticated) -> _Next:

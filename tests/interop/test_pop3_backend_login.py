@@ -7,6 +7,8 @@ mail client's own CAPA in the TRANSACTION state goes to Dovecot through
 the splice and gets Dovecot's list of that state, the same list a direct
 login gets. With STLS toward the backend the first command is STLS (a CAPA
 list from before the handshake would be forgotten, RFC 2595 section 4).
+The list is remembered for a minute: the next login sends AUTH alone, and
+a login that Dovecot refuses asks CAPA to see whether the list went stale.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ from authgate.credentials.store import UserStore, generate_secrets
 from authgate.offers import load_store
 from authgate.proxy.server import Gateway
 from authgate.runner import start_gateway
+from authgate.testing.kit import eventually
 from tests.interop.dovecot import DovecotInstance
 
 pytestmark = [pytest.mark.interop, pytest.mark.asyncio]
 
 USER = "plainuser"
+GHOST = "ghost"  # ours, unknown to Dovecot: the master login is refused
 HOST = "127.0.0.1"
 
 
@@ -99,6 +103,7 @@ async def setup(tmp_path: Path, dovecot_tls: DovecotInstance) -> AsyncIterator[S
     dovecot_ca.write_bytes(dovecot_tls.ca_pem)
     store = UserStore(realm="localhost")
     store.set_user_secrets(USER, generate_secrets(USER, dovecot_tls.users[USER], "localhost"))
+    store.set_user_secrets(GHOST, generate_secrets(GHOST, "Gh0st-passw0rd", "localhost"))
     store.save(tmp_path / "users.toml")
     master, master_pw = dovecot_tls.master
     plain, stls = UpTap(dovecot_tls.pop3), UpTap(dovecot_tls.pop3)
@@ -176,3 +181,44 @@ async def test_stls_backend_login_starts_with_stls(
     sent = bytes(setup.stls.up[0])
     assert sent.startswith(b"STLS\r\n")
     assert sent[len(b"STLS\r\n") :][:1] == b"\x16"  # a TLS handshake record
+
+
+async def test_the_next_login_goes_by_the_remembered_list(
+    setup: Setup, dovecot_tls: DovecotInstance
+) -> None:
+    password = dovecot_tls.users[USER]
+    port = setup.port("pop3-plain")
+    first = await asyncio.to_thread(transaction_capa, port, None, password)
+    second = await asyncio.to_thread(transaction_capa, port, None, password)
+    assert second == first
+    assert len(setup.plain.up) == 2
+    assert words(setup.plain.up[0])[:2] == [b"CAPA", b"AUTH"]
+    # One round trip less: AUTH first; then the mail client's own commands.
+    assert words(setup.plain.up[1]) == [b"AUTH", b"CAPA", b"STAT", b"QUIT"]
+
+
+async def test_a_refused_login_asks_capa_and_the_refusal_stands(
+    setup: Setup, dovecot_tls: DovecotInstance
+) -> None:
+    port = setup.port("pop3-plain")
+    await asyncio.to_thread(transaction_capa, port, None, dovecot_tls.users[USER])
+
+    def ghost_login() -> str:
+        client = poplib.POP3(HOST, port, timeout=15)
+        try:
+            client.user(GHOST)
+            with pytest.raises(poplib.error_proto) as refused:
+                client.pass_("Gh0st-passw0rd")
+            return str(refused.value)
+        finally:
+            client.close()
+
+    answer = await asyncio.to_thread(ghost_login)
+    assert answer.startswith("b'-ERR")
+    await eventually(lambda: len(setup.plain.up) == 2, "no second backend connection")
+    # Refused on the remembered list: CAPA, the same list, no second AUTH.
+    await eventually(
+        lambda: words(setup.plain.up[1])[:2] == [b"AUTH", b"CAPA"],
+        lambda: f"sent to Dovecot: {words(setup.plain.up[1])}",
+    )
+    assert words(setup.plain.up[1]).count(b"AUTH") == 1

@@ -952,15 +952,124 @@ def test_client_out_of_order_calls_raise() -> None:
         relay.respond(b"x")
 
 
+# ------------------------------------------- a remembered capability list
+
+KNOWN = ("USER", "SASL PLAIN SCRAM-SHA-256", "PIPELINING")
+
+
+def test_client_asks_capa_and_reports_the_list_it_learned() -> None:
+    backend = fake_backend(client_settings(mechanisms=("PLAIN",)))
+    assert backend.client.learned_capabilities is None
+    backend.feed(b"+OK\r\n")
+    backend.feed(b"+OK\r\nUSER\r\nSASL PLAIN SCRAM-SHA-256\r\nPIPELINING\r\n.\r\n")
+    backend.feed(b"+OK Logged in.\r\n")
+    assert backend.result() == LoggedIn(())
+    assert backend.client.learned_capabilities == KNOWN
+
+
+def test_client_without_capa_learns_the_user_pass_baseline() -> None:
+    backend = fake_backend()
+    backend.feed(b"+OK\r\n")
+    backend.feed(b"-ERR unknown command\r\n")
+    assert backend.client.learned_capabilities == ("USER",)
+
+
+def test_client_goes_by_a_known_list_without_asking() -> None:
+    backend = fake_backend(client_settings(mechanisms=("PLAIN",), known_capabilities=KNOWN))
+    # One round trip less: AUTH straight after the greeting.
+    assert backend.feed(b"+OK hi\r\n") == b"AUTH PLAIN " + plain("alice", PASSWORDS["alice"]) + b"\r\n"
+    assert backend.feed(b"+OK Logged in.\r\n") == b""
+    assert backend.result() == LoggedIn(())
+    assert backend.client.learned_capabilities is None  # nothing new to remember
+    assert b"CAPA" not in backend.sent
+
+
+def test_client_known_list_of_user_only_logs_in_with_user_pass() -> None:
+    backend = fake_backend(client_settings(known_capabilities=("USER",)))
+    assert backend.feed(b"+OK\r\n") == b"USER alice\r\n"
+    assert backend.feed(b"+OK\r\n") == b"PASS correct horse\r\n"
+    backend.feed(b"+OK\r\n")
+    assert backend.result() == LoggedIn(())
+
+
+def test_client_known_list_under_stls_skips_the_capa_after_the_handshake() -> None:
+    backend = fake_backend(
+        client_settings(mechanisms=("PLAIN",), starttls=True, known_capabilities=KNOWN)
+    )
+    assert backend.feed(b"+OK\r\n") == b"STLS\r\n"
+    backend.feed(b"+OK Begin TLS\r\n")
+    assert backend.of(StartTLS)
+    assert backend.call(backend.client.tls_started()).startswith(b"AUTH PLAIN ")
+
+
+def test_client_refused_on_a_known_list_asks_and_the_same_list_lets_the_refusal_stand() -> None:
+    backend = fake_backend(client_settings(mechanisms=("PLAIN",), known_capabilities=KNOWN))
+    backend.feed(b"+OK\r\n")
+    assert backend.feed(b"-ERR [AUTH] Authentication failed.\r\n") == b"CAPA\r\n"
+    assert backend.result() is None
+    backend.feed(b"+OK\r\nUSER\r\nSASL PLAIN SCRAM-SHA-256\r\nPIPELINING\r\n.\r\n")
+    assert backend.result() == LoginFailed(
+        BackendFailure.REJECTED, "-ERR [AUTH] Authentication failed."
+    )
+    assert backend.sent.count(b"AUTH ") == 1  # no second try with the same list
+    assert backend.client.learned_capabilities == KNOWN
+
+
+def test_client_refused_on_an_outdated_list_retries_once_with_the_new_one() -> None:
+    # The backend was reconfigured: PLAIN is gone, CRAM-MD5 is offered.
+    backend = fake_backend(
+        client_settings(mechanisms=("PLAIN", "CRAM-MD5"), known_capabilities=KNOWN)
+    )
+    backend.feed(b"+OK\r\n")
+    assert backend.feed(b"-ERR Unsupported authentication mechanism.\r\n") == b"CAPA\r\n"
+    assert backend.feed(b"+OK\r\nSASL CRAM-MD5\r\n.\r\n") == b"AUTH CRAM-MD5\r\n"
+    assert backend.client.learned_capabilities == ("SASL CRAM-MD5",)
+    # A second refusal is final: the list was just asked.
+    assert backend.feed(b"+ PDEyMzQ1QGV4YW1wbGU+\r\n") != b""
+    assert backend.feed(b"-ERR [AUTH] no\r\n") == b""
+    assert backend.result() == LoginFailed(BackendFailure.REJECTED, "-ERR [AUTH] no")
+    assert backend.sent.count(b"CAPA") == 1
+
+
+def test_client_a_temporary_refusal_on_a_known_list_asks_nothing() -> None:
+    backend = fake_backend(client_settings(mechanisms=("PLAIN",), known_capabilities=KNOWN))
+    backend.feed(b"+OK\r\n")
+    assert backend.feed(b"-ERR [SYS/TEMP] try later\r\n") == b""
+    assert backend.result() == LoginFailed(BackendFailure.UNAVAILABLE, "-ERR [SYS/TEMP] try later")
+
+
+def test_client_a_broken_reply_to_the_second_capa_fails_unavailable() -> None:
+    backend = fake_backend(client_settings(mechanisms=("PLAIN",), known_capabilities=KNOWN))
+    backend.feed(b"+OK\r\n")
+    backend.feed(b"-ERR [AUTH] no\r\n")
+    backend.feed(b"what\r\n")
+    assert backend.result() == LoginFailed(BackendFailure.UNAVAILABLE, "CAPA reply: what")
+
+
+def test_client_relay_mode_asks_capa_even_with_a_known_list() -> None:
+    # The mail client's own mechanism is checked against the backend's list.
+    backend = fake_backend(client_settings(relay=True, known_capabilities=KNOWN))
+    assert backend.feed(b"+OK\r\n") == b"CAPA\r\n"
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     chunks=st.lists(st.binary(max_size=60), max_size=15),
     prefix=st.sampled_from([b"", b"+OK\r\n", b"+OK\r\n+OK\r\nSASL PLAIN SCRAM-SHA-256\r\n.\r\n"]),
     relay=st.booleans(),
     starttls=st.booleans(),
+    known=st.sampled_from([None, KNOWN, ("USER",)]),
 )
-def test_fuzz_client(chunks: list[bytes], prefix: bytes, relay: bool, starttls: bool) -> None:
-    client = Pop3Client(client_settings(relay=relay, starttls=starttls, max_line=200))
+def test_fuzz_client(
+    chunks: list[bytes],
+    prefix: bytes,
+    relay: bool,
+    starttls: bool,
+    known: tuple[str, ...] | None,
+) -> None:
+    client = Pop3Client(
+        client_settings(relay=relay, starttls=starttls, max_line=200, known_capabilities=known)
+    )
     if relay:
         client.authenticate("PLAIN", b"\0alice\0pw")
     for chunk in [prefix, *chunks]:
