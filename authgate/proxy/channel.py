@@ -156,14 +156,20 @@ class Channel(asyncio.Protocol):
         self._drain_waiters.clear()
 
     def forward_to(
-        self, sink: Channel, *, half_close: bool = True, through: Through | None = None
+        self,
+        sink: Channel,
+        *,
+        half_close: bool = True,
+        through: Through | None = None,
+        ended: asyncio.Future[None] | None = None,
     ) -> None:
         """From now on, hand every byte received straight to `sink`
         (after what is already buffered), through the filter `through` if
-        given. `ended` resolves at our EOF or when the connection is lost;
-        at our EOF `sink` is half-closed too, unless `half_close` is False
-        (the caller closes it anyway: one shutdown() the fewer)."""
-        self.ended = asyncio.get_running_loop().create_future()
+        given. `ended` (made here unless given: the splice shares one
+        between both directions) resolves at our EOF or when the connection
+        is lost; at our EOF `sink` is half-closed too, unless `half_close`
+        is False (the caller closes it anyway: one shutdown() the fewer)."""
+        self.ended = ended if ended is not None else asyncio.get_running_loop().create_future()
         self._half_close = half_close
         self._through = through
         self._sink = sink

@@ -978,7 +978,17 @@ class ClientSession(ClientConnection):
         return [self._handover(event, result, authenticated=False)]
 
     async def _splice(self, handover: Handover) -> None:
-        counts = await hand_over(handover, self._guard_events)
+        # Pre-authentication is over: what it needed (the protocol machine,
+        # which holds a reference back to us, the policy decisions, the
+        # backend's client machine) is not kept for the session's life;
+        # the two connections are all a held session holds.
+        self.machine = None
+        self._decisions.clear()
+        self.upstream = None
+        try:
+            counts = await hand_over(handover, self._guard_events)
+        finally:
+            handover.backend.close()  # (the client is closed by run())
         if counts is not None:
             log.info("%s: session ended (%d bytes up, %d down)", self.tag, *counts)
             recorder().spliced(self.runtime.listener.name, *counts)

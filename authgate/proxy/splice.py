@@ -90,6 +90,10 @@ async def splice(
     `through` filters (client->backend, backend->client), from `guarded()`.
     Returns (bytes client->backend, bytes backend->client)."""
     up, down = through if through is not None else (None, None)
+    loop = asyncio.get_running_loop()
+    # One future for both directions: whichever side ends first resolves
+    # it (fewer objects per held session than a future each and a wait()).
+    either: asyncio.Future[None] = loop.create_future()
     # The backend's end is the session's: the client is closed right after
     # (close() sends what is buffered, then the FIN), so no half-close there.
     for source, sink, half_close, filter_ in (
@@ -97,14 +101,15 @@ async def splice(
         (backend, client, False, down),
     ):
         with contextlib.suppress(ChannelClosed):
-            source.forward_to(sink, half_close=half_close, through=filter_)
-    client_ended, backend_ended = client.ended, backend.ended
-    assert client_ended is not None and backend_ended is not None
+            source.forward_to(sink, half_close=half_close, through=filter_, ended=either)
     try:
-        await asyncio.wait({client_ended, backend_ended}, return_when=asyncio.FIRST_COMPLETED)
-        if not backend_ended.done() and not client.lost:
+        await either
+        if not (backend.peer_ended or client.lost):
             # The client half-closed: let the backend finish its answer.
-            await asyncio.wait({backend_ended}, timeout=linger)
+            backend.ended = lingering = loop.create_future()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(linger):
+                    await lingering
     finally:
         client.close()
         backend.close()

@@ -635,13 +635,18 @@ class ScenarioChannel(RecordingChannel):
         super().write(self.lens.to_client(data))
 
     def forward_to(
-        self, sink: Channel, *, half_close: bool = True, through: Through | None = None
+        self,
+        sink: Channel,
+        *,
+        half_close: bool = True,
+        through: Through | None = None,
+        ended: asyncio.Future[None] | None = None,
     ) -> None:
         # An unfinished line the lens held goes on with the rest.
         held = self.lens.take_held()
         if held:
             self._buf[:0] = held
-        super().forward_to(sink, half_close=half_close, through=through)
+        super().forward_to(sink, half_close=half_close, through=through, ended=ended)
 
     async def start_tls(
         self,

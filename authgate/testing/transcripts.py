@@ -304,12 +304,17 @@ class RecordingChannel(Channel):
         self.transcript.mark_ended()
 
     def forward_to(
-        self, sink: Channel, *, half_close: bool = True, through: Through | None = None
+        self,
+        sink: Channel,
+        *,
+        half_close: bool = True,
+        through: Through | None = None,
+        ended: asyncio.Future[None] | None = None,
     ) -> None:
         # What forward_to hands on from our buffer was recorded on arrival.
         self._replaying = True
         try:
-            super().forward_to(sink, half_close=half_close, through=through)
+            super().forward_to(sink, half_close=half_close, through=through, ended=ended)
         finally:
             self._replaying = False
 
