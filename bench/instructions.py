@@ -4,6 +4,7 @@
     python -m bench.instructions --event-loop asyncio       # authgate on asyncio's own loop
     python -m bench.instructions --strace [--keep FILE]     # system calls per login
     python -m bench.instructions --keep callgrind.out       # for callgrind_annotate
+    python -m bench.instructions --bound                    # bench.bound, the least a proxy does
 
 Wall-clock figures on a shared machine are noise; the number of
 instructions a login costs the proxy is not (it repeats to within a few
@@ -37,6 +38,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -225,6 +227,18 @@ async def run(args: argparse.Namespace, work: Path) -> int:
         out = work / "callgrind.out"
         traced = work / "strace.txt"
         command = [sys.executable, "-m", "authgate", "run", "-c", str(work / "authgate.toml")]
+        if args.bound:  # the same logins through bench.bound instead
+            bound = {
+                "protocol": args.protocol,
+                "listen": port,
+                "backend": backends.imap.port if args.protocol == "imap" else backends.pop3.port,
+                "user": USER,
+                "password": password,
+                "master": MASTER_USER,
+                "master_password": "master-" + password,
+            }
+            (work / "bound.json").write_text(json.dumps(bound))
+            command = [sys.executable, "-m", "bench.bound", str(work / "bound.json")]
         if args.profile:
             command[1:1] = ["-m", "cProfile", "-o", str(args.profile)]
         elif not args.strace:
@@ -283,7 +297,7 @@ async def run(args: argparse.Namespace, work: Path) -> int:
             shutil.copyfile(dumped[0], args.keep)
             print(f"callgrind output kept in {args.keep}")
         print(
-            f"{args.protocol}{'s' if args.tls else ''}: "
+            f"{args.protocol}{'s' if args.tls else ''}{' (bench.bound)' if args.bound else ''}: "
             f"{total / args.logins:,.0f} instructions per login "
             f"({args.logins} logins, {total:,} instructions)"
         )
@@ -318,9 +332,17 @@ def main(argv: list[str] | None = None) -> int:
         default="uvloop",
         help="authgate's event_loop setting (default uvloop, authgate's own default)",
     )
+    parser.add_argument(
+        "--bound",
+        action="store_true",
+        help="measure bench.bound (the least a Python login proxy on uvloop does) instead"
+        " of authgate",
+    )
     args = parser.parse_args(argv)
     if args.profile and args.strace:
         parser.error("--profile or --strace, not both")
+    if args.bound and (args.tls or args.warm or args.event_loop != "uvloop"):
+        parser.error("--bound is cleartext, on uvloop, without warm connections")
     if args.keep is not None:
         args.keep = args.keep.resolve()
     if args.strace:

@@ -1588,9 +1588,7 @@ def main(argv: list[str] | None = None) -> int:
             workdir.mkdir(parents=True, exist_ok=True)
         else:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="versus-")))
-        servers = Servers(
-            workdir, server_cpus, args.event_loop, baseline, args.baseline_event_loop
-        )
+        servers = Servers(workdir, server_cpus, args.event_loop, baseline, args.baseline_event_loop)
         stack.callback(servers.stop)
         if generator_cpus:
             # This thread, and the threads it starts later, stay off the servers' CPU.
