@@ -58,6 +58,7 @@ from authgate.certs import ensure_dev_certificates
 from authgate.credentials.store import UserStore
 from authgate.testing.backends import start_backends
 from authgate.testing.stack import MASTER_USER, ListenerSpec, config_text, user_secrets
+from bench import add_event_loop_option
 
 USER = "bench-default"
 
@@ -326,12 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         " summary) to FILE",
     )
     parser.add_argument("--warm", type=int, default=0, help="warm_connections on the backend")
-    parser.add_argument(
-        "--event-loop",
-        choices=("asyncio", "uvloop"),
-        default="uvloop",
-        help="authgate's event_loop setting (default uvloop, authgate's own default)",
-    )
+    add_event_loop_option(parser)
     parser.add_argument(
         "--bound",
         action="store_true",

@@ -54,7 +54,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bench import loadgen
+from bench import add_event_loop_option, loadgen
 from bench.dovecot import (
     BenchDovecot,
     DovecotError,
@@ -1530,12 +1530,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="afterwards, sample authgate with py-spy during logins and print its top frames",
     )
-    parser.add_argument(
-        "--event-loop",
-        choices=("asyncio", "uvloop"),
-        default="uvloop",
-        help="authgate's event_loop setting (default uvloop, authgate's own default)",
-    )
+    add_event_loop_option(parser)
     parser.add_argument(
         "--baseline-event-loop",
         choices=("asyncio", "uvloop"),
