@@ -130,6 +130,15 @@ class BackendSettings:
         "warm_max_age": Range(1, 120),
     }
 
+    @property
+    def same_capabilities_each_connection(self) -> bool:
+        """Whether one connection's capability list holds for the next (see
+        authgate.proxy.routes.CapabilityMemory). Not behind a PROXY header:
+        it gives each connection its client's address, and the backend may
+        offer each another list (Dovecot's login_trusted_networks decides
+        whether cleartext mechanisms are offered)."""
+        return self.client_address is not ClientAddressForwarding.PROXY_V2
+
 
 @dataclass(frozen=True)
 class Listener:

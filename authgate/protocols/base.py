@@ -184,6 +184,11 @@ class ClientMachine(Protocol):
         CAPA), for the driver to remember; None when it asked nothing."""
         ...
 
+    def connection_ended(self, why: str) -> LoginFailed:
+        """The backend's connection ended or broke before a result: the
+        failure to report (`why` says how it ended)."""
+        ...
+
 
 # ----------------------------------------------------- backend client events
 

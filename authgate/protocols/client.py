@@ -165,6 +165,10 @@ class ClientCore(Generic[R]):
     def learned_capabilities(self) -> tuple[str, ...] | None:
         return self._learned
 
+    def connection_ended(self, why: str) -> LoginFailed:
+        """The backend's connection ended (or broke) before a result."""
+        return self._ended(BackendFailure.UNAVAILABLE, why)
+
     # ------------------------------------------------------------ driver API
 
     def receive_data(self, data: bytes) -> list[ClientEvent]:
@@ -419,10 +423,13 @@ class ClientCore(Generic[R]):
         return [LoggedIn(tuple(capabilities), self._lines.take_rest())]
 
     def _fail(self, failure: BackendFailure, detail: str) -> list[ClientEvent]:
+        return [self._ended(failure, detail)]
+
+    def _ended(self, failure: BackendFailure, detail: str) -> LoginFailed:
         self._state = ClientState.FAILED
         self._mech = None
         self._held = None
-        return [LoginFailed(failure, detail)]
+        return LoginFailed(failure, detail)
 
     def _cancel(self, failure: BackendFailure, detail: str) -> list[ClientEvent]:
         return [self._response(None), *self._fail(failure, detail)]

@@ -18,12 +18,13 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from authgate.policy import Refusal
+from authgate.policy import Refusal, choose_client_mechanism
 from authgate.protocols.base import (
     BackendFailure,
     ClientEvent,
     ClientSettings,
     Event,
+    LoginFailed,
     Send,
 )
 from authgate.protocols.client import ClientState, MalformedReply
@@ -365,10 +366,30 @@ class Pop3Client(TableClient[_Reply]):
         if caps is None:
             return self._fail(BackendFailure.UNAVAILABLE, "CAPA reply: " + detail(reply.line))
         self._learned = caps
-        if caps == self._caps:
-            return self._fail(failure, why)
+        way_in = self._way_in()
         self._caps = caps
+        if self._way_in() == way_in:
+            # The same login again (another list may differ in what the
+            # login does not use): the refusal stands, no second try.
+            return self._fail(failure, why)
         return self._login()
+
+    def _way_in(self) -> str | None:
+        """How a terminate-mode login goes by the present list: the SASL
+        mechanism we would choose, USER/PASS, or None (no way in)."""
+        name = choose_client_mechanism(self._sasl_offers(), self._settings.mechanisms)
+        if name is not None:
+            return name
+        return "USER" if self._has_capability("USER") else None
+
+    def connection_ended(self, why: str) -> LoginFailed:
+        if self._refused_with is not None:
+            # The backend hung up while we re-asked CAPA after a refusal, as
+            # many POP3 servers do after a failed login: the refusal stands.
+            failure, detail_ = self._refused_with
+            self._refused_with = None
+            return self._ended(failure, detail_)
+        return super().connection_ended(why)
 
     def _on_stls(self, reply: _Reply) -> list[ClientEvent]:
         if not _is_ok(reply.line):

@@ -100,6 +100,10 @@ class CapabilityMemory:
     def learn(self, backend: str, address: Address, capabilities: tuple[str, ...]) -> None:
         self._lists[(backend, address)] = (self._clock() + self._kept_for, capabilities)
 
+    def __len__(self) -> int:
+        """How many members' lists are held (fresh or not)."""
+        return len(self._lists)
+
 
 @dataclass(frozen=True)
 class ListenerRoutes:

@@ -671,7 +671,8 @@ class ClientSession(ClientConnection):
                 log.debug("%s: %r goes to %s (%s)", self.tag, user, member.address, route.why)
             self._member = (route.backend, member)
             settings = self._client_settings(identity, member, prepared.master_password)
-            if identity is not None:  # terminate mode: the list it answered lately
+            if identity is not None and member.same_capabilities_each_connection:
+                # Terminate mode: the list it answered lately.
                 known = routes.capabilities.recall(route.backend.name, member.address)
                 if known is not None:
                     settings = replace(settings, known_capabilities=known)
@@ -754,9 +755,11 @@ class ClientSession(ClientConnection):
         backend, member = self._member
         if upstream.timed_out:
             self._routes().mark_down(backend, member.address, "did not answer in time")
-        elif isinstance(step, LoggedIn):
+        elif isinstance(step, LoggedIn | LoginFailed) and member.same_capabilities_each_connection:
+            # A list asked on this connection (refused logins too: a list
+            # re-asked after a refusal must replace the outdated one).
             learned = upstream.machine.learned_capabilities
-            if learned is not None:  # a list that a login went by: worth recalling
+            if learned is not None:
                 self._routes().capabilities.learn(backend.name, member.address, learned)
         return step
 

@@ -99,15 +99,13 @@ class Upstream:
                             return event
                     data = await self.channel.read()
                     if not data:
-                        return LoginFailed(
-                            BackendFailure.UNAVAILABLE, "backend closed the connection"
-                        )
+                        return self.machine.connection_ended("backend closed the connection")
                     queue.extend(self.machine.receive_data(data))
         except TimeoutError:
             self.timed_out = True
             return LoginFailed(BackendFailure.UNAVAILABLE, "backend did not answer in time")
         except (ChannelClosed, ConnectionError, ssl.SSLError) as exc:
-            return LoginFailed(BackendFailure.UNAVAILABLE, f"backend connection failed: {exc}")
+            return self.machine.connection_ended(f"backend connection failed: {exc}")
 
     async def _start_tls(self) -> None:
         if self._tls_context is None:

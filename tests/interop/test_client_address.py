@@ -36,6 +36,7 @@ async def gateway(tmp_path: Path, dovecot: DovecotInstance) -> AsyncIterator[Gat
         ("imap-proxy", dovecot.imap_haproxy, "proxy-v2"),
         ("imap-id", dovecot.imap, "id"),
         ("pop3-proxy", dovecot.pop3_haproxy, "proxy-v2"),
+        ("pop3-plain", dovecot.pop3, "none"),
     ):
         protocol = name.split("-")[0]
         listeners += f"""
@@ -83,3 +84,20 @@ async def test_backend_sees_the_real_client(
     reply = await asyncio.to_thread(login_through, gateway, name, dovecot.users["plainuser"])
     assert reply.startswith((b"a OK", b"+OK")), reply
     await asyncio.to_thread(dovecot.wait_for_log, login_line(service, "plainuser", "PLAIN", CLIENT), mark)
+
+
+async def test_a_capa_list_is_remembered_only_without_a_proxy_header(
+    gateway: Gateway, dovecot: DovecotInstance
+) -> None:
+    # Behind a PROXY header Dovecot may answer each client another list
+    # (login_trusted_networks: cleartext mechanisms or not): none is kept
+    # for the next client. Without one, the list is kept for the next login.
+    for name in ("pop3-proxy", "pop3-plain"):
+        reply = await asyncio.to_thread(login_through, gateway, name, dovecot.users["plainuser"])
+        assert reply.startswith(b"+OK"), reply
+    kept = {}
+    for runtime in gateway.runtimes:
+        assert runtime.routes is not None
+        kept[runtime.listener.name] = len(runtime.routes.capabilities)
+    assert kept["pop3-proxy"] == 0
+    assert kept["pop3-plain"] == 1

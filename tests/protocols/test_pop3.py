@@ -1031,6 +1031,41 @@ def test_client_refused_on_an_outdated_list_retries_once_with_the_new_one() -> N
     assert backend.sent.count(b"CAPA") == 1
 
 
+def test_client_a_new_list_with_the_same_way_in_lets_the_refusal_stand() -> None:
+    # PIPELINING gone, the order changed: the same PLAIN login again would
+    # be refused again, and would count twice against us at the backend.
+    backend = fake_backend(client_settings(mechanisms=("PLAIN",), known_capabilities=KNOWN))
+    backend.feed(b"+OK\r\n")
+    assert backend.feed(b"-ERR [AUTH] Authentication failed.\r\n") == b"CAPA\r\n"
+    assert backend.feed(b"+OK\r\nSASL SCRAM-SHA-256 PLAIN\r\nUSER\r\n.\r\n") == b""
+    assert backend.result() == LoginFailed(
+        BackendFailure.REJECTED, "-ERR [AUTH] Authentication failed."
+    )
+    assert backend.sent.count(b"AUTH ") == 1
+    # The new list is still the one to remember.
+    assert backend.client.learned_capabilities == ("SASL SCRAM-SHA-256 PLAIN", "USER")
+
+
+def test_client_a_hang_up_while_re_asking_capa_keeps_the_refusal() -> None:
+    # Many POP3 servers close after a refused login: that is no outage.
+    backend = fake_backend(client_settings(mechanisms=("PLAIN",), known_capabilities=KNOWN))
+    backend.feed(b"+OK\r\n")
+    assert backend.feed(b"-ERR [AUTH] Authentication failed.\r\n") == b"CAPA\r\n"
+    assert backend.client.connection_ended("backend closed the connection") == LoginFailed(
+        BackendFailure.REJECTED, "-ERR [AUTH] Authentication failed."
+    )
+
+
+def test_client_a_hang_up_before_any_answer_is_unavailable() -> None:
+    backend = fake_backend(client_settings(mechanisms=("PLAIN",), known_capabilities=KNOWN))
+    backend.feed(b"+OK\r\n")
+    assert backend.client.connection_ended("backend closed the connection") == LoginFailed(
+        BackendFailure.UNAVAILABLE, "backend closed the connection"
+    )
+    assert backend.client.state is ClientState.FAILED
+    assert backend.client.receive_data(b"-ERR late\r\n") == []  # the login is over
+
+
 def test_client_a_temporary_refusal_on_a_known_list_asks_nothing() -> None:
     backend = fake_backend(client_settings(mechanisms=("PLAIN",), known_capabilities=KNOWN))
     backend.feed(b"+OK\r\n")
