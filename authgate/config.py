@@ -9,7 +9,7 @@ the policy). Relative paths are resolved against the file's folder.
 from __future__ import annotations
 
 import enum
-import importlib.util
+import functools
 import ipaddress
 import os
 import re
@@ -68,13 +68,22 @@ class EventLoop(enum.Enum):
     UVLOOP = "uvloop"  # libuv's (the default where installed): less CPU per event
 
 
+@functools.cache
+def uvloop_usable() -> bool:
+    """uvloop imports here: installed, and built for this interpreter and
+    C library (a wheel for another one is found but fails to import)."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def default_event_loop() -> EventLoop:
-    """uvloop where it is installed (a dependency everywhere but Windows),
+    """uvloop where it works (a dependency everywhere but Windows),
     asyncio's own loop otherwise: a third fewer instructions per login
     (docs/performance.md) is worth having without asking for it."""
-    if importlib.util.find_spec("uvloop") is None:
-        return EventLoop.ASYNCIO
-    return EventLoop.UVLOOP
+    return EventLoop.UVLOOP if uvloop_usable() else EventLoop.ASYNCIO
 
 
 class PasswordStorage(enum.Enum):
@@ -962,10 +971,10 @@ def from_dict(data: Mapping[str, Any], source: Path) -> Config:
     )
     if run_as.group is not None and run_as.user is None:
         raise root.error("group", "needs user as well")
-    if event_loop is EventLoop.UVLOOP and importlib.util.find_spec("uvloop") is None:
+    if event_loop is EventLoop.UVLOOP and not uvloop_usable():
         raise root.error(
             "event_loop",
-            "'uvloop' needs the uvloop package: pip install uvloop",
+            "'uvloop' needs the uvloop package, built for this Python: pip install uvloop",
         )
     hostname = root.get("hostname", str, "localhost")
     if not _HOSTNAME.fullmatch(hostname):

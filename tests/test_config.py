@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from authgate.config import (
     from_dict,
     load,
     parse_address,
+    uvloop_usable,
 )
 from authgate.policy import Protocol, Security
 
@@ -324,18 +326,18 @@ def test_event_loop_setting(tmp_path: Path) -> None:
 
 
 def test_event_loop_without_uvloop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # uvloop is installed here; hide it the way a machine without it looks
-    # (Windows, or a build that left it out): unset means asyncio's loop,
+    # uvloop is installed here; make its import fail the way it does on a
+    # machine without it (Windows, a build that left it out) or with a
+    # wheel built for another interpreter: unset means asyncio's loop,
     # asked for by name it is an error that says how to install it.
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else real(name, *a)
-    )
-    assert load(write(tmp_path, GOOD)).event_loop is EventLoop.ASYNCIO
-    with pytest.raises(ConfigError, match=r"event_loop: 'uvloop' needs .*pip install uvloop"):
-        load(write(tmp_path, 'event_loop = "uvloop"\n' + GOOD))
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop: ImportError
+    uvloop_usable.cache_clear()
+    try:
+        assert load(write(tmp_path, GOOD)).event_loop is EventLoop.ASYNCIO
+        with pytest.raises(ConfigError, match=r"event_loop: 'uvloop' needs .*pip install uvloop"):
+            load(write(tmp_path, 'event_loop = "uvloop"\n' + GOOD))
+    finally:
+        uvloop_usable.cache_clear()  # the next test sees the real uvloop
 
 
 # ------------------------------------------------------------ listen lists
