@@ -53,6 +53,8 @@ class Backend(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's: not a subclass
+        if self.front.gone:
+            transport.close()  # the client left while we connected
 
     def data_received(self, data: bytes) -> None:
         front = self.front
@@ -66,8 +68,13 @@ class Backend(asyncio.Protocol):
                 self.greeted = True
                 self.write(self.settings.backend_login)
             elif line.startswith((b"x OK", b"+OK")):
-                front.backend = self
-                front.write(front.tag + b" OK logged in\r\n" if self.settings.imap else b"+OK\r\n")
+                front.spliced(self)
+                if self.buffer:
+                    front.write(self.buffer)
+                return
+            elif line.startswith((b"x NO", b"x BAD", b"-ERR")):
+                front.close()  # the master login was refused
+                return
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
@@ -85,6 +92,7 @@ class Front(asyncio.Protocol):
         self.buffer = b""
         self.tag = b""
         self.connecting: asyncio.Task[object] | None = None
+        self.gone = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -95,14 +103,14 @@ class Front(asyncio.Protocol):
             self.backend.write(data)
             return
         self.buffer += data
-        if b"\r\n" not in self.buffer:
-            return
-        words = self.buffer.split(b"\r\n", 1)[0].split(b" ")
+        if self.connecting is not None or b"\r\n" not in self.buffer:
+            return  # (held until the splice)
+        line, self.buffer = self.buffer.split(b"\r\n", 1)
+        words = line.split(b" ")
         self.tag = words[0] if self.settings.imap else b""
         _, user, password = base64.b64decode(words[-1]).split(b"\0")
         if user != self.settings.user or password != self.settings.password:
             self.write(self.tag + b" NO refused\r\n" if self.settings.imap else b"-ERR refused\r\n")
-            self.buffer = b""
             return
         loop = asyncio.get_running_loop()
         self.connecting = loop.create_task(
@@ -110,6 +118,18 @@ class Front(asyncio.Protocol):
                 lambda: Backend(self, self.settings), "127.0.0.1", self.settings.backend
             )
         )
+        self.connecting.add_done_callback(self._connected)
+
+    def _connected(self, task: asyncio.Task[object]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.close()  # no backend
+
+    def spliced(self, backend: Backend) -> None:
+        self.backend = backend
+        self.write(self.tag + b" OK logged in\r\n" if self.settings.imap else b"+OK\r\n")
+        if self.buffer:
+            backend.write(self.buffer)  # what the client sent on meanwhile
+            self.buffer = b""
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
@@ -120,6 +140,7 @@ class Front(asyncio.Protocol):
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = True
         if self.backend is not None and self.backend.transport is not None:
             self.backend.transport.close()
 
