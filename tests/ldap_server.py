@@ -47,7 +47,7 @@ from pathlib import Path
 import trustme
 
 from tests.logfile import AppendedLog
-from tests.netutil import free_port
+from tests.netutil import free_ports
 
 HOST = "127.0.0.1"
 SUFFIX = "dc=example,dc=org"
@@ -342,15 +342,16 @@ def start_slapd(
         if loaded.returncode != 0:
             raise SlapdError(f"slapadd failed ({loaded.returncode}):\n{loaded.stderr[-4000:]}")
         for attempt in range(5):
+            ldap_port, ldaps_port, proxied_port = free_ports(3)
             instance = SlapdInstance(
                 root=root,
-                ldap_port=free_port(),
-                ldaps_port=free_port(),
+                ldap_port=ldap_port,
+                ldaps_port=ldaps_port,
                 ca_file=root / "ca.pem",
                 users=users,
                 log_path=root / "slapd.log",
                 conf_path=conf,
-                proxied_port=free_port() if proxied else 0,
+                proxied_port=proxied_port if proxied else 0,
             )
             try:
                 instance.start()

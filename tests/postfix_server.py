@@ -51,7 +51,7 @@ from email.message import Message
 from pathlib import Path
 
 from tests.logfile import AppendedLog
-from tests.netutil import HOST, free_port
+from tests.netutil import HOST, free_ports
 
 POSTFIX = "/usr/sbin/postfix"
 INSTALL_HINT = "run ./dev test as root to install it (Debian package postfix)"
@@ -108,7 +108,6 @@ class PostfixInstance(AppendedLog):
     @property
     def log_path(self) -> Path:
         return self.root / "maillog"
-
 
     def wait_for_log(self, pattern: str, since: int = 0, timeout: float = 15.0) -> re.Match[str]:
         """The first match of `pattern` in the log written after `since`."""
@@ -261,7 +260,7 @@ def start_postfix() -> Iterator[PostfixInstance]:
         raise PostfixError(f"no 'postfix' user: {INSTALL_HINT}") from None
     root = Path(tempfile.mkdtemp(prefix="authgate-postfix-"))
     root.chmod(0o755)  # the daemons run as mail_owner and chdir into the queue
-    ports = {name: free_port() for name in SERVICES}
+    ports = dict(zip(SERVICES, free_ports(len(SERVICES)), strict=True))
     instance = PostfixInstance(root=root, ports=ports)
     try:
         (root / "conf").mkdir()

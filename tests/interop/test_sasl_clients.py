@@ -24,7 +24,7 @@ import pytest
 from tests.interop import matrix
 from tests.interop.dovecot import DovecotInstance
 from tests.interop.matrix import Login
-from tests.netutil import free_port
+from tests.netutil import free_ports
 
 pytestmark = pytest.mark.interop
 
@@ -141,7 +141,7 @@ def start(workdir: Path, dovecot: DovecotInstance, defs: list[ListenerDef]) -> R
     config_path = workdir / "authgate.toml"
     log_path = workdir / "authgate.log"
     for _ in range(3):
-        ports = {d.name: free_port() for d in defs}
+        ports = dict(zip((d.name for d in defs), free_ports(len(defs)), strict=True))
         config_path.write_text(render(defs, ports, dovecot, certs, users_file, master_file))
         gateway = matrix.Gateway.launch(authgate, "terminate", "sasl", config_path, log_path, ports)
         if matrix.wait_listening(gateway, {d.name: (d.host, ports[d.name]) for d in defs}, 20):
@@ -320,4 +320,3 @@ def test_legacy_ntlm_still_checks_the_password(
     assert attempt.status == "refused", explain(attempt, running, before[0], dovecot, before[1])
     assert "NTLM authentication failed as 'plainuser': invalid-credentials" in log, log
     assert "Login: user=" not in dovecot.log_text(before[1])
-

@@ -38,7 +38,8 @@ from authgate.certs import ensure_dev_certificates
 from authgate.credentials.store import UserStore, generate_secrets
 from authgate.testing.backends import Backends, seed_mailbox, start_backends
 from authgate.testing.stack import MASTER_USER
-from tests.redis_server import RedisInstance, free_port, start_redis
+from tests.netutil import free_ports
+from tests.redis_server import RedisInstance, start_redis
 
 HOST = "127.0.0.1"  # haproxy, the instances and the backend: also the balancer's address
 EXEMPT_CLIENT = "127.0.0.7"  # in exempt_networks: cleartext allowed
@@ -414,7 +415,9 @@ async def scaled_out(root: Path, haproxy_binary: str) -> AsyncIterator[Cluster]:
                 # alone (until its 5 s retry), which the tests would misread.
                 if b"unreachable: using local brute-force state" in instance.stderr:
                     await instance.wait_for_log(b"is back: using shared", STARTUP_TIMEOUT)
-            frontends = {name: free_port() for name, _, _ in LISTENERS}
+            frontends = dict(
+                zip((n for n, _, _ in LISTENERS), free_ports(len(LISTENERS)), strict=True)
+            )
             haproxy_cfg = root / "haproxy.cfg"
             haproxy_cfg.write_text(
                 haproxy_config(
