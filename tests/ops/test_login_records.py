@@ -15,7 +15,7 @@ import pytest
 
 from authgate import config as config_mod
 from authgate.errors import ConfigError
-from authgate.logs import LOGIN_FIELDS, JsonFormatter, LogFormat
+from authgate.logs import LOGIN_FIELDS, TEXT_FORMAT, JsonFormatter, LogFormat, TextFormatter
 from tests.ops.process import PASSWORD, Authgate
 from tests.ops.scenario import FAKE_USER, WRONG
 
@@ -89,3 +89,22 @@ def test_json_formatter_keeps_a_traceback_on_one_line() -> None:
     assert "\n" not in line
     parsed = json.loads(line)
     assert parsed["message"] == "bad x" and "ValueError: boom" in parsed["traceback"]
+
+
+def test_text_formatter_writes_what_the_standard_formatter_writes() -> None:
+    # TextFormatter is TEXT_FORMAT put together by hand, with each second's
+    # time text made once: the same lines, across seconds, with a traceback.
+    ours, standard = TextFormatter(), logging.Formatter(TEXT_FORMAT)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failed = sys.exc_info()
+    start = 1_765_000_000.0
+    for offset, exc_info in ((0.0, None), (0.25, None), (0.999, failed), (1.0, None), (61.5, None)):
+        record = logging.LogRecord("authgate.login", logging.WARNING, "", 0, "%s", ("a b",), exc_info)
+        record.created = start + offset
+        record.msecs = (record.created - int(record.created)) * 1000
+        twin = logging.makeLogRecord(record.__dict__)
+        twin.exc_text = None
+        assert ours.format(record) == standard.format(twin)
+    assert ours.formatTime(record, "%H") == standard.formatTime(record, "%H")
