@@ -755,9 +755,10 @@ class ClientSession(ClientConnection):
         backend, member = self._member
         if upstream.timed_out:
             self._routes().mark_down(backend, member.address, "did not answer in time")
-        elif isinstance(step, LoggedIn | LoginFailed) and member.same_capabilities_each_connection:
-            # A list asked on this connection (refused logins too: a list
-            # re-asked after a refusal must replace the outdated one).
+        elif isinstance(step, LoggedIn) and member.same_capabilities_each_connection:
+            # A list a login went by. Not one a refused login asked for: a
+            # list with no way in would then fail the next logins without a
+            # word to the backend (and so without a second look at its list).
             learned = upstream.machine.learned_capabilities
             if learned is not None:
                 self._routes().capabilities.learn(backend.name, member.address, learned)
