@@ -172,8 +172,9 @@ class TextFormatter(logging.Formatter):
             return super().formatTime(record, datefmt)
         second, text = self._second
         if int(record.created) != second:
+            second = int(record.created)
             text = time.strftime(self.default_time_format, self.converter(record.created))
-            self._second = (int(record.created), text)
+            self._second = (second, text)
         msec_format = self.default_msec_format
         return msec_format % (text, record.msecs) if msec_format else text
 

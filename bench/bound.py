@@ -13,8 +13,7 @@ What authgate spends per login beyond this figure is authgate's own work,
 not the interpreter's or the event loop's floor.
 
 Not a server for anything but this measurement. The settings come as a
-JSON file (`bench.instructions` writes it): protocol, listen and backend
-ports, user, password, master user and its password.
+JSON file: `command()` writes one and gives the command line that serves it.
 """
 
 from __future__ import annotations
@@ -28,6 +27,32 @@ from pathlib import Path
 from typing import cast
 
 import uvloop
+
+
+def command(
+    settings_file: Path,
+    *,
+    protocol: str,
+    listen: int,
+    backend: int,
+    user: str,
+    password: str,
+    master: str,
+    master_password: str,
+) -> list[str]:
+    """Write the settings to `settings_file`; the command that serves them
+    (run it from the repository root, where `bench` is a package)."""
+    settings = {
+        "protocol": protocol,
+        "listen": listen,
+        "backend": backend,
+        "user": user,
+        "password": password,
+        "master": master,
+        "master_password": master_password,
+    }
+    settings_file.write_text(json.dumps(settings))
+    return [sys.executable, "-m", "bench.bound", str(settings_file)]
 
 
 class Settings:

@@ -38,7 +38,6 @@ import argparse
 import asyncio
 import base64
 import contextlib
-import json
 import os
 import re
 import secrets
@@ -58,7 +57,7 @@ from authgate.certs import ensure_dev_certificates
 from authgate.credentials.store import UserStore
 from authgate.testing.backends import start_backends
 from authgate.testing.stack import MASTER_USER, ListenerSpec, config_text, user_secrets
-from bench import add_event_loop_option
+from bench import add_event_loop_option, bound
 
 USER = "bench-default"
 
@@ -229,17 +228,16 @@ async def run(args: argparse.Namespace, work: Path) -> int:
         traced = work / "strace.txt"
         command = [sys.executable, "-m", "authgate", "run", "-c", str(work / "authgate.toml")]
         if args.bound:  # the same logins through bench.bound instead
-            bound = {
-                "protocol": args.protocol,
-                "listen": port,
-                "backend": backends.imap.port if args.protocol == "imap" else backends.pop3.port,
-                "user": USER,
-                "password": password,
-                "master": MASTER_USER,
-                "master_password": "master-" + password,
-            }
-            (work / "bound.json").write_text(json.dumps(bound))
-            command = [sys.executable, "-m", "bench.bound", str(work / "bound.json")]
+            command = bound.command(
+                work / "bound.json",
+                protocol=args.protocol,
+                listen=port,
+                backend=backends.imap.port if args.protocol == "imap" else backends.pop3.port,
+                user=USER,
+                password=password,
+                master=MASTER_USER,
+                master_password="master-" + password,
+            )
         if args.profile:
             command[1:1] = ["-m", "cProfile", "-o", str(args.profile)]
         elif not args.strace:

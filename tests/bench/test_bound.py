@@ -6,14 +6,13 @@ then a splice). Correctness only, never speed."""
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from authgate.testing.backends import start_backends
+from bench import bound
 from bench.instructions import free_port, login, wait_listening
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,21 +28,17 @@ async def test_bound_logs_in_through_a_master_login_and_splices(
         tmp_path / "mail", {USER: PASSWORD}, master=(MASTER, MASTER_PASSWORD)
     )
     port = free_port()
-    settings = tmp_path / "bound.json"
-    settings.write_text(
-        json.dumps(
-            {
-                "protocol": protocol,
-                "listen": port,
-                "backend": backends.imap.port if protocol == "imap" else backends.pop3.port,
-                "user": USER,
-                "password": PASSWORD,
-                "master": MASTER,
-                "master_password": MASTER_PASSWORD,
-            }
-        )
+    serving = bound.command(
+        tmp_path / "bound.json",
+        protocol=protocol,
+        listen=port,
+        backend=backends.imap.port if protocol == "imap" else backends.pop3.port,
+        user=USER,
+        password=PASSWORD,
+        master=MASTER,
+        master_password=MASTER_PASSWORD,
     )
-    proc = subprocess.Popen([sys.executable, "-m", "bench.bound", str(settings)], cwd=REPO)
+    proc = subprocess.Popen(serving, cwd=REPO)
     try:
         await wait_listening(port, proc, 30)
         # A login, then LOGOUT / QUIT answered by the backend through the
