@@ -43,7 +43,7 @@ import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, Protocol, TypeVar
+from typing import ClassVar, Final, Protocol, TypeVar
 
 from authgate.policy import ExemptNetworks, IPAddress, client_ip
 from authgate.settings import Range
@@ -144,6 +144,10 @@ class Verdict:
 
     blocked: bool
     retry_after: float = 0.0
+
+
+# The answer to nearly every check (made once: a login asks three times).
+NOT_BLOCKED: Final = Verdict(blocked=False)
 
 
 @dataclass(frozen=True)
@@ -367,11 +371,11 @@ class Guard:
         """Is `address` blocked, and for how long still?"""
         key, trusted = self._client(address)
         if trusted:
-            return Verdict(blocked=False)
+            return NOT_BLOCKED
         record = self.addresses.get(key)
         now = self._clock()
         if record is None or record.until <= now:
-            return Verdict(blocked=False)
+            return NOT_BLOCKED
         return Verdict(blocked=True, retry_after=record.until - now)
 
     def user_locked(self, username: str | bytes, address: str | IPAddress | None = None) -> bool:

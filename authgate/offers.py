@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from authgate.atrest.envelope import Keyring
 from authgate.config import BackendMode, Config, Listener, PasswordStorage
@@ -25,6 +25,12 @@ class ListenerOffer:
 
     listener: Listener
     store: StoreOffer
+    # The policy's answers so far, by (exempt client?, TLS?): the policy
+    # function reads the client's address for its exemption alone, so a
+    # listener has at most four answers, and each session asks for one.
+    _decisions: dict[tuple[bool, bool], Decision] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def verifiable(self) -> tuple[str, ...]:
@@ -39,7 +45,13 @@ class ListenerOffer:
     def decide(
         self, client: str | ipaddress.IPv4Address | ipaddress.IPv6Address, *, tls: bool
     ) -> Decision:
-        return decide(self.listener.policy, client, tls=tls, verifiable=self.verifiable)
+        policy = self.listener.policy
+        key = (client in policy.exempt, tls)
+        decision = self._decisions.get(key)
+        if decision is None:
+            decision = decide(policy, client, tls=tls, verifiable=self.verifiable)
+            self._decisions[key] = decision
+        return decision
 
 
 def listener_offer(

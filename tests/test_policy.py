@@ -9,6 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from authgate.config import Address, BackendSettings, Listener, TLSMode
+from authgate.credentials.store import StoreOffer
+from authgate.offers import ListenerOffer
 from authgate.policy import (
     ExemptNetworks,
     ListenerPolicy,
@@ -193,3 +196,41 @@ def test_policy_invariants(
         assert d.offered == () and d.tls_required
     for m in mechs:
         assert (d.refusal(m) is None) == (m in d.offered)
+
+
+@given(
+    security=st.sampled_from(list(Security)),
+    mechs=st.lists(st.sampled_from(sorted(MECHANISMS)), unique=True, min_size=1),
+    verifiable=st.sets(st.sampled_from(sorted(MECHANISMS))),
+    asked=st.lists(
+        st.tuples(
+            st.ip_addresses()
+            | st.sampled_from(["192.168.3.4", "fd00::1", "::ffff:192.168.9.9", "not-an-ip"]),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+)
+def test_a_listeners_remembered_answers_are_the_policy_functions(
+    security: Security,
+    mechs: list[str],
+    verifiable: set[str],
+    asked: list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address | str, bool]],
+) -> None:
+    """ListenerOffer.decide remembers one answer per (exempt, TLS): for any
+    sequence of clients, each gets what the pure function says for it."""
+    policy = ListenerPolicy(Protocol.IMAP, security, tuple(mechs), LAN)
+    listener = Listener(
+        name="imap",
+        protocol=Protocol.IMAP,
+        listen=(Address("127.0.0.1", 1143),),
+        tls=TLSMode.STARTTLS,
+        backend=BackendSettings(Address("127.0.0.1", 2143)),
+        policy=policy,
+    )
+    store = StoreOffer(mechanisms=tuple(m for m in mechs if m in verifiable))
+    offer = ListenerOffer(listener, store)
+    for client, tls in asked:
+        expected = decide(policy, client, tls=tls, verifiable=store.mechanisms)
+        assert offer.decide(client, tls=tls) == expected

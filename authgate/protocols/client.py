@@ -83,6 +83,11 @@ _MECH_NAME = re.compile(rb"[A-Za-z0-9_-]{1,20}")
 
 
 class ClientState(enum.Enum):
+    # Members are singletons, equal only to themselves: hash them by
+    # identity, in C. (Enum.__hash__ is a Python call, and the machine
+    # looks its state up in a set several times per login.)
+    __hash__ = object.__hash__
+
     GREETING = "greeting"  # waiting for the greeting
     CAPABILITY = "capability"  # asked CAPA / CAPABILITY / EHLO
     STARTTLS = "starttls"  # sent STARTTLS / STLS

@@ -402,13 +402,8 @@ class ImapServer(ServerCore):
 
     def _capabilities(self) -> bytes:
         decision = self._decide()
-        caps = ["IMAP4rev1", "SASL-IR", "LITERAL+", "ID"]
-        if self._settings.starttls_available and not self._tls_active:
-            caps.append("STARTTLS")
-        if not decision.cleartext_login:
-            caps.append("LOGINDISABLED")  # RFC 9051 section 6.2.3
-        caps += [f"AUTH={name}" for name in decision.offered]
-        return " ".join(caps).encode("ascii")
+        starttls = self._settings.starttls_available and not self._tls_active
+        return _capability_line(decision.offered, decision.cleartext_login, starttls)
 
     def _privacy_text(self) -> bytes:
         if self._settings.starttls_available and not self._tls_active:
@@ -490,6 +485,18 @@ class _Status:
         return _parse_capabilities(self.code.partition(b" ")[2])
 
 
+@functools.lru_cache(maxsize=64)  # a listener's few policy states
+def _capability_line(offered: tuple[str, ...], cleartext_login: bool, starttls: bool) -> bytes:
+    """Our CAPABILITY list for a decision's mechanisms and TLS state."""
+    caps = ["IMAP4rev1", "SASL-IR", "LITERAL+", "ID"]
+    if starttls:
+        caps.append("STARTTLS")
+    if not cleartext_login:
+        caps.append("LOGINDISABLED")  # RFC 9051 section 6.2.3
+    caps += [f"AUTH={name}" for name in offered]
+    return " ".join(caps).encode("ascii")
+
+
 def _parse_status(text: bytes) -> _Status:
     status, _, rest = text.partition(b" ")
     code = b""
@@ -503,6 +510,18 @@ def _parse_status(text: bytes) -> _Status:
 @functools.lru_cache(maxsize=16)  # the same few lists, login after login
 def _parse_capabilities(text: bytes) -> tuple[str, ...]:
     return tuple(t.decode("ascii", "replace") for t in text.split(b" ") if t)
+
+
+@functools.lru_cache(maxsize=16)  # (the lists _parse_capabilities returns)
+def _capability_names(capabilities: tuple[str, ...]) -> frozenset[str]:
+    """A capability list's names in upper case, to look names up in."""
+    return frozenset(c.upper() for c in capabilities)
+
+
+@functools.lru_cache(maxsize=16)
+def _sasl_offers(capabilities: tuple[str, ...]) -> tuple[str, ...]:
+    """The SASL mechanisms a capability list offers (its AUTH= names)."""
+    return tuple(c[5:] for c in capabilities if c.upper().startswith("AUTH="))
 
 
 def _printable(text: bytes) -> str:
@@ -677,7 +696,7 @@ class ImapClient(ClientCore[bytes]):
 
     def _proceed(self) -> list[ClientEvent]:
         """Capabilities are known (again): STARTTLS, ID, then log in."""
-        offered = {c.upper() for c in self._capabilities}
+        offered = _capability_names(self._capabilities)
         if self._settings.starttls and not self._tls_done:
             if "STARTTLS" not in offered:
                 return self._fail(BackendFailure.UNAVAILABLE, "backend does not offer STARTTLS")
@@ -698,15 +717,14 @@ class ImapClient(ClientCore[bytes]):
         return self._ready()
 
     def _login(self) -> list[ClientEvent]:
-        offers = [c[5:] for c in self._capabilities if c.upper().startswith("AUTH=")]
-        started = self._master_login(offers)
+        started = self._master_login(_sasl_offers(self._capabilities))
         if started is None:
             return self._fail(BackendFailure.REJECTED, "no common SASL mechanism")
         return started
 
     def _auth_command(self, name: str, initial: InitialResponse) -> list[ClientEvent]:
         command = b"AUTHENTICATE " + name.encode("ascii")
-        sasl_ir = "SASL-IR" in {c.upper() for c in self._capabilities}
+        sasl_ir = "SASL-IR" in _capability_names(self._capabilities)
         if initial is not NO_RESPONSE:
             if sasl_ir:
                 # RFC 4959 section 3: "=" stands for an empty initial response.

@@ -85,6 +85,11 @@ from authgate.sasl.base import (
 
 
 class ServerState(enum.Enum):
+    # Members are singletons, equal only to themselves: hash them by
+    # identity, in C. (Enum.__hash__ is a Python call, and the machine
+    # looks its state up in a set several times per login.)
+    __hash__ = object.__hash__
+
     NEW = "new"  # start() not called yet
     COMMAND = "command"  # reading commands
     SASL = "sasl"  # sent a challenge, reading the client's response line

@@ -9,6 +9,7 @@ clock and the health record, and keeps the log lines about health.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import socket
@@ -50,15 +51,25 @@ def is_own(peer: tuple[str, int], local: tuple[str, int]) -> bool:
     host, port = str(peer[0]), int(peer[1])
     if (host, port) in OWN_SOCKETS:
         return True
+    facts = _host_facts(host)
+    if facts is None:
+        return False
+    wildcard, loopback = facts
+    return (loopback or host == str(local[0])) and (wildcard, port) in OWN_SOCKETS
+
+
+@functools.lru_cache(maxsize=256)  # a backend connection's far end: a few hosts
+def _host_facts(host: str) -> tuple[str, bool] | None:
+    """The wildcard address of `host`'s family and whether it is loopback
+    (an IPv4-mapped IPv6 address counts as IPv4), or None: not an IP."""
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
-        return False
+        return None
     if ip.version == 6 and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     wildcard = "0.0.0.0" if ip.version == 4 else "::"  # noqa: S104 (compared, not bound)
-    local_here = ip.is_loopback or host == str(local[0])
-    return local_here and (wildcard, port) in OWN_SOCKETS
+    return wildcard, ip.is_loopback
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,7 @@ class _Listener:
     def _watch(self) -> None:
         loop = asyncio.get_running_loop()
         for sock in self.sockets:
-            loop.add_reader(sock.fileno(), self._accept, sock)
+            loop.add_reader(sock.fileno(), self._accept, sock, loop)
 
     def _unwatch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -120,7 +120,7 @@ class _Listener:
             if sock.fileno() >= 0:
                 loop.remove_reader(sock.fileno())
 
-    def _accept(self, listening: socket.socket) -> None:
+    def _accept(self, listening: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, peer = listening.accept()
@@ -131,7 +131,7 @@ class _Listener:
             except OSError as exc:
                 self._accept_failed(exc)
                 return
-            self._gateway._admit(self._name, sock, peer)
+            self._gateway._admit(self._name, sock, peer, loop)
 
     def _accept_failed(self, exc: OSError) -> None:
         notices = self._gateway.notices
@@ -362,8 +362,11 @@ class Gateway:
     # counted and capped like a direct client. A peer on such a listener
     # that is not a trusted balancer is a direct client, capped at accept().
 
-    def _admit(self, name: str, sock: socket.socket, peer: Any) -> None:
-        """A connection just accepted: serve it, or refuse it over a cap."""
+    def _admit(
+        self, name: str, sock: socket.socket, peer: Any, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        """A connection just accepted: serve it (a task on `loop`, the one
+        accepting), or refuse it over a cap."""
         sock.setblocking(False)
         runtime = self._runtimes[name]
         listener = runtime.listener
@@ -382,7 +385,7 @@ class Gateway:
         metrics = recorder()
         metrics.connection_accepted(name)
         metrics.session_started(name)
-        task = asyncio.ensure_future(self._serve(runtime, connection, host, balancer))
+        task = loop.create_task(self._serve(runtime, connection, host, balancer))
         self._sessions.add(task)
         task.add_done_callback(lambda t: self._session_done(t, connection))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import logging
 import ssl
 import time
@@ -118,6 +119,17 @@ GUESS_REASONS = frozenset(
 _Next: TypeAlias = Sequence[Event | Handover] | None
 
 
+@functools.lru_cache(maxsize=256)  # a listener's few local addresses
+def _digest_aliases(hostnames: tuple[str, ...], local: str) -> tuple[str, ...]:
+    """The names a DIGEST-MD5 digest-uri may give for us: our hostname, our
+    other names, or the address the client connected to (clients put there
+    whatever they typed, an IP address included)."""
+    local_ip = client_ip(local)
+    if local_ip is None or local_ip.is_unspecified:
+        return hostnames
+    return (*hostnames, str(local_ip))
+
+
 class ClientSession(ClientConnection):
     # One per connection: no per-instance dict (memory per held session).
     __slots__ = (
@@ -176,13 +188,7 @@ class ClientSession(ClientConnection):
         self.user: str | None = None  # once logged in
         self._backend_tried: str | None = None  # the backend the attempt involved
         self._decisions: dict[bool, Decision] = {}
-        # DIGEST-MD5 digest-uri may name our hostname, our other names, or
-        # the address this client connected to (clients put there whatever
-        # they typed, an IP address included).
-        local_ip = client_ip(self.local[0])
-        self._aliases = runtime.listener.hostnames
-        if local_ip is not None and not local_ip.is_unspecified:
-            self._aliases += (str(local_ip),)
+        self._aliases = _digest_aliases(runtime.listener.hostnames, self.local[0])
         self.upstream: Upstream | None = None
         # What the backend announced, for a greeting that repeats it
         # (ProtocolParts.greeting_from_backend), read before start().
@@ -377,8 +383,11 @@ class ClientSession(ClientConnection):
         if isinstance(request, PasswordCheck):
             # App passwords may be limited to protocols; their use is
             # recorded with the client's address.
+            # (Made anew, not dataclasses.replace: every password login does this.)
             protocol = self.runtime.listener.protocol.value
-            request = replace(request, protocol=protocol, client=self.peer[0])
+            request = PasswordCheck(
+                request.authcid, request.password, protocol=protocol, client=self.peer[0]
+            )
         if self.guard.user_locked(request.authcid, self.address):
             # A locked user fails like a wrong password: no oracle for guessers.
             log.info("%s: user %r is locked out", self.tag, request.authcid)
@@ -670,12 +679,11 @@ class ClientSession(ClientConnection):
             if user is not None and log.isEnabledFor(logging.DEBUG):
                 log.debug("%s: %r goes to %s (%s)", self.tag, user, member.address, route.why)
             self._member = (route.backend, member)
-            settings = self._client_settings(identity, member, prepared.master_password)
+            known = None
             if identity is not None and member.same_capabilities_each_connection:
                 # Terminate mode: the list it answered lately.
                 known = routes.capabilities.recall(route.backend.name, member.address)
-                if known is not None:
-                    settings = replace(settings, known_capabilities=known)
+            settings = self._client_settings(identity, member, prepared.master_password, known)
             if adjust is not None:
                 settings = adjust(settings)
             return Upstream(
@@ -717,7 +725,11 @@ class ClientSession(ClientConnection):
         return result.capabilities
 
     def _client_settings(
-        self, identity: str | None, backend: BackendSettings, master_password: str | None
+        self,
+        identity: str | None,
+        backend: BackendSettings,
+        master_password: str | None,
+        known_capabilities: tuple[str, ...] | None = None,
     ) -> ClientSettings:
         credentials = None
         xclient_login = None
@@ -744,6 +756,7 @@ class ClientSession(ClientConnection):
             xclient_login=xclient_login,
             use_id=forwarding is ClientAddressForwarding.ID,
             use_xclient=forwarding is ClientAddressForwarding.XCLIENT,
+            known_capabilities=known_capabilities,
         )
 
     async def _advance(self, upstream: Upstream, events: Sequence[Any] = ()) -> LoginStep:
