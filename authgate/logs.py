@@ -131,22 +131,20 @@ LOGIN_FIELDS: Final = tuple(LoginRecord.__dataclass_fields__)
 _login_values: Final = operator.attrgetter(*LOGIN_FIELDS)
 
 
-def _text_value(value: object) -> str:
-    if value is None:
-        return "-"
-    if type(value) is int:
-        return str(value)
-    text = str(value)
-    if not text or text == "-" or not text.isprintable() or " " in text or '"' in text:
-        return json.dumps(text, ensure_ascii=True)
-    return text
-
-
 def login_message(record: LoginRecord) -> str:
-    values = _login_values(record)
-    return "login " + " ".join(
-        [f"{name}={_text_value(value)}" for name, value in zip(LOGIN_FIELDS, values, strict=True)]
-    )
+    """The record as text: each field as name=value, "-" for no value, and
+    a value JSON-quoted unless it is one printable word (so no value can
+    fake a field or a line)."""
+    parts = ["login"]
+    for name, value in zip(LOGIN_FIELDS, _login_values(record), strict=True):
+        if value is None:
+            parts.append(name + "=-")
+            continue
+        text = value if type(value) is str else str(value)
+        if not text or text == "-" or not text.isprintable() or " " in text or '"' in text:
+            text = json.dumps(text, ensure_ascii=True)
+        parts.append(name + "=" + text)
+    return " ".join(parts)
 
 
 def log_login(record: LoginRecord) -> None:
