@@ -78,34 +78,43 @@ class Upstream:
 
     async def advance(self, events: Iterable[ClientEvent] = ()) -> LoginStep:
         """Act on the machine's events and feed it the backend's bytes until it
-        has a result: logged in, failed, or (relay mode) a challenge."""
+        has a result: logged in, failed, or (relay mode) a challenge. All of
+        it within the backend timeout: each wait for the backend gets what
+        is left of it (a timer on the one future waited on, not an
+        asyncio.timeout per call: every login makes this call)."""
         queue: deque[ClientEvent] = deque(events)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
         try:
-            async with asyncio.timeout(self._timeout):
-                while True:
-                    while queue:
-                        event = queue.popleft()
-                        if isinstance(event, Send):
-                            self.channel.write(event.data)
-                        elif isinstance(event, StartTLS):
-                            await self._start_tls()
-                            queue.extend(self.machine.tls_started())
-                        elif isinstance(event, Derive):
-                            # PBKDF2 at the backend's iteration count: never on
-                            # the event loop (hashlib releases the GIL).
-                            key = await asyncio.to_thread(event.compute)
-                            queue.extend(self.machine.derived(key))
-                        else:
-                            return event
-                    data = await self.channel.read()
-                    if not data:
-                        return self.machine.connection_ended("backend closed the connection")
-                    queue.extend(self.machine.receive_data(data))
+            while True:
+                while queue:
+                    event = queue.popleft()
+                    if isinstance(event, Send):
+                        self.channel.write(event.data)
+                    elif isinstance(event, StartTLS | Derive):
+                        async with asyncio.timeout_at(deadline):
+                            queue.extend(await self._act(event))
+                    else:
+                        return event
+                data = await self.channel.read(timeout=deadline - loop.time())
+                if not data:
+                    return self.machine.connection_ended("backend closed the connection")
+                queue.extend(self.machine.receive_data(data))
         except TimeoutError:
             self.timed_out = True
             return LoginFailed(BackendFailure.UNAVAILABLE, "backend did not answer in time")
         except (ChannelClosed, ConnectionError, ssl.SSLError) as exc:
             return self.machine.connection_ended(f"backend connection failed: {exc}")
+
+    async def _act(self, event: StartTLS | Derive) -> list[ClientEvent]:
+        """The two events that take a while: a TLS handshake, a key derivation."""
+        if isinstance(event, StartTLS):
+            await self._start_tls()
+            return self.machine.tls_started()
+        # PBKDF2 at the backend's iteration count: never on the event loop
+        # (hashlib releases the GIL).
+        key = await asyncio.to_thread(event.compute)
+        return self.machine.derived(key)
 
     async def _start_tls(self) -> None:
         if self._tls_context is None:
