@@ -397,18 +397,19 @@ class UserStore:
         a digest, NTLM, CRAM-MD5: microseconds, holding the GIL anyway) is
         answered at once: the hop to a thread costs more than the check."""
         chosen = executor or self._executor
-        loop = asyncio.get_running_loop()
         if self._quick(request):
             answer = self.resolve(request)
         elif chosen is None:
             answer = await asyncio.to_thread(self.resolve, request)
         else:
-            answer = await loop.run_in_executor(chosen, self.resolve, request)
+            answer = await asyncio.get_running_loop().run_in_executor(
+                chosen, self.resolve, request
+            )
         if isinstance(answer, PasswordVerdict) and answer.app_password and answer.identity:
             assert isinstance(request, PasswordCheck)
             self._usage.note(answer.identity, answer.app_password, request.client)
             # A small file write, in a thread: never on the event loop.
-            await loop.run_in_executor(chosen, self._usage.save)
+            await asyncio.get_running_loop().run_in_executor(chosen, self._usage.save)
         return answer
 
     # -- app passwords

@@ -301,8 +301,9 @@ class ClientSession(ClientConnection):
         if self.runtime.parts.greeting_from_backend and not await self._ask_backend():
             return None
         limits = self.runtime.limits
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + limits.preauth_timeout
+        # time.monotonic(), a monotonic clock like loop.time(), without
+        # get_running_loop()'s getpid() system call (CPython 3.11).
+        deadline = time.monotonic() + limits.preauth_timeout
         queue: deque[Event | Handover] = deque(self.machine.start())
         first_read = True
         while True:
@@ -317,7 +318,7 @@ class ClientSession(ClientConnection):
             await self.client.drain()
             # Idle timeout, and a cap on the whole pre-authentication phase
             # (a slow client trickling one byte a minute must not stay forever).
-            wait = min(limits.idle_timeout, deadline - loop.time())
+            wait = min(limits.idle_timeout, deadline - time.monotonic())
             try:
                 if wait <= 0:
                     raise TimeoutError
@@ -351,7 +352,7 @@ class ClientSession(ClientConnection):
         if checked and await self._blocked():
             return None
         if self._attempt_started is None and isinstance(event, Lookup | RelayAuth | Authenticated):
-            self._attempt_started = asyncio.get_running_loop().time()
+            self._attempt_started = time.monotonic()
         if isinstance(event, Lookup):
             return await self._lookup(event.request)
         if isinstance(event, Authenticated):
@@ -527,7 +528,7 @@ class ClientSession(ClientConnection):
         app_password: str | None = None,
     ) -> None:
         """The one login record of an attempt's outcome (authgate.logs)."""
-        now = asyncio.get_running_loop().time()
+        now = time.monotonic()
         started = self._attempt_started
         self._attempt_started = None
         tls = self.client.tls
