@@ -27,7 +27,7 @@ class ListenerOffer:
     store: StoreOffer
     # The policy's answers so far, by (exempt client?, TLS?): the policy
     # function reads the client's address for its exemption alone, so a
-    # listener has at most four answers, and each session asks for one.
+    # listener has at most four answers; a session needs one per TLS state.
     _decisions: dict[tuple[bool, bool], Decision] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
