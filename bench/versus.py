@@ -240,6 +240,22 @@ class Meter:
 # --- authgate --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Tuning:
+    """The settings one authgate target runs with that the bench may vary:
+    its event loop, and `warm_connections` on its backends (0: off, the
+    default)."""
+
+    event_loop: str = "uvloop"
+    warm_connections: int = 0
+
+    def describe(self) -> str:
+        text = f"event_loop = {self.event_loop!r}"
+        if self.warm_connections:
+            text += f", warm_connections = {self.warm_connections}"
+        return text
+
+
 @dataclass
 class BenchAuthgate:
     """`authgate run -c <config>` in terminate mode in front of Dovecot: IMAP,
@@ -254,7 +270,7 @@ class BenchAuthgate:
     users: dict[str, str]
     master: tuple[str, str]
     cpus: set[int] | None = None
-    event_loop: str = "uvloop"
+    tuning: Tuning = Tuning()
     backend_pop3_port: int = 0
     code: Path = REPO
     imap: int = 0
@@ -326,6 +342,8 @@ class BenchAuthgate:
         self.conf_path.write_text(self.render(users_file, secret))
 
     def render(self, users_file: Path, secret: Path) -> str:
+        warm = self.tuning.warm_connections
+
         def backend(port: int) -> list[str]:
             return [
                 "[listeners.backend]",
@@ -335,6 +353,7 @@ class BenchAuthgate:
                 f'master_user = "{self.master[0]}"',
                 f'master_password_file = "{secret}"',
                 'mechanisms = ["PLAIN"]',
+                *([f"warm_connections = {warm}"] if warm else []),
             ]
 
         pop3 = (
@@ -353,7 +372,7 @@ class BenchAuthgate:
         lines = [
             "# Written by bench/versus.py.",
             f'hostname = "{HOSTNAME}"',
-            f'event_loop = "{self.event_loop}"',
+            f'event_loop = "{self.tuning.event_loop}"',
             # The bench runs as root (Dovecot needs it) and so does authgate
             # here, which it refuses unless told (authgate.privileges).
             "run_as_root = true",
@@ -447,16 +466,15 @@ class Servers:
         self,
         workdir: Path,
         cpus: set[int] | None,
-        event_loop: str = "uvloop",
+        tuning: Tuning = Tuning(),
         baseline: Path | None = None,
-        baseline_event_loop: str | None = None,
+        baseline_tuning: Tuning | None = None,
     ) -> None:
         self.workdir = workdir
         self.cpus = cpus
-        self.event_loop = event_loop
         self.baseline = baseline
         # An older tree may predate a setting's default: name it for that one.
-        self.baseline_event_loop = baseline_event_loop or event_loop
+        self.tunings = {"authgate": tuning, BASE: baseline_tuning or tuning}
         # Password-policy proof (three character classes) and nginx-map safe.
         self.password = "Bx7" + secrets.token_hex(8)
         self.master_password = "Mx7" + secrets.token_hex(8)
@@ -527,7 +545,7 @@ class Servers:
                 {USER: self.password},
                 master,
                 self.cpus,
-                self.baseline_event_loop if name == BASE else self.event_loop,
+                self.tunings[name],
                 backend_pop3_port=self.dovecot.pop3,
                 code=tree,
             )
@@ -1381,11 +1399,12 @@ def report(
     pinning: tuple[set[int] | None, set[int] | None],
     extra: Sequence[str],
     server_problems: Sequence[str],
-    event_loops: tuple[str, str | None] = ("uvloop", None),
+    tunings: dict[str, Tuning] | None = None,
     trees: dict[str, Path] | None = None,
 ) -> str:
     """The whole report. `trees`: the code each authgate target ran (for
-    authgate@base, its column appears when it is there)."""
+    authgate@base, its column appears when it is there); `tunings`: the
+    settings each ran with."""
     by_name = {f.name: f for f in found}
     trees = trees or {"authgate": REPO}
     names = TARGETS + ((BASE,) if BASE in trees else ())
@@ -1398,10 +1417,10 @@ def report(
         if generator and servers
         else "no pinning (one CPU)"
     )
-    event_loop, baseline_event_loop = event_loops
-    loops = f"authgate on event_loop = {event_loop!r}"
-    if BASE in trees:
-        loops += f", {BASE} on {baseline_event_loop or event_loop!r}"
+    tunings = tunings or {"authgate": Tuning()}
+    loops = "; ".join(
+        f"{name} with {tunings.get(name, tunings['authgate']).describe()}" for name in trees
+    )
     lines = [
         f"authgate vs nginx mail proxy ({'quick' if quick else 'default'} run), {now}:"
         f" nproc {os.cpu_count()}, {loadgen.cpu_model()}; nginx {nginx_version()},"
@@ -1536,6 +1555,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=("asyncio", "uvloop"),
         help="the event_loop setting of --baseline-tree's authgate (default: --event-loop's)",
     )
+    for option, text in (
+        ("--warm", "authgate's backends (0..64; default 0, off)"),
+        ("--baseline-warm", "--baseline-tree's backends (default: --warm's)"),
+    ):
+        parser.add_argument(option, type=int, metavar="N", help=f"warm_connections on {text}")
     for option, field_name, text in (
         ("--imap-clients", "imap_clients", "IMAP logins/s"),
         ("--imaps-clients", "imaps_clients", "IMAPS logins/s"),
@@ -1572,6 +1596,14 @@ def main(argv: list[str] | None = None) -> int:
         baseline = args.baseline_tree.resolve()
         if not (baseline / "authgate" / "__init__.py").is_file():
             parser.error(f"--baseline-tree {baseline}: no authgate package in it")
+    for option, value in (("--warm", args.warm), ("--baseline-warm", args.baseline_warm)):
+        if value is not None and not 0 <= value <= 64:
+            parser.error(f"{option} must be 0..64 (authgate's warm_connections)")
+    tuning = Tuning(args.event_loop, args.warm or 0)
+    baseline_tuning = Tuning(
+        args.baseline_event_loop or tuning.event_loop,
+        tuning.warm_connections if args.baseline_warm is None else args.baseline_warm,
+    )
     if os.geteuid() != 0:
         print("versus: run as root (Dovecot must start as root)", file=sys.stderr)
         return 2
@@ -1583,7 +1615,7 @@ def main(argv: list[str] | None = None) -> int:
             workdir.mkdir(parents=True, exist_ok=True)
         else:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="versus-")))
-        servers = Servers(workdir, server_cpus, args.event_loop, baseline, args.baseline_event_loop)
+        servers = Servers(workdir, server_cpus, tuning, baseline, baseline_tuning)
         stack.callback(servers.stop)
         if generator_cpus:
             # This thread, and the threads it starts later, stay off the servers' CPU.
@@ -1607,7 +1639,7 @@ def main(argv: list[str] | None = None) -> int:
             (generator_cpus, server_cpus),
             extra,
             server_problems,
-            (args.event_loop, args.baseline_event_loop),
+            {"authgate": tuning, BASE: baseline_tuning},
             {"authgate": REPO, **({BASE: baseline} if baseline else {})},
         )
     )

@@ -263,3 +263,45 @@ def test_connection_class_by_protocol() -> None:
     )
     with pytest.raises(ValueError):
         loadgen.connection_class(loadgen.Target("h", 1, protocol="smtp"))
+
+
+@pytest.mark.parametrize(
+    ("tuning", "warm"), [(versus.Tuning(), 0), (versus.Tuning("asyncio", 3), 3)]
+)
+def test_bench_authgate_config_carries_its_tuning(
+    tmp_path: Path, tuning: versus.Tuning, warm: int
+) -> None:
+    """The config the bench writes for a target loads as authgate's own, with
+    the target's event loop and warm connections on every backend."""
+    from authgate.config import load
+
+    bench = versus.BenchAuthgate(
+        tmp_path,
+        tmp_path / "cert.pem",
+        tmp_path / "key.pem",
+        1143,
+        {},
+        ("authgate", "secret"),
+        tuning=tuning,
+        backend_pop3_port=1110,
+        imap=2143,
+        imaps=2993,
+        pop3=2110,
+    )
+    for name in ("cert.pem", "key.pem", "master.secret", "users.toml"):
+        (tmp_path / name).write_text("")
+    bench.conf_path.write_text(bench.render(tmp_path / "users.toml", tmp_path / "master.secret"))
+    config = load(bench.conf_path)
+    assert config.event_loop.value == tuning.event_loop
+    assert [listener.backend.warm_connections for listener in config.listeners] == [warm] * 3
+
+
+def test_warm_options_are_checked_and_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(versus.os, "geteuid", lambda: 1000)  # main stops before any server
+    with pytest.raises(SystemExit):
+        versus.main(["--warm", "65"])
+    with pytest.raises(SystemExit):
+        versus.main(["--baseline-warm", "-1"])
+    assert versus.main(["--warm", "4", "--quick"]) == 2
+    assert versus.Tuning("uvloop", 4).describe() == "event_loop = 'uvloop', warm_connections = 4"
+    assert versus.Tuning("asyncio").describe() == "event_loop = 'asyncio'"
