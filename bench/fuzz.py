@@ -75,6 +75,7 @@ from authgate.protocols.base import (
     RelayChallenge,
     RelayResponse,
     Send,
+    ServerMachine,
     SessionSettings,
     Splice,
     StartTLS,
@@ -101,6 +102,8 @@ from authgate.sasl.base import (
     ScramVerifier,
     SecretForm,
     ServerContext,
+    TokenCheck,
+    TokenVerdict,
     client_step,
 )
 from authgate.testing.kit import (
@@ -108,7 +111,6 @@ from authgate.testing.kit import (
     SECRET_SIZES,
     InvariantError,
     ServerDriver,
-    ServerMachine,
     b64,
     check_client_batch,
     plain,
@@ -181,6 +183,9 @@ def random_answer(request: LookupRequest, rng: random.Random) -> LookupAnswer:
     wrong about the user, but not a broken driver)."""
     if isinstance(request, PasswordCheck):
         return rng.random() < 0.5
+    if isinstance(request, TokenCheck):  # no scenario has a bearer mechanism yet (_scenarios)
+        valid = rng.random() < 0.5
+        return TokenVerdict(valid, rng.choice([request.user, "someone-else", None]))
     if rng.random() < 0.2:
         return None
     form = request.form
