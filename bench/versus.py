@@ -1418,7 +1418,7 @@ def report(
         else "no pinning (one CPU)"
     )
     tunings = tunings or {"authgate": Tuning()}
-    loops = "; ".join(
+    settings = "; ".join(
         f"{name} with {tunings.get(name, tunings['authgate']).describe()}" for name in trees
     )
     lines = [
@@ -1426,7 +1426,7 @@ def report(
         f" nproc {os.cpu_count()}, {loadgen.cpu_model()}; nginx {nginx_version()},"
         f" Dovecot {dovecot_version()}, Python {platform.python_version()}"
         f" ({ssl.OPENSSL_VERSION}); load average {load[0]:.2f} at the end;"
-        f" {elapsed:.0f} s of measuring; {pin_text}; {loops};"
+        f" {elapsed:.0f} s of measuring; {pin_text}; {settings};"
         f" {code}.",
         "",
         f"Medians of {plan.rounds} rounds (target order rotates every round). Logins for"

@@ -305,3 +305,19 @@ def test_warm_options_are_checked_and_reported(monkeypatch: pytest.MonkeyPatch) 
     assert versus.main(["--warm", "4", "--quick"]) == 2
     assert versus.Tuning("uvloop", 4).describe() == "event_loop = 'uvloop', warm_connections = 4"
     assert versus.Tuning("asyncio").describe() == "event_loop = 'asyncio'"
+
+
+def test_report_header_names_each_targets_settings() -> None:
+    header = versus.report(
+        [],
+        Plan(),
+        True,
+        1.0,
+        (None, None),
+        [],
+        [],
+        {"authgate": versus.Tuning(), BASE: versus.Tuning("asyncio", 4)},
+        {"authgate": versus.REPO, BASE: versus.REPO},
+    ).splitlines()[0]
+    assert "authgate with event_loop = 'uvloop';" in header
+    assert f"{BASE} with event_loop = 'asyncio', warm_connections = 4;" in header
